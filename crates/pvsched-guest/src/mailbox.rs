@@ -1,0 +1,149 @@
+//! The testbed's mailbox: one per vCPU, shared between the VMM and the guest.
+//!
+//! This is the *measurement* ABI of the testbed guest (parameters in, samples out), not the
+//! pvsched protocol. Every field is a little-endian `u64` at a fixed offset; the guest
+//! addresses them from the mailbox base it receives in `%rbx`, the VMM through
+//! [`Mailbox`] offsets (`core::mem::offset_of!`).
+//!
+//! Ownership: fields up to `stop` are written by the VMM before the vCPU starts (`stop` also
+//! while it runs); all others are written by the guest only. The latency ring is a single
+//! producer (guest) / single consumer (VMM) ring: the guest writes `ring[head % RING_LEN]`
+//! and then increments `ring_head`; x86 stores are not reordered with each other, so a VMM
+//! that reads `ring_head` with acquire ordering sees the entries below it.
+
+/// `Mailbox::magic` value the VMM writes and the guest checks.
+pub const MAILBOX_MAGIC: u64 = 0x7076_7363_6865_6431; // "pvsched1"
+
+/// Number of entries in the wake-latency ring (a power of two).
+pub const RING_LEN: usize = 4096;
+
+/// Size of the per-vCPU region (mailbox, ring, stack) in guest memory.
+pub const VCPU_REGION_SIZE: u64 = 0x10000;
+
+/// Offset of the wake-latency ring inside the per-vCPU region.
+pub const RING_OFFSET: u64 = 0x1000;
+
+/// Bit in [`Mailbox::flags`]: keep the vCPU busy between timer events (`--guest-load busy`).
+pub const FLAG_BUSY: u64 = 1 << 0;
+
+/// Shift of the fault-injection field in [`Mailbox::flags`] (test hook, see [`FaultInjection`]).
+pub const FLAG_FAULT_SHIFT: u32 = 8;
+
+/// Guest phases reported in [`Mailbox::state`].
+pub mod state {
+    /// The vCPU has not executed guest code yet.
+    pub const NOT_STARTED: u64 = 0;
+    /// The guest is calibrating its work loop.
+    pub const CALIBRATING: u64 = 1;
+    /// The latency probe and the deadline task are running.
+    pub const RUNNING: u64 = 2;
+    /// The guest saw `stop` and finished cleanly.
+    pub const DONE: u64 = 3;
+}
+
+/// A fault the guest raises on purpose at start, so tests can check that faults become
+/// clear errors rather than hangs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum FaultInjection {
+    /// Run normally.
+    None = 0,
+    /// Execute `ud2` (#UD, vector 6).
+    InvalidOpcode = 1,
+    /// Execute `popcnt`, which KVM's instruction emulator does not implement; where guest
+    /// CPL0 code runs natively (VMX/SVM) it simply executes.
+    UnsupportedInstruction = 2,
+    /// Load from a non-canonical address (#GP, vector 13).
+    GeneralProtection = 3,
+    /// Load from an unmapped address (#PF, vector 14).
+    PageFault = 4,
+}
+
+/// The mailbox at the start of each vCPU's region. `repr(C)`, all `u64`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mailbox {
+    /// [`MAILBOX_MAGIC`].
+    pub magic: u64,
+    /// Index of this vCPU.
+    pub vcpu_index: u64,
+    /// Latency-probe period in TSC cycles.
+    pub interval_tsc: u64,
+    /// Deadline-task period in TSC cycles; 0 disables the task.
+    pub task_period_tsc: u64,
+    /// Work per deadline-task job, in TSC cycles as measured by the guest's calibration.
+    pub task_work_tsc: u64,
+    /// [`FLAG_BUSY`] and the fault-injection field.
+    pub flags: u64,
+    /// Non-zero: the guest stops at its next loop iteration.
+    pub stop: u64,
+    /// Guest phase, see [`state`].
+    pub state: u64,
+    /// TSC read by the timer handler's first instruction.
+    pub fired_tsc: u64,
+    /// Timer interrupts taken.
+    pub irqs: u64,
+    /// Timer interrupts already processed by the main loop.
+    pub irqs_seen: u64,
+    /// Deadline currently programmed into IA32_TSC_DEADLINE.
+    pub armed_tsc: u64,
+    /// Next latency-probe deadline.
+    pub probe_deadline: u64,
+    /// Next deadline-task release that the timer will signal.
+    pub task_release: u64,
+    /// Release time of the oldest job not yet run.
+    pub job_release: u64,
+    /// Jobs released and not yet run.
+    pub jobs_pending: u64,
+    /// Latency samples written to the ring so far (the ring's head).
+    pub ring_head: u64,
+    /// Samples where the interrupt arrived before the deadline (recorded as 0).
+    pub early: u64,
+    /// Deadline-task jobs completed.
+    pub jobs_done: u64,
+    /// Jobs that finished after their deadline (release + period).
+    pub glitches: u64,
+    /// Largest job response time (finish − release), TSC cycles.
+    pub response_max: u64,
+    /// Sum of job response times, TSC cycles.
+    pub response_sum: u64,
+    /// Iterations of the work loop per job, from calibration.
+    pub work_iters: u64,
+    /// Calibrated TSC cycles per work-loop iteration.
+    pub work_iter_tsc: u64,
+    /// Exits to the VMM taken to stay interruptible (busy wait and work loop).
+    pub yield_exits: u64,
+}
+
+impl Mailbox {
+    /// Fault injection requested by `flags`.
+    pub fn fault_injection(&self) -> u64 {
+        (self.flags >> FLAG_FAULT_SHIFT) & 0xff
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Mailbox>() <= RING_OFFSET as usize);
+const _: () = assert!(RING_LEN.is_power_of_two());
+const _: () = assert!(RING_OFFSET as usize + RING_LEN * 8 < VCPU_REGION_SIZE as usize - 0x1000);
+const _: () = assert!(core::mem::offset_of!(Mailbox, magic) == 0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_injection_field_round_trips() {
+        let m = Mailbox {
+            flags: FLAG_BUSY | ((FaultInjection::PageFault as u64) << FLAG_FAULT_SHIFT),
+            ..Default::default()
+        };
+        assert_eq!(m.fault_injection(), 4);
+        assert_eq!(m.flags & FLAG_BUSY, FLAG_BUSY);
+    }
+
+    #[test]
+    fn stack_has_room_above_ring() {
+        let ring_end = RING_OFFSET + (RING_LEN as u64) * 8;
+        assert!(VCPU_REGION_SIZE - ring_end >= 0x1000);
+    }
+}

@@ -1,0 +1,9 @@
+//! pvsched's host mechanism: puts vCPU threads into scheduling classes and restores them.
+//!
+//! This crate holds no policy: it applies what it is told to thread ids and remembers how to
+//! undo it.
+#![deny(missing_docs)]
+
+pub mod sched;
+
+pub use sched::{SchedAttr, SchedClass, SchedGuard};

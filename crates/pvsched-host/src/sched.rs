@@ -1,0 +1,362 @@
+//! Scheduling classes of host threads: read, change and restore them with
+//! `sched_getattr`/`sched_setattr` on a thread id.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Errors of reading or changing a thread's scheduling class.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The thread is gone (`ESRCH`).
+    #[error("thread {tid} does not exist (anymore)")]
+    NoThread {
+        /// Thread id.
+        tid: i32,
+    },
+    /// The caller lacks the privilege (`EPERM`).
+    #[error(
+        "not permitted to set {class} on thread {tid}: needs root or CAP_SYS_NICE \
+         (RT classes also need an RT runtime budget, see sched_rt_runtime_us)"
+    )]
+    Permission {
+        /// Thread id.
+        tid: i32,
+        /// The class that was refused.
+        class: String,
+    },
+    /// `sched_setattr` failed otherwise.
+    #[error("sched_setattr({class}) on thread {tid} failed")]
+    Set {
+        /// Thread id.
+        tid: i32,
+        /// The class that was refused.
+        class: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `sched_getattr` failed otherwise.
+    #[error("sched_getattr on thread {tid} failed")]
+    Get {
+        /// Thread id.
+        tid: i32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A scheduling class pvsched can put a thread in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedClass {
+    /// `SCHED_OTHER` (CFS/EEVDF) with nice 0.
+    Other,
+    /// `SCHED_FIFO` at a priority 1..=99.
+    Fifo(u32),
+    /// `SCHED_RR` at a priority 1..=99.
+    Rr(u32),
+}
+
+impl SchedClass {
+    /// The attributes that put a thread in this class.
+    pub fn attr(&self) -> SchedAttr {
+        let (policy, priority) = match *self {
+            SchedClass::Other => (libc::SCHED_OTHER, 0),
+            SchedClass::Fifo(p) => (libc::SCHED_FIFO, p),
+            SchedClass::Rr(p) => (libc::SCHED_RR, p),
+        };
+        SchedAttr {
+            policy: policy as u32,
+            priority,
+            ..SchedAttr::default()
+        }
+    }
+}
+
+impl fmt::Display for SchedClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SchedClass::Other => write!(f, "other"),
+            SchedClass::Fifo(p) => write!(f, "fifo:{p}"),
+            SchedClass::Rr(p) => write!(f, "rr:{p}"),
+        }
+    }
+}
+
+/// Error of parsing a [`SchedClass`].
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid scheduling class {0:?}: expected other, fifo:<1-99> or rr:<1-99>")]
+pub struct ParseSchedClassError(String);
+
+impl FromStr for SchedClass {
+    type Err = ParseSchedClassError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseSchedClassError(s.to_string());
+        let (name, arg) = match s.split_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (s, None),
+        };
+        let prio = || -> Result<u32, ParseSchedClassError> {
+            let p: u32 = arg.ok_or_else(err)?.parse().map_err(|_| err())?;
+            if (1..=99).contains(&p) {
+                Ok(p)
+            } else {
+                Err(err())
+            }
+        };
+        match name {
+            "other" if arg.is_none() => Ok(SchedClass::Other),
+            "fifo" => Ok(SchedClass::Fifo(prio()?)),
+            "rr" => Ok(SchedClass::Rr(prio()?)),
+            _ => Err(err()),
+        }
+    }
+}
+
+/// A thread's full scheduling attributes, as `sched_getattr` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedAttr {
+    /// `SCHED_*` policy.
+    pub policy: u32,
+    /// `SCHED_FLAG_*` flags.
+    pub flags: u64,
+    /// Nice value (`SCHED_OTHER`/`SCHED_BATCH`).
+    pub nice: i32,
+    /// Static priority (`SCHED_FIFO`/`SCHED_RR`).
+    pub priority: u32,
+    /// `SCHED_DEADLINE` runtime, ns.
+    pub runtime: u64,
+    /// `SCHED_DEADLINE` deadline, ns.
+    pub deadline: u64,
+    /// `SCHED_DEADLINE` period, ns.
+    pub period: u64,
+}
+
+impl SchedAttr {
+    /// True for the real-time policies (`SCHED_FIFO`, `SCHED_RR`, `SCHED_DEADLINE`).
+    pub fn is_realtime(&self) -> bool {
+        matches!(self.policy as i32, libc::SCHED_FIFO | libc::SCHED_RR) || self.policy == 6
+    }
+
+    fn to_raw(self) -> libc::sched_attr {
+        libc::sched_attr {
+            size: std::mem::size_of::<libc::sched_attr>() as u32,
+            sched_policy: self.policy,
+            // Only flags that describe the class; reset-on-fork is kept.
+            sched_flags: self.flags & SCHED_FLAG_RESET_ON_FORK,
+            sched_nice: self.nice,
+            sched_priority: self.priority,
+            sched_runtime: self.runtime,
+            sched_deadline: self.deadline,
+            sched_period: self.period,
+        }
+    }
+
+    fn from_raw(raw: &libc::sched_attr) -> Self {
+        SchedAttr {
+            policy: raw.sched_policy,
+            flags: raw.sched_flags,
+            nice: raw.sched_nice,
+            priority: raw.sched_priority,
+            runtime: raw.sched_runtime,
+            deadline: raw.sched_deadline,
+            period: raw.sched_period,
+        }
+    }
+}
+
+impl fmt::Display for SchedAttr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.policy as i32 {
+            libc::SCHED_OTHER => write!(f, "other(nice {})", self.nice),
+            libc::SCHED_FIFO => write!(f, "fifo:{}", self.priority),
+            libc::SCHED_RR => write!(f, "rr:{}", self.priority),
+            libc::SCHED_BATCH => write!(f, "batch(nice {})", self.nice),
+            libc::SCHED_IDLE => write!(f, "idle"),
+            6 => write!(
+                f,
+                "deadline(runtime {} ns, deadline {} ns, period {} ns)",
+                self.runtime, self.deadline, self.period
+            ),
+            p => write!(f, "policy {p}"),
+        }
+    }
+}
+
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
+/// Reads the scheduling attributes of thread `tid`.
+pub fn get(tid: i32) -> Result<SchedAttr, Error> {
+    // SAFETY: sched_attr is plain data; all-zero is a valid value.
+    let mut raw: libc::sched_attr = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::sched_attr>() as u32;
+    // SAFETY: `raw` is writable and `size` is its size; the kernel writes at most `size` bytes.
+    let r = unsafe { libc::syscall(libc::SYS_sched_getattr, tid, &mut raw, size, 0u32) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ESRCH) => Error::NoThread { tid },
+            _ => Error::Get { tid, source: e },
+        });
+    }
+    Ok(SchedAttr::from_raw(&raw))
+}
+
+/// Sets the scheduling attributes of thread `tid`.
+pub fn set(tid: i32, attr: &SchedAttr) -> Result<(), Error> {
+    let raw = attr.to_raw();
+    // SAFETY: `raw` is a valid sched_attr whose `size` field is its size; the kernel only reads.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &raw, 0u32) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let class = attr.to_string();
+        return Err(match e.raw_os_error() {
+            Some(libc::ESRCH) => Error::NoThread { tid },
+            Some(libc::EPERM) => Error::Permission { tid, class },
+            _ => Error::Set {
+                tid,
+                class,
+                source: e,
+            },
+        });
+    }
+    Ok(())
+}
+
+/// A thread put into a class, remembering what it had before. Restores the original
+/// attributes on [`SchedGuard::restore`] or on drop (also during a panic's unwinding); a
+/// thread that has exited needs no restoring.
+#[derive(Debug)]
+pub struct SchedGuard {
+    tid: i32,
+    original: SchedAttr,
+    restored: bool,
+}
+
+impl SchedGuard {
+    /// Records `tid`'s attributes, then sets `class`.
+    pub fn apply(tid: i32, class: SchedClass) -> Result<Self, Error> {
+        let original = get(tid)?;
+        set(tid, &class.attr())?;
+        Ok(SchedGuard {
+            tid,
+            original,
+            restored: false,
+        })
+    }
+
+    /// The thread id.
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// The attributes the thread had before.
+    pub fn original(&self) -> SchedAttr {
+        self.original
+    }
+
+    /// Restores the original attributes now. A thread that no longer exists is fine.
+    pub fn restore(mut self) -> Result<(), Error> {
+        self.restored = true;
+        restore_attr(self.tid, &self.original)
+    }
+}
+
+fn restore_attr(tid: i32, attr: &SchedAttr) -> Result<(), Error> {
+    match set(tid, attr) {
+        Err(Error::NoThread { .. }) => Ok(()),
+        r => r,
+    }
+}
+
+impl Drop for SchedGuard {
+    fn drop(&mut self) {
+        if !self.restored {
+            // Nothing better to do with an error during drop than to say so.
+            if let Err(e) = restore_attr(self.tid, &self.original) {
+                eprintln!("pvsched: failed to restore thread {}: {e}", self.tid);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn classes_parse_and_print() {
+        for s in ["other", "fifo:10", "rr:99", "fifo:1"] {
+            assert_eq!(s.parse::<SchedClass>().unwrap().to_string(), s);
+        }
+        for bad in [
+            "", "fifo", "fifo:0", "fifo:100", "rr:x", "other:3", "deadline", "FIFO:10",
+        ] {
+            assert!(bad.parse::<SchedClass>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn class_attrs_use_the_right_policy() {
+        assert_eq!(SchedClass::Fifo(10).attr().policy, libc::SCHED_FIFO as u32);
+        assert_eq!(SchedClass::Fifo(10).attr().priority, 10);
+        assert_eq!(SchedClass::Rr(5).attr().policy, libc::SCHED_RR as u32);
+        assert!(!SchedClass::Other.attr().is_realtime());
+        assert!(SchedClass::Rr(5).attr().is_realtime());
+    }
+
+    #[test]
+    fn get_reads_the_calling_thread() {
+        let a = get(0).unwrap();
+        assert!(!a.is_realtime() || a.priority > 0);
+    }
+
+    #[test]
+    fn missing_thread_is_esrch() {
+        // PID max is at most 2^22; this tid cannot exist.
+        assert!(matches!(get(1 << 30), Err(Error::NoThread { .. })));
+        assert!(matches!(
+            set(1 << 30, &SchedClass::Other.attr()),
+            Err(Error::NoThread { .. })
+        ));
+    }
+
+    /// Changes a real thread's class and checks it is restored exactly. Needs the privilege
+    /// to set SCHED_FIFO; without it, says so and checks the error is the clear one.
+    #[test]
+    fn guard_restores_the_original_class() {
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: plain syscall.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let before = get(tid).unwrap();
+        match SchedGuard::apply(tid, SchedClass::Fifo(7)) {
+            Ok(g) => {
+                let during = get(tid).unwrap();
+                assert_eq!(during.policy, libc::SCHED_FIFO as u32);
+                assert_eq!(during.priority, 7);
+                g.restore().unwrap();
+                assert_eq!(get(tid).unwrap(), before);
+                {
+                    let _g = SchedGuard::apply(tid, SchedClass::Rr(3)).unwrap();
+                    assert_eq!(get(tid).unwrap().policy, libc::SCHED_RR as u32);
+                }
+                assert_eq!(get(tid).unwrap(), before, "restored on drop");
+            }
+            Err(Error::Permission { .. }) => {
+                eprintln!("SKIPPED part of guard_restores_the_original_class: no CAP_SYS_NICE");
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+    }
+}

@@ -1,0 +1,16 @@
+//! pvsched's reference VMM: a micro-VM on KVM built from the rust-vmm crates, running the
+//! bare-metal testbed guest of `pvsched-guest` on one host thread per vCPU.
+//!
+//! - [`layout`]: the guest-physical memory map;
+//! - [`x86`]: GDT/TSS/IDT, page tables and long-mode registers set up by the VMM;
+//! - [`vcpu`]: the vCPU run loop and its kick (`immediate_exit` + signal);
+//! - [`vm`]: VM creation, vCPU threads named `pvsched-vcpu<N>`, stop and join.
+#![deny(missing_docs)]
+
+pub mod layout;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use vcpu::{VcpuEnd, VcpuError, VcpuRunStats};
+pub use vm::{Error, GuestConfig, RingReader, RunningVm, TaskConfig, Vm, VmConfig};

@@ -1,0 +1,652 @@
+//! The testbed micro-VM: creation, vCPU threads, and a clean stop on every path.
+
+use crate::layout::{self, CODE_ADDR, CODE_MAX, MAX_VCPUS, MEM_SIZE};
+use crate::vcpu::{self, Vcpu, VcpuError, VcpuRunStats};
+use crate::x86;
+use kvm_bindings::{
+    kvm_mp_state, kvm_regs, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use pvsched_guest::image::{EXCEPTION_STUB_SIZE, TIMER_VECTOR};
+use pvsched_guest::mailbox::{self, FaultInjection, Mailbox, MAILBOX_MAGIC, RING_LEN};
+use std::mem::offset_of;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::signal::Killable;
+
+/// Shortest latency-probe interval: below this the emulated guest main loop cannot keep up.
+pub const MIN_INTERVAL: Duration = Duration::from_micros(50);
+
+/// Errors of VM creation and control.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` does not exist.
+    #[error("/dev/kvm does not exist: this host offers no KVM (enable virtualization, load kvm)")]
+    NoKvm,
+    /// `/dev/kvm` exists but may not be opened.
+    #[error("no permission to open /dev/kvm: run as root or as a member of the kvm group")]
+    KvmPermission,
+    /// Opening `/dev/kvm` failed otherwise.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM lacks something the testbed guest needs.
+    #[error("KVM does not support {0}, which the testbed guest needs")]
+    Unsupported(&'static str),
+    /// The configuration cannot be run.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate guest memory")]
+    Memory(#[source] vm_memory::mmap::FromRangesError),
+    /// Writing to guest memory failed.
+    #[error("cannot write guest memory")]
+    GuestMemory(#[from] GuestMemoryError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start vCPU thread {index}")]
+    Spawn {
+        /// vCPU index.
+        index: usize,
+        /// The spawn error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU thread panicked.
+    #[error("vCPU thread {0} panicked")]
+    VcpuPanicked(usize),
+    /// A vCPU ended with an error.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// The deadline task each vCPU runs: every `period`, `work` of computation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskConfig {
+    /// Period, which is also each job's relative deadline.
+    pub period: Duration,
+    /// Work per job.
+    pub work: Duration,
+}
+
+/// What the guest on every vCPU does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestConfig {
+    /// Latency-probe timer period.
+    pub interval: Duration,
+    /// Deadline task, if any.
+    pub task: Option<TaskConfig>,
+    /// Keep the vCPU runnable between timer events.
+    pub busy: bool,
+    /// Fault to raise at start (tests).
+    pub fault: FaultInjection,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            interval: Duration::from_micros(500),
+            task: Some(TaskConfig {
+                period: Duration::from_millis(2),
+                work: Duration::from_micros(250),
+            }),
+            busy: false,
+            fault: FaultInjection::None,
+        }
+    }
+}
+
+/// A testbed VM's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
+    pub vcpus: usize,
+    /// The guest program's parameters.
+    pub guest: GuestConfig,
+}
+
+impl VmConfig {
+    /// Checks the configuration without touching KVM.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad(format!(
+                "{} vCPUs requested; the testbed runs 1 to {MAX_VCPUS}",
+                self.vcpus
+            ));
+        }
+        if self.guest.interval < MIN_INTERVAL {
+            return bad(format!(
+                "interval {:?} is below the minimum of {MIN_INTERVAL:?}",
+                self.guest.interval
+            ));
+        }
+        if self.guest.interval > Duration::from_secs(1) {
+            return bad(format!("interval {:?} is above 1 s", self.guest.interval));
+        }
+        if let Some(t) = self.guest.task {
+            if t.period < MIN_INTERVAL || t.period > Duration::from_secs(1) {
+                return bad(format!(
+                    "task period {:?} is outside {MIN_INTERVAL:?}..1s",
+                    t.period
+                ));
+            }
+            if t.work.is_zero() || t.work >= t.period {
+                return bad(format!(
+                    "task work {:?} must be above zero and below the period {:?}",
+                    t.work, t.period
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn duration_to_tsc(d: Duration, tsc_khz: u64) -> u64 {
+    (d.as_nanos() * tsc_khz as u128 / 1_000_000) as u64
+}
+
+/// Converts TSC cycles to nanoseconds for a TSC running at `tsc_khz`.
+pub fn tsc_to_ns(cycles: u64, tsc_khz: u64) -> u64 {
+    let ns = cycles as u128 * 1_000_000 / tsc_khz.max(1) as u128;
+    ns.min(u64::MAX as u128) as u64
+}
+
+/// The mailbox as plain bytes for guest-memory reads and writes.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct RawMailbox(Mailbox);
+
+// SAFETY: `Mailbox` is `repr(C)` and made only of `u64` fields: no padding, and every bit
+// pattern is a valid value.
+unsafe impl vm_memory::ByteValued for RawMailbox {}
+
+/// A created, not yet running testbed VM.
+pub struct Vm {
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    tsc_khz: u64,
+}
+
+impl Vm {
+    /// Creates the VM: in-kernel irqchip, guest memory with tables and the guest image,
+    /// `config.vcpus` vCPUs in long mode with x2APIC, each with its mailbox written.
+    pub fn new(config: &VmConfig) -> Result<Vm, Error> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENODEV => Error::NoKvm,
+            libc::EACCES | libc::EPERM => Error::KvmPermission,
+            _ => Error::OpenKvm(e),
+        })?;
+        if kvm.get_max_vcpus() < config.vcpus {
+            return Err(Error::InvalidConfig(format!(
+                "KVM allows at most {} vCPUs per VM",
+                kvm.get_max_vcpus()
+            )));
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+            .map_err(Error::Memory)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(Error::GuestMemory)?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the returned `Vm`
+            // (and, later, `RunningVm`) keeps alive as long as the VM fd.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+        }
+        let image = pvsched_guest::image();
+        if image.code.len() as u64 > CODE_MAX {
+            return Err(Error::InvalidConfig("guest image too large".into()));
+        }
+        mem.write_slice(image.code, GuestAddress(CODE_ADDR))?;
+        x86::write_page_tables(&mem)?;
+        x86::write_descriptor_tables(&mem, |v| {
+            if v == TIMER_VECTOR {
+                x86::code_gpa(image.timer_handler)
+            } else {
+                x86::code_gpa(image.stubs + v as u64 * EXCEPTION_STUB_SIZE)
+            }
+        })?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        check_cpuid(&supported)?;
+
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        let mut tsc_khz = 0;
+        for index in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(index as u64)
+                .map_err(kvm_err("create vCPU"))?;
+            fd.set_cpuid2(&cpuid_for(&supported, index as u32))
+                .map_err(kvm_err("set CPUID"))?;
+            let mut sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
+            x86::set_long_mode(&mut sregs);
+            fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+            let mailbox_gpa = layout::vcpu_region(index);
+            let regs = kvm_regs {
+                rip: x86::code_gpa(image.entry),
+                rsp: layout::vcpu_stack_top(index),
+                rbx: mailbox_gpa,
+                rflags: 0x2,
+                ..Default::default()
+            };
+            fd.set_regs(&regs).map_err(kvm_err("set regs"))?;
+            // With the in-kernel irqchip, APs wait for INIT/SIPI; the VMM starts them itself.
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("set MP state"))?;
+            if index == 0 {
+                tsc_khz = fd.get_tsc_khz().map_err(kvm_err("get TSC frequency"))? as u64;
+                if tsc_khz == 0 {
+                    return Err(Error::Unsupported("a known TSC frequency"));
+                }
+            }
+            mem.write_obj(
+                RawMailbox(initial_mailbox(index, &config.guest, tsc_khz)),
+                GuestAddress(mailbox_gpa),
+            )?;
+            vcpus.push(fd);
+        }
+        Ok(Vm {
+            vm,
+            mem,
+            vcpus,
+            tsc_khz,
+        })
+    }
+
+    /// The guest TSC frequency in kHz (KVM_GET_TSC_KHZ).
+    pub fn tsc_khz(&self) -> u64 {
+        self.tsc_khz
+    }
+
+    /// Spawns one thread per vCPU, named `pvsched-vcpu<N>`. The threads wait for
+    /// [`RunningVm::go`] before entering the guest, so callers can adjust them (scheduling
+    /// class, tracing) first.
+    pub fn start(self) -> Result<RunningVm, Error> {
+        vcpu::install_kick_handler().map_err(kvm_err("install the vCPU kick signal handler"))?;
+        let mut running = RunningVm {
+            _vm: self.vm,
+            mem: self.mem.clone(),
+            tsc_khz: self.tsc_khz,
+            threads: Vec::new(),
+        };
+        for (index, fd) in self.vcpus.into_iter().enumerate() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let (go_tx, go_rx) = mpsc::channel::<()>();
+            let mut vcpu = Vcpu::new(index, fd, self.mem.clone());
+            let thread_stop = stop.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("pvsched-vcpu{index}"))
+                .spawn(move || {
+                    let _ = tid_tx.send(vcpu::gettid());
+                    match go_rx.recv() {
+                        Ok(()) => vcpu.run(&thread_stop).map(Some),
+                        // The VM was dropped before it was started.
+                        Err(_) => Ok(None),
+                    }
+                })
+                .map_err(|source| Error::Spawn { index, source })?;
+            let tid = tid_rx.recv().map_err(|_| Error::VcpuPanicked(index))?;
+            running.threads.push(VcpuThread {
+                index,
+                tid,
+                stop,
+                go: Some(go_tx),
+                handle: Some(handle),
+            });
+        }
+        Ok(running)
+    }
+}
+
+fn check_cpuid(supported: &CpuId) -> Result<(), Error> {
+    let leaf1 = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1)
+        .ok_or(Error::Unsupported("CPUID leaf 1"))?;
+    if leaf1.ecx & (1 << 21) == 0 {
+        return Err(Error::Unsupported("x2APIC"));
+    }
+    if leaf1.ecx & (1 << 24) == 0 {
+        return Err(Error::Unsupported("the TSC-deadline timer"));
+    }
+    Ok(())
+}
+
+/// KVM's supported CPUID with the vCPU's APIC ID filled in.
+fn cpuid_for(supported: &CpuId, apic_id: u32) -> CpuId {
+    let mut cpuid = supported.clone();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (apic_id << 24),
+            0xb | 0x1f => e.edx = apic_id,
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+fn initial_mailbox(index: usize, guest: &GuestConfig, tsc_khz: u64) -> Mailbox {
+    let (period, work) = guest.task.map_or((0, 0), |t| {
+        (
+            duration_to_tsc(t.period, tsc_khz),
+            duration_to_tsc(t.work, tsc_khz),
+        )
+    });
+    let mut flags = (guest.fault as u64) << mailbox::FLAG_FAULT_SHIFT;
+    if guest.busy {
+        flags |= mailbox::FLAG_BUSY;
+    }
+    Mailbox {
+        magic: MAILBOX_MAGIC,
+        vcpu_index: index as u64,
+        interval_tsc: duration_to_tsc(guest.interval, tsc_khz),
+        task_period_tsc: period,
+        task_work_tsc: work,
+        flags,
+        ..Default::default()
+    }
+}
+
+struct VcpuThread {
+    index: usize,
+    tid: i32,
+    stop: Arc<AtomicBool>,
+    go: Option<mpsc::Sender<()>>,
+    handle: Option<JoinHandle<Result<Option<VcpuRunStats>, VcpuError>>>,
+}
+
+impl VcpuThread {
+    fn kick(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = &self.handle {
+            // ESRCH only means the thread already exited, which is what a kick wants.
+            let _ = h.kill(vcpu::kick_signal());
+        }
+    }
+}
+
+/// Outcome of one vCPU after [`RunningVm::shutdown`].
+pub type VcpuOutcome = Result<VcpuRunStats, Error>;
+
+/// A testbed VM whose vCPU threads exist. Dropping it stops and joins them.
+pub struct RunningVm {
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    tsc_khz: u64,
+    threads: Vec<VcpuThread>,
+}
+
+impl RunningVm {
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Kernel thread ids of the vCPU threads, by vCPU index.
+    pub fn tids(&self) -> Vec<i32> {
+        self.threads.iter().map(|t| t.tid).collect()
+    }
+
+    /// The guest TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> u64 {
+        self.tsc_khz
+    }
+
+    /// Lets every vCPU thread enter the guest.
+    pub fn go(&mut self) {
+        for t in &mut self.threads {
+            if let Some(go) = t.go.take() {
+                let _ = go.send(());
+            }
+        }
+    }
+
+    /// A snapshot of vCPU `index`'s mailbox.
+    pub fn mailbox(&self, index: usize) -> Result<Mailbox, Error> {
+        let raw: RawMailbox = self
+            .mem
+            .read_obj(GuestAddress(layout::vcpu_region(index)))?;
+        Ok(raw.0)
+    }
+
+    /// Asks every guest to stop at its next loop iteration.
+    pub fn request_stop(&self) {
+        for t in &self.threads {
+            let addr = layout::vcpu_region(t.index) + offset_of!(Mailbox, stop) as u64;
+            // The region exists (written at creation); a failure here is impossible.
+            let _ = self.mem.store(1u64, GuestAddress(addr), Ordering::Release);
+        }
+    }
+
+    /// True once some vCPU thread has ended (guest done, error, or kicked).
+    pub fn any_finished(&self) -> bool {
+        self.threads
+            .iter()
+            .any(|t| t.handle.as_ref().is_none_or(|h| h.is_finished()))
+    }
+
+    /// True once every vCPU thread has ended.
+    pub fn all_finished(&self) -> bool {
+        self.threads
+            .iter()
+            .all(|t| t.handle.as_ref().is_none_or(|h| h.is_finished()))
+    }
+
+    /// Kicks every vCPU out of the guest; their threads end.
+    pub fn kick_all(&self) {
+        for t in &self.threads {
+            t.kick();
+        }
+    }
+
+    /// Stops the VM: asks the guests to stop, waits up to `grace` for them, kicks the rest,
+    /// and joins every thread. Returns one outcome per vCPU.
+    pub fn shutdown(&mut self, grace: Duration) -> Vec<VcpuOutcome> {
+        self.request_stop();
+        let deadline = Instant::now() + grace;
+        while !self.all_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.kick_all();
+        self.join_all()
+    }
+
+    fn join_all(&mut self) -> Vec<VcpuOutcome> {
+        let mut out = Vec::with_capacity(self.threads.len());
+        for t in &mut self.threads {
+            t.go.take();
+            let Some(h) = t.handle.take() else { continue };
+            // Keep kicking until it is gone: a signal can land just before KVM_RUN starts
+            // when the stop flag was already checked (immediate_exit still covers that, so
+            // one kick suffices; the loop is cheap insurance against a missed signal).
+            while !h.is_finished() {
+                t.kick();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            out.push(match h.join() {
+                Ok(Ok(Some(stats))) => Ok(stats),
+                Ok(Ok(None)) => Ok(VcpuRunStats::not_started()),
+                Ok(Err(e)) => Err(Error::Vcpu(e)),
+                Err(_) => Err(Error::VcpuPanicked(t.index)),
+            });
+        }
+        out
+    }
+
+    /// A reader for vCPU `index`'s latency ring, starting at the ring's current head.
+    pub fn ring_reader(&self, index: usize) -> RingReader {
+        RingReader {
+            index,
+            cursor: 0,
+            lost: 0,
+        }
+    }
+
+    /// Reads the new latency samples (TSC cycles) of `reader`'s vCPU into `sink`.
+    pub fn drain(&self, reader: &mut RingReader, mut sink: impl FnMut(u64)) -> Result<(), Error> {
+        let base = layout::vcpu_region(reader.index);
+        let head: u64 = self.mem.load(
+            GuestAddress(base + offset_of!(Mailbox, ring_head) as u64),
+            Ordering::Acquire,
+        )?;
+        let len = RING_LEN as u64;
+        if head.wrapping_sub(reader.cursor) > len {
+            // The guest lapped us (or wrote a head that went backwards): skip to what is
+            // still in the ring and count the rest as lost.
+            let fresh = head.saturating_sub(len);
+            reader.lost += fresh.saturating_sub(reader.cursor);
+            reader.cursor = fresh;
+        }
+        while reader.cursor < head {
+            let slot = reader.cursor % len;
+            let v: u64 = self
+                .mem
+                .read_obj(GuestAddress(base + mailbox::RING_OFFSET + slot * 8))?;
+            sink(v);
+            reader.cursor += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.kick_all();
+        let _ = self.join_all();
+    }
+}
+
+/// Cursor into one vCPU's latency ring.
+#[derive(Clone, Copy, Debug)]
+pub struct RingReader {
+    index: usize,
+    cursor: u64,
+    lost: u64,
+}
+
+impl RingReader {
+    /// Samples overwritten before they were read.
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+
+    /// Samples read so far.
+    pub fn read(&self) -> u64 {
+        self.cursor
+    }
+}
+
+impl VcpuRunStats {
+    fn not_started() -> Self {
+        VcpuRunStats {
+            end: crate::vcpu::VcpuEnd::Kicked,
+            wall: Duration::ZERO,
+            cpu: Duration::ZERO,
+            user_exits: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            vcpus: 2,
+            guest: GuestConfig::default(),
+        }
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        cfg().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_configs_are_rejected_with_a_reason() {
+        let mut c = cfg();
+        c.vcpus = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("1 to 64"));
+        c.vcpus = 65;
+        assert!(c.validate().is_err());
+        let mut c = cfg();
+        c.guest.interval = Duration::from_micros(10);
+        assert!(c.validate().unwrap_err().to_string().contains("minimum"));
+        let mut c = cfg();
+        c.guest.task = Some(TaskConfig {
+            period: Duration::from_millis(2),
+            work: Duration::from_millis(2),
+        });
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("below the period"));
+    }
+
+    #[test]
+    fn tsc_conversions_round_trip() {
+        let khz = 2_596_120;
+        let tsc = duration_to_tsc(Duration::from_micros(500), khz);
+        assert_eq!(tsc, 1_298_060);
+        assert_eq!(tsc_to_ns(tsc, khz), 500_000);
+        assert_eq!(tsc_to_ns(u64::MAX, 1), u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn mailbox_carries_the_guest_config() {
+        let g = GuestConfig {
+            busy: true,
+            fault: FaultInjection::InvalidOpcode,
+            ..GuestConfig::default()
+        };
+        let m = initial_mailbox(3, &g, 1_000_000);
+        assert_eq!(m.magic, MAILBOX_MAGIC);
+        assert_eq!(m.vcpu_index, 3);
+        assert_eq!(m.interval_tsc, 500_000);
+        assert_eq!(m.task_period_tsc, 2_000_000);
+        assert_eq!(m.task_work_tsc, 250_000);
+        assert_eq!(m.flags & mailbox::FLAG_BUSY, mailbox::FLAG_BUSY);
+        assert_eq!(m.fault_injection(), FaultInjection::InvalidOpcode as u64);
+        let no_task = GuestConfig {
+            task: None,
+            ..GuestConfig::default()
+        };
+        assert_eq!(initial_mailbox(0, &no_task, 1_000_000).task_period_tsc, 0);
+    }
+}
