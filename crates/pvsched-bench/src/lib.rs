@@ -1,1 +1,11 @@
-//! stub
+//! pvsched experiments on the testbed: host load, host probe, runs of the micro-VM under a
+//! chosen setting, and their reports (text and JSON).
+#![deny(missing_docs)]
+
+pub mod experiment;
+pub mod hist;
+pub mod load;
+pub mod probe;
+pub mod report;
+
+pub use experiment::{run, ExperimentConfig, GuestLoad, Outcome, Report};

@@ -179,6 +179,15 @@ struct RawMailbox(Mailbox);
 // pattern is a valid value.
 unsafe impl vm_memory::ByteValued for RawMailbox {}
 
+/// Opens `/dev/kvm`, mapping the usual failures to clear errors.
+pub fn open_kvm() -> Result<Kvm, Error> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV => Error::NoKvm,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::OpenKvm(e),
+    })
+}
+
 /// A created, not yet running testbed VM.
 pub struct Vm {
     vm: VmFd,
@@ -192,11 +201,7 @@ impl Vm {
     /// `config.vcpus` vCPUs in long mode with x2APIC, each with its mailbox written.
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
         config.validate()?;
-        let kvm = Kvm::new().map_err(|e| match e.errno() {
-            libc::ENOENT | libc::ENODEV => Error::NoKvm,
-            libc::EACCES | libc::EPERM => Error::KvmPermission,
-            _ => Error::OpenKvm(e),
-        })?;
+        let kvm = open_kvm()?;
         if kvm.get_max_vcpus() < config.vcpus {
             return Err(Error::InvalidConfig(format!(
                 "KVM allows at most {} vCPUs per VM",

@@ -1,0 +1,331 @@
+//! One testbed run: a VM, optional host load, the host probe, a fixed scheduling class for
+//! the vCPU threads, and the report of what the guest and the host measured.
+
+use crate::hist::{LatencyHistogram, LatencySummary};
+use crate::load::{HostLoad, LoadReport};
+use crate::probe::HostProbe;
+use pvsched_host::{SchedClass, SchedGuard};
+use pvsched_vmm::vm::tsc_to_ns;
+use pvsched_vmm::{RunningVm, VcpuEnd, Vm, VmConfig};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often the experiment drains the guests' latency rings.
+const DRAIN_PERIOD: Duration = Duration::from_millis(10);
+
+/// Errors of an experiment.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] pvsched_vmm::Error),
+    /// Changing a vCPU thread's class failed.
+    #[error("cannot apply --vcpu-sched")]
+    Sched(#[from] pvsched_host::sched::Error),
+    /// A host helper thread could not be started.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+/// Guest background load between timer events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestLoad {
+    /// The vCPU halts between events.
+    Idle,
+    /// The vCPU stays runnable, leaving to the VMM every few µs to stay interruptible.
+    Busy,
+}
+
+/// Parameters of one run.
+#[derive(Clone, Debug)]
+pub struct ExperimentConfig {
+    /// The VM and its guest program.
+    pub vm: VmConfig,
+    /// How long the guests run.
+    pub duration: Duration,
+    /// Number of built-in CPU hogs on the host.
+    pub host_load: usize,
+    /// Fixed class for every vCPU thread, restored at the end; `None` leaves them alone.
+    pub vcpu_sched: Option<SchedClass>,
+    /// Period of the host probe.
+    pub probe_interval: Duration,
+}
+
+/// The deadline task's results on one vCPU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskReport {
+    /// Task period (and relative deadline), µs.
+    pub period_us: f64,
+    /// Requested work per job, µs.
+    pub work_us: f64,
+    /// Jobs completed.
+    pub jobs: u64,
+    /// Jobs that finished after their deadline.
+    pub glitches: u64,
+    /// Mean job response time (finish − release), µs.
+    pub response_avg_us: f64,
+    /// Largest job response time, µs.
+    pub response_max_us: f64,
+    /// Work-loop iterations per job, from the guest's calibration.
+    pub work_iters: u64,
+    /// Calibrated cost of one work-loop iteration, µs.
+    pub work_iter_us: f64,
+}
+
+/// One vCPU's results.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VcpuReport {
+    /// vCPU index.
+    pub index: usize,
+    /// Kernel thread id of the vCPU thread.
+    pub tid: i32,
+    /// Timer wake-up latency (handler entry − programmed deadline).
+    pub latency: LatencySummary,
+    /// Samples overwritten in the ring before the VMM read them.
+    pub lost: u64,
+    /// Interrupts that arrived before their deadline (counted as 0 µs).
+    pub early: u64,
+    /// The deadline task, when enabled.
+    pub task: Option<TaskReport>,
+    /// CPU time of the vCPU thread, s.
+    pub cpu_s: f64,
+    /// Wall time of the vCPU run loop, s.
+    pub wall_s: f64,
+    /// Exits to userspace handled by the VMM.
+    pub user_exits: u64,
+    /// True if the guest finished by itself after the stop request.
+    pub guest_done: bool,
+}
+
+impl VcpuReport {
+    /// CPU use of the vCPU thread, percent of one CPU.
+    pub fn cpu_percent(&self) -> f64 {
+        if self.wall_s > 0.0 {
+            self.cpu_s / self.wall_s * 100.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Latency-probe interval, µs.
+    pub interval_us: f64,
+    /// Requested duration, s.
+    pub duration_s: f64,
+    /// Measured duration (guests started → stop requested), s.
+    pub elapsed_s: f64,
+    /// Guest background load.
+    pub guest_load: GuestLoad,
+    /// Host CPU hogs.
+    pub host_load: usize,
+    /// Class applied to the vCPU threads (`none` when left alone).
+    pub vcpu_sched: String,
+    /// Guest TSC frequency, kHz.
+    pub tsc_khz: u64,
+    /// True when the run was cut short by SIGINT/SIGTERM.
+    pub interrupted: bool,
+    /// Per-vCPU results.
+    pub per_vcpu: Vec<VcpuReport>,
+    /// Latency over all vCPUs.
+    pub latency: LatencySummary,
+    /// Host probe wake-up latency.
+    pub host_probe: LatencySummary,
+    /// Host hog throughput, when there were hogs.
+    pub host_hogs: Option<LoadReport>,
+    /// Deadline-task glitches over all vCPUs.
+    pub glitches: u64,
+    /// Deadline-task jobs over all vCPUs.
+    pub jobs: u64,
+}
+
+/// A run's report plus the full histograms, for plots and merging.
+pub struct Outcome {
+    /// The report.
+    pub report: Report,
+    /// Per-vCPU latency histograms.
+    pub vcpu_hists: Vec<LatencyHistogram>,
+    /// Host probe histogram.
+    pub probe_hist: LatencyHistogram,
+}
+
+/// The class of the experiment's controller thread when vCPU threads run in `vcpu`: one
+/// real-time priority above them, or `None` when they are not real-time.
+pub fn controller_class(vcpu: SchedClass) -> Option<SchedClass> {
+    match vcpu {
+        SchedClass::Other => None,
+        SchedClass::Fifo(p) | SchedClass::Rr(p) => Some(SchedClass::Fifo((p + 1).min(99))),
+    }
+}
+
+/// Runs one experiment. `interrupt` (set by a signal handler) ends it early but cleanly.
+pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Error> {
+    let vm = Vm::new(&cfg.vm)?;
+    let tsc_khz = vm.tsc_khz();
+    let hogs = HostLoad::start(cfg.host_load).map_err(|e| Error::Thread("host load", e))?;
+    let probe = HostProbe::start(cfg.probe_interval).map_err(|e| Error::Thread("host probe", e))?;
+    let mut running = vm.start()?;
+    // Guards restore the vCPU threads' class when dropped, on every path out of here.
+    let guards = match cfg.vcpu_sched {
+        Some(class) => running
+            .tids()
+            .into_iter()
+            .map(|tid| SchedGuard::apply(tid, class))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
+
+    // With RT vCPU threads the controller (this thread) must outrank them, or it cannot
+    // drain the rings or stop the run on time. Started after the vCPU threads so they do
+    // not inherit it; restored when the guard drops.
+    let controller = match cfg.vcpu_sched.and_then(controller_class) {
+        Some(class) => Some(SchedGuard::apply(pvsched_vmm::vcpu::gettid(), class)?),
+        None => None,
+    };
+    let mut hists: Vec<LatencyHistogram> = (0..running.vcpus())
+        .map(|_| LatencyHistogram::new())
+        .collect();
+    let mut readers: Vec<_> = (0..running.vcpus())
+        .map(|i| running.ring_reader(i))
+        .collect();
+    let drain = |running: &RunningVm,
+                 readers: &mut [pvsched_vmm::RingReader],
+                 hists: &mut [LatencyHistogram]|
+     -> Result<(), Error> {
+        for (r, h) in readers.iter_mut().zip(hists.iter_mut()) {
+            running.drain(r, |cycles| h.record_ns(tsc_to_ns(cycles, tsc_khz)))?;
+        }
+        Ok(())
+    };
+
+    running.go();
+    let started = Instant::now();
+    let mut interrupted = false;
+    loop {
+        std::thread::sleep(DRAIN_PERIOD.min(cfg.duration));
+        drain(&running, &mut readers, &mut hists)?;
+        if interrupt.load(Ordering::Relaxed) {
+            interrupted = true;
+            break;
+        }
+        if running.any_finished() || started.elapsed() >= cfg.duration {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    // Enough for one more timer period and a task job at emulated speed.
+    let grace = cfg.vm.guest.interval * 4
+        + cfg.vm.guest.task.map_or(Duration::ZERO, |t| t.period * 4)
+        + Duration::from_millis(100);
+    let outcomes = running.shutdown(grace);
+    drain(&running, &mut readers, &mut hists)?;
+    let mut restore_error = None;
+    for g in guards {
+        if let Err(e) = g.restore() {
+            restore_error.get_or_insert(e);
+        }
+    }
+    drop(controller);
+    let probe_hist = probe.stop();
+    let hog_report = hogs.stop();
+
+    let mut per_vcpu = Vec::with_capacity(outcomes.len());
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        let stats = outcome?;
+        let mb = running.mailbox(index)?;
+        let us = |cycles: u64| tsc_to_ns(cycles, tsc_khz) as f64 / 1000.0;
+        let task = cfg.vm.guest.task.map(|t| TaskReport {
+            period_us: t.period.as_secs_f64() * 1e6,
+            work_us: t.work.as_secs_f64() * 1e6,
+            jobs: mb.jobs_done,
+            glitches: mb.glitches,
+            response_avg_us: if mb.jobs_done > 0 {
+                us(mb.response_sum) / mb.jobs_done as f64
+            } else {
+                0.0
+            },
+            response_max_us: us(mb.response_max),
+            work_iters: mb.work_iters,
+            work_iter_us: us(mb.work_iter_tsc),
+        });
+        per_vcpu.push(VcpuReport {
+            index,
+            tid: running.tids()[index],
+            latency: hists[index].summary(),
+            lost: readers[index].lost(),
+            early: mb.early,
+            task,
+            cpu_s: stats.cpu.as_secs_f64(),
+            wall_s: stats.wall.as_secs_f64(),
+            user_exits: stats.user_exits,
+            guest_done: stats.end == VcpuEnd::GuestDone,
+        });
+    }
+    if let Some(e) = restore_error {
+        return Err(e.into());
+    }
+    let mut all = LatencyHistogram::new();
+    for h in &hists {
+        all.merge(h);
+    }
+    let report = Report {
+        vcpus: cfg.vm.vcpus,
+        interval_us: cfg.vm.guest.interval.as_secs_f64() * 1e6,
+        duration_s: cfg.duration.as_secs_f64(),
+        elapsed_s: elapsed.as_secs_f64(),
+        guest_load: if cfg.vm.guest.busy {
+            GuestLoad::Busy
+        } else {
+            GuestLoad::Idle
+        },
+        host_load: cfg.host_load,
+        vcpu_sched: cfg
+            .vcpu_sched
+            .map_or_else(|| "none".to_string(), |c| c.to_string()),
+        tsc_khz,
+        interrupted,
+        latency: all.summary(),
+        host_probe: probe_hist.summary(),
+        host_hogs: (cfg.host_load > 0).then_some(hog_report),
+        glitches: per_vcpu
+            .iter()
+            .filter_map(|v| v.task.as_ref())
+            .map(|t| t.glitches)
+            .sum(),
+        jobs: per_vcpu
+            .iter()
+            .filter_map(|v| v.task.as_ref())
+            .map(|t| t.jobs)
+            .sum(),
+        per_vcpu,
+    };
+    Ok(Outcome {
+        report,
+        vcpu_hists: hists,
+        probe_hist,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_outranks_rt_vcpus_only() {
+        assert_eq!(controller_class(SchedClass::Other), None);
+        assert_eq!(
+            controller_class(SchedClass::Fifo(10)),
+            Some(SchedClass::Fifo(11))
+        );
+        assert_eq!(
+            controller_class(SchedClass::Rr(99)),
+            Some(SchedClass::Fifo(99))
+        );
+    }
+}

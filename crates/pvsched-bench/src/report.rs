@@ -1,0 +1,124 @@
+//! Human-readable output of a run, in cyclictest's shape.
+
+use crate::experiment::{GuestLoad, Report};
+use std::fmt::Write;
+
+fn us(v: f64) -> String {
+    format!("{:.0}", v)
+}
+
+/// Renders a run's report as text.
+pub fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let load = match r.guest_load {
+        GuestLoad::Idle => "idle",
+        GuestLoad::Busy => "busy",
+    };
+    let _ = writeln!(
+        s,
+        "pvsched vm: {} vCPUs, interval {} us, {:.2} s{}, guest load {load}, host load {} hogs, vCPU sched {}",
+        r.vcpus,
+        us(r.interval_us),
+        r.elapsed_s,
+        if r.interrupted { " (interrupted)" } else { "" },
+        r.host_load,
+        r.vcpu_sched,
+    );
+    let _ = writeln!(s, "Guest timer wake-up latency (us):");
+    for v in &r.per_vcpu {
+        let l = &v.latency;
+        let _ = writeln!(
+            s,
+            "T:{:2} ({:>6}) I:{} C:{:>7} Min:{:>7} Avg:{:>7} Max:{:>7}",
+            v.index,
+            v.tid,
+            us(r.interval_us),
+            l.count,
+            us(l.min_us),
+            us(l.avg_us),
+            us(l.max_us)
+        );
+    }
+    for v in &r.per_vcpu {
+        let l = &v.latency;
+        let _ = writeln!(
+            s,
+            "H:{:2} p50:{:>7} p90:{:>7} p99:{:>7} p99.9:{:>7}{}",
+            v.index,
+            us(l.p50_us),
+            us(l.p90_us),
+            us(l.p99_us),
+            us(l.p999_us),
+            if v.lost > 0 {
+                format!("  ({} samples lost)", v.lost)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let a = &r.latency;
+    let _ = writeln!(
+        s,
+        "All vCPUs: C:{} Min:{} Avg:{} p50:{} p90:{} p99:{} p99.9:{} Max:{}",
+        a.count,
+        us(a.min_us),
+        us(a.avg_us),
+        us(a.p50_us),
+        us(a.p90_us),
+        us(a.p99_us),
+        us(a.p999_us),
+        us(a.max_us)
+    );
+    for v in &r.per_vcpu {
+        if let Some(t) = &v.task {
+            let pct = if t.jobs > 0 {
+                t.glitches as f64 / t.jobs as f64 * 100.0
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                s,
+                "D:{:2} period {} us work {} us ({} x {:.1} us): jobs {} glitches {} ({:.2}%) response avg {} max {} us",
+                v.index,
+                us(t.period_us),
+                us(t.work_us),
+                t.work_iters,
+                t.work_iter_us,
+                t.jobs,
+                t.glitches,
+                pct,
+                us(t.response_avg_us),
+                us(t.response_max_us)
+            );
+        }
+    }
+    let p = &r.host_probe;
+    let _ = writeln!(
+        s,
+        "Host probe (SCHED_OTHER): C:{} Min:{} Avg:{} p99:{} Max:{}",
+        p.count,
+        us(p.min_us),
+        us(p.avg_us),
+        us(p.p99_us),
+        us(p.max_us)
+    );
+    if let Some(h) = &r.host_hogs {
+        let _ = writeln!(
+            s,
+            "Host hogs: {} threads, {:.0} work units/s",
+            h.threads, h.units_per_sec
+        );
+    }
+    for v in &r.per_vcpu {
+        let _ = writeln!(
+            s,
+            "vCPU {} thread: CPU {:.2} s of {:.2} s ({:.0}%), {} exits to the VMM",
+            v.index,
+            v.cpu_s,
+            v.wall_s,
+            v.cpu_percent(),
+            v.user_exits
+        );
+    }
+    s
+}

@@ -1,0 +1,142 @@
+//! Command-line interface definitions.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pvsched_host::SchedClass;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Cooperative host/guest vCPU scheduling for KVM.
+#[derive(Debug, Parser)]
+#[command(name = "pvsched", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the testbed micro-VM and report guest wake-up latency, deadline-task glitches and
+    /// host impact.
+    Vm(VmArgs),
+}
+
+/// Guest background load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GuestLoadArg {
+    /// Halt between timer events.
+    Idle,
+    /// Stay runnable between timer events.
+    Busy,
+}
+
+/// Fault the guest raises at start (for tests of error handling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FaultArg {
+    /// `ud2`: invalid opcode.
+    Ud,
+    /// An instruction KVM's emulator cannot run (`popcnt`).
+    Unsupported,
+    /// Non-canonical load: general protection.
+    Gp,
+    /// Load from an unmapped address: page fault.
+    Pf,
+}
+
+/// `pvsched vm` options.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// Number of vCPUs (1-64), one host thread each (`pvsched-vcpu<N>`).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// Period of the guest's latency probe (TSC-deadline timer), e.g. 500us, 1ms.
+    #[arg(long, default_value = "500us", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// How long the guest runs, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Guest background load between timer events.
+    #[arg(long, value_enum, default_value_t = GuestLoadArg::Idle)]
+    pub guest_load: GuestLoadArg,
+    /// Number of built-in CPU-hog threads on the host (SCHED_OTHER).
+    #[arg(long, default_value_t = 0)]
+    pub host_load: usize,
+    /// Fixed scheduling class for every vCPU thread, restored at exit: other, fifo:<prio>,
+    /// rr:<prio>. Without it the threads keep the class they are created with.
+    #[arg(long)]
+    pub vcpu_sched: Option<SchedClass>,
+    /// Period of the guest's deadline task (e.g. 2ms, 4ms, 10ms), or `off`.
+    #[arg(long, default_value = "2ms", value_parser = parse_task_period)]
+    pub task_period: TaskPeriod,
+    /// Work per deadline-task job, e.g. 250us.
+    #[arg(long, default_value = "250us", value_parser = parse_duration)]
+    pub task_work: Duration,
+    /// Period of the host probe thread (defaults to --interval).
+    #[arg(long, value_parser = parse_duration)]
+    pub probe_interval: Option<Duration>,
+    /// Also write the full report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Make the guest fault at start (testing aid).
+    #[arg(long, value_enum, hide = true)]
+    pub inject_fault: Option<FaultArg>,
+}
+
+/// `--task-period`: a duration or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskPeriod {
+    /// No deadline task.
+    Off,
+    /// The task's period.
+    Every(Duration),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500us, 2ms, 10s)"))
+}
+
+fn parse_task_period(s: &str) -> Result<TaskPeriod, String> {
+    if s == "off" {
+        Ok(TaskPeriod::Off)
+    } else {
+        parse_duration(s).map(TaskPeriod::Every)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_accept_common_units() {
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_task_period("off").unwrap(), TaskPeriod::Off);
+    }
+
+    #[test]
+    fn vm_defaults_match_the_documentation() {
+        let cli = Cli::try_parse_from(["pvsched", "vm"]).unwrap();
+        let Command::Vm(a) = cli.command;
+        assert_eq!(a.vcpus, 2);
+        assert_eq!(a.interval, Duration::from_micros(500));
+        assert_eq!(a.task_period, TaskPeriod::Every(Duration::from_millis(2)));
+        assert_eq!(a.guest_load, GuestLoadArg::Idle);
+        assert!(a.vcpu_sched.is_none());
+    }
+
+    #[test]
+    fn bad_sched_class_is_a_usage_error() {
+        let e = Cli::try_parse_from(["pvsched", "vm", "--vcpu-sched", "fifo:0"]).unwrap_err();
+        assert!(e.to_string().contains("fifo:<1-99>"), "{e}");
+    }
+}

@@ -1,0 +1,111 @@
+//! `pvsched vm`: one testbed run.
+
+use crate::cli::{FaultArg, GuestLoadArg, TaskPeriod, VmArgs};
+use pvsched_bench::experiment::{self, ExperimentConfig};
+use pvsched_guest::FaultInjection;
+use pvsched_vmm::{GuestConfig, TaskConfig, VcpuError, VmConfig};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Exit code after SIGINT/SIGTERM (results are still printed).
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Errors of the `pvsched` commands, with their exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The experiment failed.
+    #[error(transparent)]
+    Experiment(#[from] experiment::Error),
+    /// The JSON report could not be written.
+    #[error("cannot write {path}")]
+    Json {
+        /// Output path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install the SIGINT/SIGTERM handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+impl CliError {
+    /// 3: KVM unavailable; 4: the guest failed; 5: not permitted; 1: anything else.
+    pub fn exit_code(&self) -> u8 {
+        use pvsched_vmm::Error as VmErr;
+        match self {
+            CliError::Experiment(experiment::Error::Vm(e)) => match e {
+                VmErr::NoKvm | VmErr::KvmPermission | VmErr::OpenKvm(_) | VmErr::Unsupported(_) => {
+                    3
+                }
+                VmErr::Vcpu(
+                    VcpuError::GuestException { .. }
+                    | VcpuError::EmulationFailure { .. }
+                    | VcpuError::Shutdown { .. },
+                ) => 4,
+                VmErr::InvalidConfig(_) => 2,
+                _ => 1,
+            },
+            CliError::Experiment(experiment::Error::Sched(
+                pvsched_host::sched::Error::Permission { .. },
+            )) => 5,
+            _ => 1,
+        }
+    }
+}
+
+fn config(args: &VmArgs) -> ExperimentConfig {
+    let task = match args.task_period {
+        TaskPeriod::Off => None,
+        TaskPeriod::Every(period) => Some(TaskConfig {
+            period,
+            work: args.task_work,
+        }),
+    };
+    let fault = match args.inject_fault {
+        None => FaultInjection::None,
+        Some(FaultArg::Ud) => FaultInjection::InvalidOpcode,
+        Some(FaultArg::Unsupported) => FaultInjection::UnsupportedInstruction,
+        Some(FaultArg::Gp) => FaultInjection::GeneralProtection,
+        Some(FaultArg::Pf) => FaultInjection::PageFault,
+    };
+    ExperimentConfig {
+        vm: VmConfig {
+            vcpus: args.vcpus,
+            guest: GuestConfig {
+                interval: args.interval,
+                task,
+                busy: args.guest_load == GuestLoadArg::Busy,
+                fault,
+            },
+        },
+        duration: args.duration,
+        host_load: args.host_load,
+        vcpu_sched: args.vcpu_sched,
+        probe_interval: args.probe_interval.unwrap_or(args.interval),
+    }
+}
+
+/// Runs `pvsched vm`.
+pub fn run(args: VmArgs) -> Result<ExitCode, CliError> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupt.clone()).map_err(CliError::Signals)?;
+    }
+    let outcome = experiment::run(&config(&args), &interrupt)?;
+    print!("{}", pvsched_bench::report::render(&outcome.report));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&outcome.report).expect("report serializes");
+        std::fs::write(path, json + "\n").map_err(|source| CliError::Json {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(if outcome.report.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
