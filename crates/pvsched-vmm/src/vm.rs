@@ -33,6 +33,9 @@ pub enum Error {
     /// `/dev/kvm` exists but may not be opened.
     #[error("no permission to open /dev/kvm: run as root or as a member of the kvm group")]
     KvmPermission,
+    /// `/dev/kvm` does not answer like KVM.
+    #[error("/dev/kvm is not a usable KVM device (API version {0}, expected 12)")]
+    NotKvm(i32),
     /// Opening `/dev/kvm` failed otherwise.
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -181,12 +184,19 @@ unsafe impl vm_memory::ByteValued for RawMailbox {}
 
 /// Opens `/dev/kvm`, mapping the usual failures to clear errors.
 pub fn open_kvm() -> Result<Kvm, Error> {
-    Kvm::new().map_err(|e| match e.errno() {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENODEV => Error::NoKvm,
         libc::EACCES | libc::EPERM => Error::KvmPermission,
         _ => Error::OpenKvm(e),
-    })
+    })?;
+    match kvm.get_api_version() {
+        KVM_API_VERSION => Ok(kvm),
+        v => Err(Error::NotKvm(v)),
+    }
 }
+
+/// The only stable KVM API version.
+const KVM_API_VERSION: i32 = 12;
 
 /// A created, not yet running testbed VM.
 pub struct Vm {

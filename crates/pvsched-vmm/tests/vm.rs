@@ -1,6 +1,22 @@
 //! Real-KVM tests of the VMM: vCPU lifecycle, stop and kick, and guest faults turned into
 //! errors. Each test skips, saying why, where /dev/kvm cannot be opened.
 
+/// Prints straight to stderr, past the test harness's output capture, so that CI logs show
+/// every skipped test and why.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// Reports a skipped test (see [`say`]).
+macro_rules! skip {
+    ($($t:tt)*) => {
+        say!("SKIPPED {}", format_args!($($t)*))
+    };
+}
+
 use pvsched_guest::FaultInjection;
 use pvsched_vmm::{open_kvm, Error, GuestConfig, VcpuEnd, VcpuError, Vm, VmConfig};
 use std::sync::{mpsc, Mutex};
@@ -13,7 +29,7 @@ fn kvm_or_skip(test: &str) -> bool {
     match open_kvm() {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
+            skip!("{test}: {e}");
             false
         }
     }
@@ -26,8 +42,11 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("did not finish within {limit:?}: hang"))
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {limit:?}: hang"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the test body panicked"),
+    }
 }
 
 fn one_vcpu(fault: FaultInjection) -> VmConfig {
@@ -114,7 +133,7 @@ fn unsupported_instruction_is_a_clear_error() {
         // Where guest kernel code runs natively popcnt executes and the guest falls
         // through to its ud2.
         VcpuError::GuestException { vector: 6, .. } => {
-            eprintln!("note: popcnt ran natively on this KVM; the guest's #UD was reported");
+            say!("note: popcnt ran natively on this KVM; the guest's #UD was reported");
         }
         other => panic!("expected an emulation failure, got {other}"),
     }

@@ -1,0 +1,221 @@
+//! End-to-end testbed runs on real KVM: sampling, busy guests, and the static scheduling
+//! class applied to vCPU threads and restored. Each test skips, saying why, where /dev/kvm
+//! (or the privilege to set real-time classes) is missing.
+
+/// Prints straight to stderr, past the test harness's output capture, so that CI logs show
+/// every skipped test and why.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// Reports a skipped test (see [`say`]).
+macro_rules! skip {
+    ($($t:tt)*) => {
+        say!("SKIPPED {}", format_args!($($t)*))
+    };
+}
+
+use pvsched_bench::experiment::{self, ExperimentConfig, Outcome};
+use pvsched_host::sched::{self, SchedClass};
+use pvsched_vmm::{open_kvm, GuestConfig, TaskConfig, VmConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn kvm_or_skip(test: &str) -> bool {
+    match open_kvm() {
+        Ok(_) => true,
+        Err(e) => {
+            skip!("{test}: {e}");
+            false
+        }
+    }
+}
+
+fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
+    ExperimentConfig {
+        vm: VmConfig {
+            vcpus,
+            guest: GuestConfig {
+                busy,
+                ..GuestConfig::default()
+            },
+        },
+        duration,
+        host_load: 0,
+        vcpu_sched: None,
+        probe_interval: Duration::from_millis(1),
+    }
+}
+
+/// Runs an experiment on another thread; a run that does not end in `limit` is a hang.
+fn run(cfg: ExperimentConfig, limit: Duration) -> Outcome {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(experiment::run(&cfg, &AtomicBool::new(false)));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r.unwrap_or_else(|e| panic!("experiment failed: {e}")),
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("experiment did not end within {limit:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the experiment thread panicked"),
+    }
+}
+
+#[test]
+fn each_vcpu_samples_once_per_interval() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !kvm_or_skip("each_vcpu_samples_once_per_interval") {
+        return;
+    }
+    let out = run(
+        config(2, false, Duration::from_secs(1)),
+        Duration::from_secs(30),
+    );
+    let r = &out.report;
+    assert_eq!(r.per_vcpu.len(), 2);
+    let expected = r.elapsed_s / (r.interval_us / 1e6);
+    for v in &r.per_vcpu {
+        let n = v.latency.count as f64;
+        assert!(
+            (n - expected).abs() <= expected * 0.10,
+            "vCPU {}: {n} samples, expected {expected:.0} ± 10%",
+            v.index
+        );
+        assert_eq!(v.lost, 0);
+        assert!(v.guest_done, "guest {} stopped by itself", v.index);
+        assert!(v.latency.min_us <= v.latency.p50_us && v.latency.p50_us <= v.latency.max_us);
+        let task = v.task.as_ref().expect("deadline task enabled by default");
+        let jobs_expected = r.elapsed_s / 0.002;
+        assert!(
+            (task.jobs as f64 - jobs_expected).abs() <= jobs_expected * 0.10,
+            "vCPU {}: {} jobs, expected {jobs_expected:.0}",
+            v.index,
+            task.jobs
+        );
+        assert!(task.work_iters >= 1);
+    }
+    assert_eq!(
+        r.latency.count,
+        r.per_vcpu.iter().map(|v| v.latency.count).sum::<u64>()
+    );
+    assert!(r.host_probe.count > 0);
+}
+
+#[test]
+fn busy_guest_keeps_its_vcpu_threads_running() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !kvm_or_skip("busy_guest_keeps_its_vcpu_threads_running") {
+        return;
+    }
+    let out = run(
+        config(2, true, Duration::from_secs(1)),
+        Duration::from_secs(30),
+    );
+    for v in &out.report.per_vcpu {
+        assert!(
+            v.cpu_percent() > 50.0,
+            "busy vCPU {} used only {:.0}% of a CPU",
+            v.index,
+            v.cpu_percent()
+        );
+        assert!(v.latency.count > 0);
+    }
+}
+
+#[test]
+fn task_disabled_means_no_task_report() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !kvm_or_skip("task_disabled_means_no_task_report") {
+        return;
+    }
+    let mut cfg = config(1, false, Duration::from_millis(300));
+    cfg.vm.guest.task = None;
+    let out = run(cfg, Duration::from_secs(30));
+    assert!(out.report.per_vcpu[0].task.is_none());
+    assert_eq!(out.report.jobs, 0);
+    // A 4 ms task on the same guest does run.
+    let mut cfg = config(1, false, Duration::from_millis(300));
+    cfg.vm.guest.task = Some(TaskConfig {
+        period: Duration::from_millis(4),
+        work: Duration::from_micros(500),
+    });
+    let out = run(cfg, Duration::from_secs(30));
+    assert!(out.report.jobs > 0);
+}
+
+fn vcpu_tids() -> Vec<i32> {
+    let mut tids = Vec::new();
+    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("pvsched-vcpu") {
+            if let Ok(t) = e.file_name().to_string_lossy().parse() {
+                tids.push(t);
+            }
+        }
+    }
+    tids
+}
+
+#[test]
+fn static_rt_class_is_applied_to_vcpu_threads_and_restored() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !kvm_or_skip("static_rt_class_is_applied_to_vcpu_threads_and_restored") {
+        return;
+    }
+    // Can this process set real-time classes at all?
+    match sched::SchedGuard::apply(0, SchedClass::Fifo(1)) {
+        Ok(g) => g.restore().unwrap(),
+        Err(e) => {
+            skip!("static_rt_class_is_applied_to_vcpu_threads_and_restored: {e}");
+            return;
+        }
+    }
+    // Watch the vCPU threads from outside, the way a daemon would: by name.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::<(i32, sched::SchedAttr)>::new()));
+    let watcher = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for tid in vcpu_tids() {
+                    if let Ok(a) = sched::get(tid) {
+                        seen.lock().unwrap().push((tid, a));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut cfg = config(2, false, Duration::from_millis(500));
+    cfg.vcpu_sched = Some(SchedClass::Fifo(10));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let before = sched::get(0).unwrap();
+        let out = experiment::run(&cfg, &AtomicBool::new(false));
+        let after = sched::get(0).unwrap();
+        let _ = tx.send((out, before, after));
+    });
+    let (out, before, after) = rx.recv_timeout(Duration::from_secs(30)).expect("no hang");
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    let out = out.unwrap();
+    assert_eq!(out.report.vcpu_sched, "fifo:10");
+    assert_eq!(before, after, "the controller thread's class is restored");
+    let seen = seen.lock().unwrap();
+    let fifo10: std::collections::BTreeSet<i32> = seen
+        .iter()
+        .filter(|(_, a)| a.policy == libc::SCHED_FIFO as u32 && a.priority == 10)
+        .map(|(t, _)| *t)
+        .collect();
+    let reported: std::collections::BTreeSet<i32> =
+        out.report.per_vcpu.iter().map(|v| v.tid).collect();
+    assert_eq!(
+        fifo10, reported,
+        "both vCPU threads were seen at SCHED_FIFO 10"
+    );
+}

@@ -1,0 +1,214 @@
+//! The `pvsched` binary as a user runs it: exit codes, messages, JSON output, Ctrl-C.
+//! Tests that need KVM skip, saying why, where /dev/kvm cannot be opened.
+
+/// Prints straight to stderr, past the test harness's output capture, so that CI logs show
+/// every skipped test and why.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// Reports a skipped test (see [`say`]).
+macro_rules! skip {
+    ($($t:tt)*) => {
+        say!("SKIPPED {}", format_args!($($t)*))
+    };
+}
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn pvsched() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pvsched"))
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    match pvsched_vmm::open_kvm() {
+        Ok(_) => true,
+        Err(e) => {
+            skip!("{test}: {e}");
+            false
+        }
+    }
+}
+
+/// Runs the command; one that has not exited after `limit` is killed and fails the test.
+fn run_with_limit(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pvsched");
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("pvsched did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    let out = run_with_limit(
+        pvsched().args(["vm", "--vcpus", "0"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("1 to 64"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_with_limit(
+        pvsched().args(["vm", "--interval", "soon"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--interval"));
+    let out = run_with_limit(
+        pvsched().args(["vm", "--task-work", "3ms", "--task-period", "2ms"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("below the period"));
+}
+
+#[test]
+fn vm_run_prints_cyclictest_lines_and_writes_json() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !kvm_or_skip("vm_run_prints_cyclictest_lines_and_writes_json") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pvsched-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let out = run_with_limit(
+        pvsched()
+            .args(["vm", "--vcpus", "2", "--duration", "1s", "--json"])
+            .arg(&json),
+        Duration::from_secs(60),
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", stdout, text(&out.stderr));
+    for line in [
+        "T: 0 (",
+        "T: 1 (",
+        "H: 0 p50:",
+        "D: 1 period",
+        "Host probe",
+        "vCPU 1 thread",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("valid JSON");
+    assert_eq!(v["vcpus"], 2);
+    assert_eq!(v["per_vcpu"].as_array().unwrap().len(), 2);
+    assert!(v["per_vcpu"][0]["latency"]["count"].as_u64().unwrap() > 0);
+    assert!(v["tsc_khz"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn guest_fault_exits_with_a_clear_message() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !kvm_or_skip("guest_fault_exits_with_a_clear_message") {
+        return;
+    }
+    let out = run_with_limit(
+        pvsched().args(["vm", "--duration", "30s", "--inject-fault", "gp"]),
+        Duration::from_secs(20),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("#GP general protection (vector 13) at RIP 0x"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigint_stops_the_run_and_still_reports() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !kvm_or_skip("sigint_stops_the_run_and_still_reports") {
+        return;
+    }
+    let child = pvsched()
+        .args(["vm", "--duration", "60s", "--guest-load", "busy"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "Ctrl-C took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("(interrupted)"), "{stdout}");
+    assert!(stdout.contains("T: 0 ("), "{stdout}");
+}
+
+#[test]
+fn unprivileged_user_gets_a_permission_message() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        skip!("unprivileged_user_gets_a_permission_message: needs root to drop to nobody");
+        return;
+    }
+    let meta = match std::fs::metadata("/dev/kvm") {
+        Ok(m) => m,
+        Err(e) => {
+            skip!("unprivileged_user_gets_a_permission_message: /dev/kvm: {e}");
+            return;
+        }
+    };
+    use std::os::unix::fs::PermissionsExt;
+    if meta.permissions().mode() & 0o006 != 0 {
+        skip!("unprivileged_user_gets_a_permission_message: /dev/kvm is world-accessible");
+        return;
+    }
+    let mut cmd = pvsched();
+    cmd.args(["vm", "--duration", "1s"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = match cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output() {
+        Ok(o) => o,
+        Err(e) => {
+            skip!("unprivileged_user_gets_a_permission_message: cannot run as nobody: {e}");
+            return;
+        }
+    };
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("no permission to open /dev/kvm"), "{err}");
+}
