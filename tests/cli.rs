@@ -1,41 +1,13 @@
 //! The `pvsched` binary as a user runs it: exit codes, messages, JSON output, Ctrl-C.
 //! Tests that need KVM skip, saying why, where /dev/kvm cannot be opened.
 
-/// Prints straight to stderr, past the test harness's output capture, so that CI logs show
-/// every skipped test and why.
-macro_rules! say {
-    ($($t:tt)*) => {{
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-
-/// Reports a skipped test (see [`say`]).
-macro_rules! skip {
-    ($($t:tt)*) => {
-        say!("SKIPPED {}", format_args!($($t)*))
-    };
-}
-
+use pvsched_testutil::{kvm_or_skip, serial};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn pvsched() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pvsched"))
-}
-
-fn kvm_or_skip(test: &str) -> bool {
-    match pvsched_vmm::open_kvm() {
-        Ok(_) => true,
-        Err(e) => {
-            skip!("{test}: {e}");
-            false
-        }
-    }
 }
 
 /// Runs the command; one that has not exited after `limit` is killed and fails the test.
@@ -88,7 +60,7 @@ fn bad_arguments_are_usage_errors() {
 
 #[test]
 fn vm_run_prints_cyclictest_lines_and_writes_json() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("vm_run_prints_cyclictest_lines_and_writes_json") {
         return;
     }
@@ -124,7 +96,7 @@ fn vm_run_prints_cyclictest_lines_and_writes_json() {
 
 #[test]
 fn guest_fault_exits_with_a_clear_message() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("guest_fault_exits_with_a_clear_message") {
         return;
     }
@@ -142,7 +114,7 @@ fn guest_fault_exits_with_a_clear_message() {
 
 #[test]
 fn sigint_stops_the_run_and_still_reports() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("sigint_stops_the_run_and_still_reports") {
         return;
     }
@@ -172,19 +144,23 @@ fn sigint_stops_the_run_and_still_reports() {
 fn unprivileged_user_gets_a_permission_message() {
     // SAFETY: getuid cannot fail.
     if unsafe { libc::getuid() } != 0 {
-        skip!("unprivileged_user_gets_a_permission_message: needs root to drop to nobody");
+        pvsched_testutil::skip!(
+            "unprivileged_user_gets_a_permission_message: needs root to drop to nobody"
+        );
         return;
     }
     let meta = match std::fs::metadata("/dev/kvm") {
         Ok(m) => m,
         Err(e) => {
-            skip!("unprivileged_user_gets_a_permission_message: /dev/kvm: {e}");
+            pvsched_testutil::skip!("unprivileged_user_gets_a_permission_message: /dev/kvm: {e}");
             return;
         }
     };
     use std::os::unix::fs::PermissionsExt;
     if meta.permissions().mode() & 0o006 != 0 {
-        skip!("unprivileged_user_gets_a_permission_message: /dev/kvm is world-accessible");
+        pvsched_testutil::skip!(
+            "unprivileged_user_gets_a_permission_message: /dev/kvm is world-accessible"
+        );
         return;
     }
     let mut cmd = pvsched();
@@ -204,7 +180,9 @@ fn unprivileged_user_gets_a_permission_message() {
     let out = match cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output() {
         Ok(o) => o,
         Err(e) => {
-            skip!("unprivileged_user_gets_a_permission_message: cannot run as nobody: {e}");
+            pvsched_testutil::skip!(
+                "unprivileged_user_gets_a_permission_message: cannot run as nobody: {e}"
+            );
             return;
         }
     };

@@ -2,40 +2,13 @@
 //! class applied to vCPU threads and restored. Each test skips, saying why, where /dev/kvm
 //! (or the privilege to set real-time classes) is missing.
 
-/// Prints straight to stderr, past the test harness's output capture, so that CI logs show
-/// every skipped test and why.
-macro_rules! say {
-    ($($t:tt)*) => {{
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-
-/// Reports a skipped test (see [`say`]).
-macro_rules! skip {
-    ($($t:tt)*) => {
-        say!("SKIPPED {}", format_args!($($t)*))
-    };
-}
-
 use pvsched_bench::experiment::{self, ExperimentConfig, Outcome};
 use pvsched_host::sched::{self, SchedClass};
-use pvsched_vmm::{open_kvm, GuestConfig, TaskConfig, VmConfig};
+use pvsched_testutil::{kvm_or_skip, serial, within};
+use pvsched_vmm::{GuestConfig, TaskConfig, VmConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn kvm_or_skip(test: &str) -> bool {
-    match open_kvm() {
-        Ok(_) => true,
-        Err(e) => {
-            skip!("{test}: {e}");
-            false
-        }
-    }
-}
 
 fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
     ExperimentConfig {
@@ -55,20 +28,15 @@ fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
 
 /// Runs an experiment on another thread; a run that does not end in `limit` is a hang.
 fn run(cfg: ExperimentConfig, limit: Duration) -> Outcome {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(experiment::run(&cfg, &AtomicBool::new(false)));
-    });
-    match rx.recv_timeout(limit) {
-        Ok(r) => r.unwrap_or_else(|e| panic!("experiment failed: {e}")),
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("experiment did not end within {limit:?}"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the experiment thread panicked"),
-    }
+    within(limit, move || {
+        experiment::run(&cfg, &AtomicBool::new(false))
+    })
+    .unwrap_or_else(|e| panic!("experiment failed: {e}"))
 }
 
 #[test]
 fn each_vcpu_samples_once_per_interval() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("each_vcpu_samples_once_per_interval") {
         return;
     }
@@ -108,7 +76,7 @@ fn each_vcpu_samples_once_per_interval() {
 
 #[test]
 fn busy_guest_keeps_its_vcpu_threads_running() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("busy_guest_keeps_its_vcpu_threads_running") {
         return;
     }
@@ -129,7 +97,7 @@ fn busy_guest_keeps_its_vcpu_threads_running() {
 
 #[test]
 fn task_disabled_means_no_task_report() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("task_disabled_means_no_task_report") {
         return;
     }
@@ -163,7 +131,7 @@ fn vcpu_tids() -> Vec<i32> {
 
 #[test]
 fn static_rt_class_is_applied_to_vcpu_threads_and_restored() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("static_rt_class_is_applied_to_vcpu_threads_and_restored") {
         return;
     }
@@ -171,7 +139,7 @@ fn static_rt_class_is_applied_to_vcpu_threads_and_restored() {
     match sched::SchedGuard::apply(0, SchedClass::Fifo(1)) {
         Ok(g) => g.restore().unwrap(),
         Err(e) => {
-            skip!("static_rt_class_is_applied_to_vcpu_threads_and_restored: {e}");
+            pvsched_testutil::skip!("static_rt_class_is_applied_to_vcpu_threads_and_restored: {e}");
             return;
         }
     }
@@ -193,14 +161,11 @@ fn static_rt_class_is_applied_to_vcpu_threads_and_restored() {
     };
     let mut cfg = config(2, false, Duration::from_millis(500));
     cfg.vcpu_sched = Some(SchedClass::Fifo(10));
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
+    let (out, before, after) = within(Duration::from_secs(30), move || {
         let before = sched::get(0).unwrap();
         let out = experiment::run(&cfg, &AtomicBool::new(false));
-        let after = sched::get(0).unwrap();
-        let _ = tx.send((out, before, after));
+        (out, before, sched::get(0).unwrap())
     });
-    let (out, before, after) = rx.recv_timeout(Duration::from_secs(30)).expect("no hang");
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
     let out = out.unwrap();

@@ -1,53 +1,10 @@
 //! Real-KVM tests of the VMM: vCPU lifecycle, stop and kick, and guest faults turned into
 //! errors. Each test skips, saying why, where /dev/kvm cannot be opened.
 
-/// Prints straight to stderr, past the test harness's output capture, so that CI logs show
-/// every skipped test and why.
-macro_rules! say {
-    ($($t:tt)*) => {{
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
-
-/// Reports a skipped test (see [`say`]).
-macro_rules! skip {
-    ($($t:tt)*) => {
-        say!("SKIPPED {}", format_args!($($t)*))
-    };
-}
-
 use pvsched_guest::FaultInjection;
-use pvsched_vmm::{open_kvm, Error, GuestConfig, VcpuEnd, VcpuError, Vm, VmConfig};
-use std::sync::{mpsc, Mutex};
+use pvsched_testutil::{kvm_or_skip, serial, within};
+use pvsched_vmm::{Error, GuestConfig, VcpuEnd, VcpuError, Vm, VmConfig};
 use std::time::Duration;
-
-/// KVM tests share two CPUs: run them one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn kvm_or_skip(test: &str) -> bool {
-    match open_kvm() {
-        Ok(_) => true,
-        Err(e) => {
-            skip!("{test}: {e}");
-            false
-        }
-    }
-}
-
-/// Runs `f` on another thread and fails the test if it takes longer than `limit`: a hang
-/// is a failure, not a stuck CI job.
-fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {limit:?}: hang"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the test body panicked"),
-    }
-}
 
 fn one_vcpu(fault: FaultInjection) -> VmConfig {
     VmConfig {
@@ -82,7 +39,7 @@ fn fault_of(kind: FaultInjection) -> VcpuError {
 
 #[test]
 fn invalid_opcode_is_reported_with_vector_and_rip() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("invalid_opcode_is_reported_with_vector_and_rip") {
         return;
     }
@@ -100,7 +57,7 @@ fn invalid_opcode_is_reported_with_vector_and_rip() {
 
 #[test]
 fn general_protection_and_page_faults_are_reported() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("general_protection_and_page_faults_are_reported") {
         return;
     }
@@ -118,7 +75,7 @@ fn general_protection_and_page_faults_are_reported() {
 
 #[test]
 fn unsupported_instruction_is_a_clear_error() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("unsupported_instruction_is_a_clear_error") {
         return;
     }
@@ -133,7 +90,9 @@ fn unsupported_instruction_is_a_clear_error() {
         // Where guest kernel code runs natively popcnt executes and the guest falls
         // through to its ud2.
         VcpuError::GuestException { vector: 6, .. } => {
-            say!("note: popcnt ran natively on this KVM; the guest's #UD was reported");
+            pvsched_testutil::say!(
+                "note: popcnt ran natively on this KVM; the guest's #UD was reported"
+            );
         }
         other => panic!("expected an emulation failure, got {other}"),
     }
@@ -141,7 +100,7 @@ fn unsupported_instruction_is_a_clear_error() {
 
 #[test]
 fn guest_stops_cleanly_when_asked() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("guest_stops_cleanly_when_asked") {
         return;
     }
@@ -162,7 +121,7 @@ fn guest_stops_cleanly_when_asked() {
 
 #[test]
 fn kick_gets_every_vcpu_out_of_kvm_run() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("kick_gets_every_vcpu_out_of_kvm_run") {
         return;
     }
@@ -198,7 +157,7 @@ fn kick_gets_every_vcpu_out_of_kvm_run() {
 
 #[test]
 fn sixty_four_vcpus_run() {
-    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _s = serial();
     if !kvm_or_skip("sixty_four_vcpus_run") {
         return;
     }

@@ -1,0 +1,96 @@
+//! Helpers shared by pvsched's integration tests.
+//!
+//! - [`say!`] and [`skip!`] write straight to stderr, past the test harness's output capture,
+//!   so CI logs show every skipped test and its reason;
+//! - [`kvm_or_skip`] decides whether a real-KVM test can run here;
+//! - [`within`] turns a hang into a failure;
+//! - [`serial`] keeps tests that share the machine's CPUs from running at the same time.
+#![deny(missing_docs)]
+
+use std::sync::{mpsc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Prints a line straight to stderr, bypassing the test harness's capture.
+#[macro_export]
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// Reports a skipped test and why (see [`say!`]).
+#[macro_export]
+macro_rules! skip {
+    ($($t:tt)*) => {
+        $crate::say!("SKIPPED {}", format_args!($($t)*))
+    };
+}
+
+/// Why KVM cannot be used here, or `None` when `/dev/kvm` opens and answers like KVM.
+pub fn kvm_unavailable() -> Option<String> {
+    match kvm_ioctls::Kvm::new() {
+        Err(e) => Some(format!("cannot open /dev/kvm: {e}")),
+        Ok(kvm) if kvm.get_api_version() != 12 => {
+            Some("/dev/kvm is not a usable KVM device".to_string())
+        }
+        Ok(_) => None,
+    }
+}
+
+/// True when KVM is usable; otherwise reports `test` as skipped and returns false.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match kvm_unavailable() {
+        None => true,
+        Some(why) => {
+            skip!("{test}: {why}");
+            false
+        }
+    }
+}
+
+/// Runs `f` on another thread; fails the test if it takes longer than `limit` (a hang) or
+/// panics.
+pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {limit:?}: hang"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the test body panicked"),
+    }
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Holds the process-wide test lock: tests measuring on the machine's CPUs take it so they do
+/// not run at the same time (a failed test does not poison it for the others).
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_returns_the_value() {
+        assert_eq!(within(Duration::from_secs(5), || 7), 7);
+    }
+
+    #[test]
+    #[should_panic(expected = "hang")]
+    fn within_fails_a_hang() {
+        within(Duration::from_millis(10), || {
+            std::thread::sleep(Duration::from_secs(1));
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "panicked")]
+    fn within_reports_a_panic() {
+        within(Duration::from_secs(5), || panic!("boom"));
+    }
+}
