@@ -27,6 +27,8 @@ pub const PORT_DONE: u16 = 0x82;
 pub const PORT_FAULT: u16 = 0x83;
 /// Vector of the x2APIC timer interrupt (TSC-deadline mode).
 pub const TIMER_VECTOR: u8 = 0x40;
+/// Vector of external events the VMM injects (irqfd, MSI): counted and timestamped.
+pub const EVENT_VECTOR: u8 = 0x50;
 /// Number of iterations per work-loop calibration run.
 pub const CALIBRATION_ITERS: u64 = 16;
 /// Number of calibration runs; the fastest one counts.
@@ -72,6 +74,21 @@ pvsched_guest_timer:
     orq %rdx, %rax
     movq %rax, {fired}(%rbx)
     incq {irqs}(%rbx)
+    movl $0x80b, %ecx
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+    iretq
+
+/* ---- external-event handler: timestamp first, then count, EOI, return */
+    .balign 16
+    .globl pvsched_guest_event
+pvsched_guest_event:
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, {event_tsc}(%rbx)
+    incq {event_irqs}(%rbx)
     movl $0x80b, %ecx
     xorl %eax, %eax
     xorl %edx, %edx
@@ -313,6 +330,8 @@ pvsched_guest_end:
     work_iters = const offset_of!(Mailbox, work_iters),
     work_iter_tsc = const offset_of!(Mailbox, work_iter_tsc),
     yield_exits = const offset_of!(Mailbox, yield_exits),
+    event_irqs = const offset_of!(Mailbox, event_irqs),
+    event_tsc = const offset_of!(Mailbox, event_tsc),
     options(att_syntax)
 );
 
@@ -322,6 +341,7 @@ extern "C" {
     static pvsched_guest_start: u8;
     static pvsched_guest_stubs: u8;
     static pvsched_guest_timer: u8;
+    static pvsched_guest_event: u8;
     static pvsched_guest_entry: u8;
     static pvsched_guest_end: u8;
 }
@@ -335,6 +355,8 @@ pub struct GuestImage {
     pub stubs: u64,
     /// Offset of the timer interrupt handler (IDT vector [`TIMER_VECTOR`]).
     pub timer_handler: u64,
+    /// Offset of the external-event handler (IDT vector [`EVENT_VECTOR`]).
+    pub event_handler: u64,
     /// Offset of the entry point (`%rbx` = mailbox, `%rsp` = stack top, IF = 0).
     pub entry: u64,
 }
@@ -352,6 +374,7 @@ pub fn image() -> GuestImage {
         code,
         stubs: off(&raw const pvsched_guest_stubs),
         timer_handler: off(&raw const pvsched_guest_timer),
+        event_handler: off(&raw const pvsched_guest_event),
         entry: off(&raw const pvsched_guest_entry),
     }
 }
@@ -371,10 +394,12 @@ mod tests {
     }
 
     #[test]
-    fn timer_handler_reads_the_tsc_first() {
+    fn interrupt_handlers_read_the_tsc_first() {
         let img = image();
-        let h = img.timer_handler as usize;
-        assert_eq!(&img.code[h..h + 2], &[0x0f, 0x31], "rdtsc");
+        for h in [img.timer_handler, img.event_handler] {
+            let h = h as usize;
+            assert_eq!(&img.code[h..h + 2], &[0x0f, 0x31], "rdtsc");
+        }
     }
 
     #[test]

@@ -113,6 +113,10 @@ pub struct Mailbox {
     pub work_iter_tsc: u64,
     /// Exits to the VMM taken to stay interruptible (busy wait and work loop).
     pub yield_exits: u64,
+    /// Interrupts taken on the external-event vector (injected by the VMM, e.g. via irqfd).
+    pub event_irqs: u64,
+    /// TSC read by the external-event handler's first instruction, last time it ran.
+    pub event_tsc: u64,
 }
 
 impl Mailbox {

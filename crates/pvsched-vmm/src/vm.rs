@@ -4,11 +4,11 @@ use crate::layout::{self, CODE_ADDR, CODE_MAX, MAX_VCPUS, MEM_SIZE};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuRunStats};
 use crate::x86;
 use kvm_bindings::{
-    kvm_mp_state, kvm_regs, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE,
+    kvm_irq_routing_entry, kvm_mp_state, kvm_regs, kvm_userspace_memory_region, CpuId,
+    KvmIrqRouting, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use pvsched_guest::image::{EXCEPTION_STUB_SIZE, TIMER_VECTOR};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
+use pvsched_guest::image::{EVENT_VECTOR, EXCEPTION_STUB_SIZE, TIMER_VECTOR};
 use pvsched_guest::mailbox::{self, FaultInjection, Mailbox, MAILBOX_MAGIC, RING_LEN};
 use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,11 @@ use std::time::{Duration, Instant};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
 };
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
+
+/// First GSI used for MSI routes (GSIs below are the in-kernel IOAPIC's pins).
+const FIRST_MSI_GSI: u32 = 24;
 
 /// Shortest latency-probe interval: below this the emulated guest main loop cannot keep up.
 pub const MIN_INTERVAL: Duration = Duration::from_micros(50);
@@ -60,6 +64,12 @@ pub enum Error {
     /// Writing to guest memory failed.
     #[error("cannot write guest memory")]
     GuestMemory(#[from] GuestMemoryError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A vCPU index is out of range.
+    #[error("no vCPU {0} in this VM")]
+    NoVcpu(usize),
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread {index}")]
     Spawn {
@@ -243,12 +253,10 @@ impl Vm {
         }
         mem.write_slice(image.code, GuestAddress(CODE_ADDR))?;
         x86::write_page_tables(&mem)?;
-        x86::write_descriptor_tables(&mem, |v| {
-            if v == TIMER_VECTOR {
-                x86::code_gpa(image.timer_handler)
-            } else {
-                x86::code_gpa(image.stubs + v as u64 * EXCEPTION_STUB_SIZE)
-            }
+        x86::write_descriptor_tables(&mem, |v| match v {
+            TIMER_VECTOR => x86::code_gpa(image.timer_handler),
+            EVENT_VECTOR => x86::code_gpa(image.event_handler),
+            _ => x86::code_gpa(image.stubs + v as u64 * EXCEPTION_STUB_SIZE),
         })?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -311,10 +319,11 @@ impl Vm {
     pub fn start(self) -> Result<RunningVm, Error> {
         vcpu::install_kick_handler().map_err(kvm_err("install the vCPU kick signal handler"))?;
         let mut running = RunningVm {
-            _vm: self.vm,
+            vm: self.vm,
             mem: self.mem.clone(),
             tsc_khz: self.tsc_khz,
             threads: Vec::new(),
+            msi_routes: Vec::new(),
         };
         for (index, fd) in self.vcpus.into_iter().enumerate() {
             let stop = Arc::new(AtomicBool::new(false));
@@ -419,10 +428,11 @@ pub type VcpuOutcome = Result<VcpuRunStats, Error>;
 
 /// A testbed VM whose vCPU threads exist. Dropping it stops and joins them.
 pub struct RunningVm {
-    _vm: VmFd,
+    vm: VmFd,
     mem: GuestMemoryMmap,
     tsc_khz: u64,
     threads: Vec<VcpuThread>,
+    msi_routes: Vec<kvm_irq_routing_entry>,
 }
 
 impl RunningVm {
@@ -439,6 +449,48 @@ impl RunningVm {
     /// The guest TSC frequency in kHz.
     pub fn tsc_khz(&self) -> u64 {
         self.tsc_khz
+    }
+
+    /// An eventfd KVM signals whenever the guest writes to I/O `port`, with no exit to
+    /// userspace (ioeventfd, any data).
+    pub fn ioeventfd(&self, port: u16) -> Result<EventFd, Error> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        self.vm
+            .register_ioevent(&fd, &IoEventAddress::Pio(port.into()), NoDatamatch)
+            .map_err(kvm_err("register ioeventfd"))?;
+        Ok(fd)
+    }
+
+    /// An eventfd that, when written, injects interrupt `vector` into vCPU `index` (irqfd
+    /// on an MSI route to that vCPU's APIC). The routing table holds only these MSI routes:
+    /// the testbed has no legacy interrupt sources.
+    pub fn irqfd(&mut self, index: usize, vector: u8) -> Result<EventFd, Error> {
+        if index >= self.threads.len() {
+            return Err(Error::NoVcpu(index));
+        }
+        let gsi = FIRST_MSI_GSI + self.msi_routes.len() as u32;
+        let mut entry = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        // Fixed delivery, edge, physical destination = the vCPU's APIC ID (its index).
+        entry.u.msi.address_lo = 0xfee0_0000 | ((index as u32) << 12);
+        entry.u.msi.data = vector as u32;
+        let mut routes = self.msi_routes.clone();
+        routes.push(entry);
+        let mut table = KvmIrqRouting::new(routes.len())
+            .map_err(|_| Error::InvalidConfig("too many interrupt routes".into()))?;
+        table.as_mut_slice().copy_from_slice(&routes);
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(kvm_err("set GSI routing"))?;
+        self.msi_routes = routes;
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        self.vm
+            .register_irqfd(&fd, gsi)
+            .map_err(kvm_err("register irqfd"))?;
+        Ok(fd)
     }
 
     /// Lets every vCPU thread enter the guest.
