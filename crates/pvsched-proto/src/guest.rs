@@ -256,10 +256,11 @@ mod tests {
             ..Slot::default()
         };
         let rings = Cell::new(0);
-        // SAFETY: `slot` lives on this stack frame for the whole closure.
-        let g = PvGuest::new(unsafe { RawSlot::new(&mut slot) }, Bell(&rings));
-        f(&g, &rings);
-        drop(g);
+        {
+            // SAFETY: `slot` outlives `g`, which this block drops.
+            let g = PvGuest::new(unsafe { RawSlot::new(&mut slot) }, Bell(&rings));
+            f(&g, &rings);
+        }
         slot
     }
 
