@@ -73,6 +73,7 @@ fn config(args: &VmArgs) -> ExperimentConfig {
     };
     ExperimentConfig {
         vm: VmConfig {
+            pv: None,
             vcpus: args.vcpus,
             guest: GuestConfig {
                 interval: args.interval,

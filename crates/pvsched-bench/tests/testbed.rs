@@ -13,6 +13,7 @@ use std::time::Duration;
 fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
     ExperimentConfig {
         vm: VmConfig {
+            pv: None,
             vcpus,
             guest: GuestConfig {
                 busy,

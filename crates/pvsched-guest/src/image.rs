@@ -25,6 +25,9 @@ pub const PORT_DONE: u16 = 0x82;
 /// Port the exception stubs write; the byte written is the exception vector and the stack
 /// holds `[vector, error code, rip, cs, rflags]`.
 pub const PORT_FAULT: u16 = 0x83;
+/// Port the guest writes to mark a point in its code; the VMM records the vCPU's KVM exit
+/// count there (tests count exits between two marks).
+pub const PORT_MARK: u16 = 0x84;
 /// Vector of the x2APIC timer interrupt (TSC-deadline mode).
 pub const TIMER_VECTOR: u8 = 0x40;
 /// Vector of external events the VMM injects (irqfd, MSI): counted and timestamped.

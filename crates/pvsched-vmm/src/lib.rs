@@ -4,10 +4,14 @@
 //! - [`layout`]: the guest-physical memory map;
 //! - [`x86`]: GDT/TSS/IDT, page tables and long-mode registers set up by the VMM;
 //! - [`vcpu`]: the vCPU run loop and its kick (`immediate_exit` + signal);
-//! - [`vm`]: VM creation, vCPU threads named `pvsched-vcpu<N>`, stop and join.
+//! - [`vm`]: VM creation, vCPU threads named `pvsched-vcpu<N>`, stop and join;
+//! - [`pvdevice`]: the pvsched protocol device (discovery, negotiation, slots, doorbells);
+//! - [`stats`]: KVM binary statistics.
 #![deny(missing_docs)]
 
 pub mod layout;
+pub mod pvdevice;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -5,14 +5,16 @@
 //! whose handler sets `kvm_run.immediate_exit`. Either `KVM_RUN` is interrupted (`EINTR`), or
 //! the next `KVM_RUN` returns at once: no lost wake-up whichever comes first.
 
+use crate::pvdevice::PvDevice;
+use crate::stats::StatsFd;
 use crate::x86::exception_name;
 use kvm_bindings::{kvm_run, KVM_INTERNAL_ERROR_EMULATION};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use pvsched_guest::image::{PORT_DONE, PORT_FAULT, PORT_YIELD};
+use pvsched_guest::image::{PORT_DONE, PORT_FAULT, PORT_MARK, PORT_YIELD};
 use std::cell::Cell;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -88,7 +90,7 @@ pub enum VcpuEnd {
 }
 
 /// What a vCPU thread measured about itself.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct VcpuRunStats {
     /// How the run ended.
     pub end: VcpuEnd,
@@ -98,6 +100,9 @@ pub struct VcpuRunStats {
     pub cpu: Duration,
     /// Exits to userspace handled by the run loop.
     pub user_exits: u64,
+    /// `(mark, KVM "exits" statistic)` for every write the guest made to its mark port, in
+    /// order: lets tests count VM exits between two points of guest code.
+    pub marks: Vec<(u8, u64)>,
 }
 
 thread_local! {
@@ -151,12 +156,22 @@ pub struct Vcpu {
     index: usize,
     fd: VcpuFd,
     mem: GuestMemoryMmap,
+    pv: Option<Arc<PvDevice>>,
+    stats: Option<StatsFd>,
 }
 
 impl Vcpu {
-    /// Wraps a configured vCPU fd.
-    pub fn new(index: usize, fd: VcpuFd, mem: GuestMemoryMmap) -> Self {
-        Vcpu { index, fd, mem }
+    /// Wraps a configured vCPU fd; `pv` handles the protocol's MSRs.
+    pub fn new(index: usize, fd: VcpuFd, mem: GuestMemoryMmap, pv: Option<Arc<PvDevice>>) -> Self {
+        // Statistics are optional: a KVM without them only loses the mark counts.
+        let stats = StatsFd::open(&fd).ok();
+        Vcpu {
+            index,
+            fd,
+            mem,
+            pv,
+            stats,
+        }
     }
 
     /// Runs the vCPU until the guest reports it is done, `stop` is set and the thread is
@@ -166,6 +181,7 @@ impl Vcpu {
         let start = Instant::now();
         let cpu0 = thread_cpu_time();
         let mut user_exits = 0u64;
+        let mut marks = Vec::new();
         let end = loop {
             if stop.load(Ordering::Acquire) {
                 break VcpuEnd::Kicked;
@@ -175,6 +191,26 @@ impl Vcpu {
             match exit {
                 Ok(VcpuExit::IoOut(PORT_YIELD, _)) => {}
                 Ok(VcpuExit::IoOut(PORT_DONE, _)) => break VcpuEnd::GuestDone,
+                Ok(VcpuExit::IoOut(PORT_MARK, data)) => {
+                    let exits = self.stats.as_ref().and_then(|s| s.read("exits"));
+                    marks.push((data.first().copied().unwrap_or(0), exits.unwrap_or(0)));
+                }
+                Ok(VcpuExit::X86Rdmsr(exit)) => {
+                    match self.pv.as_ref().and_then(|d| d.rdmsr(self.index, exit.index)) {
+                        Some(v) => {
+                            *exit.data = v;
+                            *exit.error = 0;
+                        }
+                        None => *exit.error = 1,
+                    }
+                }
+                Ok(VcpuExit::X86Wrmsr(exit)) => {
+                    let ok = self
+                        .pv
+                        .as_ref()
+                        .is_some_and(|d| d.wrmsr(self.index, exit.index, exit.data));
+                    *exit.error = if ok { 0 } else { 1 };
+                }
                 Ok(VcpuExit::IoOut(PORT_FAULT, data)) => {
                     let vector = data.first().copied().unwrap_or(0xff);
                     return Err(self.exception(vector));
@@ -212,6 +248,7 @@ impl Vcpu {
             wall: start.elapsed(),
             cpu: thread_cpu_time().saturating_sub(cpu0),
             user_exits,
+            marks,
         })
     }
 

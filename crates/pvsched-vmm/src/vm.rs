@@ -1,13 +1,18 @@
 //! The testbed micro-VM: creation, vCPU threads, and a clean stop on every path.
 
 use crate::layout::{self, CODE_ADDR, CODE_MAX, MAX_VCPUS, MEM_SIZE};
+use crate::pvdevice::{PvConfig, PvDevice, PvEvent};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuRunStats};
 use crate::x86;
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_mp_state, kvm_regs, kvm_userspace_memory_region, CpuId,
-    KvmIrqRouting, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_regs, kvm_userspace_memory_region,
+    CpuId, KvmIrqRouting, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
+use kvm_ioctls::{
+    IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags,
+    NoDatamatch, VcpuFd, VmFd,
+};
 use pvsched_guest::image::{EVENT_VECTOR, EXCEPTION_STUB_SIZE, TIMER_VECTOR};
 use pvsched_guest::mailbox::{self, FaultInjection, Mailbox, MAILBOX_MAGIC, RING_LEN};
 use std::mem::offset_of;
@@ -67,6 +72,9 @@ pub enum Error {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The protocol device could not be created.
+    #[error("cannot create the pvsched protocol device")]
+    PvDevice(#[from] crate::pvdevice::PvError),
     /// A vCPU index is out of range.
     #[error("no vCPU {0} in this VM")]
     NoVcpu(usize),
@@ -134,6 +142,8 @@ pub struct VmConfig {
     pub vcpus: usize,
     /// The guest program's parameters.
     pub guest: GuestConfig,
+    /// The pvsched protocol device the VMM offers, if any.
+    pub pv: Option<PvConfig>,
 }
 
 impl VmConfig {
@@ -214,6 +224,7 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     tsc_khz: u64,
+    pv: Option<(Arc<PvDevice>, mpsc::Receiver<PvEvent>)>,
 }
 
 impl Vm {
@@ -262,6 +273,10 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
         check_cpuid(&supported)?;
+        let pv = match config.pv {
+            Some(pv_cfg) => Some(create_pv_device(&vm, &mem, pv_cfg, config.vcpus)?),
+            None => None,
+        };
 
         let mut vcpus = Vec::with_capacity(config.vcpus);
         let mut tsc_khz = 0;
@@ -269,8 +284,11 @@ impl Vm {
             let fd = vm
                 .create_vcpu(index as u64)
                 .map_err(kvm_err("create vCPU"))?;
-            fd.set_cpuid2(&cpuid_for(&supported, index as u32))
-                .map_err(kvm_err("set CPUID"))?;
+            let mut cpuid = cpuid_for(&supported, index as u32);
+            if let Some((dev, _)) = &pv {
+                dev.add_cpuid(&mut cpuid, index);
+            }
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
             let mut sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
             x86::set_long_mode(&mut sregs);
             fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
@@ -305,6 +323,7 @@ impl Vm {
             mem,
             vcpus,
             tsc_khz,
+            pv,
         })
     }
 
@@ -318,18 +337,24 @@ impl Vm {
     /// class, tracing) first.
     pub fn start(self) -> Result<RunningVm, Error> {
         vcpu::install_kick_handler().map_err(kvm_err("install the vCPU kick signal handler"))?;
+        let (pv, pv_events) = match self.pv {
+            Some((dev, rx)) => (Some(dev), Some(rx)),
+            None => (None, None),
+        };
         let mut running = RunningVm {
             vm: self.vm,
             mem: self.mem.clone(),
             tsc_khz: self.tsc_khz,
             threads: Vec::new(),
             msi_routes: Vec::new(),
+            pv: pv.clone(),
+            pv_events,
         };
         for (index, fd) in self.vcpus.into_iter().enumerate() {
             let stop = Arc::new(AtomicBool::new(false));
             let (tid_tx, tid_rx) = mpsc::channel();
             let (go_tx, go_rx) = mpsc::channel::<()>();
-            let mut vcpu = Vcpu::new(index, fd, self.mem.clone());
+            let mut vcpu = Vcpu::new(index, fd, self.mem.clone(), pv.clone());
             let thread_stop = stop.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("pvsched-vcpu{index}"))
@@ -353,6 +378,43 @@ impl Vm {
         }
         Ok(running)
     }
+}
+
+/// Sets up the protocol device: MSR exits for its MSRs, doorbell ioeventfds.
+fn create_pv_device(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: PvConfig,
+    vcpus: usize,
+) -> Result<(Arc<PvDevice>, mpsc::Receiver<PvEvent>), Error> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = KVM_MSR_EXIT_REASON_FILTER as u64;
+    vm.enable_cap(&cap)
+        .map_err(|_| Error::Unsupported("user-space MSR exits (KVM_CAP_X86_USER_SPACE_MSR)"))?;
+    // A zero bit denies the access in the kernel, which with the capability above becomes an
+    // exit to this VMM; every other MSR stays with KVM.
+    let deny = [0u8; 1];
+    let range = MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+        base: cfg.msr_base,
+        msr_count: pvsched_proto::abi::MSR_COUNT,
+        bitmap: &deny,
+    };
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+        .map_err(kvm_err("set MSR filter"))?;
+    let (dev, rx) = PvDevice::new(cfg, mem.clone(), MEM_SIZE, vcpus)?;
+    for i in 0..vcpus {
+        vm.register_ioevent(
+            dev.doorbell(i),
+            &IoEventAddress::Pio(dev.doorbell_port(i).into()),
+            NoDatamatch,
+        )
+        .map_err(kvm_err("register doorbell ioeventfd"))?;
+    }
+    Ok((Arc::new(dev), rx))
 }
 
 fn check_cpuid(supported: &CpuId) -> Result<(), Error> {
@@ -433,6 +495,8 @@ pub struct RunningVm {
     tsc_khz: u64,
     threads: Vec<VcpuThread>,
     msi_routes: Vec<kvm_irq_routing_entry>,
+    pv: Option<Arc<PvDevice>>,
+    pv_events: Option<mpsc::Receiver<PvEvent>>,
 }
 
 impl RunningVm {
@@ -449,6 +513,16 @@ impl RunningVm {
     /// The guest TSC frequency in kHz.
     pub fn tsc_khz(&self) -> u64 {
         self.tsc_khz
+    }
+
+    /// The protocol device, when the VM offers pvsched.
+    pub fn pv_device(&self) -> Option<&Arc<PvDevice>> {
+        self.pv.as_ref()
+    }
+
+    /// The protocol device's MSR event stream (once), for a [`crate::pvdevice::PvPoller`].
+    pub fn take_pv_events(&mut self) -> Option<mpsc::Receiver<PvEvent>> {
+        self.pv_events.take()
     }
 
     /// An eventfd KVM signals whenever the guest writes to I/O `port`, with no exit to
@@ -644,6 +718,7 @@ impl VcpuRunStats {
             wall: Duration::ZERO,
             cpu: Duration::ZERO,
             user_exits: 0,
+            marks: Vec::new(),
         }
     }
 }
@@ -656,6 +731,7 @@ mod tests {
         VmConfig {
             vcpus: 2,
             guest: GuestConfig::default(),
+            pv: None,
         }
     }
 

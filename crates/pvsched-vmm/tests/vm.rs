@@ -8,6 +8,7 @@ use std::time::Duration;
 
 fn one_vcpu(fault: FaultInjection) -> VmConfig {
     VmConfig {
+        pv: None,
         vcpus: 1,
         guest: GuestConfig {
             fault,
@@ -105,6 +106,7 @@ fn guest_stops_cleanly_when_asked() {
         return;
     }
     let cfg = VmConfig {
+        pv: None,
         vcpus: 2,
         guest: GuestConfig::default(),
     };
@@ -129,6 +131,7 @@ fn kick_gets_every_vcpu_out_of_kvm_run() {
         // A long interval keeps the idle guest halted inside KVM_RUN, so only the kick
         // (immediate_exit + signal) can end it before the next timer.
         let cfg = VmConfig {
+            pv: None,
             vcpus: 2,
             guest: GuestConfig {
                 interval: Duration::from_secs(1),
@@ -162,6 +165,7 @@ fn sixty_four_vcpus_run() {
         return;
     }
     let cfg = VmConfig {
+        pv: None,
         vcpus: 64,
         guest: GuestConfig {
             interval: Duration::from_millis(20),
@@ -187,6 +191,7 @@ fn sixty_four_vcpus_run() {
 #[test]
 fn too_many_vcpus_is_a_config_error() {
     let e = Vm::new(&VmConfig {
+        pv: None,
         vcpus: 65,
         guest: GuestConfig::default(),
     })
@@ -205,6 +210,7 @@ fn ioeventfd_takes_guest_port_writes_without_exits() {
         // A busy guest writes its yield port continuously; bound to an ioeventfd, those
         // writes are counted by KVM and never reach the VMM.
         let cfg = VmConfig {
+            pv: None,
             vcpus: 1,
             guest: GuestConfig {
                 busy: true,
@@ -240,6 +246,7 @@ fn irqfd_injects_interrupts_into_the_chosen_vcpu() {
     }
     let counts = within(Duration::from_secs(30), || {
         let cfg = VmConfig {
+            pv: None,
             vcpus: 2,
             guest: GuestConfig {
                 interval: Duration::from_millis(100),
