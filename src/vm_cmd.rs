@@ -80,6 +80,7 @@ fn config(args: &VmArgs) -> ExperimentConfig {
                 task,
                 busy: args.guest_load == GuestLoadArg::Busy,
                 fault,
+                ..GuestConfig::default()
             },
         },
         duration: args.duration,

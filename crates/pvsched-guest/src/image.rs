@@ -14,6 +14,7 @@
 //! `%rax`, `%rcx` and `%rdx`, which are therefore dead at every preemption point.
 
 use crate::mailbox::{self, Mailbox};
+use pvsched_proto::abi::{self, BoostState, Reason};
 use core::arch::global_asm;
 use core::mem::offset_of;
 
@@ -42,6 +43,50 @@ pub const EXCEPTION_STUB_SIZE: u64 = 16;
 global_asm!(
     r#"
     .pushsection .text.pvsched_guest, "ax"
+
+/* pvsched protocol hooks (docs/protocol.md, "Handshake"). Clobber %rax and %rdx only;
+   a no-op unless pv_status says the protocol is enabled. */
+.macro PV_ENTER bit, idx
+    cmpq ${pv_enabled}, {pv_status}(%rbx)
+    jne .Lpve_done\@
+    incq {pv_requests}(%rbx)
+    movzbl {slot}+{s_depth}+\idx(%rbx), %eax
+    incb {slot}+{s_depth}+\idx(%rbx)
+    orl $\bit, {slot}+{s_request}(%rbx)
+    incl {slot}+{s_seq}(%rbx)
+    mfence
+    testl %eax, %eax
+    jnz .Lpve_quiet\@
+    cmpl ${st_normal}, {slot}+{s_state}(%rbx)
+    jne .Lpve_quiet\@
+    movq {pv_port}(%rbx), %rdx
+    outb %al, %dx
+    incq {pv_boost_rings}(%rbx)
+    jmp .Lpve_done\@
+.Lpve_quiet\@:
+    incq {pv_quiet}(%rbx)
+.Lpve_done\@:
+.endm
+
+.macro PV_EXIT bit, idx
+    cmpq ${pv_enabled}, {pv_status}(%rbx)
+    jne .Lpvx_done\@
+    decb {slot}+{s_depth}+\idx(%rbx)
+    jnz .Lpvx_kept\@
+    andl $(~\bit), {slot}+{s_request}(%rbx)
+.Lpvx_kept\@:
+    incl {slot}+{s_seq}(%rbx)
+    mfence
+    cmpl $0, {slot}+{s_request}(%rbx)
+    jne .Lpvx_done\@
+    cmpl ${st_boosted}, {slot}+{s_state}(%rbx)
+    jne .Lpvx_done\@
+    movq {pv_port}(%rbx), %rdx
+    outb %al, %dx
+    incq {pv_unboost_rings}(%rbx)
+.Lpvx_done\@:
+.endm
+
     .balign 4096
     .globl pvsched_guest_start
 pvsched_guest_start:
@@ -76,11 +121,13 @@ pvsched_guest_timer:
     shlq $32, %rdx
     orq %rdx, %rax
     movq %rax, {fired}(%rbx)
+    PV_ENTER {r_irq_bit}, {r_irq}
     incq {irqs}(%rbx)
     movl $0x80b, %ecx
     xorl %eax, %eax
     xorl %edx, %edx
     wrmsr
+    PV_EXIT {r_irq_bit}, {r_irq}
     iretq
 
 /* ---- external-event handler: timestamp first, then count, EOI, return */
@@ -91,11 +138,13 @@ pvsched_guest_event:
     shlq $32, %rdx
     orq %rdx, %rax
     movq %rax, {event_tsc}(%rbx)
+    PV_ENTER {r_irq_bit}, {r_irq}
     incq {event_irqs}(%rbx)
     movl $0x80b, %ecx
     xorl %eax, %eax
     xorl %edx, %edx
     wrmsr
+    PV_EXIT {r_irq_bit}, {r_irq}
     iretq
 
 /* ---- entry: %rbx = mailbox, %rsp = stack top, IF = 0 */
@@ -127,6 +176,54 @@ pvsched_guest_entry:
     movl $(0x40000 | {timer_vector}), %eax
     xorl %edx, %edx
     wrmsr
+
+    /* pvsched: discover (CPUID), negotiate and register the slot (MSRs) */
+    cmpq $0, {pv_offer}(%rbx)
+    je 19f
+    movq %rbx, %rsi
+    movl ${leaf_sig}, %eax
+    xorl %ecx, %ecx
+    cpuid
+    movl %ebx, %r8d
+    movq %rsi, %rbx
+    cmpl ${sig0}, %r8d
+    jne 18f
+    cmpl ${sig1}, %ecx
+    jne 18f
+    cmpl ${sig2}, %edx
+    jne 18f
+    movl ${leaf_info}, %eax
+    xorl %ecx, %ecx
+    cpuid
+    movq %rsi, %rbx
+    movq %rax, {pv_msr_base}(%rbx)
+    movq %rdx, {pv_port}(%rbx)
+    leal {msr_negotiate}(%rax), %ecx
+    movq {pv_offer}(%rbx), %rax
+    movq %rax, %rdx
+    shrq $32, %rdx
+    wrmsr
+    rdmsr
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, {pv_answer}(%rbx)
+    testw %ax, %ax
+    jz 17f
+    movq {pv_msr_base}(%rbx), %rcx
+    addl ${msr_slot}, %ecx
+    leaq {slot}+1(%rbx), %rax
+    movq %rax, %rdx
+    shrq $32, %rdx
+    wrmsr
+    movq ${pv_enabled}, {pv_status}(%rbx)
+    testq ${flag_exercise}, {flags}(%rbx)
+    jz 19f
+    call 600f
+    jmp 19f
+17: movq ${pv_no_version}, {pv_status}(%rbx)
+    jmp 19f
+18: movq ${pv_not_found}, {pv_status}(%rbx)
+19:
 
     /* calibrate the work loop: fastest of CALIBRATION_RUNS runs */
     movq $1, {state}(%rbx)
@@ -205,7 +302,8 @@ pvsched_guest_entry:
     jmp 20b
 
 /* ---- deadline task: one job of work_iters iterations, servicing the timer in between */
-40: movq {work_iters}(%rbx), %r12
+40: PV_ENTER {r_rt_bit}, {r_rt}
+    movq {work_iters}(%rbx), %r12
 41: call 200f
     sti
     outb %al, ${port_yield}
@@ -230,6 +328,7 @@ pvsched_guest_entry:
 43: movq %rcx, {job_release}(%rbx)
     incq {jobs_done}(%rbx)
     decq {jobs_pending}(%rbx)
+    PV_EXIT {r_rt_bit}, {r_rt}
     jmp 20b
 
 /* ---- clean stop */
@@ -246,6 +345,7 @@ pvsched_guest_entry:
     cmpq {irqs_seen}(%rbx), %rax
     je 209f
     movq %rax, {irqs_seen}(%rbx)
+    PV_ENTER {r_softirq_bit}, {r_softirq}
     movq {fired}(%rbx), %r8
     movq {armed}(%rbx), %r9
     movq {probe_deadline}(%rbx), %rax
@@ -269,19 +369,46 @@ pvsched_guest_entry:
     addq {task_period}(%rbx), %rax
     movq %rax, {task_release}(%rbx)
 204:call 300f
+    PV_EXIT {r_softirq_bit}, {r_softirq}
 209:ret
 
 /* ---- arm: program IA32_TSC_DEADLINE with min(probe_deadline, task_release). IF = 0. */
 300:
+    PV_ENTER {r_preempt_bit}, {r_preempt}
     movq {probe_deadline}(%rbx), %rax
     movq {task_release}(%rbx), %rdx
     cmpq %rax, %rdx
     cmovbq %rdx, %rax
     movq %rax, {armed}(%rbx)
+    movq %rax, {slot}+{s_deadline}(%rbx)
     movq %rax, %rdx
     shrq $32, %rdx
     movl $0x6e0, %ecx
     wrmsr
+    PV_EXIT {r_preempt_bit}, {r_preempt}
+    ret
+
+/* ---- lazy-request exercise (test hook): hold an RT request, wait (bounded) for the host
+   to boost, then mark, make pv_exercise_iters nested softirq requests, mark, release. */
+600:
+    PV_ENTER {r_rt_bit}, {r_rt}
+    movq $200000, %r12
+601:cmpl ${st_boosted}, {slot}+{s_state}(%rbx)
+    je 602f
+    decq %r12
+    jnz 601b
+602:movb $1, %al
+    outb %al, ${port_mark}
+    movq {pv_exercise_iters}(%rbx), %r12
+    testq %r12, %r12
+    jz 604f
+603:PV_ENTER {r_softirq_bit}, {r_softirq}
+    PV_EXIT {r_softirq_bit}, {r_softirq}
+    decq %r12
+    jnz 603b
+604:movb $2, %al
+    outb %al, ${port_mark}
+    PV_EXIT {r_rt_bit}, {r_rt}
     ret
 
 /* ---- fault injection (test hooks) */
@@ -302,6 +429,34 @@ pvsched_guest_end:
     port_fault = const PORT_FAULT,
     port_yield = const PORT_YIELD,
     port_done = const PORT_DONE,
+    port_mark = const PORT_MARK,
+    flag_exercise = const mailbox::FLAG_PV_EXERCISE,
+    pv_enabled = const mailbox::pv_status::ENABLED,
+    pv_no_version = const mailbox::pv_status::NO_VERSION,
+    pv_not_found = const mailbox::pv_status::NOT_FOUND,
+    slot = const mailbox::SLOT_OFFSET,
+    s_seq = const abi::off::SEQ,
+    s_request = const abi::off::REQUEST,
+    s_depth = const abi::off::DEPTH,
+    s_deadline = const abi::off::DEADLINE_TSC,
+    s_state = const abi::off::STATE,
+    st_normal = const BoostState::Normal as u32,
+    st_boosted = const BoostState::Boosted as u32,
+    r_irq = const Reason::Irq.index(),
+    r_irq_bit = const Reason::Irq.bit(),
+    r_softirq = const Reason::Softirq.index(),
+    r_softirq_bit = const Reason::Softirq.bit(),
+    r_rt = const Reason::RtTask.index(),
+    r_rt_bit = const Reason::RtTask.bit(),
+    r_preempt = const Reason::PreemptDisabled.index(),
+    r_preempt_bit = const Reason::PreemptDisabled.bit(),
+    leaf_sig = const abi::CPUID_LEAF_SIGNATURE,
+    leaf_info = const abi::CPUID_LEAF_INFO,
+    sig0 = const sig_word(0),
+    sig1 = const sig_word(4),
+    sig2 = const sig_word(8),
+    msr_negotiate = const abi::MSR_NEGOTIATE,
+    msr_slot = const abi::MSR_SLOT,
     timer_vector = const TIMER_VECTOR,
     fault_shift = const mailbox::FLAG_FAULT_SHIFT,
     flag_busy = const mailbox::FLAG_BUSY,
@@ -335,10 +490,26 @@ pvsched_guest_end:
     yield_exits = const offset_of!(Mailbox, yield_exits),
     event_irqs = const offset_of!(Mailbox, event_irqs),
     event_tsc = const offset_of!(Mailbox, event_tsc),
+    pv_offer = const offset_of!(Mailbox, pv_offer),
+    pv_exercise_iters = const offset_of!(Mailbox, pv_exercise_iters),
+    pv_status = const offset_of!(Mailbox, pv_status),
+    pv_msr_base = const offset_of!(Mailbox, pv_msr_base),
+    pv_port = const offset_of!(Mailbox, pv_port),
+    pv_answer = const offset_of!(Mailbox, pv_answer),
+    pv_requests = const offset_of!(Mailbox, pv_requests),
+    pv_quiet = const offset_of!(Mailbox, pv_quiet),
+    pv_boost_rings = const offset_of!(Mailbox, pv_boost_rings),
+    pv_unboost_rings = const offset_of!(Mailbox, pv_unboost_rings),
     options(att_syntax)
 );
 
 const _: () = assert!(CALIBRATION_ITERS.is_power_of_two());
+
+/// Word `i/4` of the CPUID signature, as the guest compares it with EBX/ECX/EDX.
+const fn sig_word(i: usize) -> u32 {
+    let s = abi::CPUID_SIGNATURE;
+    u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]])
+}
 
 extern "C" {
     static pvsched_guest_start: u8;

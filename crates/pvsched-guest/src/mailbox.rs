@@ -26,6 +26,25 @@ pub const RING_OFFSET: u64 = 0x1000;
 /// Bit in [`Mailbox::flags`]: keep the vCPU busy between timer events (`--guest-load busy`).
 pub const FLAG_BUSY: u64 = 1 << 0;
 
+/// Bit in [`Mailbox::flags`]: after setting up pvsched, run the lazy-request exercise once
+/// (test hook, see `docs/testbed.md`).
+pub const FLAG_PV_EXERCISE: u64 = 1 << 1;
+
+/// Offset of the pvsched slot inside the per-vCPU region (128-byte aligned).
+pub const SLOT_OFFSET: u64 = 0x800;
+
+/// Values of [`Mailbox::pv_status`].
+pub mod pv_status {
+    /// The guest was told not to use pvsched (`pv_offer` = 0).
+    pub const NOT_TRIED: u64 = 0;
+    /// No pvsched signature in CPUID.
+    pub const NOT_FOUND: u64 = 1;
+    /// Negotiation found no common version: running without boosting.
+    pub const NO_VERSION: u64 = 2;
+    /// Negotiated and slot registered: requests are published.
+    pub const ENABLED: u64 = 3;
+}
+
 /// Shift of the fault-injection field in [`Mailbox::flags`] (test hook, see [`FaultInjection`]).
 pub const FLAG_FAULT_SHIFT: u32 = 8;
 
@@ -117,6 +136,27 @@ pub struct Mailbox {
     pub event_irqs: u64,
     /// TSC read by the external-event handler's first instruction, last time it ran.
     pub event_tsc: u64,
+    /// pvsched offer the guest makes (versions bitmap | features << 32); 0: do not use
+    /// pvsched.
+    pub pv_offer: u64,
+    /// Iterations of the lazy-request exercise ([`FLAG_PV_EXERCISE`]).
+    pub pv_exercise_iters: u64,
+    /// Outcome of discovery and negotiation, see [`pv_status`].
+    pub pv_status: u64,
+    /// First pvsched MSR, from CPUID.
+    pub pv_msr_base: u64,
+    /// This vCPU's doorbell port, from CPUID.
+    pub pv_port: u64,
+    /// The host's answer to the offer (version | features << 32).
+    pub pv_answer: u64,
+    /// Boost requests made (every enter hook).
+    pub pv_requests: u64,
+    /// Requests that needed no doorbell (already boosted, or nested).
+    pub pv_quiet: u64,
+    /// "Boost me" doorbells rung.
+    pub pv_boost_rings: u64,
+    /// "Unboost me" doorbells rung.
+    pub pv_unboost_rings: u64,
 }
 
 impl Mailbox {
@@ -126,7 +166,8 @@ impl Mailbox {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Mailbox>() <= RING_OFFSET as usize);
+const _: () = assert!(core::mem::size_of::<Mailbox>() <= SLOT_OFFSET as usize);
+const _: () = assert!(SLOT_OFFSET % 128 == 0 && SLOT_OFFSET + 128 <= RING_OFFSET);
 const _: () = assert!(RING_LEN.is_power_of_two());
 const _: () = assert!(RING_OFFSET as usize + RING_LEN * 8 < VCPU_REGION_SIZE as usize - 0x1000);
 const _: () = assert!(core::mem::offset_of!(Mailbox, magic) == 0);

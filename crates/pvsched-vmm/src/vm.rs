@@ -119,7 +119,18 @@ pub struct GuestConfig {
     pub busy: bool,
     /// Fault to raise at start (tests).
     pub fault: FaultInjection,
+    /// The pvsched offer the guest makes (`negotiate::offer`); 0: the guest does not look
+    /// for pvsched.
+    pub pv_offer: u64,
+    /// Run the lazy-request exercise with this many nested requests (tests).
+    pub pv_exercise: Option<u64>,
 }
+
+/// The offer the testbed guest makes by default: version 1 with every v1 feature.
+pub const DEFAULT_PV_OFFER: u64 = pvsched_proto::negotiate::offer(
+    pvsched_proto::abi::VERSIONS_V1,
+    pvsched_proto::abi::feature::ALL_V1,
+);
 
 impl Default for GuestConfig {
     fn default() -> Self {
@@ -131,6 +142,8 @@ impl Default for GuestConfig {
             }),
             busy: false,
             fault: FaultInjection::None,
+            pv_offer: DEFAULT_PV_OFFER,
+            pv_exercise: None,
         }
     }
 }
@@ -456,6 +469,9 @@ fn initial_mailbox(index: usize, guest: &GuestConfig, tsc_khz: u64) -> Mailbox {
     if guest.busy {
         flags |= mailbox::FLAG_BUSY;
     }
+    if guest.pv_exercise.is_some() {
+        flags |= mailbox::FLAG_PV_EXERCISE;
+    }
     Mailbox {
         magic: MAILBOX_MAGIC,
         vcpu_index: index as u64,
@@ -463,6 +479,8 @@ fn initial_mailbox(index: usize, guest: &GuestConfig, tsc_khz: u64) -> Mailbox {
         task_period_tsc: period,
         task_work_tsc: work,
         flags,
+        pv_offer: guest.pv_offer,
+        pv_exercise_iters: guest.pv_exercise.unwrap_or(0),
         ..Default::default()
     }
 }
@@ -582,6 +600,11 @@ impl RunningVm {
             .mem
             .read_obj(GuestAddress(layout::vcpu_region(index)))?;
         Ok(raw.0)
+    }
+
+    /// Writes `value` to guest memory at `gpa`, as a hostile guest could (tests).
+    pub fn scribble(&self, gpa: u64, value: u64) {
+        let _ = self.mem.write_obj(value, GuestAddress(gpa));
     }
 
     /// Asks every guest to stop at its next loop iteration.
