@@ -31,6 +31,15 @@ pub enum GuestLoadArg {
     Busy,
 }
 
+/// The protocol the VMM offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PvArg {
+    /// No pvsched device.
+    Off,
+    /// pvsched protocol version 1.
+    V1,
+}
+
 /// Fault the guest raises at start (for tests of error handling).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum FaultArg {
@@ -75,6 +84,9 @@ pub struct VmArgs {
     /// Period of the host probe thread (defaults to --interval).
     #[arg(long, value_parser = parse_duration)]
     pub probe_interval: Option<Duration>,
+    /// Offer the pvsched protocol to the guest (`v1`) or not (`off`).
+    #[arg(long, value_enum, default_value_t = PvArg::V1)]
+    pub pv: PvArg,
     /// Also write the full report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

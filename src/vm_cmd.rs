@@ -1,8 +1,9 @@
 //! `pvsched vm`: one testbed run.
 
-use crate::cli::{FaultArg, GuestLoadArg, TaskPeriod, VmArgs};
+use crate::cli::{FaultArg, GuestLoadArg, PvArg, TaskPeriod, VmArgs};
 use pvsched_bench::experiment::{self, ExperimentConfig};
 use pvsched_guest::FaultInjection;
+use pvsched_vmm::pvdevice::PvConfig;
 use pvsched_vmm::{GuestConfig, TaskConfig, VcpuError, VmConfig};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -73,7 +74,10 @@ fn config(args: &VmArgs) -> ExperimentConfig {
     };
     ExperimentConfig {
         vm: VmConfig {
-            pv: None,
+            pv: match args.pv {
+                PvArg::Off => None,
+                PvArg::V1 => Some(PvConfig::default()),
+            },
             vcpus: args.vcpus,
             guest: GuestConfig {
                 interval: args.interval,

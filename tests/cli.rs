@@ -91,7 +91,29 @@ fn vm_run_prints_cyclictest_lines_and_writes_json() {
     assert_eq!(v["per_vcpu"].as_array().unwrap().len(), 2);
     assert!(v["per_vcpu"][0]["latency"]["count"].as_u64().unwrap() > 0);
     assert!(v["tsc_khz"].as_u64().unwrap() > 0);
+    assert_eq!(v["pv"]["version"], 1);
+    let p0 = &v["pv"]["per_vcpu"][0];
+    assert!(p0["requests"].as_u64().unwrap() > 0);
+    assert_eq!(
+        p0["host"]["doorbells"].as_u64().unwrap(),
+        p0["boost_rings"].as_u64().unwrap() + p0["unboost_rings"].as_u64().unwrap(),
+        "every doorbell the guest rang reached the host"
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pv_off_runs_without_the_protocol() {
+    let _s = serial();
+    if !kvm_or_skip("pv_off_runs_without_the_protocol") {
+        return;
+    }
+    let out = run_with_limit(
+        pvsched().args(["vm", "--vcpus", "1", "--duration", "300ms", "--pv", "off"]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("pvsched protocol: off"));
 }
 
 #[test]

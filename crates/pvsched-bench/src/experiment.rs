@@ -4,6 +4,7 @@
 use crate::hist::{LatencyHistogram, LatencySummary};
 use crate::load::{HostLoad, LoadReport};
 use crate::probe::HostProbe;
+use crate::pvhost::{PvHost, PvReport};
 use pvsched_host::{SchedClass, SchedGuard};
 use pvsched_vmm::vm::tsc_to_ns;
 use pvsched_vmm::{RunningVm, VcpuEnd, Vm, VmConfig};
@@ -143,6 +144,8 @@ pub struct Report {
     pub glitches: u64,
     /// Deadline-task jobs over all vCPUs.
     pub jobs: u64,
+    /// The pvsched protocol, when the VM offered it.
+    pub pv: Option<PvReport>,
 }
 
 /// A run's report plus the full histograms, for plots and merging.
@@ -171,6 +174,12 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     let hogs = HostLoad::start(cfg.host_load).map_err(|e| Error::Thread("host load", e))?;
     let probe = HostProbe::start(cfg.probe_interval).map_err(|e| Error::Thread("host probe", e))?;
     let mut running = vm.start()?;
+    let pv_host = match (running.pv_device().cloned(), running.take_pv_events()) {
+        (Some(dev), Some(events)) => {
+            Some(PvHost::start(dev, events).map_err(|e| Error::Thread("pvsched protocol", e))?)
+        }
+        _ => None,
+    };
     // Guards restore the vCPU threads' class when dropped, on every path out of here.
     let guards = match cfg.vcpu_sched {
         Some(class) => running
@@ -232,6 +241,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         }
     }
     drop(controller);
+    let pv_counts = pv_host.map(PvHost::stop);
     let probe_hist = probe.stop();
     let hog_report = hogs.stop();
 
@@ -270,6 +280,15 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     if let Some(e) = restore_error {
         return Err(e.into());
     }
+    let pv = match pv_counts {
+        Some(counts) => {
+            let mailboxes = (0..running.vcpus())
+                .map(|i| running.mailbox(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(crate::pvhost::report(&mailboxes, &counts))
+        }
+        None => None,
+    };
     let mut all = LatencyHistogram::new();
     for h in &hists {
         all.merge(h);
@@ -304,6 +323,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             .map(|t| t.jobs)
             .sum(),
         per_vcpu,
+        pv,
     };
     Ok(Outcome {
         report,

@@ -6,6 +6,7 @@ pub mod experiment;
 pub mod hist;
 pub mod load;
 pub mod probe;
+pub mod pvhost;
 pub mod report;
 
 pub use experiment::{run, ExperimentConfig, GuestLoad, Outcome, Report};

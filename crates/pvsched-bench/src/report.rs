@@ -92,6 +92,42 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
+    match &r.pv {
+        None => {
+            let _ = writeln!(s, "pvsched protocol: off");
+        }
+        Some(pv) if pv.version == 0 => {
+            let status = pv.per_vcpu.first().map_or("", |v| v.status.as_str());
+            let _ = writeln!(s, "pvsched protocol: not in use (guest: {status})");
+        }
+        Some(pv) => {
+            let _ = writeln!(
+                s,
+                "pvsched protocol: v{}, features {}",
+                pv.version,
+                if pv.features.is_empty() {
+                    "none".to_string()
+                } else {
+                    pv.features.join(",")
+                }
+            );
+            for (i, v) in pv.per_vcpu.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "P:{:2} {}: requests {} (no doorbell {}) doorbells boost {} unboost {} | host: doorbells {} slot updates {} bad {}",
+                    i,
+                    v.status,
+                    v.requests,
+                    v.quiet,
+                    v.boost_rings,
+                    v.unboost_rings,
+                    v.host.doorbells,
+                    v.host.updates_seen,
+                    v.host.bad_slots
+                );
+            }
+        }
+    }
     let p = &r.host_probe;
     let _ = writeln!(
         s,

@@ -14,9 +14,9 @@
 //! `%rax`, `%rcx` and `%rdx`, which are therefore dead at every preemption point.
 
 use crate::mailbox::{self, Mailbox};
-use pvsched_proto::abi::{self, BoostState, Reason};
 use core::arch::global_asm;
 use core::mem::offset_of;
+use pvsched_proto::abi::{self, BoostState, Reason};
 
 /// Port the guest writes to leave to the VMM for a moment: keeps a busy vCPU interruptible
 /// (a pending interrupt is injected on re-entry). The VMM just resumes the vCPU.

@@ -167,7 +167,7 @@ impl Mailbox {
 }
 
 const _: () = assert!(core::mem::size_of::<Mailbox>() <= SLOT_OFFSET as usize);
-const _: () = assert!(SLOT_OFFSET % 128 == 0 && SLOT_OFFSET + 128 <= RING_OFFSET);
+const _: () = assert!(SLOT_OFFSET.is_multiple_of(128) && SLOT_OFFSET + 128 <= RING_OFFSET);
 const _: () = assert!(RING_LEN.is_power_of_two());
 const _: () = assert!(RING_OFFSET as usize + RING_LEN * 8 < VCPU_REGION_SIZE as usize - 0x1000);
 const _: () = assert!(core::mem::offset_of!(Mailbox, magic) == 0);

@@ -262,6 +262,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn documented_values_match() {
+        // docs/protocol.md §2 spells these out for guest developers.
+        let w = |i: usize| u32::from_le_bytes(CPUID_SIGNATURE[i..i + 4].try_into().unwrap());
+        assert_eq!((w(0), w(4), w(8)), (0x6373_7670, 0x5064_6568, 0x4843_5356));
+        assert_eq!(ID_MAGIC, 0x0164_6568_6373_7670);
+        assert_eq!(MSR_BASE_DEFAULT, 0x4b56_5300);
+    }
+
+    #[test]
     fn signature_and_magic_spell_the_name() {
         assert_eq!(&CPUID_SIGNATURE[..7], crate::PROTOCOL_NAME.as_bytes());
         assert_eq!(&ID_MAGIC.to_le_bytes()[..7], b"pvsched");

@@ -230,7 +230,11 @@ impl PvDevice {
 
     fn emit(&self, e: PvEvent) {
         // A receiver that went away only means nobody listens any more.
-        let _ = self.events.lock().unwrap_or_else(|p| p.into_inner()).send(e);
+        let _ = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(e);
     }
 
     /// The negotiated version and features, if any.
@@ -311,7 +315,7 @@ impl PvDevice {
             return Err("enable bit clear with a non-zero address");
         }
         let gpa = value & !SLOT_ENABLE;
-        if gpa % SLOT_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(SLOT_SIZE as u64) {
             return Err("slot not aligned to 128 bytes");
         }
         match gpa.checked_add(SLOT_SIZE as u64) {
@@ -357,7 +361,10 @@ impl PvDevice {
 
     /// Reads and resets vCPU `vcpu`'s doorbell count.
     pub fn take_doorbells(&self, vcpu: usize) -> u64 {
-        self.doorbells.get(vcpu).and_then(|e| e.read().ok()).unwrap_or(0)
+        self.doorbells
+            .get(vcpu)
+            .and_then(|e| e.read().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -381,13 +388,17 @@ impl<'a> GuestSlot<'a> {
 
 impl SlotMemory for GuestSlot<'_> {
     fn load_u32(&self, off: usize) -> u32 {
-        self.mem.load(self.addr(off), Ordering::Acquire).unwrap_or(0)
+        self.mem
+            .load(self.addr(off), Ordering::Acquire)
+            .unwrap_or(0)
     }
     fn store_u32(&self, off: usize, v: u32) {
         let _ = self.mem.store(v, self.addr(off), Ordering::Release);
     }
     fn load_u8(&self, off: usize) -> u8 {
-        self.mem.load(self.addr(off), Ordering::Acquire).unwrap_or(0)
+        self.mem
+            .load(self.addr(off), Ordering::Acquire)
+            .unwrap_or(0)
     }
     fn store_u8(&self, off: usize, v: u8) {
         let _ = self.mem.store(v, self.addr(off), Ordering::Release);
@@ -496,7 +507,10 @@ mod tests {
         let (d, rx) = device(2);
         assert_eq!(d.rdmsr(0, B), Some(abi::ID_MAGIC));
         assert_eq!(d.rdmsr(0, B + 1), Some(0), "nothing negotiated yet");
-        assert!(!d.wrmsr(0, B + 2, 0x1000 | 1), "registration before negotiation");
+        assert!(
+            !d.wrmsr(0, B + 2, 0x1000 | 1),
+            "registration before negotiation"
+        );
         assert!(d.wrmsr(0, B + 1, offer(VERSIONS_V1, feature::ALL_V1)));
         let n = negotiate::decode_answer(d.rdmsr(1, B + 1).unwrap()).unwrap();
         assert_eq!((n.version, n.features), (1, feature::ALL_V1));
@@ -505,12 +519,27 @@ mod tests {
         assert_eq!(d.rdmsr(1, B + 2), Some(0x1000));
         assert_eq!(d.slot_gpa(0), None);
         // The host half starts out Normal.
-        let state: u32 = d.mem.read_obj(GuestAddress(0x1000 + off::STATE as u64)).unwrap();
+        let state: u32 = d
+            .mem
+            .read_obj(GuestAddress(0x1000 + off::STATE as u64))
+            .unwrap();
         assert_eq!(state, BoostState::Normal as u32);
         let events: Vec<_> = rx.try_iter().collect();
         assert!(matches!(events[0], PvEvent::SlotRejected { vcpu: 0, .. }));
-        assert!(matches!(events[1], PvEvent::Negotiated { result: Some(_), .. }));
-        assert_eq!(events[2], PvEvent::SlotRegistered { vcpu: 1, gpa: 0x1000 });
+        assert!(matches!(
+            events[1],
+            PvEvent::Negotiated {
+                result: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(
+            events[2],
+            PvEvent::SlotRegistered {
+                vcpu: 1,
+                gpa: 0x1000
+            }
+        );
         assert!(d.wrmsr(1, B + 2, 0));
         assert_eq!(d.slot_gpa(1), None);
     }
@@ -520,12 +549,12 @@ mod tests {
         let (d, _rx) = device(1);
         assert!(d.wrmsr(0, B + 1, offer(VERSIONS_V1, 0)));
         for bad in [
-            0x1000u64,          // enable bit clear
-            0x1040 | 1,         // misaligned
-            MEM | 1,            // past RAM
-            (MEM - 64) | 1,     // straddles the end
-            u64::MAX,           // wraps
-            1,                  // address 0
+            0x1000u64,      // enable bit clear
+            0x1040 | 1,     // misaligned
+            MEM | 1,        // past RAM
+            (MEM - 64) | 1, // straddles the end
+            u64::MAX,       // wraps
+            1,              // address 0
         ] {
             assert!(!d.wrmsr(0, B + 2, bad), "{bad:#x} accepted");
         }
@@ -541,7 +570,10 @@ mod tests {
         let (d, rx) = device(1);
         assert!(d.wrmsr(0, B + 1, offer(VERSIONS_V1, 0)));
         assert!(d.wrmsr(0, B + 2, 0x2000 | 1));
-        assert!(d.wrmsr(0, B + 1, offer(1 << 5, 0)), "offer accepted, answer: none");
+        assert!(
+            d.wrmsr(0, B + 1, offer(1 << 5, 0)),
+            "offer accepted, answer: none"
+        );
         assert_eq!(d.rdmsr(0, B + 1), Some(0));
         assert_eq!(d.slot_gpa(0), None);
         let last = rx.try_iter().last().unwrap();
@@ -562,7 +594,10 @@ mod tests {
         assert_eq!(snap.seq, 5);
         assert!(snap.reasons.contains(Reason::Irq));
         s.store_u32(off::REQUEST, 0xdead_0000);
-        assert!(matches!(d.snapshot(0), Err(DecodeError::UnknownReasons { .. })));
+        assert!(matches!(
+            d.snapshot(0),
+            Err(DecodeError::UnknownReasons { .. })
+        ));
     }
 
     #[test]

@@ -196,7 +196,11 @@ impl Vcpu {
                     marks.push((data.first().copied().unwrap_or(0), exits.unwrap_or(0)));
                 }
                 Ok(VcpuExit::X86Rdmsr(exit)) => {
-                    match self.pv.as_ref().and_then(|d| d.rdmsr(self.index, exit.index)) {
+                    match self
+                        .pv
+                        .as_ref()
+                        .and_then(|d| d.rdmsr(self.index, exit.index))
+                    {
                         Some(v) => {
                             *exit.data = v;
                             *exit.error = 0;

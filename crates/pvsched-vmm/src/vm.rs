@@ -6,12 +6,12 @@ use crate::vcpu::{self, Vcpu, VcpuError, VcpuRunStats};
 use crate::x86;
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_regs, kvm_userspace_memory_region,
-    CpuId, KvmIrqRouting, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
+    CpuId, KvmIrqRouting, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
 };
 use kvm_ioctls::{
-    IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags,
-    NoDatamatch, VcpuFd, VmFd,
+    IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, NoDatamatch,
+    VcpuFd, VmFd,
 };
 use pvsched_guest::image::{EVENT_VECTOR, EXCEPTION_STUB_SIZE, TIMER_VECTOR};
 use pvsched_guest::mailbox::{self, FaultInjection, Mailbox, MAILBOX_MAGIC, RING_LEN};

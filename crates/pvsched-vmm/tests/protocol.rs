@@ -35,9 +35,9 @@ fn run_pv(
             last_seq: vec![None; cfg.vcpus],
             ..HostView::default()
         };
-        let mut poller = vm.take_pv_events().map(|rx| {
-            PvPoller::new(vm.pv_device().unwrap(), rx).unwrap()
-        });
+        let mut poller = vm
+            .take_pv_events()
+            .map(|rx| PvPoller::new(vm.pv_device().unwrap(), rx).unwrap());
         vm.go();
         let t0 = Instant::now();
         let mut collect = |vm: &RunningVm, view: &mut HostView, timeout| {
@@ -64,7 +64,10 @@ fn run_pv(
         }
         let out = vm.shutdown(Duration::from_millis(500));
         collect(&vm, &mut view, Duration::from_millis(1));
-        let stats = out.into_iter().map(|o| o.expect("vCPU ran cleanly")).collect();
+        let stats = out
+            .into_iter()
+            .map(|o| o.expect("vCPU ran cleanly"))
+            .collect();
         (stats, view, vm)
     })
 }
@@ -102,7 +105,11 @@ fn guest_requests_reach_the_host_with_matching_counts() {
         assert!(m.pv_requests > 100, "vCPU {i}: {} requests", m.pv_requests);
         assert!(dev.slot_gpa(i).is_some());
         // Every doorbell the guest rang reached the host, and nothing else did.
-        assert_eq!(view.doorbells[i], m.pv_boost_rings + m.pv_unboost_rings, "vCPU {i}");
+        assert_eq!(
+            view.doorbells[i],
+            m.pv_boost_rings + m.pv_unboost_rings,
+            "vCPU {i}"
+        );
         // The host's last snapshot is the guest's final slot state.
         let snap = dev.snapshot(i).unwrap().unwrap();
         assert_eq!(view.last_seq[i], Some(snap.seq), "vCPU {i}");
@@ -132,12 +139,20 @@ fn version_mismatch_leaves_the_guest_running_unboosted() {
         (GuestConfig::default(), host_v2),
         (guest_v2, PvConfig::default()),
     ] {
-        let (stats, view, vm) = run_pv(pv_vm(1, guest, Some(pv)), Duration::from_millis(300), |_| {});
+        let (stats, view, vm) = run_pv(
+            pv_vm(1, guest, Some(pv)),
+            Duration::from_millis(300),
+            |_| {},
+        );
         let m = vm.mailbox(0).unwrap();
         assert_eq!(m.pv_status, pv_status::NO_VERSION);
         assert_eq!(m.pv_answer, 0);
         assert_eq!(stats[0].end, VcpuEnd::GuestDone);
-        assert!(m.ring_head > 100, "the guest kept measuring: {} samples", m.ring_head);
+        assert!(
+            m.ring_head > 100,
+            "the guest kept measuring: {} samples",
+            m.ring_head
+        );
         assert_eq!(view.doorbells[0], 0);
         assert_eq!(m.pv_requests, 0);
         assert!(vm.pv_device().unwrap().slot_gpa(0).is_none());
@@ -147,7 +162,11 @@ fn version_mismatch_leaves_the_guest_running_unboosted() {
             .any(|e| matches!(e, PvEvent::Negotiated { result: None, .. })));
     }
     // No device at all: the guest finds no signature and runs as well.
-    let (stats, _, vm) = run_pv(pv_vm(1, GuestConfig::default(), None), Duration::from_millis(300), |_| {});
+    let (stats, _, vm) = run_pv(
+        pv_vm(1, GuestConfig::default(), None),
+        Duration::from_millis(300),
+        |_| {},
+    );
     assert_eq!(vm.mailbox(0).unwrap().pv_status, pv_status::NOT_FOUND);
     assert_eq!(stats[0].end, VcpuEnd::GuestDone);
 }
@@ -174,7 +193,7 @@ fn garbage_in_a_slot_cannot_crash_or_wedge_the_vmm() {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                vm.scribble(gpa + (x % 128) & !7, x);
+                vm.scribble(gpa + ((x % 128) & !7), x);
             }
             // The host keeps acting on the slot too.
             let _ = dev.publish(1, BoostState::Normal);
@@ -183,7 +202,11 @@ fn garbage_in_a_slot_cannot_crash_or_wedge_the_vmm() {
     stop.store(true, Ordering::Relaxed);
     assert_eq!(stats.len(), 2);
     for s in &stats {
-        assert_eq!(s.end, VcpuEnd::GuestDone, "guest finished and the VMM stopped it cleanly");
+        assert_eq!(
+            s.end,
+            VcpuEnd::GuestDone,
+            "guest finished and the VMM stopped it cleanly"
+        );
     }
     assert!(
         view.events
@@ -214,13 +237,16 @@ fn exercise(boost: bool, iters: u64) -> (u64, u64, u64) {
         Duration::from_secs(1),
         move |vm| {
             let dev = vm.pv_device().unwrap();
-            let in_exercise = vm.mailbox(0).unwrap().state
-                < pvsched_guest::mailbox::state::RUNNING;
+            let in_exercise = vm.mailbox(0).unwrap().state < pvsched_guest::mailbox::state::RUNNING;
             if let (true, Ok(Some(s))) = (boost, dev.snapshot(0)) {
                 let want = in_exercise && !s.reasons.is_empty();
                 if want != boosted {
                     boosted = want;
-                    let st = if want { BoostState::Boosted } else { BoostState::Normal };
+                    let st = if want {
+                        BoostState::Boosted
+                    } else {
+                        BoostState::Normal
+                    };
                     dev.publish(0, st);
                 }
             }
@@ -244,14 +270,20 @@ fn requests_while_boosted_cause_no_exits() {
     // Boosted: all N requests were lazy (no doorbell); unboosted: each one rang.
     assert_eq!(quiet, N, "every request while boosted was lazy");
     assert_eq!(control_quiet, 0);
-    assert!(control_rings >= N, "{control_rings} doorbells in the control run");
+    assert!(
+        control_rings >= N,
+        "{control_rings} doorbells in the control run"
+    );
     say!(
         "note: KVM 'exits' between the marks: {lazy_exits} with {N} lazy requests, \
          {control_exits} with {N} doorbells"
     );
     if control_exits >= N {
         // This KVM counts doorbell writes as exits: the lazy window must have none of them.
-        assert!(lazy_exits < N / 10, "{lazy_exits} exits for {N} lazy requests");
+        assert!(
+            lazy_exits < N / 10,
+            "{lazy_exits} exits for {N} lazy requests"
+        );
     } else {
         say!(
             "note: this KVM does not count ioeventfd writes in its 'exits' statistic (PVM \
