@@ -1,0 +1,265 @@
+//! The driver interface: per-vCPU state the engine keeps, and the context through which a
+//! driver turns an event into decisions.
+
+use crate::{BoostClass, Decision, Nanos, TimerKind, VcpuEvent, VcpuKey};
+use pvsched_proto::{BoostState, Reasons};
+use serde::{Deserialize, Serialize};
+
+/// Why a vCPU is boosted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cause {
+    /// Always (the `static` driver).
+    Static,
+    /// The guest asked.
+    Request,
+    /// The host injected an interrupt or woke the vCPU.
+    Interrupt,
+    /// Ahead of the guest's published deadline.
+    Deadline,
+}
+
+/// A boost in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Boost {
+    /// Since when.
+    pub since: Nanos,
+    /// Why.
+    pub cause: Cause,
+    /// From then on, an empty guest request ends the boost (a deadline boost is not released
+    /// before its deadline).
+    pub release_after: Nanos,
+    /// Until then the boost holds even without a guest request (host-initiated boosts).
+    pub hold_until: Nanos,
+}
+
+/// Per-vCPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Boosts started.
+    pub boosts: u64,
+    /// Boosts ended.
+    pub unboosts: u64,
+    /// Boosts ended because a budget ran out.
+    pub throttles: u64,
+    /// Requests refused while throttled.
+    pub refused: u64,
+    /// Total time spent boosted (completed boosts), ns.
+    pub boosted_ns: u64,
+    /// Slots found invalid.
+    pub bad_slots: u64,
+}
+
+/// What the engine knows about one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuState {
+    /// The boost in progress, if any.
+    pub boost: Option<Boost>,
+    /// The guest's last known request.
+    pub request: Reasons,
+    /// Since when the current boost has held a critical-section reason.
+    pub cs_since: Option<Nanos>,
+    /// Since when the current boost has held the RT-task reason.
+    pub rt_since: Option<Nanos>,
+    /// Boosts are refused until then.
+    pub throttled_until: Option<Nanos>,
+    /// The guest's next deadline, host time.
+    pub deadline: Option<Nanos>,
+    /// The state last published to the guest.
+    pub published: Option<BoostState>,
+    /// Generation of each [`TimerKind`].
+    pub timer_gen: [u64; 3],
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl VcpuState {
+    /// True while boosted.
+    pub fn is_boosted(&self) -> bool {
+        self.boost.is_some()
+    }
+
+    /// True while throttled at `now`.
+    pub fn is_throttled(&self, now: Nanos) -> bool {
+        self.throttled_until.is_some_and(|t| now < t)
+    }
+
+    /// Boosted time including the boost in progress, at `now`.
+    pub fn boosted_ns(&self, now: Nanos) -> u64 {
+        self.counters.boosted_ns + self.boost.map_or(0, |b| now.saturating_sub(b.since))
+    }
+}
+
+/// A driver's view of one vCPU while it handles an event: its state, the time, and where
+/// decisions go. The helpers keep counters and the handshake consistent across drivers.
+pub struct VcpuCtx<'a> {
+    /// The vCPU.
+    pub key: VcpuKey,
+    /// Its state.
+    pub state: &'a mut VcpuState,
+    /// Now.
+    pub now: Nanos,
+    out: &'a mut Vec<Decision>,
+}
+
+impl<'a> VcpuCtx<'a> {
+    /// A context writing decisions to `out`.
+    pub fn new(
+        key: VcpuKey,
+        state: &'a mut VcpuState,
+        now: Nanos,
+        out: &'a mut Vec<Decision>,
+    ) -> Self {
+        VcpuCtx {
+            key,
+            state,
+            now,
+            out,
+        }
+    }
+
+    /// Starts a boost in `class` for `cause` (see [`Boost`] for the two times) and publishes
+    /// `Boosted`. No-op when already boosted.
+    pub fn boost(
+        &mut self,
+        class: BoostClass,
+        cause: Cause,
+        release_after: Nanos,
+        hold_until: Nanos,
+    ) {
+        if self.state.boost.is_some() {
+            return;
+        }
+        self.state.boost = Some(Boost {
+            since: self.now,
+            cause,
+            release_after,
+            hold_until,
+        });
+        self.state.counters.boosts += 1;
+        self.note_held_reasons();
+        self.out.push(Decision::Boost(self.key, class));
+        self.publish(BoostState::Boosted);
+    }
+
+    /// Ends the boost (if any) and publishes `then`.
+    pub fn unboost(&mut self, then: BoostState) {
+        if let Some(b) = self.state.boost.take() {
+            self.state.counters.unboosts += 1;
+            self.state.counters.boosted_ns += self.now.saturating_sub(b.since);
+            self.state.cs_since = None;
+            self.state.rt_since = None;
+            self.out.push(Decision::Unboost(self.key));
+        }
+        self.publish(then);
+    }
+
+    /// Publishes `state` to the guest (the mechanism re-reads the request afterwards).
+    pub fn publish(&mut self, state: BoostState) {
+        self.state.published = Some(state);
+        self.out.push(Decision::Publish(self.key, state));
+    }
+
+    /// Arms timer `kind` at `at`; an earlier timer of the same kind becomes stale.
+    pub fn arm(&mut self, kind: TimerKind, at: Nanos) {
+        let g = &mut self.state.timer_gen[kind as usize];
+        *g += 1;
+        self.out.push(Decision::ArmTimer {
+            key: self.key,
+            at,
+            kind,
+            gen: *g,
+        });
+    }
+
+    /// True when a fired timer is the latest of its kind.
+    pub fn is_current(&self, kind: TimerKind, gen: u64) -> bool {
+        self.state.timer_gen[kind as usize] == gen
+    }
+
+    /// Records since when the boost holds each budget class of the current request.
+    pub fn note_held_reasons(&mut self) {
+        if self.state.boost.is_none() {
+            return;
+        }
+        let req = self.state.request;
+        let cs = req.bits() & !pvsched_proto::abi::Reason::RtTask.bit() != 0;
+        let rt = req.contains(pvsched_proto::abi::Reason::RtTask);
+        match (cs, self.state.cs_since) {
+            (true, None) => self.state.cs_since = Some(self.now),
+            (false, Some(_)) => self.state.cs_since = None,
+            _ => {}
+        }
+        match (rt, self.state.rt_since) {
+            (true, None) => self.state.rt_since = Some(self.now),
+            (false, Some(_)) => self.state.rt_since = None,
+            _ => {}
+        }
+    }
+}
+
+/// A policy: turns a vCPU's events into decisions. One instance per VM.
+pub trait Driver: Send {
+    /// The name it is registered under.
+    fn name(&self) -> &'static str;
+
+    /// A small number identifying the driver to the guest (slot field `policy`).
+    fn id(&self) -> u32;
+
+    /// Handles `ev` for the vCPU in `ctx`.
+    fn on_event(&mut self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pvsched_proto::abi::Reason;
+
+    #[test]
+    fn boost_and_unboost_keep_counters() {
+        let mut st = VcpuState::default();
+        let mut out = Vec::new();
+        let key = VcpuKey::new(0, 0);
+        VcpuCtx::new(key, &mut st, 100, &mut out).boost(BoostClass::Fifo(5), Cause::Request, 0, 0);
+        VcpuCtx::new(key, &mut st, 150, &mut out).boost(BoostClass::Fifo(5), Cause::Request, 0, 0);
+        assert_eq!(st.counters.boosts, 1, "second boost is a no-op");
+        assert_eq!(st.boosted_ns(170), 70);
+        VcpuCtx::new(key, &mut st, 400, &mut out).unboost(BoostState::Normal);
+        assert_eq!(st.counters.boosted_ns, 300);
+        assert_eq!(
+            out,
+            [
+                Decision::Boost(key, BoostClass::Fifo(5)),
+                Decision::Publish(key, BoostState::Boosted),
+                Decision::Unboost(key),
+                Decision::Publish(key, BoostState::Normal),
+            ]
+        );
+    }
+
+    #[test]
+    fn held_reasons_track_budget_classes() {
+        let mut st = VcpuState {
+            request: Reasons::NONE.with(Reason::Irq),
+            ..VcpuState::default()
+        };
+        let mut out = Vec::new();
+        let key = VcpuKey::new(0, 0);
+        VcpuCtx::new(key, &mut st, 10, &mut out).boost(BoostClass::Fifo(1), Cause::Request, 0, 0);
+        assert_eq!((st.cs_since, st.rt_since), (Some(10), None));
+        st.request = Reasons::NONE.with(Reason::RtTask);
+        VcpuCtx::new(key, &mut st, 20, &mut out).note_held_reasons();
+        assert_eq!((st.cs_since, st.rt_since), (None, Some(20)));
+    }
+
+    #[test]
+    fn stale_timers_are_recognised() {
+        let mut st = VcpuState::default();
+        let mut out = Vec::new();
+        let mut ctx = VcpuCtx::new(VcpuKey::new(0, 0), &mut st, 0, &mut out);
+        ctx.arm(TimerKind::Budget, 10);
+        ctx.arm(TimerKind::Budget, 20);
+        assert!(!ctx.is_current(TimerKind::Budget, 1));
+        assert!(ctx.is_current(TimerKind::Budget, 2));
+        assert!(!ctx.is_current(TimerKind::Lead, 2));
+    }
+}

@@ -1,0 +1,192 @@
+//! pvsched's policy engine: which vCPU threads run boosted, when, and for how long.
+//!
+//! The engine is a pure, deterministic state machine: [`Event`]s and the current time go in,
+//! [`Decision`]s come out (boost a vCPU thread to a class, unboost it, publish a boost state
+//! to the guest, arm a timer). It makes no syscalls and reads no clock, so the testbed, the
+//! daemon and the tests drive it the same way, and every driver is tested with scripted events
+//! and fake time.
+//!
+//! Policy is pluggable, as in RFC v2's "pvsched drivers": a [`Driver`] is chosen per VM by
+//! name from a [`Registry`] and can be replaced at runtime. Built in: `none`, `static`,
+//! `dynamic` (RFC v1 semantics, with per-reason budgets and a cooldown) and `deadline-aware`
+//! (boosts ahead of the guest's published deadline).
+#![deny(missing_docs)]
+
+pub mod driver;
+pub mod drivers;
+pub mod engine;
+pub mod options;
+
+pub use driver::{Cause, Counters, Driver, VcpuCtx, VcpuState};
+pub use engine::{Engine, EngineError, Registry};
+pub use options::{DriverOptions, OptionError};
+pub use pvsched_proto::{BoostState, Reasons};
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Monotonic time, nanoseconds (the host's `CLOCK_MONOTONIC`).
+pub type Nanos = u64;
+
+/// A vCPU: its VM and its index in the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VcpuKey {
+    /// VM id, chosen by whoever hosts the engine.
+    pub vm: u32,
+    /// vCPU index in the VM.
+    pub vcpu: u32,
+}
+
+impl VcpuKey {
+    /// vCPU `vcpu` of VM `vm`.
+    pub const fn new(vm: u32, vcpu: u32) -> Self {
+        VcpuKey { vm, vcpu }
+    }
+}
+
+impl fmt::Display for VcpuKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vm{}/vcpu{}", self.vm, self.vcpu)
+    }
+}
+
+/// The scheduling class a boosted vCPU thread runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BoostClass {
+    /// `SCHED_FIFO` at a priority.
+    Fifo(u32),
+    /// `SCHED_RR` at a priority.
+    Rr(u32),
+    /// `SCHED_DEADLINE`: the kernel enforces `runtime` per `period`.
+    Deadline {
+        /// Runtime per period, ns.
+        runtime_ns: u64,
+        /// Relative deadline, ns.
+        deadline_ns: u64,
+        /// Period, ns.
+        period_ns: u64,
+    },
+}
+
+impl Default for BoostClass {
+    fn default() -> Self {
+        BoostClass::Fifo(10)
+    }
+}
+
+impl fmt::Display for BoostClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BoostClass::Fifo(p) => write!(f, "fifo:{p}"),
+            BoostClass::Rr(p) => write!(f, "rr:{p}"),
+            BoostClass::Deadline {
+                runtime_ns,
+                deadline_ns,
+                period_ns,
+            } => write!(f, "deadline:{runtime_ns}/{deadline_ns}/{period_ns}"),
+        }
+    }
+}
+
+/// Timers a driver can arm, one of each per vCPU; re-arming supersedes the previous one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TimerKind {
+    /// Check the current boost against its budget.
+    Budget = 0,
+    /// End of a throttle's cooldown.
+    Cooldown = 1,
+    /// Boost ahead of a guest deadline.
+    Lead = 2,
+}
+
+/// Something that happened to a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The vCPU's thread is known: the engine may now boost it.
+    Registered,
+    /// The vCPU is gone: it must not stay boosted.
+    Unregistered,
+    /// The host injected an interrupt into the vCPU (or its timer expired).
+    Interrupt,
+    /// The host woke the halted vCPU.
+    Woken,
+    /// The guest's request, as read from its slot (after a change, or after the host
+    /// published a state).
+    Request(Reasons),
+    /// The guest rang its doorbell; its request as read right after.
+    Doorbell(Reasons),
+    /// The guest's next latency-critical deadline in host time, or none.
+    DeadlineHint(Option<Nanos>),
+    /// The guest's slot does not decode: stop trusting it.
+    SlotInvalid,
+    /// A timer armed earlier fired (with the generation it was armed with).
+    Timer(TimerKind, u64),
+}
+
+/// An event for one vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The vCPU.
+    pub key: VcpuKey,
+    /// What happened.
+    pub what: VcpuEvent,
+}
+
+impl Event {
+    /// `what` happened to `key`.
+    pub const fn new(key: VcpuKey, what: VcpuEvent) -> Self {
+        Event { key, what }
+    }
+}
+
+/// What the mechanism must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Put the vCPU thread in `class` (remembering its original attributes).
+    Boost(VcpuKey, BoostClass),
+    /// Restore the vCPU thread's original attributes.
+    Unboost(VcpuKey),
+    /// Publish `state` in the guest's slot. For `Normal` and `Boosted`, then re-read the
+    /// request (after a full fence) and report it with a [`VcpuEvent::Request`] (the
+    /// protocol's handshake); `Disabled` and `Throttled` need no re-read.
+    Publish(VcpuKey, BoostState),
+    /// Deliver [`VcpuEvent::Timer`]`(kind, gen)` at `at`.
+    ArmTimer {
+        /// The vCPU.
+        key: VcpuKey,
+        /// When.
+        at: Nanos,
+        /// Which timer.
+        kind: TimerKind,
+        /// Generation to echo back.
+        gen: u64,
+    },
+}
+
+impl Decision {
+    /// The vCPU the decision is about.
+    pub fn key(&self) -> VcpuKey {
+        match *self {
+            Decision::Boost(k, _) | Decision::Unboost(k) | Decision::Publish(k, _) => k,
+            Decision::ArmTimer { key, .. } => key,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_display() {
+        assert_eq!(BoostClass::Fifo(10).to_string(), "fifo:10");
+        assert_eq!(BoostClass::Rr(3).to_string(), "rr:3");
+        let d = BoostClass::Deadline {
+            runtime_ns: 1,
+            deadline_ns: 2,
+            period_ns: 3,
+        };
+        assert_eq!(d.to_string(), "deadline:1/2/3");
+        assert_eq!(VcpuKey::new(1, 2).to_string(), "vm1/vcpu2");
+    }
+}

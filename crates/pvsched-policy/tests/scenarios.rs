@@ -1,0 +1,505 @@
+//! Scripted event sequences with fake time: what each driver decides, budgets, cooldown,
+//! enable/disable, replacement at runtime, and (proptest) invariants under random events.
+
+use proptest::prelude::*;
+use pvsched_policy::{
+    BoostClass, BoostState, Decision, DriverOptions, Engine, EngineError, Event, Nanos, TimerKind,
+    VcpuEvent, VcpuKey,
+};
+use pvsched_proto::abi::Reason;
+use pvsched_proto::Reasons;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+const US: Nanos = 1_000;
+const MS: Nanos = 1_000_000;
+
+/// A fake host: delivers timers in time order, keeps the "guest slot" request and the
+/// published state, re-reads the request after every publish (the handshake) and checks that
+/// boosts and unboosts alternate.
+struct Sim {
+    engine: Engine,
+    now: Nanos,
+    timers: BinaryHeap<Reverse<(Nanos, VcpuKey, TimerKind, u64)>>,
+    guest_request: BTreeMap<VcpuKey, Reasons>,
+    published: BTreeMap<VcpuKey, BoostState>,
+    boosted: BTreeMap<VcpuKey, Nanos>,
+    intervals: Vec<(VcpuKey, Nanos, Nanos)>,
+    log: Vec<Decision>,
+}
+
+impl Sim {
+    fn new(driver: &str, opts: &[&str]) -> Self {
+        let mut engine = Engine::default();
+        engine
+            .add_vm(
+                0,
+                driver,
+                &DriverOptions::parse(opts.iter().copied()).unwrap(),
+            )
+            .unwrap();
+        Sim {
+            engine,
+            now: 0,
+            timers: BinaryHeap::new(),
+            guest_request: BTreeMap::new(),
+            published: BTreeMap::new(),
+            boosted: BTreeMap::new(),
+            intervals: Vec::new(),
+            log: Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, mut ds: Vec<Decision>) {
+        while !ds.is_empty() {
+            let mut next = Vec::new();
+            for d in ds {
+                self.log.push(d);
+                match d {
+                    Decision::Boost(k, _) => {
+                        assert!(
+                            self.boosted.insert(k, self.now).is_none(),
+                            "double boost of {k}"
+                        );
+                    }
+                    Decision::Unboost(k) => {
+                        let since = self
+                            .boosted
+                            .remove(&k)
+                            .expect("unboost of an unboosted vCPU");
+                        self.intervals.push((k, since, self.now));
+                    }
+                    Decision::Publish(k, s) => {
+                        self.published.insert(k, s);
+                        let r = self.guest_request.get(&k).copied().unwrap_or_default();
+                        let handshake = matches!(s, BoostState::Normal | BoostState::Boosted);
+                        if handshake && !r.is_empty() {
+                            self.engine.handle(
+                                Event::new(k, VcpuEvent::Request(r)),
+                                self.now,
+                                &mut next,
+                            );
+                        }
+                    }
+                    Decision::ArmTimer { key, at, kind, gen } => {
+                        assert!(at >= self.now, "timer in the past");
+                        self.timers.push(Reverse((at, key, kind, gen)));
+                    }
+                }
+            }
+            ds = next;
+        }
+    }
+
+    fn event(&mut self, key: VcpuKey, what: VcpuEvent) {
+        let mut out = Vec::new();
+        self.engine
+            .handle(Event::new(key, what), self.now, &mut out);
+        self.apply(out);
+    }
+
+    /// Advances time to `t`, firing the timers due on the way.
+    fn advance_to(&mut self, t: Nanos) {
+        while let Some(Reverse((at, key, kind, gen))) = self.timers.peek().copied() {
+            if at > t {
+                break;
+            }
+            self.timers.pop();
+            self.now = at;
+            self.event(key, VcpuEvent::Timer(kind, gen));
+        }
+        self.now = t;
+    }
+
+    fn advance(&mut self, d: Nanos) {
+        self.advance_to(self.now + d);
+    }
+
+    /// The guest changes its request; `ring` says whether it rings (as the protocol says).
+    fn guest(&mut self, key: VcpuKey, r: Reasons) {
+        self.guest_request.insert(key, r);
+        let state = self.published.get(&key).copied();
+        let was_empty = r.is_empty();
+        let ring = match state {
+            Some(BoostState::Normal) => !was_empty,
+            Some(BoostState::Boosted) => was_empty,
+            _ => false,
+        };
+        let what = if ring {
+            VcpuEvent::Doorbell(r)
+        } else {
+            VcpuEvent::Request(r)
+        };
+        self.event(key, what);
+    }
+
+    fn is_boosted(&self, key: VcpuKey) -> bool {
+        self.boosted.contains_key(&key)
+    }
+}
+
+const V0: VcpuKey = VcpuKey::new(0, 0);
+const V1: VcpuKey = VcpuKey::new(0, 1);
+
+fn rs(rs: &[Reason]) -> Reasons {
+    rs.iter().fold(Reasons::NONE, |acc, r| acc.with(*r))
+}
+
+#[test]
+fn none_never_boosts_and_disables_the_guest_side() {
+    let mut s = Sim::new("none", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    assert_eq!(s.published[&V0], BoostState::Disabled);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.event(V0, VcpuEvent::Interrupt);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(5 * MS)));
+    s.advance(10 * MS);
+    assert!(!s.is_boosted(V0));
+    assert!(!s.log.iter().any(|d| matches!(d, Decision::Boost(..))));
+}
+
+#[test]
+fn static_boosts_on_registration_until_unregistered() {
+    let mut s = Sim::new("static", &["class=rr:5"]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    assert!(s.log.contains(&Decision::Boost(V0, BoostClass::Rr(5))));
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.guest(V0, Reasons::NONE);
+    s.advance(10 * 1000 * MS);
+    assert!(s.is_boosted(V0) && s.is_boosted(V1), "no budget for static");
+    s.event(V0, VcpuEvent::Unregistered);
+    assert!(!s.is_boosted(V0));
+    assert!(s.engine.vcpu(V0).is_none());
+}
+
+#[test]
+fn dynamic_boosts_on_request_and_unboosts_on_release() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    assert_eq!(s.published[&V0], BoostState::Normal);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0));
+    assert_eq!(s.published[&V0], BoostState::Boosted);
+    s.advance(2 * MS);
+    s.guest(V0, rs(&[Reason::RtTask, Reason::Irq]));
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0), "lazy nested requests keep the boost");
+    s.advance(MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.published[&V0], BoostState::Normal);
+    let st = s.engine.vcpu(V0).unwrap();
+    assert_eq!((st.counters.boosts, st.counters.unboosts), (1, 1));
+    assert_eq!(st.counters.boosted_ns, 3 * MS);
+}
+
+#[test]
+fn dynamic_interrupt_boost_ends_on_release_or_after_the_hold() {
+    let mut s = Sim::new("dynamic", &["irq_hold=1ms"]);
+    s.event(V0, VcpuEvent::Registered);
+    // Host-only: no guest cooperation; the boost holds 1 ms.
+    s.event(V0, VcpuEvent::Interrupt);
+    assert!(s.is_boosted(V0));
+    s.advance(999 * US);
+    assert!(s.is_boosted(V0));
+    s.advance(US);
+    assert!(!s.is_boosted(V0));
+    // Cooperative guest: handles the interrupt and releases early.
+    s.event(V0, VcpuEvent::Woken);
+    s.advance(50 * US);
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.advance(20 * US);
+    s.guest(V0, Reasons::NONE);
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.intervals.last().map(|(_, a, b)| b - a), Some(70 * US));
+}
+
+#[test]
+fn critical_section_budget_throttles_then_cooldown_allows_again() {
+    let mut s = Sim::new("dynamic", &["cs_budget=3ms", "cooldown=100ms"]);
+    s.event(V0, VcpuEvent::Registered);
+    // A rogue guest: requests and never releases.
+    s.guest(V0, rs(&[Reason::PreemptDisabled]));
+    s.advance(3 * MS - 1);
+    assert!(s.is_boosted(V0));
+    s.advance(1);
+    assert!(!s.is_boosted(V0), "unboosted when the budget ran out");
+    assert_eq!(s.published[&V0], BoostState::Throttled);
+    // Requests during the cooldown are refused.
+    s.advance(50 * MS);
+    s.event(V0, VcpuEvent::Interrupt);
+    s.guest(V0, rs(&[Reason::PreemptDisabled, Reason::Irq]));
+    assert!(!s.is_boosted(V0));
+    let st = s.engine.vcpu(V0).unwrap();
+    assert_eq!(st.counters.throttles, 1);
+    assert!(st.counters.refused >= 2);
+    // After the cooldown the host publishes Normal, sees the held request, boosts again.
+    s.advance_to(103 * MS);
+    assert!(s.is_boosted(V0));
+    // Over a second, the rogue guest gets at most ~3 / 103 of the time.
+    s.advance_to(1000 * MS);
+    let boosted: Nanos = s.intervals.iter().map(|(_, a, b)| b - a).sum();
+    assert!(boosted <= 10 * 3 * MS, "boosted {boosted} ns in 1 s");
+    assert!(s.intervals.iter().all(|(_, a, b)| b - a <= 3 * MS));
+}
+
+#[test]
+fn rt_task_budget_is_longer_than_critical_sections() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(400 * MS);
+    assert!(s.is_boosted(V0), "500 ms RT budget by default");
+    s.advance(100 * MS);
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.throttles, 1);
+}
+
+#[test]
+fn critical_section_inside_rt_task_has_its_own_budget() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(10 * MS);
+    s.guest(V0, rs(&[Reason::RtTask, Reason::Softirq]));
+    s.advance(3 * MS);
+    assert!(
+        !s.is_boosted(V0),
+        "softirq held 3 ms: throttled although the RT budget is left"
+    );
+}
+
+#[test]
+fn deadline_aware_boosts_ahead_of_the_deadline() {
+    let mut s = Sim::new("deadline-aware", &["lead=100us", "irq_hold=1ms"]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(2 * MS)));
+    s.advance_to(1900 * US - 1);
+    assert!(!s.is_boosted(V0));
+    s.advance(1);
+    assert!(s.is_boosted(V0), "boosted lead before the deadline");
+    // A short critical section before the deadline does not end the boost.
+    s.advance(20 * US);
+    s.guest(V0, rs(&[Reason::PreemptDisabled]));
+    s.guest(V0, Reasons::NONE);
+    assert!(s.is_boosted(V0));
+    // The timer fires; the guest handles it and releases: unboost.
+    s.advance_to(2 * MS + 30 * US);
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.advance(10 * US);
+    s.guest(V0, Reasons::NONE);
+    assert!(!s.is_boosted(V0));
+    // A new hint re-arms; a stale lead timer from an older hint does nothing.
+    s.event(V0, VcpuEvent::DeadlineHint(Some(10 * MS)));
+    s.event(V0, VcpuEvent::DeadlineHint(Some(20 * MS)));
+    s.advance_to(15 * MS);
+    assert!(!s.is_boosted(V0), "the 10 ms hint was superseded");
+    // Without guest cooperation the boost ends irq_hold after the deadline.
+    s.advance_to(19_900 * US);
+    assert!(s.is_boosted(V0));
+    s.advance_to(21 * MS);
+    assert!(!s.is_boosted(V0));
+}
+
+#[test]
+fn dynamic_ignores_deadline_hints() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(MS)));
+    s.advance(2 * MS);
+    assert!(!s.is_boosted(V0));
+}
+
+#[test]
+fn per_vm_and_global_disable_unboost_and_enable_resumes() {
+    let mut s = Sim::new("static", &[]);
+    s.engine
+        .add_vm(1, "dynamic", &DriverOptions::new())
+        .unwrap();
+    let w0 = VcpuKey::new(1, 0);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(w0, VcpuEvent::Registered);
+    s.guest(w0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0) && s.is_boosted(w0));
+
+    let mut out = Vec::new();
+    s.engine
+        .set_enabled(Some(0), false, s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert!(!s.is_boosted(V0) && s.is_boosted(w0), "only VM 0 disabled");
+    assert_eq!(s.published[&V0], BoostState::Disabled);
+
+    let mut out = Vec::new();
+    s.engine.set_enabled(None, false, s.now, &mut out).unwrap();
+    s.apply(out);
+    assert!(!s.is_boosted(w0));
+    // While disabled, requests are remembered but not acted on.
+    s.guest(w0, rs(&[Reason::Irq]));
+    assert!(!s.is_boosted(w0));
+
+    let mut out = Vec::new();
+    s.engine.set_enabled(None, true, s.now, &mut out).unwrap();
+    s.apply(out);
+    assert!(
+        s.is_boosted(w0),
+        "enabled again: the held request is honoured"
+    );
+    assert!(!s.is_boosted(V0), "VM 0 is still disabled on its own");
+    let mut out = Vec::new();
+    s.engine
+        .set_enabled(Some(0), true, s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert!(s.is_boosted(V0));
+    assert_eq!(
+        s.engine.set_enabled(Some(9), true, 0, &mut Vec::new()),
+        Err(EngineError::UnknownVm(9))
+    );
+}
+
+#[test]
+fn driver_replacement_at_runtime() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+
+    let mut out = Vec::new();
+    s.engine
+        .set_driver(0, "static", &DriverOptions::new(), s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert_eq!(s.engine.driver_name(0), Some("static"));
+    assert!(s.is_boosted(V0) && s.is_boosted(V1));
+
+    let mut out = Vec::new();
+    s.engine
+        .set_driver(0, "none", &DriverOptions::new(), s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert!(!s.is_boosted(V0) && !s.is_boosted(V1));
+    assert_eq!(s.published[&V1], BoostState::Disabled);
+
+    let mut out = Vec::new();
+    s.engine
+        .set_driver(0, "dynamic", &DriverOptions::new(), s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert!(
+        s.is_boosted(V0),
+        "the held RT request is honoured by the new driver"
+    );
+
+    let e = s
+        .engine
+        .set_driver(0, "fastest", &DriverOptions::new(), 0, &mut Vec::new());
+    assert!(matches!(e, Err(EngineError::UnknownDriver { .. })));
+    assert_eq!(
+        s.engine.driver_name(0),
+        Some("dynamic"),
+        "a failed replacement changes nothing"
+    );
+}
+
+#[test]
+fn bad_options_and_names_are_errors() {
+    let mut e = Engine::default();
+    let opts = |o: &[&str]| DriverOptions::parse(o.iter().copied()).unwrap();
+    assert!(matches!(
+        e.add_vm(0, "dynamic", &opts(&["lead=1ms"])),
+        Err(EngineError::Options(_))
+    ));
+    assert!(e.add_vm(0, "dynamic", &opts(&["cs_budget=0ms"])).is_err());
+    assert!(e.add_vm(0, "static", &opts(&["class=fifo:100"])).is_err());
+    assert!(e.add_vm(0, "deadline-aware", &opts(&["lead=50us"])).is_ok());
+    assert_eq!(
+        e.add_vm(0, "none", &opts(&[])),
+        Err(EngineError::VmExists(0))
+    );
+    assert_eq!(
+        e.registry().names(),
+        ["deadline-aware", "dynamic", "none", "static"]
+    );
+}
+
+#[test]
+fn slot_invalid_drops_the_guest_boost() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.event(V0, VcpuEvent::SlotInvalid);
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.published[&V0], BoostState::Disabled);
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.bad_slots, 1);
+    // The slot decodes again: boosting resumes.
+    s.guest(V0, rs(&[Reason::Irq]));
+    assert!(s.is_boosted(V0));
+}
+
+#[test]
+fn shutdown_unboosts_everything() {
+    let mut s = Sim::new("static", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    let mut out = Vec::new();
+    s.engine.shutdown(s.now, &mut out);
+    s.apply(out);
+    assert!(s.boosted.is_empty());
+}
+
+fn arb_event() -> impl Strategy<Value = (u32, u8, u8, u64)> {
+    (0u32..2, 0u8..8, 0u8..32, 0u64..5_000_000)
+}
+
+proptest! {
+    /// Under any sequence of events and delays: boosts and unboosts alternate (checked by the
+    /// sim), no boost of `dynamic`/`deadline-aware` outlasts its longest budget, a vCPU left
+    /// alone is boosted only while its guest requests, and after shutdown nothing is boosted.
+    #[test]
+    fn no_boost_without_a_budget(
+        driver in prop::sample::select(vec!["dynamic", "deadline-aware"]),
+        events in proptest::collection::vec(arb_event(), 0..120),
+    ) {
+        let opts: &[&str] = if driver == "dynamic" {
+            &["cs_budget=3ms", "rt_budget=20ms", "cooldown=5ms", "irq_hold=1ms"]
+        } else {
+            &["cs_budget=3ms", "rt_budget=20ms", "cooldown=5ms", "irq_hold=1ms", "lead=100us"]
+        };
+        let mut s = Sim::new(driver, opts);
+        s.event(V0, VcpuEvent::Registered);
+        s.event(V1, VcpuEvent::Registered);
+        for (v, kind, bits, delay) in events {
+            let key = VcpuKey::new(0, v);
+            s.advance(delay);
+            match kind {
+                0 | 1 => s.guest(key, Reasons::from_bits(bits as u32 & 0x1f).unwrap()),
+                2 => s.event(key, VcpuEvent::Interrupt),
+                3 => s.event(key, VcpuEvent::Woken),
+                4 => s.event(key, VcpuEvent::DeadlineHint(Some(s.now + delay % 3_000_000))),
+                5 => s.event(key, VcpuEvent::SlotInvalid),
+                6 => s.guest(key, Reasons::NONE),
+                _ => s.event(key, VcpuEvent::DeadlineHint(None)),
+            }
+        }
+        s.advance(100 * MS);
+        // Longest possible boost: the RT budget, or a host hold (deadline + 1 ms after a 3 ms
+        // hint), whichever is larger.
+        let bound = 20 * MS + 4 * MS;
+        for (k, a, b) in &s.intervals {
+            prop_assert!(b - a <= bound, "{k} boosted {} ns", b - a);
+        }
+        // After 100 ms without events, only a vCPU whose guest still requests may be boosted
+        // (a rogue guest gets budget, cooldown, budget, ...).
+        for k in s.boosted.keys() {
+            let r = s.guest_request.get(k).copied().unwrap_or_default();
+            prop_assert!(!r.is_empty(), "{k} boosted without a request after 100 ms of quiet");
+        }
+        let mut out = Vec::new();
+        s.engine.shutdown(s.now, &mut out);
+        s.apply(out);
+        prop_assert!(s.boosted.is_empty());
+    }
+}
