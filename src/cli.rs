@@ -84,6 +84,13 @@ pub struct VmArgs {
     /// Period of the host probe thread (defaults to --interval).
     #[arg(long, value_parser = parse_duration)]
     pub probe_interval: Option<Duration>,
+    /// Policy driver deciding boosts during the run: none, static, dynamic, deadline-aware.
+    #[arg(long, default_value = "none")]
+    pub policy: String,
+    /// Option of the policy driver, key=value (repeatable): class=fifo:10, cs_budget=3ms,
+    /// rt_budget=500ms, cooldown=100ms, irq_hold=1ms, lead=100us (deadline-aware).
+    #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
+    pub policy_opts: Vec<String>,
     /// Offer the pvsched protocol to the guest (`v1`) or not (`off`).
     #[arg(long, value_enum, default_value_t = PvArg::V1)]
     pub pv: PvArg,

@@ -2,6 +2,8 @@
 
 use crate::cli::{FaultArg, GuestLoadArg, PvArg, TaskPeriod, VmArgs};
 use pvsched_bench::experiment::{self, ExperimentConfig};
+use pvsched_bench::pvhost::PolicyConfig;
+use pvsched_policy::{DriverOptions, OptionError};
 use pvsched_guest::FaultInjection;
 use pvsched_vmm::pvdevice::PvConfig;
 use pvsched_vmm::{GuestConfig, TaskConfig, VcpuError, VmConfig};
@@ -27,6 +29,9 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// A `--policy-opt` is malformed.
+    #[error("bad --policy-opt")]
+    PolicyOpt(#[from] OptionError),
     /// Signal handlers could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handlers")]
     Signals(#[source] std::io::Error),
@@ -49,6 +54,10 @@ impl CliError {
                 VmErr::InvalidConfig(_) => 2,
                 _ => 1,
             },
+            CliError::Experiment(experiment::Error::Policy(
+                pvsched_bench::pvhost::HostLoopError::Policy(_),
+            ))
+            | CliError::PolicyOpt(_) => 2,
             CliError::Experiment(experiment::Error::Sched(
                 pvsched_host::sched::Error::Permission { .. },
             )) => 5,
@@ -57,7 +66,7 @@ impl CliError {
     }
 }
 
-fn config(args: &VmArgs) -> ExperimentConfig {
+fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
     let task = match args.task_period {
         TaskPeriod::Off => None,
         TaskPeriod::Every(period) => Some(TaskConfig {
@@ -72,7 +81,7 @@ fn config(args: &VmArgs) -> ExperimentConfig {
         Some(FaultArg::Gp) => FaultInjection::GeneralProtection,
         Some(FaultArg::Pf) => FaultInjection::PageFault,
     };
-    ExperimentConfig {
+    Ok(ExperimentConfig {
         vm: VmConfig {
             pv: match args.pv {
                 PvArg::Off => None,
@@ -91,7 +100,11 @@ fn config(args: &VmArgs) -> ExperimentConfig {
         host_load: args.host_load,
         vcpu_sched: args.vcpu_sched,
         probe_interval: args.probe_interval.unwrap_or(args.interval),
-    }
+        policy: PolicyConfig {
+            driver: args.policy.clone(),
+            opts: DriverOptions::parse(args.policy_opts.iter().map(String::as_str))?,
+        },
+    })
 }
 
 /// Runs `pvsched vm`.
@@ -100,7 +113,7 @@ pub fn run(args: VmArgs) -> Result<ExitCode, CliError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, interrupt.clone()).map_err(CliError::Signals)?;
     }
-    let outcome = experiment::run(&config(&args), &interrupt)?;
+    let outcome = experiment::run(&config(&args)?, &interrupt)?;
     print!("{}", pvsched_bench::report::render(&outcome.report));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&outcome.report).expect("report serializes");

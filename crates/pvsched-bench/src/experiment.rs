@@ -4,7 +4,7 @@
 use crate::hist::{LatencyHistogram, LatencySummary};
 use crate::load::{HostLoad, LoadReport};
 use crate::probe::HostProbe;
-use crate::pvhost::{PvHost, PvReport};
+use crate::pvhost::{helper_class, HostLoop, HostLoopError, HostLoopReport, PolicyConfig, PvReport};
 use pvsched_host::{SchedClass, SchedGuard};
 use pvsched_vmm::vm::tsc_to_ns;
 use pvsched_vmm::{RunningVm, VcpuEnd, Vm, VmConfig};
@@ -24,6 +24,9 @@ pub enum Error {
     /// Changing a vCPU thread's class failed.
     #[error("cannot apply --vcpu-sched")]
     Sched(#[from] pvsched_host::sched::Error),
+    /// The policy engine could not be started.
+    #[error(transparent)]
+    Policy(#[from] HostLoopError),
     /// A host helper thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
@@ -52,6 +55,8 @@ pub struct ExperimentConfig {
     pub vcpu_sched: Option<SchedClass>,
     /// Period of the host probe.
     pub probe_interval: Duration,
+    /// The policy driver that decides boosts during the run.
+    pub policy: PolicyConfig,
 }
 
 /// The deadline task's results on one vCPU.
@@ -146,6 +151,21 @@ pub struct Report {
     pub jobs: u64,
     /// The pvsched protocol, when the VM offered it.
     pub pv: Option<PvReport>,
+    /// What the policy engine did.
+    pub policy: PolicyReport,
+}
+
+/// What the policy engine did during a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// Driver name.
+    pub driver: String,
+    /// Per-vCPU boosts, throttles, boosted time.
+    pub per_vcpu: Vec<crate::pvhost::VcpuPolicyReport>,
+    /// Boost decision → class applied on the thread.
+    pub boost_latency: LatencySummary,
+    /// Mechanism errors, if any (first few).
+    pub errors: Vec<String>,
 }
 
 /// A run's report plus the full histograms, for plots and merging.
@@ -164,6 +184,7 @@ pub fn controller_class(vcpu: SchedClass) -> Option<SchedClass> {
     match vcpu {
         SchedClass::Other => None,
         SchedClass::Fifo(p) | SchedClass::Rr(p) => Some(SchedClass::Fifo((p + 1).min(99))),
+        SchedClass::Deadline { .. } => Some(SchedClass::Fifo(99)),
     }
 }
 
@@ -174,12 +195,8 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     let hogs = HostLoad::start(cfg.host_load).map_err(|e| Error::Thread("host load", e))?;
     let probe = HostProbe::start(cfg.probe_interval).map_err(|e| Error::Thread("host probe", e))?;
     let mut running = vm.start()?;
-    let pv_host = match (running.pv_device().cloned(), running.take_pv_events()) {
-        (Some(dev), Some(events)) => {
-            Some(PvHost::start(dev, events).map_err(|e| Error::Thread("pvsched protocol", e))?)
-        }
-        _ => None,
-    };
+    let pv_offered = running.pv_device().is_some();
+    let host_loop = HostLoop::start(&mut running, &cfg.policy)?;
     // Guards restore the vCPU threads' class when dropped, on every path out of here.
     let guards = match cfg.vcpu_sched {
         Some(class) => running
@@ -193,7 +210,11 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     // With RT vCPU threads the controller (this thread) must outrank them, or it cannot
     // drain the rings or stop the run on time. Started after the vCPU threads so they do
     // not inherit it; restored when the guard drops.
-    let controller = match cfg.vcpu_sched.and_then(controller_class) {
+    let controller_needs = cfg
+        .vcpu_sched
+        .and_then(controller_class)
+        .or_else(|| cfg.policy.boost_class().map(helper_class));
+    let controller = match controller_needs {
         Some(class) => Some(SchedGuard::apply(pvsched_vmm::vcpu::gettid(), class)?),
         None => None,
     };
@@ -241,7 +262,13 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         }
     }
     drop(controller);
-    let pv_counts = pv_host.map(PvHost::stop);
+    let HostLoopReport {
+        driver,
+        pv: pv_counts,
+        policy: policy_vcpus,
+        boost_latency,
+        errors: policy_errors,
+    } = host_loop.stop();
     let probe_hist = probe.stop();
     let hog_report = hogs.stop();
 
@@ -280,14 +307,13 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     if let Some(e) = restore_error {
         return Err(e.into());
     }
-    let pv = match pv_counts {
-        Some(counts) => {
-            let mailboxes = (0..running.vcpus())
-                .map(|i| running.mailbox(i))
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(crate::pvhost::report(&mailboxes, &counts))
-        }
-        None => None,
+    let pv = if pv_offered {
+        let mailboxes = (0..running.vcpus())
+            .map(|i| running.mailbox(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(crate::pvhost::report(&mailboxes, &pv_counts))
+    } else {
+        None
     };
     let mut all = LatencyHistogram::new();
     for h in &hists {
@@ -324,6 +350,12 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             .sum(),
         per_vcpu,
         pv,
+        policy: PolicyReport {
+            driver,
+            per_vcpu: policy_vcpus,
+            boost_latency,
+            errors: policy_errors,
+        },
     };
     Ok(Outcome {
         report,

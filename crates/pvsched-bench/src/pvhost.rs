@@ -1,19 +1,73 @@
-//! The host side of the pvsched protocol during a run: a thread that waits for doorbells and
-//! slot changes and counts what each vCPU's guest asked for. (The boost engine that acts on
-//! them plugs in here.)
+//! The host side of a run: one thread (`pvsched-engine`) that waits for the guests'
+//! doorbells and slot changes and for the engine's timers, feeds them to the policy engine,
+//! and applies its decisions to the vCPU threads through the mechanism. It runs one
+//! real-time priority above boosted vCPUs, and restores every thread it boosted when it stops.
 
+use crate::hist::{LatencyHistogram, LatencySummary};
 use pvsched_guest::mailbox::{pv_status, Mailbox};
+use pvsched_host::mechanism::{Mechanism, MechanismStats, Publisher};
+use pvsched_host::{SchedClass, SchedGuard};
+use pvsched_policy::{
+    BoostClass, BoostState, Decision, DriverOptions, Engine, EngineError, Event, Nanos, VcpuEvent,
+    VcpuKey,
+};
 use pvsched_proto::abi::feature;
 use pvsched_proto::negotiate::{decode_answer, Negotiated};
 use pvsched_vmm::pvdevice::{PvDevice, PvEvent, PvPoller};
+use pvsched_vmm::vm::rdtsc;
+use pvsched_vmm::{RunningVm, TscClock};
 use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// How long the protocol thread waits for a doorbell before it rescans the slots.
-const POLL_TIMEOUT: Duration = Duration::from_millis(10);
+/// Longest wait of the engine thread when nothing happens.
+const IDLE_WAIT_MS: i32 = 10;
+/// Rounds of handshake follow-ups handled per wake-up (a guest that flips its request as fast
+/// as it can must not keep the engine thread busy forever).
+const MAX_ROUNDS: usize = 8;
+const TOKEN_TIMER: u64 = 1;
+const TOKEN_PV: u64 = 2;
+
+/// Which driver runs the VM, with its options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Driver name (`none`, `static`, `dynamic`, `deadline-aware`).
+    pub driver: String,
+    /// Driver options.
+    pub opts: DriverOptions,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            driver: "none".into(),
+            opts: DriverOptions::new(),
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// The class the driver boosts to (its `class` option, default `fifo:10`), or `None` for
+    /// a driver that never boosts.
+    pub fn boost_class(&self) -> Option<BoostClass> {
+        (self.driver != "none").then(|| {
+            self.opts
+                .class("class", BoostClass::default())
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// The class a helper thread needs to outrank vCPU threads boosted to `c`.
+pub fn helper_class(c: BoostClass) -> SchedClass {
+    match c {
+        BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
+        BoostClass::Deadline { .. } => SchedClass::Fifo(99),
+    }
+}
 
 /// What the host saw of one vCPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,55 +80,179 @@ pub struct HostCounts {
     pub bad_slots: u64,
 }
 
-/// The protocol thread of a run.
-pub struct PvHost {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<HostCounts>>>,
+/// What the policy did to one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VcpuPolicyReport {
+    /// Boosts.
+    pub boosts: u64,
+    /// Unboosts.
+    pub unboosts: u64,
+    /// Boosts ended by a budget.
+    pub throttles: u64,
+    /// Requests refused while throttled.
+    pub refused: u64,
+    /// Time boosted, ms.
+    pub boosted_ms: f64,
 }
 
-impl PvHost {
-    /// Starts `pvsched-pvhost` polling `device` with its MSR event stream `events`.
-    pub fn start(device: Arc<PvDevice>, events: mpsc::Receiver<PvEvent>) -> std::io::Result<Self> {
-        let mut poller = PvPoller::new(&device, events)?;
+/// Everything the engine thread reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostLoopReport {
+    /// Driver name.
+    pub driver: String,
+    /// Protocol counts per vCPU.
+    pub pv: Vec<HostCounts>,
+    /// Policy counts per vCPU.
+    pub policy: Vec<VcpuPolicyReport>,
+    /// Boost decision → class applied.
+    pub boost_latency: LatencySummary,
+    /// Mechanism errors (first few).
+    pub errors: Vec<String>,
+}
+
+/// The engine thread of a run.
+pub struct HostLoop {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<HostLoopReport>>,
+}
+
+/// Errors of starting the engine thread.
+#[derive(Debug, thiserror::Error)]
+pub enum HostLoopError {
+    /// The policy configuration is invalid.
+    #[error("invalid policy")]
+    Policy(#[from] EngineError),
+    /// The thread or its wait set could not be created.
+    #[error("cannot start the engine thread")]
+    Io(#[from] std::io::Error),
+}
+
+fn mono_ns() -> Nanos {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A non-blocking CLOCK_MONOTONIC timerfd for the engine's timers.
+struct Timer(OwnedFd);
+
+impl Timer {
+    fn new() -> std::io::Result<Timer> {
+        // SAFETY: plain syscall; the fd is checked and owned below.
+        let fd = unsafe {
+            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh fd we own.
+        Ok(Timer(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Fires at absolute monotonic time `at` (0: disarm).
+    fn set(&self, at: Option<Nanos>) {
+        let at = at.map_or(0, |t| t.max(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (at / 1_000_000_000) as libc::time_t,
+                tv_nsec: (at % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: valid fd and itimerspec; no old value requested.
+        unsafe {
+            libc::timerfd_settime(
+                self.0.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into `buf`; EAGAIN when not expired is fine.
+        unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    }
+}
+
+struct PvPublisher<'a>(Option<&'a PvDevice>);
+
+impl Publisher for PvPublisher<'_> {
+    fn publish(&mut self, key: VcpuKey, state: BoostState) -> Option<u32> {
+        self.0?.publish(key.vcpu as usize, state)
+    }
+}
+
+impl HostLoop {
+    /// Starts the engine thread for `vm` (VM id 0) with `policy`. Options are checked here,
+    /// so a bad policy fails before the guests run.
+    pub fn start(vm: &mut RunningVm, policy: &PolicyConfig) -> Result<HostLoop, HostLoopError> {
+        let mut engine = Engine::default();
+        engine.add_vm(0, &policy.driver, &policy.opts)?;
+        let tids = vm.tids();
+        let device = vm.pv_device().cloned();
+        let poller = match (vm.take_pv_events(), device.as_ref()) {
+            (Some(rx), Some(dev)) => Some(PvPoller::new(dev, rx)?),
+            _ => None,
+        };
+        let epoll = Epoll::new()?;
+        let timer = Timer::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.0.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+        )?;
+        if let Some(p) = &poller {
+            epoll.ctl(
+                ControlOperation::Add,
+                p.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_PV),
+            )?;
+        }
+        let own_class = policy.boost_class().map(helper_class);
+        let driver = policy.driver.clone();
+        let tsc = vm.tsc_clock();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("pvsched-pvhost".into())
+            .name("pvsched-engine".into())
             .spawn(move || {
-                let mut counts = vec![HostCounts::default(); device.vcpus()];
-                let mut out = Vec::new();
-                loop {
-                    let last = flag.load(Ordering::Acquire);
-                    if poller.poll(&device, POLL_TIMEOUT, &mut out).is_err() {
-                        break;
-                    }
-                    for e in out.drain(..) {
-                        match e {
-                            PvEvent::Doorbell { vcpu, count } => counts[vcpu].doorbells += count,
-                            PvEvent::RequestChanged { vcpu, .. } => counts[vcpu].updates_seen += 1,
-                            PvEvent::BadSlot { vcpu, .. } => counts[vcpu].bad_slots += 1,
-                            _ => {}
-                        }
-                    }
-                    // One more poll after the stop request collects the final doorbells.
-                    if last {
-                        break;
-                    }
-                }
-                counts
+                let mut state = LoopState {
+                    engine,
+                    mech: Mechanism::new(),
+                    device,
+                    poller,
+                    tsc,
+                    counts: vec![HostCounts::default(); tids.len()],
+                    deadlines: vec![None; tids.len()],
+                    pending: Vec::new(),
+                };
+                // Outrank the vCPU threads it boosts, for as long as it runs.
+                let _class = own_class.and_then(|c| SchedGuard::apply(0, c).ok());
+                state.run(&tids, &epoll, &timer, &flag);
+                state.report(driver)
             })?;
-        Ok(PvHost {
+        Ok(HostLoop {
             stop,
             thread: Some(thread),
         })
     }
 
-    /// Stops the thread and returns the per-vCPU counts.
-    pub fn stop(mut self) -> Vec<HostCounts> {
+    /// Stops the thread (every boosted thread restored) and returns its report.
+    pub fn stop(mut self) -> HostLoopReport {
         self.halt()
     }
 
-    fn halt(&mut self) -> Vec<HostCounts> {
+    fn halt(&mut self) -> HostLoopReport {
         self.stop.store(true, Ordering::Release);
         self.thread
             .take()
@@ -83,9 +261,154 @@ impl PvHost {
     }
 }
 
-impl Drop for PvHost {
+impl Drop for HostLoop {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+struct LoopState {
+    engine: Engine,
+    mech: Mechanism,
+    device: Option<Arc<PvDevice>>,
+    poller: Option<PvPoller>,
+    tsc: TscClock,
+    counts: Vec<HostCounts>,
+    deadlines: Vec<Option<u64>>,
+    pending: Vec<Event>,
+}
+
+impl LoopState {
+    fn run(&mut self, tids: &[i32], epoll: &Epoll, timer: &Timer, stop: &AtomicBool) {
+        for (i, &tid) in tids.iter().enumerate() {
+            let key = VcpuKey::new(0, i as u32);
+            self.mech.register(key, tid);
+            self.pending.push(Event::new(key, VcpuEvent::Registered));
+        }
+        let mut ready = [EpollEvent::default(); 4];
+        let mut pv_events = Vec::new();
+        loop {
+            let now = mono_ns();
+            self.process(now);
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            timer.set(self.mech.next_timer());
+            let n = epoll.wait(IDLE_WAIT_MS, &mut ready).unwrap_or(0);
+            if ready[..n].iter().any(|e| e.data() == TOKEN_TIMER) {
+                timer.drain();
+            }
+            let now = mono_ns();
+            if let (Some(p), Some(dev)) = (self.poller.as_mut(), self.device.as_deref()) {
+                let _ = p.poll(dev, std::time::Duration::ZERO, &mut pv_events);
+            }
+            for e in pv_events.drain(..) {
+                self.on_pv_event(e);
+            }
+            self.mech.due_timers(now, &mut self.pending);
+        }
+        let mut out = Vec::new();
+        self.engine.shutdown(mono_ns(), &mut out);
+        self.apply(&out, mono_ns(), &mut Vec::new());
+        self.mech.restore_all();
+    }
+
+    /// Runs the pending events through the engine and applies the decisions, with a bounded
+    /// number of handshake rounds.
+    fn process(&mut self, trigger: Nanos) {
+        let mut decisions = Vec::new();
+        for _ in 0..MAX_ROUNDS {
+            if self.pending.is_empty() {
+                return;
+            }
+            decisions.clear();
+            let now = mono_ns();
+            let events = std::mem::take(&mut self.pending);
+            self.engine.handle_all(events, now, &mut decisions);
+            let mut follow = Vec::new();
+            self.apply(&decisions, trigger, &mut follow);
+            self.pending = follow;
+        }
+    }
+
+    fn apply(&mut self, decisions: &[Decision], trigger: Nanos, follow: &mut Vec<Event>) {
+        let mut publisher = PvPublisher(self.device.as_deref());
+        self.mech
+            .apply(decisions, &mut publisher, trigger, &mono_ns, follow);
+    }
+
+    fn on_pv_event(&mut self, e: PvEvent) {
+        let key = |v: usize| VcpuKey::new(0, v as u32);
+        match e {
+            PvEvent::Doorbell { vcpu, count } => {
+                self.counts[vcpu].doorbells += count;
+                let what = match self.device.as_ref().map(|d| d.snapshot(vcpu)) {
+                    Some(Ok(Some(s))) => VcpuEvent::Doorbell(s.reasons),
+                    Some(Err(_)) => VcpuEvent::SlotInvalid,
+                    _ => return,
+                };
+                self.pending.push(Event::new(key(vcpu), what));
+            }
+            PvEvent::RequestChanged { vcpu, snapshot } => {
+                self.counts[vcpu].updates_seen += 1;
+                self.pending
+                    .push(Event::new(key(vcpu), VcpuEvent::Request(snapshot.reasons)));
+                if snapshot.deadline_tsc != self.deadlines[vcpu] {
+                    self.deadlines[vcpu] = snapshot.deadline_tsc;
+                    let at = snapshot
+                        .deadline_tsc
+                        .map(|t| self.tsc.to_mono(t, rdtsc(), mono_ns()));
+                    self.pending
+                        .push(Event::new(key(vcpu), VcpuEvent::DeadlineHint(at)));
+                }
+            }
+            PvEvent::BadSlot { vcpu, .. } => {
+                self.counts[vcpu].bad_slots += 1;
+                self.pending.push(Event::new(key(vcpu), VcpuEvent::SlotInvalid));
+            }
+            PvEvent::SlotRegistered { vcpu, .. } => {
+                // The slot is new: tell it the state the engine already decided.
+                let k = key(vcpu);
+                let state = self
+                    .engine
+                    .vcpu(k)
+                    .and_then(|s| s.published)
+                    .unwrap_or(BoostState::Normal);
+                let mut follow = Vec::new();
+                self.apply(&[Decision::Publish(k, state)], mono_ns(), &mut follow);
+                self.pending.extend(follow);
+            }
+            PvEvent::Negotiated { .. }
+            | PvEvent::SlotUnregistered { .. }
+            | PvEvent::SlotRejected { .. } => {}
+        }
+    }
+
+    fn report(&self, driver: String) -> HostLoopReport {
+        let now = mono_ns();
+        let policy = self
+            .engine
+            .vcpus()
+            .map(|(_, s)| VcpuPolicyReport {
+                boosts: s.counters.boosts,
+                unboosts: s.counters.unboosts,
+                throttles: s.counters.throttles,
+                refused: s.counters.refused,
+                boosted_ms: s.boosted_ns(now) as f64 / 1e6,
+            })
+            .collect();
+        let stats: &MechanismStats = self.mech.stats();
+        let mut lat = LatencyHistogram::new();
+        for &ns in &stats.boost_latency_ns {
+            lat.record_ns(ns);
+        }
+        HostLoopReport {
+            driver,
+            pv: self.counts.clone(),
+            policy,
+            boost_latency: lat.summary(),
+            errors: stats.errors.iter().take(5).cloned().collect(),
+        }
     }
 }
 
@@ -168,6 +491,18 @@ pub fn report(mailboxes: &[Mailbox], host: &[HostCounts]) -> PvReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn helper_outranks_the_boost_class() {
+        assert_eq!(helper_class(BoostClass::Fifo(10)), SchedClass::Fifo(11));
+        assert_eq!(helper_class(BoostClass::Rr(99)), SchedClass::Fifo(99));
+        let p = PolicyConfig {
+            driver: "dynamic".into(),
+            opts: DriverOptions::parse(["class=rr:20"]).unwrap(),
+        };
+        assert_eq!(p.boost_class(), Some(BoostClass::Rr(20)));
+        assert_eq!(PolicyConfig::default().boost_class(), None);
+    }
 
     #[test]
     fn features_are_named() {

@@ -128,6 +128,34 @@ pub fn render(r: &Report) -> String {
             }
         }
     }
+    let pol = &r.policy;
+    let _ = writeln!(s, "Policy: {}", pol.driver);
+    for (i, v) in pol.per_vcpu.iter().enumerate() {
+        let share = r
+            .per_vcpu
+            .get(i)
+            .filter(|c| c.wall_s > 0.0)
+            .map_or(0.0, |c| v.boosted_ms / 1e3 / c.wall_s * 100.0);
+        let _ = writeln!(
+            s,
+            "B:{:2} boosts {} unboosts {} throttles {} refused {} boosted {:.1} ms ({:.1}%)",
+            i, v.boosts, v.unboosts, v.throttles, v.refused, v.boosted_ms, share
+        );
+    }
+    if pol.boost_latency.count > 0 {
+        let l = &pol.boost_latency;
+        let _ = writeln!(
+            s,
+            "Boost decision -> applied (us): C:{} p50:{} p99:{} Max:{}",
+            l.count,
+            us(l.p50_us),
+            us(l.p99_us),
+            us(l.max_us)
+        );
+    }
+    for e in &pol.errors {
+        let _ = writeln!(s, "Policy error: {e}");
+    }
     let p = &r.host_probe;
     let _ = writeln!(
         s,

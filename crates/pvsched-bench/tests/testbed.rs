@@ -24,6 +24,7 @@ fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
         host_load: 0,
         vcpu_sched: None,
         probe_interval: Duration::from_millis(1),
+        policy: Default::default(),
     }
 }
 

@@ -4,6 +4,8 @@
 //! undo it.
 #![deny(missing_docs)]
 
+pub mod mechanism;
 pub mod sched;
 
+pub use mechanism::{Mechanism, Publisher};
 pub use sched::{SchedAttr, SchedClass, SchedGuard};

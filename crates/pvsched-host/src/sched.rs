@@ -57,6 +57,15 @@ pub enum SchedClass {
     Fifo(u32),
     /// `SCHED_RR` at a priority 1..=99.
     Rr(u32),
+    /// `SCHED_DEADLINE`: `runtime` ns every `period` ns, by `deadline` ns.
+    Deadline {
+        /// Runtime per period, ns.
+        runtime: u64,
+        /// Relative deadline, ns.
+        deadline: u64,
+        /// Period, ns.
+        period: u64,
+    },
 }
 
 impl SchedClass {
@@ -66,11 +75,34 @@ impl SchedClass {
             SchedClass::Other => (libc::SCHED_OTHER, 0),
             SchedClass::Fifo(p) => (libc::SCHED_FIFO, p),
             SchedClass::Rr(p) => (libc::SCHED_RR, p),
+            SchedClass::Deadline {
+                runtime,
+                deadline,
+                period,
+            } => {
+                return SchedAttr {
+                    policy: SCHED_DEADLINE,
+                    runtime,
+                    deadline,
+                    period,
+                    ..SchedAttr::default()
+                }
+            }
         };
         SchedAttr {
             policy: policy as u32,
             priority,
             ..SchedAttr::default()
+        }
+    }
+
+    /// The real-time priority of the class (0 for non-RT classes; `SCHED_DEADLINE` runs
+    /// above every FIFO/RR priority and reports 100).
+    pub fn rt_priority(&self) -> u32 {
+        match *self {
+            SchedClass::Other => 0,
+            SchedClass::Fifo(p) | SchedClass::Rr(p) => p,
+            SchedClass::Deadline { .. } => 100,
         }
     }
 }
@@ -81,9 +113,15 @@ impl fmt::Display for SchedClass {
             SchedClass::Other => write!(f, "other"),
             SchedClass::Fifo(p) => write!(f, "fifo:{p}"),
             SchedClass::Rr(p) => write!(f, "rr:{p}"),
+            SchedClass::Deadline {
+                runtime, period, ..
+            } => write!(f, "deadline:{runtime}ns/{period}ns"),
         }
     }
 }
+
+/// `SCHED_DEADLINE` (not in every libc).
+const SCHED_DEADLINE: u32 = 6;
 
 /// Error of parsing a [`SchedClass`].
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -138,7 +176,8 @@ pub struct SchedAttr {
 impl SchedAttr {
     /// True for the real-time policies (`SCHED_FIFO`, `SCHED_RR`, `SCHED_DEADLINE`).
     pub fn is_realtime(&self) -> bool {
-        matches!(self.policy as i32, libc::SCHED_FIFO | libc::SCHED_RR) || self.policy == 6
+        matches!(self.policy as i32, libc::SCHED_FIFO | libc::SCHED_RR)
+            || self.policy == SCHED_DEADLINE
     }
 
     fn to_raw(self) -> libc::sched_attr {
@@ -176,7 +215,7 @@ impl fmt::Display for SchedAttr {
             libc::SCHED_RR => write!(f, "rr:{}", self.priority),
             libc::SCHED_BATCH => write!(f, "batch(nice {})", self.nice),
             libc::SCHED_IDLE => write!(f, "idle"),
-            6 => write!(
+            p if p as u32 == SCHED_DEADLINE => write!(
                 f,
                 "deadline(runtime {} ns, deadline {} ns, period {} ns)",
                 self.runtime, self.deadline, self.period

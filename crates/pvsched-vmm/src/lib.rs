@@ -17,4 +17,6 @@ pub mod vm;
 pub mod x86;
 
 pub use vcpu::{VcpuEnd, VcpuError, VcpuRunStats};
-pub use vm::{open_kvm, Error, GuestConfig, RingReader, RunningVm, TaskConfig, Vm, VmConfig};
+pub use vm::{
+    open_kvm, Error, GuestConfig, RingReader, RunningVm, TaskConfig, TscClock, Vm, VmConfig,
+};

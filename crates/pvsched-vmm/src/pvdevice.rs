@@ -447,6 +447,12 @@ impl PvPoller {
         })
     }
 
+    /// The poller's epoll fd: readable when a doorbell is pending, so a caller can wait for
+    /// it together with its own sources and then call [`PvPoller::poll`] with a zero timeout.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.epoll.as_raw_fd()
+    }
+
     /// Waits up to `timeout` for a doorbell, then appends what happened to `out`: MSR events,
     /// doorbells, and every slot whose `seq` moved (lazy requests included) or that no longer
     /// decodes.

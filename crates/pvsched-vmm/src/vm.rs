@@ -5,8 +5,8 @@ use crate::pvdevice::{PvConfig, PvDevice, PvEvent};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuRunStats};
 use crate::x86;
 use kvm_bindings::{
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_regs, kvm_userspace_memory_region,
-    CpuId, KvmIrqRouting, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_userspace_memory_region, CpuId, KvmIrqRouting, Msrs, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
     KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
 };
 use kvm_ioctls::{
@@ -231,12 +231,63 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 /// The only stable KVM API version.
 const KVM_API_VERSION: i32 = 12;
 
+/// Converts guest TSC values to host `CLOCK_MONOTONIC` time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TscClock {
+    /// Guest TSC − host TSC, cycles.
+    pub offset: i64,
+    /// TSC frequency, kHz.
+    pub khz: u64,
+}
+
+impl TscClock {
+    /// Host monotonic ns of guest TSC value `guest`, given a host (TSC, monotonic ns) pair
+    /// read together now.
+    pub fn to_mono(&self, guest: u64, host_tsc_now: u64, mono_now: u64) -> u64 {
+        let host = guest.wrapping_sub(self.offset as u64);
+        let delta = host.wrapping_sub(host_tsc_now) as i64;
+        let ns = (delta as i128 * 1_000_000 / self.khz.max(1) as i128) as i64;
+        mono_now.saturating_add_signed(ns)
+    }
+}
+
+/// The host's TSC.
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects and is available on every x86-64 CPU.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Measures guest TSC − host TSC on `fd` (before the vCPU runs): the narrowest of 16
+/// brackets of KVM_GET_MSRS(IA32_TSC) by host `rdtsc`.
+fn measure_tsc_offset(fd: &VcpuFd) -> Result<i64, Error> {
+    const IA32_TSC: u32 = 0x10;
+    let mut best: Option<(u64, i64)> = None;
+    for _ in 0..16 {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|_| Error::Unsupported("reading IA32_TSC"))?;
+        let h0 = rdtsc();
+        fd.get_msrs(&mut msrs).map_err(kvm_err("get IA32_TSC"))?;
+        let h1 = rdtsc();
+        let guest = msrs.as_slice()[0].data;
+        let width = h1.wrapping_sub(h0);
+        let offset = guest.wrapping_sub(h0 + width / 2) as i64;
+        if best.is_none_or(|(w, _)| width < w) {
+            best = Some((width, offset));
+        }
+    }
+    Ok(best.map_or(0, |(_, o)| o))
+}
+
 /// A created, not yet running testbed VM.
 pub struct Vm {
     vm: VmFd,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     tsc_khz: u64,
+    tsc_offset: i64,
     pv: Option<(Arc<PvDevice>, mpsc::Receiver<PvEvent>)>,
 }
 
@@ -293,6 +344,7 @@ impl Vm {
 
         let mut vcpus = Vec::with_capacity(config.vcpus);
         let mut tsc_khz = 0;
+        let mut tsc_offset = 0;
         for index in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(index as u64)
@@ -324,6 +376,7 @@ impl Vm {
                 if tsc_khz == 0 {
                     return Err(Error::Unsupported("a known TSC frequency"));
                 }
+                tsc_offset = measure_tsc_offset(&fd)?;
             }
             mem.write_obj(
                 RawMailbox(initial_mailbox(index, &config.guest, tsc_khz)),
@@ -336,6 +389,7 @@ impl Vm {
             mem,
             vcpus,
             tsc_khz,
+            tsc_offset,
             pv,
         })
     }
@@ -357,7 +411,10 @@ impl Vm {
         let mut running = RunningVm {
             vm: self.vm,
             mem: self.mem.clone(),
-            tsc_khz: self.tsc_khz,
+            tsc: TscClock {
+                offset: self.tsc_offset,
+                khz: self.tsc_khz,
+            },
             threads: Vec::new(),
             msi_routes: Vec::new(),
             pv: pv.clone(),
@@ -510,7 +567,7 @@ pub type VcpuOutcome = Result<VcpuRunStats, Error>;
 pub struct RunningVm {
     vm: VmFd,
     mem: GuestMemoryMmap,
-    tsc_khz: u64,
+    tsc: TscClock,
     threads: Vec<VcpuThread>,
     msi_routes: Vec<kvm_irq_routing_entry>,
     pv: Option<Arc<PvDevice>>,
@@ -530,7 +587,12 @@ impl RunningVm {
 
     /// The guest TSC frequency in kHz.
     pub fn tsc_khz(&self) -> u64 {
-        self.tsc_khz
+        self.tsc.khz
+    }
+
+    /// Guest-TSC to host-time conversion.
+    pub fn tsc_clock(&self) -> TscClock {
+        self.tsc
     }
 
     /// The protocol device, when the VM offers pvsched.
@@ -783,6 +845,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("below the period"));
+    }
+
+    #[test]
+    fn tsc_clock_maps_guest_time_to_host_time() {
+        let c = TscClock {
+            offset: 1000,
+            khz: 1_000_000,
+        };
+        // Guest 6000 = host 5000; host now 4000 at mono 10 µs: 1000 cycles (1 µs) later.
+        assert_eq!(c.to_mono(6000, 4000, 10_000), 11_000);
+        assert_eq!(c.to_mono(3000, 4000, 10_000), 8_000, "in the past");
+        let neg = TscClock { offset: -500, khz: 1_000_000 };
+        assert_eq!(neg.to_mono(4000, 4000, 0), 500);
     }
 
     #[test]
