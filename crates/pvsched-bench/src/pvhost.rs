@@ -290,6 +290,16 @@ impl LoopState {
         loop {
             let now = mono_ns();
             self.process(now);
+            // Slot changes the guest made while we decided (a deadline published in the same
+            // critical section that asked for the boost) are picked up now, not at the next
+            // wake-up.
+            for _ in 0..2 {
+                self.poll_slots(&mut pv_events);
+                if self.pending.is_empty() {
+                    break;
+                }
+                self.process(mono_ns());
+            }
             if stop.load(Ordering::Acquire) {
                 break;
             }
@@ -311,6 +321,16 @@ impl LoopState {
         self.engine.shutdown(mono_ns(), &mut out);
         self.apply(&out, mono_ns(), &mut Vec::new());
         self.mech.restore_all();
+    }
+
+    /// Collects doorbells and slot changes without waiting.
+    fn poll_slots(&mut self, buf: &mut Vec<PvEvent>) {
+        if let (Some(p), Some(dev)) = (self.poller.as_mut(), self.device.as_deref()) {
+            let _ = p.poll(dev, std::time::Duration::ZERO, buf);
+        }
+        for e in buf.drain(..) {
+            self.on_pv_event(e);
+        }
     }
 
     /// Runs the pending events through the engine and applies the decisions, with a bounded

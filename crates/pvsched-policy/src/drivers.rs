@@ -1,6 +1,6 @@
 //! The built-in drivers: `none`, `static`, `dynamic`, `deadline-aware`.
 
-use crate::driver::{Cause, Driver, VcpuCtx};
+use crate::driver::{Boost, Cause, Driver, VcpuCtx};
 use crate::options::{DriverOptions, OptionError};
 use crate::{BoostClass, Nanos, TimerKind, VcpuEvent};
 use pvsched_proto::BoostState;
@@ -186,6 +186,8 @@ impl DynamicDriver {
 
     fn rearm(&self, ctx: &mut VcpuCtx<'_>) {
         if let Some(at) = self.next_check(ctx) {
+            // An overdue check (a late timer) runs at once.
+            let at = at.max(ctx.now);
             ctx.arm(TimerKind::Budget, at);
         }
     }
@@ -212,6 +214,16 @@ impl DynamicDriver {
         self.rearm(ctx);
     }
 
+    /// True when an empty request may end boost `b` now. A deadline boost is kept until its
+    /// deadline has passed *and* the guest has published its next deadline: unboosting in
+    /// between lets a host thread preempt the vCPU before it could say when it next needs
+    /// to run (calibration.md, "dlNNf").
+    fn releasable(&self, ctx: &VcpuCtx<'_>, b: Boost) -> bool {
+        ctx.now >= b.release_after
+            && (b.cause != Cause::Deadline
+                || ctx.state.deadline.is_some_and(|d| d > b.release_after))
+    }
+
     fn on_request(&self, ctx: &mut VcpuCtx<'_>) {
         let now = ctx.now;
         if ctx.state.published == Some(BoostState::Disabled) {
@@ -222,7 +234,7 @@ impl DynamicDriver {
         }
         if ctx.state.request.is_empty() {
             match ctx.state.boost {
-                Some(b) if now >= b.release_after => ctx.unboost(BoostState::Normal),
+                Some(b) if self.releasable(ctx, b) => ctx.unboost(BoostState::Normal),
                 Some(_) => {
                     ctx.note_held_reasons();
                     self.rearm(ctx);
@@ -296,6 +308,15 @@ impl Driver for DynamicDriver {
                 if let (Some(lead), Some(d)) = (self.p.lead, d) {
                     if d > now {
                         ctx.arm(TimerKind::Lead, d.saturating_sub(lead).max(now));
+                    }
+                }
+                // The next deadline is known: a deadline boost waiting for it can end.
+                if let Some(b) = ctx.state.boost {
+                    if b.cause == Cause::Deadline
+                        && ctx.state.request.is_empty()
+                        && self.releasable(ctx, b)
+                    {
+                        ctx.unboost(BoostState::Normal);
                     }
                 }
             }

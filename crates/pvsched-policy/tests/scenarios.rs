@@ -284,12 +284,17 @@ fn deadline_aware_boosts_ahead_of_the_deadline() {
     s.guest(V0, rs(&[Reason::PreemptDisabled]));
     s.guest(V0, Reasons::NONE);
     assert!(s.is_boosted(V0));
-    // The timer fires; the guest handles it and releases: unboost.
+    // The timer fires; the guest handles it and releases, but the boost holds until the
+    // guest has published its next deadline.
     s.advance_to(2 * MS + 30 * US);
     s.guest(V0, rs(&[Reason::Irq]));
     s.advance(10 * US);
     s.guest(V0, Reasons::NONE);
-    assert!(!s.is_boosted(V0));
+    assert!(s.is_boosted(V0), "next deadline not known yet");
+    s.advance(10 * US);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(5 * MS)));
+    assert!(!s.is_boosted(V0), "next deadline published: unboost");
+    s.event(V0, VcpuEvent::DeadlineHint(None));
     // A new hint re-arms; a stale lead timer from an older hint does nothing.
     s.event(V0, VcpuEvent::DeadlineHint(Some(10 * MS)));
     s.event(V0, VcpuEvent::DeadlineHint(Some(20 * MS)));
