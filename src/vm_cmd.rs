@@ -3,8 +3,8 @@
 use crate::cli::{FaultArg, GuestLoadArg, PvArg, TaskPeriod, VmArgs};
 use pvsched_bench::experiment::{self, ExperimentConfig};
 use pvsched_bench::pvhost::PolicyConfig;
-use pvsched_policy::{DriverOptions, OptionError};
 use pvsched_guest::FaultInjection;
+use pvsched_policy::{DriverOptions, OptionError};
 use pvsched_vmm::pvdevice::PvConfig;
 use pvsched_vmm::{GuestConfig, TaskConfig, VcpuError, VmConfig};
 use std::process::ExitCode;

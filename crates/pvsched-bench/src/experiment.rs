@@ -4,7 +4,9 @@
 use crate::hist::{LatencyHistogram, LatencySummary};
 use crate::load::{HostLoad, LoadReport};
 use crate::probe::HostProbe;
-use crate::pvhost::{helper_class, HostLoop, HostLoopError, HostLoopReport, PolicyConfig, PvReport};
+use crate::pvhost::{
+    helper_class, HostLoop, HostLoopError, HostLoopReport, PolicyConfig, PvReport,
+};
 use pvsched_host::{SchedClass, SchedGuard};
 use pvsched_vmm::vm::tsc_to_ns;
 use pvsched_vmm::{RunningVm, VcpuEnd, Vm, VmConfig};

@@ -144,7 +144,10 @@ impl Timer {
     fn new() -> std::io::Result<Timer> {
         // SAFETY: plain syscall; the fd is checked and owned below.
         let fd = unsafe {
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
         };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
@@ -384,7 +387,8 @@ impl LoopState {
             }
             PvEvent::BadSlot { vcpu, .. } => {
                 self.counts[vcpu].bad_slots += 1;
-                self.pending.push(Event::new(key(vcpu), VcpuEvent::SlotInvalid));
+                self.pending
+                    .push(Event::new(key(vcpu), VcpuEvent::SlotInvalid));
             }
             PvEvent::SlotRegistered { vcpu, .. } => {
                 // The slot is new: tell it the state the engine already decided.

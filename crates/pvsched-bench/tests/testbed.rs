@@ -118,19 +118,6 @@ fn task_disabled_means_no_task_report() {
     assert!(out.report.jobs > 0);
 }
 
-fn vcpu_tids() -> Vec<i32> {
-    let mut tids = Vec::new();
-    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if comm.starts_with("pvsched-vcpu") {
-            if let Ok(t) = e.file_name().to_string_lossy().parse() {
-                tids.push(t);
-            }
-        }
-    }
-    tids
-}
-
 #[test]
 fn static_rt_class_is_applied_to_vcpu_threads_and_restored() {
     let _s = serial();
@@ -152,7 +139,7 @@ fn static_rt_class_is_applied_to_vcpu_threads_and_restored() {
         let (stop, seen) = (stop.clone(), seen.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                for tid in vcpu_tids() {
+                for tid in pvsched_testutil::threads_named("pvsched-vcpu") {
                     if let Ok(a) = sched::get(tid) {
                         seen.lock().unwrap().push((tid, a));
                     }

@@ -216,6 +216,8 @@ pvsched_guest_entry:
     shrq $32, %rdx
     wrmsr
     movq ${pv_enabled}, {pv_status}(%rbx)
+    testq ${flag_rogue}, {flags}(%rbx)
+    jnz 700f
     testq ${flag_exercise}, {flags}(%rbx)
     jz 19f
     call 600f
@@ -411,6 +413,17 @@ pvsched_guest_entry:
     PV_EXIT {r_rt_bit}, {r_rt}
     ret
 
+/* ---- rogue guest (test hook): hold a preempt-off request forever, stay stoppable */
+700:PV_ENTER {r_preempt_bit}, {r_preempt}
+    movq $2, {state}(%rbx)
+701:cmpq $0, {stop}(%rbx)
+    jne 90b
+    sti
+    outb %al, ${port_yield}
+    cli
+    incq {yield_exits}(%rbx)
+    jmp 701b
+
 /* ---- fault injection (test hooks) */
 800:ud2
 801:popcntq %rax, %rax
@@ -431,6 +444,7 @@ pvsched_guest_end:
     port_done = const PORT_DONE,
     port_mark = const PORT_MARK,
     flag_exercise = const mailbox::FLAG_PV_EXERCISE,
+    flag_rogue = const mailbox::FLAG_PV_ROGUE,
     pv_enabled = const mailbox::pv_status::ENABLED,
     pv_no_version = const mailbox::pv_status::NO_VERSION,
     pv_not_found = const mailbox::pv_status::NOT_FOUND,

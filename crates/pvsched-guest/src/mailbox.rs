@@ -30,6 +30,11 @@ pub const FLAG_BUSY: u64 = 1 << 0;
 /// (test hook, see `docs/testbed.md`).
 pub const FLAG_PV_EXERCISE: u64 = 1 << 1;
 
+/// Bit in [`Mailbox::flags`]: after setting up pvsched, behave like a rogue guest: request a
+/// boost (a preempt-off section) and spin forever without releasing it, staying interruptible
+/// and stoppable (test hook).
+pub const FLAG_PV_ROGUE: u64 = 1 << 2;
+
 /// Offset of the pvsched slot inside the per-vCPU region (128-byte aligned).
 pub const SLOT_OFFSET: u64 = 0x800;
 

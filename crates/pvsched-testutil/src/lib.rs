@@ -63,6 +63,37 @@ pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send +
     }
 }
 
+/// Thread ids of this process's threads whose name starts with `prefix` (how a daemon finds
+/// vCPU threads), in ascending order.
+pub fn threads_named(prefix: &str) -> Vec<i32> {
+    let mut tids: Vec<i32> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with(prefix))
+                })
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    tids.sort_unstable();
+    tids
+}
+
+/// Pins thread `tid` to CPU `cpu`.
+pub fn pin(tid: i32, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Holds the process-wide test lock: tests measuring on the machine's CPUs take it so they do

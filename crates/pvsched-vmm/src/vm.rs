@@ -6,8 +6,8 @@ use crate::vcpu::{self, Vcpu, VcpuError, VcpuRunStats};
 use crate::x86;
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_userspace_memory_region, CpuId, KvmIrqRouting, Msrs, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
+    kvm_userspace_memory_region, CpuId, KvmIrqRouting, Msrs, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER,
 };
 use kvm_ioctls::{
     IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, NoDatamatch,
@@ -124,6 +124,8 @@ pub struct GuestConfig {
     pub pv_offer: u64,
     /// Run the lazy-request exercise with this many nested requests (tests).
     pub pv_exercise: Option<u64>,
+    /// Behave like a rogue guest: request a boost and never release it (tests).
+    pub pv_rogue: bool,
 }
 
 /// The offer the testbed guest makes by default: version 1 with every v1 feature.
@@ -144,6 +146,7 @@ impl Default for GuestConfig {
             fault: FaultInjection::None,
             pv_offer: DEFAULT_PV_OFFER,
             pv_exercise: None,
+            pv_rogue: false,
         }
     }
 }
@@ -529,6 +532,9 @@ fn initial_mailbox(index: usize, guest: &GuestConfig, tsc_khz: u64) -> Mailbox {
     if guest.pv_exercise.is_some() {
         flags |= mailbox::FLAG_PV_EXERCISE;
     }
+    if guest.pv_rogue {
+        flags |= mailbox::FLAG_PV_ROGUE;
+    }
     Mailbox {
         magic: MAILBOX_MAGIC,
         vcpu_index: index as u64,
@@ -856,7 +862,10 @@ mod tests {
         // Guest 6000 = host 5000; host now 4000 at mono 10 µs: 1000 cycles (1 µs) later.
         assert_eq!(c.to_mono(6000, 4000, 10_000), 11_000);
         assert_eq!(c.to_mono(3000, 4000, 10_000), 8_000, "in the past");
-        let neg = TscClock { offset: -500, khz: 1_000_000 };
+        let neg = TscClock {
+            offset: -500,
+            khz: 1_000_000,
+        };
         assert_eq!(neg.to_mono(4000, 4000, 0), 500);
     }
 
