@@ -1,6 +1,7 @@
 //! Command-line interface definitions.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pvsched_host::trace::TraceConfig;
 use pvsched_host::SchedClass;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -91,6 +92,12 @@ pub struct VmArgs {
     /// rt_budget=500ms, cooldown=100ms, irq_hold=1ms, lead=100us (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
+    /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
+    /// expiries for `dynamic`, nothing otherwise), `none`, or a comma list of `timer`
+    /// (hrtimer_expire_entry on apic_timer_fn), `wakeup` (kvm_vcpu_wakeup), `irq`
+    /// (kvm_apic_accept_irq).
+    #[arg(long, default_value = "auto", value_parser = parse_host_events)]
+    pub host_events: HostEvents,
     /// Offer the pvsched protocol to the guest (`v1`) or not (`off`).
     #[arg(long, value_enum, default_value_t = PvArg::V1)]
     pub pv: PvArg,
@@ -100,6 +107,47 @@ pub struct VmArgs {
     /// Make the guest fault at start (testing aid).
     #[arg(long, value_enum, hide = true)]
     pub inject_fault: Option<FaultArg>,
+}
+
+/// `--host-events`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostEvents {
+    /// Timer expiries for `dynamic`, none otherwise.
+    Auto,
+    /// Exactly these tracepoints (all false: none).
+    Set(TraceConfig),
+}
+
+fn parse_host_events(s: &str) -> Result<HostEvents, String> {
+    match s {
+        "auto" => return Ok(HostEvents::Auto),
+        "none" => {
+            return Ok(HostEvents::Set(TraceConfig {
+                timer_expiry: false,
+                wakeup: false,
+                accept_irq: false,
+            }))
+        }
+        _ => {}
+    }
+    let mut c = TraceConfig {
+        timer_expiry: false,
+        wakeup: false,
+        accept_irq: false,
+    };
+    for part in s.split(',') {
+        match part.trim() {
+            "timer" => c.timer_expiry = true,
+            "wakeup" => c.wakeup = true,
+            "irq" => c.accept_irq = true,
+            other => {
+                return Err(format!(
+                    "unknown host event {other:?} (expected auto, none, or a list of timer, wakeup, irq)"
+                ))
+            }
+        }
+    }
+    Ok(HostEvents::Set(c))
 }
 
 /// `--task-period`: a duration or off.
@@ -151,6 +199,20 @@ mod tests {
         assert_eq!(a.task_period, TaskPeriod::Every(Duration::from_millis(2)));
         assert_eq!(a.guest_load, GuestLoadArg::Idle);
         assert!(a.vcpu_sched.is_none());
+    }
+
+    #[test]
+    fn host_events_parse() {
+        assert_eq!(parse_host_events("auto").unwrap(), HostEvents::Auto);
+        let HostEvents::Set(c) = parse_host_events("timer,wakeup").unwrap() else {
+            panic!()
+        };
+        assert!(c.timer_expiry && c.wakeup && !c.accept_irq);
+        let HostEvents::Set(n) = parse_host_events("none").unwrap() else {
+            panic!()
+        };
+        assert!(!n.timer_expiry && !n.wakeup && !n.accept_irq);
+        assert!(parse_host_events("timer,kvm_exit").is_err());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! `pvsched vm`: one testbed run.
 
-use crate::cli::{FaultArg, GuestLoadArg, PvArg, TaskPeriod, VmArgs};
+use crate::cli::{FaultArg, GuestLoadArg, HostEvents, PvArg, TaskPeriod, VmArgs};
 use pvsched_bench::experiment::{self, ExperimentConfig};
 use pvsched_bench::pvhost::PolicyConfig;
 use pvsched_guest::FaultInjection;
+use pvsched_host::trace::TraceConfig;
 use pvsched_policy::{DriverOptions, OptionError};
 use pvsched_vmm::pvdevice::PvConfig;
 use pvsched_vmm::{GuestConfig, TaskConfig, VcpuError, VmConfig};
@@ -58,6 +59,9 @@ impl CliError {
                 pvsched_bench::pvhost::HostLoopError::Policy(_),
             ))
             | CliError::PolicyOpt(_) => 2,
+            CliError::Experiment(experiment::Error::Policy(
+                pvsched_bench::pvhost::HostLoopError::Trace(_),
+            )) => 3,
             CliError::Experiment(experiment::Error::Sched(
                 pvsched_host::sched::Error::Permission { .. },
             )) => 5,
@@ -103,6 +107,11 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
         policy: PolicyConfig {
             driver: args.policy.clone(),
             opts: DriverOptions::parse(args.policy_opts.iter().map(String::as_str))?,
+        },
+        host_events: match args.host_events {
+            HostEvents::Auto => (args.policy == "dynamic").then(TraceConfig::default),
+            HostEvents::Set(c) if c.timer_expiry || c.wakeup || c.accept_irq => Some(c),
+            HostEvents::Set(_) => None,
         },
     })
 }

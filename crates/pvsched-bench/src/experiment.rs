@@ -59,6 +59,8 @@ pub struct ExperimentConfig {
     pub probe_interval: Duration,
     /// The policy driver that decides boosts during the run.
     pub policy: PolicyConfig,
+    /// Host-side event sources (tracepoints) feeding the policy, if any.
+    pub host_events: Option<pvsched_host::trace::TraceConfig>,
 }
 
 /// The deadline task's results on one vCPU.
@@ -168,6 +170,10 @@ pub struct PolicyReport {
     pub boost_latency: LatencySummary,
     /// Mechanism errors, if any (first few).
     pub errors: Vec<String>,
+    /// Host events (tracepoint hits) fed to the policy.
+    pub host_events: u64,
+    /// Tracepoint records the kernel dropped.
+    pub host_events_lost: u64,
 }
 
 /// A run's report plus the full histograms, for plots and merging.
@@ -198,7 +204,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     let probe = HostProbe::start(cfg.probe_interval).map_err(|e| Error::Thread("host probe", e))?;
     let mut running = vm.start()?;
     let pv_offered = running.pv_device().is_some();
-    let host_loop = HostLoop::start(&mut running, &cfg.policy)?;
+    let host_loop = HostLoop::start(&mut running, &cfg.policy, cfg.host_events)?;
     // Guards restore the vCPU threads' class when dropped, on every path out of here.
     let guards = match cfg.vcpu_sched {
         Some(class) => running
@@ -270,6 +276,8 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         policy: policy_vcpus,
         boost_latency,
         errors: policy_errors,
+        host_events,
+        host_events_lost,
     } = host_loop.stop();
     let probe_hist = probe.stop();
     let hog_report = hogs.stop();
@@ -357,6 +365,8 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             per_vcpu: policy_vcpus,
             boost_latency,
             errors: policy_errors,
+            host_events,
+            host_events_lost,
         },
     };
     Ok(Outcome {

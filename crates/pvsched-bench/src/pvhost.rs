@@ -6,6 +6,7 @@
 use crate::hist::{LatencyHistogram, LatencySummary};
 use pvsched_guest::mailbox::{pv_status, Mailbox};
 use pvsched_host::mechanism::{Mechanism, MechanismStats, Publisher};
+use pvsched_host::trace::{TraceConfig, TraceError, TraceEvent, TraceHit, TraceSource};
 use pvsched_host::{SchedClass, SchedGuard};
 use pvsched_policy::{
     BoostClass, BoostState, Decision, DriverOptions, Engine, EngineError, Event, Nanos, VcpuEvent,
@@ -30,6 +31,7 @@ const IDLE_WAIT_MS: i32 = 10;
 const MAX_ROUNDS: usize = 8;
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_PV: u64 = 2;
+const TOKEN_TRACE: u64 = 3;
 
 /// Which driver runs the VM, with its options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +110,10 @@ pub struct HostLoopReport {
     pub boost_latency: LatencySummary,
     /// Mechanism errors (first few).
     pub errors: Vec<String>,
+    /// Host events (tracepoint hits) mapped to vCPUs.
+    pub host_events: u64,
+    /// Tracepoint records the kernel dropped.
+    pub host_events_lost: u64,
 }
 
 /// The engine thread of a run.
@@ -122,6 +128,9 @@ pub enum HostLoopError {
     /// The policy configuration is invalid.
     #[error("invalid policy")]
     Policy(#[from] EngineError),
+    /// The tracepoint sources could not be opened.
+    #[error("cannot open the host event sources")]
+    Trace(#[from] TraceError),
     /// The thread or its wait set could not be created.
     #[error("cannot start the engine thread")]
     Io(#[from] std::io::Error),
@@ -196,9 +205,14 @@ impl Publisher for PvPublisher<'_> {
 }
 
 impl HostLoop {
-    /// Starts the engine thread for `vm` (VM id 0) with `policy`. Options are checked here,
-    /// so a bad policy fails before the guests run.
-    pub fn start(vm: &mut RunningVm, policy: &PolicyConfig) -> Result<HostLoop, HostLoopError> {
+    /// Starts the engine thread for `vm` (VM id 0) with `policy`, fed by the protocol (when
+    /// the VM offers it) and by the tracepoints in `trace`. Options and sources are checked
+    /// here, so a bad policy fails before the guests run.
+    pub fn start(
+        vm: &mut RunningVm,
+        policy: &PolicyConfig,
+        trace: Option<TraceConfig>,
+    ) -> Result<HostLoop, HostLoopError> {
         let mut engine = Engine::default();
         engine.add_vm(0, &policy.driver, &policy.opts)?;
         let tids = vm.tids();
@@ -221,6 +235,17 @@ impl HostLoop {
                 EpollEvent::new(EventSet::IN, TOKEN_PV),
             )?;
         }
+        let trace = match trace {
+            Some(cfg) => Some(TraceSource::open(&tids, cfg)?),
+            None => None,
+        };
+        for fd in trace.iter().flat_map(|t| t.fds()) {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_TRACE),
+            )?;
+        }
         let own_class = policy.boost_class().map(helper_class);
         let driver = policy.driver.clone();
         let tsc = vm.tsc_clock();
@@ -235,6 +260,9 @@ impl HostLoop {
                     device,
                     poller,
                     tsc,
+                    trace,
+                    hits: Vec::new(),
+                    host_events: 0,
                     counts: vec![HostCounts::default(); tids.len()],
                     deadlines: vec![None; tids.len()],
                     pending: Vec::new(),
@@ -276,6 +304,9 @@ struct LoopState {
     device: Option<Arc<PvDevice>>,
     poller: Option<PvPoller>,
     tsc: TscClock,
+    trace: Option<TraceSource>,
+    hits: Vec<TraceHit>,
+    host_events: u64,
     counts: Vec<HostCounts>,
     deadlines: Vec<Option<u64>>,
     pending: Vec<Event>,
@@ -288,11 +319,11 @@ impl LoopState {
             self.mech.register(key, tid);
             self.pending.push(Event::new(key, VcpuEvent::Registered));
         }
-        let mut ready = [EpollEvent::default(); 4];
+        let mut ready = [EpollEvent::default(); 16];
         let mut pv_events = Vec::new();
+        let mut trigger = mono_ns();
         loop {
-            let now = mono_ns();
-            self.process(now);
+            self.process(trigger);
             // Slot changes the guest made while we decided (a deadline published in the same
             // critical section that asked for the boost) are picked up now, not at the next
             // wake-up.
@@ -312,18 +343,31 @@ impl LoopState {
                 timer.drain();
             }
             let now = mono_ns();
-            if let (Some(p), Some(dev)) = (self.poller.as_mut(), self.device.as_deref()) {
-                let _ = p.poll(dev, std::time::Duration::ZERO, &mut pv_events);
-            }
-            for e in pv_events.drain(..) {
-                self.on_pv_event(e);
-            }
+            trigger = self.drain_trace().map_or(now, |t| t.min(now));
+            self.poll_slots(&mut pv_events);
             self.mech.due_timers(now, &mut self.pending);
         }
         let mut out = Vec::new();
         self.engine.shutdown(mono_ns(), &mut out);
         self.apply(&out, mono_ns(), &mut Vec::new());
         self.mech.restore_all();
+    }
+
+    /// Turns pending tracepoint hits into events; returns the earliest hit time.
+    fn drain_trace(&mut self) -> Option<Nanos> {
+        let t = self.trace.as_mut()?;
+        t.drain(&mut self.hits);
+        let first = self.hits.iter().map(|h| h.time_ns).min();
+        for h in self.hits.drain(..) {
+            self.host_events += 1;
+            let what = match h.event {
+                TraceEvent::TimerExpired | TraceEvent::IrqAccepted => VcpuEvent::Interrupt,
+                TraceEvent::Woken => VcpuEvent::Woken,
+            };
+            self.pending
+                .push(Event::new(VcpuKey::new(0, h.vcpu as u32), what));
+        }
+        first
     }
 
     /// Collects doorbells and slot changes without waiting.
@@ -432,6 +476,11 @@ impl LoopState {
             policy,
             boost_latency: lat.summary(),
             errors: stats.errors.iter().take(5).cloned().collect(),
+            host_events: self.host_events,
+            host_events_lost: self
+                .trace
+                .as_ref()
+                .map_or(0, |t| t.lost() + t.counts().throttled),
         }
     }
 }

@@ -129,7 +129,19 @@ pub fn render(r: &Report) -> String {
         }
     }
     let pol = &r.policy;
-    let _ = writeln!(s, "Policy: {}", pol.driver);
+    let _ = writeln!(
+        s,
+        "Policy: {}{}",
+        pol.driver,
+        if pol.host_events > 0 || pol.host_events_lost > 0 {
+            format!(
+                " ({} host events from tracepoints, {} lost)",
+                pol.host_events, pol.host_events_lost
+            )
+        } else {
+            String::new()
+        }
+    );
     for (i, v) in pol.per_vcpu.iter().enumerate() {
         let share = r
             .per_vcpu

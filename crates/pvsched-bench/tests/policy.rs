@@ -82,7 +82,7 @@ fn rt_request_boosts_the_vcpu_thread_and_release_restores_it() {
         let mut vm = start(guest, 1);
         let tid = vm.tids()[0];
         let original = sched::get(tid).unwrap();
-        let host = HostLoop::start(&mut vm, &policy("dynamic", &["class=fifo:10"])).unwrap();
+        let host = HostLoop::start(&mut vm, &policy("dynamic", &["class=fifo:10"]), None).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = watch(tid, 10, stop.clone());
         vm.go();
@@ -158,6 +158,7 @@ fn rogue_guest_is_throttled_and_a_host_thread_keeps_its_cpu() {
         let host = HostLoop::start(
             &mut vm,
             &policy("dynamic", &["cs_budget=3ms", "cooldown=100ms"]),
+            None,
         )
         .unwrap();
         let watching = Arc::new(AtomicBool::new(false));
@@ -235,7 +236,7 @@ fn stopping_the_engine_restores_every_thread_also_on_panic() {
                 std::thread::sleep(Duration::from_millis(2));
             }
         };
-        let host = HostLoop::start(&mut vm, &policy("static", &[])).unwrap();
+        let host = HostLoop::start(&mut vm, &policy("static", &[]), None).unwrap();
         vm.go();
         wait_boosted(&tids);
         let report = host.stop();
@@ -249,7 +250,7 @@ fn stopping_the_engine_restores_every_thread_also_on_panic() {
         let mutex = Mutex::new(&mut vm);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut vm = mutex.lock().unwrap();
-            let _host = HostLoop::start(&mut vm, &policy("static", &[])).unwrap();
+            let _host = HostLoop::start(&mut vm, &policy("static", &[]), None).unwrap();
             wait_boosted(&tids);
             panic!("injected error");
         }));
@@ -259,4 +260,71 @@ fn stopping_the_engine_restores_every_thread_also_on_panic() {
             o.unwrap();
         }
     });
+}
+
+#[test]
+fn host_only_boosting_from_timer_tracepoints() {
+    let _s = serial();
+    if !kvm_or_skip("host_only_boosting_from_timer_tracepoints")
+        || !rt_or_skip("host_only_boosting_from_timer_tracepoints")
+    {
+        return;
+    }
+    // No protocol at all: the guest cannot ask; only the host's view of its LAPIC timer
+    // expiries drives the boosts. (A busy guest: on an idle host with an idle guest the
+    // kernel throttles the samples, see pvsched_host::trace.)
+    let cfg = VmConfig {
+        vcpus: 1,
+        guest: GuestConfig {
+            task: None,
+            busy: true,
+            ..GuestConfig::default()
+        },
+        pv: None,
+    };
+    let mut vm = Vm::new(&cfg).unwrap().start().unwrap();
+    let tid = vm.tids()[0];
+    let host = match HostLoop::start(
+        &mut vm,
+        &policy("dynamic", &["irq_hold=200us"]),
+        Some(pvsched_host::trace::TraceConfig::default()),
+    ) {
+        Ok(h) => h,
+        Err(e) => {
+            skip!(
+                "host_only_boosting_from_timer_tracepoints: {e}: {:?}",
+                std::error::Error::source(&e).map(|s| s.to_string())
+            );
+            return;
+        }
+    };
+    let report = within(Duration::from_secs(30), move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = watch(tid, 10, stop.clone());
+        vm.go();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let seen = watcher.join().unwrap();
+        let report = host.stop();
+        let samples = vm.mailbox(0).unwrap().ring_head;
+        for o in vm.shutdown(Duration::from_millis(500)) {
+            o.unwrap();
+        }
+        (report, seen, samples)
+    });
+    let (report, seen, samples) = report;
+    // ~1000 timer expiries in 0.5 s; each one an event, most of them a boost.
+    assert!(
+        report.host_events * 2 >= samples,
+        "{} events for {samples} timer interrupts",
+        report.host_events
+    );
+    let p = &report.policy[0];
+    assert!(p.boosts * 2 >= samples, "{p:?}");
+    assert_eq!(p.boosts, p.unboosts);
+    assert!(
+        seen.iter().any(|(b, _)| *b),
+        "the vCPU thread was seen boosted"
+    );
+    assert!(report.boost_latency.count > 0);
 }

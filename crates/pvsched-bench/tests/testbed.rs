@@ -25,6 +25,7 @@ fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
         vcpu_sched: None,
         probe_interval: Duration::from_millis(1),
         policy: Default::default(),
+        host_events: None,
     }
 }
 

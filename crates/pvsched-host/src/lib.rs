@@ -6,6 +6,7 @@
 
 pub mod mechanism;
 pub mod sched;
+pub mod trace;
 
 pub use mechanism::{Mechanism, Publisher};
 pub use sched::{SchedAttr, SchedClass, SchedGuard};

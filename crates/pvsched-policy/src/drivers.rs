@@ -84,7 +84,8 @@ pub struct DynamicParams {
     /// After a budget ran out, boosts are refused for this long.
     pub cooldown: Nanos,
     /// A host-initiated boost (interrupt, wake-up, deadline) holds this long without a guest
-    /// request.
+    /// request. Repeated interrupts extend it, but a host-initiated boost never lasts longer
+    /// than `cs_budget` in one go.
     pub irq_hold: Nanos,
     /// `deadline-aware` only: how long before the guest's deadline to boost.
     pub lead: Option<Nanos>,
@@ -98,7 +99,7 @@ impl Default for DynamicParams {
             cs_budget: 3 * MS,
             rt_budget: 500 * MS,
             cooldown: 100 * MS,
-            irq_hold: MS,
+            irq_hold: 200 * US,
             lead: None,
         }
     }
@@ -181,7 +182,16 @@ impl DynamicDriver {
         let cs = s.cs_since.map(|t| t.saturating_add(self.p.cs_budget));
         let rt = s.rt_since.map(|t| t.saturating_add(self.p.rt_budget));
         let hold = s.request.is_empty().then_some(b.hold_until);
-        [cs, rt, hold].into_iter().flatten().min()
+        let host = self
+            .host_initiated(b)
+            .then(|| b.since.saturating_add(self.p.cs_budget));
+        [cs, rt, hold, host].into_iter().flatten().min()
+    }
+
+    /// Interrupt and deadline boosts are budgeted like critical sections as a whole, so a
+    /// guest that makes the host inject interrupts back to back cannot stay boosted.
+    fn host_initiated(&self, b: Boost) -> bool {
+        matches!(b.cause, Cause::Interrupt | Cause::Deadline)
     }
 
     fn rearm(&self, ctx: &mut VcpuCtx<'_>) {
@@ -260,14 +270,19 @@ impl DynamicDriver {
         let over = |since: Option<Nanos>, budget: Nanos| {
             since.is_some_and(|t| now >= t.saturating_add(budget))
         };
-        if over(ctx.state.cs_since, self.p.cs_budget) || over(ctx.state.rt_since, self.p.rt_budget)
+        let host_over = self.host_initiated(b) && over(Some(b.since), self.p.cs_budget);
+        if host_over
+            || over(ctx.state.cs_since, self.p.cs_budget)
+            || over(ctx.state.rt_since, self.p.rt_budget)
         {
             ctx.state.counters.throttles += 1;
             ctx.unboost(BoostState::Throttled);
             let until = now.saturating_add(self.p.cooldown);
             ctx.state.throttled_until = Some(until);
             ctx.arm(TimerKind::Cooldown, until);
-        } else if ctx.state.request.is_empty() && now >= b.hold_until {
+        } else if self.next_check(ctx).is_none_or(|t| t <= now) {
+            // Nothing holds the boost any longer (the hold ran out and no budgeted reason is
+            // held): end it. A budget check always ends the boost or looks further ahead.
             ctx.unboost(BoostState::Normal);
         } else {
             self.rearm(ctx);

@@ -245,6 +245,31 @@ fn critical_section_budget_throttles_then_cooldown_allows_again() {
 }
 
 #[test]
+fn back_to_back_interrupts_cannot_keep_a_vcpu_boosted() {
+    let mut s = Sim::new(
+        "dynamic",
+        &["irq_hold=200us", "cs_budget=3ms", "cooldown=100ms"],
+    );
+    s.event(V0, VcpuEvent::Registered);
+    for _ in 0..20 {
+        s.event(V0, VcpuEvent::Interrupt);
+        s.advance(150 * US);
+    }
+    assert!(
+        !s.is_boosted(V0),
+        "throttled after 3 ms of continuous host boost"
+    );
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.throttles, 1);
+    assert!(s.intervals.iter().all(|(_, a, b)| b - a <= 3 * MS));
+    // Spaced interrupts each get a short boost.
+    s.advance_to(200 * MS);
+    s.event(V0, VcpuEvent::Interrupt);
+    s.advance(300 * US);
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.intervals.last().map(|(_, a, b)| b - a), Some(200 * US));
+}
+
+#[test]
 fn rt_task_budget_is_longer_than_critical_sections() {
     let mut s = Sim::new("dynamic", &[]);
     s.event(V0, VcpuEvent::Registered);
