@@ -103,6 +103,74 @@ fn vm_run_prints_cyclictest_lines_and_writes_json() {
 }
 
 #[test]
+fn bad_policies_are_usage_errors() {
+    let _s = serial();
+    if !kvm_or_skip("bad_policies_are_usage_errors") {
+        return;
+    }
+    let out = run_with_limit(
+        pvsched().args(["vm", "--duration", "1s", "--policy", "fastest"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("available: deadline-aware, dynamic, none, static"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_with_limit(
+        pvsched().args([
+            "vm",
+            "--duration",
+            "1s",
+            "--policy",
+            "dynamic",
+            "--policy-opt",
+            "lead=1ms",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("has no option \"lead\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn static_policy_boosts_and_reports() {
+    let _s = serial();
+    if !kvm_or_skip("static_policy_boosts_and_reports") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pvsched-cli-static-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let out = run_with_limit(
+        pvsched()
+            .args(["vm", "--duration", "500ms", "--policy", "static", "--json"])
+            .arg(&json),
+        Duration::from_secs(60),
+    );
+    let err = text(&out.stderr);
+    if out.status.code() == Some(5) {
+        pvsched_testutil::skip!("static_policy_boosts_and_reports: {err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    assert!(text(&out.stdout).contains("Policy: static"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["policy"]["driver"], "static");
+    for b in v["policy"]["per_vcpu"].as_array().unwrap() {
+        assert_eq!(b["boosts"], 1);
+        assert_eq!(b["unboosts"], 1, "restored at the end");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn pv_off_runs_without_the_protocol() {
     let _s = serial();
     if !kvm_or_skip("pv_off_runs_without_the_protocol") {

@@ -182,14 +182,14 @@ impl DynamicDriver {
         let cs = s.cs_since.map(|t| t.saturating_add(self.p.cs_budget));
         let rt = s.rt_since.map(|t| t.saturating_add(self.p.rt_budget));
         let hold = s.request.is_empty().then_some(b.hold_until);
-        let host = self
-            .host_initiated(b)
+        let host = (self.host_initiated(b) && s.request.is_empty())
             .then(|| b.since.saturating_add(self.p.cs_budget));
         [cs, rt, hold, host].into_iter().flatten().min()
     }
 
-    /// Interrupt and deadline boosts are budgeted like critical sections as a whole, so a
-    /// guest that makes the host inject interrupts back to back cannot stay boosted.
+    /// Interrupt and deadline boosts are budgeted like a critical section as a whole while no
+    /// guest request holds them, so a guest that makes the host inject interrupts back to
+    /// back cannot stay boosted.
     fn host_initiated(&self, b: Boost) -> bool {
         matches!(b.cause, Cause::Interrupt | Cause::Deadline)
     }
@@ -270,7 +270,11 @@ impl DynamicDriver {
         let over = |since: Option<Nanos>, budget: Nanos| {
             since.is_some_and(|t| now >= t.saturating_add(budget))
         };
-        let host_over = self.host_initiated(b) && over(Some(b.since), self.p.cs_budget);
+        // A boost held only by the host (no guest request) is budgeted as a whole; while the
+        // guest holds a request, that request's budgets apply.
+        let host_over = self.host_initiated(b)
+            && ctx.state.request.is_empty()
+            && over(Some(b.since), self.p.cs_budget);
         if host_over
             || over(ctx.state.cs_since, self.p.cs_budget)
             || over(ctx.state.rt_since, self.p.rt_budget)
