@@ -32,6 +32,7 @@ const MAX_ROUNDS: usize = 8;
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_PV: u64 = 2;
 const TOKEN_TRACE: u64 = 3;
+const TOKEN_INJECT: u64 = 4;
 
 /// Which driver runs the VM, with its options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,6 +247,12 @@ impl HostLoop {
                 EpollEvent::new(EventSet::IN, TOKEN_TRACE),
             )?;
         }
+        let inject = vm.inject_hook();
+        epoll.ctl(
+            ControlOperation::Add,
+            inject.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_INJECT),
+        )?;
         let own_class = policy.boost_class().map(helper_class);
         let driver = policy.driver.clone();
         let tsc = vm.tsc_clock();
@@ -261,6 +268,7 @@ impl HostLoop {
                     poller,
                     tsc,
                     trace,
+                    inject,
                     hits: Vec::new(),
                     host_events: 0,
                     counts: vec![HostCounts::default(); tids.len()],
@@ -305,6 +313,7 @@ struct LoopState {
     poller: Option<PvPoller>,
     tsc: TscClock,
     trace: Option<TraceSource>,
+    inject: Arc<pvsched_vmm::InjectHook>,
     hits: Vec<TraceHit>,
     host_events: u64,
     counts: Vec<HostCounts>,
@@ -344,6 +353,15 @@ impl LoopState {
             }
             let now = mono_ns();
             trigger = self.drain_trace().map_or(now, |t| t.min(now));
+            if ready[..n].iter().any(|e| e.data() == TOKEN_INJECT) {
+                for vcpu in self.inject.take() {
+                    self.host_events += 1;
+                    self.pending.push(Event::new(
+                        VcpuKey::new(0, vcpu as u32),
+                        VcpuEvent::Interrupt,
+                    ));
+                }
+            }
             self.poll_slots(&mut pv_events);
             self.mech.due_timers(now, &mut self.pending);
         }

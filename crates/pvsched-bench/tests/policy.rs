@@ -328,3 +328,54 @@ fn host_only_boosting_from_timer_tracepoints() {
     );
     assert!(report.boost_latency.count > 0);
 }
+
+#[test]
+fn vmm_injected_interrupts_boost_the_target_vcpu() {
+    let _s = serial();
+    if !kvm_or_skip("vmm_injected_interrupts_boost_the_target_vcpu")
+        || !rt_or_skip("vmm_injected_interrupts_boost_the_target_vcpu")
+    {
+        return;
+    }
+    let (report, events, seen) = within(Duration::from_secs(30), || {
+        let cfg = VmConfig {
+            vcpus: 2,
+            guest: GuestConfig {
+                task: None,
+                interval: Duration::from_millis(200),
+                ..GuestConfig::default()
+            },
+            pv: None,
+        };
+        let mut vm = Vm::new(&cfg).unwrap().start().unwrap();
+        let tid = vm.tids()[1];
+        let injector = vm.injector(1, pvsched_guest::image::EVENT_VECTOR).unwrap();
+        let host = HostLoop::start(&mut vm, &policy("dynamic", &["irq_hold=2ms"]), None).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = watch(tid, 10, stop.clone());
+        vm.go();
+        while vm.mailbox(1).unwrap().state != pvsched_guest::mailbox::state::RUNNING {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..20 {
+            injector.inject().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let seen = watcher.join().unwrap();
+        let report = host.stop();
+        let events = vm.mailbox(1).unwrap().event_irqs;
+        for o in vm.shutdown(Duration::from_millis(500)) {
+            o.unwrap();
+        }
+        (report, events, seen)
+    });
+    assert_eq!(events, 20, "the guest took every injected interrupt");
+    assert_eq!(
+        report.host_events, 20,
+        "the engine heard of every injection"
+    );
+    assert_eq!(report.policy[1].boosts, 20, "{:?}", report.policy);
+    assert_eq!(report.policy[0].boosts, 0, "only the target vCPU");
+    assert!(seen.iter().any(|(b, _)| *b));
+}

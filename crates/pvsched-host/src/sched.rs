@@ -349,6 +349,46 @@ mod tests {
     }
 
     #[test]
+    fn deadline_class_is_applied_and_restored() {
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: plain syscall.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let before = get(tid).unwrap();
+        let class = SchedClass::Deadline {
+            runtime: 1_000_000,
+            deadline: 10_000_000,
+            period: 10_000_000,
+        };
+        match SchedGuard::apply(tid, class) {
+            Ok(g) => {
+                let a = get(tid).unwrap();
+                assert_eq!(a.policy, SCHED_DEADLINE);
+                assert_eq!(
+                    (a.runtime, a.deadline, a.period),
+                    (1_000_000, 10_000_000, 10_000_000)
+                );
+                assert!(a.is_realtime());
+                g.restore().unwrap();
+                assert_eq!(get(tid).unwrap(), before);
+            }
+            Err(e) => {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED deadline_class_is_applied_and_restored: {e}"
+                );
+            }
+        }
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+    }
+
+    #[test]
     fn get_reads_the_calling_thread() {
         let a = get(0).unwrap();
         assert!(!a.is_realtime() || a.priority > 0);

@@ -422,6 +422,7 @@ impl Vm {
             msi_routes: Vec::new(),
             pv: pv.clone(),
             pv_events,
+            inject_hook: Arc::new(InjectHook::new()?),
         };
         for (index, fd) in self.vcpus.into_iter().enumerate() {
             let stop = Arc::new(AtomicBool::new(false));
@@ -566,6 +567,59 @@ impl VcpuThread {
     }
 }
 
+/// Tells the host engine which vCPUs the VMM injected interrupts into (the VMM-side event
+/// source of RFC v1's "boost on interrupt injection"): a queue plus an eventfd to wait on.
+#[derive(Debug)]
+pub struct InjectHook {
+    efd: EventFd,
+    pending: std::sync::Mutex<Vec<usize>>,
+}
+
+impl InjectHook {
+    fn new() -> Result<Self, Error> {
+        Ok(InjectHook {
+            efd: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?,
+            pending: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Records an injection into `vcpu` and wakes whoever waits on [`InjectHook::as_raw_fd`].
+    pub fn note(&self, vcpu: usize) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(vcpu);
+        let _ = self.efd.write(1);
+    }
+
+    /// Takes the vCPUs noted since the last call.
+    pub fn take(&self) -> Vec<usize> {
+        let _ = self.efd.read();
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Readable when injections are pending.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.efd)
+    }
+}
+
+/// Injects one interrupt vector into one vCPU through an irqfd, telling the [`InjectHook`]
+/// first.
+pub struct Injector {
+    irq: EventFd,
+    vcpu: usize,
+    hook: Arc<InjectHook>,
+}
+
+impl Injector {
+    /// Injects the interrupt.
+    pub fn inject(&self) -> std::io::Result<()> {
+        self.hook.note(self.vcpu);
+        self.irq.write(1)
+    }
+}
+
 /// Outcome of one vCPU after [`RunningVm::shutdown`].
 pub type VcpuOutcome = Result<VcpuRunStats, Error>;
 
@@ -578,6 +632,7 @@ pub struct RunningVm {
     msi_routes: Vec<kvm_irq_routing_entry>,
     pv: Option<Arc<PvDevice>>,
     pv_events: Option<mpsc::Receiver<PvEvent>>,
+    inject_hook: Arc<InjectHook>,
 }
 
 impl RunningVm {
@@ -651,6 +706,21 @@ impl RunningVm {
             .register_irqfd(&fd, gsi)
             .map_err(kvm_err("register irqfd"))?;
         Ok(fd)
+    }
+
+    /// The hook through which the engine learns of interrupts this VMM injects.
+    pub fn inject_hook(&self) -> Arc<InjectHook> {
+        self.inject_hook.clone()
+    }
+
+    /// An [`Injector`] of `vector` into vCPU `index` (an irqfd on an MSI route) that reports
+    /// every injection to [`RunningVm::inject_hook`].
+    pub fn injector(&mut self, index: usize, vector: u8) -> Result<Injector, Error> {
+        Ok(Injector {
+            irq: self.irqfd(index, vector)?,
+            vcpu: index,
+            hook: self.inject_hook.clone(),
+        })
     }
 
     /// Lets every vCPU thread enter the guest.
