@@ -21,6 +21,38 @@ pub enum Command {
     /// Run the testbed micro-VM and report guest wake-up latency, deadline-task glitches and
     /// host impact.
     Vm(VmArgs),
+    /// Compare vanilla, dynamic, deadline-aware and static-RT boosting side by side on this
+    /// machine (idle and busy host, 500 and 1000 µs), with tables, JSON and plots.
+    Bench(BenchArgs),
+}
+
+/// Host load of `pvsched bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchLoadArg {
+    /// Built-in CPU hogs, one per CPU.
+    Builtin,
+    /// `stress-ng --cpu <CPUs>` (must be installed).
+    StressNg,
+}
+
+/// `pvsched bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// About a minute: one round of short cells.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rounds over the matrix (default 3, 1 with --quick).
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Duration of each cell (default 8s, 1.5s with --quick).
+    #[arg(long, value_parser = parse_duration)]
+    pub cell_duration: Option<Duration>,
+    /// Host load in busy cells.
+    #[arg(long, value_enum, default_value_t = BenchLoadArg::Builtin)]
+    pub host_load: BenchLoadArg,
+    /// Output directory (default: pvsched-bench-<UTC date-time> in the current directory).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Guest background load.
@@ -159,7 +191,7 @@ pub enum TaskPeriod {
     Every(Duration),
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500us, 2ms, 10s)"))
 }
 
@@ -193,12 +225,24 @@ mod tests {
     #[test]
     fn vm_defaults_match_the_documentation() {
         let cli = Cli::try_parse_from(["pvsched", "vm"]).unwrap();
-        let Command::Vm(a) = cli.command;
+        let Command::Vm(a) = cli.command else {
+            panic!("vm")
+        };
         assert_eq!(a.vcpus, 2);
         assert_eq!(a.interval, Duration::from_micros(500));
         assert_eq!(a.task_period, TaskPeriod::Every(Duration::from_millis(2)));
         assert_eq!(a.guest_load, GuestLoadArg::Idle);
         assert!(a.vcpu_sched.is_none());
+    }
+
+    #[test]
+    fn bench_defaults() {
+        let cli = Cli::try_parse_from(["pvsched", "bench", "--quick"]).unwrap();
+        let Command::Bench(b) = cli.command else {
+            panic!("bench")
+        };
+        assert!(b.quick && b.rounds.is_none() && b.out.is_none());
+        assert_eq!(b.host_load, BenchLoadArg::Builtin);
     }
 
     #[test]

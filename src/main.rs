@@ -1,5 +1,6 @@
 //! `pvsched`: cooperative host/guest vCPU scheduling for KVM.
 
+mod bench_cmd;
 mod cli;
 mod vm_cmd;
 
@@ -10,6 +11,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Vm(args) => vm_cmd::run(args),
+        cli::Command::Bench(args) => bench_cmd::run(args),
     };
     match result {
         Ok(code) => code,

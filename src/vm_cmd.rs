@@ -36,37 +36,54 @@ pub enum CliError {
     /// Signal handlers could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handlers")]
     Signals(#[source] std::io::Error),
+    /// `pvsched bench` failed.
+    #[error(transparent)]
+    Bench(#[from] pvsched_bench::bench::BenchError),
 }
 
 impl CliError {
     /// 3: KVM unavailable; 4: the guest failed; 5: not permitted; 1: anything else.
     pub fn exit_code(&self) -> u8 {
-        use pvsched_vmm::Error as VmErr;
+        use pvsched_bench::bench::BenchError;
+        let exp = match self {
+            CliError::Experiment(e) | CliError::Bench(BenchError::Cell { source: e, .. }) => {
+                Some(e)
+            }
+            _ => None,
+        };
+        if let Some(e) = exp {
+            return experiment_exit_code(e);
+        }
         match self {
-            CliError::Experiment(experiment::Error::Vm(e)) => match e {
-                VmErr::NoKvm | VmErr::KvmPermission | VmErr::OpenKvm(_) | VmErr::Unsupported(_) => {
-                    3
-                }
-                VmErr::Vcpu(
-                    VcpuError::GuestException { .. }
-                    | VcpuError::EmulationFailure { .. }
-                    | VcpuError::Shutdown { .. },
-                ) => 4,
-                VmErr::InvalidConfig(_) => 2,
-                _ => 1,
-            },
-            CliError::Experiment(experiment::Error::Policy(
-                pvsched_bench::pvhost::HostLoopError::Policy(_),
-            ))
-            | CliError::PolicyOpt(_) => 2,
-            CliError::Experiment(experiment::Error::Policy(
-                pvsched_bench::pvhost::HostLoopError::Trace(_),
-            )) => 3,
-            CliError::Experiment(experiment::Error::Sched(
-                pvsched_host::sched::Error::Permission { .. },
-            )) => 5,
+            CliError::PolicyOpt(_) => 2,
+            CliError::Bench(BenchError::StressNg(_)) => 3,
             _ => 1,
         }
+    }
+}
+
+/// Exit code of an experiment error (see [`CliError::exit_code`]).
+fn experiment_exit_code(e: &experiment::Error) -> u8 {
+    use pvsched_bench::pvhost::HostLoopError;
+    use pvsched_vmm::Error as VmErr;
+    match e {
+        experiment::Error::Vm(
+            VmErr::NoKvm
+            | VmErr::KvmPermission
+            | VmErr::NotKvm(_)
+            | VmErr::OpenKvm(_)
+            | VmErr::Unsupported(_),
+        ) => 3,
+        experiment::Error::Vm(VmErr::Vcpu(
+            VcpuError::GuestException { .. }
+            | VcpuError::EmulationFailure { .. }
+            | VcpuError::Shutdown { .. },
+        )) => 4,
+        experiment::Error::Vm(VmErr::InvalidConfig(_)) => 2,
+        experiment::Error::Policy(HostLoopError::Policy(_)) => 2,
+        experiment::Error::Policy(HostLoopError::Trace(_)) => 3,
+        experiment::Error::Sched(pvsched_host::sched::Error::Permission { .. }) => 5,
+        _ => 1,
     }
 }
 
@@ -113,6 +130,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
             HostEvents::Set(c) if c.timer_expiry || c.wakeup || c.accept_irq => Some(c),
             HostEvents::Set(_) => None,
         },
+        task_by_vcpu: Vec::new(),
     })
 }
 

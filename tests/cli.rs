@@ -280,3 +280,82 @@ fn unprivileged_user_gets_a_permission_message() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("no permission to open /dev/kvm"), "{err}");
 }
+
+#[test]
+fn bench_quick_writes_a_complete_report() {
+    let _s = serial();
+    if !kvm_or_skip("bench_quick_writes_a_complete_report") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pvsched-bench-smoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = run_with_limit(
+        pvsched()
+            .args(["bench", "--quick", "--cell-duration", "200ms", "--out"])
+            .arg(&dir),
+        Duration::from_secs(240),
+    );
+    let err = text(&out.stderr);
+    if out.status.code() == Some(3) {
+        pvsched_testutil::skip!("bench_quick_writes_a_complete_report: {err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Report written to"), "{stdout}");
+    // Every cell of the matrix, once (one round), with a report per round.
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(
+        cells.len(),
+        18,
+        "2 intervals × (2 host states × 4 policies + floor)"
+    );
+    let mut keys = std::collections::BTreeSet::new();
+    for c in cells {
+        let k = &c["key"];
+        keys.insert(format!(
+            "{}/{}/{}/{}",
+            k["host"], k["guest_busy"], k["policy"], k["interval_us"]
+        ));
+        assert_eq!(c["rounds"].as_array().unwrap().len(), 1);
+        assert!(
+            c["rounds"][0]["latency"]["count"].as_u64().unwrap() > 0,
+            "{k}"
+        );
+        assert_eq!(c["rounds"][0]["per_vcpu"].as_array().unwrap().len(), 3);
+    }
+    assert_eq!(keys.len(), 18, "distinct cells");
+    for policy in ["none", "dynamic", "deadline-aware", "static"] {
+        for interval in [500, 1000] {
+            for host in ["busy", "idle"] {
+                assert!(
+                    keys.contains(&format!("\"{host}\"/true/\"{policy}\"/{interval}")),
+                    "{policy} {interval} {host}"
+                );
+            }
+        }
+    }
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    for h in [
+        "## Busy host: guest timer wake-up latency",
+        "## Idle host: guest timer wake-up latency",
+        "## Busy host: what it costs the host",
+        "## Busy host: deadline-task glitches",
+        "| 500 µs | 10 ms task |",
+        "## Ratios",
+        "## RFC v1 figures",
+    ] {
+        assert!(md.contains(h), "report.md lacks {h:?}");
+    }
+    for svg in [
+        "latency-cdf-busy-500us.svg",
+        "latency-cdf-busy-1000us.svg",
+        "glitches-busy.svg",
+    ] {
+        let s = std::fs::read_to_string(dir.join(svg)).unwrap();
+        assert!(s.starts_with("<svg") && s.contains("</svg>"), "{svg}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

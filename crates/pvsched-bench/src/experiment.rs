@@ -9,7 +9,7 @@ use crate::pvhost::{
 };
 use pvsched_host::{SchedClass, SchedGuard};
 use pvsched_vmm::vm::tsc_to_ns;
-use pvsched_vmm::{RunningVm, VcpuEnd, Vm, VmConfig};
+use pvsched_vmm::{RunningVm, TaskConfig, VcpuEnd, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -61,6 +61,18 @@ pub struct ExperimentConfig {
     pub policy: PolicyConfig,
     /// Host-side event sources (tracepoints) feeding the policy, if any.
     pub host_events: Option<pvsched_host::trace::TraceConfig>,
+    /// Per-vCPU deadline tasks overriding `vm.guest.task` where `Some`.
+    pub task_by_vcpu: Vec<Option<TaskConfig>>,
+}
+
+impl ExperimentConfig {
+    /// The deadline task vCPU `i` runs.
+    pub fn task_of(&self, i: usize) -> Option<TaskConfig> {
+        match self.task_by_vcpu.get(i) {
+            Some(Some(t)) => Some(*t),
+            _ => self.vm.guest.task,
+        }
+    }
 }
 
 /// The deadline task's results on one vCPU.
@@ -198,7 +210,7 @@ pub fn controller_class(vcpu: SchedClass) -> Option<SchedClass> {
 
 /// Runs one experiment. `interrupt` (set by a signal handler) ends it early but cleanly.
 pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Error> {
-    let vm = Vm::new(&cfg.vm)?;
+    let vm = Vm::with_tasks(&cfg.vm, &cfg.task_by_vcpu)?;
     let tsc_khz = vm.tsc_khz();
     let hogs = HostLoad::start(cfg.host_load).map_err(|e| Error::Thread("host load", e))?;
     let probe = HostProbe::start(cfg.probe_interval).map_err(|e| Error::Thread("host probe", e))?;
@@ -258,9 +270,12 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     }
     let elapsed = started.elapsed();
     // Enough for one more timer period and a task job at emulated speed.
-    let grace = cfg.vm.guest.interval * 4
-        + cfg.vm.guest.task.map_or(Duration::ZERO, |t| t.period * 4)
-        + Duration::from_millis(100);
+    let longest_period = (0..cfg.vm.vcpus)
+        .filter_map(|i| cfg.task_of(i))
+        .map(|t| t.period)
+        .max()
+        .unwrap_or_default();
+    let grace = cfg.vm.guest.interval * 4 + longest_period * 4 + Duration::from_millis(100);
     let outcomes = running.shutdown(grace);
     drain(&running, &mut readers, &mut hists)?;
     let mut restore_error = None;
@@ -287,7 +302,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         let stats = outcome?;
         let mb = running.mailbox(index)?;
         let us = |cycles: u64| tsc_to_ns(cycles, tsc_khz) as f64 / 1000.0;
-        let task = cfg.vm.guest.task.map(|t| TaskReport {
+        let task = cfg.task_of(index).map(|t| TaskReport {
             period_us: t.period.as_secs_f64() * 1e6,
             work_us: t.work.as_secs_f64() * 1e6,
             jobs: mb.jobs_done,

@@ -2,6 +2,8 @@
 //! chosen setting, and their reports (text and JSON).
 #![deny(missing_docs)]
 
+pub mod bench;
+pub mod bench_report;
 pub mod experiment;
 pub mod hist;
 pub mod load;

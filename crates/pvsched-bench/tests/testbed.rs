@@ -26,6 +26,7 @@ fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
         probe_interval: Duration::from_millis(1),
         policy: Default::default(),
         host_events: None,
+        task_by_vcpu: Vec::new(),
     }
 }
 

@@ -298,7 +298,23 @@ impl Vm {
     /// Creates the VM: in-kernel irqchip, guest memory with tables and the guest image,
     /// `config.vcpus` vCPUs in long mode with x2APIC, each with its mailbox written.
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
+        Self::with_tasks(config, &[])
+    }
+
+    /// Like [`Vm::new`], with the deadline task of vCPU `i` taken from `tasks[i]` where that
+    /// is `Some` (e.g. a 2, 4 and 10 ms task on three vCPUs).
+    pub fn with_tasks(config: &VmConfig, tasks: &[Option<TaskConfig>]) -> Result<Vm, Error> {
         config.validate()?;
+        for t in tasks.iter().flatten() {
+            VmConfig {
+                guest: GuestConfig {
+                    task: Some(*t),
+                    ..config.guest
+                },
+                ..*config
+            }
+            .validate()?;
+        }
         let kvm = open_kvm()?;
         if kvm.get_max_vcpus() < config.vcpus {
             return Err(Error::InvalidConfig(format!(
@@ -381,8 +397,15 @@ impl Vm {
                 }
                 tsc_offset = measure_tsc_offset(&fd)?;
             }
+            let guest = match tasks.get(index) {
+                Some(Some(t)) => GuestConfig {
+                    task: Some(*t),
+                    ..config.guest
+                },
+                _ => config.guest,
+            };
             mem.write_obj(
-                RawMailbox(initial_mailbox(index, &config.guest, tsc_khz)),
+                RawMailbox(initial_mailbox(index, &guest, tsc_khz)),
                 GuestAddress(mailbox_gpa),
             )?;
             vcpus.push(fd);

@@ -1,0 +1,546 @@
+//! `pvsched bench`: the RFC's comparison, side by side, on this machine.
+//!
+//! A matrix of testbed runs (host idle/busy × policy × probe interval, busy guest, plus an
+//! idle-host idle-guest "floor" cell per interval), run in rounds: every round runs every
+//! cell once, policies next to each other, so that machine drift hits them equally. Each
+//! metric is reported as the median over rounds with its spread (min–max).
+
+use crate::experiment::{self, ExperimentConfig, Report};
+use crate::hist::LatencyHistogram;
+use crate::pvhost::PolicyConfig;
+use pvsched_host::trace::TraceConfig;
+use pvsched_policy::DriverOptions;
+use pvsched_vmm::pvdevice::PvConfig;
+use pvsched_vmm::{GuestConfig, TaskConfig, VmConfig};
+use serde::{Deserialize, Serialize};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Policies in the order the report shows them (RFC columns: vanilla, dynamic, static).
+pub const POLICIES: [&str; 4] = ["none", "dynamic", "deadline-aware", "static"];
+/// Deadline-task periods, one per vCPU (RFC audio buffers: 2, 4, 10 ms).
+pub const TASK_PERIODS_MS: [u64; 3] = [2, 4, 10];
+
+/// How the host is loaded in busy cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostLoadKind {
+    /// pvsched's built-in CPU hogs (one per CPU).
+    Builtin,
+    /// `stress-ng --cpu <CPUs>` (the RFC's load).
+    StressNg,
+}
+
+/// Whether the host is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// No load.
+    Idle,
+    /// One CPU hog per CPU.
+    Busy,
+}
+
+/// One cell of the matrix.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CellKey {
+    /// Host load.
+    pub host: HostState,
+    /// Guest busy between timer events.
+    pub guest_busy: bool,
+    /// Policy driver.
+    pub policy: String,
+    /// Latency-probe interval, µs.
+    pub interval_us: u64,
+}
+
+impl CellKey {
+    /// A short label for progress output.
+    pub fn label(&self) -> String {
+        format!(
+            "{} host, {} guest, {} µs, {}",
+            match self.host {
+                HostState::Idle => "idle",
+                HostState::Busy => "busy",
+            },
+            if self.guest_busy { "busy" } else { "idle" },
+            self.interval_us,
+            self.policy
+        )
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchConfig {
+    /// Duration of each cell.
+    pub cell_duration: Duration,
+    /// Rounds over the whole matrix.
+    pub rounds: usize,
+    /// vCPUs per VM (one deadline task each, periods from [`TASK_PERIODS_MS`]).
+    pub vcpus: usize,
+    /// Host load in busy cells.
+    pub host_load: HostLoadKind,
+    /// CPU hogs (or stress-ng workers) in busy cells.
+    pub hogs: usize,
+    /// Probe intervals.
+    pub intervals_us: Vec<u64>,
+    /// Policies.
+    pub policies: Vec<String>,
+}
+
+impl BenchConfig {
+    /// The default run: 3 rounds × 18 cells × 8 s (about 7.5 minutes).
+    pub fn standard(cpus: usize) -> Self {
+        BenchConfig {
+            cell_duration: Duration::from_secs(8),
+            rounds: 3,
+            vcpus: TASK_PERIODS_MS.len(),
+            host_load: HostLoadKind::Builtin,
+            hogs: cpus.max(1),
+            intervals_us: vec![500, 1000],
+            policies: POLICIES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// `--quick`: one round of 1.5 s cells (about a minute).
+    pub fn quick(cpus: usize) -> Self {
+        BenchConfig {
+            cell_duration: Duration::from_millis(1500),
+            rounds: 1,
+            ..Self::standard(cpus)
+        }
+    }
+
+    /// The cells of one round, in run order: per interval, per host state, the policies side
+    /// by side; then the floor (idle host, idle guest, no boosting) per interval.
+    pub fn plan(&self) -> Vec<CellKey> {
+        let mut cells = Vec::new();
+        for &interval_us in &self.intervals_us {
+            for host in [HostState::Busy, HostState::Idle] {
+                for p in &self.policies {
+                    cells.push(CellKey {
+                        host,
+                        guest_busy: true,
+                        policy: p.clone(),
+                        interval_us,
+                    });
+                }
+            }
+            cells.push(CellKey {
+                host: HostState::Idle,
+                guest_busy: false,
+                policy: "none".into(),
+                interval_us,
+            });
+        }
+        cells
+    }
+}
+
+/// Errors of a bench run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A cell failed.
+    #[error("cell {cell}")]
+    Cell {
+        /// The cell.
+        cell: String,
+        /// What failed.
+        #[source]
+        source: experiment::Error,
+    },
+    /// stress-ng was asked for and could not be started.
+    #[error("--host-load stress-ng: cannot run stress-ng (install it, e.g. apt-get install stress-ng, or use the built-in load)")]
+    StressNg(#[source] std::io::Error),
+    /// Writing the report failed.
+    #[error("cannot write the report to {0}")]
+    Write(String, #[source] std::io::Error),
+    /// Drawing a plot failed.
+    #[error("cannot draw {0}: {1}")]
+    Plot(String, String),
+}
+
+/// One cell's runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CellResult {
+    /// The cell.
+    pub key: CellKey,
+    /// One report per round.
+    pub rounds: Vec<Report>,
+    /// Stress-ng bogo-ops/s per round, when stress-ng was the load.
+    pub stress_ng_ops: Vec<Option<f64>>,
+}
+
+/// Everything a bench run produced.
+pub struct BenchOutcome {
+    /// Configuration.
+    pub config: BenchConfig,
+    /// Cells in plan order.
+    pub cells: Vec<CellResult>,
+    /// Latency histograms per cell (all vCPUs, all rounds), same order.
+    pub hists: Vec<LatencyHistogram>,
+    /// True when interrupted.
+    pub interrupted: bool,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+fn experiment_config(cfg: &BenchConfig, key: &CellKey) -> ExperimentConfig {
+    let interval = Duration::from_micros(key.interval_us);
+    let task_by_vcpu = (0..cfg.vcpus)
+        .map(|i| {
+            let ms = TASK_PERIODS_MS[i % TASK_PERIODS_MS.len()];
+            Some(TaskConfig {
+                period: Duration::from_millis(ms),
+                // 12.5 % of the period, as the default 250 µs of 2 ms.
+                work: Duration::from_micros(ms * 125),
+            })
+        })
+        .collect();
+    ExperimentConfig {
+        vm: VmConfig {
+            vcpus: cfg.vcpus,
+            guest: GuestConfig {
+                interval,
+                busy: key.guest_busy,
+                ..GuestConfig::default()
+            },
+            pv: Some(PvConfig::default()),
+        },
+        duration: cfg.cell_duration,
+        host_load: if key.host == HostState::Busy && cfg.host_load == HostLoadKind::Builtin {
+            cfg.hogs
+        } else {
+            0
+        },
+        vcpu_sched: None,
+        probe_interval: interval,
+        policy: PolicyConfig {
+            driver: key.policy.clone(),
+            opts: DriverOptions::new(),
+        },
+        host_events: (key.policy == "dynamic").then(TraceConfig::default),
+        task_by_vcpu,
+    }
+}
+
+/// A running stress-ng (killed on drop if not stopped).
+struct StressNg(Option<Child>);
+
+impl StressNg {
+    fn start(workers: usize) -> Result<StressNg, BenchError> {
+        let child = Command::new("stress-ng")
+            .args([
+                "--cpu",
+                &workers.to_string(),
+                "--metrics-brief",
+                "--timeout",
+                "3600s",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(BenchError::StressNg)?;
+        // Let the workers start.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(StressNg(Some(child)))
+    }
+
+    /// Stops it (SIGINT, so it prints its metrics) and returns its bogo-ops/s.
+    fn stop(mut self) -> Option<f64> {
+        let child = self.0.take()?;
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        parse_stress_ng_ops(&text)
+    }
+}
+
+impl Drop for StressNg {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Bogo-ops/s (real time) of the `cpu` stressor in `stress-ng --metrics-brief` output.
+pub fn parse_stress_ng_ops(text: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.contains(" cpu ") && !l.contains("stressor"))
+        .and_then(|l| {
+            let nums: Vec<f64> = l
+                .split_whitespace()
+                .filter_map(|w| w.parse::<f64>().ok())
+                .collect();
+            // bogo ops, real time, usr time, sys time, bogo ops/s (real), ...
+            nums.get(4).copied()
+        })
+}
+
+/// Runs the matrix. `progress(done, total, next cell)` is called before each cell.
+pub fn run(
+    cfg: &BenchConfig,
+    interrupt: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize, &CellKey),
+) -> Result<BenchOutcome, BenchError> {
+    let plan = cfg.plan();
+    let total = plan.len() * cfg.rounds;
+    let mut cells: Vec<CellResult> = plan
+        .iter()
+        .map(|k| CellResult {
+            key: k.clone(),
+            rounds: Vec::new(),
+            stress_ng_ops: Vec::new(),
+        })
+        .collect();
+    let mut hists: Vec<LatencyHistogram> = plan.iter().map(|_| LatencyHistogram::new()).collect();
+    let started = Instant::now();
+    let mut done = 0;
+    let mut interrupted = false;
+    'rounds: for _ in 0..cfg.rounds {
+        for (i, key) in plan.iter().enumerate() {
+            if interrupt.load(Ordering::Relaxed) {
+                interrupted = true;
+                break 'rounds;
+            }
+            progress(done, total, key);
+            let stress = match (key.host, cfg.host_load) {
+                (HostState::Busy, HostLoadKind::StressNg) => Some(StressNg::start(cfg.hogs)?),
+                _ => None,
+            };
+            let out =
+                experiment::run(&experiment_config(cfg, key), interrupt).map_err(|source| {
+                    BenchError::Cell {
+                        cell: key.label(),
+                        source,
+                    }
+                })?;
+            let ops = stress.and_then(StressNg::stop);
+            if out.report.interrupted {
+                interrupted = true;
+                break 'rounds;
+            }
+            for h in &out.vcpu_hists {
+                hists[i].merge(h);
+            }
+            cells[i].rounds.push(out.report);
+            cells[i].stress_ng_ops.push(ops);
+            done += 1;
+        }
+    }
+    progress(done, total, &plan[0]);
+    Ok(BenchOutcome {
+        config: cfg.clone(),
+        cells,
+        hists,
+        interrupted,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Median and spread of one metric over rounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    /// Median.
+    pub median: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+    /// Number of rounds.
+    pub n: usize,
+}
+
+impl Stat {
+    /// Of a set of values (empty: all zero).
+    pub fn of(values: &[f64]) -> Stat {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return Stat::default();
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        }
+    }
+}
+
+/// The metrics of one cell, aggregated over rounds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CellSummary {
+    /// Guest wake-up latency avg, µs.
+    pub guest_avg: Stat,
+    /// p50.
+    pub guest_p50: Stat,
+    /// p99.
+    pub guest_p99: Stat,
+    /// max.
+    pub guest_max: Stat,
+    /// Host probe avg, µs.
+    pub probe_avg: Stat,
+    /// Host probe max.
+    pub probe_max: Stat,
+    /// Glitch percentage per task period (ms, stat).
+    pub glitch_pct: Vec<(u64, Stat)>,
+    /// Host load throughput (hog units/s or stress-ng bogo-ops/s).
+    pub load_throughput: Stat,
+    /// vCPU time boosted, %.
+    pub boosted_pct: Stat,
+    /// Boosts per second (all vCPUs).
+    pub boosts_per_s: Stat,
+    /// Throttles per run.
+    pub throttles: Stat,
+    /// Boost decision → applied p99, µs.
+    pub applied_p99: Stat,
+}
+
+fn metric(rounds: &[Report], f: impl Fn(&Report) -> f64) -> Stat {
+    Stat::of(&rounds.iter().map(f).collect::<Vec<_>>())
+}
+
+/// Aggregates one cell.
+pub fn summarize(c: &CellResult) -> CellSummary {
+    let r = &c.rounds;
+    let mut periods: Vec<u64> = r
+        .iter()
+        .flat_map(|rep| rep.per_vcpu.iter())
+        .filter_map(|v| {
+            v.task
+                .as_ref()
+                .map(|t| (t.period_us / 1000.0).round() as u64)
+        })
+        .collect();
+    periods.sort_unstable();
+    periods.dedup();
+    let glitch_pct = periods
+        .into_iter()
+        .map(|ms| {
+            let s = metric(r, |rep| {
+                let (g, j) = rep
+                    .per_vcpu
+                    .iter()
+                    .filter_map(|v| v.task.as_ref())
+                    .filter(|t| (t.period_us / 1000.0).round() as u64 == ms)
+                    .fold((0u64, 0u64), |(g, j), t| (g + t.glitches, j + t.jobs));
+                if j > 0 {
+                    g as f64 / j as f64 * 100.0
+                } else {
+                    f64::NAN
+                }
+            });
+            (ms, s)
+        })
+        .collect();
+    let load = if c.stress_ng_ops.iter().any(Option::is_some) {
+        Stat::of(
+            &c.stress_ng_ops
+                .iter()
+                .flatten()
+                .copied()
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        metric(r, |rep| {
+            rep.host_hogs.as_ref().map_or(f64::NAN, |h| h.units_per_sec)
+        })
+    };
+    CellSummary {
+        guest_avg: metric(r, |x| x.latency.avg_us),
+        guest_p50: metric(r, |x| x.latency.p50_us),
+        guest_p99: metric(r, |x| x.latency.p99_us),
+        guest_max: metric(r, |x| x.latency.max_us),
+        probe_avg: metric(r, |x| x.host_probe.avg_us),
+        probe_max: metric(r, |x| x.host_probe.max_us),
+        glitch_pct,
+        load_throughput: load,
+        boosted_pct: metric(r, |x| {
+            let wall: f64 = x.per_vcpu.iter().map(|v| v.wall_s).sum();
+            let boosted: f64 = x.policy.per_vcpu.iter().map(|p| p.boosted_ms / 1e3).sum();
+            if wall > 0.0 {
+                boosted / wall * 100.0
+            } else {
+                0.0
+            }
+        }),
+        boosts_per_s: metric(r, |x| {
+            x.policy
+                .per_vcpu
+                .iter()
+                .map(|p| p.boosts as f64)
+                .sum::<f64>()
+                / x.elapsed_s.max(1e-9)
+        }),
+        throttles: metric(r, |x| {
+            x.policy.per_vcpu.iter().map(|p| p.throttles as f64).sum()
+        }),
+        applied_p99: metric(r, |x| x.policy.boost_latency.p99_us),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_median_and_spread() {
+        let s = Stat::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(Stat::of(&[1.0, 2.0, f64::NAN, 4.0, 10.0]).median, 3.0);
+        assert_eq!(Stat::of(&[]), Stat::default());
+    }
+
+    #[test]
+    fn plan_interleaves_policies_and_adds_floor_cells() {
+        let c = BenchConfig::standard(2);
+        let p = c.plan();
+        assert_eq!(p.len(), 2 * (2 * 4 + 1));
+        assert_eq!(
+            p[..4].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
+            POLICIES
+        );
+        assert!(p
+            .iter()
+            .all(|k| k.guest_busy || (k.policy == "none" && k.host == HostState::Idle)));
+        let mut sorted = p.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), p.len(), "cells are distinct");
+    }
+
+    #[test]
+    fn experiment_config_gives_each_vcpu_its_task() {
+        let c = BenchConfig::quick(2);
+        let key = c.plan()[1].clone();
+        let e = experiment_config(&c, &key);
+        assert_eq!(e.vm.vcpus, 3);
+        let periods: Vec<u64> = (0..3)
+            .map(|i| e.task_of(i).unwrap().period.as_millis() as u64)
+            .collect();
+        assert_eq!(periods, [2, 4, 10]);
+        assert_eq!(e.task_of(1).unwrap().work, Duration::from_micros(500));
+        assert_eq!(e.host_load, 2, "busy host cell");
+        assert_eq!(e.host_events.is_some(), key.policy == "dynamic");
+    }
+
+    #[test]
+    fn stress_ng_metrics_parse() {
+        let out = "stress-ng: info:  [123] stressor       bogo ops real time  usr time  sys time   bogo ops/s     bogo ops/s\nstress-ng: info:  [123]                           (secs)    (secs)    (secs)   (real time) (usr+sys time)\nstress-ng: info:  [123] cpu               12345      5.00      9.90      0.01      2469.00       1245.71\n";
+        assert_eq!(parse_stress_ng_ops(out), Some(2469.0));
+        assert_eq!(parse_stress_ng_ops("nothing"), None);
+    }
+}

@@ -1,0 +1,515 @@
+//! The files `pvsched bench` writes: `report.md` (tables shaped like the RFC's), `results.json`
+//! (every raw figure), and SVG plots (latency CDF per policy, glitches per period).
+
+use crate::bench::{summarize, BenchError, BenchOutcome, CellSummary, HostState, Stat};
+use plotters::prelude::*;
+use serde::Serialize;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+/// RFC v1's figures (busy host, Intel N4500 4C/4T, 4-vCPU guest, µs), for the report.
+pub const RFC_TABLE: &str = "| interval | metric | vanilla | dynamic | static RT |
+|---|---|---|---|---|
+| 500 µs | guest avg | 887 | 21 | 25 |
+| 500 µs | guest max | 216 835 | 13 978 | 1 728 |
+| 500 µs | host max | – | 2 114 | 2 447 |
+| 1000 µs | guest avg | 6 335 | 45 | 38 |
+| 1000 µs | guest max | 199 575 | 70 651 | 1 537 |
+| 1000 µs | host max | – | 1 285 | 27 104 |
+
+Audio glitches (busy host, vanilla → patched): 2 ms buffer 1365 → 67, 4 ms 524 → 23, 10 ms 25 → 24.";
+
+fn us(v: f64) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    let r = v.round() as i64;
+    let s = r.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push('\u{202f}');
+        }
+        out.push(c);
+    }
+    if r < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn cell_stat(s: Stat, fmt: &dyn Fn(f64) -> String) -> String {
+    if s.n == 0 {
+        "–".into()
+    } else if s.n == 1 || s.min == s.max {
+        fmt(s.median)
+    } else {
+        format!("{} [{}–{}]", fmt(s.median), fmt(s.min), fmt(s.max))
+    }
+}
+
+fn pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1} %")
+    } else {
+        "–".into()
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+/// The aggregated results, as written to `results.json` next to the raw reports.
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    config: &'a crate::bench::BenchConfig,
+    interrupted: bool,
+    elapsed_s: f64,
+    cells: Vec<JsonCell<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonCell<'a> {
+    key: &'a crate::bench::CellKey,
+    summary: CellSummary,
+    rounds: &'a [crate::experiment::Report],
+    stress_ng_ops: &'a [Option<f64>],
+}
+
+struct View<'a> {
+    o: &'a BenchOutcome,
+    sums: Vec<CellSummary>,
+}
+
+impl View<'_> {
+    fn find(
+        &self,
+        host: HostState,
+        busy: bool,
+        policy: &str,
+        interval: u64,
+    ) -> Option<&CellSummary> {
+        self.o
+            .cells
+            .iter()
+            .position(|c| {
+                c.key.host == host
+                    && c.key.guest_busy == busy
+                    && c.key.policy == policy
+                    && c.key.interval_us == interval
+            })
+            .map(|i| &self.sums[i])
+    }
+}
+
+/// Writes report.md, results.json and the SVG plots into `dir`; returns the files written.
+pub fn write(o: &BenchOutcome, dir: &Path, title: &str) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::Write(dir.display().to_string(), e))?;
+    let view = View {
+        o,
+        sums: o.cells.iter().map(summarize).collect(),
+    };
+    let mut files = Vec::new();
+    let write_file = |name: &str, text: &str, files: &mut Vec<PathBuf>| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| BenchError::Write(p.display().to_string(), e))?;
+        files.push(p);
+        Ok::<(), BenchError>(())
+    };
+    write_file("report.md", &markdown(&view, title), &mut files)?;
+    let json = JsonOut {
+        config: &o.config,
+        interrupted: o.interrupted,
+        elapsed_s: o.elapsed.as_secs_f64(),
+        cells: o
+            .cells
+            .iter()
+            .zip(&view.sums)
+            .map(|(c, s)| JsonCell {
+                key: &c.key,
+                summary: s.clone(),
+                rounds: &c.rounds,
+                stress_ng_ops: &c.stress_ng_ops,
+            })
+            .collect(),
+    };
+    let text = serde_json::to_string_pretty(&json).expect("results serialize");
+    write_file("results.json", &(text + "\n"), &mut files)?;
+    for &interval in &o.config.intervals_us {
+        let p = dir.join(format!("latency-cdf-busy-{interval}us.svg"));
+        cdf_plot(o, interval, &p)?;
+        files.push(p);
+    }
+    let p = dir.join("glitches-busy.svg");
+    glitch_plot(&view, &p)?;
+    files.push(p);
+    Ok(files)
+}
+
+fn markdown(v: &View<'_>, title: &str) -> String {
+    let o = v.o;
+    let c = &o.config;
+    let mut s = String::new();
+    let _ = writeln!(s, "# {title}\n");
+    let _ = writeln!(
+        s,
+        "{} rounds × {} cells × {:.1} s{}; {} vCPUs, each with a deadline task (periods {} ms, \
+         work 12.5 % of the period), guest busy between timer events; busy host = {} {}; \
+         pvsched protocol v1 offered in every cell; `dynamic` also uses LAPIC-timer tracepoints. \
+         Values: median over rounds [min–max]. Total {:.0} s.\n",
+        c.rounds,
+        c.plan().len(),
+        c.cell_duration.as_secs_f64(),
+        if o.interrupted { " (interrupted)" } else { "" },
+        c.vcpus,
+        crate::bench::TASK_PERIODS_MS
+            .iter()
+            .take(c.vcpus)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        c.hogs,
+        match c.host_load {
+            crate::bench::HostLoadKind::Builtin => "built-in CPU hogs",
+            crate::bench::HostLoadKind::StressNg => "stress-ng --cpu workers",
+        },
+        o.elapsed.as_secs_f64(),
+    );
+    let policies = &c.policies;
+    let header = |s: &mut String, first: &str| {
+        let _ = writeln!(
+            s,
+            "| {first} | metric | {} |",
+            policies
+                .iter()
+                .map(|p| if p == "none" {
+                    "vanilla (none)".to_string()
+                } else {
+                    p.clone()
+                })
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(s, "|---|---|{}", "---|".repeat(policies.len()));
+    };
+    for (host, name) in [
+        (HostState::Busy, "Busy host"),
+        (HostState::Idle, "Idle host"),
+    ] {
+        let _ = writeln!(s, "## {name}: guest timer wake-up latency (µs)\n");
+        header(&mut s, "interval");
+        for &i in &c.intervals_us {
+            for (m, f) in [
+                (
+                    "avg",
+                    (|x: &CellSummary| x.guest_avg) as fn(&CellSummary) -> Stat,
+                ),
+                ("p50", |x| x.guest_p50),
+                ("p99", |x| x.guest_p99),
+                ("max", |x| x.guest_max),
+            ] {
+                let row: Vec<String> = policies
+                    .iter()
+                    .map(|p| {
+                        v.find(host, true, p, i)
+                            .map_or("–".into(), |x| cell_stat(f(x), &us))
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {i} µs | {m} | {} |", row.join(" | "));
+            }
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "## Busy host: what it costs the host\n");
+    header(&mut s, "interval");
+    for &i in &c.intervals_us {
+        let base = v
+            .find(HostState::Busy, true, "none", i)
+            .map(|x| x.load_throughput.median);
+        for (m, f) in [
+            (
+                "host probe avg (µs)",
+                (|x: &CellSummary| x.probe_avg) as fn(&CellSummary) -> Stat,
+            ),
+            ("host probe max (µs)", |x| x.probe_max),
+        ] {
+            let row: Vec<String> = policies
+                .iter()
+                .map(|p| {
+                    v.find(HostState::Busy, true, p, i)
+                        .map_or("–".into(), |x| cell_stat(f(x), &us))
+                })
+                .collect();
+            let _ = writeln!(s, "| {i} µs | {m} | {} |", row.join(" | "));
+        }
+        let row: Vec<String> = policies
+            .iter()
+            .map(|p| {
+                v.find(HostState::Busy, true, p, i).map_or("–".into(), |x| {
+                    ratio(x.load_throughput.median, base.unwrap_or(f64::NAN))
+                })
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {i} µs | host load throughput vs vanilla | {} |",
+            row.join(" | ")
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Busy host: deadline-task glitches (% of jobs late)\n");
+    header(&mut s, "interval");
+    for &i in &c.intervals_us {
+        let periods: Vec<u64> = v
+            .find(HostState::Busy, true, "none", i)
+            .map(|x| x.glitch_pct.iter().map(|(p, _)| *p).collect())
+            .unwrap_or_default();
+        for ms in periods {
+            let row: Vec<String> = policies
+                .iter()
+                .map(|p| {
+                    v.find(HostState::Busy, true, p, i)
+                        .and_then(|x| x.glitch_pct.iter().find(|(q, _)| *q == ms))
+                        .map_or("–".into(), |(_, st)| cell_stat(*st, &pct))
+                })
+                .collect();
+            let _ = writeln!(s, "| {i} µs | {ms} ms task | {} |", row.join(" | "));
+        }
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Busy host: boosting\n");
+    header(&mut s, "interval");
+    for &i in &c.intervals_us {
+        for (m, f, fmt) in [
+            (
+                "vCPU time boosted",
+                (|x: &CellSummary| x.boosted_pct) as fn(&CellSummary) -> Stat,
+                &pct as &dyn Fn(f64) -> String,
+            ),
+            ("boosts / s", |x| x.boosts_per_s, &us),
+            ("throttles", |x| x.throttles, &us),
+            ("decision→applied p99 (µs)", |x| x.applied_p99, &us),
+        ] {
+            let row: Vec<String> = policies
+                .iter()
+                .map(|p| {
+                    v.find(HostState::Busy, true, p, i)
+                        .map_or("–".into(), |x| cell_stat(f(x), fmt))
+                })
+                .collect();
+            let _ = writeln!(s, "| {i} µs | {m} | {} |", row.join(" | "));
+        }
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "## Ratios (medians of guest wake-up latency, busy host)\n"
+    );
+    let _ = writeln!(s, "| interval | metric | dynamic | deadline-aware |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for &i in &c.intervals_us {
+        let get = |p: &str| v.find(HostState::Busy, true, p, i);
+        let floor = v.find(HostState::Idle, false, "none", i);
+        for (m, f) in [
+            (
+                "avg",
+                (|x: &CellSummary| x.guest_avg.median) as fn(&CellSummary) -> f64,
+            ),
+            ("p99", |x| x.guest_p99.median),
+        ] {
+            for (what, base) in [
+                ("÷ static RT", get("static")),
+                ("÷ vanilla", get("none")),
+                ("÷ idle-host idle-guest floor", floor),
+            ] {
+                let r = |p: &str| match (get(p), base) {
+                    (Some(a), Some(b)) => ratio(f(a), f(b)),
+                    _ => "–".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {i} µs | {m} {what} | {} | {} |",
+                    r("dynamic"),
+                    r("deadline-aware")
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "\nFloor (idle host, idle guest, vanilla):");
+    for &i in &c.intervals_us {
+        if let Some(f) = v.find(HostState::Idle, false, "none", i) {
+            let _ = writeln!(
+                s,
+                "- {i} µs: avg {} µs, p50 {} µs, p99 {} µs, max {} µs",
+                cell_stat(f.guest_avg, &us),
+                cell_stat(f.guest_p50, &us),
+                cell_stat(f.guest_p99, &us),
+                cell_stat(f.guest_max, &us)
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## RFC v1 figures, for comparison\n\n{RFC_TABLE}\n");
+    let _ = writeln!(
+        s,
+        "Plots: `latency-cdf-busy-<interval>us.svg` (wake-up latency CDF per policy, all rounds), \
+         `glitches-busy.svg`. Raw figures: `results.json`."
+    );
+    s
+}
+
+fn plot_err(name: &Path, e: impl std::fmt::Display) -> BenchError {
+    BenchError::Plot(name.display().to_string(), e.to_string())
+}
+
+fn cdf_plot(o: &BenchOutcome, interval: u64, path: &Path) -> Result<(), BenchError> {
+    let series: Vec<(String, Vec<(f64, f64)>)> = o
+        .cells
+        .iter()
+        .zip(&o.hists)
+        .filter(|(c, _)| {
+            c.key.host == HostState::Busy && c.key.guest_busy && c.key.interval_us == interval
+        })
+        .map(|(c, h)| (c.key.policy.clone(), h.cdf()))
+        .collect();
+    let xmax = series
+        .iter()
+        .flat_map(|(_, p)| p.last().map(|(x, _)| *x))
+        .fold(10.0f64, f64::max)
+        * 1.2;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Guest timer wake-up latency, busy host, {interval} µs interval"),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d((1f64..xmax).log_scale(), 0f64..1.0f64)
+        .map_err(|e| plot_err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("wake-up latency (µs, log)")
+        .y_desc("fraction of wake-ups ≤ x")
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().map(|&(x, y)| (x.max(1.0), y)),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| plot_err(path, e))?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    root.present().map_err(|e| plot_err(path, e))
+}
+
+fn glitch_plot(v: &View<'_>, path: &Path) -> Result<(), BenchError> {
+    let c = &v.o.config;
+    let interval = c.intervals_us.first().copied().unwrap_or(500);
+    let periods: Vec<u64> = crate::bench::TASK_PERIODS_MS
+        .iter()
+        .take(c.vcpus)
+        .copied()
+        .collect();
+    let n_pol = c.policies.len().max(1);
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Deadline-task glitches, busy host, {interval} µs probe interval"),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..periods.len() as f64, 0f64..100f64)
+        .map_err(|e| plot_err(path, e))?;
+    let labels = periods.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(periods.len() * 2 + 1)
+        .x_label_formatter(&move |x| {
+            let i = (*x - 0.5).round();
+            if (*x - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < labels.len() {
+                format!("{} ms task", labels[i as usize])
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("% of jobs late")
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    let width = 0.8 / n_pol as f64;
+    for (pi, p) in c.policies.iter().enumerate() {
+        let color = Palette99::pick(pi).to_rgba();
+        let cell = v.find(HostState::Busy, true, p, interval);
+        let bars: Vec<Rectangle<(f64, f64)>> = periods
+            .iter()
+            .enumerate()
+            .filter_map(|(k, ms)| {
+                let st = cell?.glitch_pct.iter().find(|(q, _)| q == ms)?.1;
+                let x0 = k as f64 + 0.1 + pi as f64 * width;
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.9, st.median.clamp(0.0, 100.0))],
+                    color.filled(),
+                ))
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(|e| plot_err(path, e))?
+            .label(p.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|e| plot_err(path, e))?;
+    root.present().map_err(|e| plot_err(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_format_for_tables() {
+        assert_eq!(us(1234567.4), "1\u{202f}234\u{202f}567");
+        assert_eq!(us(12.6), "13");
+        assert_eq!(us(f64::NAN), "–");
+        assert_eq!(ratio(1.0, 4.0), "0.25");
+        assert_eq!(ratio(1.0, 0.0), "–");
+        let st = Stat {
+            median: 2.0,
+            min: 1.0,
+            max: 3.0,
+            n: 3,
+        };
+        assert_eq!(cell_stat(st, &us), "2 [1–3]");
+        assert_eq!(cell_stat(Stat::default(), &us), "–");
+    }
+}

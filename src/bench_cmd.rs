@@ -1,0 +1,84 @@
+//! `pvsched bench`: the side-by-side comparison, with a progress bar and the report files.
+
+use crate::cli::{BenchArgs, BenchLoadArg};
+use crate::vm_cmd::CliError;
+use indicatif::{ProgressBar, ProgressStyle};
+use pvsched_bench::bench::{self, BenchConfig, HostLoadKind};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// `YYYYmmdd-HHMMSS` (UTC) of now.
+fn stamp() -> String {
+    let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    t.trim_end_matches('Z')
+        .replace(['-', ':'], "")
+        .replace('T', "-")
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `pvsched bench`.
+pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupt.clone()).map_err(CliError::Signals)?;
+    }
+    let mut cfg = if args.quick {
+        BenchConfig::quick(cpus())
+    } else {
+        BenchConfig::standard(cpus())
+    };
+    if let Some(r) = args.rounds {
+        cfg.rounds = r.max(1);
+    }
+    if let Some(d) = args.cell_duration {
+        cfg.cell_duration = d;
+    }
+    cfg.host_load = match args.host_load {
+        BenchLoadArg::Builtin => HostLoadKind::Builtin,
+        BenchLoadArg::StressNg => HostLoadKind::StressNg,
+    };
+    let started = stamp();
+    let out: PathBuf = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("pvsched-bench-{started}")));
+    let total = cfg.plan().len() * cfg.rounds;
+    eprintln!(
+        "pvsched bench: {} cells × {} rounds × {:.1} s (about {:.0} s)",
+        cfg.plan().len(),
+        cfg.rounds,
+        cfg.cell_duration.as_secs_f64(),
+        total as f64 * (cfg.cell_duration.as_secs_f64() + 0.5)
+    );
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} cells, eta {eta} | {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let outcome = bench::run(&cfg, &interrupt, &mut |done, _, key| {
+        bar.set_position(done as u64);
+        bar.set_message(key.label());
+    })?;
+    bar.finish_and_clear();
+    let title = format!("pvsched bench, {started} UTC");
+    let files = pvsched_bench::bench_report::write(&outcome, &out, &title)?;
+    if let Some(md) = files.iter().find(|f| f.ends_with("report.md")) {
+        if let Ok(text) = std::fs::read_to_string(md) {
+            print!("{text}");
+        }
+    }
+    println!("\nReport written to {}:", out.display());
+    for f in &files {
+        println!("  {}", f.display());
+    }
+    Ok(if outcome.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
