@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 /// Policies in the order the report shows them (RFC columns: vanilla, dynamic, static).
 pub const POLICIES: [&str; 4] = ["none", "dynamic", "deadline-aware", "static"];
-/// Deadline-task periods, one per vCPU (RFC audio buffers: 2, 4, 10 ms).
+/// Deadline-task periods (RFC audio buffers: 2, 4, 10 ms). vCPU `i` runs period
+/// `TASK_PERIODS_MS[(i + round) % 3]` in round `round`, so with as many vCPUs as host CPUs
+/// every period is measured in most rounds, under every policy alike.
 pub const TASK_PERIODS_MS: [u64; 3] = [2, 4, 10];
 
 /// How the host is loaded in busy cells.
@@ -78,7 +80,8 @@ pub struct BenchConfig {
     pub cell_duration: Duration,
     /// Rounds over the whole matrix.
     pub rounds: usize,
-    /// vCPUs per VM (one deadline task each, periods from [`TASK_PERIODS_MS`]).
+    /// vCPUs per VM (one deadline task each, periods from [`TASK_PERIODS_MS`]); as many as
+    /// host CPUs, like the RFC's 4-vCPU guest on a 4-CPU host.
     pub vcpus: usize,
     /// Host load in busy cells.
     pub host_load: HostLoadKind,
@@ -96,7 +99,7 @@ impl BenchConfig {
         BenchConfig {
             cell_duration: Duration::from_secs(8),
             rounds: 3,
-            vcpus: TASK_PERIODS_MS.len(),
+            vcpus: cpus.max(1),
             host_load: HostLoadKind::Builtin,
             hogs: cpus.max(1),
             intervals_us: vec![500, 1000],
@@ -104,11 +107,10 @@ impl BenchConfig {
         }
     }
 
-    /// `--quick`: one round of 1.5 s cells (about a minute).
+    /// `--quick`: three rounds of 0.5 s cells (about a minute).
     pub fn quick(cpus: usize) -> Self {
         BenchConfig {
-            cell_duration: Duration::from_millis(1500),
-            rounds: 1,
+            cell_duration: Duration::from_millis(500),
             ..Self::standard(cpus)
         }
     }
@@ -187,11 +189,11 @@ pub struct BenchOutcome {
     pub elapsed: Duration,
 }
 
-fn experiment_config(cfg: &BenchConfig, key: &CellKey) -> ExperimentConfig {
+fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> ExperimentConfig {
     let interval = Duration::from_micros(key.interval_us);
     let task_by_vcpu = (0..cfg.vcpus)
         .map(|i| {
-            let ms = TASK_PERIODS_MS[i % TASK_PERIODS_MS.len()];
+            let ms = TASK_PERIODS_MS[(i + round) % TASK_PERIODS_MS.len()];
             Some(TaskConfig {
                 period: Duration::from_millis(ms),
                 // 12.5 % of the period, as the default 250 µs of 2 ms.
@@ -303,7 +305,7 @@ pub fn run(
     let started = Instant::now();
     let mut done = 0;
     let mut interrupted = false;
-    'rounds: for _ in 0..cfg.rounds {
+    'rounds: for round in 0..cfg.rounds {
         for (i, key) in plan.iter().enumerate() {
             if interrupt.load(Ordering::Relaxed) {
                 interrupted = true;
@@ -314,13 +316,12 @@ pub fn run(
                 (HostState::Busy, HostLoadKind::StressNg) => Some(StressNg::start(cfg.hogs)?),
                 _ => None,
             };
-            let out =
-                experiment::run(&experiment_config(cfg, key), interrupt).map_err(|source| {
-                    BenchError::Cell {
-                        cell: key.label(),
-                        source,
-                    }
-                })?;
+            let out = experiment::run(&experiment_config(cfg, key, round), interrupt).map_err(
+                |source| BenchError::Cell {
+                    cell: key.label(),
+                    source,
+                },
+            )?;
             let ops = stress.and_then(StressNg::stop);
             if out.report.interrupted {
                 interrupted = true;
@@ -526,12 +527,17 @@ mod tests {
     fn experiment_config_gives_each_vcpu_its_task() {
         let c = BenchConfig::quick(2);
         let key = c.plan()[1].clone();
-        let e = experiment_config(&c, &key);
-        assert_eq!(e.vm.vcpus, 3);
-        let periods: Vec<u64> = (0..3)
-            .map(|i| e.task_of(i).unwrap().period.as_millis() as u64)
-            .collect();
-        assert_eq!(periods, [2, 4, 10]);
+        let periods = |round| {
+            let e = experiment_config(&c, &key, round);
+            assert_eq!(e.vm.vcpus, 2);
+            (0..2)
+                .map(|i| e.task_of(i).unwrap().period.as_millis() as u64)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(periods(0), [2, 4]);
+        assert_eq!(periods(1), [4, 10]);
+        assert_eq!(periods(2), [10, 2], "over 3 rounds every period runs twice");
+        let e = experiment_config(&c, &key, 0);
         assert_eq!(e.task_of(1).unwrap().work, Duration::from_micros(500));
         assert_eq!(e.host_load, 2, "busy host cell");
         assert_eq!(e.host_events.is_some(), key.policy == "dynamic");

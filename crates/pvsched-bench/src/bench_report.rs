@@ -159,8 +159,9 @@ fn markdown(v: &View<'_>, title: &str) -> String {
     let _ = writeln!(s, "# {title}\n");
     let _ = writeln!(
         s,
-        "{} rounds × {} cells × {:.1} s{}; {} vCPUs, each with a deadline task (periods {} ms, \
-         work 12.5 % of the period), guest busy between timer events; busy host = {} {}; \
+        "{} rounds × {} cells × {:.1} s{}; {} vCPUs, each with a deadline task (periods {} ms \
+         rotating over the vCPUs from round to round, work 12.5 % of the period), guest busy \
+         between timer events; busy host = {} {}; \
          pvsched protocol v1 offered in every cell; `dynamic` also uses LAPIC-timer tracepoints. \
          Values: median over rounds [min–max]. Total {:.0} s.\n",
         c.rounds,
@@ -170,7 +171,6 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         c.vcpus,
         crate::bench::TASK_PERIODS_MS
             .iter()
-            .take(c.vcpus)
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join(", "),
@@ -426,11 +426,7 @@ fn cdf_plot(o: &BenchOutcome, interval: u64, path: &Path) -> Result<(), BenchErr
 fn glitch_plot(v: &View<'_>, path: &Path) -> Result<(), BenchError> {
     let c = &v.o.config;
     let interval = c.intervals_us.first().copied().unwrap_or(500);
-    let periods: Vec<u64> = crate::bench::TASK_PERIODS_MS
-        .iter()
-        .take(c.vcpus)
-        .copied()
-        .collect();
+    let periods: Vec<u64> = crate::bench::TASK_PERIODS_MS.to_vec();
     let n_pol = c.policies.len().max(1);
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
