@@ -24,6 +24,56 @@ pub enum Command {
     /// Compare vanilla, dynamic, deadline-aware and static-RT boosting side by side on this
     /// machine (idle and busy host, 500 and 1000 µs), with tables, JSON and plots.
     Bench(BenchArgs),
+    /// Boost the vCPU threads of running VMs (QEMU, crosvm, cloud-hypervisor, Firecracker,
+    /// pvsched) from KVM/timer tracepoints, until SIGINT/SIGTERM.
+    Daemon(DaemonArgs),
+    /// Talk to a running daemon: status | enable [vm] | disable [vm] | driver <vm> <name> [k=v..].
+    Ctl(CtlArgs),
+}
+
+/// Default control socket of the daemon.
+pub const DEFAULT_SOCKET: &str = "/run/pvsched.sock";
+/// Default state file of the daemon.
+pub const DEFAULT_STATE: &str = "/run/pvsched.state";
+
+/// `pvsched daemon` options.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// A VMM process whose vCPU threads to boost (repeatable).
+    #[arg(long = "pid")]
+    pub pids: Vec<i32>,
+    /// Follow VMs starting and stopping: attach any process with vCPU-named threads.
+    #[arg(long)]
+    pub watch: bool,
+    /// Policy driver.
+    #[arg(long, default_value = "dynamic")]
+    pub policy: String,
+    /// Policy option, key=value (repeatable).
+    #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
+    pub policy_opts: Vec<String>,
+    /// Tracepoints feeding the policy: a comma list of timer, wakeup, irq.
+    #[arg(long, default_value = "timer", value_parser = parse_host_events)]
+    pub host_events: HostEvents,
+    /// Control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// State file (what to restore after a crash).
+    #[arg(long, default_value = DEFAULT_STATE)]
+    pub state_file: PathBuf,
+    /// Only restore what a previous daemon left boosted, then exit.
+    #[arg(long)]
+    pub recover_only: bool,
+}
+
+/// `pvsched ctl` options.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Control socket of the daemon.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// The request: status | enable [vm] | disable [vm] | driver <vm> <name> [key=value ...].
+    #[arg(required = true, trailing_var_arg = true)]
+    pub request: Vec<String>,
 }
 
 /// Host load of `pvsched bench`.

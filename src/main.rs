@@ -2,6 +2,7 @@
 
 mod bench_cmd;
 mod cli;
+mod daemon_cmd;
 mod vm_cmd;
 
 use clap::Parser;
@@ -12,6 +13,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Vm(args) => vm_cmd::run(args),
         cli::Command::Bench(args) => bench_cmd::run(args),
+        cli::Command::Daemon(args) => daemon_cmd::run(args),
+        cli::Command::Ctl(args) => daemon_cmd::ctl(args),
     };
     match result {
         Ok(code) => code,

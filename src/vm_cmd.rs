@@ -39,6 +39,18 @@ pub enum CliError {
     /// `pvsched bench` failed.
     #[error(transparent)]
     Bench(#[from] pvsched_bench::bench::BenchError),
+    /// The daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] pvsched_daemon::DaemonError),
+    /// `pvsched ctl` could not reach the daemon.
+    #[error("cannot talk to the daemon at {0}")]
+    Ctl(String, #[source] std::io::Error),
+    /// The daemon refused a `ctl` request.
+    #[error("the daemon refused: {0}")]
+    CtlRefused(String),
+    /// The command line is incomplete.
+    #[error("{0}")]
+    Usage(&'static str),
 }
 
 impl CliError {
@@ -55,7 +67,10 @@ impl CliError {
             return experiment_exit_code(e);
         }
         match self {
-            CliError::PolicyOpt(_) => 2,
+            CliError::PolicyOpt(_) | CliError::CtlRefused(_) | CliError::Usage(_) => 2,
+            CliError::Daemon(pvsched_daemon::DaemonError::Policy(_)) => 2,
+            CliError::Daemon(pvsched_daemon::DaemonError::Trace(_)) => 3,
+            CliError::Daemon(pvsched_daemon::DaemonError::NoVcpus(_)) => 2,
             CliError::Bench(BenchError::StressNg(_)) => 3,
             _ => 1,
         }

@@ -3,6 +3,7 @@
 //! what boosting vCPU threads costs ordinary host work.
 
 use crate::hist::LatencyHistogram;
+use pvsched_host::clock::mono_ns;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,16 +14,6 @@ pub struct HostProbe {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<LatencyHistogram>>,
     tid: i32,
-}
-
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn sleep_until_ns(t: u64) {
@@ -55,10 +46,10 @@ impl HostProbe {
                 // SAFETY: plain syscall.
                 let _ = tx.send(unsafe { libc::gettid() });
                 let mut hist = LatencyHistogram::new();
-                let mut next = now_ns() + step;
+                let mut next = mono_ns() + step;
                 while !flag.load(Ordering::Relaxed) {
                     sleep_until_ns(next);
-                    let late = now_ns().saturating_sub(next);
+                    let late = mono_ns().saturating_sub(next);
                     hist.record_ns(late);
                     next += step;
                 }

@@ -5,6 +5,7 @@
 
 use crate::hist::{LatencyHistogram, LatencySummary};
 use pvsched_guest::mailbox::{pv_status, Mailbox};
+use pvsched_host::clock::{mono_ns, DeadlineTimer};
 use pvsched_host::mechanism::{Mechanism, MechanismStats, Publisher};
 use pvsched_host::trace::{TraceConfig, TraceError, TraceEvent, TraceHit, TraceSource};
 use pvsched_host::{SchedClass, SchedGuard};
@@ -18,7 +19,7 @@ use pvsched_vmm::pvdevice::{PvDevice, PvEvent, PvPoller};
 use pvsched_vmm::vm::rdtsc;
 use pvsched_vmm::{RunningVm, TscClock};
 use serde::{Deserialize, Serialize};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -137,66 +138,6 @@ pub enum HostLoopError {
     Io(#[from] std::io::Error),
 }
 
-fn mono_ns() -> Nanos {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// A non-blocking CLOCK_MONOTONIC timerfd for the engine's timers.
-struct Timer(OwnedFd);
-
-impl Timer {
-    fn new() -> std::io::Result<Timer> {
-        // SAFETY: plain syscall; the fd is checked and owned below.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh fd we own.
-        Ok(Timer(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Fires at absolute monotonic time `at` (0: disarm).
-    fn set(&self, at: Option<Nanos>) {
-        let at = at.map_or(0, |t| t.max(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: (at / 1_000_000_000) as libc::time_t,
-                tv_nsec: (at % 1_000_000_000) as libc::c_long,
-            },
-        };
-        // SAFETY: valid fd and itimerspec; no old value requested.
-        unsafe {
-            libc::timerfd_settime(
-                self.0.as_raw_fd(),
-                libc::TFD_TIMER_ABSTIME,
-                &spec,
-                std::ptr::null_mut(),
-            )
-        };
-    }
-
-    fn drain(&self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into `buf`; EAGAIN when not expired is fine.
-        unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-    }
-}
-
 struct PvPublisher<'a>(Option<&'a PvDevice>);
 
 impl Publisher for PvPublisher<'_> {
@@ -223,10 +164,10 @@ impl HostLoop {
             _ => None,
         };
         let epoll = Epoll::new()?;
-        let timer = Timer::new()?;
+        let timer = DeadlineTimer::new()?;
         epoll.ctl(
             ControlOperation::Add,
-            timer.0.as_raw_fd(),
+            timer.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_TIMER),
         )?;
         if let Some(p) = &poller {
@@ -322,7 +263,7 @@ struct LoopState {
 }
 
 impl LoopState {
-    fn run(&mut self, tids: &[i32], epoll: &Epoll, timer: &Timer, stop: &AtomicBool) {
+    fn run(&mut self, tids: &[i32], epoll: &Epoll, timer: &DeadlineTimer, stop: &AtomicBool) {
         for (i, &tid) in tids.iter().enumerate() {
             let key = VcpuKey::new(0, i as u32);
             self.mech.register(key, tid);

@@ -4,6 +4,7 @@
 //! undo it.
 #![deny(missing_docs)]
 
+pub mod clock;
 pub mod mechanism;
 pub mod sched;
 pub mod trace;

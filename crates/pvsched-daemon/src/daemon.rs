@@ -1,0 +1,527 @@
+//! The daemon: attaches to VMs of any VMM by their vCPU threads, feeds the policy engine from
+//! KVM/timer tracepoints (no guest cooperation needed), applies its decisions, answers `ctl`
+//! requests on a Unix socket, and restores every thread it boosted when it stops.
+
+use crate::discover::{vcpu_threads, VcpuThread};
+use crate::state::{recover, Recovery, StateFile};
+use pvsched_host::clock::{mono_ns, DeadlineTimer};
+use pvsched_host::mechanism::{Mechanism, NoPublisher};
+use pvsched_host::trace::{TraceConfig, TraceError, TraceEvent, TraceHit, TraceSource};
+use pvsched_host::{SchedClass, SchedGuard};
+use pvsched_policy::{
+    BoostClass, Decision, DriverOptions, Engine, EngineError, Event, VcpuEvent, VcpuKey,
+};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+const TOKEN_TIMER: u64 = 1;
+const TOKEN_CTL: u64 = 2;
+const TOKEN_TRACE: u64 = 1 << 32;
+/// How often `--watch` looks for VMs and vCPU threads appearing and vanishing.
+const WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// What the daemon does.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Processes whose vCPU threads to attach.
+    pub pids: Vec<i32>,
+    /// Follow VMs (any process with vCPU-named threads) starting and stopping.
+    pub watch: bool,
+    /// Policy driver for every VM.
+    pub driver: String,
+    /// Its options.
+    pub opts: DriverOptions,
+    /// Tracepoints feeding the engine.
+    pub trace: TraceConfig,
+    /// `ctl` socket.
+    pub socket: PathBuf,
+    /// State file for crash recovery.
+    pub state_file: PathBuf,
+}
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Recovering from a previous daemon failed.
+    #[error("cannot recover from the state file {0}")]
+    Recover(PathBuf, #[source] std::io::Error),
+    /// The ctl socket could not be created.
+    #[error("cannot listen on {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    /// A process to attach has no vCPU threads or is gone.
+    #[error("process {0} has no vCPU threads (QEMU 'CPU n/KVM', crosvm_vcpuN, vcpuN, 'fc_vcpu N', pvsched-vcpuN)")]
+    NoVcpus(i32),
+    /// A process could not be inspected.
+    #[error("cannot list the threads of process {0}")]
+    Discover(i32, #[source] std::io::Error),
+    /// The policy is invalid.
+    #[error("invalid policy")]
+    Policy(#[from] EngineError),
+    /// The tracepoints could not be opened.
+    #[error("cannot open the tracepoint sources")]
+    Trace(#[from] TraceError),
+    /// The state file could not be written.
+    #[error("cannot write the state file")]
+    State(#[source] std::io::Error),
+    /// Waiting for events failed.
+    #[error("event loop")]
+    Io(#[from] std::io::Error),
+}
+
+struct VmEntry {
+    pid: i32,
+    threads: Vec<VcpuThread>,
+    trace: Option<TraceSource>,
+}
+
+/// The state of one vCPU as `ctl status` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuStatus {
+    /// vCPU index.
+    pub vcpu: u32,
+    /// Thread id.
+    pub tid: i32,
+    /// Boosted right now.
+    pub boosted: bool,
+    /// Boosts so far.
+    pub boosts: u64,
+    /// Throttles so far.
+    pub throttles: u64,
+    /// Time boosted, ms.
+    pub boosted_ms: f64,
+}
+
+/// One VM in `ctl status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmStatus {
+    /// VM id (for `ctl enable/disable/driver`).
+    pub id: u32,
+    /// Its process.
+    pub pid: i32,
+    /// Driver.
+    pub driver: String,
+    /// Boosting enabled for this VM (and globally).
+    pub enabled: bool,
+    /// vCPUs.
+    pub vcpus: Vec<VcpuStatus>,
+}
+
+/// `ctl status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// Boosting enabled globally.
+    pub enabled: bool,
+    /// Attached VMs.
+    pub vms: Vec<VmStatus>,
+    /// Tracepoint hits fed to the engine.
+    pub host_events: u64,
+}
+
+/// The running daemon.
+struct Daemon<'a> {
+    cfg: &'a DaemonConfig,
+    engine: Engine,
+    mech: Mechanism,
+    state: StateFile,
+    vms: BTreeMap<u32, VmEntry>,
+    next_id: u32,
+    epoll: Epoll,
+    enabled: bool,
+    host_events: u64,
+    pending: Vec<Event>,
+}
+
+/// Restores what a previous daemon left boosted, as recorded in `state_file`.
+pub fn recover_only(state_file: &Path) -> Result<Recovery, DaemonError> {
+    recover(state_file).map_err(|e| DaemonError::Recover(state_file.to_path_buf(), e))
+}
+
+fn helper_class(c: BoostClass) -> SchedClass {
+    match c {
+        BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
+        BoostClass::Deadline { .. } => SchedClass::Fifo(99),
+    }
+}
+
+/// Runs the daemon until `stop` is set. `on_ready` is called once it listens and has attached
+/// the VMs it was given, with what the recovery restored.
+pub fn run(
+    cfg: &DaemonConfig,
+    stop: &AtomicBool,
+    on_ready: impl FnOnce(&Recovery),
+) -> Result<(), DaemonError> {
+    let recovery = recover_only(&cfg.state_file)?;
+    // Check the policy before touching anything.
+    Engine::default().add_vm(0, &cfg.driver, &cfg.opts)?;
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener =
+        UnixListener::bind(&cfg.socket).map_err(|e| DaemonError::Bind(cfg.socket.clone(), e))?;
+    listener.set_nonblocking(true)?;
+    let epoll = Epoll::new()?;
+    let timer = DeadlineTimer::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        timer.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, TOKEN_CTL),
+    )?;
+    let mut d = Daemon {
+        cfg,
+        engine: Engine::default(),
+        mech: Mechanism::new(),
+        state: StateFile::new(&cfg.state_file),
+        vms: BTreeMap::new(),
+        next_id: 0,
+        epoll,
+        enabled: true,
+        host_events: 0,
+        pending: Vec::new(),
+    };
+    let result = d.serve(&listener, &timer, stop, recovery, on_ready);
+    // Every path out restores: the engine unboosts, the mechanism restores what is left.
+    let mut out = Vec::new();
+    d.engine.shutdown(mono_ns(), &mut out);
+    d.apply(&out);
+    d.mech.restore_all();
+    let _ = d.state.remove();
+    let _ = std::fs::remove_file(&cfg.socket);
+    result
+}
+
+impl Daemon<'_> {
+    fn serve(
+        &mut self,
+        listener: &UnixListener,
+        timer: &DeadlineTimer,
+        stop: &AtomicBool,
+        recovery: Recovery,
+        on_ready: impl FnOnce(&Recovery),
+    ) -> Result<(), DaemonError> {
+        for &pid in &self.cfg.pids {
+            self.attach(pid)?;
+        }
+        if self.cfg.watch {
+            self.rescan();
+        }
+        // Run at a real-time priority above the vCPU threads it boosts.
+        let class = self
+            .cfg
+            .opts
+            .class("class", BoostClass::default())
+            .unwrap_or_default();
+        let _own = (self.cfg.driver != "none")
+            .then(|| SchedGuard::apply(0, helper_class(class)).ok())
+            .flatten();
+        on_ready(&recovery);
+        let mut ready = [EpollEvent::default(); 32];
+        let mut last_scan = Instant::now();
+        let mut hits = Vec::new();
+        while !stop.load(Ordering::Acquire) {
+            self.process();
+            timer.set(self.mech.next_timer());
+            let n = match self.epoll.wait(100, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e.into()),
+            };
+            let now = mono_ns();
+            for ev in &ready[..n] {
+                match ev.data() {
+                    TOKEN_TIMER => timer.drain(),
+                    TOKEN_CTL => self.serve_ctl(listener),
+                    t if t >= TOKEN_TRACE => {
+                        let id = (t - TOKEN_TRACE) as u32;
+                        self.drain_trace(id, &mut hits);
+                    }
+                    _ => {}
+                }
+            }
+            self.mech.due_timers(now, &mut self.pending);
+            if last_scan.elapsed() >= WATCH_PERIOD {
+                last_scan = Instant::now();
+                self.rescan();
+            }
+        }
+        Ok(())
+    }
+
+    fn process(&mut self) {
+        for _ in 0..8 {
+            if self.pending.is_empty() {
+                return;
+            }
+            let mut out = Vec::new();
+            let events = std::mem::take(&mut self.pending);
+            self.engine.handle_all(events, mono_ns(), &mut out);
+            self.apply(&out);
+        }
+    }
+
+    fn apply(&mut self, decisions: &[Decision]) {
+        let mut follow = Vec::new();
+        self.mech.apply(
+            decisions,
+            &mut NoPublisher,
+            mono_ns(),
+            &mono_ns,
+            &mut follow,
+        );
+        self.pending.extend(follow);
+    }
+
+    fn drain_trace(&mut self, id: u32, hits: &mut Vec<TraceHit>) {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        let Some(t) = vm.trace.as_mut() else { return };
+        t.drain(hits);
+        for h in hits.drain(..) {
+            let Some(th) = vm.threads.get(h.vcpu) else {
+                continue;
+            };
+            self.host_events += 1;
+            let what = match h.event {
+                TraceEvent::TimerExpired | TraceEvent::IrqAccepted => VcpuEvent::Interrupt,
+                TraceEvent::Woken => VcpuEvent::Woken,
+            };
+            self.pending
+                .push(Event::new(VcpuKey::new(id, th.index), what));
+        }
+    }
+
+    /// Attaches the vCPU threads of `pid` as a new VM.
+    fn attach(&mut self, pid: i32) -> Result<(), DaemonError> {
+        let threads = vcpu_threads(pid).map_err(|e| DaemonError::Discover(pid, e))?;
+        if threads.is_empty() {
+            return Err(DaemonError::NoVcpus(pid));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.engine.add_vm(id, &self.cfg.driver, &self.cfg.opts)?;
+        self.vms.insert(
+            id,
+            VmEntry {
+                pid,
+                threads: Vec::new(),
+                trace: None,
+            },
+        );
+        self.set_threads(id, threads)?;
+        Ok(())
+    }
+
+    /// Makes VM `id`'s thread set `threads`: new ones registered (after their original class
+    /// is on record), vanished ones unregistered, tracepoints reopened for the new set.
+    fn set_threads(&mut self, id: u32, threads: Vec<VcpuThread>) -> Result<(), DaemonError> {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return Ok(());
+        };
+        let old = std::mem::take(&mut vm.threads);
+        for t in &old {
+            if !threads.iter().any(|n| n.tid == t.tid) {
+                let key = VcpuKey::new(id, t.index);
+                self.pending.push(Event::new(key, VcpuEvent::Unregistered));
+            }
+        }
+        // Unregistered events are applied before the thread is forgotten.
+        self.process();
+        for t in &old {
+            if !threads.iter().any(|n| n.tid == t.tid) {
+                self.mech.unregister(VcpuKey::new(id, t.index));
+                let _ = self.state.detach(t.tid);
+            }
+        }
+        for t in &threads {
+            if !old.iter().any(|o| o.tid == t.tid) {
+                self.state.attach(t.tid).map_err(DaemonError::State)?;
+                let key = VcpuKey::new(id, t.index);
+                self.mech.register(key, t.tid);
+                self.pending.push(Event::new(key, VcpuEvent::Registered));
+            }
+        }
+        let vm = self.vms.get_mut(&id).expect("present");
+        if let Some(old_trace) = vm.trace.take() {
+            for fd in old_trace.fds() {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+        }
+        vm.threads = threads;
+        if !vm.threads.is_empty() {
+            let tids: Vec<i32> = vm.threads.iter().map(|t| t.tid).collect();
+            let trace = TraceSource::open(&tids, self.cfg.trace)?;
+            for fd in trace.fds() {
+                self.epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_TRACE + id as u64),
+                )?;
+            }
+            vm.trace = Some(trace);
+        }
+        self.process();
+        Ok(())
+    }
+
+    /// Follows thread changes of attached VMs, VMs that exit, and (with `--watch`) new VMs.
+    fn rescan(&mut self) {
+        let ids: Vec<u32> = self.vms.keys().copied().collect();
+        for id in ids {
+            let pid = self.vms[&id].pid;
+            let now = vcpu_threads(pid).unwrap_or_default();
+            let same = now.len() == self.vms[&id].threads.len()
+                && now
+                    .iter()
+                    .zip(&self.vms[&id].threads)
+                    .all(|(a, b)| a.tid == b.tid);
+            if now.is_empty() {
+                self.detach(id);
+            } else if !same {
+                let _ = self.set_threads(id, now);
+            }
+        }
+        if self.cfg.watch {
+            let me = std::process::id() as i32;
+            let known: Vec<i32> = self.vms.values().map(|v| v.pid).collect();
+            for pid in all_pids() {
+                if pid != me
+                    && !known.contains(&pid)
+                    && !vcpu_threads(pid).unwrap_or_default().is_empty()
+                {
+                    let _ = self.attach(pid);
+                }
+            }
+        }
+    }
+
+    fn detach(&mut self, id: u32) {
+        let _ = self.set_threads(id, Vec::new());
+        let mut out = Vec::new();
+        self.engine.remove_vm(id, mono_ns(), &mut out);
+        self.apply(&out);
+        self.vms.remove(&id);
+    }
+
+    fn status(&self) -> Status {
+        let now = mono_ns();
+        Status {
+            enabled: self.enabled,
+            host_events: self.host_events,
+            vms: self
+                .vms
+                .iter()
+                .map(|(&id, vm)| VmStatus {
+                    id,
+                    pid: vm.pid,
+                    driver: self.engine.driver_name(id).unwrap_or("?").to_string(),
+                    enabled: self.engine.is_enabled(id),
+                    vcpus: vm
+                        .threads
+                        .iter()
+                        .map(|t| {
+                            let key = VcpuKey::new(id, t.index);
+                            let st = self.engine.vcpu(key);
+                            VcpuStatus {
+                                vcpu: t.index,
+                                tid: t.tid,
+                                boosted: self.mech.is_boosted(key),
+                                boosts: st.map_or(0, |s| s.counters.boosts),
+                                throttles: st.map_or(0, |s| s.counters.throttles),
+                                boosted_ms: st.map_or(0.0, |s| s.boosted_ns(now) as f64 / 1e6),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn serve_ctl(&mut self, listener: &UnixListener) {
+        while let Ok((stream, _)) = listener.accept() {
+            let reply = self.handle_ctl(&stream);
+            let mut w = &stream;
+            let _ = w.write_all(format!("{reply}\n").as_bytes());
+        }
+    }
+
+    fn handle_ctl(&mut self, stream: &UnixStream) -> serde_json::Value {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut line = String::new();
+        if BufReader::new(stream).read_line(&mut line).is_err() {
+            return serde_json::json!({"ok": false, "error": "no request"});
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let now = mono_ns();
+        let mut out = Vec::new();
+        let vm_arg = |w: Option<&&str>| -> Result<Option<u32>, String> {
+            w.map(|s| s.parse::<u32>().map_err(|_| format!("bad VM id {s:?}")))
+                .transpose()
+        };
+        let result: Result<serde_json::Value, String> = match words.first().copied() {
+            Some("status") => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
+            Some(cmd @ ("enable" | "disable")) => {
+                let on = cmd == "enable";
+                vm_arg(words.get(1)).and_then(|vm| {
+                    if vm.is_none() {
+                        self.enabled = on;
+                    }
+                    self.engine
+                        .set_enabled(vm, on, now, &mut out)
+                        .map(|_| serde_json::json!({"enabled": on, "vm": vm}))
+                        .map_err(|e| e.to_string())
+                })
+            }
+            Some("driver") => match (vm_arg(words.get(1)), words.get(2)) {
+                (Ok(Some(vm)), Some(name)) => DriverOptions::parse(words[3..].iter().copied())
+                    .map_err(|e| e.to_string())
+                    .and_then(|opts| {
+                        self.engine
+                            .set_driver(vm, name, &opts, now, &mut out)
+                            .map(|_| serde_json::json!({"vm": vm, "driver": name}))
+                            .map_err(|e| e.to_string())
+                    }),
+                _ => Err("usage: driver <vm> <name> [key=value ...]".into()),
+            },
+            _ => Err("commands: status | enable [vm] | disable [vm] | driver <vm> <name> [key=value ...]".into()),
+        };
+        self.apply(&out);
+        self.process();
+        match result {
+            Ok(v) => serde_json::json!({"ok": true, "result": v}),
+            Err(e) => serde_json::json!({"ok": false, "error": e}),
+        }
+    }
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends one `ctl` request to the daemon at `socket` and returns its JSON reply.
+pub fn ctl(socket: &Path, request: &str) -> std::io::Result<serde_json::Value> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{request}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}

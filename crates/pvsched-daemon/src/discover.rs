@@ -1,0 +1,129 @@
+//! Finding a VM's vCPU threads by the names VMMs give them.
+
+use std::io;
+
+/// The VMM a vCPU thread name belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Vmm {
+    /// QEMU: `CPU <n>/KVM`.
+    Qemu,
+    /// crosvm: `crosvm_vcpu<n>`.
+    Crosvm,
+    /// cloud-hypervisor: `vcpu<n>`.
+    CloudHypervisor,
+    /// Firecracker: `fc_vcpu <n>`.
+    Firecracker,
+    /// pvsched's own testbed: `pvsched-vcpu<n>`.
+    Pvsched,
+}
+
+/// A vCPU thread of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuThread {
+    /// vCPU index, from the thread name.
+    pub index: u32,
+    /// Kernel thread id.
+    pub tid: i32,
+    /// The VMM that named it.
+    pub vmm: Vmm,
+}
+
+/// Parses a thread name (`comm`, at most 15 characters) as a vCPU thread name.
+pub fn parse_vcpu_name(comm: &str) -> Option<(Vmm, u32)> {
+    let comm = comm.trim_end_matches('\n');
+    let num = |s: &str| -> Option<u32> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    if let Some(rest) = comm.strip_prefix("CPU ") {
+        let n = rest.strip_suffix("/KVM")?;
+        return num(n).map(|n| (Vmm::Qemu, n));
+    }
+    for (prefix, vmm) in [
+        ("crosvm_vcpu", Vmm::Crosvm),
+        ("pvsched-vcpu", Vmm::Pvsched),
+        ("fc_vcpu ", Vmm::Firecracker),
+        ("vcpu", Vmm::CloudHypervisor),
+    ] {
+        if let Some(n) = comm.strip_prefix(prefix) {
+            return num(n).map(|n| (vmm, n));
+        }
+    }
+    None
+}
+
+/// The vCPU threads of process `pid`, by vCPU index.
+pub fn vcpu_threads(pid: i32) -> io::Result<Vec<VcpuThread>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let Ok(tid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // A thread can exit between the listing and the read: skip it.
+        let Ok(comm) = std::fs::read_to_string(e.path().join("comm")) else {
+            continue;
+        };
+        if let Some((vmm, index)) = parse_vcpu_name(&comm) {
+            out.push(VcpuThread { index, tid, vmm });
+        }
+    }
+    out.sort_by_key(|t| t.index);
+    Ok(out)
+}
+
+/// Start time of thread `tid` (clock ticks since boot, `/proc/<tid>/stat` field 22): with the
+/// tid, it identifies a thread across tid reuse.
+pub fn start_time(tid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    // The name (field 2) is in parentheses and may contain spaces: count from after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_thread_names() {
+        assert_eq!(parse_vcpu_name("CPU 3/KVM\n"), Some((Vmm::Qemu, 3)));
+        assert_eq!(parse_vcpu_name("crosvm_vcpu12"), Some((Vmm::Crosvm, 12)));
+        assert_eq!(parse_vcpu_name("vcpu0"), Some((Vmm::CloudHypervisor, 0)));
+        assert_eq!(parse_vcpu_name("fc_vcpu 1"), Some((Vmm::Firecracker, 1)));
+        assert_eq!(parse_vcpu_name("pvsched-vcpu7"), Some((Vmm::Pvsched, 7)));
+        for bad in [
+            "CPU 1/TCG",
+            "vcpu",
+            "vcpux",
+            "qemu-system-x86",
+            "CPU /KVM",
+            "fc_vcpu",
+            "vcpu-1",
+        ] {
+            assert_eq!(parse_vcpu_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn threads_of_this_process_are_found_by_name() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name("crosvm_vcpu5".into())
+            .spawn(move || {
+                let _ = rx.recv();
+            })
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let found = vcpu_threads(std::process::id() as i32).unwrap();
+        assert!(
+            found.iter().any(|v| v.index == 5 && v.vmm == Vmm::Crosvm),
+            "{found:?}"
+        );
+        assert!(start_time(found[0].tid).is_some());
+        tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(vcpu_threads(-5).is_err());
+    }
+}

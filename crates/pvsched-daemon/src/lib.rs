@@ -1,0 +1,12 @@
+//! `pvsched daemon`: pvsched's engine for VMs of existing VMMs (QEMU, crosvm,
+//! cloud-hypervisor, Firecracker, and pvsched's own testbed), with no kernel patch and no VMM
+//! change: it finds their vCPU threads by name, listens to KVM/timer tracepoints, boosts and
+//! unboosts within budgets, and restores every thread it touched, also after `kill -9` (state
+//! file).
+#![deny(missing_docs)]
+
+pub mod daemon;
+pub mod discover;
+pub mod state;
+
+pub use daemon::{ctl, run, DaemonConfig, DaemonError};

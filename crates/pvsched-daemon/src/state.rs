@@ -1,0 +1,182 @@
+//! The daemon's state file: every thread it may boost, with its original scheduling
+//! attributes. Written when threads are attached or detached (not per boost); read at start
+//! to restore whatever a previous daemon, killed with `kill -9`, left boosted.
+
+use crate::discover::start_time;
+use pvsched_host::sched::{self, SchedAttr};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// One thread the daemon may boost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Thread id.
+    pub tid: i32,
+    /// Its start time, to tell it from a later thread that reuses the id.
+    pub start_time: u64,
+    /// Its attributes before the daemon touched it.
+    pub original: SchedAttr,
+}
+
+/// The state file.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    entries: BTreeMap<i32, Entry>,
+}
+
+/// What a recovery did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Threads put back to their original attributes.
+    pub restored: Vec<i32>,
+    /// Threads found at their original attributes already, gone, or reused.
+    pub untouched: usize,
+}
+
+impl StateFile {
+    /// A state file at `path` (nothing written yet).
+    pub fn new(path: &Path) -> Self {
+        StateFile {
+            path: path.to_path_buf(),
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Records `tid` with its current attributes (call before boosting it).
+    pub fn attach(&mut self, tid: i32) -> io::Result<()> {
+        if self.entries.contains_key(&tid) {
+            return Ok(());
+        }
+        let original = sched::get(tid).map_err(io::Error::other)?;
+        let start_time = start_time(tid).unwrap_or(0);
+        self.entries.insert(
+            tid,
+            Entry {
+                tid,
+                start_time,
+                original,
+            },
+        );
+        self.save()
+    }
+
+    /// Forgets `tid`.
+    pub fn detach(&mut self, tid: i32) -> io::Result<()> {
+        if self.entries.remove(&tid).is_some() {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Removes the file (clean shutdown: everything restored).
+    pub fn remove(&self) -> io::Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn save(&self) -> io::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let list: Vec<&Entry> = self.entries.values().collect();
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&list).map_err(io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// Restores every thread listed in the state file at `path` that still exists (same start
+/// time) and is not at its original attributes, then removes the file. A missing file means
+/// there is nothing to do.
+pub fn recover(path: &Path) -> io::Result<Recovery> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Recovery::default()),
+        Err(e) => return Err(e),
+    };
+    let entries: Vec<Entry> =
+        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut r = Recovery::default();
+    for e in entries {
+        let same_thread = start_time(e.tid) == Some(e.start_time);
+        match sched::get(e.tid) {
+            Ok(now) if same_thread && now != e.original => {
+                sched::set(e.tid, &e.original).map_err(io::Error::other)?;
+                r.restored.push(e.tid);
+            }
+            _ => r.untouched += 1,
+        }
+    }
+    std::fs::remove_file(path)?;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pvsched_host::SchedClass;
+
+    fn thread() -> (
+        i32,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            // SAFETY: plain syscall.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        (rx.recv().unwrap(), done_tx, h)
+    }
+
+    #[test]
+    fn recovery_restores_what_a_dead_daemon_left_boosted() {
+        let dir = std::env::temp_dir().join(format!("pvsched-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        let (tid, done, h) = thread();
+        let before = sched::get(tid).unwrap();
+        let mut st = StateFile::new(&path);
+        st.attach(tid).unwrap();
+        // A "daemon" boosts and dies without restoring.
+        match sched::set(tid, &SchedClass::Fifo(9).attr()) {
+            Ok(()) => {
+                let r = recover(&path).unwrap();
+                assert_eq!(r.restored, [tid]);
+                assert_eq!(sched::get(tid).unwrap(), before);
+            }
+            Err(e) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "SKIPPED part of recovery test: {e}");
+                recover(&path).unwrap();
+            }
+        }
+        assert!(!path.exists(), "recovery removes the file");
+        assert_eq!(
+            recover(&path).unwrap(),
+            Recovery::default(),
+            "nothing to do"
+        );
+        done.send(()).unwrap();
+        h.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_a_panic() {
+        let path = std::env::temp_dir().join(format!("pvsched-bad-{}.json", std::process::id()));
+        std::fs::write(&path, b"{not json").unwrap();
+        assert_eq!(
+            recover(&path).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,0 +1,302 @@
+//! `pvsched daemon` and `pvsched ctl` against a testbed VM running as a separate
+//! `pvsched vm` process, as with any other VMM: boosting from tracepoints, ctl disable/enable,
+//! SIGTERM and `kill -9` + recovery leaving nothing boosted. Skips, saying why, without
+//! /dev/kvm, real-time privileges or tracepoints.
+
+use pvsched_testutil::{kvm_or_skip, serial, skip};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pvsched() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pvsched"))
+}
+
+/// A busy testbed VM in its own process, killed on drop.
+struct VmProc(Child);
+
+impl VmProc {
+    fn start() -> VmProc {
+        let child = pvsched()
+            .args([
+                "vm",
+                "--vcpus",
+                "2",
+                "--duration",
+                "60s",
+                "--guest-load",
+                "busy",
+                "--pv",
+                "off",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let vm = VmProc(child);
+        let t0 = Instant::now();
+        while vm.vcpu_tids().len() < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "VM threads did not appear"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    fn vcpu_tids(&self) -> Vec<i32> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("pvsched-vcpu") {
+                v.push(e.file_name().to_string_lossy().parse().unwrap());
+            }
+        }
+        v
+    }
+
+    fn policies(&self) -> Vec<i32> {
+        // SAFETY: sched_getscheduler on a tid; -1 when it is gone.
+        self.vcpu_tids()
+            .into_iter()
+            .map(|t| unsafe { libc::sched_getscheduler(t) })
+            .collect()
+    }
+
+    fn any_fifo(&self) -> bool {
+        self.policies().contains(&libc::SCHED_FIFO)
+    }
+
+    fn all_other(&self) -> bool {
+        self.policies().iter().all(|&p| p == libc::SCHED_OTHER)
+    }
+}
+
+impl Drop for VmProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn paths(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("pvsched-daemon-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    (dir.join("ctl.sock"), dir.join("state.json"))
+}
+
+/// Starts the daemon on `vm`; `None` (after saying why) when this host cannot run it.
+fn start_daemon(test: &str, vm: &VmProc, socket: &Path, state: &Path) -> Option<Child> {
+    let mut d = pvsched()
+        .args(["daemon", "--pid", &vm.pid().to_string(), "--socket"])
+        .arg(socket)
+        .arg("--state-file")
+        .arg(state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = d.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = d.stderr.take().unwrap().read_to_string(&mut err);
+            if status.code() == Some(3) || status.code() == Some(5) {
+                skip!("{test}: {err}");
+                return None;
+            }
+            panic!("daemon exited with {status}: {err}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(d)
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = pvsched()
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn daemon_boosts_a_vm_process_obeys_ctl_and_restores_on_sigterm() {
+    let _s = serial();
+    let test = "daemon_boosts_a_vm_process_obeys_ctl_and_restores_on_sigterm";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let vm = VmProc::start();
+    let (socket, state) = paths("ctl");
+    let Some(mut d) = start_daemon(test, &vm, &socket, &state) else {
+        return;
+    };
+    // Timer interrupts of the busy guest make the daemon boost its vCPU threads.
+    wait_for(
+        "a vCPU thread seen at SCHED_FIFO",
+        Duration::from_secs(5),
+        || vm.any_fifo(),
+    );
+    assert!(
+        state.exists(),
+        "state file written while threads may be boosted"
+    );
+    let (ok, out) = ctl(&socket, &["status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vms"][0]["pid"], vm.pid());
+    assert_eq!(v["vms"][0]["vcpus"].as_array().unwrap().len(), 2);
+    let boosts: u64 = v["vms"][0]["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["boosts"].as_u64().unwrap())
+        .sum();
+    assert!(boosts > 0, "{out}");
+    assert!(v["host_events"].as_u64().unwrap() > 0);
+
+    // Disabled: restored at once, and not boosted again.
+    let (ok, out) = ctl(&socket, &["disable"]);
+    assert!(ok, "{out}");
+    wait_for(
+        "all vCPU threads restored",
+        Duration::from_millis(500),
+        || vm.all_other(),
+    );
+    for _ in 0..100 {
+        assert!(vm.all_other(), "boosted while disabled");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (ok, out) = ctl(&socket, &["enable"]);
+    assert!(ok, "{out}");
+    wait_for(
+        "boosting again after enable",
+        Duration::from_secs(5),
+        || vm.any_fifo(),
+    );
+    let (ok, out) = ctl(&socket, &["driver", "0", "nosuch"]);
+    assert!(!ok && out.contains("unknown policy driver"), "{out}");
+
+    // SIGTERM: every thread restored, state file removed, exit 0.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let status = d.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(vm.all_other(), "restored on SIGTERM: {:?}", vm.policies());
+    assert!(!state.exists());
+}
+
+#[test]
+fn kill_9_then_recovery_leaves_nothing_boosted() {
+    let _s = serial();
+    let test = "kill_9_then_recovery_leaves_nothing_boosted";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let vm = VmProc::start();
+    let (socket, state) = paths("kill9");
+    // Kill the daemon while it has a thread boosted (retry: boosts are short).
+    let mut leaked = false;
+    for _ in 0..20 {
+        let Some(mut d) = start_daemon(test, &vm, &socket, &state) else {
+            return;
+        };
+        wait_for("a boost", Duration::from_secs(5), || vm.any_fifo());
+        let _ = d.kill(); // SIGKILL
+        let _ = d.wait();
+        if vm.any_fifo() {
+            leaked = true;
+            break;
+        }
+        // Nothing was boosted at the moment of the kill: clean up and try again.
+        let _ = std::fs::remove_file(&socket);
+    }
+    assert!(leaked, "could not catch the daemon with a thread boosted");
+    let t0 = Instant::now();
+    let out = pvsched()
+        .args(["daemon", "--recover-only", "--state-file"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("restored"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        vm.all_other(),
+        "recovery restored every thread: {:?}",
+        vm.policies()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "recovery took {:?}",
+        t0.elapsed()
+    );
+    assert!(!state.exists());
+}
+
+#[test]
+fn daemon_usage_errors_are_clear() {
+    let out = pvsched()
+        .args(["daemon", "--socket", "/tmp/x.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pid"));
+    // A process without vCPU threads.
+    let mut sleeper = Command::new("sleep").arg("10").spawn().unwrap();
+    let (socket, state) = paths("usage");
+    let out = pvsched()
+        .args(["daemon", "--pid", &sleeper.id().to_string(), "--socket"])
+        .arg(&socket)
+        .arg("--state-file")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("has no vCPU threads"), "{err}");
+    let out = pvsched()
+        .args(["ctl", "--socket", "/nonexistent/pvsched.sock", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot talk to the daemon"));
+}
