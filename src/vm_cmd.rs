@@ -146,6 +146,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
             HostEvents::Set(_) => None,
         },
         task_by_vcpu: Vec::new(),
+        external_daemon: false,
     })
 }
 

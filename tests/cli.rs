@@ -309,8 +309,8 @@ fn bench_quick_writes_a_complete_report() {
     let cells = v["cells"].as_array().unwrap();
     assert_eq!(
         cells.len(),
-        18,
-        "2 intervals × (2 host states × 4 policies + floor)"
+        22,
+        "2 intervals × (2 host states × 5 policies + floor)"
     );
     let mut keys = std::collections::BTreeSet::new();
     for c in cells {
@@ -334,8 +334,8 @@ fn bench_quick_writes_a_complete_report() {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
-    assert_eq!(keys.len(), 18, "distinct cells");
-    for policy in ["none", "dynamic", "deadline-aware", "static"] {
+    assert_eq!(keys.len(), 22, "distinct cells");
+    for policy in ["none", "dynamic", "deadline-aware", "static", "daemon"] {
         for interval in [500, 1000] {
             for host in ["busy", "idle"] {
                 assert!(

@@ -26,6 +26,9 @@ pub enum Error {
     /// Changing a vCPU thread's class failed.
     #[error("cannot apply --vcpu-sched")]
     Sched(#[from] pvsched_host::sched::Error),
+    /// The external daemon failed.
+    #[error("the external daemon failed")]
+    Daemon(#[from] pvsched_daemon::DaemonError),
     /// The policy engine could not be started.
     #[error(transparent)]
     Policy(#[from] HostLoopError),
@@ -63,6 +66,9 @@ pub struct ExperimentConfig {
     pub host_events: Option<pvsched_host::trace::TraceConfig>,
     /// Per-vCPU deadline tasks overriding `vm.guest.task` where `Some`.
     pub task_by_vcpu: Vec<Option<TaskConfig>>,
+    /// Let pvsched's daemon boost the vCPU threads from the outside (the in-VMM policy should
+    /// then be `none`).
+    pub external_daemon: bool,
 }
 
 impl ExperimentConfig {
@@ -230,10 +236,16 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     // With RT vCPU threads the controller (this thread) must outrank them, or it cannot
     // drain the rings or stop the run on time. Started after the vCPU threads so they do
     // not inherit it; restored when the guard drops.
+    let external = if cfg.external_daemon {
+        Some(crate::external::ExternalDaemon::start()?)
+    } else {
+        None
+    };
     let controller_needs = cfg
         .vcpu_sched
         .and_then(controller_class)
-        .or_else(|| cfg.policy.boost_class().map(helper_class));
+        .or_else(|| cfg.policy.boost_class().map(helper_class))
+        .or_else(|| external.as_ref().map(|_| helper_class(Default::default())));
     let controller = match controller_needs {
         Some(class) => Some(SchedGuard::apply(pvsched_vmm::vcpu::gettid(), class)?),
         None => None,
@@ -286,14 +298,29 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     }
     drop(controller);
     let HostLoopReport {
-        driver,
+        mut driver,
         pv: pv_counts,
-        policy: policy_vcpus,
+        policy: mut policy_vcpus,
         boost_latency,
         errors: policy_errors,
-        host_events,
+        mut host_events,
         host_events_lost,
     } = host_loop.stop();
+    if let Some(d) = external {
+        let (vcpus, events) = d.stop();
+        driver = "daemon (dynamic, tracepoints only)".into();
+        host_events = events;
+        policy_vcpus = vcpus
+            .iter()
+            .map(|v| crate::pvhost::VcpuPolicyReport {
+                boosts: v.boosts,
+                unboosts: v.boosts,
+                throttles: v.throttles,
+                refused: 0,
+                boosted_ms: v.boosted_ms,
+            })
+            .collect();
+    }
     let probe_hist = probe.stop();
     let hog_report = hogs.stop();
 

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_report;
 pub mod experiment;
+pub mod external;
 pub mod hist;
 pub mod load;
 pub mod probe;
