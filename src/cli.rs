@@ -39,9 +39,18 @@ pub const DEFAULT_STATE: &str = "/run/pvsched.state";
 /// `pvsched daemon` options.
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// A VMM process whose vCPU threads to boost (repeatable).
+    /// Read everything from this TOML file instead of the options below (see README).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A VMM process whose vCPU threads to boost, found by name (repeatable).
     #[arg(long = "pid")]
     pub pids: Vec<i32>,
+    /// A QEMU QMP socket: vCPU threads from `query-cpus-fast` (repeatable).
+    #[arg(long = "qmp")]
+    pub qmps: Vec<PathBuf>,
+    /// Serve Prometheus metrics on this local address, e.g. 127.0.0.1:9477.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Follow VMs starting and stopping: attach any process with vCPU-named threads.
     #[arg(long)]
     pub watch: bool,

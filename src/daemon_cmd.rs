@@ -2,7 +2,7 @@
 
 use crate::cli::{CtlArgs, DaemonArgs, HostEvents};
 use crate::vm_cmd::CliError;
-use pvsched_daemon::DaemonConfig;
+use pvsched_daemon::{DaemonConfig, VmSource};
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::DriverOptions;
 use std::process::ExitCode;
@@ -21,42 +21,57 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, CliError> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(CliError::Signals)?;
     }
+    let cfg = match &args.config {
+        Some(path) => pvsched_daemon::config::load(path)?,
+        None => from_args(args)?,
+    };
+    if cfg.vms.is_empty() && !cfg.watch {
+        return Err(CliError::Usage(
+            "give --pid <PID> or --qmp <SOCKET> (repeatable), --watch, or a --config with [[vm]]",
+        ));
+    }
+    pvsched_daemon::run(&cfg, &stop, |r| {
+        if !r.restored.is_empty() {
+            tracing::warn!(threads = ?r.restored, "restored threads a previous daemon left boosted");
+        }
+        tracing::info!(policy = %cfg.driver, socket = %cfg.socket.display(), "running");
+    })?;
+    tracing::info!("stopped, every thread restored");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
     let trace = match args.host_events {
         HostEvents::Auto => TraceConfig::default(),
         HostEvents::Set(c) => c,
     };
-    if args.pids.is_empty() && !args.watch {
-        return Err(CliError::Usage("give --pid <PID> (repeatable) or --watch"));
-    }
-    let cfg = DaemonConfig {
-        pids: args.pids,
+    let vms = args
+        .pids
+        .into_iter()
+        .map(VmSource::Pid)
+        .chain(args.qmps.into_iter().map(VmSource::Qmp))
+        .collect();
+    Ok(DaemonConfig {
+        vms,
         watch: args.watch,
         driver: args.policy,
         opts: DriverOptions::parse(args.policy_opts.iter().map(String::as_str))?,
         trace,
         socket: args.socket,
         state_file: args.state_file,
-    };
-    pvsched_daemon::run(&cfg, &stop, |r| {
-        if !r.restored.is_empty() {
-            eprintln!(
-                "pvsched daemon: restored {} thread(s) a previous daemon left boosted: {:?}",
-                r.restored.len(),
-                r.restored
-            );
-        }
-        eprintln!(
-            "pvsched daemon: running (policy {}, socket {})",
-            cfg.driver,
-            cfg.socket.display()
-        );
-    })?;
-    eprintln!("pvsched daemon: stopped, every thread restored");
-    Ok(ExitCode::SUCCESS)
+        metrics: args.metrics,
+    })
 }
 
 /// Sends one request to the daemon and prints the reply.

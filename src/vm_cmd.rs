@@ -48,6 +48,9 @@ pub enum CliError {
     /// The daemon refused a `ctl` request.
     #[error("the daemon refused: {0}")]
     CtlRefused(String),
+    /// The daemon's configuration file is invalid.
+    #[error(transparent)]
+    Config(#[from] pvsched_daemon::config::ConfigError),
     /// The command line is incomplete.
     #[error("{0}")]
     Usage(&'static str),
@@ -71,6 +74,7 @@ impl CliError {
             CliError::Daemon(pvsched_daemon::DaemonError::Policy(_)) => 2,
             CliError::Daemon(pvsched_daemon::DaemonError::Trace(_)) => 3,
             CliError::Daemon(pvsched_daemon::DaemonError::NoVcpus(_)) => 2,
+            CliError::Config(_) => 2,
             CliError::Bench(BenchError::StressNg(_)) => 3,
             _ => 1,
         }

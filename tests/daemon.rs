@@ -102,13 +102,25 @@ fn paths(tag: &str) -> (PathBuf, PathBuf) {
     (dir.join("ctl.sock"), dir.join("state.json"))
 }
 
-/// Starts the daemon on `vm`; `None` (after saying why) when this host cannot run it.
-fn start_daemon(test: &str, vm: &VmProc, socket: &Path, state: &Path) -> Option<Child> {
-    let mut d = pvsched()
-        .args(["daemon", "--pid", &vm.pid().to_string(), "--socket"])
-        .arg(socket)
-        .arg("--state-file")
-        .arg(state)
+/// Starts the daemon on `vm` (from a config file when `config` is given); `None` (after
+/// saying why) when this host cannot run it.
+fn start_daemon(
+    test: &str,
+    vm: &VmProc,
+    socket: &Path,
+    state: &Path,
+    config: Option<&Path>,
+) -> Option<Child> {
+    let mut cmd = pvsched();
+    match config {
+        Some(c) => cmd.arg("daemon").arg("--config").arg(c),
+        None => cmd
+            .args(["daemon", "--pid", &vm.pid().to_string(), "--socket"])
+            .arg(socket)
+            .arg("--state-file")
+            .arg(state),
+    };
+    let mut d = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -134,6 +146,15 @@ fn start_daemon(test: &str, vm: &VmProc, socket: &Path, state: &Path) -> Option<
     Some(d)
 }
 
+fn http_get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
     let out = pvsched()
         .arg("ctl")
@@ -157,7 +178,26 @@ fn daemon_boosts_a_vm_process_obeys_ctl_and_restores_on_sigterm() {
     }
     let vm = VmProc::start();
     let (socket, state) = paths("ctl");
-    let Some(mut d) = start_daemon(test, &vm, &socket, &state) else {
+    // This one reads a configuration file, with Prometheus metrics on a free local port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = socket.with_file_name("pvsched.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = {:?}\nstate_file = {:?}\nmetrics = \"127.0.0.1:{port}\"\n\
+             [policy]\ndriver = \"dynamic\"\noptions = {{ cs_budget = \"3ms\" }}\n\
+             [[vm]]\npid = {}\n",
+            socket.display().to_string(),
+            state.display().to_string(),
+            vm.pid()
+        ),
+    )
+    .unwrap();
+    let Some(mut d) = start_daemon(test, &vm, &socket, &state, Some(&config)) else {
         return;
     };
     // Timer interrupts of the busy guest make the daemon boost its vCPU threads.
@@ -183,6 +223,13 @@ fn daemon_boosts_a_vm_process_obeys_ctl_and_restores_on_sigterm() {
         .sum();
     assert!(boosts > 0, "{out}");
     assert!(v["host_events"].as_u64().unwrap() > 0);
+    let metrics = http_get(port);
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("pvsched_vcpu_boosts_total{vm=\"0\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pvsched_host_events_total"), "{metrics}");
 
     // Disabled: restored at once, and not boosted again.
     let (ok, out) = ctl(&socket, &["disable"]);
@@ -227,7 +274,7 @@ fn kill_9_then_recovery_leaves_nothing_boosted() {
     // Kill the daemon while it has a thread boosted (retry: boosts are short).
     let mut leaked = false;
     for _ in 0..20 {
-        let Some(mut d) = start_daemon(test, &vm, &socket, &state) else {
+        let Some(mut d) = start_daemon(test, &vm, &socket, &state, None) else {
             return;
         };
         wait_for("a boost", Duration::from_secs(5), || vm.any_fifo());

@@ -42,13 +42,14 @@ impl ExternalDaemon {
         ));
         std::fs::create_dir_all(&dir).map_err(DaemonError::Io)?;
         let cfg = DaemonConfig {
-            pids: vec![std::process::id() as i32],
+            vms: vec![pvsched_daemon::VmSource::Pid(std::process::id() as i32)],
             watch: false,
             driver: "dynamic".into(),
             opts: DriverOptions::new(),
             trace: TraceConfig::default(),
             socket: dir.join("ctl.sock"),
             state_file: dir.join("state.json"),
+            metrics: None,
         };
         let socket = cfg.socket.clone();
         let stop = Arc::new(AtomicBool::new(false));

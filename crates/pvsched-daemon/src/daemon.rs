@@ -23,15 +23,34 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 const TOKEN_TIMER: u64 = 1;
 const TOKEN_CTL: u64 = 2;
+const TOKEN_METRICS: u64 = 3;
 const TOKEN_TRACE: u64 = 1 << 32;
 /// How often `--watch` looks for VMs and vCPU threads appearing and vanishing.
 const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
+/// Where a VM's vCPU threads come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmSource {
+    /// The vCPU-named threads of a process.
+    Pid(i32),
+    /// QEMU's `query-cpus-fast` on this QMP socket.
+    Qmp(PathBuf),
+}
+
+impl std::fmt::Display for VmSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmSource::Pid(p) => write!(f, "pid {p}"),
+            VmSource::Qmp(q) => write!(f, "QMP {}", q.display()),
+        }
+    }
+}
+
 /// What the daemon does.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    /// Processes whose vCPU threads to attach.
-    pub pids: Vec<i32>,
+    /// VMs to attach.
+    pub vms: Vec<VmSource>,
     /// Follow VMs (any process with vCPU-named threads) starting and stopping.
     pub watch: bool,
     /// Policy driver for every VM.
@@ -44,6 +63,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// State file for crash recovery.
     pub state_file: PathBuf,
+    /// Serve Prometheus metrics on this (local) address.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Errors of the daemon.
@@ -55,12 +76,15 @@ pub enum DaemonError {
     /// The ctl socket could not be created.
     #[error("cannot listen on {0}")]
     Bind(PathBuf, #[source] std::io::Error),
-    /// A process to attach has no vCPU threads or is gone.
-    #[error("process {0} has no vCPU threads (QEMU 'CPU n/KVM', crosvm_vcpuN, vcpuN, 'fc_vcpu N', pvsched-vcpuN)")]
-    NoVcpus(i32),
-    /// A process could not be inspected.
-    #[error("cannot list the threads of process {0}")]
-    Discover(i32, #[source] std::io::Error),
+    /// A VM to attach has no vCPU threads or is gone.
+    #[error("{0} has no vCPU threads (QEMU 'CPU n/KVM', crosvm_vcpuN, vcpuN, 'fc_vcpu N', pvsched-vcpuN)")]
+    NoVcpus(VmSource),
+    /// A VM could not be inspected.
+    #[error("cannot find the vCPU threads of {0}")]
+    Discover(VmSource, #[source] std::io::Error),
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {0}")]
+    Metrics(std::net::SocketAddr, #[source] std::io::Error),
     /// The policy is invalid.
     #[error("invalid policy")]
     Policy(#[from] EngineError),
@@ -76,9 +100,16 @@ pub enum DaemonError {
 }
 
 struct VmEntry {
-    pid: i32,
+    source: VmSource,
     threads: Vec<VcpuThread>,
     trace: Option<TraceSource>,
+}
+
+fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
+    match source {
+        VmSource::Pid(pid) => vcpu_threads(*pid),
+        VmSource::Qmp(path) => crate::qmp::query_cpus(path),
+    }
 }
 
 /// The state of one vCPU as `ctl status` reports it.
@@ -103,8 +134,10 @@ pub struct VcpuStatus {
 pub struct VmStatus {
     /// VM id (for `ctl enable/disable/driver`).
     pub id: u32,
-    /// Its process.
-    pub pid: i32,
+    /// Where its threads come from (`pid N` or `QMP path`).
+    pub source: String,
+    /// Its process, when attached by pid.
+    pub pid: Option<i32>,
     /// Driver.
     pub driver: String,
     /// Boosting enabled for this VM (and globally).
@@ -164,7 +197,22 @@ pub fn run(
     let listener =
         UnixListener::bind(&cfg.socket).map_err(|e| DaemonError::Bind(cfg.socket.clone(), e))?;
     listener.set_nonblocking(true)?;
+    let metrics = match cfg.metrics {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Metrics(addr, e))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
     let epoll = Epoll::new()?;
+    if let Some(m) = &metrics {
+        epoll.ctl(
+            ControlOperation::Add,
+            m.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_METRICS),
+        )?;
+    }
     let timer = DeadlineTimer::new()?;
     epoll.ctl(
         ControlOperation::Add,
@@ -188,7 +236,14 @@ pub fn run(
         host_events: 0,
         pending: Vec::new(),
     };
-    let result = d.serve(&listener, &timer, stop, recovery, on_ready);
+    let result = d.serve(
+        &listener,
+        metrics.as_ref(),
+        &timer,
+        stop,
+        recovery,
+        on_ready,
+    );
     // Every path out restores: the engine unboosts, the mechanism restores what is left.
     let mut out = Vec::new();
     d.engine.shutdown(mono_ns(), &mut out);
@@ -203,13 +258,14 @@ impl Daemon<'_> {
     fn serve(
         &mut self,
         listener: &UnixListener,
+        metrics: Option<&std::net::TcpListener>,
         timer: &DeadlineTimer,
         stop: &AtomicBool,
         recovery: Recovery,
         on_ready: impl FnOnce(&Recovery),
     ) -> Result<(), DaemonError> {
-        for &pid in &self.cfg.pids {
-            self.attach(pid)?;
+        for source in &self.cfg.vms {
+            self.attach(source.clone())?;
         }
         if self.cfg.watch {
             self.rescan();
@@ -240,6 +296,11 @@ impl Daemon<'_> {
                 match ev.data() {
                     TOKEN_TIMER => timer.drain(),
                     TOKEN_CTL => self.serve_ctl(listener),
+                    TOKEN_METRICS => {
+                        if let Some(m) = metrics {
+                            self.serve_metrics(m);
+                        }
+                    }
                     t if t >= TOKEN_TRACE => {
                         let id = (t - TOKEN_TRACE) as u32;
                         self.drain_trace(id, &mut hits);
@@ -300,11 +361,11 @@ impl Daemon<'_> {
         }
     }
 
-    /// Attaches the vCPU threads of `pid` as a new VM.
-    fn attach(&mut self, pid: i32) -> Result<(), DaemonError> {
-        let threads = vcpu_threads(pid).map_err(|e| DaemonError::Discover(pid, e))?;
+    /// Attaches the vCPU threads of `source` as a new VM.
+    fn attach(&mut self, source: VmSource) -> Result<(), DaemonError> {
+        let threads = threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
         if threads.is_empty() {
-            return Err(DaemonError::NoVcpus(pid));
+            return Err(DaemonError::NoVcpus(source));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -312,11 +373,13 @@ impl Daemon<'_> {
         self.vms.insert(
             id,
             VmEntry {
-                pid,
+                source,
                 threads: Vec::new(),
                 trace: None,
             },
         );
+        let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
+        tracing::info!(vm = id, source = %self.vms[&id].source, ?tids, driver = %self.cfg.driver, "attached VM");
         self.set_threads(id, threads)?;
         Ok(())
     }
@@ -379,8 +442,7 @@ impl Daemon<'_> {
     fn rescan(&mut self) {
         let ids: Vec<u32> = self.vms.keys().copied().collect();
         for id in ids {
-            let pid = self.vms[&id].pid;
-            let now = vcpu_threads(pid).unwrap_or_default();
+            let now = threads_of(&self.vms[&id].source).unwrap_or_default();
             let same = now.len() == self.vms[&id].threads.len()
                 && now
                     .iter()
@@ -389,24 +451,32 @@ impl Daemon<'_> {
             if now.is_empty() {
                 self.detach(id);
             } else if !same {
+                tracing::info!(vm = id, threads = now.len(), "vCPU threads changed");
                 let _ = self.set_threads(id, now);
             }
         }
         if self.cfg.watch {
             let me = std::process::id() as i32;
-            let known: Vec<i32> = self.vms.values().map(|v| v.pid).collect();
+            // Threads already attached (by pid or QMP) are not attached twice.
+            let known: Vec<i32> = self
+                .vms
+                .values()
+                .flat_map(|v| v.threads.iter().map(|t| t.tid))
+                .collect();
             for pid in all_pids() {
-                if pid != me
-                    && !known.contains(&pid)
-                    && !vcpu_threads(pid).unwrap_or_default().is_empty()
-                {
-                    let _ = self.attach(pid);
+                if pid == me {
+                    continue;
+                }
+                let threads = vcpu_threads(pid).unwrap_or_default();
+                if !threads.is_empty() && !threads.iter().any(|t| known.contains(&t.tid)) {
+                    let _ = self.attach(VmSource::Pid(pid));
                 }
             }
         }
     }
 
     fn detach(&mut self, id: u32) {
+        tracing::info!(vm = id, "VM gone, detached");
         let _ = self.set_threads(id, Vec::new());
         let mut out = Vec::new();
         self.engine.remove_vm(id, mono_ns(), &mut out);
@@ -424,7 +494,11 @@ impl Daemon<'_> {
                 .iter()
                 .map(|(&id, vm)| VmStatus {
                     id,
-                    pid: vm.pid,
+                    source: vm.source.to_string(),
+                    pid: match vm.source {
+                        VmSource::Pid(p) => Some(p),
+                        VmSource::Qmp(_) => None,
+                    },
                     driver: self.engine.driver_name(id).unwrap_or("?").to_string(),
                     enabled: self.engine.is_enabled(id),
                     vcpus: vm
@@ -448,6 +522,23 @@ impl Daemon<'_> {
         }
     }
 
+    fn serve_metrics(&mut self, listener: &std::net::TcpListener) {
+        while let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            // The request itself does not matter: every path answers the metrics.
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let body = crate::metrics::render(&self.status());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all((head + &body).as_bytes());
+        }
+    }
+
     fn serve_ctl(&mut self, listener: &UnixListener) {
         while let Ok((stream, _)) = listener.accept() {
             let reply = self.handle_ctl(&stream);
@@ -464,6 +555,7 @@ impl Daemon<'_> {
             return serde_json::json!({"ok": false, "error": "no request"});
         }
         let words: Vec<&str> = line.split_whitespace().collect();
+        tracing::info!(request = %line.trim(), "ctl");
         let now = mono_ns();
         let mut out = Vec::new();
         let vm_arg = |w: Option<&&str>| -> Result<Option<u32>, String> {

@@ -5,8 +5,11 @@
 //! file).
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod daemon;
 pub mod discover;
+pub mod metrics;
+pub mod qmp;
 pub mod state;
 
-pub use daemon::{ctl, run, DaemonConfig, DaemonError};
+pub use daemon::{ctl, run, DaemonConfig, DaemonError, VmSource};

@@ -1,0 +1,250 @@
+//! The daemon's TOML configuration file.
+//!
+//! ```toml
+//! [daemon]
+//! socket = "/run/pvsched.sock"        # ctl socket
+//! state_file = "/run/pvsched.state"   # crash recovery
+//! metrics = "127.0.0.1:9477"          # Prometheus /metrics (omit to disable)
+//! watch = true                        # follow VMs starting and stopping
+//! host_events = ["timer"]             # timer, wakeup, irq
+//!
+//! [policy]
+//! driver = "dynamic"
+//! options = { cs_budget = "3ms", rt_budget = "500ms", cooldown = "100ms", class = "fifo:10" }
+//!
+//! [[vm]]
+//! pid = 1234                          # vCPU threads found by name
+//!
+//! [[vm]]
+//! qmp = "/run/qemu-vm1.qmp"           # vCPU threads from QEMU's query-cpus-fast
+//! ```
+
+use crate::daemon::{DaemonConfig, VmSource};
+use pvsched_host::trace::TraceConfig;
+use pvsched_policy::{DriverOptions, OptionError};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Errors of reading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The TOML is malformed or has unknown keys.
+    #[error("invalid configuration {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    /// A value is invalid.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// A policy option is invalid.
+    #[error("invalid policy option")]
+    Option(#[from] OptionError),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    daemon: DaemonSection,
+    #[serde(default)]
+    policy: PolicySection,
+    #[serde(default)]
+    vm: Vec<VmSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonSection {
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+    #[serde(default = "default_state")]
+    state_file: PathBuf,
+    metrics: Option<String>,
+    #[serde(default)]
+    watch: bool,
+    #[serde(default = "default_events")]
+    host_events: Vec<String>,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        DaemonSection {
+            socket: default_socket(),
+            state_file: default_state(),
+            metrics: None,
+            watch: false,
+            host_events: default_events(),
+        }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    "/run/pvsched.sock".into()
+}
+fn default_state() -> PathBuf {
+    "/run/pvsched.state".into()
+}
+fn default_events() -> Vec<String> {
+    vec!["timer".into()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySection {
+    #[serde(default = "default_driver")]
+    driver: String,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            driver: default_driver(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_driver() -> String {
+    "dynamic".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmSection {
+    pid: Option<i32>,
+    qmp: Option<PathBuf>,
+}
+
+/// Parses a configuration text (`path` names it in errors).
+pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigError> {
+    let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
+    let mut trace = TraceConfig {
+        timer_expiry: false,
+        wakeup: false,
+        accept_irq: false,
+    };
+    for e in &f.daemon.host_events {
+        match e.as_str() {
+            "timer" => trace.timer_expiry = true,
+            "wakeup" => trace.wakeup = true,
+            "irq" => trace.accept_irq = true,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "host_events: unknown {other:?} (timer, wakeup, irq)"
+                )))
+            }
+        }
+    }
+    let mut vms = Vec::new();
+    for (i, v) in f.vm.iter().enumerate() {
+        vms.push(match (v.pid, &v.qmp) {
+            (Some(pid), None) => VmSource::Pid(pid),
+            (None, Some(q)) => VmSource::Qmp(q.clone()),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "[[vm]] #{}: give exactly one of pid or qmp",
+                    i + 1
+                )))
+            }
+        });
+    }
+    let metrics = match f.daemon.metrics {
+        Some(m) => Some(m.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "metrics: {m:?} is not an address like 127.0.0.1:9477"
+            ))
+        })?),
+        None => None,
+    };
+    let opts: Vec<String> = f
+        .policy
+        .options
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    Ok(DaemonConfig {
+        vms,
+        watch: f.daemon.watch,
+        driver: f.policy.driver,
+        opts: DriverOptions::parse(opts.iter().map(String::as_str))?,
+        trace,
+        socket: f.daemon.socket,
+        state_file: f.daemon.state_file,
+        metrics,
+    })
+}
+
+/// Reads the configuration file at `path`.
+pub fn load(path: &std::path::Path) -> Result<DaemonConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+    parse(&text, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn full_configuration() {
+        let c = parse(
+            r#"
+            [daemon]
+            socket = "/tmp/s.sock"
+            state_file = "/tmp/s.state"
+            metrics = "127.0.0.1:9477"
+            watch = true
+            host_events = ["timer", "wakeup"]
+            [policy]
+            driver = "deadline-aware"
+            options = { lead = "50us", class = "rr:20" }
+            [[vm]]
+            pid = 42
+            [[vm]]
+            qmp = "/run/q.qmp"
+            "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.socket, Path::new("/tmp/s.sock"));
+        assert!(c.watch && c.trace.timer_expiry && c.trace.wakeup && !c.trace.accept_irq);
+        assert_eq!(c.driver, "deadline-aware");
+        assert_eq!(c.opts.duration("lead", 0).unwrap(), 50_000);
+        assert_eq!(
+            c.vms,
+            [VmSource::Pid(42), VmSource::Qmp("/run/q.qmp".into())]
+        );
+        assert_eq!(c.metrics.unwrap().port(), 9477);
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../../contrib/pvsched.toml");
+        let c = parse(text, Path::new("contrib/pvsched.toml")).unwrap();
+        assert!(c.watch && c.metrics.is_some());
+        assert_eq!(c.opts.duration("irq_hold", 0).unwrap(), 200_000);
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = parse("", Path::new("empty.toml")).unwrap();
+        assert_eq!(c.driver, "dynamic");
+        assert!(c.trace.timer_expiry && c.metrics.is_none() && c.vms.is_empty());
+        for bad in [
+            "[daemon]\nsocket = 3",
+            "[daemon]\nunknown = 1",
+            "[[vm]]\npid = 1\nqmp = \"/x\"",
+            "[[vm]]\n",
+            "[daemon]\nhost_events = [\"kvm_exit\"]",
+            "[daemon]\nmetrics = \"everywhere\"",
+            "[policy]\noptions = { cs_budget = 3 }",
+        ] {
+            assert!(parse(bad, Path::new("bad.toml")).is_err(), "{bad}");
+        }
+    }
+}
