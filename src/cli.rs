@@ -48,6 +48,9 @@ pub struct DaemonArgs {
     /// A QEMU QMP socket: vCPU threads from `query-cpus-fast` (repeatable).
     #[arg(long = "qmp")]
     pub qmps: Vec<PathBuf>,
+    /// Explicit vCPU thread ids of one VM, comma-separated in vCPU order (repeatable).
+    #[arg(long = "tids", value_delimiter = ',', num_args = 1)]
+    pub tids: Vec<i32>,
     /// Serve Prometheus metrics on this local address, e.g. 127.0.0.1:9477.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,

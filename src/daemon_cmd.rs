@@ -38,7 +38,7 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, CliError> {
     };
     if cfg.vms.is_empty() && !cfg.watch {
         return Err(CliError::Usage(
-            "give --pid <PID> or --qmp <SOCKET> (repeatable), --watch, or a --config with [[vm]]",
+            "give --pid <PID>, --qmp <SOCKET> or --tids <TID,..>, --watch, or a --config with [[vm]]",
         ));
     }
     pvsched_daemon::run(&cfg, &stop, |r| {
@@ -56,12 +56,15 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
         HostEvents::Auto => TraceConfig::default(),
         HostEvents::Set(c) => c,
     };
-    let vms = args
+    let mut vms: Vec<VmSource> = args
         .pids
         .into_iter()
         .map(VmSource::Pid)
         .chain(args.qmps.into_iter().map(VmSource::Qmp))
         .collect();
+    if !args.tids.is_empty() {
+        vms.push(VmSource::Tids(args.tids));
+    }
     Ok(DaemonConfig {
         vms,
         watch: args.watch,

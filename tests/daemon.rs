@@ -347,3 +347,64 @@ fn daemon_usage_errors_are_clear() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot talk to the daemon"));
 }
+
+#[test]
+fn watch_follows_vms_starting_and_stopping() {
+    let _s = serial();
+    let test = "watch_follows_vms_starting_and_stopping";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let (socket, state) = paths("watch");
+    let mut d = pvsched()
+        .args(["daemon", "--watch", "--socket"])
+        .arg(&socket)
+        .arg("--state-file")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = d.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = d.stderr.take().unwrap().read_to_string(&mut err);
+            if matches!(status.code(), Some(3) | Some(5)) {
+                skip!("{test}: {err}");
+                return;
+            }
+            panic!("daemon exited with {status}: {err}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let vms = |socket: &Path| -> Vec<serde_json::Value> {
+        let (ok, out) = ctl(socket, &["status"]);
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["vms"].as_array().unwrap().clone()
+    };
+    {
+        let vm = VmProc::start();
+        let pid = vm.pid();
+        wait_for("the new VM attached", Duration::from_secs(5), || {
+            vms(&socket).iter().any(|v| v["pid"] == pid)
+        });
+        wait_for("its vCPU threads boosted", Duration::from_secs(5), || {
+            vm.any_fifo()
+        });
+    } // the VM process is killed here
+    wait_for(
+        "the VM detached after it exited",
+        Duration::from_secs(5),
+        || vms(&socket).is_empty(),
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+}

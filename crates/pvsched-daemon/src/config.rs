@@ -17,6 +17,9 @@
 //!
 //! [[vm]]
 //! qmp = "/run/qemu-vm1.qmp"           # vCPU threads from QEMU's query-cpus-fast
+//!
+//! [[vm]]
+//! tids = [4711, 4712]                 # explicit vCPU thread ids, in vCPU order
 //! ```
 
 use crate::daemon::{DaemonConfig, VmSource};
@@ -117,6 +120,7 @@ fn default_driver() -> String {
 struct VmSection {
     pid: Option<i32>,
     qmp: Option<PathBuf>,
+    tids: Option<Vec<i32>>,
 }
 
 /// Parses a configuration text (`path` names it in errors).
@@ -141,12 +145,13 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
     }
     let mut vms = Vec::new();
     for (i, v) in f.vm.iter().enumerate() {
-        vms.push(match (v.pid, &v.qmp) {
-            (Some(pid), None) => VmSource::Pid(pid),
-            (None, Some(q)) => VmSource::Qmp(q.clone()),
+        vms.push(match (v.pid, &v.qmp, &v.tids) {
+            (Some(pid), None, None) => VmSource::Pid(pid),
+            (None, Some(q), None) => VmSource::Qmp(q.clone()),
+            (None, None, Some(t)) if !t.is_empty() => VmSource::Tids(t.clone()),
             _ => {
                 return Err(ConfigError::Invalid(format!(
-                    "[[vm]] #{}: give exactly one of pid or qmp",
+                    "[[vm]] #{}: give exactly one of pid, qmp or tids",
                     i + 1
                 )))
             }
@@ -207,6 +212,8 @@ mod tests {
             pid = 42
             [[vm]]
             qmp = "/run/q.qmp"
+            [[vm]]
+            tids = [11, 12]
             "#,
             Path::new("t.toml"),
         )
@@ -217,7 +224,11 @@ mod tests {
         assert_eq!(c.opts.duration("lead", 0).unwrap(), 50_000);
         assert_eq!(
             c.vms,
-            [VmSource::Pid(42), VmSource::Qmp("/run/q.qmp".into())]
+            [
+                VmSource::Pid(42),
+                VmSource::Qmp("/run/q.qmp".into()),
+                VmSource::Tids(vec![11, 12])
+            ]
         );
         assert_eq!(c.metrics.unwrap().port(), 9477);
     }

@@ -35,6 +35,8 @@ pub enum VmSource {
     Pid(i32),
     /// QEMU's `query-cpus-fast` on this QMP socket.
     Qmp(PathBuf),
+    /// Explicit thread ids, vCPU `i` = `tids[i]`.
+    Tids(Vec<i32>),
 }
 
 impl std::fmt::Display for VmSource {
@@ -42,6 +44,7 @@ impl std::fmt::Display for VmSource {
         match self {
             VmSource::Pid(p) => write!(f, "pid {p}"),
             VmSource::Qmp(q) => write!(f, "QMP {}", q.display()),
+            VmSource::Tids(t) => write!(f, "tids {t:?}"),
         }
     }
 }
@@ -109,6 +112,17 @@ fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
     match source {
         VmSource::Pid(pid) => vcpu_threads(*pid),
         VmSource::Qmp(path) => crate::qmp::query_cpus(path),
+        // Threads that exited are dropped; the rest keep their vCPU index.
+        VmSource::Tids(tids) => Ok(tids
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| Path::new(&format!("/proc/{t}")).exists())
+            .map(|(i, &tid)| VcpuThread {
+                index: i as u32,
+                tid,
+                vmm: crate::discover::Vmm::Pvsched,
+            })
+            .collect()),
     }
 }
 
@@ -497,7 +511,7 @@ impl Daemon<'_> {
                     source: vm.source.to_string(),
                     pid: match vm.source {
                         VmSource::Pid(p) => Some(p),
-                        VmSource::Qmp(_) => None,
+                        _ => None,
                     },
                     driver: self.engine.driver_name(id).unwrap_or("?").to_string(),
                     enabled: self.engine.is_enabled(id),

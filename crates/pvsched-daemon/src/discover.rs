@@ -14,7 +14,7 @@ pub enum Vmm {
     CloudHypervisor,
     /// Firecracker: `fc_vcpu <n>`.
     Firecracker,
-    /// pvsched's own testbed: `pvsched-vcpu<n>`.
+    /// pvsched's own testbed: `pvsched-vcpu<n>` (also: threads given by id).
     Pvsched,
 }
 
