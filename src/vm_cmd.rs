@@ -1,8 +1,8 @@
 //! `pvsched vm`: one testbed run.
 
 use crate::cli::{FaultArg, GuestLoadArg, HostEvents, PvArg, TaskPeriod, VmArgs};
+use pvsched_bench::engine_host::PolicyConfig;
 use pvsched_bench::experiment::{self, ExperimentConfig};
-use pvsched_bench::pvhost::PolicyConfig;
 use pvsched_guest::FaultInjection;
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::{DriverOptions, OptionError};
@@ -83,7 +83,7 @@ impl CliError {
 
 /// Exit code of an experiment error (see [`CliError::exit_code`]).
 fn experiment_exit_code(e: &experiment::Error) -> u8 {
-    use pvsched_bench::pvhost::HostLoopError;
+    use pvsched_bench::engine_host::HostLoopError;
     use pvsched_vmm::Error as VmErr;
     match e {
         experiment::Error::Vm(

@@ -5,9 +5,9 @@
 //! cell once, policies next to each other, so that machine drift hits them equally. Each
 //! metric is reported as the median over rounds with its spread (min–max).
 
+use crate::engine_host::PolicyConfig;
 use crate::experiment::{self, ExperimentConfig, Report};
 use crate::hist::LatencyHistogram;
-use crate::pvhost::PolicyConfig;
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::DriverOptions;
 use pvsched_vmm::pvdevice::PvConfig;

@@ -1,12 +1,12 @@
 //! One testbed run: a VM, optional host load, the host probe, a fixed scheduling class for
 //! the vCPU threads, and the report of what the guest and the host measured.
 
+use crate::engine_host::{
+    helper_class, HostLoop, HostLoopError, HostLoopReport, PolicyConfig, PvReport,
+};
 use crate::hist::{LatencyHistogram, LatencySummary};
 use crate::load::{HostLoad, LoadReport};
 use crate::probe::HostProbe;
-use crate::pvhost::{
-    helper_class, HostLoop, HostLoopError, HostLoopReport, PolicyConfig, PvReport,
-};
 use pvsched_host::{SchedClass, SchedGuard};
 use pvsched_vmm::vm::tsc_to_ns;
 use pvsched_vmm::{RunningVm, TaskConfig, VcpuEnd, Vm, VmConfig};
@@ -183,7 +183,7 @@ pub struct PolicyReport {
     /// Driver name.
     pub driver: String,
     /// Per-vCPU boosts, throttles, boosted time.
-    pub per_vcpu: Vec<crate::pvhost::VcpuPolicyReport>,
+    pub per_vcpu: Vec<crate::engine_host::VcpuPolicyReport>,
     /// Boost decision → class applied on the thread.
     pub boost_latency: LatencySummary,
     /// Mechanism errors, if any (first few).
@@ -312,7 +312,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         host_events = events;
         policy_vcpus = vcpus
             .iter()
-            .map(|v| crate::pvhost::VcpuPolicyReport {
+            .map(|v| crate::engine_host::VcpuPolicyReport {
                 boosts: v.boosts,
                 unboosts: v.boosts,
                 throttles: v.throttles,
@@ -363,7 +363,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         let mailboxes = (0..running.vcpus())
             .map(|i| running.mailbox(i))
             .collect::<Result<Vec<_>, _>>()?;
-        Some(crate::pvhost::report(&mailboxes, &pv_counts))
+        Some(crate::engine_host::report(&mailboxes, &pv_counts))
     } else {
         None
     };

@@ -4,12 +4,12 @@
 
 pub mod bench;
 pub mod bench_report;
+pub mod engine_host;
 pub mod experiment;
 pub mod external;
 pub mod hist;
 pub mod load;
 pub mod probe;
-pub mod pvhost;
 pub mod report;
 
 pub use experiment::{run, ExperimentConfig, GuestLoad, Outcome, Report};

@@ -4,7 +4,7 @@
 //! (normally or by a panic) restores every thread. Skips, saying why, without /dev/kvm or
 //! the privilege to set real-time classes.
 
-use pvsched_bench::pvhost::{HostLoop, PolicyConfig};
+use pvsched_bench::engine_host::{HostLoop, PolicyConfig};
 use pvsched_host::sched::{self, SchedClass, SchedGuard};
 use pvsched_policy::DriverOptions;
 use pvsched_testutil::{kvm_or_skip, pin, serial, skip, threads_named, within};

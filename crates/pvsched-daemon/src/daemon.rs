@@ -5,9 +5,9 @@
 use crate::discover::{vcpu_threads, VcpuThread};
 use crate::state::{recover, Recovery, StateFile};
 use pvsched_host::clock::{mono_ns, DeadlineTimer};
-use pvsched_host::mechanism::{Mechanism, NoPublisher};
-use pvsched_host::trace::{TraceConfig, TraceError, TraceEvent, TraceHit, TraceSource};
-use pvsched_host::{SchedClass, SchedGuard};
+use pvsched_host::mechanism::{helper_class, Mechanism, NoPublisher};
+use pvsched_host::trace::{TraceConfig, TraceError, TraceHit, TraceSource};
+use pvsched_host::SchedGuard;
 use pvsched_policy::{
     BoostClass, Decision, DriverOptions, Engine, EngineError, Event, VcpuEvent, VcpuKey,
 };
@@ -190,13 +190,6 @@ pub fn recover_only(state_file: &Path) -> Result<Recovery, DaemonError> {
     recover(state_file).map_err(|e| DaemonError::Recover(state_file.to_path_buf(), e))
 }
 
-fn helper_class(c: BoostClass) -> SchedClass {
-    match c {
-        BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
-        BoostClass::Deadline { .. } => SchedClass::Fifo(99),
-    }
-}
-
 /// Runs the daemon until `stop` is set. `on_ready` is called once it listens and has attached
 /// the VMs it was given, with what the recovery restored.
 pub fn run(
@@ -366,12 +359,8 @@ impl Daemon<'_> {
                 continue;
             };
             self.host_events += 1;
-            let what = match h.event {
-                TraceEvent::TimerExpired | TraceEvent::IrqAccepted => VcpuEvent::Interrupt,
-                TraceEvent::Woken => VcpuEvent::Woken,
-            };
             self.pending
-                .push(Event::new(VcpuKey::new(id, th.index), what));
+                .push(Event::new(VcpuKey::new(id, th.index), h.event.into()));
         }
     }
 

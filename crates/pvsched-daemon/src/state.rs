@@ -121,27 +121,13 @@ mod tests {
     use super::*;
     use pvsched_host::SchedClass;
 
-    fn thread() -> (
-        i32,
-        std::sync::mpsc::Sender<()>,
-        std::thread::JoinHandle<()>,
-    ) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let h = std::thread::spawn(move || {
-            // SAFETY: plain syscall.
-            tx.send(unsafe { libc::gettid() }).unwrap();
-            let _ = done_rx.recv();
-        });
-        (rx.recv().unwrap(), done_tx, h)
-    }
-
     #[test]
     fn recovery_restores_what_a_dead_daemon_left_boosted() {
         let dir = std::env::temp_dir().join(format!("pvsched-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.json");
-        let (tid, done, h) = thread();
+        let parked = pvsched_testutil::ParkedThread::spawn();
+        let tid = parked.tid();
         let before = sched::get(tid).unwrap();
         let mut st = StateFile::new(&path);
         st.attach(tid).unwrap();
@@ -164,8 +150,7 @@ mod tests {
             Recovery::default(),
             "nothing to do"
         );
-        done.send(()).unwrap();
-        h.join().unwrap();
+        drop(parked);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

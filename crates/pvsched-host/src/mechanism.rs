@@ -44,6 +44,15 @@ pub fn sched_class(c: BoostClass) -> SchedClass {
     }
 }
 
+/// The class a helper thread (an engine or controller) needs to outrank vCPU threads boosted
+/// to `c`: one FIFO priority above (FIFO 99 above `SCHED_DEADLINE`, which no FIFO outranks).
+pub fn helper_class(c: BoostClass) -> SchedClass {
+    match c {
+        BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
+        BoostClass::Deadline { .. } => SchedClass::Fifo(99),
+    }
+}
+
 /// Counts and latencies of what the mechanism applied.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MechanismStats {
@@ -203,7 +212,6 @@ impl Drop for Mechanism {
 mod tests {
     use super::*;
     use pvsched_proto::abi::Reason;
-    use std::sync::mpsc;
 
     struct Slot(u32, Vec<BoostState>);
     impl Publisher for Slot {
@@ -255,6 +263,12 @@ mod tests {
     }
 
     #[test]
+    fn helpers_outrank_the_boost_class() {
+        assert_eq!(helper_class(BoostClass::Fifo(10)), SchedClass::Fifo(11));
+        assert_eq!(helper_class(BoostClass::Rr(99)), SchedClass::Fifo(99));
+    }
+
+    #[test]
     fn timers_come_due_in_order() {
         let mut m = Mechanism::new();
         let k = VcpuKey::new(0, 1);
@@ -295,14 +309,8 @@ mod tests {
     /// privilege to set SCHED_FIFO.
     #[test]
     fn boosts_and_restores_a_real_thread() {
-        let (tx, rx) = mpsc::channel();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            // SAFETY: plain syscall.
-            tx.send(unsafe { libc::gettid() }).unwrap();
-            let _ = done_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let parked = pvsched_testutil::ParkedThread::spawn();
+        let tid = parked.tid();
         let before = sched::get(tid).unwrap();
         let k = VcpuKey::new(0, 0);
         let mut m = Mechanism::new();
@@ -342,7 +350,6 @@ mod tests {
             drop(m);
             assert_eq!(sched::get(tid).unwrap(), before, "restored on drop");
         }
-        done_tx.send(()).unwrap();
-        t.join().unwrap();
+        drop(parked);
     }
 }

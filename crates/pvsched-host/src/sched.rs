@@ -325,7 +325,6 @@ impl Drop for SchedGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
 
     #[test]
     fn classes_parse_and_print() {
@@ -350,14 +349,8 @@ mod tests {
 
     #[test]
     fn deadline_class_is_applied_and_restored() {
-        let (tx, rx) = mpsc::channel();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            // SAFETY: plain syscall.
-            tx.send(unsafe { libc::gettid() }).unwrap();
-            let _ = done_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let parked = pvsched_testutil::ParkedThread::spawn();
+        let tid = parked.tid();
         let before = get(tid).unwrap();
         let class = SchedClass::Deadline {
             runtime: 1_000_000,
@@ -384,8 +377,7 @@ mod tests {
                 );
             }
         }
-        done_tx.send(()).unwrap();
-        t.join().unwrap();
+        drop(parked);
     }
 
     #[test]
@@ -408,14 +400,8 @@ mod tests {
     /// to set SCHED_FIFO; without it, says so and checks the error is the clear one.
     #[test]
     fn guard_restores_the_original_class() {
-        let (tx, rx) = mpsc::channel();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            // SAFETY: plain syscall.
-            tx.send(unsafe { libc::gettid() }).unwrap();
-            let _ = done_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let parked = pvsched_testutil::ParkedThread::spawn();
+        let tid = parked.tid();
         let before = get(tid).unwrap();
         match SchedGuard::apply(tid, SchedClass::Fifo(7)) {
             Ok(g) => {
@@ -440,7 +426,6 @@ mod tests {
             }
             Err(e) => panic!("unexpected error: {e}"),
         }
-        done_tx.send(()).unwrap();
-        t.join().unwrap();
+        drop(parked);
     }
 }

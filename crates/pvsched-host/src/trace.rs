@@ -63,6 +63,19 @@ pub enum TraceEvent {
     IrqAccepted,
 }
 
+impl From<TraceEvent> for pvsched_policy::VcpuEvent {
+    /// The policy event a tracepoint hit stands for: an expired LAPIC timer or an accepted
+    /// interrupt is an interrupt for the vCPU; a wake-up is a wake-up.
+    fn from(e: TraceEvent) -> Self {
+        match e {
+            TraceEvent::TimerExpired | TraceEvent::IrqAccepted => {
+                pvsched_policy::VcpuEvent::Interrupt
+            }
+            TraceEvent::Woken => pvsched_policy::VcpuEvent::Woken,
+        }
+    }
+}
+
 /// One tracepoint hit, mapped to a vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceHit {

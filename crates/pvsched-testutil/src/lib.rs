@@ -94,6 +94,47 @@ pub fn pin(tid: i32, cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A thread that only waits, so tests can change and inspect its scheduling class; released
+/// and joined on drop.
+pub struct ParkedThread {
+    tid: i32,
+    release: Option<mpsc::Sender<()>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ParkedThread {
+    /// Spawns it and waits until its thread id is known.
+    pub fn spawn() -> ParkedThread {
+        let (tx, rx) = mpsc::channel();
+        let (release, wait) = mpsc::channel::<()>();
+        let handle = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            let _ = tx.send(unsafe { libc::gettid() });
+            let _ = wait.recv();
+        });
+        let tid = rx.recv().expect("parked thread started");
+        ParkedThread {
+            tid,
+            release: Some(release),
+            handle: Some(handle),
+        }
+    }
+
+    /// Its kernel thread id.
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+}
+
+impl Drop for ParkedThread {
+    fn drop(&mut self) {
+        self.release.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Holds the process-wide test lock: tests measuring on the machine's CPUs take it so they do

@@ -6,9 +6,10 @@
 use crate::hist::{LatencyHistogram, LatencySummary};
 use pvsched_guest::mailbox::{pv_status, Mailbox};
 use pvsched_host::clock::{mono_ns, DeadlineTimer};
+pub use pvsched_host::mechanism::helper_class;
 use pvsched_host::mechanism::{Mechanism, MechanismStats, Publisher};
-use pvsched_host::trace::{TraceConfig, TraceError, TraceEvent, TraceHit, TraceSource};
-use pvsched_host::{SchedClass, SchedGuard};
+use pvsched_host::trace::{TraceConfig, TraceError, TraceHit, TraceSource};
+use pvsched_host::SchedGuard;
 use pvsched_policy::{
     BoostClass, BoostState, Decision, DriverOptions, Engine, EngineError, Event, Nanos, VcpuEvent,
     VcpuKey,
@@ -62,14 +63,6 @@ impl PolicyConfig {
                 .class("class", BoostClass::default())
                 .unwrap_or_default()
         })
-    }
-}
-
-/// The class a helper thread needs to outrank vCPU threads boosted to `c`.
-pub fn helper_class(c: BoostClass) -> SchedClass {
-    match c {
-        BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
-        BoostClass::Deadline { .. } => SchedClass::Fifo(99),
     }
 }
 
@@ -319,12 +312,8 @@ impl LoopState {
         let first = self.hits.iter().map(|h| h.time_ns).min();
         for h in self.hits.drain(..) {
             self.host_events += 1;
-            let what = match h.event {
-                TraceEvent::TimerExpired | TraceEvent::IrqAccepted => VcpuEvent::Interrupt,
-                TraceEvent::Woken => VcpuEvent::Woken,
-            };
             self.pending
-                .push(Event::new(VcpuKey::new(0, h.vcpu as u32), what));
+                .push(Event::new(VcpuKey::new(0, h.vcpu as u32), h.event.into()));
         }
         first
     }
@@ -525,9 +514,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn helper_outranks_the_boost_class() {
-        assert_eq!(helper_class(BoostClass::Fifo(10)), SchedClass::Fifo(11));
-        assert_eq!(helper_class(BoostClass::Rr(99)), SchedClass::Fifo(99));
+    fn policy_boost_class_comes_from_its_options() {
         let p = PolicyConfig {
             driver: "dynamic".into(),
             opts: DriverOptions::parse(["class=rr:20"]).unwrap(),
