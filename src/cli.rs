@@ -192,6 +192,10 @@ pub struct VmArgs {
     /// (kvm_apic_accept_irq).
     #[arg(long, default_value = "auto", value_parser = parse_host_events)]
     pub host_events: HostEvents,
+    /// Keep guest RAM in this file (a shared mapping), so that `pvsched daemon` can read the
+    /// guests' pvsched slots from it.
+    #[arg(long)]
+    pub memory_file: Option<PathBuf>,
     /// Offer the pvsched protocol to the guest (`v1`) or not (`off`).
     #[arg(long, value_enum, default_value_t = PvArg::V1)]
     pub pv: PvArg,

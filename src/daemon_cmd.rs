@@ -2,7 +2,7 @@
 
 use crate::cli::{CtlArgs, DaemonArgs, HostEvents};
 use crate::vm_cmd::CliError;
-use pvsched_daemon::{DaemonConfig, VmSource};
+use pvsched_daemon::{DaemonConfig, VmSource, VmSpec};
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::DriverOptions;
 use std::process::ExitCode;
@@ -56,14 +56,15 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
         HostEvents::Auto => TraceConfig::default(),
         HostEvents::Set(c) => c,
     };
-    let mut vms: Vec<VmSource> = args
+    let mut vms: Vec<VmSpec> = args
         .pids
         .into_iter()
         .map(VmSource::Pid)
         .chain(args.qmps.into_iter().map(VmSource::Qmp))
+        .map(VmSpec::from)
         .collect();
     if !args.tids.is_empty() {
-        vms.push(VmSource::Tids(args.tids));
+        vms.push(VmSource::Tids(args.tids).into());
     }
     Ok(DaemonConfig {
         vms,

@@ -395,3 +395,71 @@ fn watch_follows_vms_starting_and_stopping() {
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     assert!(d.wait().unwrap().success());
 }
+
+#[test]
+fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
+    let _s = serial();
+    let test = "daemon_reads_the_protocol_from_a_vmm_memory_file";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let (socket, state) = paths("slots");
+    let memory = socket.with_file_name("guest.mem");
+    // The VMM keeps guest RAM in a file and offers the protocol; its own policy is `none`.
+    let child = pvsched()
+        .args([
+            "vm",
+            "--vcpus",
+            "2",
+            "--duration",
+            "60s",
+            "--guest-load",
+            "busy",
+            "--memory-file",
+        ])
+        .arg(&memory)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = VmProc(child);
+    wait_for("VM threads", Duration::from_secs(10), || {
+        vm.vcpu_tids().len() == 2
+    });
+    // The testbed guest's slots: 0x800 into each vCPU's 64 KiB region at 0x200000.
+    let config = socket.with_file_name("pvsched.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
+             [policy]\ndriver = \"dynamic\"\n\
+             [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x200800, 0x210800]\n",
+            socket.display().to_string(),
+            state.display().to_string(),
+            vm.pid(),
+            memory.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut cmd = pvsched();
+    cmd.arg("daemon").arg("--config").arg(&config);
+    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    // Only the guests' requests (read from the file) can make it boost: no tracepoints.
+    wait_for(
+        "a boost from a guest request",
+        Duration::from_secs(5),
+        || vm.any_fifo(),
+    );
+    let (ok, out) = ctl(&socket, &["status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vms"][0]["protocol"], true);
+    assert_eq!(v["host_events"], 0, "no tracepoints in use");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+    assert!(vm.all_other(), "restored on SIGTERM");
+    let _ = std::fs::remove_file(&memory);
+}

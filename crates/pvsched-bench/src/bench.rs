@@ -231,6 +231,7 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
         host_events: (key.policy == "dynamic").then(TraceConfig::default),
         task_by_vcpu,
         external_daemon: key.policy == "daemon",
+        memory_file: None,
     }
 }
 

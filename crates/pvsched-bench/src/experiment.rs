@@ -69,6 +69,8 @@ pub struct ExperimentConfig {
     /// Let pvsched's daemon boost the vCPU threads from the outside (the in-VMM policy should
     /// then be `none`).
     pub external_daemon: bool,
+    /// Keep guest RAM in this file (shared), so an external daemon can read the pvsched slots.
+    pub memory_file: Option<std::path::PathBuf>,
 }
 
 impl ExperimentConfig {
@@ -216,7 +218,7 @@ pub fn controller_class(vcpu: SchedClass) -> Option<SchedClass> {
 
 /// Runs one experiment. `interrupt` (set by a signal handler) ends it early but cleanly.
 pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Error> {
-    let vm = Vm::with_tasks(&cfg.vm, &cfg.task_by_vcpu)?;
+    let vm = Vm::with_memory_file(&cfg.vm, &cfg.task_by_vcpu, cfg.memory_file.as_deref())?;
     let tsc_khz = vm.tsc_khz();
     let hogs = HostLoad::start(cfg.host_load).map_err(|e| Error::Thread("host load", e))?;
     let probe = HostProbe::start(cfg.probe_interval).map_err(|e| Error::Thread("host probe", e))?;

@@ -42,7 +42,7 @@ impl ExternalDaemon {
         ));
         std::fs::create_dir_all(&dir).map_err(DaemonError::Io)?;
         let cfg = DaemonConfig {
-            vms: vec![pvsched_daemon::VmSource::Pid(std::process::id() as i32)],
+            vms: vec![pvsched_daemon::VmSource::Pid(std::process::id() as i32).into()],
             watch: false,
             driver: "dynamic".into(),
             opts: DriverOptions::new(),

@@ -28,6 +28,7 @@ fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
         host_events: None,
         task_by_vcpu: Vec::new(),
         external_daemon: false,
+        memory_file: None,
     }
 }
 

@@ -14,6 +14,8 @@
 //!
 //! [[vm]]
 //! pid = 1234                          # vCPU threads found by name
+//! guest_memory = "/run/vm.mem"        # optional: guest RAM file (e.g. pvsched vm --memory-file)
+//! slots = [0x200800, 0x210800]        # ... and the guests' pvsched slot addresses, by vCPU
 //!
 //! [[vm]]
 //! qmp = "/run/qemu-vm1.qmp"           # vCPU threads from QEMU's query-cpus-fast
@@ -22,7 +24,8 @@
 //! tids = [4711, 4712]                 # explicit vCPU thread ids, in vCPU order
 //! ```
 
-use crate::daemon::{DaemonConfig, VmSource};
+use crate::daemon::{DaemonConfig, VmSource, VmSpec};
+use crate::slots::ProtocolSpec;
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::{DriverOptions, OptionError};
 use serde::Deserialize;
@@ -121,6 +124,8 @@ struct VmSection {
     pid: Option<i32>,
     qmp: Option<PathBuf>,
     tids: Option<Vec<i32>>,
+    guest_memory: Option<PathBuf>,
+    slots: Option<Vec<u64>>,
 }
 
 /// Parses a configuration text (`path` names it in errors).
@@ -145,7 +150,20 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
     }
     let mut vms = Vec::new();
     for (i, v) in f.vm.iter().enumerate() {
-        vms.push(match (v.pid, &v.qmp, &v.tids) {
+        let protocol = match (&v.guest_memory, &v.slots) {
+            (Some(memory), Some(slots)) => Some(ProtocolSpec {
+                memory: memory.clone(),
+                slots: slots.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "[[vm]] #{}: guest_memory and slots go together",
+                    i + 1
+                )))
+            }
+        };
+        let source = match (v.pid, &v.qmp, &v.tids) {
             (Some(pid), None, None) => VmSource::Pid(pid),
             (None, Some(q), None) => VmSource::Qmp(q.clone()),
             (None, None, Some(t)) if !t.is_empty() => VmSource::Tids(t.clone()),
@@ -155,7 +173,8 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
                     i + 1
                 )))
             }
-        });
+        };
+        vms.push(VmSpec { source, protocol });
     }
     let metrics = match f.daemon.metrics {
         Some(m) => Some(m.parse().map_err(|_| {
@@ -210,6 +229,8 @@ mod tests {
             options = { lead = "50us", class = "rr:20" }
             [[vm]]
             pid = 42
+            guest_memory = "/run/vm42.mem"
+            slots = [0x200800, 0x210800]
             [[vm]]
             qmp = "/run/q.qmp"
             [[vm]]
@@ -223,12 +244,19 @@ mod tests {
         assert_eq!(c.driver, "deadline-aware");
         assert_eq!(c.opts.duration("lead", 0).unwrap(), 50_000);
         assert_eq!(
-            c.vms,
+            c.vms.iter().map(|v| v.source.clone()).collect::<Vec<_>>(),
             [
                 VmSource::Pid(42),
                 VmSource::Qmp("/run/q.qmp".into()),
                 VmSource::Tids(vec![11, 12])
             ]
+        );
+        assert_eq!(
+            c.vms[0].protocol,
+            Some(ProtocolSpec {
+                memory: "/run/vm42.mem".into(),
+                slots: vec![0x20_0800, 0x21_0800]
+            })
         );
         assert_eq!(c.metrics.unwrap().port(), 9477);
     }
@@ -251,6 +279,7 @@ mod tests {
             "[daemon]\nunknown = 1",
             "[[vm]]\npid = 1\nqmp = \"/x\"",
             "[[vm]]\n",
+            "[[vm]]\npid = 1\nslots = [0x800]",
             "[daemon]\nhost_events = [\"kvm_exit\"]",
             "[daemon]\nmetrics = \"everywhere\"",
             "[policy]\noptions = { cs_budget = 3 }",

@@ -3,9 +3,10 @@
 //! requests on a Unix socket, and restores every thread it boosted when it stops.
 
 use crate::discover::{vcpu_threads, VcpuThread};
+use crate::slots::{GuestSlots, ProtocolSpec};
 use crate::state::{recover, Recovery, StateFile};
 use pvsched_host::clock::{mono_ns, DeadlineTimer};
-use pvsched_host::mechanism::{helper_class, Mechanism, NoPublisher};
+use pvsched_host::mechanism::{helper_class, Mechanism, Publisher};
 use pvsched_host::trace::{TraceConfig, TraceError, TraceHit, TraceSource};
 use pvsched_host::SchedGuard;
 use pvsched_policy::{
@@ -49,11 +50,29 @@ impl std::fmt::Display for VmSource {
     }
 }
 
+/// A VM to attach: its vCPU threads, and optionally its guests' pvsched slots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Where the vCPU threads come from.
+    pub source: VmSource,
+    /// Guest memory file and slot addresses, when the VMM provides them.
+    pub protocol: Option<ProtocolSpec>,
+}
+
+impl From<VmSource> for VmSpec {
+    fn from(source: VmSource) -> Self {
+        VmSpec {
+            source,
+            protocol: None,
+        }
+    }
+}
+
 /// What the daemon does.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     /// VMs to attach.
-    pub vms: Vec<VmSource>,
+    pub vms: Vec<VmSpec>,
     /// Follow VMs (any process with vCPU-named threads) starting and stopping.
     pub watch: bool,
     /// Policy driver for every VM.
@@ -85,6 +104,9 @@ pub enum DaemonError {
     /// A VM could not be inspected.
     #[error("cannot find the vCPU threads of {0}")]
     Discover(VmSource, #[source] std::io::Error),
+    /// A VM's guest memory file or slot addresses are unusable.
+    #[error("cannot use the guest memory of {0}")]
+    Slots(VmSource, #[source] std::io::Error),
     /// The metrics address could not be bound.
     #[error("cannot serve metrics on {0}")]
     Metrics(std::net::SocketAddr, #[source] std::io::Error),
@@ -106,6 +128,20 @@ struct VmEntry {
     source: VmSource,
     threads: Vec<VcpuThread>,
     trace: Option<TraceSource>,
+    slots: Option<GuestSlots>,
+}
+
+/// Publishes boost states into the slots of VMs whose guest memory the daemon maps.
+struct SlotPublisher<'a>(&'a BTreeMap<u32, VmEntry>);
+
+impl Publisher for SlotPublisher<'_> {
+    fn publish(&mut self, key: VcpuKey, state: pvsched_proto::BoostState) -> Option<u32> {
+        self.0
+            .get(&key.vm)?
+            .slots
+            .as_ref()?
+            .publish(key.vcpu as usize, state)
+    }
 }
 
 fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
@@ -154,6 +190,8 @@ pub struct VmStatus {
     pub pid: Option<i32>,
     /// Driver.
     pub driver: String,
+    /// The daemon reads this VM's pvsched slots.
+    pub protocol: bool,
     /// Boosting enabled for this VM (and globally).
     pub enabled: bool,
     /// vCPUs.
@@ -271,8 +309,8 @@ impl Daemon<'_> {
         recovery: Recovery,
         on_ready: impl FnOnce(&Recovery),
     ) -> Result<(), DaemonError> {
-        for source in &self.cfg.vms {
-            self.attach(source.clone())?;
+        for spec in &self.cfg.vms {
+            self.attach(spec.source.clone(), spec.protocol.as_ref())?;
         }
         if self.cfg.watch {
             self.rescan();
@@ -293,7 +331,9 @@ impl Daemon<'_> {
         while !stop.load(Ordering::Acquire) {
             self.process();
             timer.set(self.mech.next_timer());
-            let n = match self.epoll.wait(100, &mut ready) {
+            // Slots have no doorbell here: poll them every millisecond.
+            let any_slots = self.vms.values().any(|v| v.slots.is_some());
+            let n = match self.epoll.wait(if any_slots { 1 } else { 100 }, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
                 Err(e) => return Err(e.into()),
@@ -316,6 +356,7 @@ impl Daemon<'_> {
                 }
             }
             self.mech.due_timers(now, &mut self.pending);
+            self.poll_slots();
             if last_scan.elapsed() >= WATCH_PERIOD {
                 last_scan = Instant::now();
                 self.rescan();
@@ -338,14 +379,19 @@ impl Daemon<'_> {
 
     fn apply(&mut self, decisions: &[Decision]) {
         let mut follow = Vec::new();
-        self.mech.apply(
-            decisions,
-            &mut NoPublisher,
-            mono_ns(),
-            &mono_ns,
-            &mut follow,
-        );
+        let mut publisher = SlotPublisher(&self.vms);
+        self.mech
+            .apply(decisions, &mut publisher, mono_ns(), &mono_ns, &mut follow);
         self.pending.extend(follow);
+    }
+
+    /// Reads the slots of every VM whose guest memory the daemon maps.
+    fn poll_slots(&mut self) {
+        for (&id, vm) in self.vms.iter_mut() {
+            if let Some(s) = vm.slots.as_mut() {
+                s.poll(id, vm.threads.len() as u32, &mut self.pending);
+            }
+        }
     }
 
     fn drain_trace(&mut self, id: u32, hits: &mut Vec<TraceHit>) {
@@ -364,8 +410,18 @@ impl Daemon<'_> {
         }
     }
 
-    /// Attaches the vCPU threads of `source` as a new VM.
-    fn attach(&mut self, source: VmSource) -> Result<(), DaemonError> {
+    /// Attaches the vCPU threads of `source` as a new VM, with its slots when given.
+    fn attach(
+        &mut self,
+        source: VmSource,
+        protocol: Option<&ProtocolSpec>,
+    ) -> Result<(), DaemonError> {
+        let slots = match protocol {
+            Some(p) => {
+                Some(GuestSlots::open(p).map_err(|e| DaemonError::Slots(source.clone(), e))?)
+            }
+            None => None,
+        };
         let threads = threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
         if threads.is_empty() {
             return Err(DaemonError::NoVcpus(source));
@@ -379,6 +435,7 @@ impl Daemon<'_> {
                 source,
                 threads: Vec::new(),
                 trace: None,
+                slots,
             },
         );
         let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
@@ -425,7 +482,9 @@ impl Daemon<'_> {
             }
         }
         vm.threads = threads;
-        if !vm.threads.is_empty() {
+        let t = self.cfg.trace;
+        let tracing = t.timer_expiry || t.wakeup || t.accept_irq;
+        if tracing && !vm.threads.is_empty() {
             let tids: Vec<i32> = vm.threads.iter().map(|t| t.tid).collect();
             let trace = TraceSource::open(&tids, self.cfg.trace)?;
             for fd in trace.fds() {
@@ -472,7 +531,7 @@ impl Daemon<'_> {
                 }
                 let threads = vcpu_threads(pid).unwrap_or_default();
                 if !threads.is_empty() && !threads.iter().any(|t| known.contains(&t.tid)) {
-                    let _ = self.attach(VmSource::Pid(pid));
+                    let _ = self.attach(VmSource::Pid(pid), None);
                 }
             }
         }
@@ -503,6 +562,7 @@ impl Daemon<'_> {
                         _ => None,
                     },
                     driver: self.engine.driver_name(id).unwrap_or("?").to_string(),
+                    protocol: vm.slots.is_some(),
                     enabled: self.engine.is_enabled(id),
                     vcpus: vm
                         .threads

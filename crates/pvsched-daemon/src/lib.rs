@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod discover;
 pub mod metrics;
 pub mod qmp;
+pub mod slots;
 pub mod state;
 
-pub use daemon::{ctl, run, DaemonConfig, DaemonError, VmSource};
+pub use daemon::{ctl, run, DaemonConfig, DaemonError, VmSource, VmSpec};
+pub use slots::ProtocolSpec;

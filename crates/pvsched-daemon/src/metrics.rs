@@ -106,6 +106,7 @@ mod tests {
                 source: "pid 7".into(),
                 pid: Some(7),
                 driver: "dynamic".into(),
+                protocol: false,
                 enabled: true,
                 vcpus: vec![VcpuStatus {
                     vcpu: 1,

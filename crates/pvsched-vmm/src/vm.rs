@@ -66,6 +66,9 @@ pub enum Error {
     /// Guest memory could not be allocated.
     #[error("cannot allocate guest memory")]
     Memory(#[source] vm_memory::mmap::FromRangesError),
+    /// The guest memory file could not be created.
+    #[error("cannot create the guest memory file {0}")]
+    MemoryFile(std::path::PathBuf, #[source] std::io::Error),
     /// Writing to guest memory failed.
     #[error("cannot write guest memory")]
     GuestMemory(#[from] GuestMemoryError),
@@ -304,6 +307,17 @@ impl Vm {
     /// Like [`Vm::new`], with the deadline task of vCPU `i` taken from `tasks[i]` where that
     /// is `Some` (e.g. a 2, 4 and 10 ms task on three vCPUs).
     pub fn with_tasks(config: &VmConfig, tasks: &[Option<TaskConfig>]) -> Result<Vm, Error> {
+        Self::with_memory_file(config, tasks, None)
+    }
+
+    /// Like [`Vm::with_tasks`], with guest RAM in a shared mapping of the file `memory_file`
+    /// (created or truncated to the RAM size) instead of anonymous memory: another process
+    /// (pvsched's daemon) can then map it and read the guests' pvsched slots.
+    pub fn with_memory_file(
+        config: &VmConfig,
+        tasks: &[Option<TaskConfig>],
+        memory_file: Option<&std::path::Path>,
+    ) -> Result<Vm, Error> {
         config.validate()?;
         for t in tasks.iter().flatten() {
             VmConfig {
@@ -324,8 +338,24 @@ impl Vm {
         }
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
-            .map_err(Error::Memory)?;
+        let file = match memory_file {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(|e| Error::MemoryFile(path.to_path_buf(), e))?;
+                f.set_len(MEM_SIZE)
+                    .map_err(|e| Error::MemoryFile(path.to_path_buf(), e))?;
+                Some(vm_memory::FileOffset::new(f, 0))
+            }
+            None => None,
+        };
+        let mem =
+            GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), MEM_SIZE as usize, file)])
+                .map_err(Error::Memory)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())

@@ -1,0 +1,167 @@
+//! The pvsched protocol for VMs of other VMMs: when a VMM keeps guest RAM in a file (or memfd)
+//! and says where its guests' slots are, the daemon maps it, reads the guests' requests and
+//! publishes boost states, with the same handshake as the reference VMM. Without the VMM's
+//! doorbell it polls the slots (every millisecond while any VM has some).
+
+use pvsched_policy::{Event, VcpuEvent, VcpuKey};
+use pvsched_proto::abi::{feature, SLOT_SIZE};
+use pvsched_proto::host::publish_state;
+use pvsched_proto::{decode, BoostState};
+use pvsched_vmm::pvdevice::GuestSlot;
+use std::io;
+use std::path::PathBuf;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+
+/// Where a VM's guest memory and slots are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProtocolSpec {
+    /// File holding guest RAM from guest-physical address 0.
+    pub memory: PathBuf,
+    /// Guest-physical address of vCPU `i`'s slot.
+    pub slots: Vec<u64>,
+}
+
+/// A VM's mapped slots.
+pub struct GuestSlots {
+    mem: GuestMemoryMmap,
+    slots: Vec<u64>,
+    seen: Vec<Option<Option<u32>>>,
+}
+
+impl GuestSlots {
+    /// Maps `spec.memory` and checks every slot address.
+    pub fn open(spec: &ProtocolSpec) -> io::Result<GuestSlots> {
+        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&spec.memory)?;
+        let len = f.metadata()?.len();
+        if len == 0 {
+            return Err(bad(format!("{} is empty", spec.memory.display())));
+        }
+        for &gpa in &spec.slots {
+            if gpa % SLOT_SIZE as u64 != 0
+                || gpa.checked_add(SLOT_SIZE as u64).is_none_or(|e| e > len)
+            {
+                return Err(bad(format!(
+                    "slot {gpa:#x} is not a 128-byte aligned slot inside {} ({len} bytes)",
+                    spec.memory.display()
+                )));
+            }
+        }
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            len as usize,
+            Some(FileOffset::new(f, 0)),
+        )])
+        .map_err(io::Error::other)?;
+        Ok(GuestSlots {
+            mem,
+            seen: vec![None; spec.slots.len()],
+            slots: spec.slots.clone(),
+        })
+    }
+
+    /// Reports the slots whose `seq` moved (as requests) or that do not decode (once).
+    pub fn poll(&mut self, vm: u32, vcpus: u32, out: &mut Vec<Event>) {
+        for (i, (&gpa, seen)) in self.slots.iter().zip(self.seen.iter_mut()).enumerate() {
+            let mut bytes = [0u8; SLOT_SIZE];
+            if self.mem.read_slice(&mut bytes, GuestAddress(gpa)).is_err() {
+                continue;
+            }
+            let key = VcpuKey::new(vm, i as u32);
+            match decode(&bytes, vcpus, feature::ALL_V1) {
+                Ok(s) if *seen != Some(Some(s.seq)) => {
+                    *seen = Some(Some(s.seq));
+                    out.push(Event::new(key, VcpuEvent::Request(s.reasons)));
+                }
+                Ok(_) => {}
+                Err(_) if *seen != Some(None) => {
+                    *seen = Some(None);
+                    out.push(Event::new(key, VcpuEvent::SlotInvalid));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Publishes `state` in vCPU `vcpu`'s slot; returns the request read after the fence.
+    pub fn publish(&self, vcpu: usize, state: BoostState) -> Option<u32> {
+        let gpa = *self.slots.get(vcpu)?;
+        Some(publish_state(&GuestSlot::new(&self.mem, gpa), state))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pvsched_proto::abi::{off, Reason};
+
+    #[test]
+    fn slots_in_a_memory_file_are_polled_and_published() {
+        let path = std::env::temp_dir().join(format!("pvsched-slots-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 0x4000]).unwrap();
+        let spec = ProtocolSpec {
+            memory: path.clone(),
+            slots: vec![0x1000, 0x2000],
+        };
+        let mut s = GuestSlots::open(&spec).unwrap();
+        let mut out = Vec::new();
+        s.poll(7, 2, &mut out);
+        assert_eq!(out.len(), 2, "first look reports both slots");
+        out.clear();
+        // The "guest" (another mapping of the file) requests a boost on vCPU 1.
+        let guest = GuestSlots::open(&spec).unwrap();
+        let g = GuestSlot::new(&guest.mem, 0x2000);
+        use pvsched_proto::SlotMemory;
+        g.store_u32(off::REQUEST, Reason::RtTask.bit());
+        g.store_u32(off::SEQ, 1);
+        s.poll(7, 2, &mut out);
+        assert_eq!(
+            out,
+            [Event::new(
+                VcpuKey::new(7, 1),
+                VcpuEvent::Request(pvsched_proto::Reasons::NONE.with(Reason::RtTask))
+            )]
+        );
+        assert_eq!(
+            s.publish(1, BoostState::Boosted),
+            Some(Reason::RtTask.bit())
+        );
+        assert_eq!(
+            g.load_u32(off::STATE),
+            BoostState::Boosted as u32,
+            "seen by the guest"
+        );
+        // Garbage is reported once.
+        g.store_u32(off::REQUEST, u32::MAX);
+        out.clear();
+        s.poll(7, 2, &mut out);
+        s.poll(7, 2, &mut out);
+        assert_eq!(
+            out,
+            [Event::new(VcpuKey::new(7, 1), VcpuEvent::SlotInvalid)]
+        );
+        let _ = std::fs::remove_file(&path);
+        assert!(GuestSlots::open(&ProtocolSpec {
+            memory: path,
+            slots: vec![]
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn bad_slot_addresses_are_refused() {
+        let path = std::env::temp_dir().join(format!("pvsched-slots-bad-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 0x1000]).unwrap();
+        for bad in [0x10u64, 0x1000, u64::MAX - 127] {
+            let spec = ProtocolSpec {
+                memory: path.clone(),
+                slots: vec![bad],
+            };
+            assert!(GuestSlots::open(&spec).is_err(), "{bad:#x}");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
