@@ -16,7 +16,8 @@ fn pvsched() -> Command {
 struct VmProc(Child);
 
 impl VmProc {
-    fn start() -> VmProc {
+    /// Starts `pvsched vm` with a busy guest and `extra` options, and waits for its threads.
+    fn start_with(extra: &[&std::ffi::OsStr]) -> VmProc {
         let child = pvsched()
             .args([
                 "vm",
@@ -26,23 +27,22 @@ impl VmProc {
                 "60s",
                 "--guest-load",
                 "busy",
-                "--pv",
-                "off",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let vm = VmProc(child);
-        let t0 = Instant::now();
-        while vm.vcpu_tids().len() < 2 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "VM threads did not appear"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for("VM threads", Duration::from_secs(10), || {
+            vm.vcpu_tids().len() == 2
+        });
         vm
+    }
+
+    /// A VM without the protocol: only host-side events can boost it.
+    fn start() -> VmProc {
+        Self::start_with(&["--pv".as_ref(), "off".as_ref()])
     }
 
     fn pid(&self) -> i32 {
@@ -406,26 +406,7 @@ fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
     let (socket, state) = paths("slots");
     let memory = socket.with_file_name("guest.mem");
     // The VMM keeps guest RAM in a file and offers the protocol; its own policy is `none`.
-    let child = pvsched()
-        .args([
-            "vm",
-            "--vcpus",
-            "2",
-            "--duration",
-            "60s",
-            "--guest-load",
-            "busy",
-            "--memory-file",
-        ])
-        .arg(&memory)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let vm = VmProc(child);
-    wait_for("VM threads", Duration::from_secs(10), || {
-        vm.vcpu_tids().len() == 2
-    });
+    let vm = VmProc::start_with(&["--memory-file".as_ref(), memory.as_os_str()]);
     // The testbed guest's slots: 0x800 into each vCPU's 64 KiB region at 0x200000.
     let config = socket.with_file_name("pvsched.toml");
     std::fs::write(

@@ -113,39 +113,32 @@ pvsched_guest_stubs:
     hlt
     jmp 901b
 
-/* ---- timer handler: timestamp first, then count, EOI, return */
+/* ---- interrupt handlers: timestamp first (into \tsc), then an IRQ request, count (\count),
+   EOI, release, return. Clobber only %rax, %rcx, %rdx. */
+.macro IRQ_HANDLER tsc, count
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, \tsc(%rbx)
+    PV_ENTER {r_irq_bit}, {r_irq}
+    incq \count(%rbx)
+    movl $0x80b, %ecx
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+    PV_EXIT {r_irq_bit}, {r_irq}
+    iretq
+.endm
+
     .balign 16
     .globl pvsched_guest_timer
 pvsched_guest_timer:
-    rdtsc
-    shlq $32, %rdx
-    orq %rdx, %rax
-    movq %rax, {fired}(%rbx)
-    PV_ENTER {r_irq_bit}, {r_irq}
-    incq {irqs}(%rbx)
-    movl $0x80b, %ecx
-    xorl %eax, %eax
-    xorl %edx, %edx
-    wrmsr
-    PV_EXIT {r_irq_bit}, {r_irq}
-    iretq
+    IRQ_HANDLER {fired}, {irqs}
 
-/* ---- external-event handler: timestamp first, then count, EOI, return */
     .balign 16
     .globl pvsched_guest_event
 pvsched_guest_event:
-    rdtsc
-    shlq $32, %rdx
-    orq %rdx, %rax
-    movq %rax, {event_tsc}(%rbx)
-    PV_ENTER {r_irq_bit}, {r_irq}
-    incq {event_irqs}(%rbx)
-    movl $0x80b, %ecx
-    xorl %eax, %eax
-    xorl %edx, %edx
-    wrmsr
-    PV_EXIT {r_irq_bit}, {r_irq}
-    iretq
+    IRQ_HANDLER {event_tsc}, {event_irqs}
 
 /* ---- entry: %rbx = mailbox, %rsp = stack top, IF = 0 */
     .balign 16
