@@ -4,6 +4,7 @@
 //! real-time priority above boosted vCPUs, and restores every thread it boosted when it stops.
 
 use crate::hist::{LatencyHistogram, LatencySummary};
+use crate::worker::Worker;
 use pvsched_guest::mailbox::{pv_status, Mailbox};
 use pvsched_host::clock::{mono_ns, DeadlineTimer};
 pub use pvsched_host::mechanism::helper_class;
@@ -23,7 +24,6 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// Longest wait of the engine thread when nothing happens.
@@ -113,8 +113,7 @@ pub struct HostLoopReport {
 
 /// The engine thread of a run.
 pub struct HostLoop {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<HostLoopReport>>,
+    worker: Worker<HostLoopReport>,
 }
 
 /// Errors of starting the engine thread.
@@ -190,53 +189,32 @@ impl HostLoop {
         let own_class = policy.boost_class().map(helper_class);
         let driver = policy.driver.clone();
         let tsc = vm.tsc_clock();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("pvsched-engine".into())
-            .spawn(move || {
-                let mut state = LoopState {
-                    engine,
-                    mech: Mechanism::new(),
-                    device,
-                    poller,
-                    tsc,
-                    trace,
-                    inject,
-                    hits: Vec::new(),
-                    host_events: 0,
-                    counts: vec![HostCounts::default(); tids.len()],
-                    deadlines: vec![None; tids.len()],
-                    pending: Vec::new(),
-                };
-                // Outrank the vCPU threads it boosts, for as long as it runs.
-                let _class = own_class.and_then(|c| SchedGuard::apply(0, c).ok());
-                state.run(&tids, &epoll, &timer, &flag);
-                state.report(driver)
-            })?;
-        Ok(HostLoop {
-            stop,
-            thread: Some(thread),
-        })
+        let worker = Worker::spawn("pvsched-engine", move |stop| {
+            let mut state = LoopState {
+                engine,
+                mech: Mechanism::new(),
+                device,
+                poller,
+                tsc,
+                trace,
+                inject,
+                hits: Vec::new(),
+                host_events: 0,
+                counts: vec![HostCounts::default(); tids.len()],
+                deadlines: vec![None; tids.len()],
+                pending: Vec::new(),
+            };
+            // Outrank the vCPU threads it boosts, for as long as it runs.
+            let _class = own_class.and_then(|c| SchedGuard::apply(0, c).ok());
+            state.run(&tids, &epoll, &timer, stop);
+            state.report(driver)
+        })?;
+        Ok(HostLoop { worker })
     }
 
     /// Stops the thread (every boosted thread restored) and returns its report.
     pub fn stop(mut self) -> HostLoopReport {
-        self.halt()
-    }
-
-    fn halt(&mut self) -> HostLoopReport {
-        self.stop.store(true, Ordering::Release);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for HostLoop {
-    fn drop(&mut self) {
-        self.halt();
+        self.worker.stop().unwrap_or_default()
     }
 }
 

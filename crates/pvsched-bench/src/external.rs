@@ -2,14 +2,13 @@
 //! as it would any VMM's: it finds the vCPU threads by name and boosts them from KVM/timer
 //! tracepoints only (no protocol, no VMM hooks).
 
+use crate::worker::Worker;
 use pvsched_daemon::{DaemonConfig, DaemonError};
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::DriverOptions;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// What the daemon reported for one vCPU.
@@ -25,8 +24,7 @@ pub struct DaemonVcpu {
 
 /// The daemon running in this process for the VM's lifetime.
 pub struct ExternalDaemon {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(), DaemonError>>>,
+    worker: Worker<Result<(), DaemonError>>,
     socket: PathBuf,
     dir: PathBuf,
 }
@@ -52,27 +50,21 @@ impl ExternalDaemon {
             metrics: None,
         };
         let socket = cfg.socket.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
         let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("pvsched-daemon".into())
-            .spawn(move || {
-                pvsched_daemon::run(&cfg, &flag, |_| {
-                    let _ = tx.send(());
-                })
+        let mut worker = Worker::spawn("pvsched-daemon", move |stop| {
+            pvsched_daemon::run(&cfg, stop, |_| {
+                let _ = tx.send(());
             })
-            .map_err(DaemonError::Io)?;
+        })
+        .map_err(DaemonError::Io)?;
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(()) => Ok(ExternalDaemon {
-                stop,
-                thread: Some(thread),
+                worker,
                 socket,
                 dir,
             }),
             Err(_) => {
-                stop.store(true, Ordering::Release);
-                let e = thread.join().ok().and_then(Result::err);
+                let e = worker.stop().and_then(Result::err);
                 Err(e.unwrap_or(DaemonError::Io(std::io::Error::other(
                     "the daemon did not start",
                 ))))
@@ -105,10 +97,7 @@ impl ExternalDaemon {
     }
 
     fn halt(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.worker.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

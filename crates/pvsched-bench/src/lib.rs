@@ -11,5 +11,6 @@ pub mod hist;
 pub mod load;
 pub mod probe;
 pub mod report;
+pub mod worker;
 
 pub use experiment::{run, ExperimentConfig, GuestLoad, Outcome, Report};

@@ -3,16 +3,14 @@
 //! what boosting vCPU threads costs ordinary host work.
 
 use crate::hist::LatencyHistogram;
+use crate::worker::Worker;
 use pvsched_host::clock::mono_ns;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// A running host probe.
 pub struct HostProbe {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<LatencyHistogram>>,
+    worker: Worker<LatencyHistogram>,
     tid: i32,
 }
 
@@ -36,31 +34,23 @@ fn sleep_until_ns(t: u64) {
 impl HostProbe {
     /// Starts the probe thread `pvsched-hprobe`, waking every `interval`.
     pub fn start(interval: Duration) -> std::io::Result<HostProbe> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let step = interval.as_nanos().max(1) as u64;
-        let thread = std::thread::Builder::new()
-            .name("pvsched-hprobe".into())
-            .spawn(move || {
-                // SAFETY: plain syscall.
-                let _ = tx.send(unsafe { libc::gettid() });
-                let mut hist = LatencyHistogram::new();
-                let mut next = mono_ns() + step;
-                while !flag.load(Ordering::Relaxed) {
-                    sleep_until_ns(next);
-                    let late = mono_ns().saturating_sub(next);
-                    hist.record_ns(late);
-                    next += step;
-                }
-                hist
-            })?;
+        let worker = Worker::spawn("pvsched-hprobe", move |stop| {
+            // SAFETY: plain syscall.
+            let _ = tx.send(unsafe { libc::gettid() });
+            let mut hist = LatencyHistogram::new();
+            let mut next = mono_ns() + step;
+            while !stop.load(Ordering::Relaxed) {
+                sleep_until_ns(next);
+                let late = mono_ns().saturating_sub(next);
+                hist.record_ns(late);
+                next += step;
+            }
+            hist
+        })?;
         let tid = rx.recv().unwrap_or(0);
-        Ok(HostProbe {
-            stop,
-            thread: Some(thread),
-            tid,
-        })
+        Ok(HostProbe { worker, tid })
     }
 
     /// Kernel thread id of the probe thread.
@@ -70,21 +60,7 @@ impl HostProbe {
 
     /// Stops the probe and returns its wake-up latencies.
     pub fn stop(mut self) -> LatencyHistogram {
-        self.halt()
-    }
-
-    fn halt(&mut self) -> LatencyHistogram {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for HostProbe {
-    fn drop(&mut self) {
-        self.halt();
+        self.worker.stop().unwrap_or_default()
     }
 }
 
