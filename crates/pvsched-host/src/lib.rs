@@ -6,8 +6,11 @@
 
 pub mod clock;
 pub mod mechanism;
+pub mod runtime;
 pub mod sched;
+pub mod stats;
 pub mod trace;
 
 pub use mechanism::{Mechanism, Publisher};
+pub use runtime::{Runtime, RuntimeConfig, RuntimeHandle, VcpuHandle};
 pub use sched::{SchedAttr, SchedClass, SchedGuard};

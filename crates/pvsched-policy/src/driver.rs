@@ -83,6 +83,12 @@ impl VcpuState {
         self.throttled_until.is_some_and(|t| now < t)
     }
 
+    /// True when timer `kind` armed with generation `gen` is still wanted: neither re-armed
+    /// nor cancelled since. A host may drop timers for which this is false.
+    pub fn is_timer_current(&self, kind: TimerKind, gen: u64) -> bool {
+        self.timer_gen[kind as usize] == gen
+    }
+
     /// Boosted time including the boost in progress, at `now`.
     pub fn boosted_ns(&self, now: Nanos) -> u64 {
         self.counters.boosted_ns + self.boost.map_or(0, |b| now.saturating_sub(b.since))
@@ -148,6 +154,9 @@ impl<'a> VcpuCtx<'a> {
             self.state.counters.boosted_ns += self.now.saturating_sub(b.since);
             self.state.cs_since = None;
             self.state.rt_since = None;
+            // A budget check is about the boost that just ended: cancel it, so that a host
+            // does not wake up for a timer with nothing left to check.
+            self.state.timer_gen[TimerKind::Budget as usize] += 1;
             self.out.push(Decision::Unboost(self.key));
         }
         self.publish(then);
@@ -173,7 +182,7 @@ impl<'a> VcpuCtx<'a> {
 
     /// True when a fired timer is the latest of its kind.
     pub fn is_current(&self, kind: TimerKind, gen: u64) -> bool {
-        self.state.timer_gen[kind as usize] == gen
+        self.state.is_timer_current(kind, gen)
     }
 
     /// Records since when the boost holds each budget class of the current request.

@@ -153,6 +153,11 @@ impl Engine {
         }
     }
 
+    /// The VMs, by id.
+    pub fn vm_ids(&self) -> Vec<u32> {
+        self.vms.keys().copied().collect()
+    }
+
     /// Name of the driver running VM `vm`.
     pub fn driver_name(&self, vm: u32) -> Option<&'static str> {
         self.vms.get(&vm).map(|e| e.driver.name())

@@ -1,0 +1,1538 @@
+//! The engine runtime: the one loop that runs the policy engine for every host of it (the
+//! reference VMM and its bench, the daemon for foreign VMMs).
+//!
+//! Events come from [`EventSource`]s (tracepoints, guest slots in a memory file, VMM injection
+//! hooks), from the vCPU threads themselves ([`VcpuHandle`]) and from the engine's timers;
+//! decisions take effect through an [`Applier`] (`sched_setattr`) and a per-VM
+//! [`Publisher`] (the guest's slot). Control requests ([`RuntimeHandle`]) arrive as commands
+//! over a channel, so no I/O of a control plane ever runs on the real-time thread.
+//!
+//! # Who applies a decision
+//!
+//! Each vCPU thread has a [`ThreadCell`]: the class the engine wants for it (`want`) and the
+//! class last applied (`applied`). A decision only changes `want`; it is then *realized* by
+//! whichever thread made it:
+//!
+//! - a vCPU thread that runs the engine for itself at an exit it takes anyway
+//!   ([`VcpuHandle::handle`]) applies its own boost or unboost with `sched_setattr` on itself:
+//!   no wake-up of another thread and no cross-CPU reschedule;
+//! - the engine thread applies what the vCPU cannot (a timer that comes due while the vCPU is
+//!   preempted or halted, a tracepoint, a budget running out) on the vCPU's thread id.
+//!
+//! The two can race only when a vCPU lowers itself while the engine raises it. The vCPU marks
+//! itself in flight before it reads `want` and checks `want` again after its `sched_setattr`;
+//! the engine checks the in-flight mark after its own and then re-applies shortly after
+//! (Dekker's pattern, as in the slot handshake). So the last decision always ends up applied.
+//!
+//! Timers of a vCPU whose thread is running the guest and calling its handle (a "hooked",
+//! active vCPU) are given a short grace before the engine thread wakes for them: the vCPU
+//! usually handles them itself at its next exit, and the engine thread sleeps on.
+//!
+//! # Restoring
+//!
+//! Every thread is restored to the attributes it had when it was added: when it is removed,
+//! when its VM is removed, when the runtime stops, and when the engine thread panics (a guard
+//! restores while unwinding). After the runtime stopped, vCPU handles do nothing.
+
+use crate::clock::{mono_ns, DeadlineTimer};
+use crate::mechanism::{helper_class, sched_class, Publisher};
+use crate::sched::{self, SchedAttr, SchedClass};
+use crate::stats::{AtomicHist, LatencyStats};
+use pvsched_policy::{
+    BoostClass, BoostState, Decision, DriverOptions, Engine, EngineError, Event, Nanos, Registry,
+    TimerKind, VcpuEvent, VcpuKey,
+};
+use pvsched_proto::Reasons;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Rounds of handshake follow-ups per batch (a guest that flips its request as fast as it
+/// can must not keep a thread busy for ever).
+const MAX_ROUNDS: usize = 8;
+/// Distinct boost classes a runtime can apply over its life.
+const MAX_CLASSES: usize = 64;
+/// `want`/`applied` code of the thread's original attributes.
+const ORIGINAL: u64 = 0;
+/// `applied` code meaning "unknown: apply again".
+const UNKNOWN: u64 = u64::MAX;
+/// After a race with a vCPU lowering itself, the engine re-applies this much later.
+const RECHECK_NS: Nanos = 50_000;
+/// A hooked vCPU that called its handle within this window counts as running.
+const ACTIVE_NS: Nanos = 1_000_000;
+/// How long a control request waits for the engine thread.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Errors remembered for status (the count is kept in full).
+const ERRORS_KEPT: usize = 8;
+
+const TOKEN_TIMER: u64 = 0;
+const TOKEN_COMMAND: u64 = 1;
+const TOKEN_SOURCE: u64 = 2;
+
+/// Where the scheduling attributes of threads are read and changed.
+pub trait Applier: Send + Sync + 'static {
+    /// Reads thread `tid`'s attributes.
+    fn get(&self, tid: i32) -> Result<SchedAttr, sched::Error>;
+    /// Sets thread `tid`'s attributes. Called by the thread itself or by another one.
+    fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error>;
+}
+
+/// The kernel: `sched_getattr` / `sched_setattr`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelApplier;
+
+impl Applier for KernelApplier {
+    fn get(&self, tid: i32) -> Result<SchedAttr, sched::Error> {
+        sched::get(tid)
+    }
+    fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
+        sched::set(tid, attr)
+    }
+}
+
+/// Where events come from, besides the vCPU threads and the timers.
+pub trait EventSource: Send {
+    /// A short name for status and errors.
+    fn name(&self) -> &str;
+    /// An fd that is readable when events are pending, if the source has one.
+    fn fd(&self) -> Option<RawFd>;
+    /// For sources that must be looked at periodically (no fd to wait on): how often.
+    fn poll_period(&self) -> Option<Nanos> {
+        None
+    }
+    /// Appends the pending events; returns when the earliest of them was observed (for the
+    /// decision → applied latency), if known.
+    fn drain(&mut self, now: Nanos, out: &mut Vec<Event>) -> Option<Nanos>;
+    /// A vCPU thread was added (e.g. open its per-thread tracepoints).
+    fn attach(&mut self, _key: VcpuKey, _tid: i32) -> Result<(), String> {
+        Ok(())
+    }
+    /// A vCPU thread was removed.
+    fn detach(&mut self, _key: VcpuKey) {}
+    /// Records the source lost (kernel ring overruns, throttling).
+    fn lost(&self) -> u64 {
+        0
+    }
+}
+
+/// Errors of the runtime's control requests.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine refused (unknown driver, bad option, unknown VM).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A thread's attributes could not be read when it was added.
+    #[error("cannot add vCPU {key}")]
+    Thread {
+        /// The vCPU.
+        key: VcpuKey,
+        /// Why.
+        #[source]
+        source: sched::Error,
+    },
+    /// The vCPU is known already.
+    #[error("vCPU {0} is attached already")]
+    Duplicate(VcpuKey),
+    /// The thread is attached already (as another vCPU).
+    #[error("thread {tid} is attached already as {key}")]
+    DuplicateTid {
+        /// The thread.
+        tid: i32,
+        /// Where it is attached.
+        key: VcpuKey,
+    },
+    /// No such vCPU.
+    #[error("no vCPU {0}")]
+    UnknownVcpu(VcpuKey),
+    /// A source refused a thread.
+    #[error("event source {0}: {1}")]
+    Source(String, String),
+    /// The engine thread is gone.
+    #[error("the engine runtime has stopped")]
+    Stopped,
+    /// The engine thread did not answer in time.
+    #[error("the engine runtime did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The engine thread or its wait set could not be created.
+    #[error("cannot start the engine runtime")]
+    Io(#[from] std::io::Error),
+}
+
+/// One vCPU thread as the runtime sees it.
+pub struct ThreadCell {
+    key: VcpuKey,
+    tid: i32,
+    original: SchedAttr,
+    want: AtomicU64,
+    applied: AtomicU64,
+    inflight: AtomicU32,
+    hooked: AtomicBool,
+    last_exit: AtomicU64,
+    /// Earliest live timer of this vCPU (`u64::MAX`: none).
+    next_timer: AtomicU64,
+    /// When the boost being applied was decided on (its trigger).
+    boost_trigger: AtomicU64,
+    host_events: AtomicU64,
+    self_sets: AtomicU64,
+    remote_sets: AtomicU64,
+    apply_errors: AtomicU64,
+    hook_calls: AtomicU64,
+    boost_latency: AtomicHist,
+}
+
+impl ThreadCell {
+    fn new(key: VcpuKey, tid: i32, original: SchedAttr, hooked: bool) -> Self {
+        ThreadCell {
+            key,
+            tid,
+            original,
+            want: AtomicU64::new(ORIGINAL),
+            applied: AtomicU64::new(ORIGINAL),
+            inflight: AtomicU32::new(0),
+            hooked: AtomicBool::new(hooked),
+            last_exit: AtomicU64::new(0),
+            next_timer: AtomicU64::new(u64::MAX),
+            boost_trigger: AtomicU64::new(0),
+            host_events: AtomicU64::new(0),
+            self_sets: AtomicU64::new(0),
+            remote_sets: AtomicU64::new(0),
+            apply_errors: AtomicU64::new(0),
+            hook_calls: AtomicU64::new(0),
+            boost_latency: AtomicHist::new(),
+        }
+    }
+
+    fn is_boosted(&self) -> bool {
+        !matches!(self.applied.load(Ordering::Acquire), ORIGINAL)
+    }
+}
+
+/// Classes interned by code (`code - 1` indexes the table); append-only, so a thread can read
+/// an entry without a lock.
+struct ClassTable {
+    attrs: Vec<OnceLock<SchedAttr>>,
+}
+
+impl ClassTable {
+    fn new() -> Self {
+        ClassTable {
+            attrs: (0..MAX_CLASSES).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, code: u64) -> Option<SchedAttr> {
+        let i = code.checked_sub(1)? as usize;
+        self.attrs.get(i)?.get().copied()
+    }
+}
+
+/// What all the runtime's threads share.
+struct Shared {
+    core: Mutex<Core>,
+    applier: Arc<dyn Applier>,
+    classes: ClassTable,
+    timer: DeadlineTimer,
+    wake: EventFd,
+    stopped: AtomicBool,
+    engine_tid: AtomicU32,
+    /// FIFO priority the engine thread runs at (0: normal).
+    engine_prio: AtomicU32,
+    grace: Nanos,
+    errors: Mutex<VecDeque<String>>,
+    error_count: AtomicU64,
+    hook_busy: AtomicU64,
+}
+
+impl Shared {
+    /// The core, unless another thread holds it (counted).
+    fn try_core(&self) -> Option<MutexGuard<'_, Core>> {
+        match self.core.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.hook_busy.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note_error(&self, what: String) {
+        self.error_count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = self.errors.try_lock() {
+            if e.len() == ERRORS_KEPT {
+                e.pop_front();
+            }
+            e.push_back(what);
+        }
+    }
+
+    fn attr_of(&self, cell: &ThreadCell, code: u64) -> Option<SchedAttr> {
+        match code {
+            ORIGINAL => Some(cell.original),
+            c => self.classes.get(c),
+        }
+    }
+
+    /// Applies `cell`'s wanted class. `own` is true on the cell's own thread. Returns false
+    /// when the engine raced with the vCPU lowering itself (apply again shortly).
+    fn realize(&self, cell: &ThreadCell, own: bool) -> bool {
+        loop {
+            if own {
+                cell.inflight.store(1, Ordering::SeqCst);
+            }
+            let w = cell.want.load(Ordering::SeqCst);
+            if w == cell.applied.load(Ordering::SeqCst) {
+                if own {
+                    cell.inflight.store(0, Ordering::SeqCst);
+                }
+                return true;
+            }
+            let result = match self.attr_of(cell, w) {
+                Some(attr) => self.applier.set(cell.tid, &attr),
+                None => Ok(()),
+            };
+            let counter = if own {
+                &cell.self_sets
+            } else {
+                &cell.remote_sets
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            match result {
+                Ok(()) => {
+                    if w != ORIGINAL {
+                        let t = cell.boost_trigger.load(Ordering::Relaxed);
+                        cell.boost_latency.record(mono_ns().saturating_sub(t));
+                    }
+                }
+                // A thread that is gone needs nothing more.
+                Err(sched::Error::NoThread { .. }) => {}
+                Err(e) => {
+                    cell.apply_errors.fetch_add(1, Ordering::Relaxed);
+                    self.note_error(format!("{}: {e}", cell.key));
+                }
+            }
+            cell.applied.store(w, Ordering::SeqCst);
+            if own {
+                cell.inflight.store(0, Ordering::SeqCst);
+                if cell.want.load(Ordering::SeqCst) == w {
+                    return true;
+                }
+            } else {
+                return cell.inflight.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+
+    /// Raises the engine thread above `class` if it is not already.
+    fn outrank(&self, class: BoostClass) {
+        let SchedClass::Fifo(p) = helper_class(class) else {
+            return;
+        };
+        if self.engine_prio.fetch_max(p, Ordering::AcqRel) >= p {
+            return;
+        }
+        let tid = self.engine_tid.load(Ordering::Acquire) as i32;
+        if tid != 0 {
+            if let Err(e) = self.applier.set(tid, &SchedClass::Fifo(p).attr()) {
+                self.note_error(format!("engine thread: {e}"));
+            }
+        }
+    }
+}
+
+/// The engine and everything its decisions touch; behind the runtime's lock.
+struct Core {
+    engine: Engine,
+    cells: BTreeMap<VcpuKey, Arc<ThreadCell>>,
+    publishers: BTreeMap<u32, Box<dyn Publisher + Send>>,
+    /// Live timers: one per (vCPU, kind), with its time and generation.
+    timers: BTreeMap<(VcpuKey, TimerKind), (Nanos, u64)>,
+    /// The same timers ordered by time.
+    order: BTreeSet<(Nanos, VcpuKey, TimerKind)>,
+    classes: Vec<BoostClass>,
+    events: Vec<Event>,
+    decisions: Vec<Decision>,
+    follow: Vec<Event>,
+    enabled: bool,
+    /// Cells whose change raced with their own thread: apply again at the given time.
+    rechecks: Vec<(Nanos, Arc<ThreadCell>)>,
+    /// When the engine thread's timer is armed.
+    armed: Option<Nanos>,
+}
+
+impl Core {
+    /// Re-arms the engine thread's timer for the earliest of the timers and rechecks (a
+    /// syscall only when that time changed).
+    fn arm(&mut self, shared: &Shared, now: Nanos) {
+        let next = self.next_wake(now, shared.grace);
+        let recheck = self.rechecks.iter().map(|r| r.0).min();
+        let at = match (next, recheck) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if at != self.armed {
+            shared.timer.set(at);
+            self.armed = at;
+        }
+    }
+
+    /// Applies decisions made outside [`Core::process`] and queues their follow-ups.
+    fn apply_now(
+        &mut self,
+        shared: &Shared,
+        decisions: &[Decision],
+        trigger: Nanos,
+        touched: &mut Vec<Arc<ThreadCell>>,
+    ) {
+        self.apply(shared, decisions, trigger, touched);
+        let follow = std::mem::take(&mut self.follow);
+        self.events.extend_from_slice(&follow);
+        self.follow = follow;
+        self.follow.clear();
+    }
+
+    fn intern(&mut self, shared: &Shared, class: BoostClass) -> Option<u64> {
+        if let Some(i) = self.classes.iter().position(|c| *c == class) {
+            return Some(i as u64 + 1);
+        }
+        let i = self.classes.len();
+        let slot = shared.classes.attrs.get(i)?;
+        let _ = slot.set(sched_class(class).attr());
+        self.classes.push(class);
+        shared.outrank(class);
+        Some(i as u64 + 1)
+    }
+
+    fn set_timer(&mut self, key: VcpuKey, kind: TimerKind, at: Nanos, gen: u64) {
+        if let Some((old, _)) = self.timers.insert((key, kind), (at, gen)) {
+            self.order.remove(&(old, key, kind));
+        }
+        self.order.insert((at, key, kind));
+        self.update_next(key);
+    }
+
+    fn update_next(&self, key: VcpuKey) {
+        if let Some(cell) = self.cells.get(&key) {
+            let next = [TimerKind::Budget, TimerKind::Cooldown, TimerKind::Lead]
+                .iter()
+                .filter_map(|k| self.timers.get(&(key, *k)).map(|t| t.0))
+                .min()
+                .unwrap_or(u64::MAX);
+            cell.next_timer.store(next, Ordering::Release);
+        }
+    }
+
+    fn is_live(&self, key: VcpuKey, kind: TimerKind, gen: u64) -> bool {
+        self.engine
+            .vcpu(key)
+            .is_some_and(|s| s.is_timer_current(kind, gen))
+    }
+
+    /// Moves the due timers (of `only`, or of every vCPU) into `events`; drops dead ones.
+    fn due_timers(&mut self, now: Nanos, only: Option<VcpuKey>) -> Option<Nanos> {
+        let mut first = None;
+        let due: Vec<(Nanos, VcpuKey, TimerKind)> = self
+            .order
+            .iter()
+            .take_while(|(at, ..)| *at <= now)
+            .filter(|(_, k, _)| only.is_none_or(|o| o == *k))
+            .copied()
+            .collect();
+        for (at, key, kind) in due {
+            self.order.remove(&(at, key, kind));
+            if let Some((_, gen)) = self.timers.remove(&(key, kind)) {
+                if self.is_live(key, kind, gen) {
+                    self.events
+                        .push(Event::new(key, VcpuEvent::Timer(kind, gen)));
+                    first = Some(first.map_or(at, |f: Nanos| f.min(at)));
+                }
+            }
+            self.update_next(key);
+        }
+        first
+    }
+
+    /// When the engine thread must wake next: the earliest live timer, later by the grace for
+    /// vCPUs that handle their own timers while they run.
+    fn next_wake(&mut self, now: Nanos, grace: Nanos) -> Option<Nanos> {
+        // Drop dead timers at the front so they cause no wake-up.
+        while let Some(&(at, key, kind)) = self.order.first() {
+            let gen = self.timers.get(&(key, kind)).map(|t| t.1);
+            if gen.is_some_and(|g| self.is_live(key, kind, g)) {
+                break;
+            }
+            self.order.remove(&(at, key, kind));
+            self.timers.remove(&(key, kind));
+            self.update_next(key);
+        }
+        let mut best: Option<Nanos> = None;
+        for &(at, key, _) in &self.order {
+            if best.is_some_and(|b| at >= b) {
+                break;
+            }
+            let own = self.cells.get(&key).is_some_and(|c| {
+                c.hooked.load(Ordering::Relaxed)
+                    && now.saturating_sub(c.last_exit.load(Ordering::Relaxed)) < ACTIVE_NS
+            });
+            let t = if own { at.saturating_add(grace) } else { at };
+            best = Some(best.map_or(t, |b| b.min(t)));
+        }
+        best
+    }
+
+    /// Runs the pending events through the engine and records the decisions: classes wanted
+    /// go to the cells (pushed to `touched` for realizing), states to the publishers, timers
+    /// to the timer set.
+    fn process(
+        &mut self,
+        shared: &Shared,
+        now: Nanos,
+        trigger: Nanos,
+        touched: &mut Vec<Arc<ThreadCell>>,
+    ) {
+        for _ in 0..MAX_ROUNDS {
+            if self.events.is_empty() {
+                return;
+            }
+            self.decisions.clear();
+            let mut events = std::mem::take(&mut self.events);
+            self.engine.handle_all(events.drain(..), now, &mut self.decisions);
+            self.events = events;
+            let decisions = std::mem::take(&mut self.decisions);
+            self.apply(shared, &decisions, trigger, touched);
+            self.decisions = decisions;
+            std::mem::swap(&mut self.events, &mut self.follow);
+        }
+    }
+
+    fn apply(
+        &mut self,
+        shared: &Shared,
+        decisions: &[Decision],
+        trigger: Nanos,
+        touched: &mut Vec<Arc<ThreadCell>>,
+    ) {
+        for d in decisions {
+            match *d {
+                Decision::Boost(key, class) => {
+                    let Some(code) = self.intern(shared, class) else {
+                        shared.note_error(format!("{key}: too many boost classes"));
+                        continue;
+                    };
+                    if let Some(c) = self.cells.get(&key) {
+                        c.boost_trigger.store(trigger, Ordering::Relaxed);
+                        c.want.store(code, Ordering::SeqCst);
+                        touched.push(c.clone());
+                    }
+                }
+                Decision::Unboost(key) => {
+                    if let Some(c) = self.cells.get(&key) {
+                        c.want.store(ORIGINAL, Ordering::SeqCst);
+                        touched.push(c.clone());
+                    }
+                }
+                Decision::Publish(key, state) => {
+                    let Some(p) = self.publishers.get_mut(&key.vm) else {
+                        continue;
+                    };
+                    let Some(request) = p.publish(key, state) else {
+                        continue;
+                    };
+                    if matches!(state, BoostState::Normal | BoostState::Boosted) {
+                        let what = match Reasons::from_bits(request) {
+                            Some(r) => VcpuEvent::Request(r),
+                            None => VcpuEvent::SlotInvalid,
+                        };
+                        self.follow.push(Event::new(key, what));
+                    }
+                }
+                Decision::ArmTimer { key, at, kind, gen } => self.set_timer(key, kind, at, gen),
+            }
+        }
+    }
+}
+
+/// A vCPU thread's own door into the runtime: called at exits the vCPU takes anyway, it runs
+/// the engine for that vCPU and applies the result on the calling thread. Never blocks.
+pub struct VcpuHandle {
+    cell: Arc<ThreadCell>,
+    shared: Arc<Shared>,
+    touched: Vec<Arc<ThreadCell>>,
+}
+
+impl VcpuHandle {
+    /// The vCPU.
+    pub fn key(&self) -> VcpuKey {
+        self.cell.key
+    }
+
+    /// Cheap check for every exit: records that the vCPU runs, and says whether one of its
+    /// timers is due (then call [`VcpuHandle::handle`]).
+    pub fn exit(&self, now: Nanos) -> bool {
+        self.cell.last_exit.store(now, Ordering::Relaxed);
+        now >= self.cell.next_timer.load(Ordering::Acquire)
+    }
+
+    /// Feeds `events` (what this vCPU's thread observed at `now`) and this vCPU's due timers
+    /// to the engine, and applies the decisions, its own on this thread. Returns false (and
+    /// does nothing) when the engine is busy: call again at the next exit. Must be called on
+    /// the vCPU's own thread.
+    pub fn handle(&mut self, now: Nanos, events: &[VcpuEvent]) -> bool {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return true;
+        }
+        let key = self.cell.key;
+        {
+            let Some(mut core) = self.shared.try_core() else {
+                return false;
+            };
+            if self.shared.stopped.load(Ordering::Acquire) {
+                return true;
+            }
+            self.cell.hook_calls.fetch_add(1, Ordering::Relaxed);
+            self.cell.last_exit.store(now, Ordering::Relaxed);
+            core.events
+                .extend(events.iter().map(|&what| Event::new(key, what)));
+            let due = core.due_timers(now, Some(key));
+            let trigger = due.map_or(now, |t| t.min(now));
+            core.process(&self.shared, now, trigger, &mut self.touched);
+            // The engine thread sleeps until the earliest timer; one armed here moves its
+            // wake-up (under the lock, so the two threads never undo each other's).
+            core.arm(&self.shared, now);
+        }
+        self.realize_touched(now);
+        true
+    }
+
+
+    fn realize_touched(&mut self, now: Nanos) {
+        let key = self.cell.key;
+        for c in self.touched.drain(..) {
+            let own = c.key == key;
+            if !self.shared.realize(&c, own) {
+                // Rare: another vCPU's change raced with that vCPU lowering itself: the engine
+                // thread applies it again shortly.
+                c.applied.store(UNKNOWN, Ordering::SeqCst);
+                let mut core = self.shared.lock();
+                core.rechecks.push((now + RECHECK_NS, c));
+                core.arm(&self.shared, now);
+            }
+        }
+    }
+
+    /// Publishes the engine's current state for this vCPU again (a slot was just
+    /// registered). Returns false when the engine is busy.
+    pub fn republish(&mut self, now: Nanos) -> bool {
+        let key = self.cell.key;
+        {
+            let Some(mut core) = self.shared.try_core() else {
+                return false;
+            };
+            if self.shared.stopped.load(Ordering::Acquire) {
+                return true;
+            }
+            let state = core
+                .engine
+                .vcpu(key)
+                .and_then(|s| s.published)
+                .unwrap_or(BoostState::Normal);
+            core.apply_now(
+                &self.shared,
+                &[Decision::Publish(key, state)],
+                now,
+                &mut self.touched,
+            );
+            core.process(&self.shared, now, now, &mut self.touched);
+            core.arm(&self.shared, now);
+        }
+        self.realize_touched(now);
+        true
+    }
+}
+
+type Reply<T> = mpsc::Sender<T>;
+
+/// A VM's publisher and sources, given to [`RuntimeHandle::add_vm`].
+pub struct VmParts {
+    /// Where boost states are published to the guest, if it speaks the protocol.
+    pub publisher: Option<Box<dyn Publisher + Send>>,
+    /// Event sources that belong to this VM (dropped with it).
+    pub sources: Vec<Box<dyn EventSource>>,
+}
+
+enum Command {
+    AddVm {
+        vm: u32,
+        driver: String,
+        opts: DriverOptions,
+        parts: VmParts,
+        reply: Reply<Result<(), RuntimeError>>,
+    },
+    RemoveVm {
+        vm: u32,
+        reply: Reply<Result<(), RuntimeError>>,
+    },
+    AddVcpu {
+        key: VcpuKey,
+        tid: i32,
+        hooked: bool,
+        reply: Reply<Result<VcpuHandle, RuntimeError>>,
+    },
+    RemoveVcpu {
+        key: VcpuKey,
+        reply: Reply<Result<(), RuntimeError>>,
+    },
+    SetEnabled {
+        vm: Option<u32>,
+        on: bool,
+        reply: Reply<Result<(), RuntimeError>>,
+    },
+    SetDriver {
+        vm: u32,
+        driver: String,
+        opts: DriverOptions,
+        reply: Reply<Result<(), RuntimeError>>,
+    },
+    Status(Reply<Status>),
+}
+
+/// How a runtime starts.
+pub struct RuntimeConfig {
+    /// Name of the engine thread.
+    pub name: String,
+    /// Drivers available.
+    pub registry: Registry,
+    /// Where scheduling attributes are applied.
+    pub applier: Arc<dyn Applier>,
+    /// Host-wide event sources (e.g. tracepoints shared by all VMs).
+    pub sources: Vec<Box<dyn EventSource>>,
+    /// Grace given to running, hooked vCPUs to handle their own timers, ns.
+    pub grace: Nanos,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            name: "pvsched-engine".into(),
+            registry: Registry::builtin(),
+            applier: Arc::new(KernelApplier),
+            sources: Vec::new(),
+            grace: 25_000,
+        }
+    }
+}
+
+/// The running engine runtime: its thread, stopped (everything restored) on
+/// [`Runtime::stop`] or drop.
+pub struct Runtime {
+    handle: RuntimeHandle,
+    thread: Option<JoinHandle<Status>>,
+}
+
+/// Sends control requests to a runtime; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Runtime {
+    /// Starts the engine thread.
+    pub fn start(cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                engine: Engine::new(cfg.registry),
+                cells: BTreeMap::new(),
+                publishers: BTreeMap::new(),
+                timers: BTreeMap::new(),
+                order: BTreeSet::new(),
+                classes: Vec::new(),
+                events: Vec::with_capacity(64),
+                decisions: Vec::with_capacity(64),
+                follow: Vec::with_capacity(64),
+                enabled: true,
+                rechecks: Vec::new(),
+                armed: None,
+            }),
+            applier: cfg.applier,
+            classes: ClassTable::new(),
+            timer: DeadlineTimer::new()?,
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            stopped: AtomicBool::new(false),
+            engine_tid: AtomicU32::new(0),
+            engine_prio: AtomicU32::new(0),
+            grace: cfg.grace,
+            errors: Mutex::new(VecDeque::new()),
+            error_count: AtomicU64::new(0),
+            hook_busy: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel();
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            shared.timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            shared.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_COMMAND),
+        )?;
+        let mut lp = Loop {
+            shared: shared.clone(),
+            epoll,
+            rx,
+            host_sources: Vec::new(),
+            vm_sources: BTreeMap::new(),
+            touched: Vec::with_capacity(16),
+            stats: LoopStats::default(),
+            started: mono_ns(),
+        };
+        for s in cfg.sources {
+            lp.add_source(None, s)?;
+        }
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(cfg.name)
+            .spawn(move || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                let tid = unsafe { libc::gettid() };
+                lp.shared.engine_tid.store(tid as u32, Ordering::Release);
+                let _ = tid_tx.send(());
+                let guard = RestoreOnUnwind(lp.shared.clone());
+                lp.run();
+                let status = lp.status();
+                std::mem::forget(guard);
+                status
+            })?;
+        let _ = tid_rx.recv();
+        Ok(Runtime {
+            handle: RuntimeHandle { tx, shared },
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle for control requests.
+    pub fn handle(&self) -> RuntimeHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the engine thread, restores every thread, and returns the final status.
+    pub fn stop(mut self) -> Status {
+        self.halt().unwrap_or_default()
+    }
+
+    fn halt(&mut self) -> Option<Status> {
+        let t = self.thread.take()?;
+        self.handle.shared.stopped.store(true, Ordering::Release);
+        let _ = self.handle.shared.wake.write(1);
+        match t.join() {
+            Ok(s) => Some(s),
+            Err(_) => {
+                // The guard restored everything while the thread unwound.
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+impl RuntimeHandle {
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, RuntimeError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(RuntimeError::Stopped);
+        }
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(make(tx)).map_err(|_| RuntimeError::Stopped)?;
+        let _ = self.shared.wake.write(1);
+        match rx.recv_timeout(REPLY_TIMEOUT) {
+            Ok(v) => Ok(v),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(RuntimeError::Timeout(REPLY_TIMEOUT)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(RuntimeError::Stopped),
+        }
+    }
+
+    /// Adds VM `vm` run by `driver` with `opts`, with its publisher and sources.
+    pub fn add_vm(
+        &self,
+        vm: u32,
+        driver: &str,
+        opts: &DriverOptions,
+        parts: VmParts,
+    ) -> Result<(), RuntimeError> {
+        self.call(|reply| Command::AddVm {
+            vm,
+            driver: driver.into(),
+            opts: opts.clone(),
+            parts,
+            reply,
+        })?
+    }
+
+    /// Removes VM `vm`: its vCPUs restored and forgotten, its sources closed.
+    pub fn remove_vm(&self, vm: u32) -> Result<(), RuntimeError> {
+        self.call(|reply| Command::RemoveVm { vm, reply })?
+    }
+
+    /// Adds vCPU `key` running on thread `tid` (its current attributes become the ones to
+    /// restore). `hooked`: the vCPU's thread will call the returned handle at its exits.
+    pub fn add_vcpu(
+        &self,
+        key: VcpuKey,
+        tid: i32,
+        hooked: bool,
+    ) -> Result<VcpuHandle, RuntimeError> {
+        self.call(|reply| Command::AddVcpu {
+            key,
+            tid,
+            hooked,
+            reply,
+        })?
+    }
+
+    /// Removes vCPU `key`, restoring its thread.
+    pub fn remove_vcpu(&self, key: VcpuKey) -> Result<(), RuntimeError> {
+        self.call(|reply| Command::RemoveVcpu { key, reply })?
+    }
+
+    /// Enables or disables boosting globally (`None`) or for one VM.
+    pub fn set_enabled(&self, vm: Option<u32>, on: bool) -> Result<(), RuntimeError> {
+        self.call(|reply| Command::SetEnabled { vm, on, reply })?
+    }
+
+    /// Replaces VM `vm`'s driver.
+    pub fn set_driver(
+        &self,
+        vm: u32,
+        driver: &str,
+        opts: &DriverOptions,
+    ) -> Result<(), RuntimeError> {
+        self.call(|reply| Command::SetDriver {
+            vm,
+            driver: driver.into(),
+            opts: opts.clone(),
+            reply,
+        })?
+    }
+
+    /// The runtime's status.
+    pub fn status(&self) -> Result<Status, RuntimeError> {
+        self.call(Command::Status)
+    }
+}
+
+/// Restores every thread if the engine thread unwinds.
+struct RestoreOnUnwind(Arc<Shared>);
+
+impl Drop for RestoreOnUnwind {
+    fn drop(&mut self) {
+        restore_all(&self.0);
+    }
+}
+
+/// Marks the runtime stopped and puts every thread back to its original attributes.
+fn restore_all(shared: &Shared) {
+    let cells: Vec<Arc<ThreadCell>> = {
+        let core = shared.lock();
+        shared.stopped.store(true, Ordering::Release);
+        for c in core.cells.values() {
+            c.want.store(ORIGINAL, Ordering::SeqCst);
+        }
+        core.cells.values().cloned().collect()
+    };
+    for c in &cells {
+        restore_cell(shared, c);
+    }
+}
+
+/// Restores one cell, waiting (bounded) for its own thread to finish a change in flight.
+fn restore_cell(shared: &Shared, c: &ThreadCell) {
+    c.want.store(ORIGINAL, Ordering::SeqCst);
+    if !shared.realize(c, false) {
+        for _ in 0..1000 {
+            if c.inflight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        c.applied.store(UNKNOWN, Ordering::SeqCst);
+        shared.realize(c, false);
+    }
+}
+
+#[derive(Default)]
+struct LoopStats {
+    wakeups: u64,
+}
+
+struct SourceEntry {
+    source: Box<dyn EventSource>,
+    next_poll: Option<Nanos>,
+}
+
+/// The engine thread.
+struct Loop {
+    shared: Arc<Shared>,
+    epoll: Epoll,
+    rx: mpsc::Receiver<Command>,
+    host_sources: Vec<SourceEntry>,
+    vm_sources: BTreeMap<u32, Vec<SourceEntry>>,
+    touched: Vec<Arc<ThreadCell>>,
+    stats: LoopStats,
+    started: Nanos,
+}
+
+fn token(vm: Option<u32>, index: usize) -> u64 {
+    TOKEN_SOURCE | (vm.map_or(0, |v| v as u64 + 1) << 32) | ((index as u64) << 2)
+}
+
+impl Loop {
+    fn add_source(
+        &mut self,
+        vm: Option<u32>,
+        source: Box<dyn EventSource>,
+    ) -> Result<(), std::io::Error> {
+        let list = match vm {
+            None => &mut self.host_sources,
+            Some(v) => self.vm_sources.entry(v).or_default(),
+        };
+        let index = list.len();
+        if let Some(fd) = source.fd() {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token(vm, index)),
+            )?;
+        }
+        let next_poll = source.poll_period().map(|p| mono_ns() + p);
+        list.push(SourceEntry { source, next_poll });
+        Ok(())
+    }
+
+    fn sources_mut(&mut self) -> impl Iterator<Item = &mut SourceEntry> {
+        self.host_sources
+            .iter_mut()
+            .chain(self.vm_sources.values_mut().flatten())
+    }
+
+    fn run(&mut self) {
+        let mut ready = vec![EpollEvent::default(); 32];
+        loop {
+            if self.shared.stopped.load(Ordering::Acquire) {
+                break;
+            }
+            let timeout = self.poll_timeout();
+            let n = match self.epoll.wait(timeout, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    // A failing wait set cannot be waited on again: stop, restoring all.
+                    self.shared.note_error(format!("epoll_wait: {e}"));
+                    break;
+                }
+            };
+            self.stats.wakeups += 1;
+            let now = mono_ns();
+            let mut trigger = now;
+            let mut events = Vec::new();
+            for ev in &ready[..n] {
+                match ev.data() {
+                    TOKEN_TIMER => {
+                        self.shared.timer.drain();
+                        self.shared.lock().armed = None;
+                    }
+                    TOKEN_COMMAND => {
+                        let _ = self.shared.wake.read();
+                    }
+                    t => {
+                        let vm = (t >> 32) as u32;
+                        let index = ((t & 0xffff_ffff) >> 2) as usize;
+                        let entry = if vm == 0 {
+                            self.host_sources.get_mut(index)
+                        } else {
+                            self.vm_sources
+                                .get_mut(&(vm - 1))
+                                .and_then(|l| l.get_mut(index))
+                        };
+                        if let Some(e) = entry {
+                            if let Some(t) = e.source.drain(now, &mut events) {
+                                trigger = trigger.min(t);
+                            }
+                        }
+                    }
+                }
+            }
+            for e in self.sources_mut() {
+                if let (Some(at), Some(p)) = (e.next_poll, e.source.poll_period()) {
+                    if now >= at {
+                        e.next_poll = Some(now + p);
+                        if let Some(t) = e.source.drain(now, &mut events) {
+                            trigger = trigger.min(t);
+                        }
+                    }
+                }
+            }
+            self.process(now, trigger, &events);
+            // Commands after the events they may have been sent after.
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.command(cmd);
+            }
+        }
+        restore_all(&self.shared);
+    }
+
+    fn poll_timeout(&mut self) -> i32 {
+        let now = mono_ns();
+        let next = self
+            .sources_mut()
+            .filter_map(|e| e.next_poll)
+            .min()
+            .map(|t| t.saturating_sub(now).div_ceil(1_000_000).min(1000) as i32);
+        next.unwrap_or(-1)
+    }
+
+    /// Feeds `events` and the due timers to the engine, applies, re-arms the timer.
+    fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) {
+        let shared = self.shared.clone();
+        let due: Vec<Arc<ThreadCell>> = {
+            let mut core = shared.lock();
+            for e in events {
+                if let Some(c) = core.cells.get(&e.key) {
+                    c.host_events.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            core.events.extend_from_slice(events);
+            let due = core.due_timers(now, None);
+            let trigger = due.map_or(trigger, |t| t.min(trigger));
+            core.process(&shared, now, trigger, &mut self.touched);
+            // Changes that raced with a vCPU lowering itself are applied again now.
+            let (due, later): (Vec<_>, Vec<_>) =
+                core.rechecks.drain(..).partition(|(at, _)| *at <= now);
+            core.rechecks = later;
+            core.arm(&shared, now);
+            due.into_iter().map(|(_, c)| c).collect()
+        };
+        let mut raced = Vec::new();
+        for c in due.iter().chain(self.touched.iter()) {
+            if !shared.realize(c, false) {
+                c.applied.store(UNKNOWN, Ordering::SeqCst);
+                raced.push((now + RECHECK_NS, c.clone()));
+            }
+        }
+        self.touched.clear();
+        if !raced.is_empty() {
+            let mut core = shared.lock();
+            core.rechecks.extend(raced);
+            core.arm(&shared, now);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        let now = mono_ns();
+        let shared = self.shared.clone();
+        match cmd {
+            Command::AddVm {
+                vm,
+                driver,
+                opts,
+                parts,
+                reply,
+            } => {
+                let added = shared.lock().engine.add_vm(vm, &driver, &opts);
+                let r = match added {
+                    Err(e) => Err(e.into()),
+                    Ok(()) => {
+                        if let Some(p) = parts.publisher {
+                            shared.lock().publishers.insert(vm, p);
+                        }
+                        let r = parts
+                            .sources
+                            .into_iter()
+                            .try_for_each(|s| self.add_source(Some(vm), s));
+                        if r.is_err() {
+                            self.drop_vm(vm, now);
+                        }
+                        r.map_err(RuntimeError::from)
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::RemoveVm { vm, reply } => {
+                let known = shared.lock().engine.driver_name(vm).is_some();
+                self.drop_vm(vm, now);
+                let _ = reply.send(if known {
+                    Ok(())
+                } else {
+                    Err(EngineError::UnknownVm(vm).into())
+                });
+            }
+            Command::AddVcpu {
+                key,
+                tid,
+                hooked,
+                reply,
+            } => {
+                let _ = reply.send(self.add_vcpu(key, tid, hooked, now));
+            }
+            Command::RemoveVcpu { key, reply } => {
+                let r = if self.remove_vcpu(key, now) {
+                    Ok(())
+                } else {
+                    Err(RuntimeError::UnknownVcpu(key))
+                };
+                let _ = reply.send(r);
+            }
+            Command::SetEnabled { vm, on, reply } => {
+                let r = {
+                    let mut core = shared.lock();
+                    let mut out = Vec::new();
+                    let r = core.engine.set_enabled(vm, on, now, &mut out);
+                    if r.is_ok() && vm.is_none() {
+                        core.enabled = on;
+                    }
+                    core.apply_now(&shared, &out, now, &mut self.touched);
+                    r
+                };
+                self.process(now, now, &[]);
+                let _ = reply.send(r.map_err(Into::into));
+            }
+            Command::SetDriver {
+                vm,
+                driver,
+                opts,
+                reply,
+            } => {
+                let r = {
+                    let mut core = shared.lock();
+                    let mut out = Vec::new();
+                    let r = core.engine.set_driver(vm, &driver, &opts, now, &mut out);
+                    core.apply_now(&shared, &out, now, &mut self.touched);
+                    r
+                };
+                self.process(now, now, &[]);
+                let _ = reply.send(r.map_err(Into::into));
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn add_vcpu(
+        &mut self,
+        key: VcpuKey,
+        tid: i32,
+        hooked: bool,
+        now: Nanos,
+    ) -> Result<VcpuHandle, RuntimeError> {
+        let shared = self.shared.clone();
+        {
+            let core = shared.lock();
+            if core.engine.driver_name(key.vm).is_none() {
+                return Err(EngineError::UnknownVm(key.vm).into());
+            }
+            if core.cells.contains_key(&key) {
+                return Err(RuntimeError::Duplicate(key));
+            }
+            if let Some(c) = core.cells.values().find(|c| c.tid == tid) {
+                return Err(RuntimeError::DuplicateTid { tid, key: c.key });
+            }
+        }
+        let original = shared
+            .applier
+            .get(tid)
+            .map_err(|source| RuntimeError::Thread { key, source })?;
+        let failed = self.sources_mut().find_map(|e| {
+            e.source
+                .attach(key, tid)
+                .err()
+                .map(|why| (e.source.name().to_string(), why))
+        });
+        if let Some((name, why)) = failed {
+            for e in self.sources_mut() {
+                e.source.detach(key);
+            }
+            return Err(RuntimeError::Source(name, why));
+        }
+        let cell = Arc::new(ThreadCell::new(key, tid, original, hooked));
+        {
+            let mut core = shared.lock();
+            core.cells.insert(key, cell.clone());
+            core.events.push(Event::new(key, VcpuEvent::Registered));
+        }
+        self.process(now, now, &[]);
+        Ok(VcpuHandle {
+            cell,
+            shared,
+            touched: Vec::with_capacity(4),
+        })
+    }
+
+    fn remove_vcpu(&mut self, key: VcpuKey, now: Nanos) -> bool {
+        let shared = self.shared.clone();
+        let cell = {
+            let mut core = shared.lock();
+            if !core.cells.contains_key(&key) {
+                return false;
+            }
+            core.events.push(Event::new(key, VcpuEvent::Unregistered));
+            core.process(&shared, now, now, &mut self.touched);
+            for kind in [TimerKind::Budget, TimerKind::Cooldown, TimerKind::Lead] {
+                if let Some((at, _)) = core.timers.remove(&(key, kind)) {
+                    core.order.remove(&(at, key, kind));
+                }
+            }
+            core.cells.remove(&key)
+        };
+        self.touched.retain(|c| c.key != key);
+        shared.lock().rechecks.retain(|c| c.1.key != key);
+        if let Some(c) = cell {
+            restore_cell(&shared, &c);
+        }
+        for e in self.sources_mut() {
+            e.source.detach(key);
+        }
+        true
+    }
+
+    fn drop_vm(&mut self, vm: u32, now: Nanos) {
+        let keys: Vec<VcpuKey> = self
+            .shared
+            .lock()
+            .cells
+            .keys()
+            .filter(|k| k.vm == vm)
+            .copied()
+            .collect();
+        for k in keys {
+            self.remove_vcpu(k, now);
+        }
+        let shared = self.shared.clone();
+        {
+            let mut core = shared.lock();
+            let mut out = Vec::new();
+            core.engine.remove_vm(vm, now, &mut out);
+            core.apply(&shared, &out, now, &mut self.touched);
+            core.publishers.remove(&vm);
+            core.follow.clear();
+        }
+        // Its vCPUs were removed (and restored) above: nothing left to apply.
+        self.touched.clear();
+        if let Some(list) = self.vm_sources.remove(&vm) {
+            for e in list {
+                if let Some(fd) = e.source.fd() {
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = mono_ns();
+        let core = self.shared.lock();
+        let uptime = now.saturating_sub(self.started);
+        let cpu = thread_cpu_ns();
+        let mut vms: BTreeMap<u32, VmStatus> = BTreeMap::new();
+        let mut self_sets = 0;
+        let mut remote_sets = 0;
+        let mut hook_calls = 0;
+        for (key, cell) in &core.cells {
+            let st = core.engine.vcpu(*key);
+            let vm = vms.entry(key.vm).or_insert_with(|| VmStatus {
+                id: key.vm,
+                driver: core.engine.driver_name(key.vm).unwrap_or("?").into(),
+                enabled: core.engine.is_enabled(key.vm),
+                host_events: 0,
+                vcpus: Vec::new(),
+            });
+            let c = st.map(|s| s.counters).unwrap_or_default();
+            let host_events = cell.host_events.load(Ordering::Relaxed);
+            vm.host_events += host_events;
+            let ss = cell.self_sets.load(Ordering::Relaxed);
+            let rs = cell.remote_sets.load(Ordering::Relaxed);
+            self_sets += ss;
+            remote_sets += rs;
+            hook_calls += cell.hook_calls.load(Ordering::Relaxed);
+            vm.vcpus.push(VcpuStatus {
+                vcpu: key.vcpu,
+                tid: cell.tid,
+                boosted: cell.is_boosted(),
+                boosts: c.boosts,
+                unboosts: c.unboosts,
+                throttles: c.throttles,
+                refused: c.refused,
+                bad_slots: c.bad_slots,
+                boosted_ms: st.map_or(0.0, |s| s.boosted_ns(now) as f64 / 1e6),
+                host_events,
+                self_applied: ss,
+                remote_applied: rs,
+                apply_errors: cell.apply_errors.load(Ordering::Relaxed),
+                boost_latency: cell.boost_latency.summary(),
+            });
+        }
+        for vm in core.engine.vm_ids() {
+            vms.entry(vm).or_insert_with(|| VmStatus {
+                id: vm,
+                driver: core.engine.driver_name(vm).unwrap_or("?").into(),
+                enabled: core.engine.is_enabled(vm),
+                host_events: 0,
+                vcpus: Vec::new(),
+            });
+        }
+        let secs = uptime as f64 / 1e9;
+        let per_s = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let lost = self
+            .host_sources
+            .iter()
+            .chain(self.vm_sources.values().flatten())
+            .map(|e| e.source.lost())
+            .sum();
+        Status {
+            enabled: core.enabled,
+            cost: Cost {
+                uptime_s: secs,
+                engine_cpu_s: cpu as f64 / 1e9,
+                engine_cpu_percent: if uptime > 0 {
+                    cpu as f64 / uptime as f64 * 100.0
+                } else {
+                    0.0
+                },
+                wakeups: self.stats.wakeups,
+                wakeups_per_s: per_s(self.stats.wakeups),
+                engine_setattr: remote_sets,
+                vcpu_setattr: self_sets,
+                setattr_per_s: per_s(remote_sets + self_sets),
+                vcpu_handle_calls: hook_calls,
+                vcpu_handle_busy: self.shared.hook_busy.load(Ordering::Relaxed),
+            },
+            host_events_lost: lost,
+            apply_errors: self.shared.error_count.load(Ordering::Relaxed),
+            errors: self
+                .shared
+                .errors
+                .lock()
+                .map(|e| e.iter().cloned().collect())
+                .unwrap_or_default(),
+            vms: vms.into_values().collect(),
+        }
+    }
+}
+
+/// CPU time of the calling thread, ns.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+
+/// What the runtime costs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    /// Time since the runtime started, s.
+    pub uptime_s: f64,
+    /// CPU time of the engine thread, s.
+    pub engine_cpu_s: f64,
+    /// The engine thread's CPU, percent of one core.
+    pub engine_cpu_percent: f64,
+    /// Wake-ups of the engine thread.
+    pub wakeups: u64,
+    /// Wake-ups per second.
+    pub wakeups_per_s: f64,
+    /// `sched_setattr` calls made by the engine thread on vCPU threads.
+    pub engine_setattr: u64,
+    /// `sched_setattr` calls made by vCPU threads on themselves.
+    pub vcpu_setattr: u64,
+    /// All `sched_setattr` calls per second.
+    pub setattr_per_s: f64,
+    /// Times vCPU threads ran the engine for themselves.
+    pub vcpu_handle_calls: u64,
+    /// Times a vCPU thread found the engine busy and tried again later.
+    pub vcpu_handle_busy: u64,
+}
+
+/// One vCPU in [`Status`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VcpuStatus {
+    /// vCPU index.
+    pub vcpu: u32,
+    /// Thread id.
+    pub tid: i32,
+    /// Boosted right now (as applied).
+    pub boosted: bool,
+    /// Boosts decided.
+    pub boosts: u64,
+    /// Unboosts decided.
+    pub unboosts: u64,
+    /// Boosts ended by a budget.
+    pub throttles: u64,
+    /// Requests refused while throttled.
+    pub refused: u64,
+    /// Slots found invalid.
+    pub bad_slots: u64,
+    /// Time boosted, ms.
+    pub boosted_ms: f64,
+    /// Events from host sources (tracepoints, VMM hooks, slot polls) for this vCPU.
+    pub host_events: u64,
+    /// `sched_setattr` calls the vCPU thread made on itself.
+    pub self_applied: u64,
+    /// `sched_setattr` calls the engine thread made on the vCPU thread.
+    pub remote_applied: u64,
+    /// Failed `sched_setattr` calls.
+    pub apply_errors: u64,
+    /// Boost decision → class applied.
+    pub boost_latency: LatencyStats,
+}
+
+/// One VM in [`Status`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// VM id.
+    pub id: u32,
+    /// Driver.
+    pub driver: String,
+    /// Boosting enabled for it (and globally).
+    pub enabled: bool,
+    /// Events from host sources for its vCPUs.
+    pub host_events: u64,
+    /// Its vCPUs.
+    pub vcpus: Vec<VcpuStatus>,
+}
+
+/// The runtime's typed status: what vm reports, the bench, `ctl status` and metrics show.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Boosting enabled globally.
+    pub enabled: bool,
+    /// The runtime's own cost.
+    pub cost: Cost,
+    /// VMs.
+    pub vms: Vec<VmStatus>,
+    /// Records the host sources lost.
+    pub host_events_lost: u64,
+    /// `sched_setattr` failures and other errors, counted.
+    pub apply_errors: u64,
+    /// The last few errors.
+    pub errors: Vec<String>,
+}

@@ -1,0 +1,449 @@
+//! The engine runtime driven by fake sources and a fake applier: no KVM, no privileges, real
+//! threads and real time.
+
+use pvsched_host::clock::mono_ns;
+use pvsched_host::runtime::{
+    Applier, EventSource, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle, VmParts,
+};
+use pvsched_host::sched::{self, SchedAttr, SchedClass};
+use pvsched_host::Publisher;
+use pvsched_policy::{BoostState, DriverOptions, Event, Nanos, Reasons, VcpuEvent, VcpuKey};
+use pvsched_proto::abi::Reason;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Thread attributes kept in memory; every `set` is logged with the calling thread.
+#[derive(Default)]
+struct FakeKernel {
+    attrs: Mutex<HashMap<i32, SchedAttr>>,
+    log: Mutex<Vec<(i32, SchedAttr, i32)>>,
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+impl FakeKernel {
+    fn attr(&self, tid: i32) -> SchedAttr {
+        self.attrs
+            .lock()
+            .unwrap()
+            .get(&tid)
+            .copied()
+            .unwrap_or_else(|| SchedClass::Other.attr())
+    }
+    fn is_fifo(&self, tid: i32) -> bool {
+        self.attr(tid).policy == libc::SCHED_FIFO as u32
+    }
+    fn sets_by(&self, target: i32, caller: i32) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, c)| *t == target && *c == caller)
+            .count()
+    }
+}
+
+impl Applier for FakeKernel {
+    fn get(&self, tid: i32) -> Result<SchedAttr, sched::Error> {
+        if tid == 666 {
+            return Err(sched::Error::NoThread { tid });
+        }
+        Ok(self.attr(tid))
+    }
+    fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
+        self.attrs.lock().unwrap().insert(tid, *attr);
+        self.log.lock().unwrap().push((tid, *attr, gettid()));
+        Ok(())
+    }
+}
+
+/// A source fed by the test through a channel, readable through an eventfd.
+struct FakeSource {
+    rx: mpsc::Receiver<Event>,
+    efd: EventFd,
+    panic_on_drain: Arc<AtomicBool>,
+    attached: Arc<Mutex<Vec<VcpuKey>>>,
+}
+
+#[derive(Clone)]
+struct Feed {
+    tx: mpsc::Sender<Event>,
+    efd: Arc<EventFd>,
+}
+
+impl Feed {
+    fn send(&self, e: Event) {
+        self.tx.send(e).unwrap();
+        self.efd.write(1).unwrap();
+    }
+}
+
+impl EventSource for FakeSource {
+    fn name(&self) -> &str {
+        "fake"
+    }
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.efd.as_raw_fd())
+    }
+    fn drain(&mut self, _now: Nanos, out: &mut Vec<Event>) -> Option<Nanos> {
+        if self.panic_on_drain.load(Ordering::Acquire) {
+            panic!("fake source fails");
+        }
+        let _ = self.efd.read();
+        out.extend(self.rx.try_iter());
+        None
+    }
+    fn attach(&mut self, key: VcpuKey, tid: i32) -> Result<(), String> {
+        if tid == 4242 {
+            return Err("refused".into());
+        }
+        self.attached.lock().unwrap().push(key);
+        Ok(())
+    }
+    fn detach(&mut self, key: VcpuKey) {
+        self.attached.lock().unwrap().retain(|k| *k != key);
+    }
+}
+
+struct Setup {
+    rt: Runtime,
+    h: RuntimeHandle,
+    kernel: Arc<FakeKernel>,
+    feed: Feed,
+    panic: Arc<AtomicBool>,
+    attached: Arc<Mutex<Vec<VcpuKey>>>,
+}
+
+fn setup() -> Setup {
+    let kernel = Arc::new(FakeKernel::default());
+    let (tx, rx) = mpsc::channel();
+    let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let feed = Feed {
+        tx,
+        efd: Arc::new(efd.try_clone().unwrap()),
+    };
+    let panic = Arc::new(AtomicBool::new(false));
+    let attached = Arc::new(Mutex::new(Vec::new()));
+    let source = FakeSource {
+        rx,
+        efd,
+        panic_on_drain: panic.clone(),
+        attached: attached.clone(),
+    };
+    let rt = Runtime::start(RuntimeConfig {
+        applier: kernel.clone(),
+        sources: vec![Box::new(source)],
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let h = rt.handle();
+    Setup {
+        rt,
+        h,
+        kernel,
+        feed,
+        panic,
+        attached,
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "timed out: {what}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn opts(items: &[&str]) -> DriverOptions {
+    DriverOptions::parse(items.iter().copied()).unwrap()
+}
+
+fn no_parts() -> VmParts {
+    VmParts {
+        publisher: None,
+        sources: Vec::new(),
+    }
+}
+
+const K0: VcpuKey = VcpuKey::new(0, 0);
+
+#[test]
+fn static_boosts_at_once_and_stop_restores() {
+    let s = setup();
+    s.kernel
+        .attrs
+        .lock()
+        .unwrap()
+        .insert(1001, SchedAttr { nice: 5, ..SchedClass::Other.attr() });
+    s.h.add_vm(0, "static", &opts(&["class=fifo:7"]), no_parts())
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, 1001, false).unwrap();
+    assert!(s.kernel.is_fifo(1001));
+    assert_eq!(s.kernel.attr(1001).priority, 7);
+    let st = s.h.status().unwrap();
+    assert!(st.vms[0].vcpus[0].boosted);
+    assert_eq!(st.vms[0].vcpus[0].remote_applied, 1);
+    assert!(st.cost.wakeups >= 1);
+    let fin = s.rt.stop();
+    assert_eq!(fin.vms[0].vcpus[0].boosts, 1);
+    assert_eq!(s.kernel.attr(1001).nice, 5, "original attributes restored");
+    assert!(!s.kernel.is_fifo(1001));
+    assert!(matches!(s.h.status(), Err(RuntimeError::Stopped)));
+}
+
+#[test]
+fn source_events_boost_and_timers_unboost() {
+    let s = setup();
+    // A wide critical-section budget: a late timer on a busy test machine must not turn
+    // the hold's end into a throttle.
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&["irq_hold=2ms", "cs_budget=1s"]),
+        no_parts(),
+    )
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, 1002, false).unwrap();
+    assert_eq!(*s.attached.lock().unwrap(), [K0], "sources see the thread");
+    // An interrupt boosts; without a guest request the hold runs out on a timer.
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("interrupt boost", || s.kernel.is_fifo(1002));
+    let t = Instant::now();
+    wait_for("hold expiry", || !s.kernel.is_fifo(1002));
+    assert!(t.elapsed() >= Duration::from_millis(1), "held for irq_hold");
+    // A guest request boosts until released.
+    let rt = Reasons::NONE.with(Reason::RtTask);
+    s.feed.send(Event::new(K0, VcpuEvent::Request(rt)));
+    wait_for("request boost", || s.kernel.is_fifo(1002));
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(s.kernel.is_fifo(1002), "a request holds");
+    s.feed.send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
+    wait_for("release", || !s.kernel.is_fifo(1002));
+    // A wake-up boosts too.
+    s.feed.send(Event::new(K0, VcpuEvent::Woken));
+    wait_for("wake-up boost", || s.kernel.is_fifo(1002));
+    // A slot that no longer decodes ends a boost the guest asked for.
+    s.feed.send(Event::new(K0, VcpuEvent::Request(rt)));
+    s.feed.send(Event::new(K0, VcpuEvent::SlotInvalid));
+    let st = s.h.status().unwrap();
+    assert_eq!(st.vms[0].vcpus[0].bad_slots, 1);
+    assert!(st.vms[0].host_events >= 5, "{st:?}");
+    drop(s.rt);
+    assert!(!s.kernel.is_fifo(1002));
+}
+
+#[test]
+fn deadline_hint_boosts_ahead_of_the_deadline() {
+    let s = setup();
+    s.h.add_vm(0, "deadline-aware", &opts(&["lead=1ms"]), no_parts())
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, 1003, false).unwrap();
+    let d = mono_ns() + 20_000_000;
+    s.feed.send(Event::new(K0, VcpuEvent::DeadlineHint(Some(d))));
+    wait_for("lead boost", || s.kernel.is_fifo(1003));
+    let at = mono_ns();
+    assert!(at >= d - 1_000_000, "not before the lead: {} µs early", (d - at) / 1000);
+    // The guest handled its deadline and published the next one: unboost.
+    while mono_ns() < d {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    s.feed
+        .send(Event::new(K0, VcpuEvent::DeadlineHint(Some(mono_ns() + 1_000_000_000))));
+    s.feed.send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
+    wait_for("unboost after the deadline", || !s.kernel.is_fifo(1003));
+    let st = s.h.status().unwrap();
+    let v = &st.vms[0].vcpus[0];
+    assert_eq!((v.boosts, v.unboosts), (1, 1));
+    assert_eq!(v.boost_latency.count, 1);
+}
+
+/// A vCPU thread that handles its own events applies its own boosts and unboosts.
+#[test]
+fn hooked_vcpu_applies_its_own_decisions() {
+    let s = setup();
+    s.h.add_vm(0, "dynamic", &DriverOptions::new(), no_parts())
+        .unwrap();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<VcpuHandleMsg>();
+    let kernel = s.kernel.clone();
+    let t = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        let mut v = match go_rx.recv().unwrap() {
+            VcpuHandleMsg(v) => v,
+        };
+        let rt = Reasons::NONE.with(Reason::RtTask);
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
+        let me = gettid();
+        assert!(kernel.is_fifo(me));
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]));
+        assert!(!kernel.is_fifo(me));
+        assert_eq!(kernel.sets_by(me, me), 2, "both applied by the vCPU itself");
+    });
+    let tid = tid_rx.recv().unwrap();
+    let v = s.h.add_vcpu(K0, tid, true).unwrap();
+    go_tx.send(VcpuHandleMsg(v)).unwrap();
+    t.join().unwrap();
+    let st = s.h.status().unwrap();
+    assert_eq!(st.cost.vcpu_setattr, 2);
+    assert_eq!(st.cost.engine_setattr, 0);
+    assert_eq!(st.cost.vcpu_handle_calls, 2);
+}
+
+struct VcpuHandleMsg(pvsched_host::VcpuHandle);
+
+/// A hooked vCPU's own timer comes due while it runs: it handles it itself and the engine
+/// thread does not wake for it.
+#[test]
+fn hooked_vcpu_takes_its_own_timers() {
+    let s = setup();
+    s.h.add_vm(0, "deadline-aware", &opts(&["lead=2ms"]), no_parts())
+        .unwrap();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<VcpuHandleMsg>();
+    let kernel = s.kernel.clone();
+    let t = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        let VcpuHandleMsg(mut v) = go_rx.recv().unwrap();
+        let me = gettid();
+        let d = mono_ns() + 10_000_000;
+        assert!(v.handle(mono_ns(), &[VcpuEvent::DeadlineHint(Some(d))]));
+        // "Exits" every 5 µs until boosted.
+        while !kernel.is_fifo(me) {
+            let now = mono_ns();
+            if v.exit(now) {
+                v.handle(now, &[]);
+            }
+            std::thread::yield_now();
+            assert!(mono_ns() < d + 50_000_000, "never boosted");
+        }
+        assert!(mono_ns() >= d - 2_000_000);
+        kernel.sets_by(me, me)
+    });
+    let tid = tid_rx.recv().unwrap();
+    let v = s.h.add_vcpu(K0, tid, true).unwrap();
+    let before = s.h.status().unwrap().cost.wakeups;
+    go_tx.send(VcpuHandleMsg(v)).unwrap();
+    let own = t.join().unwrap();
+    assert_eq!(own, 1, "the vCPU boosted itself");
+    let st = s.h.status().unwrap();
+    assert_eq!(st.cost.engine_setattr, 0);
+    // The status requests themselves wake the engine; the timer did not.
+    assert!(
+        st.cost.wakeups <= before + 2,
+        "{} wake-ups for one timer",
+        st.cost.wakeups - before
+    );
+}
+
+#[test]
+fn control_requests_change_the_engine_and_restore() {
+    let s = setup();
+    s.h.add_vm(0, "static", &DriverOptions::new(), no_parts())
+        .unwrap();
+    s.h.add_vm(1, "none", &DriverOptions::new(), no_parts())
+        .unwrap();
+    let _a = s.h.add_vcpu(K0, 2001, false).unwrap();
+    let _b = s.h.add_vcpu(VcpuKey::new(1, 0), 2002, false).unwrap();
+    assert!(s.kernel.is_fifo(2001) && !s.kernel.is_fifo(2002));
+    // Errors are typed and change nothing.
+    assert!(matches!(
+        s.h.add_vm(0, "static", &DriverOptions::new(), no_parts()),
+        Err(RuntimeError::Engine(_))
+    ));
+    assert!(matches!(
+        s.h.add_vcpu(VcpuKey::new(1, 1), 2001, false),
+        Err(RuntimeError::DuplicateTid { tid: 2001, .. })
+    ));
+    assert!(matches!(
+        s.h.add_vcpu(K0, 2003, false),
+        Err(RuntimeError::Duplicate(_))
+    ));
+    assert!(matches!(
+        s.h.add_vcpu(VcpuKey::new(1, 2), 666, false),
+        Err(RuntimeError::Thread { .. })
+    ));
+    assert!(matches!(
+        s.h.add_vcpu(VcpuKey::new(1, 3), 4242, false),
+        Err(RuntimeError::Source(..))
+    ));
+    assert!(s.h.set_driver(1, "nope", &DriverOptions::new()).is_err());
+    assert!(s.kernel.is_fifo(2001));
+    // Disable globally: unboosted; enable: boosted again.
+    s.h.set_enabled(None, false).unwrap();
+    assert!(!s.kernel.is_fifo(2001));
+    assert!(!s.h.status().unwrap().enabled);
+    s.h.set_enabled(None, true).unwrap();
+    assert!(s.kernel.is_fifo(2001));
+    // Driver swap on VM 1 boosts it; the engine thread outranks the new class.
+    s.h.set_driver(1, "static", &opts(&["class=fifo:30"])).unwrap();
+    assert_eq!(s.kernel.attr(2002).priority, 30);
+    // Removing a vCPU or a VM restores.
+    s.h.remove_vcpu(K0).unwrap();
+    assert!(!s.kernel.is_fifo(2001));
+    assert!(!s.attached.lock().unwrap().contains(&K0));
+    s.h.remove_vm(1).unwrap();
+    assert!(!s.kernel.is_fifo(2002));
+    assert!(s.h.remove_vm(1).is_err());
+    let st = s.h.status().unwrap();
+    assert_eq!(st.vms.len(), 1);
+    assert!(st.vms[0].vcpus.is_empty());
+    // The engine thread raised itself above fifo:30 when it first applied it.
+    let engine_prio = s
+        .kernel
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, ..)| *t != 2001 && *t != 2002)
+        .map(|(_, a, _)| a.priority)
+        .max();
+    assert_eq!(engine_prio, Some(31));
+}
+
+#[test]
+fn a_panicking_engine_thread_restores_every_thread() {
+    let s = setup();
+    s.h.add_vm(0, "static", &DriverOptions::new(), no_parts())
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, 3001, false).unwrap();
+    assert!(s.kernel.is_fifo(3001));
+    s.panic.store(true, Ordering::Release);
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("restore on panic", || !s.kernel.is_fifo(3001));
+    let fin = s.rt.stop();
+    assert!(fin.vms.is_empty(), "no final status from a dead thread");
+}
+
+/// The publisher sees every state and its handshake re-read feeds the engine.
+#[test]
+fn publisher_gets_states_and_feeds_back_requests() {
+    struct Slot(Arc<Mutex<Vec<BoostState>>>, u32);
+    impl Publisher for Slot {
+        fn publish(&mut self, _: VcpuKey, state: BoostState) -> Option<u32> {
+            self.0.lock().unwrap().push(state);
+            Some(self.1)
+        }
+    }
+    let s = setup();
+    let states = Arc::new(Mutex::new(Vec::new()));
+    // The guest's slot says "RT task" the moment the host publishes Normal.
+    let parts = VmParts {
+        publisher: Some(Box::new(Slot(states.clone(), Reason::RtTask.bit()))),
+        sources: Vec::new(),
+    };
+    s.h.add_vm(0, "dynamic", &DriverOptions::new(), parts).unwrap();
+    let _v = s.h.add_vcpu(K0, 4001, false).unwrap();
+    assert!(s.kernel.is_fifo(4001), "request seen in the handshake");
+    assert_eq!(
+        *states.lock().unwrap(),
+        [BoostState::Normal, BoostState::Boosted]
+    );
+}
