@@ -83,7 +83,8 @@ impl CliError {
 
 /// Exit code of an experiment error (see [`CliError::exit_code`]).
 fn experiment_exit_code(e: &experiment::Error) -> u8 {
-    use pvsched_bench::engine_host::HostLoopError;
+    use pvsched_host::runtime::RuntimeError;
+    use pvsched_vmm::engine::EngineError;
     use pvsched_vmm::Error as VmErr;
     match e {
         experiment::Error::Vm(
@@ -99,8 +100,8 @@ fn experiment_exit_code(e: &experiment::Error) -> u8 {
             | VcpuError::Shutdown { .. },
         )) => 4,
         experiment::Error::Vm(VmErr::InvalidConfig(_)) => 2,
-        experiment::Error::Policy(HostLoopError::Policy(_)) => 2,
-        experiment::Error::Policy(HostLoopError::Trace(_)) => 3,
+        experiment::Error::Policy(EngineError::Runtime(RuntimeError::Engine(_))) => 2,
+        experiment::Error::Policy(EngineError::Trace(_)) => 3,
         experiment::Error::Sched(pvsched_host::sched::Error::Permission { .. }) => 5,
         _ => 1,
     }

@@ -1,12 +1,12 @@
 //! One testbed run: a VM, optional host load, the host probe, a fixed scheduling class for
 //! the vCPU threads, and the report of what the guest and the host measured.
 
-use crate::engine_host::{
-    helper_class, HostLoop, HostLoopError, HostLoopReport, PolicyConfig, PvReport,
-};
+use crate::engine_host::{helper_class, HostLoop, HostLoopReport, PolicyConfig, PvReport};
 use crate::hist::{LatencyHistogram, LatencySummary};
 use crate::load::{HostLoad, LoadReport};
 use crate::probe::HostProbe;
+use pvsched_host::runtime::Cost;
+use pvsched_host::stats::LatencyStats;
 use pvsched_host::{SchedClass, SchedGuard};
 use pvsched_vmm::vm::tsc_to_ns;
 use pvsched_vmm::{RunningVm, TaskConfig, VcpuEnd, Vm, VmConfig};
@@ -31,7 +31,7 @@ pub enum Error {
     Daemon(#[from] pvsched_daemon::DaemonError),
     /// The policy engine could not be started.
     #[error(transparent)]
-    Policy(#[from] HostLoopError),
+    Policy(#[from] pvsched_vmm::engine::EngineError),
     /// A host helper thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
@@ -117,6 +117,8 @@ pub struct VcpuReport {
     pub lost: u64,
     /// Interrupts that arrived before their deadline (counted as 0 µs).
     pub early: u64,
+    /// Probe periods skipped because the guest was already past them (cyclictest's rule).
+    pub overruns: u64,
     /// The deadline task, when enabled.
     pub task: Option<TaskReport>,
     /// CPU time of the vCPU thread, s.
@@ -187,13 +189,15 @@ pub struct PolicyReport {
     /// Per-vCPU boosts, throttles, boosted time.
     pub per_vcpu: Vec<crate::engine_host::VcpuPolicyReport>,
     /// Boost decision → class applied on the thread.
-    pub boost_latency: LatencySummary,
-    /// Mechanism errors, if any (first few).
+    pub boost_latency: LatencyStats,
+    /// Errors applying decisions, if any (the last few).
     pub errors: Vec<String>,
-    /// Host events (tracepoint hits) fed to the policy.
+    /// Host events (tracepoint hits, VMM injections) fed to the policy.
     pub host_events: u64,
     /// Tracepoint records the kernel dropped.
     pub host_events_lost: u64,
+    /// What the engine cost: its thread's CPU, wake-ups, `sched_setattr` calls.
+    pub cost: Cost,
 }
 
 /// A run's report plus the full histograms, for plots and merging.
@@ -299,30 +303,22 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         }
     }
     drop(controller);
+    let mut engine = host_loop.stop();
+    if let Some(d) = external {
+        let pv = std::mem::take(&mut engine.pv);
+        engine = d.stop();
+        engine.pv = pv;
+    }
     let HostLoopReport {
-        mut driver,
+        driver,
         pv: pv_counts,
-        policy: mut policy_vcpus,
+        policy: policy_vcpus,
         boost_latency,
         errors: policy_errors,
-        mut host_events,
+        host_events,
         host_events_lost,
-    } = host_loop.stop();
-    if let Some(d) = external {
-        let (vcpus, events) = d.stop();
-        driver = "daemon (dynamic, tracepoints only)".into();
-        host_events = events;
-        policy_vcpus = vcpus
-            .iter()
-            .map(|v| crate::engine_host::VcpuPolicyReport {
-                boosts: v.boosts,
-                unboosts: v.boosts,
-                throttles: v.throttles,
-                refused: 0,
-                boosted_ms: v.boosted_ms,
-            })
-            .collect();
-    }
+        cost,
+    } = engine;
     let probe_hist = probe.stop();
     let hog_report = hogs.stop();
 
@@ -351,6 +347,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             latency: hists[index].summary(),
             lost: readers[index].lost(),
             early: mb.early,
+            overruns: mb.overruns,
             task,
             cpu_s: stats.cpu.as_secs_f64(),
             wall_s: stats.wall.as_secs_f64(),
@@ -411,6 +408,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             errors: policy_errors,
             host_events,
             host_events_lost,
+            cost,
         },
     };
     Ok(Outcome {

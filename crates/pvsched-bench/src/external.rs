@@ -2,25 +2,14 @@
 //! as it would any VMM's: it finds the vCPU threads by name and boosts them from KVM/timer
 //! tracepoints only (no protocol, no VMM hooks).
 
+use crate::engine_host::HostLoopReport;
 use crate::worker::Worker;
-use pvsched_daemon::{DaemonConfig, DaemonError};
+use pvsched_daemon::{DaemonConfig, DaemonError, DaemonStatus};
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::DriverOptions;
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
-
-/// What the daemon reported for one vCPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DaemonVcpu {
-    /// Boosts.
-    pub boosts: u64,
-    /// Throttles.
-    pub throttles: u64,
-    /// Time boosted, ms.
-    pub boosted_ms: f64,
-}
 
 /// The daemon running in this process for the VM's lifetime.
 pub struct ExternalDaemon {
@@ -72,28 +61,27 @@ impl ExternalDaemon {
         }
     }
 
-    /// Stops the daemon (it restores every thread) and returns its per-vCPU counters and
-    /// the number of tracepoint hits it used.
-    pub fn stop(mut self) -> (Vec<DaemonVcpu>, u64) {
-        let status = pvsched_daemon::ctl(&self.socket, "status").ok();
+    /// Stops the daemon (it restores every thread) and returns what it reported, as the
+    /// run's engine report (its typed `ctl status`, read just before stopping it).
+    pub fn stop(mut self) -> HostLoopReport {
+        let status: Option<DaemonStatus> = pvsched_daemon::ctl(&self.socket, "status")
+            .ok()
+            .and_then(|v| serde_json::from_value(v["result"].clone()).ok());
         self.halt();
-        let Some(s) = status else {
-            return (Vec::new(), 0);
+        let s = status.unwrap_or_default();
+        let runtime = pvsched_host::runtime::Status {
+            enabled: s.enabled,
+            cost: s.cost,
+            vms: s.vms.into_iter().map(|v| v.vm).collect(),
+            host_events_lost: s.host_events_lost,
+            apply_errors: s.apply_errors,
+            errors: s.errors,
         };
-        let r = &s["result"];
-        let vcpus = r["vms"][0]["vcpus"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|v| DaemonVcpu {
-                        boosts: v["boosts"].as_u64().unwrap_or(0),
-                        throttles: v["throttles"].as_u64().unwrap_or(0),
-                        boosted_ms: v["boosted_ms"].as_f64().unwrap_or(0.0),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        (vcpus, r["host_events"].as_u64().unwrap_or(0))
+        HostLoopReport::from_status(
+            "daemon (dynamic, tracepoints only)".into(),
+            &runtime,
+            Vec::new(),
+        )
     }
 
     fn halt(&mut self) {

@@ -355,7 +355,14 @@ fn vmm_injected_interrupts_boost_the_target_vcpu() {
         let mut vm = Vm::new(&cfg).unwrap().start().unwrap();
         let tid = vm.tids()[1];
         let injector = vm.injector(1, pvsched_guest::image::EVENT_VECTOR).unwrap();
-        let host = HostLoop::start(&mut vm, &policy("dynamic", &["irq_hold=2ms"]), None).unwrap();
+        // A wide budget: a hold-expiry timer that this nested host delivers a millisecond
+        // late must not turn into a throttle (this test is about who gets boosted).
+        let host = HostLoop::start(
+            &mut vm,
+            &policy("dynamic", &["irq_hold=2ms", "cs_budget=1s"]),
+            None,
+        )
+        .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = watch(tid, 10, stop.clone());
         vm.go();

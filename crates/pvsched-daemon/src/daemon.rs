@@ -1,33 +1,35 @@
-//! The daemon: attaches to VMs of any VMM by their vCPU threads, feeds the policy engine from
-//! KVM/timer tracepoints (no guest cooperation needed), applies its decisions, answers `ctl`
-//! requests on a Unix socket, and restores every thread it boosted when it stops.
+//! The daemon: attaches to VMs of any VMM by their vCPU threads and runs pvsched's engine
+//! runtime for them, fed by KVM/timer tracepoints shared by all VMs (no guest cooperation
+//! needed) and by guest slots in memory files. This thread is the control plane: it answers
+//! `ctl` and metrics requests and follows VMs coming and going, at normal priority, and only
+//! sends commands to the runtime's real-time engine thread, which no client can stall.
+//! Every thread it boosted is restored when it stops.
 
 use crate::discover::{vcpu_threads, VcpuThread};
 use crate::slots::{GuestSlots, ProtocolSpec};
 use crate::state::{recover, Recovery, StateFile};
-use pvsched_host::clock::{mono_ns, DeadlineTimer};
-use pvsched_host::mechanism::{helper_class, Mechanism, Publisher};
-use pvsched_host::trace::{TraceConfig, TraceError, TraceHit, TraceSource};
-use pvsched_host::SchedGuard;
-use pvsched_policy::{
-    BoostClass, Decision, DriverOptions, Engine, EngineError, Event, VcpuEvent, VcpuKey,
+use crate::status::{DaemonStatus, DaemonVm};
+use pvsched_host::runtime::{
+    EventSource, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle, VmParts,
 };
-use serde::Serialize;
+use pvsched_host::trace::{TraceConfig, TraceError, TraceSource};
+use pvsched_policy::{DriverOptions, Engine, EngineError, VcpuKey};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-const TOKEN_TIMER: u64 = 1;
-const TOKEN_CTL: u64 = 2;
-const TOKEN_METRICS: u64 = 3;
-const TOKEN_TRACE: u64 = 1 << 32;
 /// How often `--watch` looks for VMs and vCPU threads appearing and vanishing.
 const WATCH_PERIOD: Duration = Duration::from_secs(1);
+/// How often guest slots in memory files are polled (they have no doorbell here).
+const SLOT_POLL_NS: u64 = 1_000_000;
+/// Largest ctl request read.
+const MAX_REQUEST: u64 = 4096;
+/// How long a ctl or metrics client may take to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Where a VM's vCPU threads come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,29 +121,18 @@ pub enum DaemonError {
     /// The state file could not be written.
     #[error("cannot write the state file")]
     State(#[source] std::io::Error),
+    /// The engine runtime failed or refused a VM.
+    #[error("engine runtime")]
+    Runtime(#[from] RuntimeError),
     /// Waiting for events failed.
     #[error("event loop")]
     Io(#[from] std::io::Error),
 }
 
-struct VmEntry {
+struct VmInfo {
     source: VmSource,
     threads: Vec<VcpuThread>,
-    trace: Option<TraceSource>,
-    slots: Option<GuestSlots>,
-}
-
-/// Publishes boost states into the slots of VMs whose guest memory the daemon maps.
-struct SlotPublisher<'a>(&'a BTreeMap<u32, VmEntry>);
-
-impl Publisher for SlotPublisher<'_> {
-    fn publish(&mut self, key: VcpuKey, state: pvsched_proto::BoostState) -> Option<u32> {
-        self.0
-            .get(&key.vm)?
-            .slots
-            .as_ref()?
-            .publish(key.vcpu as usize, state)
-    }
+    protocol: bool,
 }
 
 fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
@@ -162,65 +153,13 @@ fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
     }
 }
 
-/// The state of one vCPU as `ctl status` reports it.
-#[derive(Clone, Debug, Serialize)]
-pub struct VcpuStatus {
-    /// vCPU index.
-    pub vcpu: u32,
-    /// Thread id.
-    pub tid: i32,
-    /// Boosted right now.
-    pub boosted: bool,
-    /// Boosts so far.
-    pub boosts: u64,
-    /// Throttles so far.
-    pub throttles: u64,
-    /// Time boosted, ms.
-    pub boosted_ms: f64,
-}
-
-/// One VM in `ctl status`.
-#[derive(Clone, Debug, Serialize)]
-pub struct VmStatus {
-    /// VM id (for `ctl enable/disable/driver`).
-    pub id: u32,
-    /// Where its threads come from (`pid N` or `QMP path`).
-    pub source: String,
-    /// Its process, when attached by pid.
-    pub pid: Option<i32>,
-    /// Driver.
-    pub driver: String,
-    /// The daemon reads this VM's pvsched slots.
-    pub protocol: bool,
-    /// Boosting enabled for this VM (and globally).
-    pub enabled: bool,
-    /// vCPUs.
-    pub vcpus: Vec<VcpuStatus>,
-}
-
-/// `ctl status`.
-#[derive(Clone, Debug, Serialize)]
-pub struct Status {
-    /// Boosting enabled globally.
-    pub enabled: bool,
-    /// Attached VMs.
-    pub vms: Vec<VmStatus>,
-    /// Tracepoint hits fed to the engine.
-    pub host_events: u64,
-}
-
-/// The running daemon.
+/// The daemon's control plane.
 struct Daemon<'a> {
     cfg: &'a DaemonConfig,
-    engine: Engine,
-    mech: Mechanism,
+    rt: RuntimeHandle,
     state: StateFile,
-    vms: BTreeMap<u32, VmEntry>,
+    vms: BTreeMap<u32, VmInfo>,
     next_id: u32,
-    epoll: Epoll,
-    enabled: bool,
-    host_events: u64,
-    pending: Vec<Event>,
 }
 
 /// Restores what a previous daemon left boosted, as recorded in `state_file`.
@@ -250,53 +189,54 @@ pub fn run(
         }
         None => None,
     };
-    let epoll = Epoll::new()?;
-    if let Some(m) = &metrics {
-        epoll.ctl(
-            ControlOperation::Add,
-            m.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_METRICS),
-        )?;
-    }
-    let timer = DeadlineTimer::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        timer.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, TOKEN_TIMER),
-    )?;
-    epoll.ctl(
-        ControlOperation::Add,
-        listener.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, TOKEN_CTL),
-    )?;
+    let t = cfg.trace;
+    // One set of tracepoint streams for the host, shared by every VM.
+    let sources: Vec<Box<dyn EventSource>> = if t.timer_expiry || t.wakeup || t.accept_irq {
+        vec![Box::new(TraceSource::new(cfg.trace)?)]
+    } else {
+        Vec::new()
+    };
+    let runtime = Runtime::start(RuntimeConfig {
+        sources,
+        ..RuntimeConfig::default()
+    })?;
     let mut d = Daemon {
         cfg,
-        engine: Engine::default(),
-        mech: Mechanism::new(),
+        rt: runtime.handle(),
         state: StateFile::new(&cfg.state_file),
         vms: BTreeMap::new(),
         next_id: 0,
-        epoll,
-        enabled: true,
-        host_events: 0,
-        pending: Vec::new(),
     };
-    let result = d.serve(
-        &listener,
-        metrics.as_ref(),
-        &timer,
-        stop,
-        recovery,
-        on_ready,
-    );
-    // Every path out restores: the engine unboosts, the mechanism restores what is left.
-    let mut out = Vec::new();
-    d.engine.shutdown(mono_ns(), &mut out);
-    d.apply(&out);
-    d.mech.restore_all();
+    let result = d.serve(&listener, metrics.as_ref(), stop, recovery, on_ready);
+    // Every path out restores: the runtime puts every thread back when it stops.
+    let status = runtime.stop();
+    if status.apply_errors > 0 {
+        tracing::warn!(errors = status.apply_errors, last = ?status.errors, "scheduling changes failed");
+    }
     let _ = d.state.remove();
     let _ = std::fs::remove_file(&cfg.socket);
     result
+}
+
+fn readable(fds: &[i32], timeout: Duration) -> Vec<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs; poll only writes their
+    // `revents`.
+    let n = unsafe {
+        libc::poll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            timeout.as_millis() as i32,
+        )
+    };
+    pfds.iter().map(|p| n > 0 && p.revents != 0).collect()
 }
 
 impl Daemon<'_> {
@@ -304,7 +244,6 @@ impl Daemon<'_> {
         &mut self,
         listener: &UnixListener,
         metrics: Option<&std::net::TcpListener>,
-        timer: &DeadlineTimer,
         stop: &AtomicBool,
         recovery: Recovery,
         on_ready: impl FnOnce(&Recovery),
@@ -315,99 +254,26 @@ impl Daemon<'_> {
         if self.cfg.watch {
             self.rescan();
         }
-        // Run at a real-time priority above the vCPU threads it boosts.
-        let class = self
-            .cfg
-            .opts
-            .class("class", BoostClass::default())
-            .unwrap_or_default();
-        let _own = (self.cfg.driver != "none")
-            .then(|| SchedGuard::apply(0, helper_class(class)).ok())
-            .flatten();
         on_ready(&recovery);
-        let mut ready = [EpollEvent::default(); 32];
         let mut last_scan = Instant::now();
-        let mut hits = Vec::new();
+        let mut fds = vec![listener.as_raw_fd()];
+        if let Some(m) = metrics {
+            fds.push(m.as_raw_fd());
+        }
         while !stop.load(Ordering::Acquire) {
-            self.process();
-            timer.set(self.mech.next_timer());
-            // Slots have no doorbell here: poll them every millisecond.
-            let any_slots = self.vms.values().any(|v| v.slots.is_some());
-            let n = match self.epoll.wait(if any_slots { 1 } else { 100 }, &mut ready) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-                Err(e) => return Err(e.into()),
-            };
-            let now = mono_ns();
-            for ev in &ready[..n] {
-                match ev.data() {
-                    TOKEN_TIMER => timer.drain(),
-                    TOKEN_CTL => self.serve_ctl(listener),
-                    TOKEN_METRICS => {
-                        if let Some(m) = metrics {
-                            self.serve_metrics(m);
-                        }
-                    }
-                    t if t >= TOKEN_TRACE => {
-                        let id = (t - TOKEN_TRACE) as u32;
-                        self.drain_trace(id, &mut hits);
-                    }
-                    _ => {}
-                }
+            let ready = readable(&fds, Duration::from_millis(100));
+            if ready[0] {
+                self.serve_ctl(listener);
             }
-            self.mech.due_timers(now, &mut self.pending);
-            self.poll_slots();
+            if let (Some(m), Some(true)) = (metrics, ready.get(1)) {
+                self.serve_metrics(m);
+            }
             if last_scan.elapsed() >= WATCH_PERIOD {
                 last_scan = Instant::now();
                 self.rescan();
             }
         }
         Ok(())
-    }
-
-    fn process(&mut self) {
-        for _ in 0..8 {
-            if self.pending.is_empty() {
-                return;
-            }
-            let mut out = Vec::new();
-            let events = std::mem::take(&mut self.pending);
-            self.engine.handle_all(events, mono_ns(), &mut out);
-            self.apply(&out);
-        }
-    }
-
-    fn apply(&mut self, decisions: &[Decision]) {
-        let mut follow = Vec::new();
-        let mut publisher = SlotPublisher(&self.vms);
-        self.mech
-            .apply(decisions, &mut publisher, mono_ns(), &mono_ns, &mut follow);
-        self.pending.extend(follow);
-    }
-
-    /// Reads the slots of every VM whose guest memory the daemon maps.
-    fn poll_slots(&mut self) {
-        for (&id, vm) in self.vms.iter_mut() {
-            if let Some(s) = vm.slots.as_mut() {
-                s.poll(id, vm.threads.len() as u32, &mut self.pending);
-            }
-        }
-    }
-
-    fn drain_trace(&mut self, id: u32, hits: &mut Vec<TraceHit>) {
-        let Some(vm) = self.vms.get_mut(&id) else {
-            return;
-        };
-        let Some(t) = vm.trace.as_mut() else { return };
-        t.drain(hits);
-        for h in hits.drain(..) {
-            let Some(th) = vm.threads.get(h.vcpu) else {
-                continue;
-            };
-            self.host_events += 1;
-            self.pending
-                .push(Event::new(VcpuKey::new(id, th.index), h.event.into()));
-        }
     }
 
     /// Attaches the vCPU threads of `source` as a new VM, with its slots when given.
@@ -428,24 +294,37 @@ impl Daemon<'_> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.engine.add_vm(id, &self.cfg.driver, &self.cfg.opts)?;
+        let parts = match slots {
+            Some(s) => {
+                let (src, publisher) = s.into_parts(id, SLOT_POLL_NS);
+                VmParts {
+                    publisher: Some(Box::new(publisher)),
+                    sources: vec![Box::new(src)],
+                }
+            }
+            None => VmParts {
+                publisher: None,
+                sources: Vec::new(),
+            },
+        };
+        let protocol = parts.publisher.is_some();
+        self.rt
+            .add_vm(id, &self.cfg.driver, &self.cfg.opts, parts)?;
         self.vms.insert(
             id,
-            VmEntry {
+            VmInfo {
                 source,
                 threads: Vec::new(),
-                trace: None,
-                slots,
+                protocol,
             },
         );
         let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
         tracing::info!(vm = id, source = %self.vms[&id].source, ?tids, driver = %self.cfg.driver, "attached VM");
-        self.set_threads(id, threads)?;
-        Ok(())
+        self.set_threads(id, threads)
     }
 
-    /// Makes VM `id`'s thread set `threads`: new ones registered (after their original class
-    /// is on record), vanished ones unregistered, tracepoints reopened for the new set.
+    /// Makes VM `id`'s thread set `threads`: vanished ones removed (restored), new ones added
+    /// after their original class is on record in the state file.
     fn set_threads(&mut self, id: u32, threads: Vec<VcpuThread>) -> Result<(), DaemonError> {
         let Some(vm) = self.vms.get_mut(&id) else {
             return Ok(());
@@ -453,50 +332,28 @@ impl Daemon<'_> {
         let old = std::mem::take(&mut vm.threads);
         for t in &old {
             if !threads.iter().any(|n| n.tid == t.tid) {
-                let key = VcpuKey::new(id, t.index);
-                self.pending.push(Event::new(key, VcpuEvent::Unregistered));
-            }
-        }
-        // Unregistered events are applied before the thread is forgotten.
-        self.process();
-        for t in &old {
-            if !threads.iter().any(|n| n.tid == t.tid) {
-                self.mech.unregister(VcpuKey::new(id, t.index));
+                let _ = self.rt.remove_vcpu(VcpuKey::new(id, t.index));
                 let _ = self.state.detach(t.tid);
             }
         }
-        for t in &threads {
-            if !old.iter().any(|o| o.tid == t.tid) {
-                self.state.attach(t.tid).map_err(DaemonError::State)?;
-                let key = VcpuKey::new(id, t.index);
-                self.mech.register(key, t.tid);
-                self.pending.push(Event::new(key, VcpuEvent::Registered));
+        let mut kept = Vec::new();
+        for t in threads {
+            if old.iter().any(|o| o.tid == t.tid) {
+                kept.push(t);
+                continue;
+            }
+            self.state.attach(t.tid).map_err(DaemonError::State)?;
+            match self.rt.add_vcpu(VcpuKey::new(id, t.index), t.tid, false) {
+                Ok(_) => kept.push(t),
+                Err(e) => {
+                    tracing::warn!(vm = id, tid = t.tid, error = %e, "vCPU thread not attached");
+                    let _ = self.state.detach(t.tid);
+                }
             }
         }
-        let vm = self.vms.get_mut(&id).expect("present");
-        if let Some(old_trace) = vm.trace.take() {
-            for fd in old_trace.fds() {
-                let _ = self
-                    .epoll
-                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-            }
+        if let Some(vm) = self.vms.get_mut(&id) {
+            vm.threads = kept;
         }
-        vm.threads = threads;
-        let t = self.cfg.trace;
-        let tracing = t.timer_expiry || t.wakeup || t.accept_irq;
-        if tracing && !vm.threads.is_empty() {
-            let tids: Vec<i32> = vm.threads.iter().map(|t| t.tid).collect();
-            let trace = TraceSource::open(&tids, self.cfg.trace)?;
-            for fd in trace.fds() {
-                self.epoll.ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, TOKEN_TRACE + id as u64),
-                )?;
-            }
-            vm.trace = Some(trace);
-        }
-        self.process();
         Ok(())
     }
 
@@ -539,60 +396,54 @@ impl Daemon<'_> {
 
     fn detach(&mut self, id: u32) {
         tracing::info!(vm = id, "VM gone, detached");
-        let _ = self.set_threads(id, Vec::new());
-        let mut out = Vec::new();
-        self.engine.remove_vm(id, mono_ns(), &mut out);
-        self.apply(&out);
-        self.vms.remove(&id);
+        if let Some(vm) = self.vms.remove(&id) {
+            for t in &vm.threads {
+                let _ = self.state.detach(t.tid);
+            }
+        }
+        let _ = self.rt.remove_vm(id);
     }
 
-    fn status(&self) -> Status {
-        let now = mono_ns();
-        Status {
-            enabled: self.enabled,
-            host_events: self.host_events,
-            vms: self
+    fn status(&self) -> Result<DaemonStatus, RuntimeError> {
+        let st = self.rt.status()?;
+        Ok(DaemonStatus {
+            enabled: st.enabled,
+            host_events: st.vms.iter().map(|v| v.host_events).sum(),
+            host_events_lost: st.host_events_lost,
+            apply_errors: st.apply_errors,
+            errors: st.errors.clone(),
+            cost: st.cost.clone(),
+            vms: st
                 .vms
-                .iter()
-                .map(|(&id, vm)| VmStatus {
-                    id,
-                    source: vm.source.to_string(),
-                    pid: match vm.source {
-                        VmSource::Pid(p) => Some(p),
-                        _ => None,
-                    },
-                    driver: self.engine.driver_name(id).unwrap_or("?").to_string(),
-                    protocol: vm.slots.is_some(),
-                    enabled: self.engine.is_enabled(id),
-                    vcpus: vm
-                        .threads
-                        .iter()
-                        .map(|t| {
-                            let key = VcpuKey::new(id, t.index);
-                            let st = self.engine.vcpu(key);
-                            VcpuStatus {
-                                vcpu: t.index,
-                                tid: t.tid,
-                                boosted: self.mech.is_boosted(key),
-                                boosts: st.map_or(0, |s| s.counters.boosts),
-                                throttles: st.map_or(0, |s| s.counters.throttles),
-                                boosted_ms: st.map_or(0.0, |s| s.boosted_ns(now) as f64 / 1e6),
-                            }
-                        })
-                        .collect(),
+                .into_iter()
+                .filter_map(|v| {
+                    let info = self.vms.get(&v.id)?;
+                    Some(DaemonVm {
+                        source: info.source.to_string(),
+                        pid: match info.source {
+                            VmSource::Pid(p) => Some(p),
+                            _ => None,
+                        },
+                        protocol: info.protocol,
+                        vm: v,
+                    })
                 })
                 .collect(),
-        }
+        })
     }
 
     fn serve_metrics(&mut self, listener: &std::net::TcpListener) {
         while let Ok((mut stream, _)) = listener.accept() {
             let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
             // The request itself does not matter: every path answers the metrics.
             let mut buf = [0u8; 1024];
-            let _ = std::io::Read::read(&mut stream, &mut buf);
-            let body = crate::metrics::render(&self.status());
+            let _ = stream.read(&mut buf);
+            let body = match self.status() {
+                Ok(s) => crate::metrics::render(&s),
+                Err(e) => format!("# engine unavailable: {e}\n"),
+            };
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n",
@@ -605,6 +456,7 @@ impl Daemon<'_> {
     fn serve_ctl(&mut self, listener: &UnixListener) {
         while let Ok((stream, _)) = listener.accept() {
             let reply = self.handle_ctl(&stream);
+            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
             let mut w = &stream;
             let _ = w.write_all(format!("{reply}\n").as_bytes());
         }
@@ -612,29 +464,30 @@ impl Daemon<'_> {
 
     fn handle_ctl(&mut self, stream: &UnixStream) -> serde_json::Value {
         let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
         let mut line = String::new();
-        if BufReader::new(stream).read_line(&mut line).is_err() {
+        if BufReader::new(stream.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .is_err()
+        {
             return serde_json::json!({"ok": false, "error": "no request"});
         }
         let words: Vec<&str> = line.split_whitespace().collect();
-        tracing::info!(request = %line.trim(), "ctl");
-        let now = mono_ns();
-        let mut out = Vec::new();
+        tracing::info!(request = %line.trim().chars().take(200).collect::<String>(), "ctl");
         let vm_arg = |w: Option<&&str>| -> Result<Option<u32>, String> {
             w.map(|s| s.parse::<u32>().map_err(|_| format!("bad VM id {s:?}")))
                 .transpose()
         };
         let result: Result<serde_json::Value, String> = match words.first().copied() {
-            Some("status") => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
+            Some("status") => self
+                .status()
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
             Some(cmd @ ("enable" | "disable")) => {
                 let on = cmd == "enable";
                 vm_arg(words.get(1)).and_then(|vm| {
-                    if vm.is_none() {
-                        self.enabled = on;
-                    }
-                    self.engine
-                        .set_enabled(vm, on, now, &mut out)
+                    self.rt
+                        .set_enabled(vm, on)
                         .map(|_| serde_json::json!({"enabled": on, "vm": vm}))
                         .map_err(|e| e.to_string())
                 })
@@ -643,8 +496,8 @@ impl Daemon<'_> {
                 (Ok(Some(vm)), Some(name)) => DriverOptions::parse(words[3..].iter().copied())
                     .map_err(|e| e.to_string())
                     .and_then(|opts| {
-                        self.engine
-                            .set_driver(vm, name, &opts, now, &mut out)
+                        self.rt
+                            .set_driver(vm, name, &opts)
                             .map(|_| serde_json::json!({"vm": vm, "driver": name}))
                             .map_err(|e| e.to_string())
                     }),
@@ -652,8 +505,6 @@ impl Daemon<'_> {
             },
             _ => Err("commands: status | enable [vm] | disable [vm] | driver <vm> <name> [key=value ...]".into()),
         };
-        self.apply(&out);
-        self.process();
         match result {
             Ok(v) => serde_json::json!({"ok": true, "result": v}),
             Err(e) => serde_json::json!({"ok": false, "error": e}),

@@ -12,6 +12,8 @@ pub mod metrics;
 pub mod qmp;
 pub mod slots;
 pub mod state;
+pub mod status;
 
 pub use daemon::{ctl, run, DaemonConfig, DaemonError, VmSource, VmSpec};
 pub use slots::ProtocolSpec;
+pub use status::{DaemonStatus, DaemonVm};

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the daemon (text exposition format, served on `/metrics`).
 
-use crate::daemon::Status;
+use crate::status::DaemonStatus as Status;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,6 +13,11 @@ struct VcpuLabels {
     vm: String,
     source: String,
     vcpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByLabels {
+    by: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,6 +36,12 @@ pub fn render(status: &Status) -> String {
     let boosted_now = Family::<VcpuLabels, Gauge>::default();
     let enabled = Family::<VmLabels, Gauge>::default();
     let host_events = Counter::<u64>::default();
+    let vm_events = Family::<VmLabels, Counter>::default();
+    let lost = Counter::<u64>::default();
+    let apply_errors = Counter::<u64>::default();
+    let engine_cpu = Counter::<f64, AtomicU64>::default();
+    let wakeups = Counter::<u64>::default();
+    let setattr = Family::<ByLabels, Counter>::default();
     let global = Gauge::<i64>::default();
     reg.register("vcpu_boosts", "Boosts of a vCPU thread", boosts.clone());
     reg.register(
@@ -59,24 +70,67 @@ pub fn render(status: &Status) -> String {
         host_events.clone(),
     );
     reg.register(
+        "vm_host_events",
+        "Host events fed to the policy for a VM's vCPUs",
+        vm_events.clone(),
+    );
+    reg.register(
+        "host_events_lost",
+        "Tracepoint records the kernel dropped or throttled",
+        lost.clone(),
+    );
+    reg.register(
+        "apply_errors",
+        "Scheduling changes that failed",
+        apply_errors.clone(),
+    );
+    reg.register(
+        "engine_cpu_seconds",
+        "CPU time of the engine thread",
+        engine_cpu.clone(),
+    );
+    reg.register(
+        "engine_wakeups",
+        "Wake-ups of the engine thread",
+        wakeups.clone(),
+    );
+    reg.register(
+        "setattr_calls",
+        "sched_setattr calls on vCPU threads, by the engine or the vCPU itself",
+        setattr.clone(),
+    );
+    reg.register(
         "enabled",
         "1 while boosting is enabled globally",
         global.clone(),
     );
+    lost.inc_by(status.host_events_lost);
+    apply_errors.inc_by(status.apply_errors);
+    engine_cpu.inc_by(status.cost.engine_cpu_s);
+    wakeups.inc_by(status.cost.wakeups);
+    setattr
+        .get_or_create(&ByLabels {
+            by: "engine".into(),
+        })
+        .inc_by(status.cost.engine_setattr);
+    setattr
+        .get_or_create(&ByLabels { by: "vcpu".into() })
+        .inc_by(status.cost.vcpu_setattr);
     global.set(status.enabled as i64);
     host_events.inc_by(status.host_events);
-    for vm in &status.vms {
-        enabled
-            .get_or_create(&VmLabels {
-                vm: vm.id.to_string(),
-                source: vm.source.clone(),
-                driver: vm.driver.clone(),
-            })
-            .set(vm.enabled as i64);
+    for d in &status.vms {
+        let vm = &d.vm;
+        let labels = VmLabels {
+            vm: vm.id.to_string(),
+            source: d.source.clone(),
+            driver: vm.driver.clone(),
+        };
+        enabled.get_or_create(&labels).set(vm.enabled as i64);
+        vm_events.get_or_create(&labels).inc_by(vm.host_events);
         for c in &vm.vcpus {
             let l = VcpuLabels {
                 vm: vm.id.to_string(),
-                source: vm.source.clone(),
+                source: d.source.clone(),
                 vcpu: c.vcpu.to_string(),
             };
             boosts.get_or_create(&l).inc_by(c.boosts);
@@ -94,29 +148,43 @@ pub fn render(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::{VcpuStatus, VmStatus};
+    use crate::status::DaemonVm;
+    use pvsched_host::runtime::{Cost, VcpuStatus, VmStatus};
 
     #[test]
     fn status_renders_as_prometheus_text() {
         let s = Status {
             enabled: true,
             host_events: 42,
-            vms: vec![VmStatus {
-                id: 0,
+            cost: Cost {
+                engine_cpu_s: 0.25,
+                wakeups: 10,
+                engine_setattr: 3,
+                vcpu_setattr: 4,
+                ..Cost::default()
+            },
+            vms: vec![DaemonVm {
                 source: "pid 7".into(),
                 pid: Some(7),
-                driver: "dynamic".into(),
                 protocol: false,
-                enabled: true,
-                vcpus: vec![VcpuStatus {
-                    vcpu: 1,
-                    tid: 9,
-                    boosted: true,
-                    boosts: 5,
-                    throttles: 1,
-                    boosted_ms: 1500.0,
-                }],
+                vm: VmStatus {
+                    id: 0,
+                    driver: "dynamic".into(),
+                    enabled: true,
+                    host_events: 42,
+                    vcpus: vec![VcpuStatus {
+                        vcpu: 1,
+                        tid: 9,
+                        boosted: true,
+                        boosts: 5,
+                        throttles: 1,
+                        boosted_ms: 1500.0,
+                        ..VcpuStatus::default()
+                    }],
+                    ..VmStatus::default()
+                },
             }],
+            ..Status::default()
         };
         let t = render(&s);
         assert!(
@@ -132,6 +200,17 @@ mod tests {
         assert!(t.contains("pvsched_host_events_total 42"), "{t}");
         assert!(
             t.contains("pvsched_vm_enabled{vm=\"0\",source=\"pid 7\",driver=\"dynamic\"} 1"),
+            "{t}"
+        );
+        assert!(t.contains("pvsched_engine_cpu_seconds_total 0.25"), "{t}");
+        assert!(
+            t.contains("pvsched_setattr_calls_total{by=\"vcpu\"} 4"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "pvsched_vm_host_events_total{vm=\"0\",source=\"pid 7\",driver=\"dynamic\"} 42"
+            ),
             "{t}"
         );
         assert!(t.ends_with("# EOF\n"));

@@ -1,15 +1,20 @@
 //! The pvsched protocol for VMs of other VMMs: when a VMM keeps guest RAM in a file (or memfd)
 //! and says where its guests' slots are, the daemon maps it, reads the guests' requests and
 //! publishes boost states, with the same handshake as the reference VMM. Without the VMM's
-//! doorbell it polls the slots (every millisecond while any VM has some).
+//! doorbell it polls the slots (every millisecond while any VM has some): [`SlotSource`] is
+//! the runtime's event source and [`SlotPublisher`] its publisher, over one mapping.
 
-use pvsched_policy::{Event, VcpuEvent, VcpuKey};
+use pvsched_host::runtime::EventSource;
+use pvsched_host::slot::GuestSlot;
+use pvsched_host::Publisher;
+use pvsched_policy::{Event, Nanos, VcpuEvent, VcpuKey};
 use pvsched_proto::abi::{feature, SLOT_SIZE};
 use pvsched_proto::host::publish_state;
 use pvsched_proto::{decode, BoostState};
-use pvsched_vmm::pvdevice::GuestSlot;
 use std::io;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// Where a VM's guest memory and slots are.
@@ -90,6 +95,57 @@ impl GuestSlots {
     pub fn publish(&self, vcpu: usize, state: BoostState) -> Option<u32> {
         let gpa = *self.slots.get(vcpu)?;
         Some(publish_state(&GuestSlot::new(&self.mem, gpa), state))
+    }
+
+    /// Splits the mapping into the runtime's source (polled every `period`) and publisher
+    /// for VM `vm`.
+    pub fn into_parts(self, vm: u32, period: Nanos) -> (SlotSource, SlotPublisher) {
+        let shared = Arc::new(std::sync::Mutex::new(self));
+        (
+            SlotSource {
+                slots: shared.clone(),
+                vm,
+                period,
+            },
+            SlotPublisher(shared),
+        )
+    }
+}
+
+/// A VM's slots polled as an event source.
+pub struct SlotSource {
+    slots: Arc<std::sync::Mutex<GuestSlots>>,
+    vm: u32,
+    period: Nanos,
+}
+
+impl EventSource for SlotSource {
+    fn name(&self) -> &str {
+        "guest-slots"
+    }
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
+    fn poll_period(&self) -> Option<Nanos> {
+        Some(self.period)
+    }
+    fn drain(&mut self, _now: Nanos, out: &mut Vec<Event>) -> Option<Nanos> {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let n = s.slots.len() as u32;
+        s.poll(self.vm, n, out);
+        None
+    }
+}
+
+/// Publishes boost states into a VM's slots.
+pub struct SlotPublisher(Arc<std::sync::Mutex<GuestSlots>>);
+
+impl Publisher for SlotPublisher {
+    fn publish(&mut self, key: VcpuKey, state: BoostState) -> Option<u32> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .publish(key.vcpu as usize, state)
     }
 }
 

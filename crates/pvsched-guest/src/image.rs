@@ -45,8 +45,10 @@ global_asm!(
     .pushsection .text.pvsched_guest, "ax"
 
 /* pvsched protocol hooks (docs/protocol.md, "Handshake"). Clobber %rax and %rdx only;
-   a no-op unless pv_status says the protocol is enabled. */
-.macro PV_ENTER bit, idx
+   a no-op unless pv_status says the protocol is enabled. `ring` = 0 makes the request lazy
+   even when unboosted: for sections shorter than the host's reaction time (interrupt,
+   softirq, preempt-off here), which the host sees at its next look; the RT task rings. */
+.macro PV_ENTER bit, idx, ring=1
     cmpq ${pv_enabled}, {pv_status}(%rbx)
     jne .Lpve_done\@
     incq {pv_requests}(%rbx)
@@ -57,6 +59,9 @@ global_asm!(
     mfence
     testl %eax, %eax
     jnz .Lpve_quiet\@
+    .if \ring == 0
+    jmp .Lpve_quiet\@
+    .endif
     cmpl ${st_normal}, {slot}+{s_state}(%rbx)
     jne .Lpve_quiet\@
     movq {pv_port}(%rbx), %rdx
@@ -81,6 +86,9 @@ global_asm!(
     jne .Lpvx_done\@
     cmpl ${st_boosted}, {slot}+{s_state}(%rbx)
     jne .Lpvx_done\@
+    /* "unboost me" only to a host that negotiated it */
+    testb ${f_unboost}, {pv_answer}+4(%rbx)
+    jz .Lpvx_done\@
     movq {pv_port}(%rbx), %rdx
     outb %al, %dx
     incq {pv_unboost_rings}(%rbx)
@@ -120,7 +128,7 @@ pvsched_guest_stubs:
     shlq $32, %rdx
     orq %rdx, %rax
     movq %rax, \tsc(%rbx)
-    PV_ENTER {r_irq_bit}, {r_irq}
+    PV_ENTER {r_irq_bit}, {r_irq}, 0
     incq \count(%rbx)
     movl $0x80b, %ecx
     xorl %eax, %eax
@@ -334,13 +342,13 @@ pvsched_guest_entry:
     jmp 91b
 
 /* ---- service: consume a timer interrupt, record a latency sample, release a job, re-arm.
-   IF = 0. Clobbers rax, rcx, rdx, r8, r9. */
+   IF = 0. Clobbers rax, rcx, rdx, r8, r9, r10. */
 200:
     movq {irqs}(%rbx), %rax
     cmpq {irqs_seen}(%rbx), %rax
     je 209f
     movq %rax, {irqs_seen}(%rbx)
-    PV_ENTER {r_softirq_bit}, {r_softirq}
+    PV_ENTER {r_softirq_bit}, {r_softirq}, 0
     movq {fired}(%rbx), %r8
     movq {armed}(%rbx), %r9
     movq {probe_deadline}(%rbx), %rax
@@ -356,6 +364,9 @@ pvsched_guest_entry:
     movq %rdx, {ring_off}(%rbx,%rcx,8)
     incq {ring_head}(%rbx)
     addq {interval}(%rbx), %rax
+    movq {interval}(%rbx), %rcx
+    call 400f
+    addq %r8, {overruns}(%rbx)
     movq %rax, {probe_deadline}(%rbx)
 203:movq {task_release}(%rbx), %rax
     cmpq %r9, %rax
@@ -369,7 +380,7 @@ pvsched_guest_entry:
 
 /* ---- arm: program IA32_TSC_DEADLINE with min(probe_deadline, task_release). IF = 0. */
 300:
-    PV_ENTER {r_preempt_bit}, {r_preempt}
+    PV_ENTER {r_preempt_bit}, {r_preempt}, 0
     movq {probe_deadline}(%rbx), %rax
     movq {task_release}(%rbx), %rdx
     cmpq %rax, %rdx
@@ -381,6 +392,25 @@ pvsched_guest_entry:
     movl $0x6e0, %ecx
     wrmsr
     PV_EXIT {r_preempt_bit}, {r_preempt}
+    ret
+
+/* ---- skip missed periods (cyclictest's rule): %rax = next deadline, %rcx = period. Returns
+   in %rax the first deadline after now on the same period grid and in %r8 the periods
+   skipped (0 when %rax was in the future). IF = 0. Clobbers rdx, r8, r10. */
+400:movq %rax, %r10
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    xorl %r8d, %r8d
+    subq %r10, %rax
+    jb 401f
+    xorl %edx, %edx
+    divq %rcx
+    leaq 1(%rax), %r8
+    movq %r8, %rax
+    mulq %rcx
+    addq %rax, %r10
+401:movq %r10, %rax
     ret
 
 /* ---- lazy-request exercise (test hook): hold an RT request, wait (bounded) for the host
@@ -467,6 +497,8 @@ pvsched_guest_end:
     timer_vector = const TIMER_VECTOR,
     fault_shift = const mailbox::FLAG_FAULT_SHIFT,
     flag_busy = const mailbox::FLAG_BUSY,
+    f_unboost = const abi::feature::UNBOOST_DOORBELL,
+    overruns = const offset_of!(Mailbox, overruns),
     cal_runs = const CALIBRATION_RUNS,
     cal_iters = const CALIBRATION_ITERS,
     cal_shift = const CALIBRATION_ITERS.trailing_zeros(),

@@ -162,6 +162,10 @@ pub struct Mailbox {
     pub pv_boost_rings: u64,
     /// "Unboost me" doorbells rung.
     pub pv_unboost_rings: u64,
+    /// Probe periods skipped because their deadline had already passed when the probe
+    /// re-armed (cyclictest's rule: a late guest skips to the next period in the future
+    /// instead of accumulating a backlog that would read as latency).
+    pub overruns: u64,
 }
 
 impl Mailbox {

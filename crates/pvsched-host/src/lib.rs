@@ -8,6 +8,7 @@ pub mod clock;
 pub mod mechanism;
 pub mod runtime;
 pub mod sched;
+pub mod slot;
 pub mod stats;
 pub mod trace;
 

@@ -506,7 +506,8 @@ impl Core {
             }
             self.decisions.clear();
             let mut events = std::mem::take(&mut self.events);
-            self.engine.handle_all(events.drain(..), now, &mut self.decisions);
+            self.engine
+                .handle_all(events.drain(..), now, &mut self.decisions);
             self.events = events;
             let decisions = std::mem::take(&mut self.decisions);
             self.apply(shared, &decisions, trigger, touched);
@@ -613,7 +614,6 @@ impl VcpuHandle {
         self.realize_touched(now);
         true
     }
-
 
     fn realize_touched(&mut self, now: Nanos) {
         let key = self.cell.key;
@@ -802,19 +802,17 @@ impl Runtime {
             lp.add_source(None, s)?;
         }
         let (tid_tx, tid_rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(cfg.name)
-            .spawn(move || {
-                // SAFETY: gettid has no arguments and cannot fail.
-                let tid = unsafe { libc::gettid() };
-                lp.shared.engine_tid.store(tid as u32, Ordering::Release);
-                let _ = tid_tx.send(());
-                let guard = RestoreOnUnwind(lp.shared.clone());
-                lp.run();
-                let status = lp.status();
-                std::mem::forget(guard);
-                status
-            })?;
+        let thread = std::thread::Builder::new().name(cfg.name).spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            let tid = unsafe { libc::gettid() };
+            lp.shared.engine_tid.store(tid as u32, Ordering::Release);
+            let _ = tid_tx.send(());
+            let guard = RestoreOnUnwind(lp.shared.clone());
+            lp.run();
+            let status = lp.status();
+            std::mem::forget(guard);
+            status
+        })?;
         let _ = tid_rx.recv();
         Ok(Runtime {
             handle: RuntimeHandle { tx, shared },
@@ -948,8 +946,14 @@ impl Drop for RestoreOnUnwind {
 /// Marks the runtime stopped and puts every thread back to its original attributes.
 fn restore_all(shared: &Shared) {
     let cells: Vec<Arc<ThreadCell>> = {
-        let core = shared.lock();
+        let mut core = shared.lock();
         shared.stopped.store(true, Ordering::Release);
+        // The engine's own view first: boosts end (counted) and guests are told `Disabled`.
+        let mut out = Vec::new();
+        core.engine.shutdown(mono_ns(), &mut out);
+        let mut touched = Vec::new();
+        core.apply(shared, &out, mono_ns(), &mut touched);
+        core.follow.clear();
         for c in core.cells.values() {
             c.want.store(ORIGINAL, Ordering::SeqCst);
         }
@@ -1112,8 +1116,11 @@ impl Loop {
         let due: Vec<Arc<ThreadCell>> = {
             let mut core = shared.lock();
             for e in events {
-                if let Some(c) = core.cells.get(&e.key) {
-                    c.host_events.fetch_add(1, Ordering::Relaxed);
+                // Host-side signals (tracepoints, VMM injections), not the guest's slot.
+                if matches!(e.what, VcpuEvent::Interrupt | VcpuEvent::Woken) {
+                    if let Some(c) = core.cells.get(&e.key) {
+                        c.host_events.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             core.events.extend_from_slice(events);
@@ -1360,6 +1367,12 @@ impl Loop {
                 driver: core.engine.driver_name(key.vm).unwrap_or("?").into(),
                 enabled: core.engine.is_enabled(key.vm),
                 host_events: 0,
+                boost_latency: AtomicHist::merged(
+                    core.cells
+                        .iter()
+                        .filter(|(k, _)| k.vm == key.vm)
+                        .map(|(_, c)| &c.boost_latency),
+                ),
                 vcpus: Vec::new(),
             });
             let c = st.map(|s| s.counters).unwrap_or_default();
@@ -1392,8 +1405,7 @@ impl Loop {
                 id: vm,
                 driver: core.engine.driver_name(vm).unwrap_or("?").into(),
                 enabled: core.engine.is_enabled(vm),
-                host_events: 0,
-                vcpus: Vec::new(),
+                ..VmStatus::default()
             });
         }
         let secs = uptime as f64 / 1e9;
@@ -1446,7 +1458,6 @@ pub fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-
 /// What the runtime costs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Cost {
@@ -1493,7 +1504,7 @@ pub struct VcpuStatus {
     pub bad_slots: u64,
     /// Time boosted, ms.
     pub boosted_ms: f64,
-    /// Events from host sources (tracepoints, VMM hooks, slot polls) for this vCPU.
+    /// Host-side events (tracepoint hits, VMM injections) for this vCPU.
     pub host_events: u64,
     /// `sched_setattr` calls the vCPU thread made on itself.
     pub self_applied: u64,
@@ -1514,8 +1525,10 @@ pub struct VmStatus {
     pub driver: String,
     /// Boosting enabled for it (and globally).
     pub enabled: bool,
-    /// Events from host sources for its vCPUs.
+    /// Host-side events (tracepoint hits, VMM injections) for its vCPUs.
     pub host_events: u64,
+    /// Boost decision → class applied, over its vCPUs.
+    pub boost_latency: LatencyStats,
     /// Its vCPUs.
     pub vcpus: Vec<VcpuStatus>,
 }

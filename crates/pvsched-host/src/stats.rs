@@ -79,15 +79,24 @@ impl AtomicHist {
     /// Count, mean, p50, p99 and max, in microseconds (percentiles at the floor of their
     /// bucket: within 12.5 % below the true value).
     pub fn summary(&self) -> LatencyStats {
-        let count = self.count();
+        Self::merged([self])
+    }
+
+    /// The summary of several histograms taken together.
+    pub fn merged<'a>(hists: impl IntoIterator<Item = &'a AtomicHist>) -> LatencyStats {
+        let mut counts = vec![0u64; BUCKETS];
+        let (mut count, mut sum, mut max) = (0u64, 0u64, 0u64);
+        for h in hists {
+            for (c, b) in counts.iter_mut().zip(h.buckets.iter()) {
+                *c += b.load(Ordering::Relaxed);
+            }
+            count += h.count.load(Ordering::Relaxed);
+            sum = sum.saturating_add(h.sum.load(Ordering::Relaxed));
+            max = max.max(h.max.load(Ordering::Relaxed));
+        }
         if count == 0 {
             return LatencyStats::default();
         }
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
         let total: u64 = counts.iter().sum();
         let quantile = |q: f64| {
             let rank = ((total as f64 * q).ceil() as u64).max(1);
@@ -103,10 +112,10 @@ impl AtomicHist {
         let us = |ns: u64| ns as f64 / 1000.0;
         LatencyStats {
             count,
-            mean_us: self.sum.load(Ordering::Relaxed) as f64 / count as f64 / 1000.0,
+            mean_us: sum as f64 / count as f64 / 1000.0,
             p50_us: us(quantile(0.5)),
             p99_us: us(quantile(0.99)),
-            max_us: us(self.max.load(Ordering::Relaxed)),
+            max_us: us(max),
         }
     }
 }
@@ -157,5 +166,11 @@ mod tests {
         assert!(s.p50_us > 43.0 && s.p50_us <= 50.0, "{s:?}");
         assert!(s.p99_us > 86.0 && s.p99_us <= 99.0, "{s:?}");
         assert_eq!(s.max_us, 100.0);
+        let other = AtomicHist::new();
+        other.record(1_000_000);
+        let m = AtomicHist::merged([&h, &other]);
+        assert_eq!(m.count, 101);
+        assert_eq!(m.max_us, 1000.0);
+        assert_eq!(m.p50_us, s.p50_us);
     }
 }

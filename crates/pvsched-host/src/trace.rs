@@ -16,12 +16,20 @@
 //! that limit and further samples are dropped until the next tick; [`TraceCounts::throttled`]
 //! counts it. A loaded host (the case boosting is for) keeps its ticks running.
 
+use crate::runtime::EventSource;
 use perf_event::events::Tracepoint;
 use perf_event::{Builder, Clock, SampleFlag, Sampler};
+use pvsched_policy::{Event, Nanos, VcpuEvent, VcpuKey};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+const EXPIRE: &str = "timer/hrtimer_expire_entry";
+const START: &str = "timer/hrtimer_start";
+const WAKEUP: &str = "kvm/kvm_vcpu_wakeup";
+const ACCEPT_IRQ: &str = "kvm/kvm_apic_accept_irq";
 
 /// Where tracefs is (or gets) mounted.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -50,41 +58,6 @@ pub enum TraceError {
     /// Setting a tracepoint filter failed.
     #[error("setting the filter of {0} failed")]
     Filter(String, #[source] io::Error),
-}
-
-/// What a tracepoint said about a vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TraceEvent {
-    /// Its LAPIC timer expired.
-    TimerExpired,
-    /// KVM woke the halted vCPU.
-    Woken,
-    /// KVM accepted an interrupt for it.
-    IrqAccepted,
-}
-
-impl From<TraceEvent> for pvsched_policy::VcpuEvent {
-    /// The policy event a tracepoint hit stands for: an expired LAPIC timer or an accepted
-    /// interrupt is an interrupt for the vCPU; a wake-up is a wake-up.
-    fn from(e: TraceEvent) -> Self {
-        match e {
-            TraceEvent::TimerExpired | TraceEvent::IrqAccepted => {
-                pvsched_policy::VcpuEvent::Interrupt
-            }
-            TraceEvent::Woken => pvsched_policy::VcpuEvent::Woken,
-        }
-    }
-}
-
-/// One tracepoint hit, mapped to a vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TraceHit {
-    /// vCPU index (position in the thread list given to [`TraceSource::open`]).
-    pub vcpu: usize,
-    /// What happened.
-    pub event: TraceEvent,
-    /// When, `CLOCK_MONOTONIC` ns.
-    pub time_ns: u64,
 }
 
 /// Which tracepoints to use.
@@ -121,15 +94,34 @@ struct Stream {
     kind: Kind,
 }
 
-/// Open tracepoint streams for a set of vCPU threads.
+/// Host-wide tracepoint streams feeding the runtime: the CPU-wide LAPIC-timer expiry streams
+/// are opened once per host and shared by every VM; the per-thread streams (`hrtimer_start`,
+/// wake-ups, accepted interrupts) are opened when a vCPU thread is attached and closed when
+/// it is detached. One fd (an inner epoll set) is readable when any stream has records.
 pub struct TraceSource {
-    streams: Vec<Stream>,
-    tids: HashMap<u32, usize>,
-    timers: HashMap<u64, usize>,
-    hrtimer_off_expire: usize,
-    hrtimer_off_start: usize,
+    cfg: TraceConfig,
+    epoll: Epoll,
+    /// Stream slots; `None` where a detached thread's streams were.
+    streams: Vec<Option<Stream>>,
+    /// Stream slots of each attached thread.
+    by_key: HashMap<VcpuKey, Vec<usize>>,
+    tids: HashMap<u32, VcpuKey>,
+    timers: HashMap<u64, VcpuKey>,
+    ids: Ids,
     lost: u64,
     counts: TraceCounts,
+    ready: Vec<EpollEvent>,
+}
+
+/// Tracepoint ids, offsets and the filter, read once.
+#[derive(Default)]
+struct Ids {
+    start: u64,
+    wakeup: u64,
+    accept_irq: u64,
+    filter: String,
+    hrtimer_off_expire: usize,
+    hrtimer_off_start: usize,
 }
 
 /// Records seen per tracepoint, and expiries that matched no known vCPU timer.
@@ -264,66 +256,124 @@ fn online_cpus() -> usize {
 }
 
 impl TraceSource {
-    /// Opens the configured tracepoints for the vCPU threads `tids` (vCPU `i` = `tids[i]`).
-    pub fn open(tids: &[i32], cfg: TraceConfig) -> Result<TraceSource, TraceError> {
+    /// Opens the host-wide streams of `cfg` (no thread attached yet).
+    pub fn new(cfg: TraceConfig) -> Result<TraceSource, TraceError> {
         ensure_tracefs()?;
-        let mut streams = Vec::new();
-        let mut offs = (0, 0);
+        let epoll = Epoll::new().map_err(|e| TraceError::Open("epoll".into(), e))?;
+        let mut src = TraceSource {
+            cfg,
+            epoll,
+            streams: Vec::new(),
+            by_key: HashMap::new(),
+            tids: HashMap::new(),
+            timers: HashMap::new(),
+            ids: Ids::default(),
+            lost: 0,
+            counts: TraceCounts::default(),
+            ready: vec![EpollEvent::default(); 16],
+        };
         if cfg.timer_expiry {
             let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
             let func = parse_kallsyms(&kallsyms, "apic_timer_fn").ok_or(TraceError::NoSymbol)?;
-            let filter = format!("function == 0x{func:x}");
-            let (exp, start) = ("timer/hrtimer_expire_entry", "timer/hrtimer_start");
-            offs = (
-                field_offset(exp, "hrtimer")?,
-                field_offset(start, "hrtimer")?,
-            );
-            let (exp_id, start_id) = (tracepoint_id(exp)?, tracepoint_id(start)?);
+            src.ids.filter = format!("function == 0x{func:x}");
+            src.ids.hrtimer_off_expire = field_offset(EXPIRE, "hrtimer")?;
+            src.ids.hrtimer_off_start = field_offset(START, "hrtimer")?;
+            src.ids.start = tracepoint_id(START)?;
+            let exp_id = tracepoint_id(EXPIRE)?;
             for cpu in 0..online_cpus() {
-                let sampler = open(exp, exp_id, None, Some(cpu), Some(&filter))?;
-                streams.push(Stream {
-                    sampler,
-                    kind: Kind::Expire,
-                });
-            }
-            for &tid in tids {
-                let sampler = open(start, start_id, Some(tid), None, Some(&filter))?;
-                streams.push(Stream {
-                    sampler,
-                    kind: Kind::Start,
-                });
+                let sampler = open(EXPIRE, exp_id, None, Some(cpu), Some(&src.ids.filter))?;
+                src.add_stream(sampler, Kind::Expire)?;
             }
         }
-        for (on, name, kind) in [
-            (cfg.wakeup, "kvm/kvm_vcpu_wakeup", Kind::Wakeup),
-            (cfg.accept_irq, "kvm/kvm_apic_accept_irq", Kind::AcceptIrq),
-        ] {
-            if on {
-                let id = tracepoint_id(name)?;
-                for &tid in tids {
-                    let sampler = open(name, id, Some(tid), None, None)?;
-                    streams.push(Stream { sampler, kind });
-                }
-            }
+        if cfg.wakeup {
+            src.ids.wakeup = tracepoint_id(WAKEUP)?;
         }
-        Ok(TraceSource {
-            streams,
-            tids: tids
-                .iter()
-                .enumerate()
-                .map(|(i, &t)| (t as u32, i))
-                .collect(),
-            timers: HashMap::new(),
-            hrtimer_off_expire: offs.0,
-            hrtimer_off_start: offs.1,
-            lost: 0,
-            counts: TraceCounts::default(),
-        })
+        if cfg.accept_irq {
+            src.ids.accept_irq = tracepoint_id(ACCEPT_IRQ)?;
+        }
+        Ok(src)
     }
 
-    /// The fds to wait on (readable when records are pending).
-    pub fn fds(&self) -> Vec<RawFd> {
-        self.streams.iter().map(|s| s.sampler.as_raw_fd()).collect()
+    /// Opens the streams of `cfg` for the vCPU threads `tids` (vCPU `i` = `tids[i]`, VM 0).
+    pub fn open(tids: &[i32], cfg: TraceConfig) -> Result<TraceSource, TraceError> {
+        let mut src = Self::new(cfg)?;
+        for (i, &tid) in tids.iter().enumerate() {
+            src.attach_thread(VcpuKey::new(0, i as u32), tid)?;
+        }
+        Ok(src)
+    }
+
+    fn add_stream(&mut self, sampler: Sampler, kind: Kind) -> Result<usize, TraceError> {
+        let slot = self
+            .streams
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.streams.len());
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                sampler.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, slot as u64),
+            )
+            .map_err(|e| TraceError::Open("epoll".into(), e))?;
+        let stream = Some(Stream { sampler, kind });
+        if slot == self.streams.len() {
+            self.streams.push(stream);
+        } else {
+            self.streams[slot] = stream;
+        }
+        Ok(slot)
+    }
+
+    /// Opens the per-thread streams of vCPU `key` on thread `tid`.
+    pub fn attach_thread(&mut self, key: VcpuKey, tid: i32) -> Result<(), TraceError> {
+        let mut opened = Vec::new();
+        let result = (|| {
+            let ids = &self.ids;
+            let mut todo = Vec::new();
+            if self.cfg.timer_expiry {
+                todo.push((START, ids.start, Some(ids.filter.clone()), Kind::Start));
+            }
+            if self.cfg.wakeup {
+                todo.push((WAKEUP, ids.wakeup, None, Kind::Wakeup));
+            }
+            if self.cfg.accept_irq {
+                todo.push((ACCEPT_IRQ, ids.accept_irq, None, Kind::AcceptIrq));
+            }
+            for (name, id, filter, kind) in todo {
+                let sampler = open(name, id, Some(tid), None, filter.as_deref())?;
+                opened.push(self.add_stream(sampler, kind)?);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for slot in opened {
+                self.close_stream(slot);
+            }
+            return Err(e);
+        }
+        self.tids.insert(tid as u32, key);
+        self.by_key.insert(key, opened);
+        Ok(())
+    }
+
+    fn close_stream(&mut self, slot: usize) {
+        if let Some(s) = self.streams.get_mut(slot).and_then(Option::take) {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                s.sampler.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Closes the per-thread streams of vCPU `key`.
+    pub fn detach_thread(&mut self, key: VcpuKey) {
+        for slot in self.by_key.remove(&key).unwrap_or_default() {
+            self.close_stream(slot);
+        }
+        self.tids.retain(|_, k| *k != key);
+        self.timers.retain(|_, k| *k != key);
     }
 
     /// Records lost by the kernel (ring full).
@@ -336,9 +386,23 @@ impl TraceSource {
         self.counts
     }
 
-    /// Reads every pending record; hits that map to a vCPU go to `out`.
-    pub fn drain(&mut self, out: &mut Vec<TraceHit>) {
-        for s in &mut self.streams {
+    /// Reads every pending record; hits that map to an attached vCPU go to `out` as events.
+    /// Returns the earliest hit's time.
+    pub fn drain_events(&mut self, out: &mut Vec<Event>) -> Option<u64> {
+        // Every ring is looked at, not only those the inner epoll reports: a perf fd's
+        // readiness is consumed by the poll that sees it, and the outer wait (through the
+        // inner epoll) has already seen it. An empty ring costs one memory read.
+        let _ = self.epoll.wait(0, &mut self.ready);
+        let mut first: Option<u64> = None;
+        for s in self.streams.iter_mut().flatten() {
+            let (kind, tids, timers, counts, lost, ids) = (
+                s.kind,
+                &self.tids,
+                &mut self.timers,
+                &mut self.counts,
+                &mut self.lost,
+                &self.ids,
+            );
             while let Some(rec) = s.sampler.next_record() {
                 let Ok(parsed) = rec.parse_record() else {
                     continue;
@@ -346,11 +410,11 @@ impl TraceSource {
                 let sample = match parsed {
                     perf_event::data::Record::Sample(sample) => sample,
                     perf_event::data::Record::Lost(l) => {
-                        self.lost += l.lost;
+                        *lost += l.lost;
                         continue;
                     }
                     perf_event::data::Record::Throttle(_) => {
-                        self.counts.throttled += 1;
+                        counts.throttled += 1;
                         continue;
                     }
                     _ => continue,
@@ -358,53 +422,72 @@ impl TraceSource {
                 let (Some(time_ns), Some(raw)) = (sample.time(), sample.raw()) else {
                     continue;
                 };
-                let raw = raw.to_vec();
                 let hrtimer = |off: usize| -> Option<u64> {
-                    raw.get(off..off + 8)
-                        .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+                    let b = raw.get(off..off + 8)?;
+                    Some(u64::from_ne_bytes(b.try_into().ok()?))
                 };
-                let by_tid = sample.tid().and_then(|t| self.tids.get(&t).copied());
-                let c = &mut self.counts;
-                match s.kind {
+                let by_tid = sample.tid().and_then(|t| tids.get(&t).copied());
+                let hit = match kind {
                     Kind::Start => {
-                        c.start += 1;
-                        if let (Some(v), Some(t)) = (by_tid, hrtimer(self.hrtimer_off_start)) {
-                            self.timers.insert(t, v);
+                        counts.start += 1;
+                        if let (Some(k), Some(t)) = (by_tid, hrtimer(ids.hrtimer_off_start)) {
+                            timers.insert(t, k);
                         }
+                        None
                     }
                     Kind::Expire => {
-                        c.expire += 1;
-                        match hrtimer(self.hrtimer_off_expire).and_then(|t| self.timers.get(&t)) {
-                            Some(&vcpu) => out.push(TraceHit {
-                                vcpu,
-                                event: TraceEvent::TimerExpired,
-                                time_ns,
-                            }),
-                            None => c.unmapped += 1,
+                        counts.expire += 1;
+                        let key = hrtimer(ids.hrtimer_off_expire).and_then(|t| timers.get(&t));
+                        if key.is_none() {
+                            counts.unmapped += 1;
                         }
+                        key.map(|&k| Event::new(k, VcpuEvent::Interrupt))
                     }
-                    Kind::Wakeup | Kind::AcceptIrq => {
-                        if s.kind == Kind::Wakeup {
-                            c.wakeup += 1;
-                        } else {
-                            c.accept_irq += 1;
-                        }
-                        if let Some(vcpu) = by_tid {
-                            let event = if s.kind == Kind::Wakeup {
-                                TraceEvent::Woken
-                            } else {
-                                TraceEvent::IrqAccepted
-                            };
-                            out.push(TraceHit {
-                                vcpu,
-                                event,
-                                time_ns,
-                            });
-                        }
+                    Kind::Wakeup => {
+                        counts.wakeup += 1;
+                        by_tid.map(|k| Event::new(k, VcpuEvent::Woken))
                     }
+                    Kind::AcceptIrq => {
+                        counts.accept_irq += 1;
+                        by_tid.map(|k| Event::new(k, VcpuEvent::Interrupt))
+                    }
+                };
+                if let Some(e) = hit {
+                    out.push(e);
+                    first = Some(first.map_or(time_ns, |f| f.min(time_ns)));
                 }
             }
         }
+        first
+    }
+}
+
+impl EventSource for TraceSource {
+    fn name(&self) -> &str {
+        "tracepoints"
+    }
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+    fn drain(&mut self, _now: Nanos, out: &mut Vec<Event>) -> Option<Nanos> {
+        self.drain_events(out)
+    }
+    fn attach(&mut self, key: VcpuKey, tid: i32) -> Result<(), String> {
+        self.attach_thread(key, tid).map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg += &format!(": {s}");
+                src = s.source();
+            }
+            msg
+        })
+    }
+    fn detach(&mut self, key: VcpuKey) {
+        self.detach_thread(key);
+    }
+    fn lost(&self) -> u64 {
+        self.lost + self.counts.throttled
     }
 }
 

@@ -40,6 +40,16 @@ impl FakeKernel {
     fn is_fifo(&self, tid: i32) -> bool {
         self.attr(tid).policy == libc::SCHED_FIFO as u32
     }
+    /// The classes `tid` was put in, in order: true for FIFO.
+    fn history(&self, tid: i32) -> Vec<bool> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, ..)| *t == tid)
+            .map(|(_, a, _)| a.policy == libc::SCHED_FIFO as u32)
+            .collect()
+    }
     fn sets_by(&self, target: i32, caller: i32) -> usize {
         self.log
             .lock()
@@ -122,6 +132,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with_grace(RuntimeConfig::default().grace)
+}
+
+fn setup_with_grace(grace: Nanos) -> Setup {
     let kernel = Arc::new(FakeKernel::default());
     let (tx, rx) = mpsc::channel();
     let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -140,6 +154,7 @@ fn setup() -> Setup {
     let rt = Runtime::start(RuntimeConfig {
         applier: kernel.clone(),
         sources: vec![Box::new(source)],
+        grace,
         ..RuntimeConfig::default()
     })
     .unwrap();
@@ -178,11 +193,13 @@ const K0: VcpuKey = VcpuKey::new(0, 0);
 #[test]
 fn static_boosts_at_once_and_stop_restores() {
     let s = setup();
-    s.kernel
-        .attrs
-        .lock()
-        .unwrap()
-        .insert(1001, SchedAttr { nice: 5, ..SchedClass::Other.attr() });
+    s.kernel.attrs.lock().unwrap().insert(
+        1001,
+        SchedAttr {
+            nice: 5,
+            ..SchedClass::Other.attr()
+        },
+    );
     s.h.add_vm(0, "static", &opts(&["class=fifo:7"]), no_parts())
         .unwrap();
     let _v = s.h.add_vcpu(K0, 1001, false).unwrap();
@@ -203,61 +220,78 @@ fn static_boosts_at_once_and_stop_restores() {
 fn source_events_boost_and_timers_unboost() {
     let s = setup();
     // A wide critical-section budget: a late timer on a busy test machine must not turn
-    // the hold's end into a throttle.
+    // the hold's end into a throttle. The kernel's log is checked, not its current state,
+    // so that a short boost is seen however late this thread looks.
     s.h.add_vm(
         0,
         "dynamic",
         &opts(&["irq_hold=2ms", "cs_budget=1s"]),
         no_parts(),
     )
-        .unwrap();
+    .unwrap();
     let _v = s.h.add_vcpu(K0, 1002, false).unwrap();
     assert_eq!(*s.attached.lock().unwrap(), [K0], "sources see the thread");
     // An interrupt boosts; without a guest request the hold runs out on a timer.
     s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
-    wait_for("interrupt boost", || s.kernel.is_fifo(1002));
-    let t = Instant::now();
-    wait_for("hold expiry", || !s.kernel.is_fifo(1002));
-    assert!(t.elapsed() >= Duration::from_millis(1), "held for irq_hold");
+    wait_for("interrupt boost and hold expiry", || {
+        s.kernel.history(1002) == [true, false]
+    });
     // A guest request boosts until released.
     let rt = Reasons::NONE.with(Reason::RtTask);
     s.feed.send(Event::new(K0, VcpuEvent::Request(rt)));
-    wait_for("request boost", || s.kernel.is_fifo(1002));
+    wait_for("request boost", || s.kernel.history(1002).len() == 3);
     std::thread::sleep(Duration::from_millis(5));
     assert!(s.kernel.is_fifo(1002), "a request holds");
-    s.feed.send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
-    wait_for("release", || !s.kernel.is_fifo(1002));
+    s.feed
+        .send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
+    wait_for("release", || s.kernel.history(1002).len() == 4);
     // A wake-up boosts too.
     s.feed.send(Event::new(K0, VcpuEvent::Woken));
-    wait_for("wake-up boost", || s.kernel.is_fifo(1002));
+    wait_for("wake-up boost", || s.kernel.history(1002).len() >= 5);
     // A slot that no longer decodes ends a boost the guest asked for.
     s.feed.send(Event::new(K0, VcpuEvent::Request(rt)));
     s.feed.send(Event::new(K0, VcpuEvent::SlotInvalid));
     let st = s.h.status().unwrap();
     assert_eq!(st.vms[0].vcpus[0].bad_slots, 1);
-    assert!(st.vms[0].host_events >= 5, "{st:?}");
+    assert_eq!(st.vms[0].host_events, 2, "interrupt and wake-up: {st:?}");
     drop(s.rt);
     assert!(!s.kernel.is_fifo(1002));
+    let h = s.kernel.history(1002);
+    assert_eq!(&h[..4], [true, false, true, false]);
 }
 
 #[test]
 fn deadline_hint_boosts_ahead_of_the_deadline() {
     let s = setup();
-    s.h.add_vm(0, "deadline-aware", &opts(&["lead=1ms"]), no_parts())
-        .unwrap();
+    // A hold long enough that a timer the platform delivers late still finds the boost.
+    s.h.add_vm(
+        0,
+        "deadline-aware",
+        &opts(&["lead=1ms", "irq_hold=1s", "cs_budget=2s"]),
+        no_parts(),
+    )
+    .unwrap();
     let _v = s.h.add_vcpu(K0, 1003, false).unwrap();
     let d = mono_ns() + 20_000_000;
-    s.feed.send(Event::new(K0, VcpuEvent::DeadlineHint(Some(d))));
+    s.feed
+        .send(Event::new(K0, VcpuEvent::DeadlineHint(Some(d))));
     wait_for("lead boost", || s.kernel.is_fifo(1003));
     let at = mono_ns();
-    assert!(at >= d - 1_000_000, "not before the lead: {} µs early", (d - at) / 1000);
+    assert!(
+        at >= d - 1_000_000,
+        "not before the lead: {} µs early",
+        (d - at) / 1000
+    );
     // The guest handled its deadline and published the next one: unboost.
     while mono_ns() < d {
         std::thread::sleep(Duration::from_micros(200));
     }
+    s.feed.send(Event::new(
+        K0,
+        VcpuEvent::DeadlineHint(Some(mono_ns() + 1_000_000_000)),
+    ));
     s.feed
-        .send(Event::new(K0, VcpuEvent::DeadlineHint(Some(mono_ns() + 1_000_000_000))));
-    s.feed.send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
+        .send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
     wait_for("unboost after the deadline", || !s.kernel.is_fifo(1003));
     let st = s.h.status().unwrap();
     let v = &st.vms[0].vcpus[0];
@@ -299,13 +333,21 @@ fn hooked_vcpu_applies_its_own_decisions() {
 
 struct VcpuHandleMsg(pvsched_host::VcpuHandle);
 
-/// A hooked vCPU's own timer comes due while it runs: it handles it itself and the engine
-/// thread does not wake for it.
+/// A hooked vCPU's own timer comes due while it runs: it handles it itself (the engine
+/// thread's wake-up for it is deferred by the grace, so it usually does not wake at all).
 #[test]
 fn hooked_vcpu_takes_its_own_timers() {
-    let s = setup();
-    s.h.add_vm(0, "deadline-aware", &opts(&["lead=2ms"]), no_parts())
-        .unwrap();
+    // A grace longer than the test: the engine thread cannot get there first even on a
+    // machine too busy to run this thread for a while.
+    let s = setup_with_grace(60_000_000_000);
+    // Holds and budgets longer than the test: only the lead timer matters here.
+    s.h.add_vm(
+        0,
+        "deadline-aware",
+        &opts(&["lead=2ms", "irq_hold=60s", "cs_budget=60s"]),
+        no_parts(),
+    )
+    .unwrap();
     let (tid_tx, tid_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<VcpuHandleMsg>();
     let kernel = s.kernel.clone();
@@ -329,17 +371,15 @@ fn hooked_vcpu_takes_its_own_timers() {
     });
     let tid = tid_rx.recv().unwrap();
     let v = s.h.add_vcpu(K0, tid, true).unwrap();
-    let before = s.h.status().unwrap().cost.wakeups;
     go_tx.send(VcpuHandleMsg(v)).unwrap();
     let own = t.join().unwrap();
     assert_eq!(own, 1, "the vCPU boosted itself");
     let st = s.h.status().unwrap();
-    assert_eq!(st.cost.engine_setattr, 0);
-    // The status requests themselves wake the engine; the timer did not.
-    assert!(
-        st.cost.wakeups <= before + 2,
-        "{} wake-ups for one timer",
-        st.cost.wakeups - before
+    assert_eq!(
+        st.cost.engine_setattr,
+        0,
+        "the engine thread applied nothing: {:?}",
+        s.kernel.log.lock().unwrap()
     );
 }
 
@@ -383,7 +423,8 @@ fn control_requests_change_the_engine_and_restore() {
     s.h.set_enabled(None, true).unwrap();
     assert!(s.kernel.is_fifo(2001));
     // Driver swap on VM 1 boosts it; the engine thread outranks the new class.
-    s.h.set_driver(1, "static", &opts(&["class=fifo:30"])).unwrap();
+    s.h.set_driver(1, "static", &opts(&["class=fifo:30"]))
+        .unwrap();
     assert_eq!(s.kernel.attr(2002).priority, 30);
     // Removing a vCPU or a VM restores.
     s.h.remove_vcpu(K0).unwrap();
@@ -439,7 +480,8 @@ fn publisher_gets_states_and_feeds_back_requests() {
         publisher: Some(Box::new(Slot(states.clone(), Reason::RtTask.bit()))),
         sources: Vec::new(),
     };
-    s.h.add_vm(0, "dynamic", &DriverOptions::new(), parts).unwrap();
+    s.h.add_vm(0, "dynamic", &DriverOptions::new(), parts)
+        .unwrap();
     let _v = s.h.add_vcpu(K0, 4001, false).unwrap();
     assert!(s.kernel.is_fifo(4001), "request seen in the handshake");
     assert_eq!(

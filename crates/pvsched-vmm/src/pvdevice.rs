@@ -15,6 +15,7 @@
 //! boosting for that vCPU.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+pub use pvsched_host::slot::GuestSlot;
 use pvsched_proto::abi::{
     self, BoostState, CPUID_LEAF_INFO, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE, MSR_COUNT,
     SLOT_ENABLE, SLOT_SIZE,
@@ -332,6 +333,12 @@ impl PvDevice {
         }
     }
 
+    /// vCPU `vcpu`'s slot `seq` (one atomic load: a cheap "did it change?"), if it has a slot.
+    pub fn seq(&self, vcpu: usize) -> Option<u32> {
+        let gpa = self.slot_gpa(vcpu)?;
+        Some(GuestSlot::new(&self.mem, gpa).load_u32(abi::off::SEQ))
+    }
+
     /// Decodes vCPU `vcpu`'s slot: `Ok(None)` when it has none.
     pub fn snapshot(&self, vcpu: usize) -> Result<Option<SlotSnapshot>, DecodeError> {
         let Some(gpa) = self.slot_gpa(vcpu) else {
@@ -365,49 +372,6 @@ impl PvDevice {
             .get(vcpu)
             .and_then(|e| e.read().ok())
             .unwrap_or(0)
-    }
-}
-
-/// A slot in guest memory, accessed with atomics. Addresses were validated at registration;
-/// a failed access reads as 0 and writes nothing.
-pub struct GuestSlot<'a> {
-    mem: &'a GuestMemoryMmap,
-    gpa: u64,
-}
-
-impl<'a> GuestSlot<'a> {
-    /// The slot at `gpa`.
-    pub fn new(mem: &'a GuestMemoryMmap, gpa: u64) -> Self {
-        GuestSlot { mem, gpa }
-    }
-
-    fn addr(&self, off: usize) -> GuestAddress {
-        GuestAddress(self.gpa + off as u64)
-    }
-}
-
-impl SlotMemory for GuestSlot<'_> {
-    fn load_u32(&self, off: usize) -> u32 {
-        self.mem
-            .load(self.addr(off), Ordering::Acquire)
-            .unwrap_or(0)
-    }
-    fn store_u32(&self, off: usize, v: u32) {
-        let _ = self.mem.store(v, self.addr(off), Ordering::Release);
-    }
-    fn load_u8(&self, off: usize) -> u8 {
-        self.mem
-            .load(self.addr(off), Ordering::Acquire)
-            .unwrap_or(0)
-    }
-    fn store_u8(&self, off: usize, v: u8) {
-        let _ = self.mem.store(v, self.addr(off), Ordering::Release);
-    }
-    fn store_u64(&self, off: usize, v: u64) {
-        let _ = self.mem.store(v, self.addr(off), Ordering::Release);
-    }
-    fn fence(&self) {
-        std::sync::atomic::fence(Ordering::SeqCst);
     }
 }
 

@@ -151,6 +151,14 @@ impl Drop for RunPtrGuard {
     }
 }
 
+/// Code the VMM runs on a vCPU's own thread after every exit to userspace, before it enters
+/// the guest again: where the host engine observes the guest's slot and applies the vCPU's
+/// own boosts and unboosts without waking anyone.
+pub trait ExitHook: Send {
+    /// Called after every exit to userspace.
+    fn on_exit(&mut self);
+}
+
 /// A vCPU ready to run on the current thread.
 pub struct Vcpu {
     index: usize,
@@ -176,7 +184,11 @@ impl Vcpu {
 
     /// Runs the vCPU until the guest reports it is done, `stop` is set and the thread is
     /// kicked, or an error. Must be called on the thread that the kick targets.
-    pub fn run(&mut self, stop: &AtomicBool) -> Result<VcpuRunStats, VcpuError> {
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        mut hook: Option<Box<dyn ExitHook>>,
+    ) -> Result<VcpuRunStats, VcpuError> {
         let _published = RunPtrGuard::new(&mut self.fd);
         let start = Instant::now();
         let cpu0 = thread_cpu_time();
@@ -188,6 +200,9 @@ impl Vcpu {
             }
             let exit = self.fd.run();
             user_exits += 1;
+            if let Some(h) = hook.as_mut() {
+                h.on_exit();
+            }
             match exit {
                 Ok(VcpuExit::IoOut(PORT_YIELD, _)) => {}
                 Ok(VcpuExit::IoOut(PORT_DONE, _)) => break VcpuEnd::GuestDone,

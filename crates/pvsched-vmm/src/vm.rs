@@ -2,7 +2,7 @@
 
 use crate::layout::{self, CODE_ADDR, CODE_MAX, MAX_VCPUS, MEM_SIZE};
 use crate::pvdevice::{PvConfig, PvDevice, PvEvent};
-use crate::vcpu::{self, Vcpu, VcpuError, VcpuRunStats};
+use crate::vcpu::{self, ExitHook, Vcpu, VcpuError, VcpuRunStats};
 use crate::x86;
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msr_entry, kvm_regs,
@@ -480,7 +480,7 @@ impl Vm {
         for (index, fd) in self.vcpus.into_iter().enumerate() {
             let stop = Arc::new(AtomicBool::new(false));
             let (tid_tx, tid_rx) = mpsc::channel();
-            let (go_tx, go_rx) = mpsc::channel::<()>();
+            let (go_tx, go_rx) = mpsc::channel::<Option<Box<dyn ExitHook>>>();
             let mut vcpu = Vcpu::new(index, fd, self.mem.clone(), pv.clone());
             let thread_stop = stop.clone();
             let handle = std::thread::Builder::new()
@@ -488,7 +488,7 @@ impl Vm {
                 .spawn(move || {
                     let _ = tid_tx.send(vcpu::gettid());
                     match go_rx.recv() {
-                        Ok(()) => vcpu.run(&thread_stop).map(Some),
+                        Ok(hook) => vcpu.run(&thread_stop, hook).map(Some),
                         // The VM was dropped before it was started.
                         Err(_) => Ok(None),
                     }
@@ -500,6 +500,7 @@ impl Vm {
                 tid,
                 stop,
                 go: Some(go_tx),
+                hook: None,
                 handle: Some(handle),
             });
         }
@@ -606,7 +607,8 @@ struct VcpuThread {
     index: usize,
     tid: i32,
     stop: Arc<AtomicBool>,
-    go: Option<mpsc::Sender<()>>,
+    go: Option<mpsc::Sender<Option<Box<dyn ExitHook>>>>,
+    hook: Option<Box<dyn ExitHook>>,
     handle: Option<JoinHandle<Result<Option<VcpuRunStats>, VcpuError>>>,
 }
 
@@ -780,7 +782,17 @@ impl RunningVm {
     pub fn go(&mut self) {
         for t in &mut self.threads {
             if let Some(go) = t.go.take() {
-                let _ = go.send(());
+                let _ = go.send(t.hook.take());
+            }
+        }
+    }
+
+    /// Gives vCPU `index`'s thread `hook` to run after each of its exits (before
+    /// [`RunningVm::go`]; afterwards it is dropped).
+    pub fn set_exit_hook(&mut self, index: usize, hook: Box<dyn ExitHook>) {
+        if let Some(t) = self.threads.get_mut(index) {
+            if t.go.is_some() {
+                t.hook = Some(hook);
             }
         }
     }

@@ -265,11 +265,15 @@ fn requests_while_boosted_cause_no_exits() {
         return;
     }
     const N: u64 = 2000;
-    let (lazy_exits, quiet, _) = exercise(true, N);
-    let (control_exits, control_quiet, control_rings) = exercise(false, N);
-    // Boosted: all N requests were lazy (no doorbell); unboosted: each one rang.
-    assert_eq!(quiet, N, "every request while boosted was lazy");
-    assert_eq!(control_quiet, 0);
+    let (lazy_exits, quiet, lazy_rings) = exercise(true, N);
+    let (control_exits, _, control_rings) = exercise(false, N);
+    // Boosted: all N requests were lazy (no doorbell; the guest's interrupt-time requests
+    // are lazy by design and count as quiet too); unboosted: each one rang.
+    assert!(
+        quiet >= N,
+        "every request while boosted was lazy: {quiet} quiet"
+    );
+    assert!(lazy_rings < N / 10, "{lazy_rings} doorbells while boosted");
     assert!(
         control_rings >= N,
         "{control_rings} doorbells in the control run"
