@@ -106,7 +106,7 @@ pub struct BenchArgs {
     /// Rounds over the matrix (default 3, 1 with --quick).
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// Duration of each cell (default 8s, 1.5s with --quick).
+    /// Duration of each cell (default 5s, 0.5s with --quick).
     #[arg(long, value_parser = parse_duration)]
     pub cell_duration: Option<Duration>,
     /// Host load in busy cells.

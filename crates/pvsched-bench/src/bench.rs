@@ -52,22 +52,30 @@ pub struct CellKey {
     pub host: HostState,
     /// Guest busy between timer events.
     pub guest_busy: bool,
+    /// The guest runs its deadline task (off: the RFC's cyclictest-only setting).
+    #[serde(default = "yes")]
+    pub task: bool,
     /// Policy driver.
     pub policy: String,
     /// Latency-probe interval, µs.
     pub interval_us: u64,
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl CellKey {
     /// A short label for progress output.
     pub fn label(&self) -> String {
         format!(
-            "{} host, {} guest, {} µs, {}",
+            "{} host, {} guest{}, {} µs, {}",
             match self.host {
                 HostState::Idle => "idle",
                 HostState::Busy => "busy",
             },
             if self.guest_busy { "busy" } else { "idle" },
+            if self.task { "" } else { " without task" },
             self.interval_us,
             self.policy
         )
@@ -95,10 +103,10 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// The default run: 3 rounds × 22 cells × 7 s (about 8.5 minutes).
+    /// The default run: 3 rounds × 42 cells × 5 s (about 12 minutes).
     pub fn standard(cpus: usize) -> Self {
         BenchConfig {
-            cell_duration: Duration::from_secs(7),
+            cell_duration: Duration::from_secs(5),
             rounds: 3,
             vcpus: cpus.max(1),
             host_load: HostLoadKind::Builtin,
@@ -116,24 +124,29 @@ impl BenchConfig {
         }
     }
 
-    /// The cells of one round, in run order: per interval, per host state, the policies side
-    /// by side; then the floor (idle host, idle guest, no boosting) per interval.
+    /// The cells of one round, in run order: per interval, per host state, with and without
+    /// the deadline task, the policies side by side; then the floor (idle host, idle guest,
+    /// no boosting) per interval.
     pub fn plan(&self) -> Vec<CellKey> {
         let mut cells = Vec::new();
         for &interval_us in &self.intervals_us {
             for host in [HostState::Busy, HostState::Idle] {
-                for p in &self.policies {
-                    cells.push(CellKey {
-                        host,
-                        guest_busy: true,
-                        policy: p.clone(),
-                        interval_us,
-                    });
+                for task in [true, false] {
+                    for p in &self.policies {
+                        cells.push(CellKey {
+                            host,
+                            guest_busy: true,
+                            task,
+                            policy: p.clone(),
+                            interval_us,
+                        });
+                    }
                 }
             }
             cells.push(CellKey {
                 host: HostState::Idle,
                 guest_busy: false,
+                task: true,
                 policy: "none".into(),
                 interval_us,
             });
@@ -193,6 +206,7 @@ pub struct BenchOutcome {
 fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> ExperimentConfig {
     let interval = Duration::from_micros(key.interval_us);
     let task_by_vcpu = (0..cfg.vcpus)
+        .filter(|_| key.task)
         .map(|i| {
             let ms = TASK_PERIODS_MS[(i + round) % TASK_PERIODS_MS.len()];
             Some(TaskConfig {
@@ -208,6 +222,11 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
             guest: GuestConfig {
                 interval,
                 busy: key.guest_busy,
+                task: if key.task {
+                    GuestConfig::default().task
+                } else {
+                    None
+                },
                 ..GuestConfig::default()
             },
             pv: Some(PvConfig::default()),
@@ -415,6 +434,14 @@ pub struct CellSummary {
     pub throttles: Stat,
     /// Boost decision → applied p99, µs.
     pub applied_p99: Stat,
+    /// The engine thread's CPU, % of one core.
+    pub engine_cpu_pct: Stat,
+    /// Engine thread wake-ups per second.
+    pub wakeups_per_s: Stat,
+    /// `sched_setattr` calls per second (engine and vCPU threads).
+    pub setattr_per_s: Stat,
+    /// Probe periods skipped because the guest was already past them, % of periods.
+    pub overrun_pct: Stat,
 }
 
 fn metric(rounds: &[Report], f: impl Fn(&Report) -> f64) -> Stat {
@@ -497,6 +524,19 @@ pub fn summarize(c: &CellResult) -> CellSummary {
             x.policy.per_vcpu.iter().map(|p| p.throttles as f64).sum()
         }),
         applied_p99: metric(r, |x| x.policy.boost_latency.p99_us),
+        engine_cpu_pct: metric(r, |x| x.policy.cost.engine_cpu_percent),
+        wakeups_per_s: metric(r, |x| x.policy.cost.wakeups_per_s),
+        setattr_per_s: metric(r, |x| x.policy.cost.setattr_per_s),
+        overrun_pct: metric(r, |x| {
+            let (n, o) = x.per_vcpu.iter().fold((0u64, 0u64), |(n, o), v| {
+                (n + v.latency.count, o + v.overruns)
+            });
+            if n + o > 0 {
+                o as f64 / (n + o) as f64 * 100.0
+            } else {
+                f64::NAN
+            }
+        }),
     }
 }
 
@@ -516,7 +556,7 @@ mod tests {
     fn plan_interleaves_policies_and_adds_floor_cells() {
         let c = BenchConfig::standard(2);
         let p = c.plan();
-        assert_eq!(p.len(), 2 * (2 * 5 + 1));
+        assert_eq!(p.len(), 2 * (2 * 2 * 5 + 1));
         assert_eq!(
             p[..5].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
             POLICIES
@@ -524,6 +564,7 @@ mod tests {
         assert!(p
             .iter()
             .all(|k| k.guest_busy || (k.policy == "none" && k.host == HostState::Idle)));
+        assert_eq!(p.iter().filter(|k| !k.task).count(), 2 * 2 * 5);
         let mut sorted = p.clone();
         sorted.sort();
         sorted.dedup();

@@ -88,10 +88,22 @@ struct View<'a> {
 }
 
 impl View<'_> {
+    /// The busy-guest cell with the deadline task.
     fn find(
         &self,
         host: HostState,
         busy: bool,
+        policy: &str,
+        interval: u64,
+    ) -> Option<&CellSummary> {
+        self.find_task(host, busy, true, policy, interval)
+    }
+
+    fn find_task(
+        &self,
+        host: HostState,
+        busy: bool,
+        task: bool,
         policy: &str,
         interval: u64,
     ) -> Option<&CellSummary> {
@@ -101,6 +113,7 @@ impl View<'_> {
             .position(|c| {
                 c.key.host == host
                     && c.key.guest_busy == busy
+                    && c.key.task == task
                     && c.key.policy == policy
                     && c.key.interval_us == interval
             })
@@ -160,8 +173,8 @@ fn markdown(v: &View<'_>, title: &str) -> String {
     let _ = writeln!(
         s,
         "{} rounds × {} cells × {:.1} s{}; {} vCPUs, each with a deadline task (periods {} ms \
-         rotating over the vCPUs from round to round, work 12.5 % of the period), guest busy \
-         between timer events; busy host = {} {}; \
+         rotating over the vCPUs from round to round, work 12.5 % of the period) in the cells \
+         that say so, guest busy between timer events; busy host = {} {}; \
          pvsched protocol v1 offered in every cell; `dynamic` also uses LAPIC-timer tracepoints. \
          Values: median over rounds [min–max]. Total {:.0} s.\n",
         c.rounds,
@@ -198,9 +211,15 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         );
         let _ = writeln!(s, "|---|---|{}", "---|".repeat(policies.len()));
     };
-    for (host, name) in [
-        (HostState::Busy, "Busy host"),
-        (HostState::Idle, "Idle host"),
+    for (host, task, name) in [
+        (HostState::Busy, true, "Busy host, deadline task on"),
+        (
+            HostState::Busy,
+            false,
+            "Busy host, no deadline task (the RFC's cyclictest-only setting)",
+        ),
+        (HostState::Idle, true, "Idle host, deadline task on"),
+        (HostState::Idle, false, "Idle host, no deadline task"),
     ] {
         let _ = writeln!(s, "## {name}: guest timer wake-up latency (µs)\n");
         header(&mut s, "interval");
@@ -217,7 +236,7 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 let row: Vec<String> = policies
                     .iter()
                     .map(|p| {
-                        v.find(host, true, p, i)
+                        v.find_task(host, true, task, p, i)
                             .map_or("–".into(), |x| cell_stat(f(x), &us))
                     })
                     .collect();
@@ -226,43 +245,60 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         }
         let _ = writeln!(s);
     }
-    let _ = writeln!(s, "## Busy host: what it costs the host\n");
-    header(&mut s, "interval");
-    for &i in &c.intervals_us {
-        let base = v
-            .find(HostState::Busy, true, "none", i)
-            .map(|x| x.load_throughput.median);
-        for (m, f) in [
-            (
-                "host probe avg (µs)",
-                (|x: &CellSummary| x.probe_avg) as fn(&CellSummary) -> Stat,
-            ),
-            ("host probe max (µs)", |x| x.probe_max),
-        ] {
-            let row: Vec<String> = policies
-                .iter()
-                .map(|p| {
-                    v.find(HostState::Busy, true, p, i)
-                        .map_or("–".into(), |x| cell_stat(f(x), &us))
-                })
-                .collect();
-            let _ = writeln!(s, "| {i} µs | {m} | {} |", row.join(" | "));
-        }
-        let row: Vec<String> = policies
-            .iter()
-            .map(|p| {
-                v.find(HostState::Busy, true, p, i).map_or("–".into(), |x| {
-                    ratio(x.load_throughput.median, base.unwrap_or(f64::NAN))
-                })
-            })
-            .collect();
+    for (host, task, name) in [
+        (HostState::Busy, true, "Busy host, deadline task on"),
+        (HostState::Busy, false, "Busy host, no deadline task"),
+        (HostState::Idle, true, "Idle host, deadline task on"),
+    ] {
         let _ = writeln!(
             s,
-            "| {i} µs | host load throughput vs vanilla | {} |",
-            row.join(" | ")
+            "## {name}: what it costs the host, and the engine's own cost\n"
         );
+        header(&mut s, "interval");
+        for &i in &c.intervals_us {
+            let base = v
+                .find_task(host, true, task, "none", i)
+                .map(|x| x.load_throughput.median);
+            let num = |x: f64| format!("{x:.2}");
+            for (m, f, fmt) in [
+                (
+                    "host probe avg (µs)",
+                    (|x: &CellSummary| x.probe_avg) as fn(&CellSummary) -> Stat,
+                    &us as &dyn Fn(f64) -> String,
+                ),
+                ("host probe max (µs)", |x| x.probe_max, &us),
+                ("engine CPU (% of a core)", |x| x.engine_cpu_pct, &num),
+                ("engine wake-ups / s", |x| x.wakeups_per_s, &us),
+                ("sched_setattr / s", |x| x.setattr_per_s, &us),
+                ("probe periods overrun", |x| x.overrun_pct, &pct),
+            ] {
+                let row: Vec<String> = policies
+                    .iter()
+                    .map(|p| {
+                        v.find_task(host, true, task, p, i)
+                            .map_or("–".into(), |x| cell_stat(f(x), fmt))
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {i} µs | {m} | {} |", row.join(" | "));
+            }
+            if host == HostState::Busy {
+                let row: Vec<String> = policies
+                    .iter()
+                    .map(|p| {
+                        v.find_task(host, true, task, p, i).map_or("–".into(), |x| {
+                            ratio(x.load_throughput.median, base.unwrap_or(f64::NAN))
+                        })
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "| {i} µs | host load throughput vs vanilla | {} |",
+                    row.join(" | ")
+                );
+            }
+        }
+        let _ = writeln!(s);
     }
-    let _ = writeln!(s);
     let _ = writeln!(s, "## Busy host: deadline-task glitches (% of jobs late)\n");
     header(&mut s, "interval");
     for &i in &c.intervals_us {

@@ -43,12 +43,17 @@ pub fn render(r: &Report) -> String {
         let l = &v.latency;
         let _ = writeln!(
             s,
-            "H:{:2} p50:{:>7} p90:{:>7} p99:{:>7} p99.9:{:>7}{}",
+            "H:{:2} p50:{:>7} p90:{:>7} p99:{:>7} p99.9:{:>7}{}{}",
             v.index,
             us(l.p50_us),
             us(l.p90_us),
             us(l.p99_us),
             us(l.p999_us),
+            if v.overruns > 0 {
+                format!("  overruns {} (periods skipped, already past)", v.overruns)
+            } else {
+                String::new()
+            },
             if v.lost > 0 {
                 format!("  ({} samples lost)", v.lost)
             } else {
@@ -163,6 +168,26 @@ pub fn render(r: &Report) -> String {
             us(l.p50_us),
             us(l.p99_us),
             us(l.max_us)
+        );
+    }
+    let c = &pol.cost;
+    if c.uptime_s > 0.0 {
+        let _ = writeln!(
+            s,
+            "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s, {:.0} sched_setattr/s \
+             ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
+             the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
+             vCPU threads {}",
+            c.engine_cpu_percent,
+            c.engine_cpu_s * 1e3,
+            c.wakeups_per_s,
+            c.setattr_per_s,
+            c.engine_setattr,
+            c.vcpu_setattr,
+            c.vcpu_handle_calls,
+            c.vcpu_handle_busy,
+            c.engine_timers,
+            c.vcpu_timers
         );
     }
     for e in &pol.errors {

@@ -463,15 +463,9 @@ impl Daemon<'_> {
     }
 
     fn handle_ctl(&mut self, stream: &UnixStream) -> serde_json::Value {
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-        let mut line = String::new();
-        if BufReader::new(stream.take(MAX_REQUEST))
-            .read_line(&mut line)
-            .is_err()
-        {
+        let Some(line) = read_request(stream) else {
             return serde_json::json!({"ok": false, "error": "no request"});
-        }
+        };
         let words: Vec<&str> = line.split_whitespace().collect();
         tracing::info!(request = %line.trim().chars().take(200).collect::<String>(), "ctl");
         let vm_arg = |w: Option<&&str>| -> Result<Option<u32>, String> {
@@ -510,6 +504,32 @@ impl Daemon<'_> {
             Err(e) => serde_json::json!({"ok": false, "error": e}),
         }
     }
+}
+
+/// Reads one request line: at most [`MAX_REQUEST`] bytes within [`CLIENT_TIMEOUT`] in all,
+/// so a client that trickles bytes holds up the control plane no longer than that.
+fn read_request(stream: &UnixStream) -> Option<String> {
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let _ = stream.set_nonblocking(false);
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 256];
+    let mut r = stream;
+    while buf.len() < MAX_REQUEST as usize {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        match r.read(&mut byte) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&byte[..n]);
+                if buf.contains(&b'\n') {
+                    break;
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    Some(String::from_utf8_lossy(line).into_owned())
 }
 
 fn all_pids() -> Vec<i32> {

@@ -64,6 +64,8 @@ const ORIGINAL: u64 = 0;
 const UNKNOWN: u64 = u64::MAX;
 /// After a race with a vCPU lowering itself, the engine re-applies this much later.
 const RECHECK_NS: Nanos = 50_000;
+/// Lead timers due this soon are fired together with an earlier wake-up of the engine thread.
+const COALESCE_NS: Nanos = 50_000;
 /// A hooked vCPU that called its handle within this window counts as running.
 const ACTIVE_NS: Nanos = 1_000_000;
 /// How long a control request waits for the engine thread.
@@ -247,6 +249,9 @@ struct Shared {
     errors: Mutex<VecDeque<String>>,
     error_count: AtomicU64,
     hook_busy: AtomicU64,
+    /// Timers fired by the engine thread / by vCPU threads for themselves.
+    timers_engine: AtomicU64,
+    timers_vcpu: AtomicU64,
 }
 
 impl Shared {
@@ -368,6 +373,12 @@ struct Core {
     rechecks: Vec<(Nanos, Arc<ThreadCell>)>,
     /// When the engine thread's timer is armed.
     armed: Option<Nanos>,
+    /// The timer fired and was not set since.
+    fired: bool,
+    /// Scratch list of due timers.
+    due: Vec<(Nanos, VcpuKey, TimerKind)>,
+    /// Live timers fired by the last `due_timers` calls (taken by the caller).
+    fired_timers: u64,
 }
 
 impl Core {
@@ -380,9 +391,11 @@ impl Core {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if at != self.armed {
+        // A timer that fired stays readable until it is set again.
+        if at != self.armed || self.fired {
             shared.timer.set(at);
             self.armed = at;
+            self.fired = false;
         }
     }
 
@@ -439,19 +452,28 @@ impl Core {
     }
 
     /// Moves the due timers (of `only`, or of every vCPU) into `events`; drops dead ones.
+    /// On the engine thread (`only` = `None`), lead timers due within [`COALESCE_NS`] fire
+    /// with the ones due now: a boost a little early is harmless and saves a wake-up.
     fn due_timers(&mut self, now: Nanos, only: Option<VcpuKey>) -> Option<Nanos> {
         let mut first = None;
-        let due: Vec<(Nanos, VcpuKey, TimerKind)> = self
-            .order
-            .iter()
-            .take_while(|(at, ..)| *at <= now)
-            .filter(|(_, k, _)| only.is_none_or(|o| o == *k))
-            .copied()
-            .collect();
-        for (at, key, kind) in due {
+        let mut fired = 0u64;
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        let early = if only.is_none() { COALESCE_NS } else { 0 };
+        due.extend(
+            self.order
+                .iter()
+                .take_while(|(at, ..)| *at <= now.saturating_add(early))
+                .filter(|(at, k, kind)| {
+                    only.is_none_or(|o| o == *k) && (*at <= now || *kind == TimerKind::Lead)
+                })
+                .copied(),
+        );
+        for &(at, key, kind) in &due {
             self.order.remove(&(at, key, kind));
             if let Some((_, gen)) = self.timers.remove(&(key, kind)) {
                 if self.is_live(key, kind, gen) {
+                    fired += 1;
                     self.events
                         .push(Event::new(key, VcpuEvent::Timer(kind, gen)));
                     first = Some(first.map_or(at, |f: Nanos| f.min(at)));
@@ -459,6 +481,8 @@ impl Core {
             }
             self.update_next(key);
         }
+        self.due = due;
+        self.fired_timers += fired;
         first
     }
 
@@ -605,6 +629,8 @@ impl VcpuHandle {
             core.events
                 .extend(events.iter().map(|&what| Event::new(key, what)));
             let due = core.due_timers(now, Some(key));
+            let fired = std::mem::take(&mut core.fired_timers);
+            self.shared.timers_vcpu.fetch_add(fired, Ordering::Relaxed);
             let trigger = due.map_or(now, |t| t.min(now));
             core.process(&self.shared, now, trigger, &mut self.touched);
             // The engine thread sleeps until the earliest timer; one armed here moves its
@@ -763,6 +789,9 @@ impl Runtime {
                 enabled: true,
                 rechecks: Vec::new(),
                 armed: None,
+                fired: false,
+                due: Vec::with_capacity(16),
+                fired_timers: 0,
             }),
             applier: cfg.applier,
             classes: ClassTable::new(),
@@ -775,6 +804,8 @@ impl Runtime {
             errors: Mutex::new(VecDeque::new()),
             error_count: AtomicU64::new(0),
             hook_busy: AtomicU64::new(0),
+            timers_engine: AtomicU64::new(0),
+            timers_vcpu: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let epoll = Epoll::new()?;
@@ -834,13 +865,8 @@ impl Runtime {
         let t = self.thread.take()?;
         self.handle.shared.stopped.store(true, Ordering::Release);
         let _ = self.handle.shared.wake.write(1);
-        match t.join() {
-            Ok(s) => Some(s),
-            Err(_) => {
-                // The guard restored everything while the thread unwound.
-                None
-            }
-        }
+        // A thread that panicked restored everything while it unwound (its guard).
+        t.join().ok()
     }
 }
 
@@ -1056,10 +1082,8 @@ impl Loop {
             let mut events = Vec::new();
             for ev in &ready[..n] {
                 match ev.data() {
-                    TOKEN_TIMER => {
-                        self.shared.timer.drain();
-                        self.shared.lock().armed = None;
-                    }
+                    // No read of the timerfd: re-arming it below resets its expiry count.
+                    TOKEN_TIMER => self.shared.lock().fired = true,
                     TOKEN_COMMAND => {
                         let _ = self.shared.wake.read();
                     }
@@ -1125,6 +1149,8 @@ impl Loop {
             }
             core.events.extend_from_slice(events);
             let due = core.due_timers(now, None);
+            let fired = std::mem::take(&mut core.fired_timers);
+            shared.timers_engine.fetch_add(fired, Ordering::Relaxed);
             let trigger = due.map_or(trigger, |t| t.min(trigger));
             core.process(&shared, now, trigger, &mut self.touched);
             // Changes that raced with a vCPU lowering itself are applied again now.
@@ -1433,6 +1459,8 @@ impl Loop {
                 setattr_per_s: per_s(remote_sets + self_sets),
                 vcpu_handle_calls: hook_calls,
                 vcpu_handle_busy: self.shared.hook_busy.load(Ordering::Relaxed),
+                engine_timers: self.shared.timers_engine.load(Ordering::Relaxed),
+                vcpu_timers: self.shared.timers_vcpu.load(Ordering::Relaxed),
             },
             host_events_lost: lost,
             apply_errors: self.shared.error_count.load(Ordering::Relaxed),
@@ -1481,6 +1509,12 @@ pub struct Cost {
     pub vcpu_handle_calls: u64,
     /// Times a vCPU thread found the engine busy and tried again later.
     pub vcpu_handle_busy: u64,
+    /// Engine timers (budget, cooldown, lead) fired by the engine thread.
+    #[serde(default)]
+    pub engine_timers: u64,
+    /// Engine timers fired by vCPU threads for themselves, at their exits.
+    #[serde(default)]
+    pub vcpu_timers: u64,
 }
 
 /// One vCPU in [`Status`].

@@ -310,9 +310,7 @@ fn hooked_vcpu_applies_its_own_decisions() {
     let kernel = s.kernel.clone();
     let t = std::thread::spawn(move || {
         tid_tx.send(gettid()).unwrap();
-        let mut v = match go_rx.recv().unwrap() {
-            VcpuHandleMsg(v) => v,
-        };
+        let VcpuHandleMsg(mut v) = go_rx.recv().unwrap();
         let rt = Reasons::NONE.with(Reason::RtTask);
         assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
         let me = gettid();

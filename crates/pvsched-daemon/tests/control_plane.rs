@@ -1,0 +1,136 @@
+//! The control plane cannot stall the engine: while a ctl client trickles its request one
+//! byte at a time, a guest's request is boosted and its budget still ends the boost on time.
+//! Needs the privilege to set real-time classes (skips, saying why, without it); no KVM.
+
+use pvsched_daemon::{DaemonConfig, ProtocolSpec, VmSource, VmSpec};
+use pvsched_host::sched::{self, SchedClass, SchedGuard};
+use pvsched_host::slot::GuestSlot;
+use pvsched_host::trace::TraceConfig;
+use pvsched_policy::DriverOptions;
+use pvsched_proto::abi::{off, Reason};
+use pvsched_proto::SlotMemory;
+use pvsched_testutil::{skip, ParkedThread};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+const SLOT: u64 = 0x1000;
+
+fn is_fifo(tid: i32) -> bool {
+    sched::get(tid).is_ok_and(|a| a.policy == libc::SCHED_FIFO as u32)
+}
+
+#[test]
+fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
+    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
+        skip!("a_stalled_ctl_client_does_not_delay_a_budget_unboost: {e}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pvsched-cp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let memory = dir.join("guest-ram");
+    std::fs::write(&memory, vec![0u8; 0x4000]).unwrap();
+    let vcpu = ParkedThread::spawn();
+    let tid = vcpu.tid();
+    let cfg = DaemonConfig {
+        vms: vec![VmSpec {
+            source: VmSource::Tids(vec![tid]),
+            protocol: Some(ProtocolSpec {
+                memory: memory.clone(),
+                slots: vec![SLOT],
+            }),
+        }],
+        watch: false,
+        driver: "dynamic".into(),
+        // The RT-task budget ends the boost after 50 ms.
+        opts: DriverOptions::parse(["rt_budget=50ms"]).unwrap(),
+        trace: TraceConfig {
+            timer_expiry: false,
+            wakeup: false,
+            accept_irq: false,
+        },
+        socket: dir.join("ctl.sock"),
+        state_file: dir.join("state.json"),
+        metrics: None,
+    };
+    let socket = cfg.socket.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let flag = stop.clone();
+    let daemon = std::thread::spawn(move || {
+        pvsched_daemon::run(&cfg, &flag, |_| {
+            let _ = ready_tx.send(());
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("daemon ready");
+
+    // A client that sends its request one byte every 50 ms, never a whole line, and comes
+    // back as soon as it is cut off: the control plane is kept busy with it all along.
+    let trickle_stop = Arc::new(AtomicBool::new(false));
+    let ts = trickle_stop.clone();
+    let trickler = std::thread::spawn(move || {
+        while !ts.load(Ordering::Relaxed) {
+            let Ok(mut c) = UnixStream::connect(&socket) else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            for b in b"status".iter().cycle() {
+                if ts.load(Ordering::Relaxed) || c.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+
+    // The "guest" asks for an RT-task boost through its slot in the shared memory file.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&memory)
+        .unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        0x4000,
+        Some(FileOffset::new(f, 0)),
+    )])
+    .unwrap();
+    let slot = GuestSlot::new(&mem, SLOT);
+    slot.store_u32(off::REQUEST, Reason::RtTask.bit());
+    slot.store_u32(off::SEQ, 1);
+    let t0 = Instant::now();
+    while !is_fifo(tid) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never boosted");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let boosted_at = Instant::now();
+    while is_fifo(tid) {
+        assert!(
+            boosted_at.elapsed() < Duration::from_secs(5),
+            "the budget never ended the boost"
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let held = boosted_at.elapsed();
+    let client_busy = !trickler.is_finished();
+    trickle_stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    daemon.join().unwrap().unwrap();
+    trickler.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(client_busy, "the ctl client was still trickling");
+    // The budget (50 ms) ended the boost long before the client's request could have been
+    // read: the slow client did not hold up the engine.
+    assert!(
+        held < Duration::from_millis(1000),
+        "boost held {held:?} with a 50 ms budget"
+    );
+    assert!(!is_fifo(tid));
+    drop(vcpu);
+}
