@@ -100,10 +100,10 @@ pub enum BenchLoadArg {
 /// `pvsched bench` options.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// About a minute: one round of short cells.
+    /// About two minutes: three rounds of 0.5 s cells.
     #[arg(long)]
     pub quick: bool,
-    /// Rounds over the matrix (default 3, 1 with --quick).
+    /// Rounds over the matrix (default 3).
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Duration of each cell (default 5s, 0.5s with --quick).

@@ -309,15 +309,15 @@ fn bench_quick_writes_a_complete_report() {
     let cells = v["cells"].as_array().unwrap();
     assert_eq!(
         cells.len(),
-        22,
-        "2 intervals × (2 host states × 5 policies + floor)"
+        42,
+        "2 intervals × (2 host states × task on/off × 5 policies + floor)"
     );
     let mut keys = std::collections::BTreeSet::new();
     for c in cells {
         let k = &c["key"];
         keys.insert(format!(
-            "{}/{}/{}/{}",
-            k["host"], k["guest_busy"], k["policy"], k["interval_us"]
+            "{}/{}/{}/{}/{}",
+            k["host"], k["guest_busy"], k["task"], k["policy"], k["interval_us"]
         ));
         assert_eq!(
             c["rounds"].as_array().unwrap().len(),
@@ -328,28 +328,45 @@ fn bench_quick_writes_a_complete_report() {
             c["rounds"][0]["latency"]["count"].as_u64().unwrap() > 0,
             "{k}"
         );
+        // Every run reports the engine's own cost.
+        assert!(
+            c["rounds"][0]["policy"]["cost"]["uptime_s"]
+                .as_f64()
+                .unwrap()
+                > 0.0,
+            "{k}"
+        );
         let vcpus = c["rounds"][0]["per_vcpu"].as_array().unwrap().len();
         assert_eq!(
             vcpus,
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
-    assert_eq!(keys.len(), 22, "distinct cells");
+    assert_eq!(keys.len(), 42, "distinct cells");
     for policy in ["none", "dynamic", "deadline-aware", "static", "daemon"] {
         for interval in [500, 1000] {
             for host in ["busy", "idle"] {
-                assert!(
-                    keys.contains(&format!("\"{host}\"/true/\"{policy}\"/{interval}")),
-                    "{policy} {interval} {host}"
-                );
+                for task in [true, false] {
+                    assert!(
+                        keys.contains(&format!(
+                            "\"{host}\"/true/{task}/\"{policy}\"/{interval}"
+                        )),
+                        "{policy} {interval} {host} task {task}"
+                    );
+                }
             }
         }
     }
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     for h in [
-        "## Busy host: guest timer wake-up latency",
-        "## Idle host: guest timer wake-up latency",
-        "## Busy host: what it costs the host",
+        "## Busy host, deadline task on: guest timer wake-up latency",
+        "## Busy host, no deadline task (the RFC's cyclictest-only setting): guest timer",
+        "## Idle host, deadline task on: guest timer wake-up latency",
+        "## Idle host, no deadline task: guest timer wake-up latency",
+        "## Busy host, deadline task on: what it costs the host, and the engine's own cost",
+        "| 500 µs | engine CPU (% of a core) |",
+        "| 500 µs | engine wake-ups / s |",
+        "| 500 µs | sched_setattr / s |",
         "## Busy host: deadline-task glitches",
         "| 500 µs | 10 ms task |",
         "## Ratios",
