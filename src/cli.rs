@@ -187,9 +187,11 @@ pub struct VmArgs {
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
-    /// expiries for `dynamic`, nothing otherwise), `none`, or a comma list of `timer`
-    /// (hrtimer_expire_entry on apic_timer_fn), `wakeup` (kvm_vcpu_wakeup), `irq`
-    /// (kvm_apic_accept_irq).
+    /// expiries when the guest does not speak the protocol (`--pv off`) and the policy is
+    /// `dynamic`; with the protocol the vCPU threads see the guest's requests themselves,
+    /// and a wake-up of the engine per timer expiry would cost ~25 % of a core here),
+    /// `none`, or a comma list of `timer` (hrtimer_expire_entry on apic_timer_fn), `wakeup`
+    /// (kvm_vcpu_wakeup), `irq` (kvm_apic_accept_irq).
     #[arg(long, default_value = "auto", value_parser = parse_host_events)]
     pub host_events: HostEvents,
     /// Keep guest RAM in this file (a shared mapping), so that `pvsched daemon` can read the

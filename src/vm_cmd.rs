@@ -146,7 +146,9 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
             opts: DriverOptions::parse(args.policy_opts.iter().map(String::as_str))?,
         },
         host_events: match args.host_events {
-            HostEvents::Auto => (args.policy == "dynamic").then(TraceConfig::default),
+            HostEvents::Auto => {
+                (args.policy == "dynamic" && args.pv == PvArg::Off).then(TraceConfig::default)
+            }
             HostEvents::Set(c) if c.timer_expiry || c.wakeup || c.accept_irq => Some(c),
             HostEvents::Set(_) => None,
         },

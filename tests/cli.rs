@@ -348,9 +348,7 @@ fn bench_quick_writes_a_complete_report() {
             for host in ["busy", "idle"] {
                 for task in [true, false] {
                     assert!(
-                        keys.contains(&format!(
-                            "\"{host}\"/true/{task}/\"{policy}\"/{interval}"
-                        )),
+                        keys.contains(&format!("\"{host}\"/true/{task}/\"{policy}\"/{interval}")),
                         "{policy} {interval} {host} task {task}"
                     );
                 }

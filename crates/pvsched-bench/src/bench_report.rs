@@ -175,7 +175,8 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         "{} rounds × {} cells × {:.1} s{}; {} vCPUs, each with a deadline task (periods {} ms \
          rotating over the vCPUs from round to round, work 12.5 % of the period) in the cells \
          that say so, guest busy between timer events; busy host = {} {}; \
-         pvsched protocol v1 offered in every cell; `dynamic` also uses LAPIC-timer tracepoints. \
+         pvsched protocol v1 offered in every cell (`daemon`: host-only, from LAPIC-timer \
+         tracepoints). \
          Values: median over rounds [min–max]. Total {:.0} s.\n",
         c.rounds,
         c.plan().len(),

@@ -94,6 +94,9 @@ pub struct TaskReport {
     pub jobs: u64,
     /// Jobs that finished after their deadline.
     pub glitches: u64,
+    /// Jobs missed altogether: the task was more than a period behind and skipped them.
+    #[serde(default)]
+    pub missed: u64,
     /// Mean job response time (finish − release), µs.
     pub response_avg_us: f64,
     /// Largest job response time, µs.
@@ -332,6 +335,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             work_us: t.work.as_secs_f64() * 1e6,
             jobs: mb.jobs_done,
             glitches: mb.glitches,
+            missed: mb.task_missed,
             response_avg_us: if mb.jobs_done > 0 {
                 us(mb.response_sum) / mb.jobs_done as f64
             } else {

@@ -76,14 +76,16 @@ pub fn render(r: &Report) -> String {
     );
     for v in &r.per_vcpu {
         if let Some(t) = &v.task {
-            let pct = if t.jobs > 0 {
-                t.glitches as f64 / t.jobs as f64 * 100.0
+            // A missed job (skipped while more than a period behind) is a glitch too.
+            let due = t.jobs + t.missed;
+            let pct = if due > 0 {
+                (t.glitches + t.missed) as f64 / due as f64 * 100.0
             } else {
                 0.0
             };
             let _ = writeln!(
                 s,
-                "D:{:2} period {} us work {} us ({} x {:.1} us): jobs {} glitches {} ({:.2}%) response avg {} max {} us",
+                "D:{:2} period {} us work {} us ({} x {:.1} us): jobs {} glitches {} missed {} ({:.2}%) response avg {} max {} us",
                 v.index,
                 us(t.period_us),
                 us(t.work_us),
@@ -91,6 +93,7 @@ pub fn render(r: &Report) -> String {
                 t.work_iter_us,
                 t.jobs,
                 t.glitches,
+                t.missed,
                 pct,
                 us(t.response_avg_us),
                 us(t.response_max_us)

@@ -373,7 +373,20 @@ pvsched_guest_entry:
     jne 204f
     incq {jobs_pending}(%rbx)
     addq {task_period}(%rbx), %rax
+    movq {task_period}(%rbx), %rcx
+    call 400f
     movq %rax, {task_release}(%rbx)
+    testq %r8, %r8
+    jz 204f
+    /* xrun: more than a period behind. The skipped releases and the backlog are missed
+       jobs; the task restarts with the release just before now. */
+    addq %r8, {task_missed}(%rbx)
+    movq {jobs_pending}(%rbx), %rcx
+    decq %rcx
+    addq %rcx, {task_missed}(%rbx)
+    movq $1, {jobs_pending}(%rbx)
+    subq {task_period}(%rbx), %rax
+    movq %rax, {job_release}(%rbx)
 204:call 300f
     PV_EXIT {r_softirq_bit}, {r_softirq}
 209:ret
@@ -499,6 +512,7 @@ pvsched_guest_end:
     flag_busy = const mailbox::FLAG_BUSY,
     f_unboost = const abi::feature::UNBOOST_DOORBELL,
     overruns = const offset_of!(Mailbox, overruns),
+    task_missed = const offset_of!(Mailbox, task_missed),
     cal_runs = const CALIBRATION_RUNS,
     cal_iters = const CALIBRATION_ITERS,
     cal_shift = const CALIBRATION_ITERS.trailing_zeros(),

@@ -166,6 +166,10 @@ pub struct Mailbox {
     /// re-armed (cyclictest's rule: a late guest skips to the next period in the future
     /// instead of accumulating a backlog that would read as latency).
     pub overruns: u64,
+    /// Deadline-task jobs missed: releases skipped because the task was already more than a
+    /// period behind, plus the backlog dropped then (an audio xrun: the task restarts with
+    /// the latest release instead of working off a backlog it can never catch up with).
+    pub task_missed: u64,
 }
 
 impl Mailbox {

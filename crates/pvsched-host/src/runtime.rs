@@ -64,6 +64,8 @@ const ORIGINAL: u64 = 0;
 const UNKNOWN: u64 = u64::MAX;
 /// After a race with a vCPU lowering itself, the engine re-applies this much later.
 const RECHECK_NS: Nanos = 50_000;
+/// How late the engine thread may wake for a budget check, so that checks share wake-ups.
+const BUDGET_SLACK_NS: Nanos = 100_000;
 /// Lead timers due this soon are fired together with an earlier wake-up of the engine thread.
 const COALESCE_NS: Nanos = 50_000;
 /// A hooked vCPU that called its handle within this window counts as running.
@@ -240,6 +242,8 @@ struct Shared {
     applier: Arc<dyn Applier>,
     classes: ClassTable,
     timer: DeadlineTimer,
+    /// The newest [`TimerSet`] applied to `timer`.
+    timer_seq: Mutex<u64>,
     wake: EventFd,
     stopped: AtomicBool,
     engine_tid: AtomicU32,
@@ -254,7 +258,25 @@ struct Shared {
     timers_vcpu: AtomicU64,
 }
 
+/// A setting of the engine thread's timer, decided under the core lock and applied after
+/// it (the syscall stays out of the lock); a setting older than one already applied is
+/// dropped, so the latest decision always wins.
+#[derive(Clone, Copy)]
+struct TimerSet {
+    seq: u64,
+    at: Option<Nanos>,
+}
+
 impl Shared {
+    fn set_timer(&self, t: Option<TimerSet>) {
+        let Some(t) = t else { return };
+        let mut last = self.timer_seq.lock().unwrap_or_else(|p| p.into_inner());
+        if t.seq > *last {
+            self.timer.set(t.at);
+            *last = t.seq;
+        }
+    }
+
     /// The core, unless another thread holds it (counted).
     fn try_core(&self) -> Option<MutexGuard<'_, Core>> {
         match self.core.try_lock() {
@@ -377,6 +399,8 @@ struct Core {
     fired: bool,
     /// Scratch list of due timers.
     due: Vec<(Nanos, VcpuKey, TimerKind)>,
+    /// Generation of the engine thread's timer setting (see [`TimerSet`]).
+    arm_seq: u64,
     /// Live timers fired by the last `due_timers` calls (taken by the caller).
     fired_timers: u64,
 }
@@ -384,7 +408,7 @@ struct Core {
 impl Core {
     /// Re-arms the engine thread's timer for the earliest of the timers and rechecks (a
     /// syscall only when that time changed).
-    fn arm(&mut self, shared: &Shared, now: Nanos) {
+    fn arm(&mut self, shared: &Shared, now: Nanos) -> Option<TimerSet> {
         let next = self.next_wake(now, shared.grace);
         let recheck = self.rechecks.iter().map(|r| r.0).min();
         let at = match (next, recheck) {
@@ -393,10 +417,15 @@ impl Core {
         };
         // A timer that fired stays readable until it is set again.
         if at != self.armed || self.fired {
-            shared.timer.set(at);
             self.armed = at;
             self.fired = false;
+            self.arm_seq += 1;
+            return Some(TimerSet {
+                seq: self.arm_seq,
+                at,
+            });
         }
+        None
     }
 
     /// Applies decisions made outside [`Core::process`] and queues their follow-ups.
@@ -500,7 +529,7 @@ impl Core {
             self.update_next(key);
         }
         let mut best: Option<Nanos> = None;
-        for &(at, key, _) in &self.order {
+        for &(at, key, kind) in &self.order {
             if best.is_some_and(|b| at >= b) {
                 break;
             }
@@ -508,7 +537,14 @@ impl Core {
                 c.hooked.load(Ordering::Relaxed)
                     && now.saturating_sub(c.last_exit.load(Ordering::Relaxed)) < ACTIVE_NS
             });
-            let t = if own { at.saturating_add(grace) } else { at };
+            // A budget check may come a little late (it ends a boost at most that much
+            // later): its wake-up is deferred so that checks of several vCPUs share one.
+            let slack = if kind == TimerKind::Budget {
+                BUDGET_SLACK_NS
+            } else {
+                0
+            };
+            let t = at.saturating_add(if own { grace.max(slack) } else { slack });
             best = Some(best.map_or(t, |b| b.min(t)));
         }
         best
@@ -617,7 +653,7 @@ impl VcpuHandle {
             return true;
         }
         let key = self.cell.key;
-        {
+        let timer = {
             let Some(mut core) = self.shared.try_core() else {
                 return false;
             };
@@ -634,9 +670,10 @@ impl VcpuHandle {
             let trigger = due.map_or(now, |t| t.min(now));
             core.process(&self.shared, now, trigger, &mut self.touched);
             // The engine thread sleeps until the earliest timer; one armed here moves its
-            // wake-up (under the lock, so the two threads never undo each other's).
-            core.arm(&self.shared, now);
-        }
+            // wake-up.
+            core.arm(&self.shared, now)
+        };
+        self.shared.set_timer(timer);
         self.realize_touched(now);
         true
     }
@@ -649,9 +686,12 @@ impl VcpuHandle {
                 // Rare: another vCPU's change raced with that vCPU lowering itself: the engine
                 // thread applies it again shortly.
                 c.applied.store(UNKNOWN, Ordering::SeqCst);
-                let mut core = self.shared.lock();
-                core.rechecks.push((now + RECHECK_NS, c));
-                core.arm(&self.shared, now);
+                let timer = {
+                    let mut core = self.shared.lock();
+                    core.rechecks.push((now + RECHECK_NS, c));
+                    core.arm(&self.shared, now)
+                };
+                self.shared.set_timer(timer);
             }
         }
     }
@@ -660,7 +700,7 @@ impl VcpuHandle {
     /// registered). Returns false when the engine is busy.
     pub fn republish(&mut self, now: Nanos) -> bool {
         let key = self.cell.key;
-        {
+        let timer = {
             let Some(mut core) = self.shared.try_core() else {
                 return false;
             };
@@ -679,8 +719,9 @@ impl VcpuHandle {
                 &mut self.touched,
             );
             core.process(&self.shared, now, now, &mut self.touched);
-            core.arm(&self.shared, now);
-        }
+            core.arm(&self.shared, now)
+        };
+        self.shared.set_timer(timer);
         self.realize_touched(now);
         true
     }
@@ -791,11 +832,13 @@ impl Runtime {
                 armed: None,
                 fired: false,
                 due: Vec::with_capacity(16),
+                arm_seq: 0,
                 fired_timers: 0,
             }),
             applier: cfg.applier,
             classes: ClassTable::new(),
             timer: DeadlineTimer::new()?,
+            timer_seq: Mutex::new(0),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             stopped: AtomicBool::new(false),
             engine_tid: AtomicU32::new(0),
@@ -1137,7 +1180,7 @@ impl Loop {
     /// Feeds `events` and the due timers to the engine, applies, re-arms the timer.
     fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) {
         let shared = self.shared.clone();
-        let due: Vec<Arc<ThreadCell>> = {
+        let (due, timer): (Vec<Arc<ThreadCell>>, _) = {
             let mut core = shared.lock();
             for e in events {
                 // Host-side signals (tracepoints, VMM injections), not the guest's slot.
@@ -1157,9 +1200,10 @@ impl Loop {
             let (due, later): (Vec<_>, Vec<_>) =
                 core.rechecks.drain(..).partition(|(at, _)| *at <= now);
             core.rechecks = later;
-            core.arm(&shared, now);
-            due.into_iter().map(|(_, c)| c).collect()
+            let timer = core.arm(&shared, now);
+            (due.into_iter().map(|(_, c)| c).collect(), timer)
         };
+        shared.set_timer(timer);
         let mut raced = Vec::new();
         for c in due.iter().chain(self.touched.iter()) {
             if !shared.realize(c, false) {
@@ -1169,9 +1213,12 @@ impl Loop {
         }
         self.touched.clear();
         if !raced.is_empty() {
-            let mut core = shared.lock();
-            core.rechecks.extend(raced);
-            core.arm(&shared, now);
+            let timer = {
+                let mut core = shared.lock();
+                core.rechecks.extend(raced);
+                core.arm(&shared, now)
+            };
+            shared.set_timer(timer);
         }
     }
 
