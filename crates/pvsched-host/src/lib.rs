@@ -12,6 +12,6 @@ pub mod slot;
 pub mod stats;
 pub mod trace;
 
-pub use mechanism::{Mechanism, Publisher};
+pub use mechanism::Publisher;
 pub use runtime::{Runtime, RuntimeConfig, RuntimeHandle, VcpuHandle};
 pub use sched::{SchedAttr, SchedClass, SchedGuard};

@@ -487,3 +487,28 @@ fn publisher_gets_states_and_feeds_back_requests() {
         [BoostState::Normal, BoostState::Boosted]
     );
 }
+
+/// The kernel itself, on a real thread: boosted by the runtime, then restored to exactly its
+/// original attributes when the runtime stops. Needs the privilege to set real-time classes.
+#[test]
+fn a_real_thread_is_boosted_and_restored_exactly() {
+    use pvsched_host::sched::SchedGuard;
+    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
+        pvsched_testutil::skip!("a_real_thread_is_boosted_and_restored_exactly: {e}");
+        return;
+    }
+    let parked = pvsched_testutil::ParkedThread::spawn();
+    let tid = parked.tid();
+    let before = sched::get(tid).unwrap();
+    let rt = Runtime::start(RuntimeConfig::default()).unwrap();
+    let h = rt.handle();
+    h.add_vm(0, "static", &opts(&["class=rr:4"]), no_parts())
+        .unwrap();
+    let _v = h.add_vcpu(K0, tid, false).unwrap();
+    let a = sched::get(tid).unwrap();
+    assert_eq!((a.policy, a.priority), (libc::SCHED_RR as u32, 4));
+    let st = rt.stop();
+    assert_eq!(st.apply_errors, 0, "{:?}", st.errors);
+    assert_eq!(sched::get(tid).unwrap(), before, "restored exactly");
+    drop(parked);
+}
