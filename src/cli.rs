@@ -226,6 +226,7 @@ fn parse_host_events(s: &str) -> Result<HostEvents, String> {
                 timer_expiry: false,
                 wakeup: false,
                 accept_irq: false,
+                skip_running: true,
             }))
         }
         _ => {}
@@ -234,6 +235,7 @@ fn parse_host_events(s: &str) -> Result<HostEvents, String> {
         timer_expiry: false,
         wakeup: false,
         accept_irq: false,
+        skip_running: true,
     };
     for part in s.split(',') {
         match part.trim() {

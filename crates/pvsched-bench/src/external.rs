@@ -13,8 +13,7 @@ use std::time::Duration;
 
 /// The daemon running in this process for the VM's lifetime.
 pub struct ExternalDaemon {
-    worker: Worker<Result<(), DaemonError>>,
-    socket: PathBuf,
+    worker: Worker<Result<DaemonStatus, DaemonError>>,
     dir: PathBuf,
 }
 
@@ -38,7 +37,6 @@ impl ExternalDaemon {
             state_file: dir.join("state.json"),
             metrics: None,
         };
-        let socket = cfg.socket.clone();
         let (tx, rx) = mpsc::channel();
         let mut worker = Worker::spawn("pvsched-daemon", move |stop| {
             pvsched_daemon::run(&cfg, stop, |_| {
@@ -47,11 +45,7 @@ impl ExternalDaemon {
         })
         .map_err(DaemonError::Io)?;
         match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(()) => Ok(ExternalDaemon {
-                worker,
-                socket,
-                dir,
-            }),
+            Ok(()) => Ok(ExternalDaemon { worker, dir }),
             Err(_) => {
                 let e = worker.stop().and_then(Result::err);
                 Err(e.unwrap_or(DaemonError::Io(std::io::Error::other(
@@ -61,21 +55,18 @@ impl ExternalDaemon {
         }
     }
 
-    /// Stops the daemon (it restores every thread) and returns what it reported, as the
-    /// run's engine report (its typed `ctl status`, read just before stopping it).
+    /// Stops the daemon (it restores every thread) and returns its final status as the run's
+    /// engine report.
     pub fn stop(mut self) -> HostLoopReport {
-        let status: Option<DaemonStatus> = pvsched_daemon::ctl(&self.socket, "status")
-            .ok()
-            .and_then(|v| serde_json::from_value(v["result"].clone()).ok());
-        self.halt();
-        let s = status.unwrap_or_default();
+        let status = self.worker.stop().and_then(Result::ok).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&self.dir);
         let runtime = pvsched_host::runtime::Status {
-            enabled: s.enabled,
-            cost: s.cost,
-            vms: s.vms.into_iter().map(|v| v.vm).collect(),
-            host_events_lost: s.host_events_lost,
-            apply_errors: s.apply_errors,
-            errors: s.errors,
+            enabled: status.enabled,
+            cost: status.cost,
+            vms: status.vms.into_iter().map(|v| v.vm).collect(),
+            host_events_lost: status.host_events_lost,
+            apply_errors: status.apply_errors,
+            errors: status.errors,
         };
         HostLoopReport::from_status(
             "daemon (dynamic, tracepoints only)".into(),

@@ -135,6 +135,7 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
         timer_expiry: false,
         wakeup: false,
         accept_irq: false,
+        skip_running: true,
     };
     for e in &f.daemon.host_events {
         match e.as_str() {

@@ -168,12 +168,13 @@ pub fn recover_only(state_file: &Path) -> Result<Recovery, DaemonError> {
 }
 
 /// Runs the daemon until `stop` is set. `on_ready` is called once it listens and has attached
-/// the VMs it was given, with what the recovery restored.
+/// the VMs it was given, with what the recovery restored. Returns the final status (every
+/// thread restored by then).
 pub fn run(
     cfg: &DaemonConfig,
     stop: &AtomicBool,
     on_ready: impl FnOnce(&Recovery),
-) -> Result<(), DaemonError> {
+) -> Result<DaemonStatus, DaemonError> {
     let recovery = recover_only(&cfg.state_file)?;
     // Check the policy before touching anything.
     Engine::default().add_vm(0, &cfg.driver, &cfg.opts)?;
@@ -215,7 +216,7 @@ pub fn run(
     }
     let _ = d.state.remove();
     let _ = std::fs::remove_file(&cfg.socket);
-    result
+    result.map(|()| d.daemon_status(status))
 }
 
 fn readable(fds: &[i32], timeout: Duration) -> Vec<bool> {
@@ -405,8 +406,11 @@ impl Daemon<'_> {
     }
 
     fn status(&self) -> Result<DaemonStatus, RuntimeError> {
-        let st = self.rt.status()?;
-        Ok(DaemonStatus {
+        Ok(self.daemon_status(self.rt.status()?))
+    }
+
+    fn daemon_status(&self, st: pvsched_host::runtime::Status) -> DaemonStatus {
+        DaemonStatus {
             enabled: st.enabled,
             host_events: st.vms.iter().map(|v| v.host_events).sum(),
             host_events_lost: st.host_events_lost,
@@ -429,7 +433,7 @@ impl Daemon<'_> {
                     })
                 })
                 .collect(),
-        })
+        }
     }
 
     fn serve_metrics(&mut self, listener: &std::net::TcpListener) {

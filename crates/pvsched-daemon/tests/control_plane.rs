@@ -51,6 +51,7 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
             timer_expiry: false,
             wakeup: false,
             accept_irq: false,
+            skip_running: true,
         },
         socket: dir.join("ctl.sock"),
         state_file: dir.join("state.json"),

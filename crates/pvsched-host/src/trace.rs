@@ -69,6 +69,9 @@ pub struct TraceConfig {
     pub wakeup: bool,
     /// `kvm_apic_accept_irq`.
     pub accept_irq: bool,
+    /// Drop, in the kernel, the LAPIC timer expiries of a vCPU whose thread is running at
+    /// that moment (KVM delivers those at its next entry anyway): fewer wake-ups.
+    pub skip_running: bool,
 }
 
 impl Default for TraceConfig {
@@ -77,6 +80,7 @@ impl Default for TraceConfig {
             timer_expiry: true,
             wakeup: false,
             accept_irq: false,
+            skip_running: true,
         }
     }
 }
@@ -111,11 +115,14 @@ pub struct TraceSource {
     lost: u64,
     counts: TraceCounts,
     ready: Vec<EpollEvent>,
+    /// The vCPU timers known when the expiry filter was last set (then rebuild it).
+    filtered_timers: usize,
 }
 
 /// Tracepoint ids, offsets and the filter, read once.
 #[derive(Default)]
 struct Ids {
+    expire: u64,
     start: u64,
     wakeup: u64,
     accept_irq: u64,
@@ -139,6 +146,8 @@ pub struct TraceCounts {
     pub accept_irq: u64,
     /// Times the kernel throttled a stream (samples dropped until the next tick).
     pub throttled: u64,
+    /// Times the refined expiry filter could not be set.
+    pub filter_errors: u64,
 }
 
 /// Mounts tracefs if it is not there yet.
@@ -231,15 +240,7 @@ fn open(
     );
     let mut counter = b.build().map_err(|e| TraceError::Open(what.clone(), e))?;
     if let Some(f) = filter {
-        let c = std::ffi::CString::new(f).expect("no NUL");
-        // SAFETY: PERF_EVENT_IOC_SET_FILTER takes a NUL-terminated string; the fd is a perf
-        // event fd we own.
-        let r = unsafe {
-            perf_event_open_sys::ioctls::SET_FILTER(counter.as_raw_fd(), c.as_ptr().cast_mut())
-        };
-        if r != 0 {
-            return Err(TraceError::Filter(what, io::Error::last_os_error()));
-        }
+        set_filter(counter.as_raw_fd(), f).map_err(|e| TraceError::Filter(what.clone(), e))?;
     }
     counter
         .enable()
@@ -247,6 +248,36 @@ fn open(
     counter
         .sampled(RING_PAGES * 4096)
         .map_err(|e| TraceError::Open(what, e))
+}
+
+/// Sets the tracepoint filter of perf event `fd` (once: the kernel refuses to replace one).
+fn set_filter(fd: RawFd, filter: &str) -> io::Result<()> {
+    let c = std::ffi::CString::new(filter).map_err(io::Error::other)?;
+    // SAFETY: PERF_EVENT_IOC_SET_FILTER takes a NUL-terminated string, which `c` is and which
+    // outlives the call; `fd` is a perf event fd the caller owns.
+    let r = unsafe { perf_event_open_sys::ioctls::SET_FILTER(fd, c.as_ptr().cast_mut()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The expiry filter: `base` (the LAPIC timer callback), minus the expiries of each known
+/// vCPU timer that fire while that vCPU's own thread is the one running (`common_pid`): KVM
+/// delivers those at the vCPU's next entry anyway, and dropping them in the kernel spares
+/// the engine a wake-up each. Clauses that would make the filter longer than the kernel
+/// takes (one page) are left out (those expiries are just not filtered).
+pub fn expiry_filter(base: &str, running: &[(u64, i32)]) -> String {
+    const MAX: usize = 4000;
+    let mut f = base.to_string();
+    for (timer, tid) in running {
+        let clause = format!(" && (hrtimer != 0x{timer:x} || common_pid != {tid})");
+        if f.len() + clause.len() > MAX {
+            break;
+        }
+        f += &clause;
+    }
+    f
 }
 
 fn online_cpus() -> usize {
@@ -271,6 +302,7 @@ impl TraceSource {
             lost: 0,
             counts: TraceCounts::default(),
             ready: vec![EpollEvent::default(); 16],
+            filtered_timers: 0,
         };
         if cfg.timer_expiry {
             let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
@@ -279,9 +311,15 @@ impl TraceSource {
             src.ids.hrtimer_off_expire = field_offset(EXPIRE, "hrtimer")?;
             src.ids.hrtimer_off_start = field_offset(START, "hrtimer")?;
             src.ids.start = tracepoint_id(START)?;
-            let exp_id = tracepoint_id(EXPIRE)?;
+            src.ids.expire = tracepoint_id(EXPIRE)?;
             for cpu in 0..online_cpus() {
-                let sampler = open(EXPIRE, exp_id, None, Some(cpu), Some(&src.ids.filter))?;
+                let sampler = open(
+                    EXPIRE,
+                    src.ids.expire,
+                    None,
+                    Some(cpu),
+                    Some(&src.ids.filter),
+                )?;
                 src.add_stream(sampler, Kind::Expire)?;
             }
         }
@@ -374,6 +412,54 @@ impl TraceSource {
         }
         self.tids.retain(|_, k| *k != key);
         self.timers.retain(|_, k| *k != key);
+        self.refilter();
+    }
+
+    /// Reopens the expiry streams with a filter for the vCPU timers known now, when
+    /// `cfg.skip_running` asks for it.
+    fn refilter(&mut self) {
+        if !self.cfg.timer_expiry
+            || !self.cfg.skip_running
+            || self.timers.len() == self.filtered_timers
+        {
+            return;
+        }
+        self.filtered_timers = self.timers.len();
+        let tid_of: HashMap<VcpuKey, i32> =
+            self.tids.iter().map(|(&t, &k)| (k, t as i32)).collect();
+        let mut running: Vec<(u64, i32)> = self
+            .timers
+            .iter()
+            .filter_map(|(&h, k)| Some((h, *tid_of.get(k)?)))
+            .collect();
+        running.sort_unstable();
+        let f = expiry_filter(&self.ids.filter, &running);
+        // A perf event's filter cannot be replaced: open new expiry streams with the new
+        // filter, then close the old ones (an expiry in between may be seen twice: harmless).
+        let old: Vec<usize> = (0..self.streams.len())
+            .filter(|&i| matches!(&self.streams[i], Some(s) if s.kind == Kind::Expire))
+            .collect();
+        let mut opened = Vec::new();
+        for cpu in 0..online_cpus() {
+            match open(EXPIRE, self.ids.expire, None, Some(cpu), Some(&f))
+                .and_then(|s| self.add_stream(s, Kind::Expire))
+            {
+                Ok(slot) => opened.push(slot),
+                Err(_) => break,
+            }
+        }
+        if opened.len() != online_cpus() {
+            // The streams in force stay (they only wake the engine more often).
+            self.counts.filter_errors += 1;
+            for slot in opened {
+                self.close_stream(slot);
+            }
+            return;
+        }
+        // The old rings were drained just before (refilter runs after a drain).
+        for slot in old {
+            self.close_stream(slot);
+        }
     }
 
     /// Records lost by the kernel (ring full).
@@ -458,6 +544,7 @@ impl TraceSource {
                 }
             }
         }
+        self.refilter();
         first
     }
 }
@@ -512,6 +599,24 @@ format:
         assert_eq!(parse_field_offset(FORMAT, "function"), Some(24));
         assert_eq!(parse_field_offset(FORMAT, "now"), Some(16));
         assert_eq!(parse_field_offset(FORMAT, "expires"), None);
+    }
+
+    #[test]
+    fn expiry_filter_drops_running_vcpus_within_a_page() {
+        let base = "function == 0xffffffffc0a1b2c0";
+        assert_eq!(expiry_filter(base, &[]), base);
+        let f = expiry_filter(base, &[(0xffff_8880_0001_0000, 42), (0x10, 7)]);
+        assert_eq!(
+            f,
+            "function == 0xffffffffc0a1b2c0 \
+             && (hrtimer != 0xffff888000010000 || common_pid != 42) \
+             && (hrtimer != 0x10 || common_pid != 7)"
+        );
+        let many: Vec<(u64, i32)> = (0..1000)
+            .map(|i| (0xffff_8880_0000_0000 + i, 1000))
+            .collect();
+        let f = expiry_filter(base, &many);
+        assert!(f.len() <= 4000 && f.len() > 3000, "{}", f.len());
     }
 
     #[test]
