@@ -180,7 +180,7 @@ pub fn render(r: &Report) -> String {
             "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s, {:.0} sched_setattr/s \
              ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
              the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
-             vCPU threads {}",
+             vCPU threads {}; {} re-applied after a race",
             c.engine_cpu_percent,
             c.engine_cpu_s * 1e3,
             c.wakeups_per_s,
@@ -190,7 +190,8 @@ pub fn render(r: &Report) -> String {
             c.vcpu_handle_calls,
             c.vcpu_handle_busy,
             c.engine_timers,
-            c.vcpu_timers
+            c.vcpu_timers,
+            c.rechecks
         );
     }
     for e in &pol.errors {

@@ -256,6 +256,8 @@ struct Shared {
     /// Timers fired by the engine thread / by vCPU threads for themselves.
     timers_engine: AtomicU64,
     timers_vcpu: AtomicU64,
+    /// Changes applied again after racing with a vCPU lowering itself.
+    rechecks: AtomicU64,
 }
 
 /// A setting of the engine thread's timer, decided under the core lock and applied after
@@ -686,6 +688,7 @@ impl VcpuHandle {
                 // Rare: another vCPU's change raced with that vCPU lowering itself: the engine
                 // thread applies it again shortly.
                 c.applied.store(UNKNOWN, Ordering::SeqCst);
+                self.shared.rechecks.fetch_add(1, Ordering::Relaxed);
                 let timer = {
                     let mut core = self.shared.lock();
                     core.rechecks.push((now + RECHECK_NS, c));
@@ -849,6 +852,7 @@ impl Runtime {
             hook_busy: AtomicU64::new(0),
             timers_engine: AtomicU64::new(0),
             timers_vcpu: AtomicU64::new(0),
+            rechecks: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let epoll = Epoll::new()?;
@@ -1204,10 +1208,16 @@ impl Loop {
             (due.into_iter().map(|(_, c)| c).collect(), timer)
         };
         shared.set_timer(timer);
+        // A re-application is done once: the vCPU that raced has finished its own change
+        // by then unless it was preempted right after it, and then this one is the latest.
+        for c in &due {
+            shared.realize(c, false);
+        }
         let mut raced = Vec::new();
-        for c in due.iter().chain(self.touched.iter()) {
+        for c in self.touched.iter() {
             if !shared.realize(c, false) {
                 c.applied.store(UNKNOWN, Ordering::SeqCst);
+                shared.rechecks.fetch_add(1, Ordering::Relaxed);
                 raced.push((now + RECHECK_NS, c.clone()));
             }
         }
@@ -1508,6 +1518,7 @@ impl Loop {
                 vcpu_handle_busy: self.shared.hook_busy.load(Ordering::Relaxed),
                 engine_timers: self.shared.timers_engine.load(Ordering::Relaxed),
                 vcpu_timers: self.shared.timers_vcpu.load(Ordering::Relaxed),
+                rechecks: self.shared.rechecks.load(Ordering::Relaxed),
             },
             host_events_lost: lost,
             apply_errors: self.shared.error_count.load(Ordering::Relaxed),
@@ -1562,6 +1573,9 @@ pub struct Cost {
     /// Engine timers fired by vCPU threads for themselves, at their exits.
     #[serde(default)]
     pub vcpu_timers: u64,
+    /// Changes applied again because they raced with a vCPU lowering itself.
+    #[serde(default)]
+    pub rechecks: u64,
 }
 
 /// One vCPU in [`Status`].

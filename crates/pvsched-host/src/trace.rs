@@ -215,14 +215,20 @@ fn open(
     pid: Option<i32>,
     cpu: Option<usize>,
     filter: Option<&str>,
+    wake: bool,
 ) -> Result<Sampler, TraceError> {
     let mut b = Builder::new(Tracepoint::with_id(id));
     b.sample_period(1)
         .sample(SampleFlag::TID | SampleFlag::TIME | SampleFlag::RAW)
         .clockid(Clock::MONOTONIC)
-        .wakeup_events(1)
         .include_kernel()
         .enabled(false);
+    if wake {
+        b.wakeup_events(1);
+    } else {
+        // Read whenever the engine wakes anyway; wake it only before the ring fills.
+        b.wakeup_watermark(RING_PAGES * 4096 * 3 / 4);
+    }
     match pid {
         Some(p) => b.observe_pid(p),
         None => b.any_pid(),
@@ -319,6 +325,7 @@ impl TraceSource {
                     None,
                     Some(cpu),
                     Some(&src.ids.filter),
+                    true,
                 )?;
                 src.add_stream(sampler, Kind::Expire)?;
             }
@@ -379,7 +386,9 @@ impl TraceSource {
                 todo.push((ACCEPT_IRQ, ids.accept_irq, None, Kind::AcceptIrq));
             }
             for (name, id, filter, kind) in todo {
-                let sampler = open(name, id, Some(tid), None, filter.as_deref())?;
+                // A timer being armed says nothing urgent: it only teaches which timer is whose.
+                let wake = kind != Kind::Start;
+                let sampler = open(name, id, Some(tid), None, filter.as_deref(), wake)?;
                 opened.push(self.add_stream(sampler, kind)?);
             }
             Ok(())
@@ -441,7 +450,7 @@ impl TraceSource {
             .collect();
         let mut opened = Vec::new();
         for cpu in 0..online_cpus() {
-            match open(EXPIRE, self.ids.expire, None, Some(cpu), Some(&f))
+            match open(EXPIRE, self.ids.expire, None, Some(cpu), Some(&f), true)
                 .and_then(|s| self.add_stream(s, Kind::Expire))
             {
                 Ok(slot) => opened.push(slot),
@@ -480,67 +489,75 @@ impl TraceSource {
         // inner epoll) has already seen it. An empty ring costs one memory read.
         let _ = self.epoll.wait(0, &mut self.ready);
         let mut first: Option<u64> = None;
-        for s in self.streams.iter_mut().flatten() {
-            let (kind, tids, timers, counts, lost, ids) = (
-                s.kind,
-                &self.tids,
-                &mut self.timers,
-                &mut self.counts,
-                &mut self.lost,
-                &self.ids,
-            );
-            while let Some(rec) = s.sampler.next_record() {
-                let Ok(parsed) = rec.parse_record() else {
-                    continue;
-                };
-                let sample = match parsed {
-                    perf_event::data::Record::Sample(sample) => sample,
-                    perf_event::data::Record::Lost(l) => {
-                        *lost += l.lost;
+        // Timer starts first, so that an expiry read in the same pass finds its vCPU.
+        for pass in [true, false] {
+            for s in self
+                .streams
+                .iter_mut()
+                .flatten()
+                .filter(|s| (s.kind == Kind::Start) == pass)
+            {
+                let (kind, tids, timers, counts, lost, ids) = (
+                    s.kind,
+                    &self.tids,
+                    &mut self.timers,
+                    &mut self.counts,
+                    &mut self.lost,
+                    &self.ids,
+                );
+                while let Some(rec) = s.sampler.next_record() {
+                    let Ok(parsed) = rec.parse_record() else {
                         continue;
-                    }
-                    perf_event::data::Record::Throttle(_) => {
-                        counts.throttled += 1;
+                    };
+                    let sample = match parsed {
+                        perf_event::data::Record::Sample(sample) => sample,
+                        perf_event::data::Record::Lost(l) => {
+                            *lost += l.lost;
+                            continue;
+                        }
+                        perf_event::data::Record::Throttle(_) => {
+                            counts.throttled += 1;
+                            continue;
+                        }
+                        _ => continue,
+                    };
+                    let (Some(time_ns), Some(raw)) = (sample.time(), sample.raw()) else {
                         continue;
-                    }
-                    _ => continue,
-                };
-                let (Some(time_ns), Some(raw)) = (sample.time(), sample.raw()) else {
-                    continue;
-                };
-                let hrtimer = |off: usize| -> Option<u64> {
-                    let b = raw.get(off..off + 8)?;
-                    Some(u64::from_ne_bytes(b.try_into().ok()?))
-                };
-                let by_tid = sample.tid().and_then(|t| tids.get(&t).copied());
-                let hit = match kind {
-                    Kind::Start => {
-                        counts.start += 1;
-                        if let (Some(k), Some(t)) = (by_tid, hrtimer(ids.hrtimer_off_start)) {
-                            timers.insert(t, k);
+                    };
+                    let hrtimer = |off: usize| -> Option<u64> {
+                        let b = raw.get(off..off + 8)?;
+                        Some(u64::from_ne_bytes(b.try_into().ok()?))
+                    };
+                    let by_tid = sample.tid().and_then(|t| tids.get(&t).copied());
+                    let hit = match kind {
+                        Kind::Start => {
+                            counts.start += 1;
+                            if let (Some(k), Some(t)) = (by_tid, hrtimer(ids.hrtimer_off_start)) {
+                                timers.insert(t, k);
+                            }
+                            None
                         }
-                        None
-                    }
-                    Kind::Expire => {
-                        counts.expire += 1;
-                        let key = hrtimer(ids.hrtimer_off_expire).and_then(|t| timers.get(&t));
-                        if key.is_none() {
-                            counts.unmapped += 1;
+                        Kind::Expire => {
+                            counts.expire += 1;
+                            let key = hrtimer(ids.hrtimer_off_expire).and_then(|t| timers.get(&t));
+                            if key.is_none() {
+                                counts.unmapped += 1;
+                            }
+                            key.map(|&k| Event::new(k, VcpuEvent::Interrupt))
                         }
-                        key.map(|&k| Event::new(k, VcpuEvent::Interrupt))
+                        Kind::Wakeup => {
+                            counts.wakeup += 1;
+                            by_tid.map(|k| Event::new(k, VcpuEvent::Woken))
+                        }
+                        Kind::AcceptIrq => {
+                            counts.accept_irq += 1;
+                            by_tid.map(|k| Event::new(k, VcpuEvent::Interrupt))
+                        }
+                    };
+                    if let Some(e) = hit {
+                        out.push(e);
+                        first = Some(first.map_or(time_ns, |f| f.min(time_ns)));
                     }
-                    Kind::Wakeup => {
-                        counts.wakeup += 1;
-                        by_tid.map(|k| Event::new(k, VcpuEvent::Woken))
-                    }
-                    Kind::AcceptIrq => {
-                        counts.accept_irq += 1;
-                        by_tid.map(|k| Event::new(k, VcpuEvent::Interrupt))
-                    }
-                };
-                if let Some(e) = hit {
-                    out.push(e);
-                    first = Some(first.map_or(time_ns, |f| f.min(time_ns)));
                 }
             }
         }
