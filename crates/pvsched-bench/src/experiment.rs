@@ -297,6 +297,9 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         .max()
         .unwrap_or_default();
     let grace = cfg.vm.guest.interval * 4 + longest_period * 4 + Duration::from_millis(100);
+    // The daemon stops first (restoring the threads): after the vCPU threads exit it would
+    // detach the VM, and its figures with it.
+    let external = external.map(|d| d.stop());
     let outcomes = running.shutdown(grace);
     drain(&running, &mut readers, &mut hists)?;
     let mut restore_error = None;
@@ -307,10 +310,9 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     }
     drop(controller);
     let mut engine = host_loop.stop();
-    if let Some(d) = external {
-        let pv = std::mem::take(&mut engine.pv);
-        engine = d.stop();
-        engine.pv = pv;
+    if let Some(mut d) = external {
+        d.pv = std::mem::take(&mut engine.pv);
+        engine = d;
     }
     let HostLoopReport {
         driver,

@@ -21,8 +21,13 @@
 //!
 //! The two can race only when a vCPU lowers itself while the engine raises it. The vCPU marks
 //! itself in flight before it reads `want` and checks `want` again after its `sched_setattr`;
-//! the engine checks the in-flight mark after its own and then re-applies shortly after
-//! (Dekker's pattern, as in the slot handshake). So the last decision always ends up applied.
+//! the engine checks the in-flight mark after its own and, if it was set, applies its change
+//! once more 50 µs later (Dekker's pattern, as in the slot handshake). The vCPU's stale change
+//! can only land after the engine's if it was still in flight then; by the re-application it
+//! has landed (the vCPU had been running at its boost class, which no host hog preempts), so
+//! the last decision ends up applied. Re-applying once is enough: a vCPU that stays "in flight"
+//! is one that was preempted right after lowering itself, and re-applying again and again
+//! until it runs would only burn the engine's CPU.
 //!
 //! Timers of a vCPU whose thread is running the guest and calling its handle (a "hooked",
 //! active vCPU) are given a short grace before the engine thread wakes for them: the vCPU
@@ -873,6 +878,9 @@ impl Runtime {
             host_sources: Vec::new(),
             vm_sources: BTreeMap::new(),
             touched: Vec::with_capacity(16),
+            events: Vec::with_capacity(64),
+            due: Vec::with_capacity(16),
+            raced: Vec::with_capacity(16),
             stats: LoopStats::default(),
             started: mono_ns(),
         };
@@ -1070,6 +1078,10 @@ struct Loop {
     host_sources: Vec<SourceEntry>,
     vm_sources: BTreeMap<u32, Vec<SourceEntry>>,
     touched: Vec<Arc<ThreadCell>>,
+    /// Scratch lists reused across wake-ups (no allocation per round).
+    events: Vec<Event>,
+    due: Vec<Arc<ThreadCell>>,
+    raced: Vec<(Nanos, Arc<ThreadCell>)>,
     stats: LoopStats,
     started: Nanos,
 }
@@ -1126,11 +1138,12 @@ impl Loop {
             self.stats.wakeups += 1;
             let now = mono_ns();
             let mut trigger = now;
-            let mut events = Vec::new();
+            let mut events = std::mem::take(&mut self.events);
+            let mut fired = false;
             for ev in &ready[..n] {
                 match ev.data() {
                     // No read of the timerfd: re-arming it below resets its expiry count.
-                    TOKEN_TIMER => self.shared.lock().fired = true,
+                    TOKEN_TIMER => fired = true,
                     TOKEN_COMMAND => {
                         let _ = self.shared.wake.read();
                     }
@@ -1162,7 +1175,12 @@ impl Loop {
                     }
                 }
             }
+            if fired {
+                self.shared.lock().fired = true;
+            }
             self.process(now, trigger, &events);
+            events.clear();
+            self.events = events;
             // Commands after the events they may have been sent after.
             while let Ok(cmd) = self.rx.try_recv() {
                 self.command(cmd);
@@ -1184,7 +1202,8 @@ impl Loop {
     /// Feeds `events` and the due timers to the engine, applies, re-arms the timer.
     fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) {
         let shared = self.shared.clone();
-        let (due, timer): (Vec<Arc<ThreadCell>>, _) = {
+        let mut again = std::mem::take(&mut self.due);
+        let timer = {
             let mut core = shared.lock();
             for e in events {
                 // Host-side signals (tracepoints, VMM injections), not the guest's slot.
@@ -1201,31 +1220,35 @@ impl Loop {
             let trigger = due.map_or(trigger, |t| t.min(trigger));
             core.process(&shared, now, trigger, &mut self.touched);
             // Changes that raced with a vCPU lowering itself are applied again now.
-            let (due, later): (Vec<_>, Vec<_>) =
-                core.rechecks.drain(..).partition(|(at, _)| *at <= now);
-            core.rechecks = later;
-            let timer = core.arm(&shared, now);
-            (due.into_iter().map(|(_, c)| c).collect(), timer)
+            core.rechecks.retain(|(at, c)| {
+                let now_due = *at <= now;
+                if now_due {
+                    again.push(c.clone());
+                }
+                !now_due
+            });
+            core.arm(&shared, now)
         };
         shared.set_timer(timer);
         // A re-application is done once: the vCPU that raced has finished its own change
         // by then unless it was preempted right after it, and then this one is the latest.
-        for c in &due {
-            shared.realize(c, false);
+        for c in again.drain(..) {
+            shared.realize(&c, false);
         }
-        let mut raced = Vec::new();
-        for c in self.touched.iter() {
-            if !shared.realize(c, false) {
+        self.due = again;
+        let mut raced = false;
+        for c in self.touched.drain(..) {
+            if !shared.realize(&c, false) {
                 c.applied.store(UNKNOWN, Ordering::SeqCst);
                 shared.rechecks.fetch_add(1, Ordering::Relaxed);
-                raced.push((now + RECHECK_NS, c.clone()));
+                self.raced.push((now + RECHECK_NS, c));
+                raced = true;
             }
         }
-        self.touched.clear();
-        if !raced.is_empty() {
+        if raced {
             let timer = {
                 let mut core = shared.lock();
-                core.rechecks.extend(raced);
+                core.rechecks.append(&mut self.raced);
                 core.arm(&shared, now)
             };
             shared.set_timer(timer);
