@@ -39,7 +39,7 @@
 //! when its VM is removed, when the runtime stops, and when the engine thread panics (a guard
 //! restores while unwinding). After the runtime stopped, vCPU handles do nothing.
 
-use crate::clock::{mono_ns, DeadlineTimer};
+use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
 use crate::mechanism::{helper_class, sched_class, Publisher};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
@@ -656,31 +656,58 @@ impl VcpuHandle {
     /// does nothing) when the engine is busy: call again at the next exit. Must be called on
     /// the vCPU's own thread.
     pub fn handle(&mut self, now: Nanos, events: &[VcpuEvent]) -> bool {
+        let cell = self.cell.clone();
+        self.with_core(now, |core, shared, touched| {
+            cell.hook_calls.fetch_add(1, Ordering::Relaxed);
+            cell.last_exit.store(now, Ordering::Relaxed);
+            core.events
+                .extend(events.iter().map(|&what| Event::new(cell.key, what)));
+            let due = core.due_timers(now, Some(cell.key));
+            let fired = std::mem::take(&mut core.fired_timers);
+            shared.timers_vcpu.fetch_add(fired, Ordering::Relaxed);
+            let trigger = due.map_or(now, |t| t.min(now));
+            core.process(shared, now, trigger, touched);
+        })
+    }
+
+    /// Publishes the engine's current state for this vCPU again (a slot was just
+    /// registered). Returns false when the engine is busy.
+    pub fn republish(&mut self, now: Nanos) -> bool {
+        let key = self.cell.key;
+        self.with_core(now, |core, shared, touched| {
+            let state = core
+                .engine
+                .vcpu(key)
+                .and_then(|s| s.published)
+                .unwrap_or(BoostState::Normal);
+            core.apply_now(shared, &[Decision::Publish(key, state)], now, touched);
+            core.process(shared, now, now, touched);
+        })
+    }
+
+    /// Runs `f` on the core unless another thread holds it (then returns false), re-arms the
+    /// engine thread's timer for what `f` changed (an earlier timer moves its wake-up), and
+    /// applies the decisions, this vCPU's on this thread.
+    fn with_core(
+        &mut self,
+        now: Nanos,
+        f: impl FnOnce(&mut Core, &Shared, &mut Vec<Arc<ThreadCell>>),
+    ) -> bool {
         if self.shared.stopped.load(Ordering::Acquire) {
             return true;
         }
-        let key = self.cell.key;
+        let shared = self.shared.clone();
         let timer = {
-            let Some(mut core) = self.shared.try_core() else {
+            let Some(mut core) = shared.try_core() else {
                 return false;
             };
-            if self.shared.stopped.load(Ordering::Acquire) {
+            if shared.stopped.load(Ordering::Acquire) {
                 return true;
             }
-            self.cell.hook_calls.fetch_add(1, Ordering::Relaxed);
-            self.cell.last_exit.store(now, Ordering::Relaxed);
-            core.events
-                .extend(events.iter().map(|&what| Event::new(key, what)));
-            let due = core.due_timers(now, Some(key));
-            let fired = std::mem::take(&mut core.fired_timers);
-            self.shared.timers_vcpu.fetch_add(fired, Ordering::Relaxed);
-            let trigger = due.map_or(now, |t| t.min(now));
-            core.process(&self.shared, now, trigger, &mut self.touched);
-            // The engine thread sleeps until the earliest timer; one armed here moves its
-            // wake-up.
-            core.arm(&self.shared, now)
+            f(&mut core, &shared, &mut self.touched);
+            core.arm(&shared, now)
         };
-        self.shared.set_timer(timer);
+        shared.set_timer(timer);
         self.realize_touched(now);
         true
     }
@@ -702,36 +729,6 @@ impl VcpuHandle {
                 self.shared.set_timer(timer);
             }
         }
-    }
-
-    /// Publishes the engine's current state for this vCPU again (a slot was just
-    /// registered). Returns false when the engine is busy.
-    pub fn republish(&mut self, now: Nanos) -> bool {
-        let key = self.cell.key;
-        let timer = {
-            let Some(mut core) = self.shared.try_core() else {
-                return false;
-            };
-            if self.shared.stopped.load(Ordering::Acquire) {
-                return true;
-            }
-            let state = core
-                .engine
-                .vcpu(key)
-                .and_then(|s| s.published)
-                .unwrap_or(BoostState::Normal);
-            core.apply_now(
-                &self.shared,
-                &[Decision::Publish(key, state)],
-                now,
-                &mut self.touched,
-            );
-            core.process(&self.shared, now, now, &mut self.touched);
-            core.arm(&self.shared, now)
-        };
-        self.shared.set_timer(timer);
-        self.realize_touched(now);
-        true
     }
 }
 
@@ -1554,17 +1551,6 @@ impl Loop {
             vms: vms.into_values().collect(),
         }
     }
-}
-
-/// CPU time of the calling thread, ns.
-pub fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// What the runtime costs.
