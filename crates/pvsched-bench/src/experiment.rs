@@ -164,6 +164,12 @@ pub struct Report {
     pub vcpu_sched: String,
     /// Guest TSC frequency, kHz.
     pub tsc_khz: u64,
+    /// Guest TSC − host TSC, cycles (the daemon's `tsc_offset` for this VM's deadlines).
+    #[serde(default)]
+    pub tsc_offset: i64,
+    /// The file holding guest RAM, when `memory_file` was given.
+    #[serde(default)]
+    pub memory_file: Option<String>,
     /// True when the run was cut short by SIGINT/SIGTERM.
     pub interrupted: bool,
     /// Per-vCPU results.
@@ -391,6 +397,8 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             .vcpu_sched
             .map_or_else(|| "none".to_string(), |c| c.to_string()),
         tsc_khz,
+        tsc_offset: running.tsc_clock().offset,
+        memory_file: cfg.memory_file.as_ref().map(|p| p.display().to_string()),
         interrupted,
         latency: all.summary(),
         host_probe: probe_hist.summary(),

@@ -24,6 +24,21 @@ pub fn render(r: &Report) -> String {
         r.host_load,
         r.vcpu_sched,
     );
+    if let Some(m) = &r.memory_file {
+        let slots: Vec<String> = (0..r.vcpus)
+            .map(|i| {
+                let gpa = pvsched_vmm::layout::vcpu_region(i) + pvsched_guest::mailbox::SLOT_OFFSET;
+                format!("{gpa:#x}")
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "Guest RAM in {m}: for pvsched daemon, [[vm]] guest_memory = {m:?}, slots = [{}], \
+             tsc_offset = {}",
+            slots.join(", "),
+            r.tsc_offset
+        );
+    }
     let _ = writeln!(s, "Guest timer wake-up latency (us):");
     for v in &r.per_vcpu {
         let l = &v.latency;

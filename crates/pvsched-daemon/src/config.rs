@@ -16,6 +16,7 @@
 //! pid = 1234                          # vCPU threads found by name
 //! guest_memory = "/run/vm.mem"        # optional: guest RAM file (e.g. pvsched vm --memory-file)
 //! slots = [0x200800, 0x210800]        # ... and the guests' pvsched slot addresses, by vCPU
+//! tsc_offset = 6912                   # optional: guest TSC - host TSC (deadline hints)
 //!
 //! [[vm]]
 //! qmp = "/run/qemu-vm1.qmp"           # vCPU threads from QEMU's query-cpus-fast
@@ -126,6 +127,7 @@ struct VmSection {
     tids: Option<Vec<i32>>,
     guest_memory: Option<PathBuf>,
     slots: Option<Vec<u64>>,
+    tsc_offset: Option<i64>,
 }
 
 /// Parses a configuration text (`path` names it in errors).
@@ -155,6 +157,7 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
             (Some(memory), Some(slots)) => Some(ProtocolSpec {
                 memory: memory.clone(),
                 slots: slots.clone(),
+                tsc_offset: v.tsc_offset,
             }),
             (None, None) => None,
             _ => {
@@ -256,7 +259,8 @@ mod tests {
             c.vms[0].protocol,
             Some(ProtocolSpec {
                 memory: "/run/vm42.mem".into(),
-                slots: vec![0x20_0800, 0x21_0800]
+                slots: vec![0x20_0800, 0x21_0800],
+                tsc_offset: None,
             })
         );
         assert_eq!(c.metrics.unwrap().port(), 9477);

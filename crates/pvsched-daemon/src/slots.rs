@@ -4,6 +4,7 @@
 //! doorbell it polls the slots (every millisecond while any VM has some): [`SlotSource`] is
 //! the runtime's event source and [`SlotPublisher`] its publisher, over one mapping.
 
+use pvsched_host::clock::{mono_ns, rdtsc, TscClock};
 use pvsched_host::runtime::EventSource;
 use pvsched_host::slot::GuestSlot;
 use pvsched_host::Publisher;
@@ -24,6 +25,10 @@ pub struct ProtocolSpec {
     pub memory: PathBuf,
     /// Guest-physical address of vCPU `i`'s slot.
     pub slots: Vec<u64>,
+    /// Guest TSC − host TSC, cycles (what `pvsched vm --memory-file` prints). With it the
+    /// guests' published deadlines become deadline hints (`deadline-aware`); without it they
+    /// are not used.
+    pub tsc_offset: Option<i64>,
 }
 
 /// A VM's mapped slots.
@@ -31,6 +36,9 @@ pub struct GuestSlots {
     mem: GuestMemoryMmap,
     slots: Vec<u64>,
     seen: Vec<Option<Option<u32>>>,
+    /// Converts the guests' deadlines to host time, when their TSC offset is known.
+    tsc: Option<TscClock>,
+    deadlines: Vec<Option<u64>>,
 }
 
 impl GuestSlots {
@@ -65,10 +73,15 @@ impl GuestSlots {
             mem,
             seen: vec![None; spec.slots.len()],
             slots: spec.slots.clone(),
+            tsc: spec
+                .tsc_offset
+                .map(|o| TscClock::measured(o, std::time::Duration::from_millis(20))),
+            deadlines: vec![None; spec.slots.len()],
         })
     }
 
-    /// Reports the slots whose `seq` moved (as requests) or that do not decode (once).
+    /// Reports the slots whose `seq` moved (as requests, and their deadline as a hint when
+    /// it changed and the TSC offset is known) or that do not decode (once).
     pub fn poll(&mut self, vm: u32, vcpus: u32, out: &mut Vec<Event>) {
         for (i, (&gpa, seen)) in self.slots.iter().zip(self.seen.iter_mut()).enumerate() {
             let mut bytes = [0u8; SLOT_SIZE];
@@ -80,6 +93,13 @@ impl GuestSlots {
                 Ok(s) if *seen != Some(Some(s.seq)) => {
                     *seen = Some(Some(s.seq));
                     out.push(Event::new(key, VcpuEvent::Request(s.reasons)));
+                    if let Some(tsc) = self.tsc {
+                        if s.deadline_tsc != self.deadlines[i] {
+                            self.deadlines[i] = s.deadline_tsc;
+                            let at = s.deadline_tsc.map(|t| tsc.to_mono(t, rdtsc(), mono_ns()));
+                            out.push(Event::new(key, VcpuEvent::DeadlineHint(at)));
+                        }
+                    }
                 }
                 Ok(_) => {}
                 Err(_) if *seen != Some(None) => {
@@ -161,6 +181,7 @@ mod tests {
         let spec = ProtocolSpec {
             memory: path.clone(),
             slots: vec![0x1000, 0x2000],
+            tsc_offset: None,
         };
         let mut s = GuestSlots::open(&spec).unwrap();
         let mut out = Vec::new();
@@ -202,9 +223,53 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(GuestSlots::open(&ProtocolSpec {
             memory: path,
-            slots: vec![]
+            slots: vec![],
+            tsc_offset: None,
         })
         .is_err());
+    }
+
+    #[test]
+    fn deadlines_become_hints_when_the_tsc_offset_is_known() {
+        let path = std::env::temp_dir().join(format!("pvsched-slots-dl-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 0x2000]).unwrap();
+        let spec = |tsc_offset| ProtocolSpec {
+            memory: path.clone(),
+            slots: vec![0x1000],
+            tsc_offset,
+        };
+        let mut with = GuestSlots::open(&spec(Some(0))).unwrap();
+        let mut without = GuestSlots::open(&spec(None)).unwrap();
+        let khz = with.tsc.unwrap().khz;
+        // The guest (offset 0: its TSC is the host's) publishes a deadline 5 ms ahead.
+        let guest = GuestSlots::open(&spec(None)).unwrap();
+        let g = GuestSlot::new(&guest.mem, 0x1000);
+        use pvsched_proto::SlotMemory;
+        g.store_u64(off::DEADLINE_TSC, rdtsc() + khz * 5);
+        g.store_u32(off::SEQ, 1);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let now = mono_ns();
+        with.poll(0, 1, &mut a);
+        without.poll(0, 1, &mut b);
+        assert_eq!(b.len(), 1, "a request, no hint: {b:?}");
+        let Some(Event {
+            what: VcpuEvent::DeadlineHint(Some(at)),
+            ..
+        }) = a.get(1)
+        else {
+            panic!("no hint: {a:?}");
+        };
+        let ahead = at.saturating_sub(now);
+        assert!(
+            (4_000_000..6_000_000).contains(&ahead),
+            "hint {ahead} ns ahead"
+        );
+        // The same deadline again gives no second hint.
+        g.store_u32(off::SEQ, 2);
+        a.clear();
+        with.poll(0, 1, &mut a);
+        assert_eq!(a.len(), 1, "{a:?}");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
@@ -215,6 +280,7 @@ mod tests {
             let spec = ProtocolSpec {
                 memory: path.clone(),
                 slots: vec![bad],
+                tsc_offset: None,
             };
             assert!(GuestSlots::open(&spec).is_err(), "{bad:#x}");
         }

@@ -41,6 +41,7 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
             protocol: Some(ProtocolSpec {
                 memory: memory.clone(),
                 slots: vec![SLOT],
+                tsc_offset: None,
             }),
         }],
         watch: false,

@@ -22,6 +22,47 @@ pub fn thread_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
+/// Converts guest TSC values to host `CLOCK_MONOTONIC` time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TscClock {
+    /// Guest TSC − host TSC, cycles.
+    pub offset: i64,
+    /// TSC frequency, kHz.
+    pub khz: u64,
+}
+
+impl TscClock {
+    /// Host monotonic ns of guest TSC value `guest`, given a host (TSC, monotonic ns) pair
+    /// read together now.
+    pub fn to_mono(&self, guest: u64, host_tsc_now: u64, mono_now: u64) -> u64 {
+        let host = guest.wrapping_sub(self.offset as u64);
+        let delta = host.wrapping_sub(host_tsc_now) as i64;
+        let ns = (delta as i128 * 1_000_000 / self.khz.max(1) as i128) as i64;
+        mono_now.saturating_add_signed(ns)
+    }
+}
+
+/// The host's TSC.
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects and is available on every x86-64 CPU.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+impl TscClock {
+    /// A clock for a guest whose TSC is `offset` cycles ahead of the host's, at the host's
+    /// TSC frequency measured against `CLOCK_MONOTONIC` over `window`.
+    pub fn measured(offset: i64, window: std::time::Duration) -> TscClock {
+        let (t0, m0) = (rdtsc(), mono_ns());
+        std::thread::sleep(window);
+        let (t1, m1) = (rdtsc(), mono_ns());
+        let ns = m1.saturating_sub(m0).max(1);
+        TscClock {
+            offset,
+            khz: (t1.wrapping_sub(t0) as u128 * 1_000_000 / ns as u128) as u64,
+        }
+    }
+}
+
 /// A non-blocking `CLOCK_MONOTONIC` timerfd armed at absolute times: the engine's timers in
 /// an epoll set.
 pub struct DeadlineTimer(OwnedFd);
@@ -101,6 +142,19 @@ mod tests {
         t.set(None);
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 20) }, 0, "disarmed");
+    }
+
+    #[test]
+    fn tsc_clock_converts_and_measures() {
+        let c = TscClock {
+            offset: 1_000,
+            khz: 1_000_000,
+        };
+        // Guest TSC 1 000 ahead: guest 5 000 = host 4 000, 1 000 cycles (1 µs) after host 3 000.
+        assert_eq!(c.to_mono(5_000, 3_000, 10_000), 11_000);
+        assert_eq!(c.to_mono(3_000, 3_000, 10_000), 9_000, "in the past");
+        let m = TscClock::measured(0, std::time::Duration::from_millis(5));
+        assert!(m.khz > 100_000, "{m:?}");
     }
 
     #[test]

@@ -237,31 +237,7 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 /// The only stable KVM API version.
 const KVM_API_VERSION: i32 = 12;
 
-/// Converts guest TSC values to host `CLOCK_MONOTONIC` time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TscClock {
-    /// Guest TSC − host TSC, cycles.
-    pub offset: i64,
-    /// TSC frequency, kHz.
-    pub khz: u64,
-}
-
-impl TscClock {
-    /// Host monotonic ns of guest TSC value `guest`, given a host (TSC, monotonic ns) pair
-    /// read together now.
-    pub fn to_mono(&self, guest: u64, host_tsc_now: u64, mono_now: u64) -> u64 {
-        let host = guest.wrapping_sub(self.offset as u64);
-        let delta = host.wrapping_sub(host_tsc_now) as i64;
-        let ns = (delta as i128 * 1_000_000 / self.khz.max(1) as i128) as i64;
-        mono_now.saturating_add_signed(ns)
-    }
-}
-
-/// The host's TSC.
-pub fn rdtsc() -> u64 {
-    // SAFETY: rdtsc has no memory effects and is available on every x86-64 CPU.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
+pub use pvsched_host::clock::{rdtsc, TscClock};
 
 /// Measures guest TSC − host TSC on `fd` (before the vCPU runs): the narrowest of 16
 /// brackets of KVM_GET_MSRS(IA32_TSC) by host `rdtsc`.
