@@ -318,13 +318,7 @@ impl Vcpu {
 
 /// CPU time consumed by the calling thread.
 pub fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    Duration::from_nanos(pvsched_host::clock::thread_cpu_ns())
 }
 
 /// The calling thread's kernel thread id.
