@@ -145,14 +145,19 @@ mod tests {
     }
 
     #[test]
-    fn tsc_clock_converts_and_measures() {
+    fn tsc_clock_maps_guest_time_to_host_time() {
         let c = TscClock {
-            offset: 1_000,
+            offset: 1000,
             khz: 1_000_000,
         };
-        // Guest TSC 1 000 ahead: guest 5 000 = host 4 000, 1 000 cycles (1 µs) after host 3 000.
-        assert_eq!(c.to_mono(5_000, 3_000, 10_000), 11_000);
-        assert_eq!(c.to_mono(3_000, 3_000, 10_000), 9_000, "in the past");
+        // Guest 6000 = host 5000; host now 4000 at mono 10 µs: 1000 cycles (1 µs) later.
+        assert_eq!(c.to_mono(6000, 4000, 10_000), 11_000);
+        assert_eq!(c.to_mono(3000, 4000, 10_000), 8_000, "in the past");
+        let neg = TscClock {
+            offset: -500,
+            khz: 1_000_000,
+        };
+        assert_eq!(neg.to_mono(4000, 4000, 0), 500);
         let m = TscClock::measured(0, std::time::Duration::from_millis(5));
         assert!(m.khz > 100_000, "{m:?}");
     }
