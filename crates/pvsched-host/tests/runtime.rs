@@ -305,12 +305,8 @@ fn hooked_vcpu_applies_its_own_decisions() {
     let s = setup();
     s.h.add_vm(0, "dynamic", &DriverOptions::new(), no_parts())
         .unwrap();
-    let (tid_tx, tid_rx) = mpsc::channel();
-    let (go_tx, go_rx) = mpsc::channel::<VcpuHandleMsg>();
     let kernel = s.kernel.clone();
-    let t = std::thread::spawn(move || {
-        tid_tx.send(gettid()).unwrap();
-        let VcpuHandleMsg(mut v) = go_rx.recv().unwrap();
+    let t = vcpu_thread(&s.h, move |mut v| {
         let rt = Reasons::NONE.with(Reason::RtTask);
         assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
         let me = gettid();
@@ -319,9 +315,6 @@ fn hooked_vcpu_applies_its_own_decisions() {
         assert!(!kernel.is_fifo(me));
         assert_eq!(kernel.sets_by(me, me), 2, "both applied by the vCPU itself");
     });
-    let tid = tid_rx.recv().unwrap();
-    let v = s.h.add_vcpu(K0, tid, true).unwrap();
-    go_tx.send(VcpuHandleMsg(v)).unwrap();
     t.join().unwrap();
     let st = s.h.status().unwrap();
     assert_eq!(st.cost.vcpu_setattr, 2);
@@ -329,7 +322,24 @@ fn hooked_vcpu_applies_its_own_decisions() {
     assert_eq!(st.cost.vcpu_handle_calls, 2);
 }
 
-struct VcpuHandleMsg(pvsched_host::VcpuHandle);
+/// Runs `f` on a new thread registered as hooked vCPU `K0`, with its handle.
+fn vcpu_thread<T: Send + 'static>(
+    h: &RuntimeHandle,
+    f: impl FnOnce(pvsched_host::VcpuHandle) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    struct Msg(pvsched_host::VcpuHandle);
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<Msg>();
+    let t = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        let Msg(v) = go_rx.recv().unwrap();
+        f(v)
+    });
+    let tid = tid_rx.recv().unwrap();
+    let v = h.add_vcpu(K0, tid, true).unwrap();
+    go_tx.send(Msg(v)).unwrap();
+    t
+}
 
 /// A hooked vCPU's own timer comes due while it runs: it handles it itself (the engine
 /// thread's wake-up for it is deferred by the grace, so it usually does not wake at all).
@@ -346,12 +356,8 @@ fn hooked_vcpu_takes_its_own_timers() {
         no_parts(),
     )
     .unwrap();
-    let (tid_tx, tid_rx) = mpsc::channel();
-    let (go_tx, go_rx) = mpsc::channel::<VcpuHandleMsg>();
     let kernel = s.kernel.clone();
-    let t = std::thread::spawn(move || {
-        tid_tx.send(gettid()).unwrap();
-        let VcpuHandleMsg(mut v) = go_rx.recv().unwrap();
+    let t = vcpu_thread(&s.h, move |mut v| {
         let me = gettid();
         let d = mono_ns() + 10_000_000;
         assert!(v.handle(mono_ns(), &[VcpuEvent::DeadlineHint(Some(d))]));
@@ -367,9 +373,6 @@ fn hooked_vcpu_takes_its_own_timers() {
         assert!(mono_ns() >= d - 2_000_000);
         kernel.sets_by(me, me)
     });
-    let tid = tid_rx.recv().unwrap();
-    let v = s.h.add_vcpu(K0, tid, true).unwrap();
-    go_tx.send(VcpuHandleMsg(v)).unwrap();
     let own = t.join().unwrap();
     assert_eq!(own, 1, "the vCPU boosted itself");
     let st = s.h.status().unwrap();
