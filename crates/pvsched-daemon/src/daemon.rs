@@ -337,10 +337,25 @@ impl Daemon<'_> {
                 let _ = self.state.detach(t.tid);
             }
         }
+        // A thread another VM already has is not attached again (nor its state record touched).
+        let taken: Vec<i32> = self
+            .vms
+            .iter()
+            .filter(|(&other, _)| other != id)
+            .flat_map(|(_, v)| v.threads.iter().map(|t| t.tid))
+            .collect();
         let mut kept = Vec::new();
         for t in threads {
             if old.iter().any(|o| o.tid == t.tid) {
                 kept.push(t);
+                continue;
+            }
+            if taken.contains(&t.tid) {
+                tracing::warn!(
+                    vm = id,
+                    tid = t.tid,
+                    "thread attached already to another VM"
+                );
                 continue;
             }
             self.state.attach(t.tid).map_err(DaemonError::State)?;
