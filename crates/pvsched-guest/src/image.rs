@@ -405,7 +405,14 @@ pvsched_guest_entry:
     movl $0x6e0, %ecx
     wrmsr
     PV_EXIT {r_preempt_bit}, {r_preempt}
-    ret
+    /* With the protocol on, leave to the VMM at once: the host learns the new deadline now,
+       not at the next preemption point, after which a host thread may already have
+       preempted this vCPU without knowing when it must run again. */
+    cmpq ${pv_enabled}, {pv_status}(%rbx)
+    jne 301f
+    outb %al, ${port_yield}
+    incq {deadline_exits}(%rbx)
+301:ret
 
 /* ---- skip missed periods (cyclictest's rule): %rax = next deadline, %rcx = period. Returns
    in %rax the first deadline after now on the same period grid and in %r8 the periods
@@ -512,6 +519,7 @@ pvsched_guest_end:
     flag_busy = const mailbox::FLAG_BUSY,
     f_unboost = const abi::feature::UNBOOST_DOORBELL,
     overruns = const offset_of!(Mailbox, overruns),
+    deadline_exits = const offset_of!(Mailbox, deadline_exits),
     task_missed = const offset_of!(Mailbox, task_missed),
     cal_runs = const CALIBRATION_RUNS,
     cal_iters = const CALIBRATION_ITERS,

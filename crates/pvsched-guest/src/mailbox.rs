@@ -170,6 +170,9 @@ pub struct Mailbox {
     /// period behind, plus the backlog dropped then (an audio xrun: the task restarts with
     /// the latest release instead of working off a backlog it can never catch up with).
     pub task_missed: u64,
+    /// Exits taken right after arming the timer so the host sees the new deadline at once
+    /// (protocol on only).
+    pub deadline_exits: u64,
 }
 
 impl Mailbox {

@@ -247,8 +247,15 @@ struct Shared {
     applier: Arc<dyn Applier>,
     classes: ClassTable,
     timer: DeadlineTimer,
-    /// The newest [`TimerSet`] applied to `timer`.
-    timer_seq: Mutex<u64>,
+    /// The engine thread's timer as last decided under the core lock (`NO_TIMER`: none) and
+    /// its generation (see [`TimerSet`]).
+    timer_at: AtomicU64,
+    timer_gen: AtomicU64,
+    /// Held by the one thread applying timer settings; `timer_dirty` asks it to look again.
+    timer_gate: AtomicBool,
+    timer_dirty: AtomicBool,
+    /// The generation last applied (read and written only with the gate held).
+    timer_applied: AtomicU64,
     wake: EventFd,
     stopped: AtomicBool,
     engine_tid: AtomicU32,
@@ -265,22 +272,44 @@ struct Shared {
     rechecks: AtomicU64,
 }
 
-/// A setting of the engine thread's timer, decided under the core lock and applied after
-/// it (the syscall stays out of the lock); a setting older than one already applied is
-/// dropped, so the latest decision always wins.
+/// A change of the engine thread's timer, decided under the core lock (which records the
+/// new time and bumps its generation) and applied after it with [`Shared::set_timer`]: the
+/// syscall stays out of the lock, and no thread ever waits for another to apply: the latest
+/// decision always wins.
 #[derive(Clone, Copy)]
-struct TimerSet {
-    seq: u64,
-    at: Option<Nanos>,
-}
+struct TimerSet;
+
+/// `timer_at` when the engine thread's timer is off.
+const NO_TIMER: u64 = u64::MAX;
 
 impl Shared {
+    /// Applies the latest timer decision unless another thread is applying one: that thread
+    /// is told to look again instead, so a vCPU thread never sleeps here.
     fn set_timer(&self, t: Option<TimerSet>) {
-        let Some(t) = t else { return };
-        let mut last = self.timer_seq.lock().unwrap_or_else(|p| p.into_inner());
-        if t.seq > *last {
-            self.timer.set(t.at);
-            *last = t.seq;
+        if t.is_none() {
+            return;
+        }
+        loop {
+            self.timer_dirty.store(true, Ordering::SeqCst);
+            if self.timer_gate.swap(true, Ordering::AcqRel) {
+                // The holder sees `timer_dirty` before it lets go.
+                return;
+            }
+            while self.timer_dirty.swap(false, Ordering::SeqCst) {
+                // The generation first: the time read after it is at least as new.
+                let gen = self.timer_gen.load(Ordering::Acquire);
+                if gen == self.timer_applied.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let at = self.timer_at.load(Ordering::Acquire);
+                self.timer.set((at != NO_TIMER).then_some(at));
+                self.timer_applied.store(gen, Ordering::Relaxed);
+            }
+            self.timer_gate.store(false, Ordering::Release);
+            // A decision that arrived after the last look and found the gate still held.
+            if !self.timer_dirty.load(Ordering::SeqCst) {
+                return;
+            }
         }
     }
 
@@ -325,7 +354,11 @@ impl Shared {
                 cell.inflight.store(1, Ordering::SeqCst);
             }
             let w = cell.want.load(Ordering::SeqCst);
-            if w == cell.applied.load(Ordering::SeqCst) {
+            // While the thread is changing itself, `applied` may lag what the kernel already
+            // has (a thread lowering itself is typically preempted inside that very call, for
+            // milliseconds): another thread then applies regardless.
+            let changing = !own && cell.inflight.load(Ordering::SeqCst) != 0;
+            if w == cell.applied.load(Ordering::SeqCst) && !changing {
                 if own {
                     cell.inflight.store(0, Ordering::SeqCst);
                 }
@@ -406,8 +439,6 @@ struct Core {
     fired: bool,
     /// Scratch list of due timers.
     due: Vec<(Nanos, VcpuKey, TimerKind)>,
-    /// Generation of the engine thread's timer setting (see [`TimerSet`]).
-    arm_seq: u64,
     /// Live timers fired by the last `due_timers` calls (taken by the caller).
     fired_timers: u64,
 }
@@ -426,11 +457,11 @@ impl Core {
         if at != self.armed || self.fired {
             self.armed = at;
             self.fired = false;
-            self.arm_seq += 1;
-            return Some(TimerSet {
-                seq: self.arm_seq,
-                at,
-            });
+            shared
+                .timer_at
+                .store(at.unwrap_or(NO_TIMER), Ordering::Release);
+            shared.timer_gen.fetch_add(1, Ordering::AcqRel);
+            return Some(TimerSet);
         }
         None
     }
@@ -837,13 +868,16 @@ impl Runtime {
                 armed: None,
                 fired: false,
                 due: Vec::with_capacity(16),
-                arm_seq: 0,
                 fired_timers: 0,
             }),
             applier: cfg.applier,
             classes: ClassTable::new(),
             timer: DeadlineTimer::new()?,
-            timer_seq: Mutex::new(0),
+            timer_at: AtomicU64::new(NO_TIMER),
+            timer_gen: AtomicU64::new(0),
+            timer_gate: AtomicBool::new(false),
+            timer_dirty: AtomicBool::new(false),
+            timer_applied: AtomicU64::new(0),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             stopped: AtomicBool::new(false),
             engine_tid: AtomicU32::new(0),
@@ -1139,8 +1173,12 @@ impl Loop {
             let mut fired = false;
             for ev in &ready[..n] {
                 match ev.data() {
-                    // No read of the timerfd: re-arming it below resets its expiry count.
-                    TOKEN_TIMER => fired = true,
+                    // Read, not only re-armed below: the re-arming may be left to a vCPU
+                    // thread applying timer settings at that moment (`Shared::set_timer`).
+                    TOKEN_TIMER => {
+                        self.shared.timer.drain();
+                        fired = true;
+                    }
                     TOKEN_COMMAND => {
                         let _ = self.shared.wake.read();
                     }

@@ -21,6 +21,10 @@ use vmm_sys_util::eventfd::EventFd;
 struct FakeKernel {
     attrs: Mutex<HashMap<i32, SchedAttr>>,
     log: Mutex<Vec<(i32, SchedAttr, i32)>>,
+    /// While set, a thread that changes its own attributes stays "preempted" inside the
+    /// call after the change took effect (as a thread lowering itself often is).
+    stall_own: AtomicBool,
+    stalled: AtomicBool,
 }
 
 fn gettid() -> i32 {
@@ -70,6 +74,13 @@ impl Applier for FakeKernel {
     fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
         self.attrs.lock().unwrap().insert(tid, *attr);
         self.log.lock().unwrap().push((tid, *attr, gettid()));
+        if tid == gettid() && self.stall_own.load(Ordering::Acquire) {
+            self.stalled.store(true, Ordering::Release);
+            while self.stall_own.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            self.stalled.store(false, Ordering::Release);
+        }
         Ok(())
     }
 }
@@ -382,6 +393,49 @@ fn hooked_vcpu_takes_its_own_timers() {
         "the engine thread applied nothing: {:?}",
         s.kernel.log.lock().unwrap()
     );
+}
+
+/// A vCPU thread lowering itself is preempted inside its own `sched_setattr` (the kernel has
+/// already lowered it); the engine thread boosts it meanwhile. The boost must reach the kernel
+/// at once, not wait for the vCPU thread to run again (which, lowered, it may not for ms).
+#[test]
+fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
+    let s = setup();
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&["irq_hold=60s", "cs_budget=60s"]),
+        no_parts(),
+    )
+    .unwrap();
+    let kernel = s.kernel.clone();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let t = vcpu_thread(&s.h, move |mut v| {
+        tid_tx.send(gettid()).unwrap();
+        let rt = Reasons::NONE.with(Reason::RtTask);
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
+        kernel.stall_own.store(true, Ordering::Release);
+        while !v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]) {
+            std::thread::yield_now();
+        }
+    });
+    let tid = tid_rx.recv().unwrap();
+    wait_for("the vCPU lowered itself and is stuck", || {
+        s.kernel.stalled.load(Ordering::Acquire)
+    });
+    assert!(!s.kernel.is_fifo(tid));
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("boost applied by the engine thread", || {
+        s.kernel.is_fifo(tid)
+    });
+    s.kernel.stall_own.store(false, Ordering::Release);
+    t.join().unwrap();
+    assert!(
+        s.kernel.is_fifo(tid),
+        "still boosted after the vCPU went on"
+    );
+    drop(s.rt);
+    assert!(!s.kernel.is_fifo(tid), "restored");
 }
 
 #[test]

@@ -272,8 +272,11 @@ impl DynamicDriver {
         };
         // A boost held only by the host (no guest request) is budgeted as a whole; while the
         // guest holds a request, that request's budgets apply.
+        // A hold that ran out before the budget did ends the boost normally, however late
+        // this check runs (a host that ran it late must not turn it into a throttle).
         let host_over = self.host_initiated(b)
             && ctx.state.request.is_empty()
+            && b.hold_until >= b.since.saturating_add(self.p.cs_budget)
             && over(Some(b.since), self.p.cs_budget);
         if host_over
             || over(ctx.state.cs_since, self.p.cs_budget)

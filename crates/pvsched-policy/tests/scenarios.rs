@@ -111,6 +111,19 @@ impl Sim {
         self.now = t;
     }
 
+    /// Like [`Sim::advance_to`], but a host that runs every timer `late` after it was due.
+    fn advance_to_late(&mut self, t: Nanos, late: Nanos) {
+        while let Some(Reverse((at, key, kind, gen))) = self.timers.peek().copied() {
+            if at > t {
+                break;
+            }
+            self.timers.pop();
+            self.now = self.now.max(at + late);
+            self.event(key, VcpuEvent::Timer(kind, gen));
+        }
+        self.now = self.now.max(t);
+    }
+
     fn advance(&mut self, d: Nanos) {
         self.advance_to(self.now + d);
     }
@@ -330,6 +343,34 @@ fn deadline_aware_boosts_ahead_of_the_deadline() {
     assert!(s.is_boosted(V0));
     s.advance_to(21 * MS);
     assert!(!s.is_boosted(V0));
+}
+
+#[test]
+fn a_late_hold_check_is_no_throttle() {
+    // The engine thread can run a timer milliseconds late (a nested host's vCPU preempted
+    // underneath). A deadline boost whose hold ran out long before its budget then ends
+    // normally: no throttle, no cooldown refusing the next deadline.
+    let mut s = Sim::new("deadline-aware", &["lead=100us", "cs_budget=3ms"]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(MS)));
+    s.advance_to_late(MS, 0);
+    assert!(s.is_boosted(V0));
+    // The hold check (deadline + irq_hold) runs 4 ms late.
+    s.advance_to_late(2 * MS, 4 * MS);
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.published[&V0], BoostState::Normal);
+    let c = s.engine.vcpu(V0).unwrap().counters;
+    assert_eq!((c.throttles, c.refused), (0, 0));
+    s.event(V0, VcpuEvent::DeadlineHint(Some(10 * MS)));
+    s.advance_to(9950 * US);
+    assert!(s.is_boosted(V0), "the next deadline is boosted again");
+    // Interrupts that keep extending the hold do hit the budget, on time or late.
+    for _ in 0..30 {
+        s.advance(150 * US);
+        s.event(V0, VcpuEvent::Interrupt);
+    }
+    s.advance_to_late(s.now + MS, 2 * MS);
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.throttles, 1);
 }
 
 #[test]
