@@ -49,6 +49,32 @@ pub struct Counters {
     pub bad_slots: u64,
 }
 
+/// Boosted-time debts (pvsched v3's model): every boosted nanosecond is charged to `generic`,
+/// and also to `cs` while the boost serves a critical section (or the host alone); unboosted
+/// time pays both back at the driver's recovery ratio. A debt that reaches its limit latches
+/// a throttle, which clears only once that debt is paid back to zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Debts {
+    /// Debt of all boosted time, ns.
+    pub generic: Nanos,
+    /// Debt of critical-section (and host-held) boosted time, ns.
+    pub cs: Nanos,
+    /// Accounted up to here.
+    pub at: Nanos,
+    /// The generic debt reached its limit and is not paid back yet: no boost at all.
+    pub generic_latched: bool,
+    /// The critical-section debt reached its limit and is not paid back yet: only an RT-task
+    /// request is boosted.
+    pub cs_latched: bool,
+}
+
+impl Debts {
+    /// True while a latch is set.
+    pub fn latched(&self) -> bool {
+        self.generic_latched || self.cs_latched
+    }
+}
+
 /// What the engine knows about one vCPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VcpuState {
@@ -56,11 +82,9 @@ pub struct VcpuState {
     pub boost: Option<Boost>,
     /// The guest's last known request.
     pub request: Reasons,
-    /// Since when the current boost has held a critical-section reason.
-    pub cs_since: Option<Nanos>,
-    /// Since when the current boost has held the RT-task reason.
-    pub rt_since: Option<Nanos>,
-    /// Boosts are refused until then.
+    /// Boosted-time debts and throttle latches.
+    pub debts: Debts,
+    /// A latch is not cleared before then (the `cooldown` after a throttle).
     pub throttled_until: Option<Nanos>,
     /// The guest's next deadline, host time.
     pub deadline: Option<Nanos>,
@@ -78,9 +102,9 @@ impl VcpuState {
         self.boost.is_some()
     }
 
-    /// True while throttled at `now`.
-    pub fn is_throttled(&self, now: Nanos) -> bool {
-        self.throttled_until.is_some_and(|t| now < t)
+    /// True while a throttle latch is set.
+    pub fn is_throttled(&self) -> bool {
+        self.debts.latched()
     }
 
     /// True when timer `kind` armed with generation `gen` is still wanted: neither re-armed
@@ -142,7 +166,6 @@ impl<'a> VcpuCtx<'a> {
             hold_until,
         });
         self.state.counters.boosts += 1;
-        self.note_held_reasons();
         self.out.push(Decision::Boost(self.key, class));
         self.publish(BoostState::Boosted);
     }
@@ -152,8 +175,6 @@ impl<'a> VcpuCtx<'a> {
         if let Some(b) = self.state.boost.take() {
             self.state.counters.unboosts += 1;
             self.state.counters.boosted_ns += self.now.saturating_sub(b.since);
-            self.state.cs_since = None;
-            self.state.rt_since = None;
             // A budget check is about the boost that just ended: cancel it, so that a host
             // does not wake up for a timer with nothing left to check.
             self.state.timer_gen[TimerKind::Budget as usize] += 1;
@@ -184,26 +205,6 @@ impl<'a> VcpuCtx<'a> {
     pub fn is_current(&self, kind: TimerKind, gen: u64) -> bool {
         self.state.is_timer_current(kind, gen)
     }
-
-    /// Records since when the boost holds each budget class of the current request.
-    pub fn note_held_reasons(&mut self) {
-        if self.state.boost.is_none() {
-            return;
-        }
-        let req = self.state.request;
-        let cs = req.bits() & !pvsched_proto::abi::Reason::RtTask.bit() != 0;
-        let rt = req.contains(pvsched_proto::abi::Reason::RtTask);
-        match (cs, self.state.cs_since) {
-            (true, None) => self.state.cs_since = Some(self.now),
-            (false, Some(_)) => self.state.cs_since = None,
-            _ => {}
-        }
-        match (rt, self.state.rt_since) {
-            (true, None) => self.state.rt_since = Some(self.now),
-            (false, Some(_)) => self.state.rt_since = None,
-            _ => {}
-        }
-    }
 }
 
 /// A policy: turns a vCPU's events into decisions. One instance per VM.
@@ -221,7 +222,6 @@ pub trait Driver: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pvsched_proto::abi::Reason;
 
     #[test]
     fn boost_and_unboost_keep_counters() {
@@ -243,21 +243,6 @@ mod tests {
                 Decision::Publish(key, BoostState::Normal),
             ]
         );
-    }
-
-    #[test]
-    fn held_reasons_track_budget_classes() {
-        let mut st = VcpuState {
-            request: Reasons::NONE.with(Reason::Irq),
-            ..VcpuState::default()
-        };
-        let mut out = Vec::new();
-        let key = VcpuKey::new(0, 0);
-        VcpuCtx::new(key, &mut st, 10, &mut out).boost(BoostClass::Fifo(1), Cause::Request, 0, 0);
-        assert_eq!((st.cs_since, st.rt_since), (Some(10), None));
-        st.request = Reasons::NONE.with(Reason::RtTask);
-        VcpuCtx::new(key, &mut st, 20, &mut out).note_held_reasons();
-        assert_eq!((st.cs_since, st.rt_since), (None, Some(20)));
     }
 
     #[test]

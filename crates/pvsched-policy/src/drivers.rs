@@ -3,6 +3,7 @@
 use crate::driver::{Boost, Cause, Driver, VcpuCtx};
 use crate::options::{DriverOptions, OptionError};
 use crate::{BoostClass, Nanos, TimerKind, VcpuEvent};
+use pvsched_proto::abi::Reason;
 use pvsched_proto::BoostState;
 
 const MS: Nanos = 1_000_000;
@@ -77,43 +78,65 @@ impl Driver for StaticDriver {
 pub struct DynamicParams {
     /// Class of a boosted vCPU thread.
     pub class: BoostClass,
-    /// Longest boost for kernel critical sections (IRQ, NMI, softirq, preempt-off).
+    /// Limit of the critical-section debt (IRQ, NMI, softirq, preempt-off, host-held boosts).
     pub cs_budget: Nanos,
-    /// Longest boost for an RT task.
+    /// Limit of the generic debt (all boosted time).
     pub rt_budget: Nanos,
-    /// After a budget ran out, boosts are refused for this long.
+    /// Unboosted time that pays back one unit of debt, in thousandths (1000: v3's 1:1).
+    pub recovery_milli: u64,
+    /// A throttle latch holds at least this long, even once its debt is paid back.
     pub cooldown: Nanos,
     /// A host-initiated boost (interrupt, wake-up, deadline) holds this long without a guest
-    /// request. Repeated interrupts extend it, but a host-initiated boost never lasts longer
-    /// than `cs_budget` in one go.
+    /// request. Repeated interrupts extend it; its time is charged to the critical-section
+    /// debt.
     pub irq_hold: Nanos,
     /// `deadline-aware` only: how long before the guest's deadline to boost.
     pub lead: Option<Nanos>,
 }
 
 impl Default for DynamicParams {
-    /// RFC v1 / ChromeOS budgets: 3 ms critical sections, 500 ms RT task.
+    /// pvsched v3's debt limits (2 ms critical sections, 500 ms generic), 1:1 recovery.
     fn default() -> Self {
         DynamicParams {
             class: BoostClass::default(),
-            cs_budget: 3 * MS,
+            cs_budget: 2 * MS,
             rt_budget: 500 * MS,
-            cooldown: 100 * MS,
+            recovery_milli: 1000,
+            cooldown: MS,
             irq_hold: 200 * US,
             lead: None,
         }
     }
 }
 
-const DYNAMIC_KEYS: &[&str] = &["class", "cs_budget", "rt_budget", "cooldown", "irq_hold"];
+const DYNAMIC_KEYS: &[&str] = &[
+    "class",
+    "cs_budget",
+    "rt_budget",
+    "recovery",
+    "cooldown",
+    "irq_hold",
+];
 const DEADLINE_KEYS: &[&str] = &[
     "class",
     "cs_budget",
     "rt_budget",
+    "recovery",
     "cooldown",
     "irq_hold",
     "lead",
 ];
+
+/// Longest debt limit, hold or lead accepted.
+const MAX_DURATION: Nanos = 10_000 * MS;
+
+fn bad(key: &str, value: impl ToString, why: &'static str) -> OptionError {
+    OptionError::Value {
+        key: key.into(),
+        value: value.to_string(),
+        why,
+    }
+}
 
 impl DynamicParams {
     fn from_options(o: &DriverOptions, lead: Option<Nanos>) -> Result<Self, OptionError> {
@@ -122,6 +145,11 @@ impl DynamicParams {
             class: o.class("class", d.class)?,
             cs_budget: o.duration("cs_budget", d.cs_budget)?,
             rt_budget: o.duration("rt_budget", d.rt_budget)?,
+            recovery_milli: match o.get("recovery") {
+                None => d.recovery_milli,
+                Some(v) => parse_ratio_milli(v)
+                    .ok_or_else(|| bad("recovery", v, "expected a ratio from 0.1 to 100"))?,
+            },
             cooldown: o.duration("cooldown", d.cooldown)?,
             irq_hold: o.duration("irq_hold", d.irq_hold)?,
             lead: match lead {
@@ -129,21 +157,67 @@ impl DynamicParams {
                 None => None,
             },
         };
-        if p.cs_budget == 0 || p.rt_budget == 0 {
-            return Err(OptionError::Value {
-                key: "cs_budget/rt_budget".into(),
-                value: "0".into(),
-                why: "a budget must be above zero: no boost without a budget",
-            });
+        for (key, v) in [
+            ("cs_budget", p.cs_budget),
+            ("rt_budget", p.rt_budget),
+            ("cooldown", p.cooldown),
+        ] {
+            if v == 0 {
+                return Err(bad(
+                    key,
+                    "0",
+                    "must be above zero: no boost without a bound",
+                ));
+            }
+        }
+        for (key, v) in [
+            ("cs_budget", p.cs_budget),
+            ("rt_budget", p.rt_budget),
+            ("cooldown", p.cooldown),
+            ("irq_hold", p.irq_hold),
+            ("lead", p.lead.unwrap_or(0)),
+        ] {
+            if v > MAX_DURATION {
+                return Err(bad(key, format!("{v}ns"), "must be at most 10s"));
+            }
         }
         Ok(p)
     }
 }
 
-/// `dynamic`: RFC v1 semantics. Boosts when the host injects an interrupt or wakes the vCPU
-/// and when the guest requests; unboosts when the guest releases (synchronously, through its
-/// doorbell); bounds every boost by a per-reason budget, after which it unboosts and refuses
-/// boosts for a cooldown.
+/// Parses a recovery ratio (`1`, `2`, `0.5`, `1:1`, `3:2`: unboosted time per boosted time)
+/// into thousandths, within 0.1..=100.
+fn parse_ratio_milli(v: &str) -> Option<u64> {
+    let milli = |x: &str| -> Option<u64> {
+        let x = x.trim();
+        let (int, frac) = x.split_once('.').unwrap_or((x, ""));
+        if int.is_empty() && frac.is_empty() || frac.len() > 3 {
+            return None;
+        }
+        let int: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        let frac: u64 = if frac.is_empty() {
+            0
+        } else {
+            frac.parse::<u64>().ok()? * 10u64.pow(3 - frac.len() as u32)
+        };
+        int.checked_mul(1000)?.checked_add(frac)
+    };
+    let r = match v.split_once(':') {
+        // "boosted:unboosted", v3 style: 1:1.
+        Some((b, u)) => {
+            let (b, u) = (milli(b)?, milli(u)?);
+            (b > 0).then(|| u.saturating_mul(1000) / b)?
+        }
+        None => milli(v)?,
+    };
+    (100..=100_000).contains(&r).then_some(r)
+}
+
+/// `dynamic`: RFC v1 semantics with pvsched v3's budgets. Boosts when the host injects an
+/// interrupt or wakes the vCPU and when the guest requests; unboosts when the guest releases
+/// (synchronously, through its doorbell); charges boosted time to two debts (all time, and
+/// critical-section time), paid back by unboosted time; a debt at its limit throttles until
+/// it is paid back.
 #[derive(Debug)]
 pub struct DynamicDriver {
     p: DynamicParams,
@@ -151,7 +225,8 @@ pub struct DynamicDriver {
 }
 
 impl DynamicDriver {
-    /// `dynamic` with options `class`, `cs_budget`, `rt_budget`, `cooldown`, `irq_hold`.
+    /// `dynamic` with options `class`, `cs_budget`, `rt_budget`, `recovery`, `cooldown`,
+    /// `irq_hold`.
     pub fn from_options(o: &DriverOptions) -> Result<Self, OptionError> {
         o.check_known("dynamic", DYNAMIC_KEYS)?;
         Ok(DynamicDriver {
@@ -175,23 +250,80 @@ impl DynamicDriver {
         self.p
     }
 
-    /// When the current boost must be checked next.
+    /// Interrupt and deadline boosts are charged like a critical section while no guest
+    /// request holds them, so a guest that makes the host inject interrupts back to back
+    /// cannot stay boosted.
+    fn host_initiated(&self, b: Boost) -> bool {
+        matches!(b.cause, Cause::Interrupt | Cause::Deadline)
+    }
+
+    /// True when the current boost is charged to the critical-section debt.
+    fn charges_cs(&self, ctx: &VcpuCtx<'_>) -> bool {
+        let s = &ctx.state;
+        let Some(b) = s.boost else { return false };
+        let cs_request = s.request.bits() & !Reason::RtTask.bit() != 0;
+        cs_request || (self.host_initiated(b) && s.request.is_empty())
+    }
+
+    /// Unboosted time `dt` pays back this much debt.
+    fn repaid(&self, dt: Nanos) -> Nanos {
+        ((dt as u128 * 1000) / self.p.recovery_milli as u128).min(Nanos::MAX as u128) as Nanos
+    }
+
+    /// Debt `d` is paid back after this much unboosted time.
+    fn repay_time(&self, d: Nanos) -> Nanos {
+        ((d as u128 * self.p.recovery_milli as u128).div_ceil(1000)).min(Nanos::MAX as u128)
+            as Nanos
+    }
+
+    /// Charges (or pays back) the time since the last accounting, in the state the vCPU was in
+    /// during that time. Runs first for every event. A boost the host alone held is charged
+    /// only up to the end of its hold: a host that checks it late pays, not the guest.
+    fn account(&self, ctx: &mut VcpuCtx<'_>) {
+        let now = ctx.now;
+        let cs = self.charges_cs(ctx);
+        let s = &mut *ctx.state;
+        let from = s.debts.at;
+        s.debts.at = now.max(from);
+        let dt = now.saturating_sub(from);
+        match s.boost {
+            Some(b) => {
+                let end = if self.host_initiated(b) && s.request.is_empty() {
+                    now.min(b.hold_until.max(from))
+                } else {
+                    now
+                };
+                let charged = end.saturating_sub(from);
+                s.debts.generic = s.debts.generic.saturating_add(charged);
+                if cs {
+                    s.debts.cs = s.debts.cs.saturating_add(charged);
+                }
+            }
+            None => {
+                let r = self.repaid(dt);
+                s.debts.generic = s.debts.generic.saturating_sub(r);
+                s.debts.cs = s.debts.cs.saturating_sub(r);
+            }
+        }
+    }
+
+    /// True when a boost for the current request (or the host, `host` true) is refused.
+    fn refuses(&self, ctx: &VcpuCtx<'_>, host: bool) -> bool {
+        let d = ctx.state.debts;
+        d.generic_latched || (d.cs_latched && (host || !ctx.state.request.contains(Reason::RtTask)))
+    }
+
+    /// When the current boost must be checked next: a debt reaching its limit, or the end of
+    /// a host hold without request.
     fn next_check(&self, ctx: &VcpuCtx<'_>) -> Option<Nanos> {
         let s = &ctx.state;
         let b = s.boost?;
-        let cs = s.cs_since.map(|t| t.saturating_add(self.p.cs_budget));
-        let rt = s.rt_since.map(|t| t.saturating_add(self.p.rt_budget));
+        let now = ctx.now;
+        let generic = now.saturating_add(self.p.rt_budget.saturating_sub(s.debts.generic));
+        let cs = (self.charges_cs(ctx) && !s.debts.cs_latched)
+            .then(|| now.saturating_add(self.p.cs_budget.saturating_sub(s.debts.cs)));
         let hold = s.request.is_empty().then_some(b.hold_until);
-        let host = (self.host_initiated(b) && s.request.is_empty())
-            .then(|| b.since.saturating_add(self.p.cs_budget));
-        [cs, rt, hold, host].into_iter().flatten().min()
-    }
-
-    /// Interrupt and deadline boosts are budgeted like a critical section as a whole while no
-    /// guest request holds them, so a guest that makes the host inject interrupts back to
-    /// back cannot stay boosted.
-    fn host_initiated(&self, b: Boost) -> bool {
-        matches!(b.cause, Cause::Interrupt | Cause::Deadline)
+        [Some(generic), cs, hold].into_iter().flatten().min()
     }
 
     fn rearm(&self, ctx: &mut VcpuCtx<'_>) {
@@ -200,6 +332,24 @@ impl DynamicDriver {
             let at = at.max(ctx.now);
             ctx.arm(TimerKind::Budget, at);
         }
+    }
+
+    /// Arms the check that clears the latches once their debts are paid back.
+    fn arm_release(&self, ctx: &mut VcpuCtx<'_>) {
+        let d = ctx.state.debts;
+        let mut owed = 0;
+        if d.generic_latched {
+            owed = owed.max(d.generic);
+        }
+        if d.cs_latched {
+            owed = owed.max(d.cs);
+        }
+        let at = ctx
+            .now
+            .saturating_add(self.repay_time(owed))
+            .max(ctx.state.throttled_until.unwrap_or(0))
+            .max(ctx.now);
+        ctx.arm(TimerKind::Cooldown, at);
     }
 
     /// A boost the host starts on its own, held at least until `hold_until` without a
@@ -211,13 +361,12 @@ impl DynamicDriver {
         release_after: Nanos,
         hold_until: Nanos,
     ) {
-        if ctx.state.is_throttled(ctx.now) {
-            ctx.state.counters.refused += 1;
-            return;
-        }
         if let Some(b) = ctx.state.boost.as_mut() {
             b.hold_until = b.hold_until.max(hold_until);
             b.release_after = b.release_after.max(release_after);
+        } else if self.refuses(ctx, true) {
+            ctx.state.counters.refused += 1;
+            return;
         } else {
             ctx.boost(self.p.class, cause, release_after, hold_until);
         }
@@ -245,18 +394,20 @@ impl DynamicDriver {
         if ctx.state.request.is_empty() {
             match ctx.state.boost {
                 Some(b) if self.releasable(ctx, b) => ctx.unboost(BoostState::Normal),
-                Some(_) => {
-                    ctx.note_held_reasons();
-                    self.rearm(ctx);
-                }
+                Some(_) => self.rearm(ctx),
                 None => {}
             }
             return;
         }
         if ctx.state.is_boosted() {
-            ctx.note_held_reasons();
-            self.rearm(ctx);
-        } else if ctx.state.is_throttled(now) {
+            if self.refuses(ctx, false) {
+                // A critical section alone while its debt is latched: the RT task that held
+                // the boost has gone.
+                self.throttle(ctx);
+            } else {
+                self.rearm(ctx);
+            }
+        } else if self.refuses(ctx, false) {
             ctx.state.counters.refused += 1;
         } else {
             ctx.boost(self.p.class, Cause::Request, now, now);
@@ -264,35 +415,57 @@ impl DynamicDriver {
         }
     }
 
+    /// Ends the boost as throttled and arms the latches' release.
+    fn throttle(&self, ctx: &mut VcpuCtx<'_>) {
+        ctx.state.counters.throttles += 1;
+        ctx.unboost(BoostState::Throttled);
+        ctx.state.throttled_until = Some(ctx.now.saturating_add(self.p.cooldown));
+        self.arm_release(ctx);
+    }
+
     fn check_budget(&self, ctx: &mut VcpuCtx<'_>) {
-        let now = ctx.now;
-        let Some(b) = ctx.state.boost else { return };
-        let over = |since: Option<Nanos>, budget: Nanos| {
-            since.is_some_and(|t| now >= t.saturating_add(budget))
-        };
-        // A boost held only by the host (no guest request) is budgeted as a whole; while the
-        // guest holds a request, that request's budgets apply.
-        // A hold that ran out before the budget did ends the boost normally, however late
-        // this check runs (a host that ran it late must not turn it into a throttle).
-        let host_over = self.host_initiated(b)
-            && ctx.state.request.is_empty()
-            && b.hold_until >= b.since.saturating_add(self.p.cs_budget)
-            && over(Some(b.since), self.p.cs_budget);
-        if host_over
-            || over(ctx.state.cs_since, self.p.cs_budget)
-            || over(ctx.state.rt_since, self.p.rt_budget)
-        {
-            ctx.state.counters.throttles += 1;
-            ctx.unboost(BoostState::Throttled);
-            let until = now.saturating_add(self.p.cooldown);
-            ctx.state.throttled_until = Some(until);
-            ctx.arm(TimerKind::Cooldown, until);
-        } else if self.next_check(ctx).is_none_or(|t| t <= now) {
-            // Nothing holds the boost any longer (the hold ran out and no budgeted reason is
-            // held): end it. A budget check always ends the boost or looks further ahead.
+        if ctx.state.boost.is_none() {
+            return;
+        }
+        let d = ctx.state.debts;
+        if d.generic >= self.p.rt_budget {
+            ctx.state.debts.generic_latched = true;
+        }
+        if self.charges_cs(ctx) && d.cs >= self.p.cs_budget {
+            ctx.state.debts.cs_latched = true;
+        }
+        let host_only = ctx.state.request.is_empty();
+        if ctx.state.debts.latched() && self.refuses(ctx, host_only) {
+            self.throttle(ctx);
+        } else if self.next_check(ctx).is_none_or(|t| t <= ctx.now) {
+            // Nothing holds the boost any longer (the hold ran out, no request): end it.
             ctx.unboost(BoostState::Normal);
         } else {
             self.rearm(ctx);
+        }
+    }
+
+    /// The release check: clears the latches whose debt is paid back.
+    fn check_release(&self, ctx: &mut VcpuCtx<'_>) {
+        if ctx.state.throttled_until.is_some_and(|t| ctx.now < t) {
+            self.arm_release(ctx);
+            return;
+        }
+        let d = &mut ctx.state.debts;
+        if d.generic_latched && d.generic == 0 {
+            d.generic_latched = false;
+        }
+        if d.cs_latched && d.cs == 0 {
+            d.cs_latched = false;
+        }
+        if d.latched() {
+            self.arm_release(ctx);
+        } else {
+            ctx.state.throttled_until = None;
+            if !ctx.state.is_boosted() {
+                // The mechanism re-reads the request after publishing and reports it.
+                ctx.publish(BoostState::Normal);
+            }
         }
     }
 }
@@ -309,9 +482,14 @@ impl Driver for DynamicDriver {
         }
     }
     fn on_event(&mut self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent) {
+        self.account(ctx);
         let now = ctx.now;
         match ev {
-            VcpuEvent::Registered => ctx.publish(BoostState::Normal),
+            VcpuEvent::Registered => ctx.publish(if ctx.state.is_throttled() {
+                BoostState::Throttled
+            } else {
+                BoostState::Normal
+            }),
             VcpuEvent::Unregistered => ctx.unboost(BoostState::Disabled),
             VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) => {
                 ctx.state.request = r;
@@ -349,15 +527,13 @@ impl Driver for DynamicDriver {
                     ctx.unboost(BoostState::Disabled);
                 } else {
                     ctx.publish(BoostState::Disabled);
+                    // A host boost kept: without the request, its hold is what ends it.
+                    self.rearm(ctx);
                 }
             }
             VcpuEvent::Timer(kind, gen) if ctx.is_current(kind, gen) => match kind {
                 TimerKind::Budget => self.check_budget(ctx),
-                TimerKind::Cooldown => {
-                    ctx.state.throttled_until = None;
-                    // The mechanism re-reads the request after publishing and reports it.
-                    ctx.publish(BoostState::Normal);
-                }
+                TimerKind::Cooldown => self.check_release(ctx),
                 TimerKind::Lead => {
                     if let Some(d) = ctx.state.deadline {
                         self.host_boost(ctx, Cause::Deadline, d, d.saturating_add(self.p.irq_hold));
@@ -365,6 +541,25 @@ impl Driver for DynamicDriver {
                 }
             },
             VcpuEvent::Timer(..) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ratio_milli;
+
+    #[test]
+    fn recovery_ratios_parse() {
+        assert_eq!(parse_ratio_milli("1"), Some(1000));
+        assert_eq!(parse_ratio_milli("0.5"), Some(500));
+        assert_eq!(parse_ratio_milli("1:1"), Some(1000));
+        assert_eq!(parse_ratio_milli("1:2"), Some(2000));
+        assert_eq!(parse_ratio_milli("2:1"), Some(500));
+        for bad in [
+            "0", "0.01", "101", "x", "", ":", "1:0", "0:1", "1.2345", "-1",
+        ] {
+            assert_eq!(parse_ratio_milli(bad), None, "{bad}");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The engine: drivers by name, one per VM, replaceable at runtime; global and per-VM
 //! enable/disable (RFC v1 patch 6); per-vCPU state; events in, decisions out.
 
-use crate::driver::{Driver, VcpuCtx, VcpuState};
+use crate::driver::{Debts, Driver, VcpuCtx, VcpuState};
 use crate::drivers::{DynamicDriver, NoneDriver, StaticDriver};
 use crate::options::{DriverOptions, OptionError};
 use crate::{BoostState, Decision, Event, Nanos, VcpuEvent, VcpuKey};
@@ -321,6 +321,10 @@ impl Engine {
             let mut ctx = VcpuCtx::new(VcpuKey::new(vm, vcpu), st, now, out);
             ctx.unboost(then);
             ctx.state.throttled_until = None;
+            ctx.state.debts = Debts {
+                at: now,
+                ..Debts::default()
+            };
             for g in ctx.state.timer_gen.iter_mut() {
                 *g += 1;
             }

@@ -17,7 +17,7 @@ pub mod drivers;
 pub mod engine;
 pub mod options;
 
-pub use driver::{Cause, Counters, Driver, VcpuCtx, VcpuState};
+pub use driver::{Cause, Counters, Debts, Driver, VcpuCtx, VcpuState};
 pub use engine::{Engine, EngineError, Registry};
 pub use options::{DriverOptions, OptionError};
 pub use pvsched_proto::{BoostState, Reasons};

@@ -76,6 +76,11 @@ impl DriverOptions {
         }
     }
 
+    /// The raw value of `key`, if given.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
     /// A duration option, or `default`.
     pub fn duration(&self, key: &str, default: Nanos) -> Result<Nanos, OptionError> {
         match self.0.get(key) {
