@@ -34,6 +34,8 @@ pub fn render(status: &Status) -> String {
     let throttles = Family::<VcpuLabels, Counter>::default();
     let boosted_s = Family::<VcpuLabels, Counter<f64, AtomicU64>>::default();
     let boosted_now = Family::<VcpuLabels, Gauge>::default();
+    let debt_s = Family::<VcpuLabels, Gauge<f64, AtomicU64>>::default();
+    let repaid_s = Family::<VcpuLabels, Counter<f64, AtomicU64>>::default();
     let enabled = Family::<VmLabels, Gauge>::default();
     let host_events = Counter::<u64>::default();
     let vm_events = Family::<VmLabels, Counter>::default();
@@ -58,6 +60,16 @@ pub fn render(status: &Status) -> String {
         "vcpu_boosted",
         "1 while the vCPU thread is boosted",
         boosted_now.clone(),
+    );
+    reg.register(
+        "vcpu_debt_seconds",
+        "Boosted time a vCPU has not paid back yet (generic debt)",
+        debt_s.clone(),
+    );
+    reg.register(
+        "vcpu_repaid_seconds",
+        "Time a vCPU thread ran below normal weight to pay back boosted time",
+        repaid_s.clone(),
     );
     reg.register(
         "vm_enabled",
@@ -137,6 +149,8 @@ pub fn render(status: &Status) -> String {
             throttles.get_or_create(&l).inc_by(c.throttles);
             boosted_s.get_or_create(&l).inc_by(c.boosted_ms / 1e3);
             boosted_now.get_or_create(&l).set(c.boosted as i64);
+            debt_s.get_or_create(&l).set(c.debt_ms / 1e3);
+            repaid_s.get_or_create(&l).inc_by(c.repaid_ms / 1e3);
         }
     }
     let mut out = String::new();

@@ -24,6 +24,8 @@ impl Publisher for NoPublisher {
 /// The scheduling class that implements a boost class.
 pub fn sched_class(c: BoostClass) -> SchedClass {
     match c {
+        BoostClass::Slice(ns) => SchedClass::Slice(ns),
+        BoostClass::Nice(n) => SchedClass::Nice(n),
         BoostClass::Fifo(p) => SchedClass::Fifo(p),
         BoostClass::Rr(p) => SchedClass::Rr(p),
         BoostClass::Deadline {
@@ -42,6 +44,8 @@ pub fn sched_class(c: BoostClass) -> SchedClass {
 /// to `c`: one FIFO priority above (FIFO 99 above `SCHED_DEADLINE`, which no FIFO outranks).
 pub fn helper_class(c: BoostClass) -> SchedClass {
     match c {
+        // Fair classes: the engine at FIFO 1 already runs before them.
+        BoostClass::Slice(_) | BoostClass::Nice(_) => SchedClass::Fifo(1),
         BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
         BoostClass::Deadline { .. } => SchedClass::Fifo(99),
     }

@@ -71,6 +71,8 @@ const UNKNOWN: u64 = u64::MAX;
 const RECHECK_NS: Nanos = 50_000;
 /// How late the engine thread may wake for a budget check, so that checks share wake-ups.
 const BUDGET_SLACK_NS: Nanos = 100_000;
+/// The end of a repayment waits up to this long for another wake-up to share.
+const REPAY_SLACK_NS: Nanos = 1_000_000;
 /// Lead timers due this soon are fired together with an earlier wake-up of the engine thread.
 const COALESCE_NS: Nanos = 50_000;
 /// A hooked vCPU that called its handle within this window counts as running.
@@ -145,6 +147,15 @@ pub enum RuntimeError {
         #[source]
         source: sched::Error,
     },
+    /// A class the options name is not available on this kernel.
+    #[error("option {key}")]
+    Class {
+        /// The option.
+        key: String,
+        /// Why.
+        #[source]
+        source: sched::Error,
+    },
     /// The vCPU is known already.
     #[error("vCPU {0} is attached already")]
     Duplicate(VcpuKey),
@@ -187,6 +198,8 @@ pub struct ThreadCell {
     next_timer: AtomicU64,
     /// When the boost being applied was decided on (its trigger).
     boost_trigger: AtomicU64,
+    /// Class code of the boost in force (`ORIGINAL`: none; a repayment's class is no boost).
+    boost_code: AtomicU64,
     host_events: AtomicU64,
     self_sets: AtomicU64,
     remote_sets: AtomicU64,
@@ -208,6 +221,7 @@ impl ThreadCell {
             last_exit: AtomicU64::new(0),
             next_timer: AtomicU64::new(u64::MAX),
             boost_trigger: AtomicU64::new(0),
+            boost_code: AtomicU64::new(ORIGINAL),
             host_events: AtomicU64::new(0),
             self_sets: AtomicU64::new(0),
             remote_sets: AtomicU64::new(0),
@@ -217,8 +231,10 @@ impl ThreadCell {
         }
     }
 
+    /// True while the kernel has the boost class (not a repayment's) applied.
     fn is_boosted(&self) -> bool {
-        !matches!(self.applied.load(Ordering::Acquire), ORIGINAL)
+        let applied = self.applied.load(Ordering::Acquire);
+        applied != ORIGINAL && applied == self.boost_code.load(Ordering::Acquire)
     }
 }
 
@@ -376,7 +392,7 @@ impl Shared {
             counter.fetch_add(1, Ordering::Relaxed);
             match result {
                 Ok(()) => {
-                    if w != ORIGINAL {
+                    if w != ORIGINAL && w == cell.boost_code.load(Ordering::Relaxed) {
                         let t = cell.boost_trigger.load(Ordering::Relaxed);
                         cell.boost_latency.record(mono_ns().saturating_sub(t));
                     }
@@ -503,7 +519,7 @@ impl Core {
 
     fn update_next(&self, key: VcpuKey) {
         if let Some(cell) = self.cells.get(&key) {
-            let next = [TimerKind::Budget, TimerKind::Cooldown, TimerKind::Lead]
+            let next = TimerKind::ALL
                 .iter()
                 .filter_map(|k| self.timers.get(&(key, *k)).map(|t| t.0))
                 .min()
@@ -577,10 +593,11 @@ impl Core {
             });
             // A budget check may come a little late (it ends a boost at most that much
             // later): its wake-up is deferred so that checks of several vCPUs share one.
-            let slack = if kind == TimerKind::Budget {
-                BUDGET_SLACK_NS
-            } else {
-                0
+            // The end of a repayment is about fairness, not latency: it can wait longer.
+            let slack = match kind {
+                TimerKind::Budget => BUDGET_SLACK_NS,
+                TimerKind::Repay => REPAY_SLACK_NS,
+                TimerKind::Cooldown | TimerKind::Lead => 0,
             };
             let t = at.saturating_add(if own { grace.max(slack) } else { slack });
             best = Some(best.map_or(t, |b| b.min(t)));
@@ -630,13 +647,26 @@ impl Core {
                     };
                     if let Some(c) = self.cells.get(&key) {
                         c.boost_trigger.store(trigger, Ordering::Relaxed);
+                        c.boost_code.store(code, Ordering::Release);
                         c.want.store(code, Ordering::SeqCst);
                         touched.push(c.clone());
                     }
                 }
-                Decision::Unboost(key) => {
+                Decision::Unboost(key) | Decision::Repay(key, None) => {
                     if let Some(c) = self.cells.get(&key) {
+                        c.boost_code.store(ORIGINAL, Ordering::Release);
                         c.want.store(ORIGINAL, Ordering::SeqCst);
+                        touched.push(c.clone());
+                    }
+                }
+                Decision::Repay(key, Some(class)) => {
+                    let Some(code) = self.intern(shared, class) else {
+                        shared.note_error(format!("{key}: too many boost classes"));
+                        continue;
+                    };
+                    if let Some(c) = self.cells.get(&key) {
+                        c.boost_code.store(ORIGINAL, Ordering::Release);
+                        c.want.store(code, Ordering::SeqCst);
                         touched.push(c.clone());
                     }
                 }
@@ -1046,6 +1076,21 @@ impl RuntimeHandle {
     }
 }
 
+/// Fails when an option names a boost class this kernel does not offer (a custom EEVDF slice
+/// before Linux 6.12): a clear error when the VM is added, not an apply error per boost.
+fn check_classes(opts: &DriverOptions) -> Result<(), RuntimeError> {
+    for key in ["class", "class_cs", "class_task", "class_deadline"] {
+        let Some(class) = opts.get(key).and_then(pvsched_policy::options::parse_class) else {
+            continue;
+        };
+        sched::check_supported(&sched_class(class)).map_err(|source| RuntimeError::Class {
+            key: format!("{key}={}", opts.get(key).unwrap_or_default()),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// Restores every thread if the engine thread unwinds.
 struct RestoreOnUnwind(Arc<Shared>);
 
@@ -1301,9 +1346,10 @@ impl Loop {
                 parts,
                 reply,
             } => {
-                let added = shared.lock().engine.add_vm(vm, &driver, &opts);
+                let added = check_classes(&opts)
+                    .and_then(|()| Ok(shared.lock().engine.add_vm(vm, &driver, &opts)?));
                 let r = match added {
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(e),
                     Ok(()) => {
                         if let Some(p) = parts.publisher {
                             shared.lock().publishers.insert(vm, p);
@@ -1365,15 +1411,15 @@ impl Loop {
                 opts,
                 reply,
             } => {
-                let r = {
+                let r = check_classes(&opts).and_then(|()| {
                     let mut core = shared.lock();
                     let mut out = Vec::new();
                     let r = core.engine.set_driver(vm, &driver, &opts, now, &mut out);
                     core.apply_now(&shared, &out, now, &mut self.touched);
-                    r
-                };
+                    Ok(r?)
+                });
                 self.process(now, now, &[]);
-                let _ = reply.send(r.map_err(Into::into));
+                let _ = reply.send(r);
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -1440,7 +1486,7 @@ impl Loop {
             }
             core.events.push(Event::new(key, VcpuEvent::Unregistered));
             core.process(&shared, now, now, &mut self.touched);
-            for kind in [TimerKind::Budget, TimerKind::Cooldown, TimerKind::Lead] {
+            for kind in TimerKind::ALL {
                 if let Some((at, _)) = core.timers.remove(&(key, kind)) {
                     core.order.remove(&(at, key, kind));
                 }
@@ -1534,6 +1580,11 @@ impl Loop {
                 refused: c.refused,
                 bad_slots: c.bad_slots,
                 boosted_ms: st.map_or(0.0, |s| s.boosted_ns(now) as f64 / 1e6),
+                debt_ms: st.map_or(0.0, |s| s.debts.generic as f64 / 1e6),
+                repaid_ms: st.map_or(0.0, |s| {
+                    let open = s.repay_since.map_or(0, |t| now.saturating_sub(t));
+                    (s.counters.repaid_ns + open) as f64 / 1e6
+                }),
                 host_events,
                 self_applied: ss,
                 remote_applied: rs,
@@ -1646,6 +1697,10 @@ pub struct VcpuStatus {
     pub bad_slots: u64,
     /// Time boosted, ms.
     pub boosted_ms: f64,
+    /// Generic debt (boosted time not yet paid back), ms.
+    pub debt_ms: f64,
+    /// Time spent paying back boosted time below normal weight, ms.
+    pub repaid_ms: f64,
     /// Host-side events (tracepoint hits, VMM injections) for this vCPU.
     pub host_events: u64,
     /// `sched_setattr` calls the vCPU thread made on itself.

@@ -45,6 +45,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel lacks what the class needs.
+    #[error("class {class} is not available: {why}")]
+    Unsupported {
+        /// The class.
+        class: String,
+        /// What is missing.
+        why: &'static str,
+    },
 }
 
 /// A scheduling class pvsched can put a thread in.
@@ -66,6 +74,11 @@ pub enum SchedClass {
         /// Period, ns.
         period: u64,
     },
+    /// `SCHED_OTHER`, nice 0, with an EEVDF custom slice of this many ns (Linux ≥ 6.12; see
+    /// [`supports_custom_slice`]).
+    Slice(u64),
+    /// `SCHED_OTHER` at a nice value.
+    Nice(i32),
 }
 
 impl SchedClass {
@@ -73,6 +86,20 @@ impl SchedClass {
     pub fn attr(&self) -> SchedAttr {
         let (policy, priority) = match *self {
             SchedClass::Other => (libc::SCHED_OTHER, 0),
+            SchedClass::Slice(ns) => {
+                return SchedAttr {
+                    policy: libc::SCHED_OTHER as u32,
+                    runtime: ns,
+                    ..SchedAttr::default()
+                }
+            }
+            SchedClass::Nice(nice) => {
+                return SchedAttr {
+                    policy: libc::SCHED_OTHER as u32,
+                    nice,
+                    ..SchedAttr::default()
+                }
+            }
             SchedClass::Fifo(p) => (libc::SCHED_FIFO, p),
             SchedClass::Rr(p) => (libc::SCHED_RR, p),
             SchedClass::Deadline {
@@ -100,7 +127,7 @@ impl SchedClass {
     /// above every FIFO/RR priority and reports 100).
     pub fn rt_priority(&self) -> u32 {
         match *self {
-            SchedClass::Other => 0,
+            SchedClass::Other | SchedClass::Slice(_) | SchedClass::Nice(_) => 0,
             SchedClass::Fifo(p) | SchedClass::Rr(p) => p,
             SchedClass::Deadline { .. } => 100,
         }
@@ -111,6 +138,8 @@ impl fmt::Display for SchedClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SchedClass::Other => write!(f, "other"),
+            SchedClass::Slice(ns) => write!(f, "slice:{}us", ns / 1000),
+            SchedClass::Nice(n) => write!(f, "nice:{n}"),
             SchedClass::Fifo(p) => write!(f, "fifo:{p}"),
             SchedClass::Rr(p) => write!(f, "rr:{p}"),
             SchedClass::Deadline {
@@ -125,7 +154,10 @@ const SCHED_DEADLINE: u32 = 6;
 
 /// Error of parsing a [`SchedClass`].
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid scheduling class {0:?}: expected other, fifo:<1-99> or rr:<1-99>")]
+#[error(
+    "invalid scheduling class {0:?}: expected other, fifo:<1-99>, rr:<1-99>, \
+     slice:<100us-100ms> or nice:<-20..19>"
+)]
 pub struct ParseSchedClassError(String);
 
 impl FromStr for SchedClass {
@@ -149,6 +181,11 @@ impl FromStr for SchedClass {
             "other" if arg.is_none() => Ok(SchedClass::Other),
             "fifo" => Ok(SchedClass::Fifo(prio()?)),
             "rr" => Ok(SchedClass::Rr(prio()?)),
+            "slice" | "nice" => match pvsched_policy::options::parse_class(s).ok_or_else(err)? {
+                pvsched_policy::BoostClass::Slice(ns) => Ok(SchedClass::Slice(ns)),
+                pvsched_policy::BoostClass::Nice(n) => Ok(SchedClass::Nice(n)),
+                _ => Err(err()),
+            },
             _ => Err(err()),
         }
     }
@@ -229,6 +266,21 @@ const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
 
 /// Reads the scheduling attributes of thread `tid`.
 pub fn get(tid: i32) -> Result<SchedAttr, Error> {
+    let mut attr = get_raw(tid)?;
+    // A fair thread without a custom slice reads as having the default one; writing that
+    // back would pin it (custom, no longer following the system's default): read it as none.
+    let fair = matches!(
+        attr.policy as i32,
+        libc::SCHED_OTHER | libc::SCHED_BATCH | libc::SCHED_IDLE
+    );
+    if fair && attr.runtime != 0 && attr.runtime == fair_slice().default_ns {
+        attr.runtime = 0;
+    }
+    Ok(attr)
+}
+
+/// `sched_getattr` as the kernel answers it.
+fn get_raw(tid: i32) -> Result<SchedAttr, Error> {
     // SAFETY: sched_attr is plain data; all-zero is a valid value.
     let mut raw: libc::sched_attr = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::sched_attr>() as u32;
@@ -242,6 +294,58 @@ pub fn get(tid: i32) -> Result<SchedAttr, Error> {
         });
     }
     Ok(SchedAttr::from_raw(&raw))
+}
+
+/// What this kernel does with `sched_runtime` on `SCHED_OTHER` threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FairSlice {
+    /// The kernel keeps a custom EEVDF slice (Linux ≥ 6.12).
+    pub custom: bool,
+    /// The slice `sched_getattr` reports for a thread without a custom one (0 when none).
+    pub default_ns: u64,
+}
+
+/// Probes, once, on a short-lived thread of its own, whether the kernel takes custom EEVDF
+/// slices and what the default slice reads as.
+pub fn fair_slice() -> FairSlice {
+    static PROBE: std::sync::OnceLock<FairSlice> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| {
+        std::thread::spawn(|| {
+            // SAFETY: gettid has no arguments and cannot fail.
+            let me = unsafe { libc::gettid() };
+            let fair = |runtime| SchedAttr {
+                policy: libc::SCHED_OTHER as u32,
+                runtime,
+                ..SchedAttr::default()
+            };
+            let default_ns = set(me, &fair(0))
+                .and_then(|()| get_raw(me))
+                .map_or(0, |a| a.runtime);
+            let probe = 300_000;
+            let custom = set(me, &fair(probe))
+                .and_then(|()| get_raw(me))
+                .is_ok_and(|a| a.runtime == probe);
+            FairSlice { custom, default_ns }
+        })
+        .join()
+        .unwrap_or(FairSlice {
+            custom: false,
+            default_ns: 0,
+        })
+    })
+}
+
+/// Fails with a clear error when `class` needs a kernel feature this kernel lacks (a custom
+/// EEVDF slice before Linux 6.12).
+pub fn check_supported(class: &SchedClass) -> Result<(), Error> {
+    match class {
+        SchedClass::Slice(_) if !fair_slice().custom => Err(Error::Unsupported {
+            class: class.to_string(),
+            why: "this kernel ignores sched_runtime for SCHED_OTHER (custom EEVDF slices \
+                  need Linux 6.12 or later)",
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Sets the scheduling attributes of thread `tid`.

@@ -314,7 +314,8 @@ fn deadline_hint_boosts_ahead_of_the_deadline() {
 #[test]
 fn hooked_vcpu_applies_its_own_decisions() {
     let s = setup();
-    s.h.add_vm(0, "dynamic", &DriverOptions::new(), no_parts())
+    // Without repayment: its end would be a timer of the engine thread's.
+    s.h.add_vm(0, "dynamic", &opts(&["repay=off"]), no_parts())
         .unwrap();
     let kernel = s.kernel.clone();
     let t = vcpu_thread(&s.h, move |mut v| {
@@ -363,7 +364,7 @@ fn hooked_vcpu_takes_its_own_timers() {
     s.h.add_vm(
         0,
         "deadline-aware",
-        &opts(&["lead=2ms", "irq_hold=60s", "cs_budget=60s"]),
+        &opts(&["lead=2ms", "irq_hold=10s", "cs_budget=10s", "rt_budget=10s"]),
         no_parts(),
     )
     .unwrap();
@@ -404,7 +405,7 @@ fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&["irq_hold=60s", "cs_budget=60s"]),
+        &opts(&["irq_hold=10s", "cs_budget=10s", "rt_budget=10s"]),
         no_parts(),
     )
     .unwrap();
@@ -436,6 +437,34 @@ fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
     );
     drop(s.rt);
     assert!(!s.kernel.is_fifo(tid), "restored");
+}
+
+/// After a FIFO boost, the vCPU pays its boosted time back at nice 19, then returns to its
+/// original attributes; neither phase counts as a boost.
+#[test]
+fn boosted_time_is_repaid_then_the_original_restored() {
+    let s = setup();
+    s.h.add_vm(0, "dynamic", &opts(&["cs_budget=1s"]), no_parts())
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, 1004, false).unwrap();
+    let rt = Reasons::NONE.with(Reason::RtTask);
+    s.feed.send(Event::new(K0, VcpuEvent::Request(rt)));
+    wait_for("boost", || s.kernel.is_fifo(1004));
+    std::thread::sleep(Duration::from_millis(5));
+    s.feed
+        .send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
+    wait_for("repayment at nice 19", || s.kernel.attr(1004).nice == 19);
+    assert!(!s.kernel.is_fifo(1004));
+    let st = s.h.status().unwrap();
+    let v = &st.vms[0].vcpus[0];
+    assert!(!v.boosted, "a repayment is no boost");
+    assert!(v.debt_ms > 0.0, "{v:?}");
+    wait_for("debt paid back", || s.kernel.attr(1004).nice == 0);
+    let st = s.h.status().unwrap();
+    let v = &st.vms[0].vcpus[0];
+    assert!(v.repaid_ms >= 4.0, "{v:?}");
+    assert_eq!((v.boosts, v.unboosts), (1, 1));
+    assert_eq!(v.boost_latency.count, 1, "only the boost is a boost");
 }
 
 #[test]

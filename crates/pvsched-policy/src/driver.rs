@@ -30,6 +30,8 @@ pub struct Boost {
     pub release_after: Nanos,
     /// Until then the boost holds even without a guest request (host-initiated boosts).
     pub hold_until: Nanos,
+    /// The class it runs in.
+    pub class: BoostClass,
 }
 
 /// Per-vCPU counters.
@@ -47,6 +49,8 @@ pub struct Counters {
     pub boosted_ns: u64,
     /// Slots found invalid.
     pub bad_slots: u64,
+    /// Time spent paying back boosted time below normal weight (completed repayments), ns.
+    pub repaid_ns: u64,
 }
 
 /// Boosted-time debts (pvsched v3's model): every boosted nanosecond is charged to `generic`,
@@ -61,6 +65,9 @@ pub struct Debts {
     pub cs: Nanos,
     /// Accounted up to here.
     pub at: Nanos,
+    /// Unboosted time not yet converted into repayment (thousandths of ns): accounting in
+    /// small steps loses nothing to rounding.
+    pub carry: u64,
     /// The generic debt reached its limit and is not paid back yet: no boost at all.
     pub generic_latched: bool,
     /// The critical-section debt reached its limit and is not paid back yet: only an RT-task
@@ -90,8 +97,10 @@ pub struct VcpuState {
     pub deadline: Option<Nanos>,
     /// The state last published to the guest.
     pub published: Option<BoostState>,
+    /// Since when the vCPU pays back boosted time below its normal weight, if it does.
+    pub repay_since: Option<Nanos>,
     /// Generation of each [`TimerKind`].
-    pub timer_gen: [u64; 3],
+    pub timer_gen: [u64; 4],
     /// Counters.
     pub counters: Counters,
 }
@@ -159,7 +168,13 @@ impl<'a> VcpuCtx<'a> {
         if self.state.boost.is_some() {
             return;
         }
+        // A boost supersedes a repayment (the class it applies replaces the repay class).
+        if let Some(t) = self.state.repay_since.take() {
+            self.state.counters.repaid_ns += self.now.saturating_sub(t);
+            self.state.timer_gen[TimerKind::Repay as usize] += 1;
+        }
         self.state.boost = Some(Boost {
+            class,
             since: self.now,
             cause,
             release_after,
@@ -170,8 +185,31 @@ impl<'a> VcpuCtx<'a> {
         self.publish(BoostState::Boosted);
     }
 
-    /// Ends the boost (if any) and publishes `then`.
+    /// Runs the unboosted vCPU in `class` to pay back boosted time (no-op while boosted).
+    pub fn start_repay(&mut self, class: BoostClass) {
+        if self.state.boost.is_some() {
+            return;
+        }
+        if self.state.repay_since.is_none() {
+            self.state.repay_since = Some(self.now);
+        }
+        self.out.push(Decision::Repay(self.key, Some(class)));
+    }
+
+    /// Ends a repayment (no-op when none): the vCPU goes back to its original attributes.
+    pub fn end_repay(&mut self) {
+        if let Some(t) = self.state.repay_since.take() {
+            self.state.counters.repaid_ns += self.now.saturating_sub(t);
+            self.state.timer_gen[TimerKind::Repay as usize] += 1;
+            if self.state.boost.is_none() {
+                self.out.push(Decision::Repay(self.key, None));
+            }
+        }
+    }
+
+    /// Ends the boost (if any) and a repayment (if any), and publishes `then`.
     pub fn unboost(&mut self, then: BoostState) {
+        self.end_repay();
         if let Some(b) = self.state.boost.take() {
             self.state.counters.unboosts += 1;
             self.state.counters.boosted_ns += self.now.saturating_sub(b.since);

@@ -48,9 +48,9 @@ impl StaticDriver {
     /// Options: `class` (default `fifo:10`).
     pub fn from_options(o: &DriverOptions) -> Result<Self, OptionError> {
         o.check_known("static", &["class"])?;
-        Ok(StaticDriver {
-            class: o.class("class", BoostClass::default())?,
-        })
+        let class = o.class("class", BoostClass::default())?;
+        check_below_engine("class", class)?;
+        Ok(StaticDriver { class })
     }
 }
 
@@ -76,8 +76,14 @@ impl Driver for StaticDriver {
 /// Parameters of the `dynamic` and `deadline-aware` drivers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DynamicParams {
-    /// Class of a boosted vCPU thread.
+    /// Class of a boosted vCPU thread (the default of the three below).
     pub class: BoostClass,
+    /// Class of a boost that starts for a critical section or a host interrupt/wake-up.
+    pub class_cs: BoostClass,
+    /// Class of a boost that starts for an RT-task request.
+    pub class_task: BoostClass,
+    /// Class of a boost ahead of a guest deadline (`deadline-aware`).
+    pub class_deadline: BoostClass,
     /// Limit of the critical-section debt (IRQ, NMI, softirq, preempt-off, host-held boosts).
     pub cs_budget: Nanos,
     /// Limit of the generic debt (all boosted time).
@@ -92,6 +98,10 @@ pub struct DynamicParams {
     pub irq_hold: Nanos,
     /// `deadline-aware` only: how long before the guest's deadline to boost.
     pub lead: Option<Nanos>,
+    /// While a generic debt remains after a boost in a class that takes extra CPU share
+    /// (real-time, negative nice), the vCPU runs in this (fair) class until the debt is paid
+    /// back, so that boosting does not add to its CPU share; `None`: off.
+    pub repay: Option<BoostClass>,
 }
 
 impl Default for DynamicParams {
@@ -99,32 +109,43 @@ impl Default for DynamicParams {
     fn default() -> Self {
         DynamicParams {
             class: BoostClass::default(),
+            class_cs: BoostClass::default(),
+            class_task: BoostClass::default(),
+            class_deadline: BoostClass::default(),
             cs_budget: 2 * MS,
             rt_budget: 500 * MS,
             recovery_milli: 1000,
             cooldown: MS,
             irq_hold: 200 * US,
             lead: None,
+            repay: Some(BoostClass::Nice(19)),
         }
     }
 }
 
 const DYNAMIC_KEYS: &[&str] = &[
     "class",
+    "class_cs",
+    "class_task",
     "cs_budget",
     "rt_budget",
     "recovery",
     "cooldown",
     "irq_hold",
+    "repay",
 ];
 const DEADLINE_KEYS: &[&str] = &[
     "class",
+    "class_cs",
+    "class_task",
+    "class_deadline",
     "cs_budget",
     "rt_budget",
     "recovery",
     "cooldown",
     "irq_hold",
     "lead",
+    "repay",
 ];
 
 /// Longest debt limit, hold or lead accepted.
@@ -141,8 +162,12 @@ fn bad(key: &str, value: impl ToString, why: &'static str) -> OptionError {
 impl DynamicParams {
     fn from_options(o: &DriverOptions, lead: Option<Nanos>) -> Result<Self, OptionError> {
         let d = DynamicParams::default();
+        let class = o.class("class", d.class)?;
         let p = DynamicParams {
-            class: o.class("class", d.class)?,
+            class,
+            class_cs: o.class("class_cs", class)?,
+            class_task: o.class("class_task", class)?,
+            class_deadline: o.class("class_deadline", class)?,
             cs_budget: o.duration("cs_budget", d.cs_budget)?,
             rt_budget: o.duration("rt_budget", d.rt_budget)?,
             recovery_milli: match o.get("recovery") {
@@ -156,7 +181,29 @@ impl DynamicParams {
                 Some(default) => Some(o.duration("lead", default)?),
                 None => None,
             },
+            repay: match o.get("repay") {
+                None => d.repay,
+                Some("off") => None,
+                Some(v) => match crate::options::parse_class(v) {
+                    Some(c @ (BoostClass::Nice(_) | BoostClass::Slice(_))) => Some(c),
+                    _ => {
+                        return Err(bad(
+                            "repay",
+                            v,
+                            "expected off, nice:<-20..19> or slice:<100us-100ms>",
+                        ))
+                    }
+                },
+            },
         };
+        for (key, c) in [
+            ("class", p.class),
+            ("class_cs", p.class_cs),
+            ("class_task", p.class_task),
+            ("class_deadline", p.class_deadline),
+        ] {
+            check_below_engine(key, c)?;
+        }
         for (key, v) in [
             ("cs_budget", p.cs_budget),
             ("rt_budget", p.rt_budget),
@@ -182,6 +229,19 @@ impl DynamicParams {
             }
         }
         Ok(p)
+    }
+}
+
+/// The engine thread runs one real-time priority above every class it applies: a class at
+/// FIFO/RR 99 would leave it nothing to outrank with.
+fn check_below_engine(key: &str, c: BoostClass) -> Result<(), OptionError> {
+    match c {
+        BoostClass::Fifo(p) | BoostClass::Rr(p) if p >= 99 => Err(bad(
+            key,
+            c,
+            "priority 99 leaves the engine thread no priority above its vCPUs (at most 98)",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -265,9 +325,13 @@ impl DynamicDriver {
         cs_request || (self.host_initiated(b) && s.request.is_empty())
     }
 
-    /// Unboosted time `dt` pays back this much debt.
-    fn repaid(&self, dt: Nanos) -> Nanos {
-        ((dt as u128 * 1000) / self.p.recovery_milli as u128).min(Nanos::MAX as u128) as Nanos
+    /// Unboosted time `dt` pays back this much debt; the rounding remainder is carried in
+    /// `carry` to the next call.
+    fn repaid(&self, dt: Nanos, carry: &mut u64) -> Nanos {
+        let r = self.p.recovery_milli as u128;
+        let total = dt as u128 * 1000 + *carry as u128;
+        *carry = (total % r) as u64;
+        (total / r).min(Nanos::MAX as u128) as Nanos
     }
 
     /// Debt `d` is paid back after this much unboosted time.
@@ -300,9 +364,12 @@ impl DynamicDriver {
                 }
             }
             None => {
-                let r = self.repaid(dt);
+                let r = self.repaid(dt, &mut s.debts.carry);
                 s.debts.generic = s.debts.generic.saturating_sub(r);
                 s.debts.cs = s.debts.cs.saturating_sub(r);
+                if s.debts.generic == 0 && s.debts.cs == 0 {
+                    s.debts.carry = 0;
+                }
             }
         }
     }
@@ -368,7 +435,12 @@ impl DynamicDriver {
             ctx.state.counters.refused += 1;
             return;
         } else {
-            ctx.boost(self.p.class, cause, release_after, hold_until);
+            let class = if cause == Cause::Deadline {
+                self.p.class_deadline
+            } else {
+                self.p.class_cs
+            };
+            ctx.boost(class, cause, release_after, hold_until);
         }
         self.rearm(ctx);
     }
@@ -393,7 +465,7 @@ impl DynamicDriver {
         }
         if ctx.state.request.is_empty() {
             match ctx.state.boost {
-                Some(b) if self.releasable(ctx, b) => ctx.unboost(BoostState::Normal),
+                Some(b) if self.releasable(ctx, b) => self.unboost(ctx, BoostState::Normal),
                 Some(_) => self.rearm(ctx),
                 None => {}
             }
@@ -410,7 +482,12 @@ impl DynamicDriver {
         } else if self.refuses(ctx, false) {
             ctx.state.counters.refused += 1;
         } else {
-            ctx.boost(self.p.class, Cause::Request, now, now);
+            let class = if ctx.state.request.contains(Reason::RtTask) {
+                self.p.class_task
+            } else {
+                self.p.class_cs
+            };
+            ctx.boost(class, Cause::Request, now, now);
             self.rearm(ctx);
         }
     }
@@ -418,9 +495,46 @@ impl DynamicDriver {
     /// Ends the boost as throttled and arms the latches' release.
     fn throttle(&self, ctx: &mut VcpuCtx<'_>) {
         ctx.state.counters.throttles += 1;
-        ctx.unboost(BoostState::Throttled);
+        self.unboost(ctx, BoostState::Throttled);
         ctx.state.throttled_until = Some(ctx.now.saturating_add(self.p.cooldown));
         self.arm_release(ctx);
+    }
+
+    /// Ends the boost; with `repay` on and a debt left, the vCPU pays it back below its
+    /// normal weight until the debt is zero.
+    fn unboost(&self, ctx: &mut VcpuCtx<'_>, then: BoostState) {
+        // A boost that took no more than its fair share (a custom slice) has nothing to give
+        // back; its time still counts against the budgets.
+        let extra = ctx.state.boost.is_some_and(|b| b.class.takes_extra_share());
+        ctx.unboost(then);
+        if extra {
+            self.repay_if_owed(ctx);
+        }
+    }
+
+    fn repay_if_owed(&self, ctx: &mut VcpuCtx<'_>) {
+        let Some(class) = self.p.repay else { return };
+        let owed = ctx.state.debts.generic;
+        if owed == 0 || ctx.state.is_boosted() {
+            return;
+        }
+        if ctx.state.repay_since.is_none() {
+            ctx.start_repay(class);
+        }
+        let at = ctx.now.saturating_add(self.repay_time(owed));
+        ctx.arm(TimerKind::Repay, at);
+    }
+
+    /// The repayment's end: the debt is paid back (or more is owed: look again then).
+    fn check_repay(&self, ctx: &mut VcpuCtx<'_>) {
+        if ctx.state.is_boosted() || ctx.state.repay_since.is_none() {
+            return;
+        }
+        if ctx.state.debts.generic == 0 {
+            ctx.end_repay();
+        } else {
+            self.repay_if_owed(ctx);
+        }
     }
 
     fn check_budget(&self, ctx: &mut VcpuCtx<'_>) {
@@ -439,7 +553,7 @@ impl DynamicDriver {
             self.throttle(ctx);
         } else if self.next_check(ctx).is_none_or(|t| t <= ctx.now) {
             // Nothing holds the boost any longer (the hold ran out, no request): end it.
-            ctx.unboost(BoostState::Normal);
+            self.unboost(ctx, BoostState::Normal);
         } else {
             self.rearm(ctx);
         }
@@ -516,7 +630,7 @@ impl Driver for DynamicDriver {
                         && ctx.state.request.is_empty()
                         && self.releasable(ctx, b)
                     {
-                        ctx.unboost(BoostState::Normal);
+                        self.unboost(ctx, BoostState::Normal);
                     }
                 }
             }
@@ -524,7 +638,7 @@ impl Driver for DynamicDriver {
                 ctx.state.counters.bad_slots += 1;
                 ctx.state.request = Default::default();
                 if ctx.state.boost.is_some_and(|b| b.cause == Cause::Request) {
-                    ctx.unboost(BoostState::Disabled);
+                    self.unboost(ctx, BoostState::Disabled);
                 } else {
                     ctx.publish(BoostState::Disabled);
                     // A host boost kept: without the request, its hold is what ends it.
@@ -534,6 +648,7 @@ impl Driver for DynamicDriver {
             VcpuEvent::Timer(kind, gen) if ctx.is_current(kind, gen) => match kind {
                 TimerKind::Budget => self.check_budget(ctx),
                 TimerKind::Cooldown => self.check_release(ctx),
+                TimerKind::Repay => self.check_repay(ctx),
                 TimerKind::Lead => {
                     if let Some(d) = ctx.state.deadline {
                         self.host_boost(ctx, Cause::Deadline, d, d.saturating_add(self.p.irq_hold));

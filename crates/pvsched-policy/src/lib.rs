@@ -66,6 +66,31 @@ pub enum BoostClass {
         /// Period, ns.
         period_ns: u64,
     },
+    /// `SCHED_OTHER` (nice 0) with an EEVDF custom slice of this many ns (`sched_runtime`,
+    /// Linux ≥ 6.12): an earlier virtual deadline and wake-up preemption, no extra CPU share.
+    Slice(u64),
+    /// `SCHED_OTHER` at this nice value: a larger CPU share while boosted.
+    Nice(i32),
+}
+
+impl BoostClass {
+    /// True for the real-time classes (FIFO, RR, DEADLINE), which outrank every fair task.
+    pub fn is_realtime(&self) -> bool {
+        matches!(
+            self,
+            BoostClass::Fifo(_) | BoostClass::Rr(_) | BoostClass::Deadline { .. }
+        )
+    }
+
+    /// True when a thread in this class takes more CPU than its fair share: every class but
+    /// a custom slice (same weight, earlier deadline) and a non-negative nice.
+    pub fn takes_extra_share(&self) -> bool {
+        match self {
+            BoostClass::Slice(_) => false,
+            BoostClass::Nice(n) => *n < 0,
+            _ => true,
+        }
+    }
 }
 
 impl Default for BoostClass {
@@ -84,6 +109,8 @@ impl fmt::Display for BoostClass {
                 deadline_ns,
                 period_ns,
             } => write!(f, "deadline:{runtime_ns}/{deadline_ns}/{period_ns}"),
+            BoostClass::Slice(ns) => write!(f, "slice:{}us", ns / 1000),
+            BoostClass::Nice(n) => write!(f, "nice:{n}"),
         }
     }
 }
@@ -97,6 +124,18 @@ pub enum TimerKind {
     Cooldown = 1,
     /// Boost ahead of a guest deadline.
     Lead = 2,
+    /// End of a repayment (the debt is paid back).
+    Repay = 3,
+}
+
+impl TimerKind {
+    /// Every kind.
+    pub const ALL: [TimerKind; 4] = [
+        TimerKind::Budget,
+        TimerKind::Cooldown,
+        TimerKind::Lead,
+        TimerKind::Repay,
+    ];
 }
 
 /// Something that happened to a vCPU.
@@ -146,6 +185,10 @@ pub enum Decision {
     Boost(VcpuKey, BoostClass),
     /// Restore the vCPU thread's original attributes.
     Unboost(VcpuKey),
+    /// While unboosted: run the vCPU thread in `Some(class)` (below its normal weight) to pay
+    /// back boosted time, or, with `None`, back in its original attributes. Never sent while
+    /// the vCPU is boosted.
+    Repay(VcpuKey, Option<BoostClass>),
     /// Publish `state` in the guest's slot. For `Normal` and `Boosted`, then re-read the
     /// request (after a full fence) and report it with a [`VcpuEvent::Request`] (the
     /// protocol's handshake); `Disabled` and `Throttled` need no re-read.
@@ -167,7 +210,10 @@ impl Decision {
     /// The vCPU the decision is about.
     pub fn key(&self) -> VcpuKey {
         match *self {
-            Decision::Boost(k, _) | Decision::Unboost(k) | Decision::Publish(k, _) => k,
+            Decision::Boost(k, _)
+            | Decision::Unboost(k)
+            | Decision::Repay(k, _)
+            | Decision::Publish(k, _) => k,
             Decision::ArmTimer { key, .. } => key,
         }
     }

@@ -100,7 +100,7 @@ impl DriverOptions {
             Some(v) => parse_class(v).ok_or_else(|| OptionError::Value {
                 key: key.into(),
                 value: v.clone(),
-                why: "expected fifo:<1-99>, rr:<1-99> or deadline:<runtime>/<period>",
+                why: CLASS_FORMS,
             }),
         }
     }
@@ -121,18 +121,40 @@ pub fn parse_duration(s: &str) -> Option<Nanos> {
     n.checked_mul(mult)
 }
 
-/// Parses a boost class: `fifo:<1-99>`, `rr:<1-99>`, `deadline:<runtime>/<period>`.
+/// The boost classes [`parse_class`] accepts, for error messages.
+pub const CLASS_FORMS: &str = "expected one of fifo:<1-99>, rr:<1-99>, \
+     deadline:<runtime>/<period> (runtime >= 1024ns, <= period), slice:<100us-100ms> or \
+     nice:<-20..19>";
+
+/// Shortest and longest EEVDF custom slice the kernel takes (`sched_runtime` of a
+/// `SCHED_OTHER` task is clamped to this range).
+pub const SLICE_RANGE: (Nanos, Nanos) = (100_000, 100_000_000);
+
+/// Parses a boost class: `fifo:<1-99>`, `rr:<1-99>`, `deadline:<runtime>/<period>`,
+/// `slice:<duration>` (100 µs to 100 ms), `nice:<-20..19>`.
 pub fn parse_class(s: &str) -> Option<BoostClass> {
     let (name, arg) = s.split_once(':')?;
     let prio = || arg.parse::<u32>().ok().filter(|p| (1..=99).contains(p));
     match name {
         "fifo" => prio().map(BoostClass::Fifo),
         "rr" => prio().map(BoostClass::Rr),
+        "slice" => parse_duration(arg)
+            .filter(|d| (SLICE_RANGE.0..=SLICE_RANGE.1).contains(d))
+            .map(BoostClass::Slice),
+        "nice" => arg
+            .parse::<i32>()
+            .ok()
+            .filter(|n| (-20..=19).contains(n))
+            .map(BoostClass::Nice),
         "deadline" => {
             let (r, p) = arg.split_once('/')?;
             let (runtime_ns, period_ns) = (parse_duration(r)?, parse_duration(p)?);
-            // The kernel needs 1024 ns <= runtime <= deadline <= period.
-            (runtime_ns >= 1024 && runtime_ns <= period_ns).then_some(BoostClass::Deadline {
+            // The kernel needs 1024 ns <= runtime <= deadline <= period, and a period within
+            // its limits (sched_deadline_period_{min,max}_us: 100 µs to 4 s by default).
+            (runtime_ns >= 1024
+                && runtime_ns <= period_ns
+                && (100_000..=4_000_000_000).contains(&period_ns))
+            .then_some(BoostClass::Deadline {
                 runtime_ns,
                 deadline_ns: period_ns,
                 period_ns,
@@ -169,6 +191,31 @@ mod tests {
         assert!(o.class("class", BoostClass::Fifo(1)).is_err());
         assert_eq!(parse_duration("18446744073709551615s"), None, "overflow");
         assert_eq!(parse_duration("10"), None, "unit required");
+    }
+
+    #[test]
+    fn fair_classes() {
+        assert_eq!(parse_class("slice:100us"), Some(BoostClass::Slice(100_000)));
+        assert_eq!(parse_class("nice:-5"), Some(BoostClass::Nice(-5)));
+        for bad in [
+            "slice:50us",
+            "slice:1s",
+            "slice:x",
+            "nice:-21",
+            "nice:20",
+            "bogus:1",
+        ] {
+            assert_eq!(parse_class(bad), None, "{bad}");
+        }
+        let e = DriverOptions::parse(["class=slice:5us"])
+            .unwrap()
+            .class("class", BoostClass::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("slice:5us") && e.contains("slice:<100us-100ms>"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,8 +24,11 @@ struct Sim {
     guest_request: BTreeMap<VcpuKey, Reasons>,
     published: BTreeMap<VcpuKey, BoostState>,
     boosted: BTreeMap<VcpuKey, Nanos>,
+    /// vCPUs paying back boosted time below their normal weight.
+    repaying: BTreeMap<VcpuKey, Nanos>,
     intervals: Vec<(VcpuKey, Nanos, Nanos)>,
     log: Vec<Decision>,
+    fired: u64,
 }
 
 impl Sim {
@@ -45,8 +48,10 @@ impl Sim {
             guest_request: BTreeMap::new(),
             published: BTreeMap::new(),
             boosted: BTreeMap::new(),
+            repaying: BTreeMap::new(),
             intervals: Vec::new(),
             log: Vec::new(),
+            fired: 0,
         }
     }
 
@@ -61,6 +66,15 @@ impl Sim {
                             self.boosted.insert(k, self.now).is_none(),
                             "double boost of {k}"
                         );
+                        self.repaying.remove(&k);
+                    }
+                    Decision::Repay(k, class) => {
+                        assert!(!self.boosted.contains_key(&k), "repay of boosted {k}");
+                        if class.is_some() {
+                            self.repaying.insert(k, self.now);
+                        } else {
+                            assert!(self.repaying.remove(&k).is_some(), "end of no repay");
+                        }
                     }
                     Decision::Unboost(k) => {
                         let since = self
@@ -106,6 +120,12 @@ impl Sim {
             }
             self.timers.pop();
             self.now = at;
+            self.fired += 1;
+            assert!(
+                self.fired < 100_000,
+                "timer storm: {:?}",
+                &self.log[self.log.len() - 20..]
+            );
             self.event(key, VcpuEvent::Timer(kind, gen));
         }
         self.now = t;
@@ -563,6 +583,48 @@ fn a_guest_alternating_rt_and_irq_requests_is_throttled() {
 }
 
 #[test]
+fn boosted_time_is_repaid_below_normal_weight() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(10 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(!s.is_boosted(V0));
+    assert!(s.repaying.contains_key(&V0), "10 ms owed");
+    assert_eq!(
+        s.log
+            .iter()
+            .rev()
+            .find(|d| matches!(d, Decision::Repay(..))),
+        Some(&Decision::Repay(V0, Some(BoostClass::Nice(19))))
+    );
+    // A boost in between supersedes the repayment; its end resumes it.
+    s.advance(4 * MS);
+    s.guest(V0, rs(&[Reason::Irq]));
+    assert!(s.is_boosted(V0) && !s.repaying.contains_key(&V0));
+    s.advance(MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.contains_key(&V0));
+    // 10 - 4 + 1 = 7 ms left at 1:1.
+    s.advance(7 * MS - 1);
+    assert!(s.repaying.contains_key(&V0));
+    s.advance(1);
+    assert!(
+        !s.repaying.contains_key(&V0),
+        "paid back: original attributes"
+    );
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.repaid_ns, 11 * MS);
+    // Off: no repayment.
+    let mut s = Sim::new("dynamic", &["repay=off"]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(10 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.is_empty());
+    assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
+}
+
+#[test]
 fn debts_are_paid_back_at_the_recovery_ratio() {
     let mut s = Sim::new("dynamic", &["cs_budget=2ms", "recovery=2", "cooldown=1us"]);
     s.event(V0, VcpuEvent::Registered);
@@ -650,6 +712,7 @@ proptest! {
         let mut out = Vec::new();
         s.engine.shutdown(s.now, &mut out);
         s.apply(out);
+        prop_assert!(s.repaying.is_empty(), "repaying after shutdown: {:?}", s.repaying);
         let r = recovery.1;
         for key in [V0, V1] {
             let bound = |w: Nanos| w * 1000 / (1000 + r) + generic;
