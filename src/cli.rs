@@ -126,6 +126,18 @@ pub enum GuestLoadArg {
     Busy,
 }
 
+/// How the guest makes its pvsched requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GuestRequestsArg {
+    /// Around its interrupts, softirqs, preempt-off sections and deadline-task jobs.
+    Normal,
+    /// Request a boost and never release it (no latency probe): shows the budgets.
+    Rogue,
+    /// Switch between an RT-task and an IRQ request every 2 ms, never releasing both (no
+    /// latency probe): the budget dodge that debts close.
+    Alternate,
+}
+
 /// The protocol the VMM offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PvArg {
@@ -163,6 +175,10 @@ pub struct VmArgs {
     /// Guest background load between timer events.
     #[arg(long, value_enum, default_value_t = GuestLoadArg::Idle)]
     pub guest_load: GuestLoadArg,
+    /// How the guest makes its pvsched requests: normal, or a hostile pattern that shows
+    /// what the budgets do (rogue, alternate).
+    #[arg(long, value_enum, default_value_t = GuestRequestsArg::Normal)]
+    pub guest_requests: GuestRequestsArg,
     /// Number of built-in CPU-hog threads on the host (SCHED_OTHER).
     #[arg(long, default_value_t = 0)]
     pub host_load: usize,
@@ -182,8 +198,9 @@ pub struct VmArgs {
     /// Policy driver deciding boosts during the run: none, static, dynamic, deadline-aware.
     #[arg(long, default_value = "none")]
     pub policy: String,
-    /// Option of the policy driver, key=value (repeatable): class=fifo:10, cs_budget=3ms,
-    /// rt_budget=500ms, cooldown=100ms, irq_hold=1ms, lead=100us (deadline-aware).
+    /// Option of the policy driver, key=value (repeatable): class=fifo:10, cs_budget=2ms,
+    /// rt_budget=500ms, recovery=1, cooldown=1ms, irq_hold=200us, lead=100us
+    /// (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer

@@ -1,16 +1,17 @@
 //! `pvsched vm`: one testbed run.
 
-use crate::cli::{FaultArg, GuestLoadArg, HostEvents, PvArg, TaskPeriod, VmArgs};
+use crate::cli::{FaultArg, GuestLoadArg, GuestRequestsArg, HostEvents, PvArg, TaskPeriod, VmArgs};
 use pvsched_bench::engine_host::PolicyConfig;
 use pvsched_bench::experiment::{self, ExperimentConfig};
 use pvsched_guest::FaultInjection;
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::{DriverOptions, OptionError};
 use pvsched_vmm::pvdevice::PvConfig;
-use pvsched_vmm::{GuestConfig, TaskConfig, VcpuError, VmConfig};
+use pvsched_vmm::{GuestConfig, GuestRequests, TaskConfig, VcpuError, VmConfig};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Exit code after SIGINT/SIGTERM (results are still printed).
 const EXIT_INTERRUPTED: u8 = 130;
@@ -134,6 +135,13 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
                 task,
                 busy: args.guest_load == GuestLoadArg::Busy,
                 fault,
+                pv_requests: match args.guest_requests {
+                    GuestRequestsArg::Normal => GuestRequests::Normal,
+                    GuestRequestsArg::Rogue => GuestRequests::Rogue,
+                    GuestRequestsArg::Alternate => GuestRequests::Alternate {
+                        phase: Duration::from_millis(2),
+                    },
+                },
                 ..GuestConfig::default()
             },
         },

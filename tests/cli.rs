@@ -309,8 +309,8 @@ fn bench_quick_writes_a_complete_report() {
     let cells = v["cells"].as_array().unwrap();
     assert_eq!(
         cells.len(),
-        42,
-        "2 intervals × (2 host states × task on/off × 5 policies + floor)"
+        50,
+        "2 intervals × (2 host states × task on/off × 6 policies + floor)"
     );
     let mut keys = std::collections::BTreeSet::new();
     for c in cells {
@@ -342,8 +342,15 @@ fn bench_quick_writes_a_complete_report() {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
-    assert_eq!(keys.len(), 42, "distinct cells");
-    for policy in ["none", "dynamic", "deadline-aware", "static", "daemon"] {
+    assert_eq!(keys.len(), 50, "distinct cells");
+    for policy in [
+        "none",
+        "dynamic",
+        "deadline-aware",
+        "deadline-aware/slice",
+        "static",
+        "daemon",
+    ] {
         for interval in [500, 1000] {
             for host in ["busy", "idle"] {
                 for task in [true, false] {

@@ -18,7 +18,27 @@ use std::time::{Duration, Instant};
 
 /// Policies in the order the report shows them (RFC columns: vanilla, dynamic, static).
 /// `daemon` is pvsched's daemon driving the VM from the outside (tracepoints only).
-pub const POLICIES: [&str; 5] = ["none", "dynamic", "deadline-aware", "static", "daemon"];
+pub const POLICIES: [&str; 6] = [
+    "none",
+    "dynamic",
+    "deadline-aware",
+    "deadline-aware/slice",
+    "static",
+    "daemon",
+];
+
+/// The driver and options behind a bench policy name: a driver name, `daemon`, or
+/// `<driver>/slice` (that driver boosting to an EEVDF custom slice of 100 µs instead of FIFO).
+pub fn policy_driver(name: &str) -> (String, DriverOptions) {
+    match name.split_once('/') {
+        Some((driver, "slice")) => (
+            driver.into(),
+            DriverOptions::new().set("class", "slice:100us"),
+        ),
+        _ if name == "daemon" => ("none".into(), DriverOptions::new()),
+        _ => (name.into(), DriverOptions::new()),
+    }
+}
 /// Deadline-task periods (RFC audio buffers: 2, 4, 10 ms). vCPU `i` runs period
 /// `TASK_PERIODS_MS[(i + round) % 3]` in round `round`, so with as many vCPUs as host CPUs
 /// every period is measured in most rounds, under every policy alike.
@@ -102,7 +122,7 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// The default run: 3 rounds × 42 cells × 5 s (about 12 minutes).
+    /// The default run: 3 rounds × 50 cells × 5 s (about 13 minutes).
     pub fn standard(cpus: usize) -> Self {
         BenchConfig {
             cell_duration: Duration::from_secs(5),
@@ -152,6 +172,11 @@ impl BenchConfig {
         }
         cells
     }
+}
+
+/// CPUs of this host (the denominator of CPU shares).
+fn host_cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
 /// Errors of a bench run.
@@ -238,13 +263,9 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
         },
         vcpu_sched: None,
         probe_interval: interval,
-        policy: PolicyConfig {
-            driver: if key.policy == "daemon" {
-                "none".into()
-            } else {
-                key.policy.clone()
-            },
-            opts: DriverOptions::new(),
+        policy: {
+            let (driver, opts) = policy_driver(&key.policy);
+            PolicyConfig { driver, opts }
         },
         // The guest speaks the protocol: its vCPU threads see its requests at their exits.
         // Tracepoints are the daemon's (host-only) column.
@@ -443,6 +464,12 @@ pub struct CellSummary {
     pub setattr_per_s: Stat,
     /// Probe periods skipped because the guest was already past them, % of periods.
     pub overrun_pct: Stat,
+    /// CPU time of the VM's vCPU threads, % of the machine (all host CPUs).
+    #[serde(default)]
+    pub vm_cpu_pct: Stat,
+    /// CPU time of the built-in host load, % of the machine (NaN with stress-ng).
+    #[serde(default)]
+    pub load_cpu_pct: Stat,
 }
 
 fn metric(rounds: &[Report], f: impl Fn(&Report) -> f64) -> Stat {
@@ -531,6 +558,15 @@ pub fn summarize(c: &CellResult) -> CellSummary {
         engine_cpu_pct: metric(r, |x| x.policy.cost.engine_cpu_percent),
         wakeups_per_s: metric(r, |x| x.policy.cost.wakeups_per_s),
         setattr_per_s: metric(r, |x| x.policy.cost.setattr_per_s),
+        vm_cpu_pct: metric(r, |x| {
+            let cpu: f64 = x.per_vcpu.iter().map(|v| v.cpu_s).sum();
+            cpu / (x.elapsed_s.max(1e-9) * host_cpus()) * 100.0
+        }),
+        load_cpu_pct: metric(r, |x| {
+            x.host_hogs.as_ref().map_or(f64::NAN, |h| {
+                h.cpu_s / (h.wall_s.max(1e-9) * host_cpus()) * 100.0
+            })
+        }),
         overrun_pct: metric(r, |x| {
             let (n, o) = x.per_vcpu.iter().fold((0u64, 0u64), |(n, o), v| {
                 (n + v.latency.count, o + v.overruns)
@@ -560,15 +596,15 @@ mod tests {
     fn plan_interleaves_policies_and_adds_floor_cells() {
         let c = BenchConfig::standard(2);
         let p = c.plan();
-        assert_eq!(p.len(), 2 * (2 * 2 * 5 + 1));
+        assert_eq!(p.len(), 2 * (2 * 2 * 6 + 1));
         assert_eq!(
-            p[..5].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
+            p[..6].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
             POLICIES
         );
         assert!(p
             .iter()
             .all(|k| k.guest_busy || (k.policy == "none" && k.host == HostState::Idle)));
-        assert_eq!(p.iter().filter(|k| !k.task).count(), 2 * 2 * 5);
+        assert_eq!(p.iter().filter(|k| !k.task).count(), 2 * 2 * 6);
         let mut sorted = p.clone();
         sorted.sort();
         sorted.dedup();

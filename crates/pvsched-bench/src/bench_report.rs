@@ -272,6 +272,12 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 ("engine wake-ups / s", |x| x.wakeups_per_s, &us),
                 ("sched_setattr / s", |x| x.setattr_per_s, &us),
                 ("probe periods overrun", |x| x.overrun_pct, &pct),
+                ("VM CPU share (% of the machine)", |x| x.vm_cpu_pct, &pct),
+                (
+                    "host load CPU share (% of the machine)",
+                    |x| x.load_cpu_pct,
+                    &pct,
+                ),
             ] {
                 let row: Vec<String> = policies
                     .iter()
@@ -294,6 +300,25 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 let _ = writeln!(
                     s,
                     "| {i} µs | host load throughput vs vanilla | {} |",
+                    row.join(" | ")
+                );
+                // The fairness figure: how much of the machine moved from the host load to
+                // the VM, against vanilla in the same rounds.
+                let base = v.find_task(host, true, task, "none", i);
+                let row: Vec<String> = policies
+                    .iter()
+                    .map(|p| match (v.find_task(host, true, task, p, i), base) {
+                        (Some(x), Some(b)) => format!(
+                            "{:+.1} / {:+.1}",
+                            x.vm_cpu_pct.median - b.vm_cpu_pct.median,
+                            x.load_cpu_pct.median - b.load_cpu_pct.median
+                        ),
+                        _ => "–".into(),
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "| {i} µs | CPU share change vs vanilla, VM / host load (points) | {} |",
                     row.join(" | ")
                 );
             }

@@ -68,6 +68,9 @@ pub struct VcpuPolicyReport {
     pub refused: u64,
     /// Time boosted, ms.
     pub boosted_ms: f64,
+    /// Time spent paying back boosted time below normal weight, ms.
+    #[serde(default)]
+    pub repaid_ms: f64,
 }
 
 /// Everything the engine reports about a run.
@@ -108,6 +111,7 @@ impl HostLoopReport {
                             throttles: c.throttles,
                             refused: c.refused,
                             boosted_ms: c.boosted_ms,
+                            repaid_ms: c.repaid_ms,
                         })
                         .collect()
                 })

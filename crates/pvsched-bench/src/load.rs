@@ -13,6 +13,7 @@ const UNIT_ITERS: u64 = 20_000;
 pub struct HostLoad {
     stop: Arc<AtomicBool>,
     units: Vec<Arc<AtomicU64>>,
+    cpu_ns: Vec<Arc<AtomicU64>>,
     threads: Vec<JoinHandle<()>>,
     started: Instant,
 }
@@ -26,6 +27,12 @@ pub struct LoadReport {
     pub units_per_sec: f64,
     /// Work units per second of each hog.
     pub per_thread: Vec<f64>,
+    /// CPU time the hogs got, all together, s.
+    #[serde(default)]
+    pub cpu_s: f64,
+    /// How long they ran, s.
+    #[serde(default)]
+    pub wall_s: f64,
 }
 
 fn one_unit(mut x: u64) -> u64 {
@@ -43,12 +50,14 @@ impl HostLoad {
         let mut load = HostLoad {
             stop: stop.clone(),
             units: Vec::new(),
+            cpu_ns: Vec::new(),
             threads: Vec::new(),
             started: Instant::now(),
         };
         for i in 0..threads {
             let counter = Arc::new(AtomicU64::new(0));
-            let (stop, c) = (stop.clone(), counter.clone());
+            let cpu = Arc::new(AtomicU64::new(0));
+            let (stop, c, cpu_out) = (stop.clone(), counter.clone(), cpu.clone());
             let t = std::thread::Builder::new()
                 .name(format!("pvsched-hog{i}"))
                 .spawn(move || {
@@ -58,8 +67,10 @@ impl HostLoad {
                         c.fetch_add(1, Ordering::Relaxed);
                     }
                     std::hint::black_box(x);
+                    cpu_out.store(pvsched_host::clock::thread_cpu_ns(), Ordering::Relaxed);
                 })?;
             load.units.push(counter);
+            load.cpu_ns.push(cpu);
             load.threads.push(t);
         }
         Ok(load)
@@ -89,6 +100,12 @@ impl HostLoad {
             threads: per_thread.len(),
             units_per_sec: per_thread.iter().sum(),
             per_thread,
+            cpu_s: self
+                .cpu_ns
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed) as f64 / 1e9)
+                .sum(),
+            wall_s: secs,
         }
     }
 }

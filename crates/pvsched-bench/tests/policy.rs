@@ -9,7 +9,7 @@ use pvsched_host::sched::{self, SchedClass, SchedGuard};
 use pvsched_policy::DriverOptions;
 use pvsched_testutil::{kvm_or_skip, pin, serial, skip, threads_named, within};
 use pvsched_vmm::pvdevice::PvConfig;
-use pvsched_vmm::{GuestConfig, RunningVm, Vm, VmConfig};
+use pvsched_vmm::{GuestConfig, GuestRequests, RunningVm, Vm, VmConfig};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,7 +134,7 @@ fn rogue_guest_is_throttled_and_a_host_thread_keeps_its_cpu() {
     }
     let (seen, report, hog_share) = within(Duration::from_secs(60), || {
         let guest = GuestConfig {
-            pv_rogue: true,
+            pv_requests: GuestRequests::Rogue,
             task: None,
             ..GuestConfig::default()
         };

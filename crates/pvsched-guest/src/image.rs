@@ -219,6 +219,8 @@ pvsched_guest_entry:
     movq ${pv_enabled}, {pv_status}(%rbx)
     testq ${flag_rogue}, {flags}(%rbx)
     jnz 700f
+    testq ${flag_alternate}, {flags}(%rbx)
+    jnz 750f
     testq ${flag_exercise}, {flags}(%rbx)
     jz 19f
     call 600f
@@ -467,6 +469,39 @@ pvsched_guest_entry:
     incq {yield_exits}(%rbx)
     jmp 701b
 
+/* ---- alternating guest: an RT-task request and an IRQ request in turns, each held for
+   pv_alternate_tsc cycles, one entered before the other is left (never empty) */
+750:movq $2, {state}(%rbx)
+    PV_ENTER {r_rt_bit}, {r_rt}
+751:call 755f
+    PV_ENTER {r_irq_bit}, {r_irq}
+    PV_EXIT {r_rt_bit}, {r_rt}
+    call 755f
+    PV_ENTER {r_rt_bit}, {r_rt}
+    PV_EXIT {r_irq_bit}, {r_irq}
+    jmp 751b
+/* one phase: interruptible busy wait; a stop leaves for the clean stop. Clobbers rax, rdx,
+   r12. */
+755:rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, %r12
+    addq {pv_alternate}(%rbx), %r12
+756:cmpq $0, {stop}(%rbx)
+    jne 758f
+    sti
+    outb %al, ${port_yield}
+    cli
+    incq {yield_exits}(%rbx)
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    cmpq %r12, %rax
+    jb 756b
+    ret
+758:addq $8, %rsp
+    jmp 90b
+
 /* ---- fault injection (test hooks) */
 800:ud2
 801:popcntq %rax, %rax
@@ -488,6 +523,8 @@ pvsched_guest_end:
     port_mark = const PORT_MARK,
     flag_exercise = const mailbox::FLAG_PV_EXERCISE,
     flag_rogue = const mailbox::FLAG_PV_ROGUE,
+    flag_alternate = const mailbox::FLAG_PV_ALTERNATE,
+    pv_alternate = const offset_of!(Mailbox, pv_alternate_tsc),
     pv_enabled = const mailbox::pv_status::ENABLED,
     pv_no_version = const mailbox::pv_status::NO_VERSION,
     pv_not_found = const mailbox::pv_status::NOT_FOUND,

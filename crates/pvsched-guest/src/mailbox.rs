@@ -35,6 +35,11 @@ pub const FLAG_PV_EXERCISE: u64 = 1 << 1;
 /// and stoppable (test hook).
 pub const FLAG_PV_ROGUE: u64 = 1 << 2;
 
+/// Bit in [`Mailbox::flags`]: after setting up pvsched, switch between an RT-task request and
+/// an IRQ request every [`Mailbox::pv_alternate_tsc`] cycles, never releasing both (the
+/// budget dodge of per-reason timers), staying interruptible and stoppable.
+pub const FLAG_PV_ALTERNATE: u64 = 1 << 3;
+
 /// Offset of the pvsched slot inside the per-vCPU region (128-byte aligned).
 pub const SLOT_OFFSET: u64 = 0x800;
 
@@ -173,6 +178,8 @@ pub struct Mailbox {
     /// Exits taken right after arming the timer so the host sees the new deadline at once
     /// (protocol on only).
     pub deadline_exits: u64,
+    /// Length of one phase of [`FLAG_PV_ALTERNATE`], TSC cycles.
+    pub pv_alternate_tsc: u64,
 }
 
 impl Mailbox {

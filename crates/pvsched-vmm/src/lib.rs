@@ -20,6 +20,6 @@ pub mod x86;
 
 pub use vcpu::{VcpuEnd, VcpuError, VcpuRunStats};
 pub use vm::{
-    open_kvm, Error, GuestConfig, InjectHook, Injector, RingReader, RunningVm, TaskConfig,
-    TscClock, Vm, VmConfig,
+    open_kvm, Error, GuestConfig, GuestRequests, InjectHook, Injector, RingReader, RunningVm,
+    TaskConfig, TscClock, Vm, VmConfig,
 };

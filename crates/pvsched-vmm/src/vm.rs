@@ -127,8 +127,24 @@ pub struct GuestConfig {
     pub pv_offer: u64,
     /// Run the lazy-request exercise with this many nested requests (tests).
     pub pv_exercise: Option<u64>,
-    /// Behave like a rogue guest: request a boost and never release it (tests).
-    pub pv_rogue: bool,
+    /// How the guest makes its pvsched requests.
+    pub pv_requests: GuestRequests,
+}
+
+/// How the testbed guest makes its pvsched requests (`pvsched vm --guest-requests`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestRequests {
+    /// Around its interrupts, softirqs, preempt-off sections and deadline-task jobs.
+    #[default]
+    Normal,
+    /// Requests a boost (a preempt-off section) and never releases it; no latency probe.
+    Rogue,
+    /// Switches between an RT-task and an IRQ request every `phase`, never releasing both;
+    /// no latency probe.
+    Alternate {
+        /// How long each request is held.
+        phase: Duration,
+    },
 }
 
 /// The offer the testbed guest makes by default: version 1 with every v1 feature.
@@ -149,7 +165,7 @@ impl Default for GuestConfig {
             fault: FaultInjection::None,
             pv_offer: DEFAULT_PV_OFFER,
             pv_exercise: None,
-            pv_rogue: false,
+            pv_requests: GuestRequests::Normal,
         }
     }
 }
@@ -563,8 +579,14 @@ fn initial_mailbox(index: usize, guest: &GuestConfig, tsc_khz: u64) -> Mailbox {
     if guest.pv_exercise.is_some() {
         flags |= mailbox::FLAG_PV_EXERCISE;
     }
-    if guest.pv_rogue {
-        flags |= mailbox::FLAG_PV_ROGUE;
+    let mut alternate = 0;
+    match guest.pv_requests {
+        GuestRequests::Normal => {}
+        GuestRequests::Rogue => flags |= mailbox::FLAG_PV_ROGUE,
+        GuestRequests::Alternate { phase } => {
+            flags |= mailbox::FLAG_PV_ALTERNATE;
+            alternate = duration_to_tsc(phase, tsc_khz).max(1);
+        }
     }
     Mailbox {
         magic: MAILBOX_MAGIC,
@@ -575,6 +597,7 @@ fn initial_mailbox(index: usize, guest: &GuestConfig, tsc_khz: u64) -> Mailbox {
         flags,
         pv_offer: guest.pv_offer,
         pv_exercise_iters: guest.pv_exercise.unwrap_or(0),
+        pv_alternate_tsc: alternate,
         ..Default::default()
     }
 }
