@@ -63,6 +63,10 @@ pub struct DaemonArgs {
     /// Policy option, key=value (repeatable).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
+    /// When the dynamic drivers boost: `contended` (only while tasks wait for the host's CPUs,
+    /// from /proc/pressure/cpu) or `always`.
+    #[arg(long, value_enum, default_value_t = BoostWhen::Contended)]
+    pub boost_when: BoostWhen,
     /// Tracepoints feeding the policy: a comma list of timer, wakeup, irq.
     #[arg(long, default_value = "timer", value_parser = parse_host_events)]
     pub host_events: HostEvents,
@@ -138,6 +142,16 @@ pub enum GuestRequestsArg {
     Alternate,
 }
 
+/// When the dynamic drivers boost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BoostWhen {
+    /// Only while tasks wait for the host's CPUs (CPU pressure above 2 %): on a quiet host a
+    /// boost gains nothing and costs system calls.
+    Contended,
+    /// Whenever the driver decides to, also on a quiet host.
+    Always,
+}
+
 /// The protocol the VMM offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PvArg {
@@ -203,6 +217,10 @@ pub struct VmArgs {
     /// (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
+    /// When the dynamic drivers boost: `contended` (only while tasks wait for the host's CPUs,
+    /// from /proc/pressure/cpu) or `always`.
+    #[arg(long, value_enum, default_value_t = BoostWhen::Contended)]
+    pub boost_when: BoostWhen,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
     /// expiries when the guest does not speak the protocol (`--pv off`) and the policy is
     /// `dynamic`; with the protocol the vCPU threads see the guest's requests themselves,

@@ -75,6 +75,10 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
         socket: args.socket,
         state_file: args.state_file,
         metrics: args.metrics,
+        quiet_gate: match args.boost_when {
+            crate::cli::BoostWhen::Contended => Some(pvsched_host::pressure::QuietGate::default()),
+            crate::cli::BoostWhen::Always => None,
+        },
     })
 }
 

@@ -1,9 +1,12 @@
 //! `pvsched vm`: one testbed run.
 
-use crate::cli::{FaultArg, GuestLoadArg, GuestRequestsArg, HostEvents, PvArg, TaskPeriod, VmArgs};
+use crate::cli::{
+    BoostWhen, FaultArg, GuestLoadArg, GuestRequestsArg, HostEvents, PvArg, TaskPeriod, VmArgs,
+};
 use pvsched_bench::engine_host::PolicyConfig;
 use pvsched_bench::experiment::{self, ExperimentConfig};
 use pvsched_guest::FaultInjection;
+use pvsched_host::pressure::QuietGate;
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::{DriverOptions, OptionError};
 use pvsched_vmm::pvdevice::PvConfig;
@@ -152,6 +155,10 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
         policy: PolicyConfig {
             driver: args.policy.clone(),
             opts: DriverOptions::parse(args.policy_opts.iter().map(String::as_str))?,
+            quiet_gate: match args.boost_when {
+                BoostWhen::Contended => Some(QuietGate::default()),
+                BoostWhen::Always => None,
+            },
         },
         host_events: match args.host_events {
             HostEvents::Auto => {

@@ -8,6 +8,7 @@
 use crate::engine_host::PolicyConfig;
 use crate::experiment::{self, ExperimentConfig, Report};
 use crate::hist::LatencyHistogram;
+use pvsched_host::pressure::QuietGate;
 use pvsched_policy::DriverOptions;
 use pvsched_vmm::pvdevice::PvConfig;
 use pvsched_vmm::{GuestConfig, TaskConfig, VmConfig};
@@ -265,7 +266,11 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
         probe_interval: interval,
         policy: {
             let (driver, opts) = policy_driver(&key.policy);
-            PolicyConfig { driver, opts }
+            PolicyConfig {
+                driver,
+                opts,
+                quiet_gate: Some(QuietGate::default()),
+            }
         },
         // The guest speaks the protocol: its vCPU threads see its requests at their exits.
         // Tracepoints are the daemon's (host-only) column.

@@ -4,6 +4,7 @@
 
 use pvsched_guest::mailbox::{pv_status, Mailbox};
 pub use pvsched_host::mechanism::helper_class;
+use pvsched_host::pressure::QuietGate;
 use pvsched_host::runtime::{Cost, Status};
 use pvsched_host::stats::LatencyStats;
 use pvsched_host::trace::TraceConfig;
@@ -21,6 +22,8 @@ pub struct PolicyConfig {
     pub driver: String,
     /// Driver options.
     pub opts: DriverOptions,
+    /// Boost only while the host's CPUs are contended (`None`: always).
+    pub quiet_gate: Option<QuietGate>,
 }
 
 impl Default for PolicyConfig {
@@ -28,6 +31,7 @@ impl Default for PolicyConfig {
         PolicyConfig {
             driver: "none".into(),
             opts: DriverOptions::new(),
+            quiet_gate: None,
         }
     }
 }
@@ -141,7 +145,7 @@ impl HostLoop {
         trace: Option<TraceConfig>,
     ) -> Result<HostLoop, EngineError> {
         Ok(HostLoop {
-            engine: VmEngine::start(vm, &policy.driver, &policy.opts, trace)?,
+            engine: VmEngine::start(vm, &policy.driver, &policy.opts, trace, policy.quiet_gate)?,
             driver: policy.driver.clone(),
         })
     }
@@ -246,6 +250,7 @@ mod tests {
         let p = PolicyConfig {
             driver: "dynamic".into(),
             opts: DriverOptions::parse(["class=rr:20"]).unwrap(),
+            quiet_gate: None,
         };
         assert_eq!(p.boost_class(), Some(BoostClass::Rr(20)));
         assert_eq!(PolicyConfig::default().boost_class(), None);

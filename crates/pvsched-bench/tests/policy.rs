@@ -28,6 +28,7 @@ fn policy(driver: &str, opts: &[&str]) -> PolicyConfig {
     PolicyConfig {
         driver: driver.into(),
         opts: DriverOptions::parse(opts.iter().copied()).unwrap(),
+        quiet_gate: None,
     }
 }
 

@@ -7,10 +7,11 @@
 //! metrics = "127.0.0.1:9477"          # Prometheus /metrics (omit to disable)
 //! watch = true                        # follow VMs starting and stopping
 //! host_events = ["timer"]             # timer, wakeup, irq
+//! boost_when = "contended"            # or "always" (also on a host with idle CPUs)
 //!
 //! [policy]
 //! driver = "dynamic"
-//! options = { cs_budget = "3ms", rt_budget = "500ms", cooldown = "100ms", class = "fifo:10" }
+//! options = { cs_budget = "2ms", rt_budget = "500ms", recovery = "1", class = "fifo:10" }
 //!
 //! [[vm]]
 //! pid = 1234                          # vCPU threads found by name
@@ -73,6 +74,8 @@ struct DaemonSection {
     watch: bool,
     #[serde(default = "default_events")]
     host_events: Vec<String>,
+    #[serde(default = "default_boost_when")]
+    boost_when: String,
 }
 
 impl Default for DaemonSection {
@@ -83,6 +86,7 @@ impl Default for DaemonSection {
             metrics: None,
             watch: false,
             host_events: default_events(),
+            boost_when: default_boost_when(),
         }
     }
 }
@@ -92,6 +96,9 @@ fn default_socket() -> PathBuf {
 }
 fn default_state() -> PathBuf {
     "/run/pvsched.state".into()
+}
+fn default_boost_when() -> String {
+    "contended".into()
 }
 fn default_events() -> Vec<String> {
     vec!["timer".into()]
@@ -203,6 +210,15 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
         socket: f.daemon.socket,
         state_file: f.daemon.state_file,
         metrics,
+        quiet_gate: match f.daemon.boost_when.as_str() {
+            "contended" => Some(pvsched_host::pressure::QuietGate::default()),
+            "always" => None,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "boost_when: {other:?} is neither \"contended\" nor \"always\""
+                )))
+            }
+        },
     })
 }
 

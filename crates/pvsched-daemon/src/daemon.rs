@@ -89,6 +89,8 @@ pub struct DaemonConfig {
     pub state_file: PathBuf,
     /// Serve Prometheus metrics on this (local) address.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Boost only while the host's CPUs are contended (`None`: always).
+    pub quiet_gate: Option<pvsched_host::pressure::QuietGate>,
 }
 
 /// Errors of the daemon.
@@ -199,6 +201,7 @@ pub fn run(
     };
     let runtime = Runtime::start(RuntimeConfig {
         sources,
+        quiet_gate: cfg.quiet_gate,
         ..RuntimeConfig::default()
     })?;
     let mut d = Daemon {

@@ -57,6 +57,7 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
         socket: dir.join("ctl.sock"),
         state_file: dir.join("state.json"),
         metrics: None,
+        quiet_gate: None,
     };
     let socket = cfg.socket.clone();
     let stop = Arc::new(AtomicBool::new(false));

@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod mechanism;
+pub mod pressure;
 pub mod runtime;
 pub mod sched;
 pub mod slot;

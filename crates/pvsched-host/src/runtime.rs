@@ -41,6 +41,7 @@
 
 use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
 use crate::mechanism::{helper_class, sched_class, Publisher};
+use crate::pressure::{QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
 use pvsched_policy::{
@@ -851,6 +852,9 @@ pub struct RuntimeConfig {
     pub sources: Vec<Box<dyn EventSource>>,
     /// Grace given to running, hooked vCPUs to handle their own timers, ns.
     pub grace: Nanos,
+    /// Boost a vCPU only while it waits for a CPU when unboosted (its run delay, see
+    /// [`crate::pressure`]); `None`: whenever the driver decides.
+    pub quiet_gate: Option<QuietGate>,
 }
 
 impl Default for RuntimeConfig {
@@ -861,6 +865,7 @@ impl Default for RuntimeConfig {
             applier: Arc::new(KernelApplier),
             sources: Vec::new(),
             grace: 25_000,
+            quiet_gate: None,
         }
     }
 }
@@ -944,6 +949,10 @@ impl Runtime {
             raced: Vec::with_capacity(16),
             stats: LoopStats::default(),
             started: mono_ns(),
+            quiet_gate: cfg.quiet_gate,
+            samplers: BTreeMap::new(),
+            quiet_since: BTreeMap::new(),
+            quiet_ns: 0,
         };
         for s in cfg.sources {
             lp.add_source(None, s)?;
@@ -1160,6 +1169,12 @@ struct Loop {
     raced: Vec<(Nanos, Arc<ThreadCell>)>,
     stats: LoopStats,
     started: Nanos,
+    /// The quiet gate, if on, with a run-delay sampler per vCPU thread and since when each
+    /// quiet vCPU is quiet; `quiet_ns`: quiet time of vCPUs, ended spells.
+    quiet_gate: Option<QuietGate>,
+    samplers: BTreeMap<VcpuKey, VcpuSampler>,
+    quiet_since: BTreeMap<VcpuKey, Nanos>,
+    quiet_ns: u64,
 }
 
 fn token(vm: Option<u32>, index: usize) -> u64 {
@@ -1258,6 +1273,7 @@ impl Loop {
             if fired {
                 self.shared.lock().fired = true;
             }
+            self.sample_quiet(now, &mut events);
             self.process(now, trigger, &events);
             events.clear();
             self.events = events;
@@ -1269,11 +1285,40 @@ impl Loop {
         restore_all(&self.shared);
     }
 
+    /// Samples the run delay of every vCPU due; a vCPU that became quiet or contended gets
+    /// a [`VcpuEvent::Quiet`].
+    fn sample_quiet(&mut self, now: Nanos, events: &mut Vec<Event>) {
+        if !self.samplers.values().any(|s| now >= s.next) {
+            return;
+        }
+        let boosted: Vec<(VcpuKey, u64)> = {
+            let core = self.shared.lock();
+            self.samplers
+                .iter()
+                .filter(|(_, s)| now >= s.next)
+                .map(|(k, _)| (*k, core.engine.vcpu(*k).map_or(0, |v| v.boosted_ns(now))))
+                .collect()
+        };
+        for (key, b) in boosted {
+            let Some(quiet) = self.samplers.get_mut(&key).and_then(|s| s.poll(now, b)) else {
+                continue;
+            };
+            if quiet {
+                self.quiet_since.insert(key, now);
+            } else if let Some(t) = self.quiet_since.remove(&key) {
+                self.quiet_ns += now.saturating_sub(t);
+            }
+            events.push(Event::new(key, VcpuEvent::Quiet(quiet)));
+        }
+    }
+
     fn poll_timeout(&mut self) -> i32 {
         let now = mono_ns();
+        let sample = self.samplers.values().map(|p| p.next).min();
         let next = self
             .sources_mut()
             .filter_map(|e| e.next_poll)
+            .chain(sample)
             .min()
             .map(|t| t.saturating_sub(now).div_ceil(1_000_000).min(1000) as i32);
         next.unwrap_or(-1)
@@ -1470,6 +1515,16 @@ impl Loop {
             core.events.push(Event::new(key, VcpuEvent::Registered));
         }
         self.process(now, now, &[]);
+        if let Some(gate) = self.quiet_gate {
+            match VcpuSampler::open(gate, tid) {
+                Some(s) => {
+                    self.samplers.insert(key, s);
+                }
+                None => self.shared.note_error(format!(
+                    "{key}: no /proc/{tid}/schedstat: boosting it whenever the driver decides"
+                )),
+            }
+        }
         Ok(VcpuHandle {
             cell,
             shared,
@@ -1500,6 +1555,10 @@ impl Loop {
         }
         for e in self.sources_mut() {
             e.source.detach(key);
+        }
+        self.samplers.remove(&key);
+        if let Some(t) = self.quiet_since.remove(&key) {
+            self.quiet_ns += now.saturating_sub(t);
         }
         true
     }
@@ -1589,6 +1648,7 @@ impl Loop {
                 self_applied: ss,
                 remote_applied: rs,
                 apply_errors: cell.apply_errors.load(Ordering::Relaxed),
+                skipped_quiet: c.skipped_quiet,
                 boost_latency: cell.boost_latency.summary(),
             });
         }
@@ -1628,6 +1688,15 @@ impl Loop {
                 engine_timers: self.shared.timers_engine.load(Ordering::Relaxed),
                 vcpu_timers: self.shared.timers_vcpu.load(Ordering::Relaxed),
                 rechecks: self.shared.rechecks.load(Ordering::Relaxed),
+                quiet_s: {
+                    let now = mono_ns();
+                    let open: u64 = self
+                        .quiet_since
+                        .values()
+                        .map(|t| now.saturating_sub(*t))
+                        .sum();
+                    (self.quiet_ns + open) as f64 / 1e9
+                },
             },
             host_events_lost: lost,
             apply_errors: self.shared.error_count.load(Ordering::Relaxed),
@@ -1674,6 +1743,10 @@ pub struct Cost {
     /// Changes applied again because they raced with a vCPU lowering itself.
     #[serde(default)]
     pub rechecks: u64,
+    /// vCPU time the quiet gate held boosting off (the vCPU did not wait for a CPU), s, summed
+    /// over vCPUs; 0 without the gate.
+    #[serde(default)]
+    pub quiet_s: f64,
 }
 
 /// One vCPU in [`Status`].
@@ -1709,6 +1782,9 @@ pub struct VcpuStatus {
     pub remote_applied: u64,
     /// Failed `sched_setattr` calls.
     pub apply_errors: u64,
+    /// Boosts not started because the host was quiet.
+    #[serde(default)]
+    pub skipped_quiet: u64,
     /// Boost decision → class applied.
     pub boost_latency: LatencyStats,
 }

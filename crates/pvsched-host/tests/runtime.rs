@@ -444,8 +444,13 @@ fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
 #[test]
 fn boosted_time_is_repaid_then_the_original_restored() {
     let s = setup();
-    s.h.add_vm(0, "dynamic", &opts(&["cs_budget=1s"]), no_parts())
-        .unwrap();
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&["cs_budget=1s", "repay=nice:19"]),
+        no_parts(),
+    )
+    .unwrap();
     let _v = s.h.add_vcpu(K0, 1004, false).unwrap();
     let rt = Reasons::NONE.with(Reason::RtTask);
     s.feed.send(Event::new(K0, VcpuEvent::Request(rt)));

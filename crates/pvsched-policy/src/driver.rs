@@ -51,6 +51,9 @@ pub struct Counters {
     pub bad_slots: u64,
     /// Time spent paying back boosted time below normal weight (completed repayments), ns.
     pub repaid_ns: u64,
+    /// Boosts not started because the host was quiet.
+    #[serde(default)]
+    pub skipped_quiet: u64,
 }
 
 /// Boosted-time debts (pvsched v3's model): every boosted nanosecond is charged to `generic`,
@@ -99,6 +102,8 @@ pub struct VcpuState {
     pub published: Option<BoostState>,
     /// Since when the vCPU pays back boosted time below its normal weight, if it does.
     pub repay_since: Option<Nanos>,
+    /// The host is quiet (see [`VcpuEvent::Quiet`]).
+    pub quiet: bool,
     /// Generation of each [`TimerKind`].
     pub timer_gen: [u64; 4],
     /// Counters.

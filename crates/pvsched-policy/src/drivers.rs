@@ -118,7 +118,7 @@ impl Default for DynamicParams {
             cooldown: MS,
             irq_hold: 200 * US,
             lead: None,
-            repay: Some(BoostClass::Nice(19)),
+            repay: None,
         }
     }
 }
@@ -431,6 +431,9 @@ impl DynamicDriver {
         if let Some(b) = ctx.state.boost.as_mut() {
             b.hold_until = b.hold_until.max(hold_until);
             b.release_after = b.release_after.max(release_after);
+        } else if ctx.state.quiet {
+            ctx.state.counters.skipped_quiet += 1;
+            return;
         } else if self.refuses(ctx, true) {
             ctx.state.counters.refused += 1;
             return;
@@ -479,6 +482,8 @@ impl DynamicDriver {
             } else {
                 self.rearm(ctx);
             }
+        } else if ctx.state.quiet {
+            ctx.state.counters.skipped_quiet += 1;
         } else if self.refuses(ctx, false) {
             ctx.state.counters.refused += 1;
         } else {
@@ -514,6 +519,10 @@ impl DynamicDriver {
 
     fn repay_if_owed(&self, ctx: &mut VcpuCtx<'_>) {
         let Some(class) = self.p.repay else { return };
+        if ctx.state.quiet {
+            // Nobody waits for the CPU: there is nobody to give it back to.
+            return;
+        }
         let owed = ctx.state.debts.generic;
         if owed == 0 || ctx.state.is_boosted() {
             return;
@@ -619,7 +628,7 @@ impl Driver for DynamicDriver {
             }
             VcpuEvent::DeadlineHint(d) => {
                 ctx.state.deadline = d;
-                if let (Some(lead), Some(d)) = (self.p.lead, d) {
+                if let (Some(lead), Some(d), false) = (self.p.lead, d, ctx.state.quiet) {
                     if d > now {
                         ctx.arm(TimerKind::Lead, d.saturating_sub(lead).max(now));
                     }
@@ -656,6 +665,28 @@ impl Driver for DynamicDriver {
                 }
             },
             VcpuEvent::Timer(..) => {}
+            VcpuEvent::Quiet(quiet) => {
+                ctx.state.quiet = quiet;
+                if quiet {
+                    // Nothing to protect the vCPU from: end the boost, and any repayment.
+                    if ctx.state.is_boosted() {
+                        ctx.unboost(BoostState::Normal);
+                    } else {
+                        ctx.end_repay();
+                    }
+                    // Lead timers are not armed while quiet; an armed one is dropped.
+                    ctx.state.timer_gen[TimerKind::Lead as usize] += 1;
+                } else {
+                    if let (Some(lead), Some(d)) = (self.p.lead, ctx.state.deadline) {
+                        if d > now {
+                            ctx.arm(TimerKind::Lead, d.saturating_sub(lead).max(now));
+                        }
+                    }
+                    if !ctx.state.request.is_empty() {
+                        self.on_request(ctx);
+                    }
+                }
+            }
         }
     }
 }

@@ -160,6 +160,10 @@ pub enum VcpuEvent {
     SlotInvalid,
     /// A timer armed earlier fired (with the generation it was armed with).
     Timer(TimerKind, u64),
+    /// The host's CPUs are (`true`) or are no longer quiet: with no task waiting for a CPU, a
+    /// boost would gain the guest nothing and cost system calls, so dynamic drivers boost
+    /// only on a contended host. Sent by [`Engine::set_quiet`].
+    Quiet(bool),
 }
 
 /// An event for one vCPU.

@@ -584,7 +584,7 @@ fn a_guest_alternating_rt_and_irq_requests_is_throttled() {
 
 #[test]
 fn boosted_time_is_repaid_below_normal_weight() {
-    let mut s = Sim::new("dynamic", &[]);
+    let mut s = Sim::new("dynamic", &["repay=nice:19"]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
     s.advance(10 * MS);
@@ -614,14 +614,50 @@ fn boosted_time_is_repaid_below_normal_weight() {
         "paid back: original attributes"
     );
     assert_eq!(s.engine.vcpu(V0).unwrap().counters.repaid_ns, 11 * MS);
-    // Off: no repayment.
-    let mut s = Sim::new("dynamic", &["repay=off"]);
+    // Off (the default): no repayment.
+    let mut s = Sim::new("dynamic", &[]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
     s.advance(10 * MS);
     s.guest(V0, Reasons::NONE);
     assert!(s.repaying.is_empty());
     assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
+}
+
+#[test]
+fn a_quiet_host_gets_no_boosts() {
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0));
+    let mut out = Vec::new();
+    s.engine.set_quiet(true, s.now, &mut out);
+    s.apply(out);
+    assert!(!s.is_boosted(V0), "quiet: the boost ends");
+    assert!(s.repaying.is_empty(), "nobody to repay on a quiet host");
+    // Requests, interrupts and deadlines start nothing while quiet.
+    s.guest(V0, rs(&[Reason::Irq, Reason::RtTask]));
+    s.event(V0, VcpuEvent::Interrupt);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(s.now + MS)));
+    s.advance(2 * MS);
+    assert!(!s.is_boosted(V0));
+    assert!(s.engine.vcpu(V0).unwrap().counters.skipped_quiet >= 2);
+    // Contention: the held request boosts again, and the next deadline is boosted ahead.
+    let mut out = Vec::new();
+    s.engine.set_quiet(false, s.now, &mut out);
+    s.apply(out);
+    assert!(s.is_boosted(V0), "the held request boosts again");
+    s.guest(V0, Reasons::NONE);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(s.now + 5 * MS)));
+    s.advance(4950 * US);
+    assert!(s.is_boosted(V0), "lead boost while contended");
+    // A vCPU that registers on a quiet host is quiet too.
+    let mut out = Vec::new();
+    s.engine.set_quiet(true, s.now, &mut out);
+    s.apply(out);
+    s.event(V1, VcpuEvent::Registered);
+    s.guest(V1, rs(&[Reason::RtTask]));
+    assert!(!s.is_boosted(V1));
 }
 
 #[test]
@@ -644,7 +680,7 @@ fn debts_are_paid_back_at_the_recovery_ratio() {
 }
 
 fn arb_event() -> impl Strategy<Value = (u32, u8, u8, u64)> {
-    (0u32..2, 0u8..8, 0u8..32, 0u64..5_000_000)
+    (0u32..2, 0u8..9, 0u8..32, 0u64..5_000_000)
 }
 
 /// The most time `intervals` of `key` spend boosted within any window, and that window's
@@ -681,6 +717,7 @@ proptest! {
     fn boosted_time_is_bounded_over_every_window(
         driver in prop::sample::select(vec!["dynamic", "deadline-aware"]),
         recovery in prop::sample::select(vec![("0.5", 500u64), ("1", 1000), ("2", 2000)]),
+        repay in prop::sample::select(vec!["repay=off", "repay=nice:19"]),
         events in proptest::collection::vec(arb_event(), 0..200),
     ) {
         let generic = 20 * MS;
@@ -691,6 +728,7 @@ proptest! {
             "cooldown=1ms",
             "irq_hold=1ms",
             recovery_opt.as_str(),
+            repay,
         ];
         let mut s = Sim::new(driver, &opts);
         s.event(V0, VcpuEvent::Registered);
@@ -705,7 +743,12 @@ proptest! {
                 4 => s.event(key, VcpuEvent::DeadlineHint(Some(s.now + delay % 3_000_000))),
                 5 => s.event(key, VcpuEvent::SlotInvalid),
                 6 => s.guest(key, Reasons::NONE),
-                _ => s.event(key, VcpuEvent::DeadlineHint(None)),
+                7 => s.event(key, VcpuEvent::DeadlineHint(None)),
+                _ => {
+                    let mut out = Vec::new();
+                    s.engine.set_quiet(bits % 2 == 0, s.now, &mut out);
+                    s.apply(out);
+                }
             }
         }
         s.advance(100 * MS);

@@ -11,6 +11,7 @@ use crate::pvdevice::PvDevice;
 use crate::vcpu::ExitHook;
 use crate::vm::{rdtsc, InjectHook, RunningVm, TscClock};
 use pvsched_host::clock::mono_ns;
+use pvsched_host::pressure::QuietGate;
 use pvsched_host::runtime::{
     EventSource, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle, Status, VcpuHandle, VmParts,
 };
@@ -160,12 +161,14 @@ pub struct VmEngine {
 
 impl VmEngine {
     /// Starts the runtime for `vm` (before [`RunningVm::go`]) with `driver` and `opts`, fed
-    /// by the vCPU threads, by the VMM's injections and, with `trace`, by tracepoints.
+    /// by the vCPU threads, by the VMM's injections and, with `trace`, by tracepoints; with
+    /// `quiet_gate`, boosting only while the host's CPUs are contended.
     pub fn start(
         vm: &mut RunningVm,
         driver: &str,
         opts: &DriverOptions,
         trace: Option<TraceConfig>,
+        quiet_gate: Option<QuietGate>,
     ) -> Result<VmEngine, EngineError> {
         let sources: Vec<Box<dyn EventSource>> = match trace {
             Some(cfg) => vec![Box::new(TraceSource::new(cfg)?)],
@@ -173,6 +176,7 @@ impl VmEngine {
         };
         let runtime = Runtime::start(RuntimeConfig {
             sources,
+            quiet_gate,
             ..RuntimeConfig::default()
         })?;
         let h = runtime.handle();
