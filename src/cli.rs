@@ -67,6 +67,12 @@ pub struct DaemonArgs {
     /// from /proc/pressure/cpu) or `always`.
     #[arg(long, value_enum, default_value_t = BoostWhen::Contended)]
     pub boost_when: BoostWhen,
+    /// Owner (effective uid) whose VMs may be boosted (repeatable; default: root only).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uids: Vec<u32>,
+    /// Group whose VMs may be boosted (repeatable), e.g. libvirt's `qemu` group.
+    #[arg(long = "allow-gid", value_name = "GID")]
+    pub allow_gids: Vec<u32>,
     /// Tracepoints feeding the policy: a comma list of timer, wakeup, irq.
     #[arg(long, default_value = "timer", value_parser = parse_host_events)]
     pub host_events: HostEvents,

@@ -27,6 +27,8 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, CliError> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log redirected to a file or journal stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -75,6 +77,14 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
         socket: args.socket,
         state_file: args.state_file,
         metrics: args.metrics,
+        allowed: pvsched_daemon::discover::Allowed {
+            uids: if args.allow_uids.is_empty() {
+                vec![0]
+            } else {
+                args.allow_uids
+            },
+            gids: args.allow_gids,
+        },
         quiet_gate: match args.boost_when {
             crate::cli::BoostWhen::Contended => Some(pvsched_host::pressure::QuietGate::default()),
             crate::cli::BoostWhen::Always => None,

@@ -115,7 +115,15 @@ fn start_daemon(
     match config {
         Some(c) => cmd.arg("daemon").arg("--config").arg(c),
         None => cmd
-            .args(["daemon", "--pid", &vm.pid().to_string(), "--socket"])
+            // The tests check the mechanics, on however idle a machine: no quiet gate.
+            .args([
+                "daemon",
+                "--boost-when",
+                "always",
+                "--pid",
+                &vm.pid().to_string(),
+            ])
+            .arg("--socket")
             .arg(socket)
             .arg("--state-file")
             .arg(state),
@@ -195,6 +203,7 @@ fn daemon_boosts_a_vm_process_obeys_ctl_and_restores_on_sigterm() {
         &config,
         format!(
             "[daemon]\nsocket = {:?}\nstate_file = {:?}\nmetrics = \"127.0.0.1:{port}\"\n\
+             boost_when = \"always\"\n\
              [policy]\ndriver = \"dynamic\"\noptions = {{ cs_budget = \"3ms\" }}\n\
              [[vm]]\npid = {}\n",
             socket.display().to_string(),
@@ -363,7 +372,7 @@ fn watch_follows_vms_starting_and_stopping() {
     }
     let (socket, state) = paths("watch");
     let mut cmd = pvsched();
-    cmd.args(["daemon", "--watch", "--socket"])
+    cmd.args(["daemon", "--boost-when", "always", "--watch", "--socket"])
         .arg(&socket)
         .arg("--state-file")
         .arg(&state);
@@ -396,6 +405,89 @@ fn watch_follows_vms_starting_and_stopping() {
     assert!(d.wait().unwrap().success());
 }
 
+/// Issue 11's first reproduction: a thread merely *named* like a vCPU (here `vcpu0`, a
+/// `sleep` run through a symlink of that name) is never boosted: not when a non-root user owns
+/// it, not when root does but its process holds no KVM vCPU. The daemon says why, once, in a
+/// log without colour escapes.
+#[test]
+fn a_thread_named_like_a_vcpu_is_not_boosted() {
+    let _s = serial();
+    let test = "a_thread_named_like_a_vcpu_is_not_boosted";
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        skip!("{test}: needs root to run a process as nobody");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pvsched-fake-vcpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = dir.join("vcpu0");
+    let _ = std::fs::remove_file(&fake);
+    std::os::unix::fs::symlink("/bin/sleep", &fake).unwrap();
+    use std::os::unix::process::CommandExt;
+    /// A child killed and reaped on drop.
+    struct Reaped(Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let nobodys = Reaped(
+        Command::new(&fake)
+            .arg("30")
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .unwrap(),
+    );
+    let roots = Reaped(Command::new(&fake).arg("30").spawn().unwrap());
+    let (socket, state) = paths("fake-vcpu");
+    let mut cmd = pvsched();
+    cmd.args([
+        "daemon",
+        "--boost-when",
+        "always",
+        "--watch",
+        "--policy",
+        "static",
+    ])
+    .arg("--socket")
+    .arg(&socket)
+    .arg("--state-file")
+    .arg(&state);
+    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    // Several watch scans.
+    std::thread::sleep(Duration::from_millis(1500));
+    let policy = |pid: u32| pvsched_host::sched::get(pid as i32).map(|a| a.policy);
+    assert_eq!(policy(nobodys.0.id()).unwrap(), libc::SCHED_OTHER as u32);
+    assert_eq!(policy(roots.0.id()).unwrap(), libc::SCHED_OTHER as u32);
+    let (ok, out) = ctl(&socket, &["status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["vms"].as_array().unwrap().is_empty(),
+        "nothing attached: {out}"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+    let mut err = String::new();
+    use std::io::Read;
+    d.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("not allowed (allow_uids"), "{err}");
+    assert!(err.contains("holds no KVM vCPU"), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "colour escapes in a redirected log: {err:?}"
+    );
+    drop((nobodys, roots));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
     let _s = serial();
@@ -413,6 +505,7 @@ fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
         &config,
         format!(
             "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
+             boost_when = \"always\"\n\
              [policy]\ndriver = \"dynamic\"\n\
              [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x200800, 0x210800]\n",
             socket.display().to_string(),

@@ -36,6 +36,7 @@ impl ExternalDaemon {
             socket: dir.join("ctl.sock"),
             state_file: dir.join("state.json"),
             metrics: None,
+            allowed: pvsched_daemon::discover::Allowed::default(),
             quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),
         };
         let (tx, rx) = mpsc::channel();

@@ -8,6 +8,8 @@
 //! watch = true                        # follow VMs starting and stopping
 //! host_events = ["timer"]             # timer, wakeup, irq
 //! boost_when = "contended"            # or "always" (also on a host with idle CPUs)
+//! allow_uids = [0]                    # owners whose VMs may be boosted (default: root)
+//! allow_gids = [107]                  # ... or groups, e.g. libvirt's "qemu" (getent group qemu)
 //!
 //! [policy]
 //! driver = "dynamic"
@@ -76,6 +78,10 @@ struct DaemonSection {
     host_events: Vec<String>,
     #[serde(default = "default_boost_when")]
     boost_when: String,
+    #[serde(default = "default_allow_uids")]
+    allow_uids: Vec<u32>,
+    #[serde(default)]
+    allow_gids: Vec<u32>,
 }
 
 impl Default for DaemonSection {
@@ -87,6 +93,8 @@ impl Default for DaemonSection {
             watch: false,
             host_events: default_events(),
             boost_when: default_boost_when(),
+            allow_uids: default_allow_uids(),
+            allow_gids: Vec::new(),
         }
     }
 }
@@ -96,6 +104,9 @@ fn default_socket() -> PathBuf {
 }
 fn default_state() -> PathBuf {
     "/run/pvsched.state".into()
+}
+fn default_allow_uids() -> Vec<u32> {
+    vec![0]
 }
 fn default_boost_when() -> String {
     "contended".into()
@@ -210,6 +221,10 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
         socket: f.daemon.socket,
         state_file: f.daemon.state_file,
         metrics,
+        allowed: crate::discover::Allowed {
+            uids: f.daemon.allow_uids,
+            gids: f.daemon.allow_gids,
+        },
         quiet_gate: match f.daemon.boost_when.as_str() {
             "contended" => Some(pvsched_host::pressure::QuietGate::default()),
             "always" => None,

@@ -5,7 +5,7 @@
 //! sends commands to the runtime's real-time engine thread, which no client can stall.
 //! Every thread it boosted is restored when it stops.
 
-use crate::discover::{vcpu_threads, VcpuThread};
+use crate::discover::{check_vcpu_thread, process_of, vcpu_threads, Refusal, VcpuThread};
 use crate::slots::{GuestSlots, ProtocolSpec};
 use crate::state::{recover, Recovery, StateFile};
 use crate::status::{DaemonStatus, DaemonVm};
@@ -89,6 +89,8 @@ pub struct DaemonConfig {
     pub state_file: PathBuf,
     /// Serve Prometheus metrics on this (local) address.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Whose VMs may be boosted (process owner or group; default root only).
+    pub allowed: crate::discover::Allowed,
     /// Boost only while the host's CPUs are contended (`None`: always).
     pub quiet_gate: Option<pvsched_host::pressure::QuietGate>,
 }
@@ -105,6 +107,9 @@ pub enum DaemonError {
     /// A VM to attach has no vCPU threads or is gone.
     #[error("{0} has no vCPU threads (QEMU 'CPU n/KVM', crosvm_vcpuN, vcpuN, 'fc_vcpu N', pvsched-vcpuN)")]
     NoVcpus(VmSource),
+    /// Threads named like vCPUs that the daemon may not boost.
+    #[error("{0}: no thread may be boosted")]
+    Refused(VmSource, #[source] crate::discover::Refusal),
     /// A VM could not be inspected.
     #[error("cannot find the vCPU threads of {0}")]
     Discover(VmSource, #[source] std::io::Error),
@@ -162,6 +167,8 @@ struct Daemon<'a> {
     state: StateFile,
     vms: BTreeMap<u32, VmInfo>,
     next_id: u32,
+    /// Processes whose refusal was logged already (`--watch` looks again every scan).
+    refused_logged: std::collections::BTreeSet<i32>,
 }
 
 /// Restores what a previous daemon left boosted, as recorded in `state_file`.
@@ -210,6 +217,7 @@ pub fn run(
         state: StateFile::new(&cfg.state_file),
         vms: BTreeMap::new(),
         next_id: 0,
+        refused_logged: std::collections::BTreeSet::new(),
     };
     let result = d.serve(&listener, metrics.as_ref(), stop, recovery, on_ready);
     // Every path out restores: the runtime puts every thread back when it stops.
@@ -292,9 +300,14 @@ impl Daemon<'_> {
             }
             None => None,
         };
-        let threads = threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
-        if threads.is_empty() {
+        let found = threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
+        if found.is_empty() {
             return Err(DaemonError::NoVcpus(source));
+        }
+        let (threads, refused) = self.admit(found);
+        if threads.is_empty() {
+            let why = refused.into_iter().next().unwrap_or(Refusal::Gone(0));
+            return Err(DaemonError::Refused(source, why));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -376,11 +389,33 @@ impl Daemon<'_> {
         Ok(())
     }
 
+    /// Keeps the threads that may be boosted (a KVM vCPU of an allowed owner); logs each
+    /// refused process once and returns the refusals.
+    fn admit(&mut self, threads: Vec<VcpuThread>) -> (Vec<VcpuThread>, Vec<Refusal>) {
+        let mut refused = Vec::new();
+        let ok = threads
+            .into_iter()
+            .filter(|t| match check_vcpu_thread(t.tid, &self.cfg.allowed) {
+                Ok(()) => true,
+                Err(e) => {
+                    let pid = process_of(t.tid).unwrap_or(t.tid);
+                    if self.refused_logged.insert(pid) {
+                        tracing::warn!("not boosted: {e}");
+                    }
+                    refused.push(e);
+                    false
+                }
+            })
+            .collect();
+        (ok, refused)
+    }
+
     /// Follows thread changes of attached VMs, VMs that exit, and (with `--watch`) new VMs.
     fn rescan(&mut self) {
         let ids: Vec<u32> = self.vms.keys().copied().collect();
         for id in ids {
-            let now = threads_of(&self.vms[&id].source).unwrap_or_default();
+            let found = threads_of(&self.vms[&id].source).unwrap_or_default();
+            let now = self.admit(found).0;
             let same = now.len() == self.vms[&id].threads.len()
                 && now
                     .iter()
@@ -406,7 +441,11 @@ impl Daemon<'_> {
                     continue;
                 }
                 let threads = vcpu_threads(pid).unwrap_or_default();
-                if !threads.is_empty() && !threads.iter().any(|t| known.contains(&t.tid)) {
+                if threads.is_empty() || threads.iter().any(|t| known.contains(&t.tid)) {
+                    continue;
+                }
+                let threads = self.admit(threads).0;
+                if !threads.is_empty() {
                     let _ = self.attach(VmSource::Pid(pid), None);
                 }
             }

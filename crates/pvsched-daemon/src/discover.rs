@@ -82,9 +82,125 @@ pub fn start_time(tid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Who may have vCPU threads boosted: the owner (effective uid) or group of the process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    /// Owners whose VMs may be boosted (default: root only).
+    pub uids: Vec<u32>,
+    /// Groups whose VMs may be boosted (e.g. libvirt's `qemu` group).
+    pub gids: Vec<u32>,
+}
+
+impl Default for Allowed {
+    fn default() -> Self {
+        Allowed {
+            uids: vec![0],
+            gids: Vec::new(),
+        }
+    }
+}
+
+/// Why a thread is not boosted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The thread exited (or never existed).
+    #[error("thread {0} is gone")]
+    Gone(i32),
+    /// Its process holds no KVM vCPU: a thread merely named like one.
+    #[error("thread {tid}: its process {pid} holds no KVM vCPU (anon_inode:kvm-vcpu), so it is no vCPU thread")]
+    NotKvm {
+        /// The thread.
+        tid: i32,
+        /// Its process.
+        pid: i32,
+    },
+    /// Its process's owner is not allowed by the configuration.
+    #[error("thread {tid}: its process {pid} belongs to uid {uid} gid {gid}, not allowed (allow_uids / allow_gids)")]
+    Owner {
+        /// The thread.
+        tid: i32,
+        /// Its process.
+        pid: i32,
+        /// Effective uid of the process.
+        uid: u32,
+        /// Effective gid of the process.
+        gid: u32,
+    },
+}
+
+/// The process (thread group id) thread `tid` belongs to.
+pub fn process_of(tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// True when process `pid` holds a KVM vCPU file descriptor.
+pub fn holds_kvm_vcpu(pid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_link(e.path())
+            .is_ok_and(|t| t.to_string_lossy().starts_with("anon_inode:kvm-vcpu"))
+    })
+}
+
+/// Effective uid and gid of process `pid` (the owner of `/proc/<pid>`).
+pub fn owner(pid: i32) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(format!("/proc/{pid}")).ok()?;
+    Some((m.uid(), m.gid()))
+}
+
+/// Checks that `tid` is a thread of a process that holds a KVM vCPU and that `allowed` admits
+/// that process's owner: only then may the daemon boost it.
+pub fn check_vcpu_thread(tid: i32, allowed: &Allowed) -> Result<(), Refusal> {
+    let pid = process_of(tid).ok_or(Refusal::Gone(tid))?;
+    let (uid, gid) = owner(pid).ok_or(Refusal::Gone(tid))?;
+    if !allowed.uids.contains(&uid) && !allowed.gids.contains(&gid) {
+        return Err(Refusal::Owner { tid, pid, uid, gid });
+    }
+    if !holds_kvm_vcpu(pid) {
+        return Err(Refusal::NotKvm { tid, pid });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_without_kvm_is_refused_and_owners_are_checked() {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let me = unsafe { libc::gettid() };
+        assert_eq!(process_of(me), Some(std::process::id() as i32));
+        let (uid, gid) = owner(std::process::id() as i32).unwrap();
+        let allowed = Allowed {
+            uids: vec![uid],
+            gids: Vec::new(),
+        };
+        // This test process holds no vCPU (unless another test of this binary made one:
+        // then the check passes, which is right).
+        match check_vcpu_thread(me, &allowed) {
+            Ok(()) => assert!(holds_kvm_vcpu(std::process::id() as i32)),
+            Err(e) => assert!(matches!(e, Refusal::NotKvm { .. }), "{e}"),
+        }
+        let nobody = Allowed {
+            uids: vec![uid.wrapping_add(1)],
+            gids: vec![gid.wrapping_add(1)],
+        };
+        assert!(matches!(
+            check_vcpu_thread(me, &nobody),
+            Err(Refusal::Owner { .. })
+        ));
+        assert_eq!(check_vcpu_thread(-5, &allowed), Err(Refusal::Gone(-5)));
+    }
 
     #[test]
     fn vmm_thread_names() {

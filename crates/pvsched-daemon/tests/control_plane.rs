@@ -1,6 +1,7 @@
 //! The control plane cannot stall the engine: while a ctl client trickles its request one
 //! byte at a time, a guest's request is boosted and its budget still ends the boost on time.
-//! Needs the privilege to set real-time classes (skips, saying why, without it); no KVM.
+//! Needs the privilege to set real-time classes and /dev/kvm (the daemon boosts only threads of
+//! a process holding a KVM vCPU; skips, saying why, without either).
 
 use pvsched_daemon::{DaemonConfig, ProtocolSpec, VmSource, VmSpec};
 use pvsched_host::sched::{self, SchedClass, SchedGuard};
@@ -29,6 +30,14 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
         skip!("a_stalled_ctl_client_does_not_delay_a_budget_unboost: {e}");
         return;
     }
+    // The daemon boosts only threads of a process that holds a KVM vCPU.
+    let _vcpu = match pvsched_testutil::hold_kvm_vcpu() {
+        Ok(v) => v,
+        Err(e) => {
+            skip!("a_stalled_ctl_client_does_not_delay_a_budget_unboost: {e}");
+            return;
+        }
+    };
     let dir = std::env::temp_dir().join(format!("pvsched-cp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let memory = dir.join("guest-ram");
@@ -57,6 +66,7 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
         socket: dir.join("ctl.sock"),
         state_file: dir.join("state.json"),
         metrics: None,
+        allowed: pvsched_daemon::discover::Allowed::default(),
         quiet_gate: None,
     };
     let socket = cfg.socket.clone();

@@ -49,6 +49,26 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
+/// A KVM vCPU held by this process, so that its threads pass the daemon's identity check (a
+/// thread is boosted only if its process holds a vCPU). Drop to release.
+pub struct HeldVcpu {
+    _vm: kvm_ioctls::VmFd,
+    _vcpu: kvm_ioctls::VcpuFd,
+}
+
+/// Creates a VM with one vCPU in this process, or says why it cannot.
+pub fn hold_kvm_vcpu() -> Result<HeldVcpu, String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    Ok(HeldVcpu {
+        _vm: vm,
+        _vcpu: vcpu,
+    })
+}
+
 /// Runs `f` on another thread; fails the test if it takes longer than `limit` (a hang) or
 /// panics.
 pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
