@@ -308,11 +308,15 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 let row: Vec<String> = policies
                     .iter()
                     .map(|p| match (v.find_task(host, true, task, p, i), base) {
-                        (Some(x), Some(b)) => format!(
-                            "{:+.1} / {:+.1}",
-                            x.vm_cpu_pct.median - b.vm_cpu_pct.median,
-                            x.load_cpu_pct.median - b.load_cpu_pct.median
-                        ),
+                        (Some(x), Some(b)) => {
+                            // The host load's CPU time is known for the built-in hogs only.
+                            let load = if x.load_cpu_pct.n > 0 && b.load_cpu_pct.n > 0 {
+                                format!("{:+.1}", x.load_cpu_pct.median - b.load_cpu_pct.median)
+                            } else {
+                                "?".into()
+                            };
+                            format!("{:+.1} / {load}", x.vm_cpu_pct.median - b.vm_cpu_pct.median)
+                        }
                         _ => "–".into(),
                     })
                     .collect();

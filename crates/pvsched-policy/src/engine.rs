@@ -225,6 +225,9 @@ impl Engine {
                 } else if let VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) = what {
                     // Remember it for when boosting is enabled again.
                     st.request = r;
+                } else if let VcpuEvent::Quiet(q) = what {
+                    // Likewise: the verdict is only sent when it changes.
+                    st.quiet = q;
                 }
             }
         }

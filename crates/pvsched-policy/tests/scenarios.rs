@@ -661,6 +661,23 @@ fn a_quiet_host_gets_no_boosts() {
 }
 
 #[test]
+fn a_quiet_verdict_sent_while_disabled_holds_after_enable() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    let mut out = Vec::new();
+    s.engine.set_enabled(None, false, s.now, &mut out).unwrap();
+    s.apply(out);
+    s.event(V0, VcpuEvent::Quiet(true));
+    s.guest(V0, rs(&[Reason::RtTask]));
+    let mut out = Vec::new();
+    s.engine.set_enabled(None, true, s.now, &mut out).unwrap();
+    s.apply(out);
+    assert!(!s.is_boosted(V0), "still quiet after enable");
+    s.event(V0, VcpuEvent::Quiet(false));
+    assert!(s.is_boosted(V0), "contended: the held request boosts");
+}
+
+#[test]
 fn debts_are_paid_back_at_the_recovery_ratio() {
     let mut s = Sim::new("dynamic", &["cs_budget=2ms", "recovery=2", "cooldown=1us"]);
     s.event(V0, VcpuEvent::Registered);
