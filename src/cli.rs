@@ -73,6 +73,10 @@ pub struct DaemonArgs {
     /// Group whose VMs may be boosted (repeatable), e.g. libvirt's `qemu` group.
     #[arg(long = "allow-gid", value_name = "GID")]
     pub allow_gids: Vec<u32>,
+    /// Group that may read `ctl status` (the socket becomes 0660, owned by it); changes stay
+    /// root's. Without it the socket is 0600.
+    #[arg(long = "ctl-group", value_name = "GID")]
+    pub ctl_group: Option<u32>,
     /// Tracepoints feeding the policy: a comma list of timer, wakeup, irq.
     #[arg(long, default_value = "timer", value_parser = parse_host_events)]
     pub host_events: HostEvents,

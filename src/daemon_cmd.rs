@@ -85,6 +85,7 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
             },
             gids: args.allow_gids,
         },
+        ctl_group: args.ctl_group,
         quiet_gate: match args.boost_when {
             crate::cli::BoostWhen::Contended => Some(pvsched_host::pressure::QuietGate::default()),
             crate::cli::BoostWhen::Always => None,

@@ -488,6 +488,57 @@ fn a_thread_named_like_a_vcpu_is_not_boosted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 11's second reproduction: under umask 000 the ctl socket is still 0600, and
+/// `nobody`'s `pvsched ctl disable` is refused with a clear message; boosting stays on.
+#[test]
+fn only_root_steers_the_daemon() {
+    let _s = serial();
+    let test = "only_root_steers_the_daemon";
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        skip!("{test}: needs root to run a client as nobody");
+        return;
+    }
+    let (socket, state) = paths("steer");
+    let mut cmd = pvsched();
+    cmd.args(["daemon", "--watch", "--socket"])
+        .arg(&socket)
+        .arg("--state-file")
+        .arg(&state);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe; it only sets the child's file-creation mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(&socket).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o} under umask 000");
+    let out = pvsched()
+        .args(["ctl", "--socket"])
+        .arg(&socket)
+        .arg("disable")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody's disable went through");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (ok, status) = ctl(&socket, &["status"]);
+    assert!(ok, "{status}");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["enabled"], true, "boosting still on: {status}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+}
+
 #[test]
 fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
     let _s = serial();

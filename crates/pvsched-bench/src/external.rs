@@ -37,6 +37,7 @@ impl ExternalDaemon {
             state_file: dir.join("state.json"),
             metrics: None,
             allowed: pvsched_daemon::discover::Allowed::default(),
+            ctl_group: None,
             quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),
         };
         let (tx, rx) = mpsc::channel();

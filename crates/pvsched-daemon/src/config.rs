@@ -10,6 +10,7 @@
 //! boost_when = "contended"            # or "always" (also on a host with idle CPUs)
 //! allow_uids = [0]                    # owners whose VMs may be boosted (default: root)
 //! allow_gids = [107]                  # ... or groups, e.g. libvirt's "qemu" (getent group qemu)
+//! ctl_group = 10                      # may read `ctl status` (socket 0660); changes: root only
 //!
 //! [policy]
 //! driver = "dynamic"
@@ -82,6 +83,7 @@ struct DaemonSection {
     allow_uids: Vec<u32>,
     #[serde(default)]
     allow_gids: Vec<u32>,
+    ctl_group: Option<u32>,
 }
 
 impl Default for DaemonSection {
@@ -95,6 +97,7 @@ impl Default for DaemonSection {
             boost_when: default_boost_when(),
             allow_uids: default_allow_uids(),
             allow_gids: Vec::new(),
+            ctl_group: None,
         }
     }
 }
@@ -225,6 +228,7 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
             uids: f.daemon.allow_uids,
             gids: f.daemon.allow_gids,
         },
+        ctl_group: f.daemon.ctl_group,
         quiet_gate: match f.daemon.boost_when.as_str() {
             "contended" => Some(pvsched_host::pressure::QuietGate::default()),
             "always" => None,

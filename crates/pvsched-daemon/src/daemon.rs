@@ -91,6 +91,9 @@ pub struct DaemonConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// Whose VMs may be boosted (process owner or group; default root only).
     pub allowed: crate::discover::Allowed,
+    /// Group that may read `status` through the ctl socket (mode 0660 then, else 0600);
+    /// changes are root's only.
+    pub ctl_group: Option<u32>,
     /// Boost only while the host's CPUs are contended (`None`: always).
     pub quiet_gate: Option<pvsched_host::pressure::QuietGate>,
 }
@@ -187,9 +190,8 @@ pub fn run(
     let recovery = recover_only(&cfg.state_file)?;
     // Check the policy before touching anything.
     Engine::default().add_vm(0, &cfg.driver, &cfg.opts)?;
-    let _ = std::fs::remove_file(&cfg.socket);
-    let listener =
-        UnixListener::bind(&cfg.socket).map_err(|e| DaemonError::Bind(cfg.socket.clone(), e))?;
+    let listener = bind_ctl(&cfg.socket, cfg.ctl_group)
+        .map_err(|e| DaemonError::Bind(cfg.socket.clone(), e))?;
     listener.set_nonblocking(true)?;
     let metrics = match cfg.metrics {
         Some(addr) => {
@@ -516,19 +518,26 @@ impl Daemon<'_> {
 
     fn serve_ctl(&mut self, listener: &UnixListener) {
         while let Ok((stream, _)) = listener.accept() {
-            let reply = self.handle_ctl(&stream);
+            let reply = match peer_of(&stream) {
+                Ok(peer) => self.handle_ctl(&stream, peer),
+                Err(e) => serde_json::json!({"ok": false, "error": format!("peer unknown: {e}")}),
+            };
             let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
             let mut w = &stream;
             let _ = w.write_all(format!("{reply}\n").as_bytes());
         }
     }
 
-    fn handle_ctl(&mut self, stream: &UnixStream) -> serde_json::Value {
+    fn handle_ctl(&mut self, stream: &UnixStream, peer: Peer) -> serde_json::Value {
         let Some(line) = read_request(stream) else {
             return serde_json::json!({"ok": false, "error": "no request"});
         };
         let words: Vec<&str> = line.split_whitespace().collect();
-        tracing::info!(request = %line.trim().chars().take(200).collect::<String>(), "ctl");
+        tracing::info!(request = %line.trim().chars().take(200).collect::<String>(), uid = peer.uid, "ctl");
+        if let Err(e) = authorize(words.first().copied(), peer, self.cfg.ctl_group) {
+            tracing::warn!(uid = peer.uid, pid = peer.pid, "ctl refused: {e}");
+            return serde_json::json!({"ok": false, "error": e});
+        }
         let vm_arg = |w: Option<&&str>| -> Result<Option<u32>, String> {
             w.map(|s| s.parse::<u32>().map_err(|_| format!("bad VM id {s:?}")))
                 .transpose()
@@ -565,6 +574,106 @@ impl Daemon<'_> {
             Err(e) => serde_json::json!({"ok": false, "error": e}),
         }
     }
+}
+
+/// Who is on the other end of a ctl connection (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Its process.
+    pub pid: i32,
+    /// Its effective uid.
+    pub uid: u32,
+    /// Its effective gid.
+    pub gid: u32,
+}
+
+pub(crate) fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a writable ucred and `len` its size; SO_PEERCRED on a connected Unix
+    // socket fills at most `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Peer {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// Who may do what through the ctl socket: `status` for root and the ctl group, every change
+/// for root only.
+pub fn authorize(verb: Option<&str>, peer: Peer, ctl_group: Option<u32>) -> Result<(), String> {
+    if peer.uid == 0 {
+        return Ok(());
+    }
+    let reader = ctl_group.is_some_and(|g| g == peer.gid);
+    match verb {
+        Some("status") if reader => Ok(()),
+        Some("status") => Err(format!(
+            "uid {} may not read the daemon's status (root or the ctl group only)",
+            peer.uid
+        )),
+        _ => Err(format!(
+            "uid {} may not change the daemon (root only)",
+            peer.uid
+        )),
+    }
+}
+
+/// Creates the ctl socket: mode 0600 (0660 with `group`, owned by it) whatever the umask, in a
+/// directory no other user can replace it in.
+fn bind_ctl(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::env::current_dir()?,
+    };
+    let m = std::fs::metadata(&dir)?;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let sticky = m.mode() & 0o1000 != 0;
+    if (m.uid() != me && m.uid() != 0) || (m.mode() & 0o022 != 0 && !sticky) {
+        return Err(std::io::Error::other(format!(
+            "{} is owned by uid {} with mode {:o}: another user could replace the socket \
+             (use a directory owned by root, not writable by others, e.g. /run)",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    // SAFETY: umask only changes this process's file-creation mask; the daemon has no other
+    // thread creating files at this point, and the mask is put back right after.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
 }
 
 /// Reads one request line: at most [`MAX_REQUEST`] bytes within [`CLIENT_TIMEOUT`] in all,
@@ -611,4 +720,62 @@ pub fn ctl(socket: &Path, request: &str) -> std::io::Result<serde_json::Value> {
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_changes_and_the_ctl_group_reads() {
+        let root = Peer {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        let user = Peer {
+            pid: 2,
+            uid: 1000,
+            gid: 100,
+        };
+        for verb in ["status", "disable", "enable", "driver"] {
+            assert!(authorize(Some(verb), root, None).is_ok(), "{verb}");
+        }
+        assert!(authorize(Some("status"), user, None).is_err());
+        assert!(authorize(Some("status"), user, Some(100)).is_ok());
+        assert!(authorize(Some("status"), user, Some(101)).is_err());
+        for verb in [
+            Some("disable"),
+            Some("enable"),
+            Some("driver"),
+            Some("x"),
+            None,
+        ] {
+            let e = authorize(verb, user, Some(100)).unwrap_err();
+            assert!(e.contains("root only"), "{verb:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_ctl_socket_is_private_whatever_the_umask() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("pvsched-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: umask only changes this process's file-creation mask; restored below.
+        let old = unsafe { libc::umask(0) };
+        let l = bind_ctl(&dir.join("ctl.sock"), None);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let _l = l.unwrap();
+        let mode = std::fs::metadata(dir.join("ctl.sock")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A directory others can write to is refused.
+        let open = dir.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = bind_ctl(&open.join("ctl.sock"), None).unwrap_err();
+        assert!(e.to_string().contains("could replace the socket"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,19 +1,37 @@
 //! QEMU's QMP: vCPU thread ids from `query-cpus-fast`, for VMs whose threads the daemon should
 //! not have to guess by name.
 
-use crate::discover::{VcpuThread, Vmm};
+use crate::discover::{process_of, VcpuThread, Vmm};
 use serde_json::{json, Value};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// Longest QMP line accepted (a `query-cpus-fast` answer for hundreds of vCPUs fits).
+const MAX_LINE: u64 = 256 * 1024;
+/// Most lines (events) read while waiting for an answer.
+const MAX_LINES: usize = 64;
+
+/// Reads one line of at most [`MAX_LINE`] bytes.
+fn read_line(r: &mut impl BufRead) -> io::Result<String> {
+    let mut line = String::new();
+    let n = r.by_ref().take(MAX_LINE).read_line(&mut line)?;
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed"));
+    }
+    if !line.ends_with('\n') && n as u64 == MAX_LINE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("QMP line longer than {MAX_LINE} bytes"),
+        ));
+    }
+    Ok(line)
+}
+
 fn read_reply(r: &mut impl BufRead) -> io::Result<Value> {
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed"));
-        }
+    for _ in 0..MAX_LINES {
+        let line = read_line(r)?;
         let v: Value = serde_json::from_str(&line)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         // Asynchronous events may come in between; answers carry "return" or "error".
@@ -21,6 +39,10 @@ fn read_reply(r: &mut impl BufRead) -> io::Result<Value> {
             return Ok(v);
         }
     }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("no QMP answer within {MAX_LINES} lines"),
+    ))
 }
 
 fn execute(s: &mut UnixStream, r: &mut impl BufRead, cmd: &str) -> io::Result<Value> {
@@ -39,15 +61,21 @@ pub fn parse_cpus(ret: &Value) -> io::Result<Vec<VcpuThread>> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "query-cpus-fast: not a list"))?;
     let mut out = Vec::with_capacity(arr.len());
     for c in arr {
-        let (Some(index), Some(tid)) = (c["cpu-index"].as_u64(), c["thread-id"].as_i64()) else {
+        let index = c["cpu-index"].as_u64().and_then(|i| u32::try_from(i).ok());
+        // A thread id is a positive pid_t: 0 would mean the caller, a truncated one another.
+        let tid = c["thread-id"]
+            .as_i64()
+            .and_then(|t| i32::try_from(t).ok())
+            .filter(|t| *t > 0);
+        let (Some(index), Some(tid)) = (index, tid) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("query-cpus-fast: entry without cpu-index/thread-id: {c}"),
+                format!("query-cpus-fast: entry without a valid cpu-index/thread-id: {c}"),
             ));
         };
         out.push(VcpuThread {
-            index: index as u32,
-            tid: tid as i32,
+            index,
+            tid,
             vmm: Vmm::Qemu,
         });
     }
@@ -59,10 +87,13 @@ pub fn parse_cpus(ret: &Value) -> io::Result<Vec<VcpuThread>> {
 pub fn query_cpus(path: &Path) -> io::Result<Vec<VcpuThread>> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    // The thread ids must be the QMP peer's own threads: a peer cannot point the daemon at
+    // another process's threads (or at the daemon itself).
+    let peer = crate::daemon::peer_of(&s)?;
     let mut r = BufReader::new(s.try_clone()?);
     // Greeting, then capabilities negotiation.
-    let mut greeting = String::new();
-    r.read_line(&mut greeting)?;
+    let greeting = read_line(&mut r)?;
     if !greeting.contains("QMP") {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -70,7 +101,22 @@ pub fn query_cpus(path: &Path) -> io::Result<Vec<VcpuThread>> {
         ));
     }
     execute(&mut s, &mut r, "qmp_capabilities")?;
-    parse_cpus(&execute(&mut s, &mut r, "query-cpus-fast")?)
+    let threads = parse_cpus(&execute(&mut s, &mut r, "query-cpus-fast")?)?;
+    check_owned(threads, peer.pid)
+}
+
+/// Keeps `threads` only if every one belongs to process `pid` (the QMP peer).
+pub fn check_owned(threads: Vec<VcpuThread>, pid: i32) -> io::Result<Vec<VcpuThread>> {
+    if let Some(t) = threads.iter().find(|t| process_of(t.tid) != Some(pid)) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "QMP peer (pid {pid}) named thread {} of another process as a vCPU",
+                t.tid
+            ),
+        ));
+    }
+    Ok(threads)
 }
 
 #[cfg(test)]
@@ -90,5 +136,37 @@ mod tests {
         );
         assert!(parse_cpus(&json!({"x": 1})).is_err());
         assert!(parse_cpus(&json!([{"cpu-index": 0}])).is_err());
+        for bad in [0i64, -5, 1 << 32, (1 << 31) + 7] {
+            assert!(
+                parse_cpus(&json!([{"cpu-index": 0, "thread-id": bad}])).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn thread_ids_of_another_process_are_refused() {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let me = unsafe { libc::gettid() };
+        let mine = vec![VcpuThread {
+            index: 0,
+            tid: me,
+            vmm: Vmm::Qemu,
+        }];
+        let pid = std::process::id() as i32;
+        assert!(check_owned(mine.clone(), pid).is_ok());
+        let e = check_owned(mine, 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn replies_are_bounded() {
+        let long = vec![b'x'; MAX_LINE as usize + 10];
+        let mut r = BufReader::new(&long[..]);
+        assert!(read_reply(&mut r).is_err());
+        let events = "{\"event\": \"X\"}\n".repeat(MAX_LINES + 1);
+        let mut r = BufReader::new(events.as_bytes());
+        let e = read_reply(&mut r).unwrap_err();
+        assert!(e.to_string().contains("no QMP answer"), "{e}");
     }
 }

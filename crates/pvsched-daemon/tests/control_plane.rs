@@ -67,6 +67,7 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
         state_file: dir.join("state.json"),
         metrics: None,
         allowed: pvsched_daemon::discover::Allowed::default(),
+        ctl_group: None,
         quiet_gate: None,
     };
     let socket = cfg.socket.clone();
