@@ -31,7 +31,13 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, CliError> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    // Every signal that would end the daemon ends it cleanly, restoring every thread.
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGQUIT,
+    ] {
         signal_hook::flag::register(sig, stop.clone()).map_err(CliError::Signals)?;
     }
     let cfg = match &args.config {

@@ -488,6 +488,49 @@ fn a_thread_named_like_a_vcpu_is_not_boosted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGHUP and SIGQUIT end the daemon like SIGTERM: every thread restored; and a second daemon
+/// on the same state file is refused (it would "recover" the first one's threads).
+#[test]
+fn hangup_restores_and_one_daemon_per_state_file() {
+    let _s = serial();
+    let test = "hangup_restores_and_one_daemon_per_state_file";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    for sig in [libc::SIGHUP, libc::SIGQUIT] {
+        let vm = VmProc::start();
+        let (socket, state) = paths(&format!("hup{sig}"));
+        let static_daemon = |socket: &Path| {
+            let mut cmd = pvsched();
+            cmd.args(["daemon", "--policy", "static", "--pid"])
+                .arg(vm.pid().to_string())
+                .arg("--socket")
+                .arg(socket)
+                .arg("--state-file")
+                .arg(&state);
+            cmd
+        };
+        let Some(mut d) = spawn_daemon(test, static_daemon(&socket), &socket) else {
+            return;
+        };
+        wait_for("static boost", Duration::from_secs(5), || vm.any_fifo());
+        if sig == libc::SIGHUP {
+            let second = static_daemon(&socket.with_extension("2")).output().unwrap();
+            assert!(!second.status.success());
+            let err = String::from_utf8_lossy(&second.stderr);
+            assert!(
+                err.contains("another pvsched daemon uses the state file"),
+                "{err}"
+            );
+            assert!(vm.any_fifo(), "the first daemon's boosts are left alone");
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.id() as i32, sig) };
+        assert!(d.wait().unwrap().success(), "signal {sig}: clean exit");
+        assert!(vm.all_other(), "signal {sig}: every vCPU thread restored");
+    }
+}
+
 /// Issue 11's second reproduction: under umask 000 the ctl socket is still 0600, and
 /// `nobody`'s `pvsched ctl disable` is refused with a clear message; boosting stays on.
 #[test]

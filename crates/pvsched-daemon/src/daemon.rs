@@ -104,6 +104,12 @@ pub enum DaemonError {
     /// Recovering from a previous daemon failed.
     #[error("cannot recover from the state file {0}")]
     Recover(PathBuf, #[source] std::io::Error),
+    /// Another daemon uses the same state file.
+    #[error("another pvsched daemon uses the state file {0} (its lock {0}.lock is held)")]
+    AlreadyRunning(PathBuf),
+    /// The state file's lock could not be taken.
+    #[error("cannot lock {0}")]
+    Lock(PathBuf, #[source] std::io::Error),
     /// The ctl socket could not be created.
     #[error("cannot listen on {0}")]
     Bind(PathBuf, #[source] std::io::Error),
@@ -187,6 +193,8 @@ pub fn run(
     stop: &AtomicBool,
     on_ready: impl FnOnce(&Recovery),
 ) -> Result<DaemonStatus, DaemonError> {
+    // One daemon per state file: a second one would "recover" the first one's threads.
+    let _lock = lock_state(&cfg.state_file)?;
     let recovery = recover_only(&cfg.state_file)?;
     // Check the policy before touching anything.
     Engine::default().add_vm(0, &cfg.driver, &cfg.opts)?;
@@ -574,6 +582,30 @@ impl Daemon<'_> {
             Err(e) => serde_json::json!({"ok": false, "error": e}),
         }
     }
+}
+
+/// Takes the exclusive lock `<state_file>.lock` (released when the returned file closes, also
+/// when the daemon dies).
+fn lock_state(state_file: &Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::fd::AsRawFd;
+    let mut name = state_file.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DaemonError::Lock(path.clone(), e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => DaemonError::AlreadyRunning(state_file.to_path_buf()),
+            _ => DaemonError::Lock(path, e),
+        });
+    }
+    Ok(f)
 }
 
 /// Who is on the other end of a ctl connection (`SO_PEERCRED`).
