@@ -63,8 +63,8 @@ pub struct DaemonArgs {
     /// Policy option, key=value (repeatable).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
-    /// When the dynamic drivers boost: `contended` (only while tasks wait for the host's CPUs,
-    /// from /proc/pressure/cpu) or `always`.
+    /// When the dynamic drivers boost: `contended` (a vCPU only while it waits for a CPU when
+    /// unboosted, from its run delay in /proc/<tid>/schedstat) or `always`.
     #[arg(long, value_enum, default_value_t = BoostWhen::Contended)]
     pub boost_when: BoostWhen,
     /// Owner (effective uid) whose VMs may be boosted (repeatable; default: root only).
@@ -155,8 +155,8 @@ pub enum GuestRequestsArg {
 /// When the dynamic drivers boost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BoostWhen {
-    /// Only while tasks wait for the host's CPUs (CPU pressure above 2 %): on a quiet host a
-    /// boost gains nothing and costs system calls.
+    /// A vCPU only while it waits for a CPU when unboosted (run delay ≥ 20 % of a 25 ms
+    /// window): a vCPU that never waits gains nothing from a boost, which costs system calls.
     Contended,
     /// Whenever the driver decides to, also on a quiet host.
     Always,
@@ -227,8 +227,8 @@ pub struct VmArgs {
     /// (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
-    /// When the dynamic drivers boost: `contended` (only while tasks wait for the host's CPUs,
-    /// from /proc/pressure/cpu) or `always`.
+    /// When the dynamic drivers boost: `contended` (a vCPU only while it waits for a CPU when
+    /// unboosted, from its run delay in /proc/<tid>/schedstat) or `always`.
     #[arg(long, value_enum, default_value_t = BoostWhen::Contended)]
     pub boost_when: BoostWhen,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer

@@ -343,14 +343,7 @@ fn bench_quick_writes_a_complete_report() {
         );
     }
     assert_eq!(keys.len(), 50, "distinct cells");
-    for policy in [
-        "none",
-        "dynamic",
-        "deadline-aware",
-        "deadline-aware/slice",
-        "static",
-        "daemon",
-    ] {
+    for policy in pvsched_bench::bench::POLICIES {
         for interval in [500, 1000] {
             for host in ["busy", "idle"] {
                 for task in [true, false] {

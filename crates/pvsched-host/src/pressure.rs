@@ -27,7 +27,7 @@ pub struct QuietGate {
 
 impl Default for QuietGate {
     /// Quiet after 4 windows of 25 ms in which the vCPU, while unboosted, waited less than
-    /// 10 % of the time; contended at the first window at or above.
+    /// 20 % of the time; contended at the first window at or above.
     fn default() -> Self {
         QuietGate {
             threshold_permille: 200,

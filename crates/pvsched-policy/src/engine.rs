@@ -98,7 +98,6 @@ pub struct Engine {
     registry: Registry,
     vms: BTreeMap<u32, VmEntry>,
     enabled: bool,
-    quiet: bool,
 }
 
 impl Default for Engine {
@@ -114,7 +113,6 @@ impl Engine {
             registry,
             vms: BTreeMap::new(),
             enabled: true,
-            quiet: false,
         }
     }
 
@@ -199,7 +197,6 @@ impl Engine {
         match ev.what {
             VcpuEvent::Registered => {
                 let st = e.vcpus.entry(ev.key.vcpu).or_default();
-                st.quiet = self.quiet;
                 let mut ctx = VcpuCtx::new(ev.key, st, now, out);
                 if enabled {
                     e.driver.on_event(&mut ctx, VcpuEvent::Registered);
@@ -231,31 +228,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// Tells every vCPU whether the host is quiet (no task waiting for a CPU): dynamic drivers
-    /// then start no boosts and end those in progress, and start again once it is not.
-    pub fn set_quiet(&mut self, quiet: bool, now: Nanos, out: &mut Vec<Decision>) {
-        if self.quiet == quiet {
-            return;
-        }
-        self.quiet = quiet;
-        let global = self.enabled;
-        for (&vm, e) in self.vms.iter_mut() {
-            let enabled = global && e.enabled;
-            for (&vcpu, st) in e.vcpus.iter_mut() {
-                let mut ctx = VcpuCtx::new(VcpuKey::new(vm, vcpu), st, now, out);
-                if enabled {
-                    e.driver.on_event(&mut ctx, VcpuEvent::Quiet(quiet));
-                }
-                ctx.state.quiet = quiet;
-            }
-        }
-    }
-
-    /// True while the host is quiet (see [`Engine::set_quiet`]).
-    pub fn is_quiet(&self) -> bool {
-        self.quiet
     }
 
     /// Handles a batch of events.

@@ -160,9 +160,9 @@ pub enum VcpuEvent {
     SlotInvalid,
     /// A timer armed earlier fired (with the generation it was armed with).
     Timer(TimerKind, u64),
-    /// The host's CPUs are (`true`) or are no longer quiet: with no task waiting for a CPU, a
-    /// boost would gain the guest nothing and cost system calls, so dynamic drivers boost
-    /// only on a contended host. Sent by [`Engine::set_quiet`].
+    /// The vCPU is (`true`) or is no longer quiet: it does not wait for a CPU when unboosted,
+    /// so a boost would gain the guest nothing and cost system calls; dynamic drivers boost
+    /// only a contended vCPU. Sent by the runtime's quiet gate when its verdict changes.
     Quiet(bool),
 }
 

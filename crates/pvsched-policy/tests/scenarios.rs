@@ -625,14 +625,12 @@ fn boosted_time_is_repaid_below_normal_weight() {
 }
 
 #[test]
-fn a_quiet_host_gets_no_boosts() {
-    let mut s = Sim::new("deadline-aware", &[]);
+fn a_quiet_vcpu_gets_no_boosts() {
+    let mut s = Sim::new("deadline-aware", &["repay=nice:19"]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
     assert!(s.is_boosted(V0));
-    let mut out = Vec::new();
-    s.engine.set_quiet(true, s.now, &mut out);
-    s.apply(out);
+    s.event(V0, VcpuEvent::Quiet(true));
     assert!(!s.is_boosted(V0), "quiet: the boost ends");
     assert!(s.repaying.is_empty(), "nobody to repay on a quiet host");
     // Requests, interrupts and deadlines start nothing while quiet.
@@ -643,21 +641,17 @@ fn a_quiet_host_gets_no_boosts() {
     assert!(!s.is_boosted(V0));
     assert!(s.engine.vcpu(V0).unwrap().counters.skipped_quiet >= 2);
     // Contention: the held request boosts again, and the next deadline is boosted ahead.
-    let mut out = Vec::new();
-    s.engine.set_quiet(false, s.now, &mut out);
-    s.apply(out);
+    s.event(V0, VcpuEvent::Quiet(false));
     assert!(s.is_boosted(V0), "the held request boosts again");
     s.guest(V0, Reasons::NONE);
     s.event(V0, VcpuEvent::DeadlineHint(Some(s.now + 5 * MS)));
     s.advance(4950 * US);
     assert!(s.is_boosted(V0), "lead boost while contended");
-    // A vCPU that registers on a quiet host is quiet too.
-    let mut out = Vec::new();
-    s.engine.set_quiet(true, s.now, &mut out);
-    s.apply(out);
+    // Another vCPU is not affected by V0's verdict.
+    s.event(V0, VcpuEvent::Quiet(true));
     s.event(V1, VcpuEvent::Registered);
     s.guest(V1, rs(&[Reason::RtTask]));
-    assert!(!s.is_boosted(V1));
+    assert!(s.is_boosted(V1));
 }
 
 #[test]
@@ -694,6 +688,28 @@ fn debts_are_paid_back_at_the_recovery_ratio() {
         "latch cleared, the held request boosts again"
     );
     assert_eq!(s.engine.vcpu(V0).unwrap().debts.cs, 0);
+}
+
+/// Plays random events `(vCPU, kind, bits, delay)` on two registered vCPUs: guest requests
+/// and releases, interrupts, wake-ups, deadline hints, bad slots, quiet/contended host.
+fn play(s: &mut Sim, events: &[(u32, u8, u8, u64)]) {
+    for &(v, kind, bits, delay) in events {
+        let key = VcpuKey::new(0, v);
+        s.advance(delay);
+        match kind {
+            0 | 1 => s.guest(key, Reasons::from_bits(bits as u32 & 0x1f).unwrap()),
+            2 => s.event(key, VcpuEvent::Interrupt),
+            3 => s.event(key, VcpuEvent::Woken),
+            4 => s.event(
+                key,
+                VcpuEvent::DeadlineHint(Some(s.now + delay % 3_000_000)),
+            ),
+            5 => s.event(key, VcpuEvent::SlotInvalid),
+            6 => s.guest(key, Reasons::NONE),
+            7 => s.event(key, VcpuEvent::DeadlineHint(None)),
+            _ => s.event(key, VcpuEvent::Quiet(bits % 2 == 0)),
+        }
+    }
 }
 
 fn arb_event() -> impl Strategy<Value = (u32, u8, u8, u64)> {
@@ -750,24 +766,7 @@ proptest! {
         let mut s = Sim::new(driver, &opts);
         s.event(V0, VcpuEvent::Registered);
         s.event(V1, VcpuEvent::Registered);
-        for (v, kind, bits, delay) in events {
-            let key = VcpuKey::new(0, v);
-            s.advance(delay);
-            match kind {
-                0 | 1 => s.guest(key, Reasons::from_bits(bits as u32 & 0x1f).unwrap()),
-                2 => s.event(key, VcpuEvent::Interrupt),
-                3 => s.event(key, VcpuEvent::Woken),
-                4 => s.event(key, VcpuEvent::DeadlineHint(Some(s.now + delay % 3_000_000))),
-                5 => s.event(key, VcpuEvent::SlotInvalid),
-                6 => s.guest(key, Reasons::NONE),
-                7 => s.event(key, VcpuEvent::DeadlineHint(None)),
-                _ => {
-                    let mut out = Vec::new();
-                    s.engine.set_quiet(bits % 2 == 0, s.now, &mut out);
-                    s.apply(out);
-                }
-            }
-        }
+        play(&mut s, &events);
         s.advance(100 * MS);
         let mut out = Vec::new();
         s.engine.shutdown(s.now, &mut out);
@@ -813,19 +812,7 @@ proptest! {
         let mut s = Sim::new(driver, opts);
         s.event(V0, VcpuEvent::Registered);
         s.event(V1, VcpuEvent::Registered);
-        for (v, kind, bits, delay) in events {
-            let key = VcpuKey::new(0, v);
-            s.advance(delay);
-            match kind {
-                0 | 1 => s.guest(key, Reasons::from_bits(bits as u32 & 0x1f).unwrap()),
-                2 => s.event(key, VcpuEvent::Interrupt),
-                3 => s.event(key, VcpuEvent::Woken),
-                4 => s.event(key, VcpuEvent::DeadlineHint(Some(s.now + delay % 3_000_000))),
-                5 => s.event(key, VcpuEvent::SlotInvalid),
-                6 => s.guest(key, Reasons::NONE),
-                _ => s.event(key, VcpuEvent::DeadlineHint(None)),
-            }
-        }
+        play(&mut s, &events);
         s.advance(100 * MS);
         // Longest possible boost: the RT budget, or a host hold (deadline + 1 ms after a 3 ms
         // hint), whichever is larger.
