@@ -19,7 +19,16 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, CliError> {
             r.restored,
             r.untouched
         );
-        return Ok(ExitCode::SUCCESS);
+        for (tid, why) in &r.failed {
+            eprintln!(
+                "pvsched daemon: could not restore thread {tid}: {why} (kept in the state file)"
+            );
+        }
+        return Ok(if r.failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -52,6 +61,9 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, CliError> {
     pvsched_daemon::run(&cfg, &stop, |r| {
         if !r.restored.is_empty() {
             tracing::warn!(threads = ?r.restored, "restored threads a previous daemon left boosted");
+        }
+        for (tid, why) in &r.failed {
+            tracing::error!(tid, "could not restore a thread a previous daemon left boosted: {why} (kept in the state file)");
         }
         tracing::info!(policy = %cfg.driver, socket = %cfg.socket.display(), "running");
     })?;

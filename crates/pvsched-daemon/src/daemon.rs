@@ -224,7 +224,7 @@ pub fn run(
     let mut d = Daemon {
         cfg,
         rt: runtime.handle(),
-        state: StateFile::new(&cfg.state_file),
+        state: StateFile::keeping(&cfg.state_file, &recovery.kept),
         vms: BTreeMap::new(),
         next_id: 0,
         refused_logged: std::collections::BTreeSet::new(),

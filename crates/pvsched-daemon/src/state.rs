@@ -34,6 +34,11 @@ pub struct Recovery {
     pub restored: Vec<i32>,
     /// Threads found at their original attributes already, gone, or reused.
     pub untouched: usize,
+    /// Threads that could not be restored, with why; they stay in the state file so that a
+    /// later recovery tries again.
+    pub failed: Vec<(i32, String)>,
+    /// Their entries, kept in the state file.
+    pub kept: Vec<Entry>,
 }
 
 impl StateFile {
@@ -42,6 +47,15 @@ impl StateFile {
         StateFile {
             path: path.to_path_buf(),
             entries: BTreeMap::new(),
+        }
+    }
+
+    /// A state file at `path` that keeps `entries` (threads a recovery could not restore), so
+    /// that the next recovery tries them again.
+    pub fn keeping(path: &Path, entries: &[Entry]) -> Self {
+        StateFile {
+            path: path.to_path_buf(),
+            entries: entries.iter().map(|e| (e.tid, *e)).collect(),
         }
     }
 
@@ -102,17 +116,29 @@ pub fn recover(path: &Path) -> io::Result<Recovery> {
     let entries: Vec<Entry> =
         serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut r = Recovery::default();
+    let mut left = Vec::new();
+    // Every entry is tried: one that fails does not leave the ones after it boosted.
     for e in entries {
         let same_thread = start_time(e.tid) == Some(e.start_time);
         match sched::get(e.tid) {
-            Ok(now) if same_thread && now != e.original => {
-                sched::set(e.tid, &e.original).map_err(io::Error::other)?;
-                r.restored.push(e.tid);
-            }
+            Ok(now) if same_thread && now != e.original => match sched::set(e.tid, &e.original) {
+                Ok(()) => r.restored.push(e.tid),
+                Err(sched::Error::NoThread { .. }) => r.untouched += 1,
+                Err(err) => {
+                    r.failed.push((e.tid, err.to_string()));
+                    left.push(e);
+                }
+            },
             _ => r.untouched += 1,
         }
     }
-    std::fs::remove_file(path)?;
+    if left.is_empty() {
+        std::fs::remove_file(path)?;
+    } else {
+        let text = serde_json::to_vec(&left).map_err(io::Error::other)?;
+        std::fs::write(path, text)?;
+    }
+    r.kept = left;
     Ok(r)
 }
 
@@ -150,6 +176,56 @@ mod tests {
             Recovery::default(),
             "nothing to do"
         );
+        drop(parked);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn recovery_goes_on_past_a_failing_entry_and_keeps_it() {
+        let dir = std::env::temp_dir().join(format!("pvsched-state2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        let parked = pvsched_testutil::ParkedThread::spawn();
+        let tid = parked.tid();
+        let before = sched::get(tid).unwrap();
+        if let Err(e) = sched::set(tid, &SchedClass::Nice(7).attr()) {
+            panic!("setting nice 7 on our own thread: {e}");
+        }
+        // Putting the nice value back needs CAP_SYS_NICE.
+        match sched::set(tid, &before) {
+            Err(e @ sched::Error::Permission { .. }) => {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED recovery_goes_on_past_a_failing_entry_and_keeps_it: {e}"
+                );
+                return;
+            }
+            r => r.unwrap(),
+        }
+        sched::set(tid, &SchedClass::Nice(7).attr()).unwrap();
+        let start = start_time(tid).unwrap();
+        // First an entry the kernel refuses (an invalid policy), then the boosted thread.
+        let bogus = Entry {
+            tid,
+            start_time: start,
+            original: SchedAttr {
+                policy: 77,
+                ..before
+            },
+        };
+        let good = Entry {
+            tid,
+            start_time: start,
+            original: before,
+        };
+        std::fs::write(&path, serde_json::to_vec(&[bogus, good]).unwrap()).unwrap();
+        let r = recover(&path).unwrap();
+        assert_eq!(r.restored, [tid], "the entry after the failing one: {r:?}");
+        assert_eq!(r.failed.len(), 1, "{r:?}");
+        assert_eq!(sched::get(tid).unwrap(), before);
+        let kept: Vec<Entry> = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(kept, [bogus], "the failing entry stays for a later try");
         drop(parked);
         let _ = std::fs::remove_dir_all(&dir);
     }
