@@ -54,6 +54,9 @@ pub struct DaemonArgs {
     /// Serve Prometheus metrics on this local address, e.g. 127.0.0.1:9477.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Allow a --metrics address that is not loopback.
+    #[arg(long)]
+    pub metrics_public: bool,
     /// Follow VMs starting and stopping: attach any process with vCPU-named threads.
     #[arg(long)]
     pub watch: bool,

@@ -95,6 +95,7 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
         socket: args.socket,
         state_file: args.state_file,
         metrics: args.metrics,
+        metrics_public: args.metrics_public,
         allowed: pvsched_daemon::discover::Allowed {
             uids: if args.allow_uids.is_empty() {
                 vec![0]

@@ -361,6 +361,18 @@ fn daemon_usage_errors_are_clear() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot talk to the daemon"));
+    // Metrics only on loopback unless said otherwise.
+    let (socket, state) = paths("metrics-public");
+    let out = pvsched()
+        .args(["daemon", "--watch", "--metrics", "0.0.0.0:0", "--socket"])
+        .arg(&socket)
+        .arg("--state-file")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not a loopback address"), "{err}");
 }
 
 #[test]

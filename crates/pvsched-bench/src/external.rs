@@ -36,6 +36,7 @@ impl ExternalDaemon {
             socket: dir.join("ctl.sock"),
             state_file: dir.join("state.json"),
             metrics: None,
+            metrics_public: false,
             allowed: pvsched_daemon::discover::Allowed::default(),
             ctl_group: None,
             quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),

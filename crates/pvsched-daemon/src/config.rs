@@ -74,6 +74,8 @@ struct DaemonSection {
     state_file: PathBuf,
     metrics: Option<String>,
     #[serde(default)]
+    metrics_public: bool,
+    #[serde(default)]
     watch: bool,
     #[serde(default = "default_events")]
     host_events: Vec<String>,
@@ -92,6 +94,7 @@ impl Default for DaemonSection {
             socket: default_socket(),
             state_file: default_state(),
             metrics: None,
+            metrics_public: false,
             watch: false,
             host_events: default_events(),
             boost_when: default_boost_when(),
@@ -224,6 +227,7 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
         socket: f.daemon.socket,
         state_file: f.daemon.state_file,
         metrics,
+        metrics_public: f.daemon.metrics_public,
         allowed: crate::discover::Allowed {
             uids: f.daemon.allow_uids,
             gids: f.daemon.allow_gids,

@@ -89,6 +89,9 @@ pub struct DaemonConfig {
     pub state_file: PathBuf,
     /// Serve Prometheus metrics on this (local) address.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Allow a metrics address other than loopback (anyone who can reach it reads the VMs'
+    /// boost statistics).
+    pub metrics_public: bool,
     /// Whose VMs may be boosted (process owner or group; default root only).
     pub allowed: crate::discover::Allowed,
     /// Group that may read `status` through the ctl socket (mode 0660 then, else 0600);
@@ -202,6 +205,15 @@ pub fn run(
         .map_err(|e| DaemonError::Bind(cfg.socket.clone(), e))?;
     listener.set_nonblocking(true)?;
     let metrics = match cfg.metrics {
+        Some(addr) if !addr.ip().is_loopback() && !cfg.metrics_public => {
+            return Err(DaemonError::Metrics(
+                addr,
+                std::io::Error::other(
+                    "not a loopback address: say metrics_public = true (--metrics-public) to \
+                     serve the VMs' statistics to every host that can reach it",
+                ),
+            ));
+        }
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr).map_err(|e| DaemonError::Metrics(addr, e))?;
             l.set_nonblocking(true)?;

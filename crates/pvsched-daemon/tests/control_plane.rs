@@ -66,6 +66,7 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
         socket: dir.join("ctl.sock"),
         state_file: dir.join("state.json"),
         metrics: None,
+        metrics_public: false,
         allowed: pvsched_daemon::discover::Allowed::default(),
         ctl_group: None,
         quiet_gate: None,
