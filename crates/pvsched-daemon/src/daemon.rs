@@ -152,7 +152,13 @@ struct VmInfo {
     source: VmSource,
     threads: Vec<VcpuThread>,
     protocol: bool,
+    /// QMP queries that failed in a row (a VM is detached only after [`QMP_FAILURES`]).
+    failures: u32,
 }
+
+/// Failed QMP queries in a row after which a VM counts as gone (one transient error, e.g. a
+/// QEMU busy for longer than the timeout, does not detach it).
+const QMP_FAILURES: u32 = 5;
 
 fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
     match source {
@@ -352,6 +358,7 @@ impl Daemon<'_> {
         self.vms.insert(
             id,
             VmInfo {
+                failures: 0,
                 source,
                 threads: Vec::new(),
                 protocol,
@@ -436,7 +443,23 @@ impl Daemon<'_> {
     fn rescan(&mut self) {
         let ids: Vec<u32> = self.vms.keys().copied().collect();
         for id in ids {
-            let found = threads_of(&self.vms[&id].source).unwrap_or_default();
+            let found = match threads_of(&self.vms[&id].source) {
+                Ok(t) => {
+                    if let Some(vm) = self.vms.get_mut(&id) {
+                        vm.failures = 0;
+                    }
+                    t
+                }
+                Err(e) => {
+                    let vm = self.vms.get_mut(&id).expect("listed above");
+                    vm.failures += 1;
+                    if matches!(vm.source, VmSource::Qmp(_)) && vm.failures < QMP_FAILURES {
+                        tracing::warn!(vm = id, failures = vm.failures, "QMP query failed: {e}");
+                        continue;
+                    }
+                    Vec::new()
+                }
+            };
             let now = self.admit(found).0;
             let same = now.len() == self.vms[&id].threads.len()
                 && now

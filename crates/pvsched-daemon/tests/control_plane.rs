@@ -149,3 +149,110 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
     assert!(!is_fifo(tid));
     drop(vcpu);
 }
+
+/// A QMP peer that answers `query-cpus-fast` with one of this process's threads, or, while
+/// `fail` is set, hangs up at once.
+fn fake_qmp(path: &std::path::Path, tid: i32, fail: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+    use std::io::{BufRead, BufReader};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            if fail.load(Ordering::Relaxed) {
+                continue; // dropped: the daemon reads EOF
+            }
+            let _ = s.set_nonblocking(false);
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = writeln!(s, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#);
+            let _ = r.read_line(&mut line);
+            let _ = writeln!(s, r#"{{"return": {{}}}}"#);
+            line.clear();
+            let _ = r.read_line(&mut line);
+            let _ = writeln!(
+                s,
+                r#"{{"return": [{{"cpu-index": 0, "thread-id": {tid}}}]}}"#
+            );
+        }
+    });
+}
+
+/// One failing QMP query does not detach a VM; only `QMP_FAILURES` in a row do.
+#[test]
+fn a_transient_qmp_error_keeps_the_vm() {
+    let _vcpu = match pvsched_testutil::hold_kvm_vcpu() {
+        Ok(v) => v,
+        Err(e) => {
+            skip!("a_transient_qmp_error_keeps_the_vm: {e}");
+            return;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("pvsched-qmpflaky-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let qmp = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    let thread = ParkedThread::spawn();
+    let fail = Arc::new(AtomicBool::new(false));
+    let server_stop = Arc::new(AtomicBool::new(false));
+    fake_qmp(&qmp, thread.tid(), fail.clone(), server_stop.clone());
+    let cfg = DaemonConfig {
+        vms: vec![VmSpec {
+            source: VmSource::Qmp(qmp.clone()),
+            protocol: None,
+        }],
+        watch: false,
+        driver: "none".into(),
+        opts: DriverOptions::new(),
+        trace: TraceConfig {
+            timer_expiry: false,
+            wakeup: false,
+            accept_irq: false,
+            skip_running: true,
+        },
+        socket: dir.join("ctl.sock"),
+        state_file: dir.join("state.json"),
+        metrics: None,
+        metrics_public: false,
+        allowed: pvsched_daemon::discover::Allowed::default(),
+        ctl_group: None,
+        quiet_gate: None,
+    };
+    let socket = cfg.socket.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let flag = stop.clone();
+    let daemon = std::thread::spawn(move || {
+        pvsched_daemon::run(&cfg, &flag, |_| {
+            let _ = ready_tx.send(());
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("daemon ready");
+    let vms = || -> usize {
+        let v = pvsched_daemon::ctl(&socket, "status").unwrap();
+        v["result"]["vms"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(vms(), 1, "attached through QMP");
+    // One rescan (every second) that fails.
+    fail.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1500));
+    fail.store(false, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(vms(), 1, "still attached after a transient failure");
+    // QEMU gone for good: detached after a few failures in a row.
+    fail.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    while vms() == 1 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "never detached");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    server_stop.store(true, Ordering::Relaxed);
+    daemon.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
