@@ -5,8 +5,6 @@
 use crate::engine_host::HostLoopReport;
 use crate::worker::Worker;
 use pvsched_daemon::{DaemonConfig, DaemonError, DaemonStatus};
-use pvsched_host::trace::TraceConfig;
-use pvsched_policy::DriverOptions;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -27,20 +25,11 @@ impl ExternalDaemon {
             pvsched_host::clock::mono_ns()
         ));
         std::fs::create_dir_all(&dir).map_err(DaemonError::Io)?;
-        let cfg = DaemonConfig {
-            vms: vec![pvsched_daemon::VmSource::Pid(std::process::id() as i32).into()],
-            watch: false,
-            driver: "dynamic".into(),
-            opts: DriverOptions::new(),
-            trace: TraceConfig::default(),
-            socket: dir.join("ctl.sock"),
-            state_file: dir.join("state.json"),
-            metrics: None,
-            metrics_public: false,
-            allowed: pvsched_daemon::discover::Allowed::default(),
-            ctl_group: None,
-            quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),
-        };
+        let cfg = DaemonConfig::new(
+            vec![pvsched_daemon::VmSource::Pid(std::process::id() as i32).into()],
+            dir.join("ctl.sock"),
+            dir.join("state.json"),
+        );
         let (tx, rx) = mpsc::channel();
         let mut worker = Worker::spawn("pvsched-daemon", move |stop| {
             pvsched_daemon::run(&cfg, stop, |_| {

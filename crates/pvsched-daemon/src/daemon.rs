@@ -101,6 +101,28 @@ pub struct DaemonConfig {
     pub quiet_gate: Option<pvsched_host::pressure::QuietGate>,
 }
 
+impl DaemonConfig {
+    /// A configuration for `vms` with the documented defaults (driver `dynamic`, LAPIC-timer
+    /// tracepoints, root's VMs only, ctl socket for root only, no metrics, the quiet gate on);
+    /// change fields with struct update syntax.
+    pub fn new(vms: Vec<VmSpec>, socket: PathBuf, state_file: PathBuf) -> Self {
+        DaemonConfig {
+            vms,
+            watch: false,
+            driver: "dynamic".into(),
+            opts: DriverOptions::new(),
+            trace: TraceConfig::default(),
+            socket,
+            state_file,
+            metrics: None,
+            metrics_public: false,
+            allowed: crate::discover::Allowed::default(),
+            ctl_group: None,
+            quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),
+        }
+    }
+}
+
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

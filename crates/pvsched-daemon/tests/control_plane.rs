@@ -24,6 +24,40 @@ fn is_fifo(tid: i32) -> bool {
     sched::get(tid).is_ok_and(|a| a.policy == libc::SCHED_FIFO as u32)
 }
 
+/// A daemon configuration for one VM in `dir`: no tracepoints, no quiet gate (the tests check
+/// mechanics on however idle a machine).
+fn test_config(dir: &std::path::Path, vm: VmSpec) -> DaemonConfig {
+    DaemonConfig {
+        trace: TraceConfig {
+            timer_expiry: false,
+            wakeup: false,
+            accept_irq: false,
+            skip_running: true,
+        },
+        quiet_gate: None,
+        ..DaemonConfig::new(vec![vm], dir.join("ctl.sock"), dir.join("state.json"))
+    }
+}
+
+type DaemonThread =
+    std::thread::JoinHandle<Result<pvsched_daemon::DaemonStatus, pvsched_daemon::DaemonError>>;
+
+/// Runs the daemon on a thread until the returned flag is set; returns once it is ready.
+fn start_daemon(cfg: DaemonConfig) -> (DaemonThread, Arc<AtomicBool>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let flag = stop.clone();
+    let daemon = std::thread::spawn(move || {
+        pvsched_daemon::run(&cfg, &flag, |_| {
+            let _ = ready_tx.send(());
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("daemon ready");
+    (daemon, stop)
+}
+
 #[test]
 fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
     if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
@@ -45,44 +79,22 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
     let vcpu = ParkedThread::spawn();
     let tid = vcpu.tid();
     let cfg = DaemonConfig {
-        vms: vec![VmSpec {
-            source: VmSource::Tids(vec![tid]),
-            protocol: Some(ProtocolSpec {
-                memory: memory.clone(),
-                slots: vec![SLOT],
-                tsc_offset: None,
-            }),
-        }],
-        watch: false,
-        driver: "dynamic".into(),
         // The RT-task budget ends the boost after 50 ms.
         opts: DriverOptions::parse(["rt_budget=50ms"]).unwrap(),
-        trace: TraceConfig {
-            timer_expiry: false,
-            wakeup: false,
-            accept_irq: false,
-            skip_running: true,
-        },
-        socket: dir.join("ctl.sock"),
-        state_file: dir.join("state.json"),
-        metrics: None,
-        metrics_public: false,
-        allowed: pvsched_daemon::discover::Allowed::default(),
-        ctl_group: None,
-        quiet_gate: None,
+        ..test_config(
+            &dir,
+            VmSpec {
+                source: VmSource::Tids(vec![tid]),
+                protocol: Some(ProtocolSpec {
+                    memory: memory.clone(),
+                    slots: vec![SLOT],
+                    tsc_offset: None,
+                }),
+            },
+        )
     };
     let socket = cfg.socket.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let flag = stop.clone();
-    let daemon = std::thread::spawn(move || {
-        pvsched_daemon::run(&cfg, &flag, |_| {
-            let _ = ready_tx.send(());
-        })
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("daemon ready");
+    let (daemon, stop) = start_daemon(cfg);
 
     // A client that sends its request one byte every 50 ms, never a whole line, and comes
     // back as soon as it is cut off: the control plane is kept busy with it all along.
@@ -200,39 +212,17 @@ fn a_transient_qmp_error_keeps_the_vm() {
     let server_stop = Arc::new(AtomicBool::new(false));
     fake_qmp(&qmp, thread.tid(), fail.clone(), server_stop.clone());
     let cfg = DaemonConfig {
-        vms: vec![VmSpec {
-            source: VmSource::Qmp(qmp.clone()),
-            protocol: None,
-        }],
-        watch: false,
         driver: "none".into(),
-        opts: DriverOptions::new(),
-        trace: TraceConfig {
-            timer_expiry: false,
-            wakeup: false,
-            accept_irq: false,
-            skip_running: true,
-        },
-        socket: dir.join("ctl.sock"),
-        state_file: dir.join("state.json"),
-        metrics: None,
-        metrics_public: false,
-        allowed: pvsched_daemon::discover::Allowed::default(),
-        ctl_group: None,
-        quiet_gate: None,
+        ..test_config(
+            &dir,
+            VmSpec {
+                source: VmSource::Qmp(qmp.clone()),
+                protocol: None,
+            },
+        )
     };
     let socket = cfg.socket.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let flag = stop.clone();
-    let daemon = std::thread::spawn(move || {
-        pvsched_daemon::run(&cfg, &flag, |_| {
-            let _ = ready_tx.send(());
-        })
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("daemon ready");
+    let (daemon, stop) = start_daemon(cfg);
     let vms = || -> usize {
         let v = pvsched_daemon::ctl(&socket, "status").unwrap();
         v["result"]["vms"].as_array().map_or(0, Vec::len)
