@@ -277,6 +277,43 @@ fn daemon_boosts_a_vm_process_obeys_ctl_and_restores_on_sigterm() {
     assert!(!state.exists());
 }
 
+/// The arguments of contrib/pvsched.service's `key=` command line, with its state file
+/// replaced by `state`.
+fn unit_recovery_args(key: &str, state: &Path) -> Vec<std::ffi::OsString> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/pvsched.service"
+    ))
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("the unit has no {key}"));
+    let mut words = line.split_whitespace().skip(1);
+    let mut args = Vec::new();
+    while let Some(w) = words.next() {
+        args.push(w.into());
+        if w == "--state-file" {
+            words.next();
+            args.push(state.as_os_str().to_owned());
+        }
+    }
+    assert!(
+        args.iter().any(|a| a == "--recover-only"),
+        "{key} recovers: {line}"
+    );
+    args
+}
+
+#[test]
+fn the_unit_recovers_before_start_and_after_stop() {
+    let state = std::env::temp_dir().join("pvsched-unit.state");
+    assert_eq!(
+        unit_recovery_args("ExecStartPre", &state),
+        unit_recovery_args("ExecStopPost", &state)
+    );
+}
+
 #[test]
 fn kill_9_then_recovery_leaves_nothing_boosted() {
     let _s = serial();
@@ -303,12 +340,10 @@ fn kill_9_then_recovery_leaves_nothing_boosted() {
         let _ = std::fs::remove_file(&socket);
     }
     assert!(leaked, "could not catch the daemon with a thread boosted");
+    // The recovery the systemd unit runs after the daemon stopped, however it stopped.
+    let args = unit_recovery_args("ExecStopPost", &state);
     let t0 = Instant::now();
-    let out = pvsched()
-        .args(["daemon", "--recover-only", "--state-file"])
-        .arg(&state)
-        .output()
-        .unwrap();
+    let out = pvsched().args(&args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -59,6 +59,8 @@ impl ExternalDaemon {
             vms: status.vms.into_iter().map(|v| v.vm).collect(),
             host_events_lost: status.host_events_lost,
             apply_errors: status.apply_errors,
+            apply_errors_by_kind: status.apply_errors_by_kind,
+            unrestored: status.unrestored,
             errors: status.errors,
         };
         HostLoopReport::from_status(

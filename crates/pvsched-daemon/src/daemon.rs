@@ -10,7 +10,7 @@ use crate::slots::{GuestSlots, ProtocolSpec};
 use crate::state::{recover, Recovery, StateFile};
 use crate::status::{DaemonStatus, DaemonVm};
 use pvsched_host::runtime::{
-    EventSource, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle, VmParts,
+    EventSource, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle, VerifiedApplier, VmParts,
 };
 use pvsched_host::trace::{TraceConfig, TraceError, TraceSource};
 use pvsched_policy::{DriverOptions, Engine, EngineError, VcpuKey};
@@ -259,6 +259,8 @@ pub fn run(
     let runtime = Runtime::start(RuntimeConfig {
         sources,
         quiet_gate: cfg.quiet_gate,
+        // Foreign threads: a vCPU id reused after its thread exited is never touched.
+        applier: std::sync::Arc::new(VerifiedApplier::default()),
         ..RuntimeConfig::default()
     })?;
     let mut d = Daemon {
@@ -273,9 +275,14 @@ pub fn run(
     // Every path out restores: the runtime puts every thread back when it stops.
     let status = runtime.stop();
     if status.apply_errors > 0 {
-        tracing::warn!(errors = status.apply_errors, last = ?status.errors, "scheduling changes failed");
+        tracing::warn!(errors = status.apply_errors, by_kind = ?status.apply_errors_by_kind, last = ?status.errors, "scheduling changes failed");
     }
-    let _ = d.state.remove();
+    if !status.unrestored.is_empty() {
+        tracing::error!(tids = ?status.unrestored, state_file = %cfg.state_file.display(),
+            "the kernel refused to restore these threads; they stay in the state file for \
+             `pvsched daemon --recover-only`");
+    }
+    let _ = d.state.finish(&status.unrestored);
     let _ = std::fs::remove_file(&cfg.socket);
     result.map(|()| d.daemon_status(status))
 }
@@ -398,12 +405,14 @@ impl Daemon<'_> {
             return Ok(());
         };
         let old = std::mem::take(&mut vm.threads);
+        let mut gone = Vec::new();
         for t in &old {
             if !threads.iter().any(|n| n.tid == t.tid) {
                 let _ = self.rt.remove_vcpu(VcpuKey::new(id, t.index));
-                let _ = self.state.detach(t.tid);
+                gone.push(t.tid);
             }
         }
+        self.forget(&gone);
         // A thread another VM already has is not attached again (nor its state record touched).
         let taken: Vec<i32> = self
             .vms
@@ -521,12 +530,30 @@ impl Daemon<'_> {
 
     fn detach(&mut self, id: u32) {
         tracing::info!(vm = id, "VM gone, detached");
+        let _ = self.rt.remove_vm(id);
         if let Some(vm) = self.vms.remove(&id) {
-            for t in &vm.threads {
-                let _ = self.state.detach(t.tid);
+            let tids: Vec<i32> = vm.threads.iter().map(|t| t.tid).collect();
+            self.forget(&tids);
+        }
+    }
+
+    /// Drops the state-file entries of threads the runtime has let go of, except those whose
+    /// restore the kernel refused (the runtime retries them; a later recovery must too).
+    fn forget(&mut self, tids: &[i32]) {
+        if tids.is_empty() {
+            return;
+        }
+        let pending = self.rt.status().map(|s| s.unrestored).unwrap_or_default();
+        for &tid in tids {
+            if pending.contains(&tid) {
+                tracing::warn!(
+                    tid,
+                    "restore refused by the kernel: retried, kept in the state file"
+                );
+            } else {
+                let _ = self.state.detach(tid);
             }
         }
-        let _ = self.rt.remove_vm(id);
     }
 
     fn status(&self) -> Result<DaemonStatus, RuntimeError> {
@@ -539,6 +566,8 @@ impl Daemon<'_> {
             host_events: st.vms.iter().map(|v| v.host_events).sum(),
             host_events_lost: st.host_events_lost,
             apply_errors: st.apply_errors,
+            apply_errors_by_kind: st.apply_errors_by_kind.clone(),
+            unrestored: st.unrestored.clone(),
             errors: st.errors.clone(),
             cost: st.cost.clone(),
             vms: st

@@ -76,10 +76,7 @@ pub fn vcpu_threads(pid: i32) -> io::Result<Vec<VcpuThread>> {
 /// Start time of thread `tid` (clock ticks since boot, `/proc/<tid>/stat` field 22): with the
 /// tid, it identifies a thread across tid reuse.
 pub fn start_time(tid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
-    // The name (field 2) is in parentheses and may contain spaces: count from after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    pvsched_host::sched::start_time(tid)
 }
 
 /// Who may have vCPU threads boosted: the owner (effective uid) or group of the process.

@@ -21,6 +21,11 @@ struct ByLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VmLabels {
     vm: String,
     source: String,
@@ -40,7 +45,9 @@ pub fn render(status: &Status) -> String {
     let host_events = Counter::<u64>::default();
     let vm_events = Family::<VmLabels, Counter>::default();
     let lost = Counter::<u64>::default();
-    let apply_errors = Counter::<u64>::default();
+    let errors = Counter::<u64>::default();
+    let apply_errors = Family::<KindLabels, Counter>::default();
+    let unrestored = Gauge::<i64>::default();
     let engine_cpu = Counter::<f64, AtomicU64>::default();
     let wakeups = Counter::<u64>::default();
     let setattr = Family::<ByLabels, Counter>::default();
@@ -92,9 +99,19 @@ pub fn render(status: &Status) -> String {
         lost.clone(),
     );
     reg.register(
+        "errors",
+        "Errors of the engine (failed scheduling changes and others)",
+        errors.clone(),
+    );
+    reg.register(
         "apply_errors",
-        "Scheduling changes that failed",
+        "sched_setattr calls that failed, by kind",
         apply_errors.clone(),
+    );
+    reg.register(
+        "unrestored_threads",
+        "Threads whose original class the kernel refused to restore (retried)",
+        unrestored.clone(),
     );
     reg.register(
         "engine_cpu_seconds",
@@ -117,7 +134,14 @@ pub fn render(status: &Status) -> String {
         global.clone(),
     );
     lost.inc_by(status.host_events_lost);
-    apply_errors.inc_by(status.apply_errors);
+    errors.inc_by(status.apply_errors);
+    for kind in pvsched_host::runtime::APPLY_ERROR_KINDS {
+        let n = status.apply_errors_by_kind.get(kind).copied().unwrap_or(0);
+        apply_errors
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc_by(n);
+    }
+    unrestored.set(status.unrestored.len() as i64);
     engine_cpu.inc_by(status.cost.engine_cpu_s);
     wakeups.inc_by(status.cost.wakeups);
     setattr
@@ -198,9 +222,20 @@ mod tests {
                     ..VmStatus::default()
                 },
             }],
+            apply_errors_by_kind: [("busy".to_string(), 3)].into(),
+            unrestored: vec![9],
             ..Status::default()
         };
         let t = render(&s);
+        assert!(
+            t.contains("pvsched_apply_errors_total{kind=\"busy\"} 3"),
+            "{t}"
+        );
+        assert!(
+            t.contains("pvsched_apply_errors_total{kind=\"permission\"} 0"),
+            "{t}"
+        );
+        assert!(t.contains("pvsched_unrestored_threads 1"), "{t}");
         assert!(
             t.contains("pvsched_vcpu_boosts_total{vm=\"0\",source=\"pid 7\",vcpu=\"1\"} 5"),
             "{t}"

@@ -85,6 +85,18 @@ impl StateFile {
         Ok(())
     }
 
+    /// At shutdown: keeps the entries of `unrestored` (threads the kernel would not let the
+    /// daemon restore; a later `--recover-only` tries them again) and removes the file when
+    /// there are none.
+    pub fn finish(&mut self, unrestored: &[i32]) -> io::Result<()> {
+        self.entries.retain(|tid, _| unrestored.contains(tid));
+        if self.entries.is_empty() {
+            self.remove()
+        } else {
+            self.save()
+        }
+    }
+
     /// Removes the file (clean shutdown: everything restored).
     pub fn remove(&self) -> io::Result<()> {
         match std::fs::remove_file(&self.path) {

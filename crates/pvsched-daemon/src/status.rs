@@ -27,8 +27,14 @@ pub struct DaemonStatus {
     pub host_events: u64,
     /// Tracepoint records the kernel dropped or throttled.
     pub host_events_lost: u64,
-    /// Failed scheduling changes.
+    /// Failed scheduling changes (and other errors of the engine).
     pub apply_errors: u64,
+    /// Failed `sched_setattr` calls by kind (permission, invalid, busy, unsupported, other).
+    #[serde(default)]
+    pub apply_errors_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Threads whose original class the kernel refused to restore (retried).
+    #[serde(default)]
+    pub unrestored: Vec<i32>,
     /// The last few errors.
     pub errors: Vec<String>,
     /// The engine's own cost.

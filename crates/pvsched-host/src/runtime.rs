@@ -82,6 +82,29 @@ const ACTIVE_NS: Nanos = 1_000_000;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors remembered for status (the count is kept in full).
 const ERRORS_KEPT: usize = 8;
+/// How often a restore the kernel refused is tried again.
+const RETRY_NS: Nanos = 20_000_000;
+/// Kinds of `sched_setattr` failures, as counted in [`Status::apply_errors_by_kind`] (a thread
+/// that is gone is no failure).
+pub const APPLY_ERROR_KINDS: [&str; 5] = ["permission", "invalid", "busy", "unsupported", "other"];
+
+/// The kind of a failed change (an index into [`APPLY_ERROR_KINDS`]); `None` for a thread
+/// that is gone.
+fn error_kind(e: &sched::Error) -> Option<usize> {
+    match e {
+        sched::Error::NoThread { .. } => None,
+        sched::Error::Permission { .. } => Some(0),
+        sched::Error::Set { source, .. } | sched::Error::Get { source, .. } => {
+            Some(match source.raw_os_error() {
+                Some(libc::EINVAL) => 1,
+                Some(libc::EBUSY) => 2,
+                Some(libc::EPERM) => 0,
+                _ => 4,
+            })
+        }
+        sched::Error::Unsupported { .. } => Some(3),
+    }
+}
 
 const TOKEN_TIMER: u64 = 0;
 const TOKEN_COMMAND: u64 = 1;
@@ -93,6 +116,12 @@ pub trait Applier: Send + Sync + 'static {
     fn get(&self, tid: i32) -> Result<SchedAttr, sched::Error>;
     /// Sets thread `tid`'s attributes. Called by the thread itself or by another one.
     fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error>;
+    /// Thread `tid` becomes a vCPU of the runtime (before its attributes are first read).
+    fn attach(&self, _tid: i32) -> Result<(), sched::Error> {
+        Ok(())
+    }
+    /// Thread `tid` is no vCPU of the runtime any more (after it was restored).
+    fn detach(&self, _tid: i32) {}
 }
 
 /// The kernel: `sched_getattr` / `sched_setattr`.
@@ -105,6 +134,45 @@ impl Applier for KernelApplier {
     }
     fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
         sched::set(tid, attr)
+    }
+}
+
+/// The kernel, for threads of other processes (the daemon's): each attached thread is held
+/// by identity ([`sched::ThreadHandle`]) and every read and change first checks that it is
+/// still the thread attached, so an id the kernel has given to a new thread after the vCPU
+/// exited is never touched.
+#[derive(Debug, Default)]
+pub struct VerifiedApplier {
+    threads: Mutex<BTreeMap<i32, sched::ThreadHandle>>,
+}
+
+impl VerifiedApplier {
+    fn threads(&self) -> MutexGuard<'_, BTreeMap<i32, sched::ThreadHandle>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Applier for VerifiedApplier {
+    fn get(&self, tid: i32) -> Result<SchedAttr, sched::Error> {
+        if self.threads().get(&tid).is_some_and(|h| !h.alive()) {
+            return Err(sched::Error::NoThread { tid });
+        }
+        sched::get(tid)
+    }
+    fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
+        match self.threads().get(&tid) {
+            Some(h) => h.set(attr),
+            // Not a vCPU: the runtime's own engine thread.
+            None => sched::set(tid, attr),
+        }
+    }
+    fn attach(&self, tid: i32) -> Result<(), sched::Error> {
+        let h = sched::ThreadHandle::open(tid)?;
+        self.threads().insert(tid, h);
+        Ok(())
+    }
+    fn detach(&self, tid: i32) {
+        self.threads().remove(&tid);
     }
 }
 
@@ -207,6 +275,10 @@ pub struct ThreadCell {
     apply_errors: AtomicU64,
     hook_calls: AtomicU64,
     boost_latency: AtomicHist,
+    /// The last attempt to restore the original attributes failed (it is retried).
+    failed: AtomicBool,
+    /// No longer a vCPU of the runtime.
+    removed: AtomicBool,
 }
 
 impl ThreadCell {
@@ -229,6 +301,8 @@ impl ThreadCell {
             apply_errors: AtomicU64::new(0),
             hook_calls: AtomicU64::new(0),
             boost_latency: AtomicHist::new(),
+            failed: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
         }
     }
 
@@ -281,6 +355,10 @@ struct Shared {
     grace: Nanos,
     errors: Mutex<VecDeque<String>>,
     error_count: AtomicU64,
+    /// Failed changes by kind ([`APPLY_ERROR_KINDS`]).
+    error_kinds: [AtomicU64; APPLY_ERROR_KINDS.len()],
+    /// Threads whose restore failed, tried again every [`RETRY_NS`].
+    pending: Mutex<Vec<Arc<ThreadCell>>>,
     hook_busy: AtomicU64,
     /// Timers fired by the engine thread / by vCPU threads for themselves.
     timers_engine: AtomicU64,
@@ -347,7 +425,12 @@ impl Shared {
     }
 
     fn note_error(&self, what: String) {
-        self.error_count.fetch_add(1, Ordering::Relaxed);
+        let n = self.error_count.fetch_add(1, Ordering::Relaxed) + 1;
+        // Logged: the first ten, then every power of two (a thread the kernel keeps refusing
+        // must not flood the log); all are counted.
+        if n <= 10 || n.is_power_of_two() {
+            tracing::warn!(errors = n, "{what}");
+        }
         if let Ok(mut e) = self.errors.try_lock() {
             if e.len() == ERRORS_KEPT {
                 e.pop_front();
@@ -365,7 +448,7 @@ impl Shared {
 
     /// Applies `cell`'s wanted class. `own` is true on the cell's own thread. Returns false
     /// when the engine raced with the vCPU lowering itself (apply again shortly).
-    fn realize(&self, cell: &ThreadCell, own: bool) -> bool {
+    fn realize(&self, cell: &Arc<ThreadCell>, own: bool) -> bool {
         loop {
             if own {
                 cell.inflight.store(1, Ordering::SeqCst);
@@ -400,12 +483,31 @@ impl Shared {
                 }
                 // A thread that is gone needs nothing more.
                 Err(sched::Error::NoThread { .. }) => {}
-                Err(e) => {
+                Err(ref e) => {
                     cell.apply_errors.fetch_add(1, Ordering::Relaxed);
-                    self.note_error(format!("{}: {e}", cell.key));
+                    if let Some(k) = error_kind(e) {
+                        self.error_kinds[k].fetch_add(1, Ordering::Relaxed);
+                    }
+                    let what = if w == ORIGINAL { "restore" } else { "change" };
+                    self.note_error(format!("{} (tid {}): {what}: {e}", cell.key, cell.tid));
                 }
             }
-            cell.applied.store(w, Ordering::SeqCst);
+            // A restore that failed leaves the class unknown and is tried again (here at the
+            // next change, and by the engine thread every RETRY_NS).
+            let restore_failed =
+                w == ORIGINAL && result.as_ref().is_err_and(|e| error_kind(e).is_some());
+            if restore_failed {
+                if !cell.failed.swap(true, Ordering::AcqRel) {
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(cell.clone());
+                }
+            } else if result.is_ok() || w == ORIGINAL {
+                cell.failed.store(false, Ordering::Release);
+            }
+            cell.applied
+                .store(if restore_failed { UNKNOWN } else { w }, Ordering::SeqCst);
             if own {
                 cell.inflight.store(0, Ordering::SeqCst);
                 if cell.want.load(Ordering::SeqCst) == w {
@@ -415,6 +517,51 @@ impl Shared {
                 return cell.inflight.load(Ordering::SeqCst) == 0;
             }
         }
+    }
+
+    /// Tries again the restores that failed; returns how many still fail.
+    fn retry_restores(&self) -> usize {
+        let list = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut left = Vec::new();
+        for c in list {
+            // A newer decision (a boost) supersedes a restore of a vCPU still attached.
+            if c.want.load(Ordering::SeqCst) == ORIGINAL {
+                c.applied.store(UNKNOWN, Ordering::SeqCst);
+                self.realize(&c, false);
+            }
+            if c.failed.load(Ordering::Acquire) && c.want.load(Ordering::SeqCst) == ORIGINAL {
+                left.push(c);
+            } else {
+                c.failed.store(false, Ordering::Release);
+                if c.removed.load(Ordering::Acquire) {
+                    self.applier.detach(c.tid);
+                }
+            }
+        }
+        let n = left.len();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(left);
+        n
+    }
+
+    fn failed_restores(&self) -> bool {
+        !self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Threads whose original attributes could not be put back (yet).
+    fn unrestored(&self) -> Vec<i32> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.tid)
+            .collect()
     }
 
     /// Raises the engine thread above `class` if it is not already.
@@ -920,6 +1067,8 @@ impl Runtime {
             grace: cfg.grace,
             errors: Mutex::new(VecDeque::new()),
             error_count: AtomicU64::new(0),
+            error_kinds: Default::default(),
+            pending: Mutex::new(Vec::new()),
             hook_busy: AtomicU64::new(0),
             timers_engine: AtomicU64::new(0),
             timers_vcpu: AtomicU64::new(0),
@@ -953,6 +1102,7 @@ impl Runtime {
             samplers: BTreeMap::new(),
             quiet_since: BTreeMap::new(),
             quiet_ns: 0,
+            next_retry: 0,
         };
         for s in cfg.sources {
             lp.add_source(None, s)?;
@@ -1128,10 +1278,18 @@ fn restore_all(shared: &Shared) {
     for c in &cells {
         restore_cell(shared, c);
     }
+    // Restores the kernel refused: a few more tries before the runtime gives up on them
+    // (they stay listed in the final status).
+    for _ in 0..5 {
+        if shared.retry_restores() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_nanos(RETRY_NS));
+    }
 }
 
 /// Restores one cell, waiting (bounded) for its own thread to finish a change in flight.
-fn restore_cell(shared: &Shared, c: &ThreadCell) {
+fn restore_cell(shared: &Shared, c: &Arc<ThreadCell>) {
     c.want.store(ORIGINAL, Ordering::SeqCst);
     if !shared.realize(c, false) {
         for _ in 0..1000 {
@@ -1175,6 +1333,8 @@ struct Loop {
     samplers: BTreeMap<VcpuKey, VcpuSampler>,
     quiet_since: BTreeMap<VcpuKey, Nanos>,
     quiet_ns: u64,
+    /// When failed restores are tried again next.
+    next_retry: Nanos,
 }
 
 fn token(vm: Option<u32>, index: usize) -> u64 {
@@ -1281,6 +1441,10 @@ impl Loop {
             while let Ok(cmd) = self.rx.try_recv() {
                 self.command(cmd);
             }
+            if now >= self.next_retry {
+                self.next_retry = now + RETRY_NS;
+                self.shared.retry_restores();
+            }
         }
         restore_all(&self.shared);
     }
@@ -1314,7 +1478,18 @@ impl Loop {
 
     fn poll_timeout(&mut self) -> i32 {
         let now = mono_ns();
-        let sample = self.samplers.values().map(|p| p.next).min();
+        let retry = self
+            .shared
+            .failed_restores()
+            .then_some(self.next_retry.max(now));
+        let sample = self
+            .samplers
+            .values()
+            .map(|p| p.next)
+            .min()
+            .into_iter()
+            .chain(retry)
+            .min();
         let next = self
             .sources_mut()
             .filter_map(|e| e.next_poll)
@@ -1492,10 +1667,17 @@ impl Loop {
                 return Err(RuntimeError::DuplicateTid { tid, key: c.key });
             }
         }
-        let original = shared
+        shared
             .applier
-            .get(tid)
+            .attach(tid)
             .map_err(|source| RuntimeError::Thread { key, source })?;
+        let original = match shared.applier.get(tid) {
+            Ok(a) => a,
+            Err(source) => {
+                shared.applier.detach(tid);
+                return Err(RuntimeError::Thread { key, source });
+            }
+        };
         let failed = self.sources_mut().find_map(|e| {
             e.source
                 .attach(key, tid)
@@ -1506,6 +1688,7 @@ impl Loop {
             for e in self.sources_mut() {
                 e.source.detach(key);
             }
+            shared.applier.detach(tid);
             return Err(RuntimeError::Source(name, why));
         }
         let cell = Arc::new(ThreadCell::new(key, tid, original, hooked));
@@ -1551,7 +1734,12 @@ impl Loop {
         self.touched.retain(|c| c.key != key);
         shared.lock().rechecks.retain(|c| c.1.key != key);
         if let Some(c) = cell {
+            c.removed.store(true, Ordering::Release);
             restore_cell(&shared, &c);
+            // A failed restore keeps the thread's identity for its retries.
+            if !c.failed.load(Ordering::Acquire) {
+                shared.applier.detach(c.tid);
+            }
         }
         for e in self.sources_mut() {
             e.source.detach(key);
@@ -1700,6 +1888,13 @@ impl Loop {
             },
             host_events_lost: lost,
             apply_errors: self.shared.error_count.load(Ordering::Relaxed),
+            apply_errors_by_kind: APPLY_ERROR_KINDS
+                .iter()
+                .zip(&self.shared.error_kinds)
+                .map(|(k, n)| (k.to_string(), n.load(Ordering::Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            unrestored: self.shared.unrestored(),
             errors: self
                 .shared
                 .errors
@@ -1819,6 +2014,14 @@ pub struct Status {
     pub host_events_lost: u64,
     /// `sched_setattr` failures and other errors, counted.
     pub apply_errors: u64,
+    /// Failed `sched_setattr` calls by kind (see [`APPLY_ERROR_KINDS`]; kinds never seen are
+    /// left out).
+    #[serde(default)]
+    pub apply_errors_by_kind: BTreeMap<String, u64>,
+    /// Threads whose original attributes could not be restored (still tried again; in the
+    /// final status: given up).
+    #[serde(default)]
+    pub unrestored: Vec<i32>,
     /// The last few errors.
     pub errors: Vec<String>,
 }

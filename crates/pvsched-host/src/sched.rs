@@ -426,6 +426,101 @@ impl Drop for SchedGuard {
     }
 }
 
+/// `PIDFD_THREAD` (Linux ≥ 6.9): a pidfd for one thread, not its thread group.
+const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+/// One thread, held by identity rather than by its id: a thread id is reused once its thread
+/// is gone, and `sched_setattr` on a reused id would change a stranger. [`ThreadHandle::alive`]
+/// says whether the very thread that was opened still exists: through a pidfd (which the
+/// kernel never re-points at another thread) on Linux ≥ 6.9, else through the thread's start
+/// time in `/proc`.
+#[derive(Debug)]
+pub struct ThreadHandle {
+    tid: i32,
+    identity: Identity,
+}
+
+#[derive(Debug)]
+enum Identity {
+    Pidfd(std::os::fd::OwnedFd),
+    StartTime(u64),
+}
+
+/// Clock ticks since boot at which thread `tid` started (`/proc/<tid>/stat` field 22).
+pub fn start_time(tid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    // The name (field 2) is in parentheses and may contain spaces: count from after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// `pidfd_open(tid, PIDFD_THREAD)`.
+fn pidfd_open_thread(tid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor, which nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl ThreadHandle {
+    /// Opens thread `tid` (of any process).
+    pub fn open(tid: i32) -> Result<Self, Error> {
+        if tid <= 0 {
+            return Err(Error::NoThread { tid });
+        }
+        let identity = match pidfd_open_thread(tid) {
+            Ok(fd) => Identity::Pidfd(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(Error::NoThread { tid }),
+            // Older kernels: no thread pidfds; the start time tells threads apart.
+            Err(_) => Identity::StartTime(start_time(tid).ok_or(Error::NoThread { tid })?),
+        };
+        Ok(ThreadHandle { tid, identity })
+    }
+
+    /// The thread id.
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// True while the thread opened is still alive (its id not yet free for reuse).
+    pub fn alive(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        match &self.identity {
+            Identity::Pidfd(fd) => {
+                // SAFETY: pidfd_send_signal with signal 0 only checks that the pidfd's thread
+                // exists and may be signalled; the null siginfo is allowed; no memory is
+                // written.
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        0,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0u32,
+                    )
+                };
+                r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+            }
+            Identity::StartTime(t) => start_time(self.tid) == Some(*t),
+        }
+    }
+
+    /// Sets the thread's attributes if it is still the thread opened
+    /// ([`Error::NoThread`] if not). Between the check and the call the id cannot be reused:
+    /// that would take the kernel's whole pid space to wrap around within one syscall.
+    pub fn set(&self, attr: &SchedAttr) -> Result<(), Error> {
+        if !self.alive() {
+            return Err(Error::NoThread { tid: self.tid });
+        }
+        set(self.tid, attr)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,8 @@ struct FakeKernel {
     /// call after the change took effect (as a thread lowering itself often is).
     stall_own: AtomicBool,
     stalled: AtomicBool,
+    /// Changes of a thread the kernel refuses next: how many, with which errno.
+    refuse: Mutex<HashMap<i32, (u32, i32)>>,
 }
 
 fn gettid() -> i32 {
@@ -72,6 +74,22 @@ impl Applier for FakeKernel {
         Ok(self.attr(tid))
     }
     fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
+        if let Some((n, errno)) = self.refuse.lock().unwrap().get_mut(&tid) {
+            if *n > 0 {
+                *n -= 1;
+                return Err(match *errno {
+                    libc::EPERM => sched::Error::Permission {
+                        tid,
+                        class: attr.to_string(),
+                    },
+                    e => sched::Error::Set {
+                        tid,
+                        class: attr.to_string(),
+                        source: std::io::Error::from_raw_os_error(e),
+                    },
+                });
+            }
+        }
         self.attrs.lock().unwrap().insert(tid, *attr);
         self.log.lock().unwrap().push((tid, *attr, gettid()));
         if tid == gettid() && self.stall_own.load(Ordering::Acquire) {
@@ -602,4 +620,44 @@ fn a_real_thread_is_boosted_and_restored_exactly() {
     assert_eq!(st.apply_errors, 0, "{:?}", st.errors);
     assert_eq!(sched::get(tid).unwrap(), before, "restored exactly");
     drop(parked);
+}
+
+#[test]
+fn a_refused_restore_is_counted_by_kind_and_tried_again() {
+    let s = setup();
+    s.h.add_vm(0, "static", &opts(&["class=fifo:7"]), no_parts())
+        .unwrap();
+    let k1 = VcpuKey::new(0, 1);
+    let _a = s.h.add_vcpu(K0, 1001, false).unwrap();
+    let _b = s.h.add_vcpu(k1, 1002, false).unwrap();
+    assert!(s.kernel.is_fifo(1001) && s.kernel.is_fifo(1002));
+    // The kernel refuses the next three changes of 1001 (busy) and every one of 1002.
+    s.kernel
+        .refuse
+        .lock()
+        .unwrap()
+        .insert(1001, (3, libc::EBUSY));
+    s.kernel
+        .refuse
+        .lock()
+        .unwrap()
+        .insert(1002, (u32::MAX, libc::EPERM));
+    s.h.remove_vcpu(K0).unwrap();
+    wait_for("1001 restored by a retry", || !s.kernel.is_fifo(1001));
+    let st = s.h.status().unwrap();
+    assert_eq!(st.apply_errors_by_kind.get("busy"), Some(&3), "{st:?}");
+    assert!(st.unrestored.is_empty(), "{:?}", st.unrestored);
+    assert!(
+        st.errors
+            .iter()
+            .any(|e| e.contains("restore") && e.contains("1001")),
+        "{:?}",
+        st.errors
+    );
+    // 1002 cannot be restored: tried at the stop and a few times after, then reported.
+    let fin = s.rt.stop();
+    assert_eq!(fin.unrestored, vec![1002]);
+    assert!(s.kernel.is_fifo(1002));
+    let refused = fin.apply_errors_by_kind["permission"];
+    assert!((3..=10).contains(&refused), "tried {refused} times");
 }
