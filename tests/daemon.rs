@@ -640,6 +640,11 @@ fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
     let memory = socket.with_file_name("guest.mem");
     // The VMM keeps guest RAM in a file and offers the protocol; its own policy is `none`.
     let vm = VmProc::start_with(&["--memory-file".as_ref(), memory.as_os_str()]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&memory).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "guest RAM is its owner's only: {mode:o}");
+    }
     // The testbed guest's slots: 0x800 into each vCPU's 64 KiB region at 0x200000.
     let config = socket.with_file_name("pvsched.toml");
     std::fs::write(
@@ -676,5 +681,69 @@ fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     assert!(d.wait().unwrap().success());
     assert!(vm.all_other(), "restored on SIGTERM");
+    let _ = std::fs::remove_file(&memory);
+}
+
+#[test]
+fn a_truncated_memory_file_detaches_its_vm_and_the_daemon_goes_on() {
+    use pvsched_proto::abi::{off, Reason};
+    use std::os::unix::fs::FileExt;
+    let _s = serial();
+    let test = "a_truncated_memory_file_detaches_its_vm_and_the_daemon_goes_on";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let (socket, state) = paths("truncated");
+    // The VM's slots as the daemon sees them: a file the test writes as the "guest" would.
+    let memory = socket.with_file_name("slots.mem");
+    let file = std::fs::File::create(&memory).unwrap();
+    file.set_len(0x3000).unwrap();
+    let vm = VmProc::start();
+    let config = socket.with_file_name("pvsched.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
+             boost_when = \"always\"\n\
+             [policy]\ndriver = \"dynamic\"\noptions = {{ rt_budget = \"10s\" }}\n\
+             [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x1000, 0x2000]\n",
+            socket.display().to_string(),
+            state.display().to_string(),
+            vm.pid(),
+            memory.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut cmd = pvsched();
+    cmd.arg("daemon").arg("--config").arg(&config);
+    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    // vCPU 0's guest asks for a boost for its RT task.
+    let put = |at: usize, v: u32| {
+        file.write_all_at(&v.to_le_bytes(), 0x1000 + at as u64)
+            .unwrap()
+    };
+    put(off::REQUEST, Reason::RtTask.bit());
+    put(off::SEQ, 1);
+    wait_for("a boost from the file", Duration::from_secs(5), || {
+        vm.any_fifo()
+    });
+    // Someone cuts the file short under the daemon's mapping.
+    file.set_len(0).unwrap();
+    wait_for("the VM detached", Duration::from_secs(5), || {
+        let (ok, out) = ctl(&socket, &["status"]);
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["vms"].as_array().map(Vec::len) == Some(0)
+    });
+    assert!(vm.all_other(), "restored: {:?}", vm.policies());
+    assert!(d.try_wait().unwrap().is_none(), "the daemon goes on");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let out = d.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("truncated"), "{log}");
     let _ = std::fs::remove_file(&memory);
 }

@@ -170,6 +170,9 @@ pub struct Report {
     /// The file holding guest RAM, when `memory_file` was given.
     #[serde(default)]
     pub memory_file: Option<String>,
+    /// The protocol features the guest negotiated (names; empty without the protocol).
+    #[serde(default)]
+    pub pv_features: Vec<String>,
     /// True when the run was cut short by SIGINT/SIGTERM.
     pub interrupted: bool,
     /// Per-vCPU results.
@@ -399,6 +402,17 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         tsc_khz,
         tsc_offset: running.tsc_clock().offset,
         memory_file: cfg.memory_file.as_ref().map(|p| p.display().to_string()),
+        pv_features: running
+            .pv_device()
+            .and_then(|d| d.negotiated())
+            .map(|n| {
+                pvsched_proto::abi::feature::NAMES
+                    .iter()
+                    .filter(|(_, bit)| n.features & bit != 0)
+                    .map(|(name, _)| name.to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
         interrupted,
         latency: all.summary(),
         host_probe: probe_hist.summary(),

@@ -31,12 +31,18 @@ pub fn render(r: &Report) -> String {
                 format!("{gpa:#x}")
             })
             .collect();
+        let features: Vec<String> = r.pv_features.iter().map(|f| format!("{f:?}")).collect();
+        let tsc = if r.pv_features.iter().any(|f| f == "deadline_hint") {
+            format!(", tsc_offset = {}", r.tsc_offset)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
             "Guest RAM in {m}: for pvsched daemon, [[vm]] guest_memory = {m:?}, slots = [{}], \
-             tsc_offset = {}",
+             features = [{}]{tsc}",
             slots.join(", "),
-            r.tsc_offset
+            features.join(", "),
         );
     }
     let _ = writeln!(s, "Guest timer wake-up latency (us):");

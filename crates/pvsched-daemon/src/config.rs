@@ -20,6 +20,7 @@
 //! pid = 1234                          # vCPU threads found by name
 //! guest_memory = "/run/vm.mem"        # optional: guest RAM file (e.g. pvsched vm --memory-file)
 //! slots = [0x200800, 0x210800]        # ... and the guests' pvsched slot addresses, by vCPU
+//! features = ["deadline_hint"]        # the features the VMM negotiated with the guest
 //! tsc_offset = 6912                   # optional: guest TSC - host TSC (deadline hints)
 //!
 //! [[vm]]
@@ -33,6 +34,7 @@ use crate::daemon::{DaemonConfig, VmSource, VmSpec};
 use crate::slots::ProtocolSpec;
 use pvsched_host::trace::TraceConfig;
 use pvsched_policy::{DriverOptions, OptionError};
+use pvsched_proto::abi::feature;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -152,6 +154,7 @@ struct VmSection {
     guest_memory: Option<PathBuf>,
     slots: Option<Vec<u64>>,
     tsc_offset: Option<i64>,
+    features: Option<Vec<String>>,
 }
 
 /// Parses a configuration text (`path` names it in errors).
@@ -177,11 +180,32 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
     }
     let mut vms = Vec::new();
     for (i, v) in f.vm.iter().enumerate() {
+        let mut features = 0;
+        for name in v.features.iter().flatten() {
+            features |= feature::NAMES
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, bit)| *bit)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "[[vm]] #{}: unknown feature {name:?} (deadline_hint, vcpu_hint, \
+                         unboost_doorbell)",
+                        i + 1
+                    ))
+                })?;
+        }
+        if v.tsc_offset.is_some() && features & feature::DEADLINE_HINT == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "[[vm]] #{}: tsc_offset is for deadline hints: add \"deadline_hint\" to features",
+                i + 1
+            )));
+        }
         let protocol = match (&v.guest_memory, &v.slots) {
             (Some(memory), Some(slots)) => Some(ProtocolSpec {
                 memory: memory.clone(),
                 slots: slots.clone(),
                 tsc_offset: v.tsc_offset,
+                features,
             }),
             (None, None) => None,
             _ => {
@@ -274,6 +298,8 @@ mod tests {
             pid = 42
             guest_memory = "/run/vm42.mem"
             slots = [0x200800, 0x210800]
+            features = ["deadline_hint", "unboost_doorbell"]
+            tsc_offset = -12
             [[vm]]
             qmp = "/run/q.qmp"
             [[vm]]
@@ -299,7 +325,8 @@ mod tests {
             Some(ProtocolSpec {
                 memory: "/run/vm42.mem".into(),
                 slots: vec![0x20_0800, 0x21_0800],
-                tsc_offset: None,
+                tsc_offset: Some(-12),
+                features: feature::DEADLINE_HINT | feature::UNBOOST_DOORBELL,
             })
         );
         assert_eq!(c.metrics.unwrap().port(), 9477);
@@ -327,6 +354,8 @@ mod tests {
             "[daemon]\nhost_events = [\"kvm_exit\"]",
             "[daemon]\nmetrics = \"everywhere\"",
             "[policy]\noptions = { cs_budget = 3 }",
+            "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x800]\nfeatures = [\"telepathy\"]",
+            "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x800]\ntsc_offset = 5",
         ] {
             assert!(parse(bad, Path::new("bad.toml")).is_err(), "{bad}");
         }

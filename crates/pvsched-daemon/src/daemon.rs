@@ -5,8 +5,8 @@
 //! sends commands to the runtime's real-time engine thread, which no client can stall.
 //! Every thread it boosted is restored when it stops.
 
-use crate::discover::{check_vcpu_thread, process_of, vcpu_threads, Refusal, VcpuThread};
-use crate::slots::{GuestSlots, ProtocolSpec};
+use crate::discover::{check_vcpu_thread, owner, process_of, vcpu_threads, Refusal, VcpuThread};
+use crate::slots::{GuestSlots, ProtocolSpec, SlotWatch};
 use crate::state::{recover, Recovery, StateFile};
 use crate::status::{DaemonStatus, DaemonVm};
 use pvsched_host::runtime::{
@@ -174,6 +174,8 @@ struct VmInfo {
     source: VmSource,
     threads: Vec<VcpuThread>,
     protocol: bool,
+    /// Its memory file, watched for truncation.
+    watch: Option<SlotWatch>,
     /// QMP queries that failed in a row (a VM is detached only after [`QMP_FAILURES`]).
     failures: u32,
 }
@@ -337,6 +339,21 @@ impl Daemon<'_> {
             if let (Some(m), Some(true)) = (metrics, ready.get(1)) {
                 self.serve_metrics(m);
             }
+            // A VM whose memory file was cut short: its slots are gone; restore and let go.
+            let truncated: Vec<u32> = self
+                .vms
+                .iter()
+                .filter(|(_, v)| v.watch.as_ref().is_some_and(SlotWatch::truncated))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in truncated {
+                tracing::error!(
+                    vm = id,
+                    source = %self.vms[&id].source,
+                    "guest memory file truncated under the daemon: VM detached, its threads restored"
+                );
+                self.detach(id);
+            }
             if last_scan.elapsed() >= WATCH_PERIOD {
                 last_scan = Instant::now();
                 self.rescan();
@@ -351,12 +368,6 @@ impl Daemon<'_> {
         source: VmSource,
         protocol: Option<&ProtocolSpec>,
     ) -> Result<(), DaemonError> {
-        let slots = match protocol {
-            Some(p) => {
-                Some(GuestSlots::open(p).map_err(|e| DaemonError::Slots(source.clone(), e))?)
-            }
-            None => None,
-        };
         let found = threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
         if found.is_empty() {
             return Err(DaemonError::NoVcpus(source));
@@ -366,20 +377,34 @@ impl Daemon<'_> {
             let why = refused.into_iter().next().unwrap_or(Refusal::Gone(0));
             return Err(DaemonError::Refused(source, why));
         }
+        // The memory file must be root's or the VM owner's.
+        let owner = process_of(threads[0].tid)
+            .and_then(owner)
+            .map(|(uid, _)| uid);
+        let slots = match protocol {
+            Some(p) => Some(
+                GuestSlots::open(p, owner).map_err(|e| DaemonError::Slots(source.clone(), e))?,
+            ),
+            None => None,
+        };
         let id = self.next_id;
         self.next_id += 1;
-        let parts = match slots {
+        let (parts, watch) = match slots {
             Some(s) => {
-                let (src, publisher) = s.into_parts(id, SLOT_POLL_NS);
-                VmParts {
+                let (src, publisher, watch) = s.into_parts(id, SLOT_POLL_NS);
+                let parts = VmParts {
                     publisher: Some(Box::new(publisher)),
                     sources: vec![Box::new(src)],
-                }
+                };
+                (parts, Some(watch))
             }
-            None => VmParts {
-                publisher: None,
-                sources: Vec::new(),
-            },
+            None => (
+                VmParts {
+                    publisher: None,
+                    sources: Vec::new(),
+                },
+                None,
+            ),
         };
         let protocol = parts.publisher.is_some();
         self.rt
@@ -391,6 +416,7 @@ impl Daemon<'_> {
                 source,
                 threads: Vec::new(),
                 protocol,
+                watch,
             },
         );
         let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();

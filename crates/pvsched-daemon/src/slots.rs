@@ -6,17 +6,20 @@
 
 use pvsched_host::clock::{mono_ns, rdtsc, TscClock};
 use pvsched_host::runtime::EventSource;
+use pvsched_host::sigbus::Guard;
 use pvsched_host::slot::GuestSlot;
 use pvsched_host::Publisher;
 use pvsched_policy::{Event, Nanos, VcpuEvent, VcpuKey};
-use pvsched_proto::abi::{feature, SLOT_SIZE};
+#[cfg(test)]
+use pvsched_proto::abi::feature;
+use pvsched_proto::abi::SLOT_SIZE;
 use pvsched_proto::host::publish_state;
 use pvsched_proto::{decode, BoostState};
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Where a VM's guest memory and slots are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,11 +32,17 @@ pub struct ProtocolSpec {
     /// guests' published deadlines become deadline hints (`deadline-aware`); without it they
     /// are not used.
     pub tsc_offset: Option<i64>,
+    /// The features the VMM negotiated with the guest ([`feature`] bits): fields of any other
+    /// feature are ignored, whatever the guest writes there.
+    pub features: u32,
 }
 
 /// A VM's mapped slots.
 pub struct GuestSlots {
+    /// Declared before `mem`: unregistered before the mapping goes.
+    guard: Guard,
     mem: GuestMemoryMmap,
+    features: u32,
     slots: Vec<u64>,
     seen: Vec<Option<Option<u32>>>,
     /// Converts the guests' deadlines to host time, when their TSC offset is known.
@@ -42,16 +51,41 @@ pub struct GuestSlots {
 }
 
 impl GuestSlots {
-    /// Maps `spec.memory` and checks every slot address.
-    pub fn open(spec: &ProtocolSpec) -> io::Result<GuestSlots> {
+    /// Maps `spec.memory` and checks every slot address. The file must be a regular file
+    /// (or memfd), not reached through a symbolic link, owned by root or by `owner` (the VM
+    /// process's owner), and not writable by every user.
+    pub fn open(spec: &ProtocolSpec, owner: Option<u32>) -> io::Result<GuestSlots> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        let name = spec.memory.display();
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&spec.memory)?;
-        let len = f.metadata()?.len();
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(&spec.memory)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => bad(format!("{name} is a symbolic link")),
+                _ => e,
+            })?;
+        let meta = f.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(bad(format!("{name} is not a regular file or memfd")));
+        }
+        if meta.uid() != 0 && Some(meta.uid()) != owner {
+            return Err(bad(format!(
+                "{name} belongs to uid {}, neither root nor the VM's owner{}",
+                meta.uid(),
+                owner.map_or(String::new(), |o| format!(" (uid {o})"))
+            )));
+        }
+        if meta.mode() & 0o002 != 0 {
+            return Err(bad(format!(
+                "{name} is writable by every user: anyone could forge the guests' requests"
+            )));
+        }
+        let len = meta.len();
         if len == 0 {
-            return Err(bad(format!("{} is empty", spec.memory.display())));
+            return Err(bad(format!("{name} is empty")));
         }
         for &gpa in &spec.slots {
             if gpa % SLOT_SIZE as u64 != 0
@@ -69,8 +103,14 @@ impl GuestSlots {
             Some(FileOffset::new(f, 0)),
         )])
         .map_err(io::Error::other)?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(io::Error::other)?;
+        let guard = Guard::register(host, len as usize).map_err(io::Error::other)?;
         Ok(GuestSlots {
+            guard,
             mem,
+            features: spec.features,
             seen: vec![None; spec.slots.len()],
             slots: spec.slots.clone(),
             tsc: spec
@@ -83,13 +123,22 @@ impl GuestSlots {
     /// Reports the slots whose `seq` moved (as requests, and their deadline as a hint when
     /// it changed and the TSC offset is known) or that do not decode (once).
     pub fn poll(&mut self, vm: u32, vcpus: u32, out: &mut Vec<Event>) {
+        // The file was cut short under the mapping: what is left reads as zeros; the daemon
+        // detaches the VM.
+        if self.truncated() {
+            return;
+        }
         for (i, (&gpa, seen)) in self.slots.iter().zip(self.seen.iter_mut()).enumerate() {
             let mut bytes = [0u8; SLOT_SIZE];
             if self.mem.read_slice(&mut bytes, GuestAddress(gpa)).is_err() {
                 continue;
             }
+            // Cut short during this very read: these zeros are not the guest's.
+            if self.guard.truncated() {
+                return;
+            }
             let key = VcpuKey::new(vm, i as u32);
-            match decode(&bytes, vcpus, feature::ALL_V1) {
+            match decode(&bytes, vcpus, self.features) {
                 Ok(s) if *seen != Some(Some(s.seq)) => {
                     *seen = Some(Some(s.seq));
                     out.push(Event::new(key, VcpuEvent::Request(s.reasons)));
@@ -111,6 +160,11 @@ impl GuestSlots {
         }
     }
 
+    /// True once the memory file turned out shorter than when it was mapped.
+    pub fn truncated(&self) -> bool {
+        self.guard.truncated()
+    }
+
     /// Publishes `state` in vCPU `vcpu`'s slot; returns the request read after the fence.
     pub fn publish(&self, vcpu: usize, state: BoostState) -> Option<u32> {
         let gpa = *self.slots.get(vcpu)?;
@@ -119,7 +173,7 @@ impl GuestSlots {
 
     /// Splits the mapping into the runtime's source (polled every `period`) and publisher
     /// for VM `vm`.
-    pub fn into_parts(self, vm: u32, period: Nanos) -> (SlotSource, SlotPublisher) {
+    pub fn into_parts(self, vm: u32, period: Nanos) -> (SlotSource, SlotPublisher, SlotWatch) {
         let shared = Arc::new(std::sync::Mutex::new(self));
         (
             SlotSource {
@@ -127,8 +181,20 @@ impl GuestSlots {
                 vm,
                 period,
             },
-            SlotPublisher(shared),
+            SlotPublisher(shared.clone()),
+            SlotWatch(shared),
         )
+    }
+}
+
+/// Lets the daemon's control plane see that a VM's memory file was truncated.
+#[derive(Clone)]
+pub struct SlotWatch(Arc<std::sync::Mutex<GuestSlots>>);
+
+impl SlotWatch {
+    /// True once the memory file turned out shorter than when it was mapped.
+    pub fn truncated(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).truncated()
     }
 }
 
@@ -182,14 +248,15 @@ mod tests {
             memory: path.clone(),
             slots: vec![0x1000, 0x2000],
             tsc_offset: None,
+            features: feature::ALL_V1,
         };
-        let mut s = GuestSlots::open(&spec).unwrap();
+        let mut s = GuestSlots::open(&spec, None).unwrap();
         let mut out = Vec::new();
         s.poll(7, 2, &mut out);
         assert_eq!(out.len(), 2, "first look reports both slots");
         out.clear();
         // The "guest" (another mapping of the file) requests a boost on vCPU 1.
-        let guest = GuestSlots::open(&spec).unwrap();
+        let guest = GuestSlots::open(&spec, None).unwrap();
         let g = GuestSlot::new(&guest.mem, 0x2000);
         use pvsched_proto::SlotMemory;
         g.store_u32(off::REQUEST, Reason::RtTask.bit());
@@ -221,11 +288,15 @@ mod tests {
             [Event::new(VcpuKey::new(7, 1), VcpuEvent::SlotInvalid)]
         );
         let _ = std::fs::remove_file(&path);
-        assert!(GuestSlots::open(&ProtocolSpec {
-            memory: path,
-            slots: vec![],
-            tsc_offset: None,
-        })
+        assert!(GuestSlots::open(
+            &ProtocolSpec {
+                memory: path,
+                slots: vec![],
+                tsc_offset: None,
+                features: 0,
+            },
+            None
+        )
         .is_err());
     }
 
@@ -237,12 +308,13 @@ mod tests {
             memory: path.clone(),
             slots: vec![0x1000],
             tsc_offset,
+            features: feature::ALL_V1,
         };
-        let mut with = GuestSlots::open(&spec(Some(0))).unwrap();
-        let mut without = GuestSlots::open(&spec(None)).unwrap();
+        let mut with = GuestSlots::open(&spec(Some(0)), None).unwrap();
+        let mut without = GuestSlots::open(&spec(None), None).unwrap();
         let khz = with.tsc.unwrap().khz;
         // The guest (offset 0: its TSC is the host's) publishes a deadline 5 ms ahead.
-        let guest = GuestSlots::open(&spec(None)).unwrap();
+        let guest = GuestSlots::open(&spec(None), None).unwrap();
         let g = GuestSlot::new(&guest.mem, 0x1000);
         use pvsched_proto::SlotMemory;
         g.store_u64(off::DEADLINE_TSC, rdtsc() + khz * 5);
@@ -281,9 +353,117 @@ mod tests {
                 memory: path.clone(),
                 slots: vec![bad],
                 tsc_offset: None,
+                features: 0,
             };
-            assert!(GuestSlots::open(&spec).is_err(), "{bad:#x}");
+            assert!(GuestSlots::open(&spec, None).is_err(), "{bad:#x}");
         }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    fn file(tag: &str, len: usize) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("pvsched-slots-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        path
+    }
+
+    fn spec_of(path: &std::path::Path, features: u32) -> ProtocolSpec {
+        ProtocolSpec {
+            memory: path.to_path_buf(),
+            slots: vec![0x1000],
+            tsc_offset: None,
+            features,
+        }
+    }
+
+    #[test]
+    fn the_memory_file_is_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = file("checked", 0x2000);
+        assert!(GuestSlots::open(&spec_of(&path, 0), None).is_ok());
+        // Through a symbolic link.
+        let link = path.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = GuestSlots::open(&spec_of(&link, 0), None).err().unwrap();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // Not a regular file.
+        let e = GuestSlots::open(&spec_of(std::path::Path::new("/dev/null"), 0), None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        // Writable by everyone.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = GuestSlots::open(&spec_of(&path, 0), None).err().unwrap();
+        assert!(e.to_string().contains("writable by every user"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Owned by another user: only that user's VM may use it.
+        match std::os::unix::fs::chown(&path, Some(65534), None) {
+            Ok(()) => {
+                let e = GuestSlots::open(&spec_of(&path, 0), None).err().unwrap();
+                assert!(e.to_string().contains("uid 65534"), "{e}");
+                assert!(GuestSlots::open(&spec_of(&path, 0), Some(1000)).is_err());
+                assert!(GuestSlots::open(&spec_of(&path, 0), Some(65534)).is_ok());
+            }
+            Err(e) => eprintln!("SKIP owner check (chown needs root): {e}"),
+        }
+        let _ = std::fs::remove_file(&link);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn fields_of_features_not_negotiated_are_ignored() {
+        use pvsched_proto::SlotMemory;
+        let path = file("features", 0x2000);
+        let mut all = GuestSlots::open(&spec_of(&path, feature::ALL_V1), None).unwrap();
+        let mut none = GuestSlots::open(&spec_of(&path, 0), None).unwrap();
+        let g = GuestSlot::new(&all.mem, 0x1000);
+        // A request, with a vCPU hint naming a vCPU the VM does not have.
+        g.store_u32(off::REQUEST, Reason::RtTask.bit());
+        g.store_u32(off::HINT_VCPU, 9);
+        g.store_u32(off::HINT_KIND, 1);
+        g.store_u32(off::SEQ, 1);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        all.poll(0, 1, &mut a);
+        none.poll(0, 1, &mut b);
+        assert_eq!(a, [Event::new(VcpuKey::new(0, 0), VcpuEvent::SlotInvalid)]);
+        assert_eq!(
+            b,
+            [Event::new(
+                VcpuKey::new(0, 0),
+                VcpuEvent::Request(pvsched_proto::Reasons::NONE.with(Reason::RtTask))
+            )],
+            "the hint is not negotiated: ignored"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_truncated_memory_file_is_survived() {
+        use pvsched_proto::SlotMemory;
+        let path = file("truncated", 0x4000);
+        let mut s = GuestSlots::open(&spec_of(&path, 0), None).unwrap();
+        let mut out = Vec::new();
+        s.poll(0, 1, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(!s.truncated());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        // Without the guard, this read dies of SIGBUS.
+        let g = GuestSlot::new(&s.mem, 0x1000);
+        assert_eq!(g.load_u32(off::SEQ), 0);
+        assert!(s.truncated());
+        out.clear();
+        s.poll(0, 1, &mut out);
+        assert!(
+            out.is_empty(),
+            "nothing read from a truncated file: {out:?}"
+        );
+        let _ = s.publish(0, BoostState::Disabled);
         let _ = std::fs::remove_file(&path);
     }
 }

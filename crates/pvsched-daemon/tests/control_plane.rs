@@ -89,6 +89,7 @@ fn a_stalled_ctl_client_does_not_delay_a_budget_unboost() {
                     memory: memory.clone(),
                     slots: vec![SLOT],
                     tsc_offset: None,
+                    features: 0,
                 }),
             },
         )

@@ -9,6 +9,7 @@ pub mod mechanism;
 pub mod pressure;
 pub mod runtime;
 pub mod sched;
+pub mod sigbus;
 pub mod slot;
 pub mod stats;
 pub mod trace;

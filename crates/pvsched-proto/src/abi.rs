@@ -39,6 +39,12 @@ pub mod feature {
     pub const UNBOOST_DOORBELL: u32 = 1 << 2;
     /// Every feature version 1 defines.
     pub const ALL_V1: u32 = DEADLINE_HINT | VCPU_HINT | UNBOOST_DOORBELL;
+    /// Their names (configuration files, reports).
+    pub const NAMES: [(&str, u32); 3] = [
+        ("deadline_hint", DEADLINE_HINT),
+        ("vcpu_hint", VCPU_HINT),
+        ("unboost_doorbell", UNBOOST_DOORBELL),
+    ];
 }
 
 /// Bit 0 of a slot registration: enabled. The rest is the slot's guest-physical address.

@@ -332,15 +332,22 @@ impl Vm {
         vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         let file = match memory_file {
             Some(path) => {
+                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                let err = |e| Error::MemoryFile(path.to_path_buf(), e);
+                // Guest RAM is the guest's: readable and writable by its owner only, and never
+                // written through a symbolic link someone else placed.
                 let f = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(true)
                     .truncate(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .open(path)
-                    .map_err(|e| Error::MemoryFile(path.to_path_buf(), e))?;
-                f.set_len(MEM_SIZE)
-                    .map_err(|e| Error::MemoryFile(path.to_path_buf(), e))?;
+                    .map_err(err)?;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(err)?;
+                f.set_len(MEM_SIZE).map_err(err)?;
                 Some(vm_memory::FileOffset::new(f, 0))
             }
             None => None,
