@@ -173,7 +173,6 @@ pub enum DaemonError {
 struct VmInfo {
     source: VmSource,
     threads: Vec<VcpuThread>,
-    protocol: bool,
     /// Its memory file, watched for truncation.
     watch: Option<SlotWatch>,
     /// QMP queries that failed in a row (a VM is detached only after [`QMP_FAILURES`]).
@@ -203,11 +202,16 @@ fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
 }
 
 /// The daemon's control plane.
+/// What metrics need to know of each attached VM besides the runtime's status: where it came
+/// from and whether the daemon reads its slots. Shared with the metrics thread.
+type Labels = std::sync::Mutex<BTreeMap<u32, (VmSource, bool)>>;
+
 struct Daemon<'a> {
     cfg: &'a DaemonConfig,
     rt: RuntimeHandle,
     state: StateFile,
     vms: BTreeMap<u32, VmInfo>,
+    labels: &'a Labels,
     next_id: u32,
     /// Processes whose refusal was logged already (`--watch` looks again every scan).
     refused_logged: std::collections::BTreeSet<i32>,
@@ -258,6 +262,7 @@ pub fn run(
     } else {
         Vec::new()
     };
+    let labels: Labels = std::sync::Mutex::new(BTreeMap::new());
     let runtime = Runtime::start(RuntimeConfig {
         sources,
         quiet_gate: cfg.quiet_gate,
@@ -270,10 +275,24 @@ pub fn run(
         rt: runtime.handle(),
         state: StateFile::keeping(&cfg.state_file, &recovery.kept),
         vms: BTreeMap::new(),
+        labels: &labels,
         next_id: 0,
         refused_logged: std::collections::BTreeSet::new(),
     };
-    let result = d.serve(&listener, metrics.as_ref(), stop, recovery, on_ready);
+    // Metrics on their own thread: a client that connects and says nothing holds up other
+    // metrics clients for at most CLIENT_TIMEOUT each, never ctl, discovery or the engine.
+    let served = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        if let Some(m) = &metrics {
+            let (rt, labels, served) = (runtime.handle(), &labels, &served);
+            let _ = std::thread::Builder::new()
+                .name("pvsched-metrics".into())
+                .spawn_scoped(scope, move || serve_metrics(m, &rt, labels, served));
+        }
+        let r = d.serve(&listener, stop, recovery, on_ready);
+        served.store(true, Ordering::Release);
+        r
+    });
     // Every path out restores: the runtime puts every thread back when it stops.
     let status = runtime.stop();
     if status.apply_errors > 0 {
@@ -314,7 +333,6 @@ impl Daemon<'_> {
     fn serve(
         &mut self,
         listener: &UnixListener,
-        metrics: Option<&std::net::TcpListener>,
         stop: &AtomicBool,
         recovery: Recovery,
         on_ready: impl FnOnce(&Recovery),
@@ -327,17 +345,10 @@ impl Daemon<'_> {
         }
         on_ready(&recovery);
         let mut last_scan = Instant::now();
-        let mut fds = vec![listener.as_raw_fd()];
-        if let Some(m) = metrics {
-            fds.push(m.as_raw_fd());
-        }
+        let fds = [listener.as_raw_fd()];
         while !stop.load(Ordering::Acquire) {
-            let ready = readable(&fds, Duration::from_millis(100));
-            if ready[0] {
+            if readable(&fds, Duration::from_millis(100))[0] {
                 self.serve_ctl(listener);
-            }
-            if let (Some(m), Some(true)) = (metrics, ready.get(1)) {
-                self.serve_metrics(m);
             }
             // A VM whose memory file was cut short: its slots are gone; restore and let go.
             let truncated: Vec<u32> = self
@@ -415,10 +426,13 @@ impl Daemon<'_> {
                 failures: 0,
                 source,
                 threads: Vec::new(),
-                protocol,
                 watch,
             },
         );
+        self.labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (self.vms[&id].source.clone(), protocol));
         let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
         tracing::info!(vm = id, source = %self.vms[&id].source, ?tids, driver = %self.cfg.driver, "attached VM");
         self.set_threads(id, threads)
@@ -557,6 +571,10 @@ impl Daemon<'_> {
     fn detach(&mut self, id: u32) {
         tracing::info!(vm = id, "VM gone, detached");
         let _ = self.rt.remove_vm(id);
+        self.labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         if let Some(vm) = self.vms.remove(&id) {
             let tids: Vec<i32> = vm.threads.iter().map(|t| t.tid).collect();
             self.forget(&tids);
@@ -587,53 +605,7 @@ impl Daemon<'_> {
     }
 
     fn daemon_status(&self, st: pvsched_host::runtime::Status) -> DaemonStatus {
-        DaemonStatus {
-            enabled: st.enabled,
-            host_events: st.vms.iter().map(|v| v.host_events).sum(),
-            host_events_lost: st.host_events_lost,
-            apply_errors: st.apply_errors,
-            apply_errors_by_kind: st.apply_errors_by_kind.clone(),
-            unrestored: st.unrestored.clone(),
-            errors: st.errors.clone(),
-            cost: st.cost.clone(),
-            vms: st
-                .vms
-                .into_iter()
-                .filter_map(|v| {
-                    let info = self.vms.get(&v.id)?;
-                    Some(DaemonVm {
-                        source: info.source.to_string(),
-                        pid: match info.source {
-                            VmSource::Pid(p) => Some(p),
-                            _ => None,
-                        },
-                        protocol: info.protocol,
-                        vm: v,
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    fn serve_metrics(&mut self, listener: &std::net::TcpListener) {
-        while let Ok((mut stream, _)) = listener.accept() {
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-            // The request itself does not matter: every path answers the metrics.
-            let mut buf = [0u8; 1024];
-            let _ = stream.read(&mut buf);
-            let body = match self.status() {
-                Ok(s) => crate::metrics::render(&s),
-                Err(e) => format!("# engine unavailable: {e}\n"),
-            };
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all((head + &body).as_bytes());
-        }
+        daemon_status(self.labels, st)
     }
 
     fn serve_ctl(&mut self, listener: &UnixListener) {
@@ -692,6 +664,74 @@ impl Daemon<'_> {
         match result {
             Ok(v) => serde_json::json!({"ok": true, "result": v}),
             Err(e) => serde_json::json!({"ok": false, "error": e}),
+        }
+    }
+}
+
+/// The daemon's status: the runtime's, with each VM's source.
+fn daemon_status(labels: &Labels, st: pvsched_host::runtime::Status) -> DaemonStatus {
+    let labels = labels.lock().unwrap_or_else(|p| p.into_inner());
+    DaemonStatus {
+        enabled: st.enabled,
+        host_events: st.vms.iter().map(|v| v.host_events).sum(),
+        host_events_lost: st.host_events_lost,
+        apply_errors: st.apply_errors,
+        apply_errors_by_kind: st.apply_errors_by_kind.clone(),
+        unrestored: st.unrestored.clone(),
+        errors: st.errors.clone(),
+        cost: st.cost.clone(),
+        vms: st
+            .vms
+            .into_iter()
+            .filter_map(|v| {
+                let (source, protocol) = labels.get(&v.id)?;
+                Some(DaemonVm {
+                    source: source.to_string(),
+                    pid: match source {
+                        VmSource::Pid(p) => Some(*p),
+                        _ => None,
+                    },
+                    protocol: *protocol,
+                    vm: v,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The metrics thread: answers each connection with the metrics, one at a time, each client
+/// given at most [`CLIENT_TIMEOUT`] to send its request; until `done`.
+fn serve_metrics(
+    listener: &std::net::TcpListener,
+    rt: &RuntimeHandle,
+    labels: &Labels,
+    done: &AtomicBool,
+) {
+    let fds = [listener.as_raw_fd()];
+    while !done.load(Ordering::Acquire) {
+        if !readable(&fds, Duration::from_millis(100))[0] {
+            continue;
+        }
+        while let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+            // The request itself does not matter: every path answers the metrics.
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let body = match rt.status() {
+                Ok(s) => crate::metrics::render(&daemon_status(labels, s)),
+                Err(e) => format!("# engine unavailable: {e}\n"),
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all((head + &body).as_bytes());
+            if done.load(Ordering::Acquire) {
+                return;
+            }
         }
     }
 }
