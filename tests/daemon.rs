@@ -747,3 +747,55 @@ fn a_truncated_memory_file_detaches_its_vm_and_the_daemon_goes_on() {
     assert!(log.contains("truncated"), "{log}");
     let _ = std::fs::remove_file(&memory);
 }
+
+#[test]
+fn a_thread_listed_twice_is_attached_once_and_restored() {
+    let _s = serial();
+    let test = "a_thread_listed_twice_is_attached_once_and_restored";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let vm = VmProc::start();
+    let (socket, state) = paths("duplicate");
+    let tid = vm.vcpu_tids()[0];
+    // The same vCPU thread through two VMs: its process, and its tid.
+    let config = socket.with_file_name("pvsched.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
+             [policy]\ndriver = \"static\"\n\
+             [[vm]]\npid = {}\n[[vm]]\ntids = [{tid}]\n",
+            socket.display().to_string(),
+            state.display().to_string(),
+            vm.pid(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = pvsched();
+    cmd.arg("daemon").arg("--config").arg(&config);
+    let Some(d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    wait_for("both vCPUs boosted", Duration::from_secs(5), || {
+        vm.policies().iter().all(|&p| p == libc::SCHED_FIFO)
+    });
+    let (ok, out) = ctl(&socket, &["status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let attached: usize = v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["vcpus"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(attached, 2, "each thread once: {v}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let out = d.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // A second guard would have recorded FIFO as the thread's "original" and put it back.
+    assert!(vm.all_other(), "restored: {:?}", vm.policies());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("attached already"), "{log}");
+}
