@@ -70,6 +70,10 @@ pub struct DaemonArgs {
     /// unboosted, from its run delay in /proc/<tid>/schedstat) or `always`.
     #[arg(long, value_enum, default_value_t = BoostWhen::Contended)]
     pub boost_when: BoostWhen,
+    /// At most this many vCPU threads boosted at once (a boost over it waits, earliest
+    /// deadline first): a number, `auto` (host CPUs − 1, at least 1) or `off`.
+    #[arg(long, value_name = "N|auto|off", default_value = "auto", value_parser = parse_max_boosted)]
+    pub max_boosted: MaxBoosted,
     /// Owner (effective uid) whose VMs may be boosted (repeatable; default: root only).
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uids: Vec<u32>,
@@ -155,6 +159,25 @@ pub enum GuestRequestsArg {
     Alternate,
 }
 
+/// The host-wide cap on boosted vCPU threads (`None`: no cap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxBoosted(pub Option<usize>);
+
+/// Parses `--max-boosted`.
+pub fn parse_max_boosted(s: &str) -> Result<MaxBoosted, String> {
+    match s {
+        "auto" => Ok(MaxBoosted(Some(
+            pvsched_host::runtime::default_max_boosted(),
+        ))),
+        "off" => Ok(MaxBoosted(None)),
+        n => match n.parse::<usize>() {
+            Ok(0) => Err("0 would never boost: give at least 1, auto or off".into()),
+            Ok(n) => Ok(MaxBoosted(Some(n))),
+            Err(_) => Err(format!("{n:?} is not a number, auto or off")),
+        },
+    }
+}
+
 /// When the dynamic drivers boost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BoostWhen {
@@ -234,6 +257,10 @@ pub struct VmArgs {
     /// unboosted, from its run delay in /proc/<tid>/schedstat) or `always`.
     #[arg(long, value_enum, default_value_t = BoostWhen::Contended)]
     pub boost_when: BoostWhen,
+    /// At most this many vCPU threads boosted at once (a boost over it waits, earliest
+    /// deadline first): a number, `auto` (host CPUs − 1, at least 1) or `off`.
+    #[arg(long, value_name = "N|auto|off", default_value = "auto", value_parser = parse_max_boosted)]
+    pub max_boosted: MaxBoosted,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
     /// expiries when the guest does not speak the protocol (`--pv off`) and the policy is
     /// `dynamic`; with the protocol the vCPU threads see the guest's requests themselves,

@@ -109,6 +109,7 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
             crate::cli::BoostWhen::Contended => Some(pvsched_host::pressure::QuietGate::default()),
             crate::cli::BoostWhen::Always => None,
         },
+        max_boosted: args.max_boosted.0,
     })
 }
 

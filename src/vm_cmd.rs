@@ -159,6 +159,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
                 BoostWhen::Contended => Some(QuietGate::default()),
                 BoostWhen::Always => None,
             },
+            max_boosted: args.max_boosted.0,
         },
         host_events: match args.host_events {
             HostEvents::Auto => {

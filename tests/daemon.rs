@@ -764,6 +764,7 @@ fn a_thread_listed_twice_is_attached_once_and_restored() {
         &config,
         format!(
             "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
+             max_boosted = \"off\"\n\
              [policy]\ndriver = \"static\"\n\
              [[vm]]\npid = {}\n[[vm]]\ntids = [{tid}]\n",
             socket.display().to_string(),
@@ -798,4 +799,57 @@ fn a_thread_listed_twice_is_attached_once_and_restored() {
     assert!(vm.all_other(), "restored: {:?}", vm.policies());
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("attached already"), "{log}");
+}
+
+#[test]
+fn the_cap_keeps_boosts_to_max_boosted() {
+    let _s = serial();
+    let test = "the_cap_keeps_boosts_to_max_boosted";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let vm = VmProc::start();
+    let (socket, state) = paths("cap");
+    let mut cmd = pvsched();
+    cmd.args([
+        "daemon",
+        "--policy",
+        "static",
+        "--max-boosted",
+        "1",
+        "--host-events",
+        "none",
+        "--pid",
+        &vm.pid().to_string(),
+    ])
+    .arg("--socket")
+    .arg(&socket)
+    .arg("--state-file")
+    .arg(&state);
+    let Some(d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    let fifo = || {
+        vm.policies()
+            .iter()
+            .filter(|&&p| p == libc::SCHED_FIFO)
+            .count()
+    };
+    wait_for("a boost", Duration::from_secs(5), || fifo() == 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fifo(), 1, "static, yet only one vCPU at a time");
+    let (ok, out) = ctl(&socket, &["status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let capped: u64 = v["vms"][0]["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["capped"].as_u64().unwrap())
+        .sum();
+    assert_eq!(capped, 1, "{v}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait_with_output().unwrap().status.success());
+    assert!(vm.all_other(), "restored: {:?}", vm.policies());
 }

@@ -270,6 +270,10 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
                 driver,
                 opts,
                 quiet_gate: Some(QuietGate::default()),
+                // The dynamic drivers leave the host a CPU; `static` is the RFC's static-RT
+                // reference: every vCPU real-time.
+                max_boosted: (key.policy != "static")
+                    .then(pvsched_host::runtime::default_max_boosted),
             }
         },
         // The guest speaks the protocol: its vCPU threads see its requests at their exits.

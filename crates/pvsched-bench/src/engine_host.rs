@@ -24,6 +24,8 @@ pub struct PolicyConfig {
     pub opts: DriverOptions,
     /// Boost only while the host's CPUs are contended (`None`: always).
     pub quiet_gate: Option<QuietGate>,
+    /// At most this many vCPUs boosted at once (`None`: no cap).
+    pub max_boosted: Option<usize>,
 }
 
 impl Default for PolicyConfig {
@@ -32,6 +34,7 @@ impl Default for PolicyConfig {
             driver: "none".into(),
             opts: DriverOptions::new(),
             quiet_gate: None,
+            max_boosted: None,
         }
     }
 }
@@ -145,7 +148,14 @@ impl HostLoop {
         trace: Option<TraceConfig>,
     ) -> Result<HostLoop, EngineError> {
         Ok(HostLoop {
-            engine: VmEngine::start(vm, &policy.driver, &policy.opts, trace, policy.quiet_gate)?,
+            engine: VmEngine::start(
+                vm,
+                &policy.driver,
+                &policy.opts,
+                trace,
+                policy.quiet_gate,
+                policy.max_boosted,
+            )?,
             driver: policy.driver.clone(),
         })
     }
@@ -251,6 +261,7 @@ mod tests {
             driver: "dynamic".into(),
             opts: DriverOptions::parse(["class=rr:20"]).unwrap(),
             quiet_gate: None,
+            max_boosted: None,
         };
         assert_eq!(p.boost_class(), Some(BoostClass::Rr(20)));
         assert_eq!(PolicyConfig::default().boost_class(), None);

@@ -29,6 +29,7 @@ fn policy(driver: &str, opts: &[&str]) -> PolicyConfig {
         driver: driver.into(),
         opts: DriverOptions::parse(opts.iter().copied()).unwrap(),
         quiet_gate: None,
+        max_boosted: None,
     }
 }
 

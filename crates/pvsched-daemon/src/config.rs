@@ -8,6 +8,7 @@
 //! watch = true                        # follow VMs starting and stopping
 //! host_events = ["timer"]             # timer, wakeup, irq
 //! boost_when = "contended"            # or "always" (also on a host with idle CPUs)
+//! max_boosted = "auto"                # vCPUs boosted at once: host CPUs - 1; a count, or "off"
 //! allow_uids = [0]                    # owners whose VMs may be boosted (default: root)
 //! allow_gids = [107]                  # ... or groups, e.g. libvirt's "qemu" (getent group qemu)
 //! ctl_group = 10                      # may read `ctl status` (socket 0660); changes: root only
@@ -83,6 +84,8 @@ struct DaemonSection {
     host_events: Vec<String>,
     #[serde(default = "default_boost_when")]
     boost_when: String,
+    #[serde(default)]
+    max_boosted: Option<MaxBoostedField>,
     #[serde(default = "default_allow_uids")]
     allow_uids: Vec<u32>,
     #[serde(default)]
@@ -100,6 +103,7 @@ impl Default for DaemonSection {
             watch: false,
             host_events: default_events(),
             boost_when: default_boost_when(),
+            max_boosted: None,
             allow_uids: default_allow_uids(),
             allow_gids: Vec::new(),
             ctl_group: None,
@@ -116,6 +120,14 @@ fn default_state() -> PathBuf {
 fn default_allow_uids() -> Vec<u32> {
     vec![0]
 }
+/// `max_boosted = 3`, `"auto"` or `"off"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MaxBoostedField {
+    Count(i64),
+    Word(String),
+}
+
 fn default_boost_when() -> String {
     "contended".into()
 }
@@ -266,6 +278,19 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
                 )))
             }
         },
+        max_boosted: match f.daemon.max_boosted {
+            None => Some(pvsched_host::runtime::default_max_boosted()),
+            Some(MaxBoostedField::Word(w)) if w == "auto" => {
+                Some(pvsched_host::runtime::default_max_boosted())
+            }
+            Some(MaxBoostedField::Word(w)) if w == "off" => None,
+            Some(MaxBoostedField::Count(n)) if (1..=4096).contains(&n) => Some(n as usize),
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "max_boosted: {other:?} is not a count (1-4096), \"auto\" or \"off\""
+                )))
+            }
+        },
     })
 }
 
@@ -354,6 +379,8 @@ mod tests {
             "[daemon]\nhost_events = [\"kvm_exit\"]",
             "[daemon]\nmetrics = \"everywhere\"",
             "[policy]\noptions = { cs_budget = 3 }",
+            "[daemon]\nmax_boosted = 0",
+            "[daemon]\nmax_boosted = \"many\"",
             "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x800]\nfeatures = [\"telepathy\"]",
             "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x800]\ntsc_offset = 5",
         ] {

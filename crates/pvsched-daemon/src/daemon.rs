@@ -99,6 +99,8 @@ pub struct DaemonConfig {
     pub ctl_group: Option<u32>,
     /// Boost only while the host's CPUs are contended (`None`: always).
     pub quiet_gate: Option<pvsched_host::pressure::QuietGate>,
+    /// At most this many vCPU threads boosted at once, over all VMs (`None`: no cap).
+    pub max_boosted: Option<usize>,
 }
 
 impl DaemonConfig {
@@ -119,6 +121,7 @@ impl DaemonConfig {
             allowed: crate::discover::Allowed::default(),
             ctl_group: None,
             quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),
+            max_boosted: Some(pvsched_host::runtime::default_max_boosted()),
         }
     }
 }
@@ -266,6 +269,7 @@ pub fn run(
     let runtime = Runtime::start(RuntimeConfig {
         sources,
         quiet_gate: cfg.quiet_gate,
+        max_boosted: cfg.max_boosted,
         // Foreign threads: a vCPU id reused after its thread exited is never touched.
         applier: std::sync::Arc::new(VerifiedApplier::default()),
         ..RuntimeConfig::default()

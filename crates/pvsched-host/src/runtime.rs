@@ -1002,6 +1002,18 @@ pub struct RuntimeConfig {
     /// Boost a vCPU only while it waits for a CPU when unboosted (its run delay, see
     /// [`crate::pressure`]); `None`: whenever the driver decides.
     pub quiet_gate: Option<QuietGate>,
+    /// At most this many vCPU threads boosted at once, over all VMs; a boost over the cap
+    /// waits (earliest published deadline first, then oldest). `None`: no cap. Tools default
+    /// to [`default_max_boosted`].
+    pub max_boosted: Option<usize>,
+}
+
+/// The cap on vCPUs boosted at once that leaves the host a CPU: host CPUs − 1, at least 1.
+pub fn default_max_boosted() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
 }
 
 impl Default for RuntimeConfig {
@@ -1013,6 +1025,7 @@ impl Default for RuntimeConfig {
             sources: Vec::new(),
             grace: 25_000,
             quiet_gate: None,
+            max_boosted: None,
         }
     }
 }
@@ -1036,7 +1049,11 @@ impl Runtime {
     pub fn start(cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
-                engine: Engine::new(cfg.registry),
+                engine: {
+                    let mut e = Engine::new(cfg.registry);
+                    e.set_max_boosted(cfg.max_boosted);
+                    e
+                },
                 cells: BTreeMap::new(),
                 publishers: BTreeMap::new(),
                 timers: BTreeMap::new(),
@@ -1837,6 +1854,7 @@ impl Loop {
                 remote_applied: rs,
                 apply_errors: cell.apply_errors.load(Ordering::Relaxed),
                 skipped_quiet: c.skipped_quiet,
+                capped: c.capped,
                 boost_latency: cell.boost_latency.summary(),
             });
         }
@@ -1980,6 +1998,9 @@ pub struct VcpuStatus {
     /// Boosts not started because the host was quiet.
     #[serde(default)]
     pub skipped_quiet: u64,
+    /// Boosts that waited for the host-wide cap.
+    #[serde(default)]
+    pub capped: u64,
     /// Boost decision → class applied.
     pub boost_latency: LatencyStats,
 }

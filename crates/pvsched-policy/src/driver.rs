@@ -54,6 +54,9 @@ pub struct Counters {
     /// Boosts not started because the host was quiet.
     #[serde(default)]
     pub skipped_quiet: u64,
+    /// Boosts that had to wait because `max_boosted` vCPUs were boosted already.
+    #[serde(default)]
+    pub capped: u64,
 }
 
 /// Boosted-time debts (pvsched v3's model): every boosted nanosecond is charged to `generic`,
@@ -108,6 +111,11 @@ pub struct VcpuState {
     pub timer_gen: [u64; 4],
     /// Counters.
     pub counters: Counters,
+    /// A boost the host-wide cap held back: since when, and the event that asked for it
+    /// (handed to the driver again when a boosted vCPU lets go).
+    pub capped: Option<(Nanos, VcpuEvent)>,
+    /// Set by [`VcpuCtx::boost`] when the cap refused it (the engine records the event).
+    pub(crate) cap_refused: bool,
 }
 
 impl VcpuState {
@@ -143,6 +151,8 @@ pub struct VcpuCtx<'a> {
     /// Now.
     pub now: Nanos,
     out: &'a mut Vec<Decision>,
+    /// The host-wide cap is reached: a new boost must wait.
+    cap_full: bool,
 }
 
 impl<'a> VcpuCtx<'a> {
@@ -158,11 +168,19 @@ impl<'a> VcpuCtx<'a> {
             state,
             now,
             out,
+            cap_full: false,
         }
     }
 
+    /// The same, with the host-wide cap reached (`full`): [`VcpuCtx::boost`] then waits.
+    pub(crate) fn with_cap(mut self, full: bool) -> Self {
+        self.cap_full = full;
+        self
+    }
+
     /// Starts a boost in `class` for `cause` (see [`Boost`] for the two times) and publishes
-    /// `Boosted`. No-op when already boosted.
+    /// `Boosted`. No-op when already boosted; when the host-wide cap is reached, the boost
+    /// waits (counted as `capped`; the engine offers it again when a boost ends).
     pub fn boost(
         &mut self,
         class: BoostClass,
@@ -171,6 +189,13 @@ impl<'a> VcpuCtx<'a> {
         hold_until: Nanos,
     ) {
         if self.state.boost.is_some() {
+            return;
+        }
+        if self.cap_full {
+            if !self.state.cap_refused && self.state.capped.is_none() {
+                self.state.counters.capped += 1;
+            }
+            self.state.cap_refused = true;
             return;
         }
         // A boost supersedes a repayment (the class it applies replaces the repay class).

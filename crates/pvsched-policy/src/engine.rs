@@ -4,7 +4,8 @@
 use crate::driver::{Debts, Driver, VcpuCtx, VcpuState};
 use crate::drivers::{DynamicDriver, NoneDriver, StaticDriver};
 use crate::options::{DriverOptions, OptionError};
-use crate::{BoostState, Decision, Event, Nanos, VcpuEvent, VcpuKey};
+use crate::{BoostState, Decision, Event, Nanos, TimerKind, VcpuEvent, VcpuKey};
+use pvsched_proto::Reasons;
 use std::collections::BTreeMap;
 
 /// Builds a driver from its options.
@@ -98,7 +99,17 @@ pub struct Engine {
     registry: Registry,
     vms: BTreeMap<u32, VmEntry>,
     enabled: bool,
+    /// At most this many vCPUs boosted at once, over all VMs (`None`: no limit).
+    max_boosted: Option<usize>,
+    /// vCPUs boosted now.
+    boosted: usize,
+    /// vCPUs whose boost waits for the cap.
+    waiting: usize,
 }
+
+/// How long a boost the host asked for on its own (an interrupt, a wake-up) may wait for the
+/// cap before it is dropped: past that, the moment it was for has gone.
+pub const CAP_WAIT_HOST_NS: Nanos = 2_000_000;
 
 impl Default for Engine {
     fn default() -> Self {
@@ -113,6 +124,152 @@ impl Engine {
             registry,
             vms: BTreeMap::new(),
             enabled: true,
+            max_boosted: None,
+            boosted: 0,
+            waiting: 0,
+        }
+    }
+
+    /// Limits how many vCPUs may be boosted at once over all VMs (`None`: no limit). A boost
+    /// over the limit waits: when a boosted vCPU lets go, the waiting one with the earliest
+    /// published deadline (then the oldest) is handed its event again. Boosts in force are
+    /// not ended by a lower limit; new ones wait until fewer are boosted.
+    pub fn set_max_boosted(&mut self, max: Option<usize>) {
+        self.max_boosted = max;
+    }
+
+    /// The limit set with [`Engine::set_max_boosted`].
+    pub fn max_boosted(&self) -> Option<usize> {
+        self.max_boosted
+    }
+
+    /// vCPUs boosted now, over all VMs.
+    pub fn boosted_now(&self) -> usize {
+        self.boosted
+    }
+
+    fn cap_full(&self) -> bool {
+        self.max_boosted.is_some_and(|m| self.boosted >= m)
+    }
+
+    /// Counts boosted and waiting vCPUs again (after changes to many vCPUs at once).
+    fn recount(&mut self) {
+        let (mut b, mut w) = (0, 0);
+        for e in self.vms.values() {
+            for st in e.vcpus.values() {
+                b += st.is_boosted() as usize;
+                w += st.capped.is_some() as usize;
+            }
+        }
+        (self.boosted, self.waiting) = (b, w);
+    }
+
+    /// Runs the driver of `key`'s VM on `what` under the cap; keeps the counts; records a
+    /// boost the cap held back. Returns false when the vCPU is unknown.
+    fn drive(
+        &mut self,
+        key: VcpuKey,
+        what: VcpuEvent,
+        now: Nanos,
+        out: &mut Vec<Decision>,
+    ) -> bool {
+        let full = self.cap_full();
+        let Some(e) = self.vms.get_mut(&key.vm) else {
+            return false;
+        };
+        let Some(st) = e.vcpus.get_mut(&key.vcpu) else {
+            return false;
+        };
+        let (was, waited) = (st.is_boosted(), st.capped.is_some());
+        {
+            let mut ctx = VcpuCtx::new(key, st, now, out).with_cap(full && !was);
+            e.driver.on_event(&mut ctx, what);
+        }
+        if std::mem::take(&mut st.cap_refused) {
+            // Keep the first time it waited (oldest first), with the newest reason.
+            let since = st.capped.map_or(now, |(t, _)| t);
+            st.capped = Some((since, what));
+        }
+        if st.is_boosted() {
+            st.capped = None;
+        }
+        let (is, waits) = (st.is_boosted(), st.capped.is_some());
+        self.boosted = self.boosted + is as usize - was as usize;
+        self.waiting = self.waiting + waits as usize - waited as usize;
+        true
+    }
+
+    /// While the cap allows, hands the best waiting boost (earliest published deadline,
+    /// then oldest) its event again. Waits that no longer make sense are dropped.
+    fn offer(&mut self, now: Nanos, out: &mut Vec<Decision>) {
+        while self.waiting > 0 && !self.cap_full() {
+            let mut best: Option<(Nanos, Nanos, VcpuKey, VcpuEvent)> = None;
+            let mut stale = Vec::new();
+            let global = self.enabled;
+            for (&vm, e) in &self.vms {
+                for (&vcpu, st) in &e.vcpus {
+                    let Some((since, what)) = st.capped else {
+                        continue;
+                    };
+                    let key = VcpuKey::new(vm, vcpu);
+                    let live = global
+                        && e.enabled
+                        && match what {
+                            VcpuEvent::Request(_) | VcpuEvent::Doorbell(_) => {
+                                !st.request.is_empty()
+                            }
+                            // A lead boost is for a deadline still ahead.
+                            VcpuEvent::Timer(TimerKind::Lead, gen) => {
+                                st.is_timer_current(TimerKind::Lead, gen)
+                                    && st.deadline.is_some_and(|d| d > now)
+                            }
+                            VcpuEvent::Timer(kind, gen) => st.is_timer_current(kind, gen),
+                            VcpuEvent::Interrupt | VcpuEvent::Woken => {
+                                now.saturating_sub(since) <= CAP_WAIT_HOST_NS
+                            }
+                            _ => true,
+                        };
+                    if !live {
+                        stale.push(key);
+                        continue;
+                    }
+                    let rank = (st.deadline.unwrap_or(Nanos::MAX), since, key, what);
+                    if best.is_none_or(|b| (rank.0, rank.1, rank.2) < (b.0, b.1, b.2)) {
+                        best = Some(rank);
+                    }
+                }
+            }
+            for key in stale {
+                if let Some(st) = self
+                    .vms
+                    .get_mut(&key.vm)
+                    .and_then(|e| e.vcpus.get_mut(&key.vcpu))
+                {
+                    st.capped = None;
+                    self.waiting -= 1;
+                }
+            }
+            let Some((_, _, key, what)) = best else {
+                return;
+            };
+            // A request is handed over as it stands now.
+            let what = match what {
+                VcpuEvent::Request(_) | VcpuEvent::Doorbell(_) => self
+                    .vcpu(key)
+                    .map_or(what, |st| VcpuEvent::Request(st.request)),
+                w => w,
+            };
+            self.drive(key, what, now, out);
+            // Not boosted after all (the driver decided otherwise): it no longer waits.
+            if let Some(st) = self
+                .vms
+                .get_mut(&key.vm)
+                .and_then(|e| e.vcpus.get_mut(&key.vcpu))
+            {
+                if st.capped.take().is_some() {
+                    self.waiting -= 1;
+                }
+            }
         }
     }
 
@@ -151,6 +308,8 @@ impl Engine {
                 ctx.unboost(BoostState::Disabled);
             }
         }
+        self.recount();
+        self.offer(now, out);
     }
 
     /// The VMs, by id.
@@ -189,6 +348,7 @@ impl Engine {
 
     /// Handles one event at `now`, appending decisions to `out`.
     pub fn handle(&mut self, ev: Event, now: Nanos, out: &mut Vec<Decision>) {
+        let before = self.boosted;
         let global = self.enabled;
         let Some(e) = self.vms.get_mut(&ev.key.vm) else {
             return;
@@ -197,11 +357,10 @@ impl Engine {
         match ev.what {
             VcpuEvent::Registered => {
                 let st = e.vcpus.entry(ev.key.vcpu).or_default();
-                let mut ctx = VcpuCtx::new(ev.key, st, now, out);
                 if enabled {
-                    e.driver.on_event(&mut ctx, VcpuEvent::Registered);
+                    self.drive(ev.key, VcpuEvent::Registered, now, out);
                 } else {
-                    ctx.publish(BoostState::Disabled);
+                    VcpuCtx::new(ev.key, st, now, out).publish(BoostState::Disabled);
                 }
             }
             VcpuEvent::Unregistered => {
@@ -211,14 +370,14 @@ impl Engine {
                     // Whatever the driver did, a vCPU that is gone is not boosted.
                     ctx.unboost(BoostState::Disabled);
                 }
+                self.recount();
             }
             what => {
                 let Some(st) = e.vcpus.get_mut(&ev.key.vcpu) else {
                     return;
                 };
                 if enabled {
-                    let mut ctx = VcpuCtx::new(ev.key, st, now, out);
-                    e.driver.on_event(&mut ctx, what);
+                    self.drive(ev.key, what, now, out);
                 } else if let VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) = what {
                     // Remember it for when boosting is enabled again.
                     st.request = r;
@@ -227,6 +386,9 @@ impl Engine {
                     st.quiet = q;
                 }
             }
+        }
+        if self.boosted < before {
+            self.offer(now, out);
         }
     }
 
@@ -267,6 +429,8 @@ impl Engine {
                 self.transition(v, is, now, out);
             }
         }
+        self.recount();
+        self.offer(now, out);
         Ok(())
     }
 
@@ -287,9 +451,12 @@ impl Engine {
             Self::reset_vcpus(vm, e, now, out, BoostState::Normal);
         }
         e.driver = driver;
+        self.recount();
         if enabled {
-            Self::hand_over(vm, e, now, out);
+            self.hand_over(vm, now, out);
         }
+        self.recount();
+        self.offer(now, out);
         Ok(())
     }
 
@@ -299,6 +466,7 @@ impl Engine {
         for (&vm, e) in self.vms.iter_mut() {
             Self::reset_vcpus(vm, e, now, out, BoostState::Disabled);
         }
+        self.recount();
     }
 
     fn transition(&mut self, vm: u32, enabled: bool, now: Nanos, out: &mut Vec<Decision>) {
@@ -306,9 +474,10 @@ impl Engine {
             return;
         };
         if enabled {
-            Self::hand_over(vm, e, now, out);
+            self.hand_over(vm, now, out);
         } else {
             Self::reset_vcpus(vm, e, now, out, BoostState::Disabled);
+            self.recount();
         }
     }
 
@@ -331,17 +500,24 @@ impl Engine {
             for g in ctx.state.timer_gen.iter_mut() {
                 *g += 1;
             }
+            ctx.state.capped = None;
         }
     }
 
-    /// Gives every vCPU of a VM to its driver: registered, then its known request.
-    fn hand_over(vm: u32, e: &mut VmEntry, now: Nanos, out: &mut Vec<Decision>) {
-        for (&vcpu, st) in e.vcpus.iter_mut() {
-            let mut ctx = VcpuCtx::new(VcpuKey::new(vm, vcpu), st, now, out);
-            e.driver.on_event(&mut ctx, VcpuEvent::Registered);
-            let r = ctx.state.request;
+    /// Gives every vCPU of a VM to its driver (under the cap): registered, then its known
+    /// request.
+    fn hand_over(&mut self, vm: u32, now: Nanos, out: &mut Vec<Decision>) {
+        let vcpus: Vec<u32> = self
+            .vms
+            .get(&vm)
+            .map(|e| e.vcpus.keys().copied().collect())
+            .unwrap_or_default();
+        for vcpu in vcpus {
+            let key = VcpuKey::new(vm, vcpu);
+            self.drive(key, VcpuEvent::Registered, now, out);
+            let r = self.vcpu(key).map_or(Reasons::NONE, |st| st.request);
             if !r.is_empty() {
-                e.driver.on_event(&mut ctx, VcpuEvent::Request(r));
+                self.drive(key, VcpuEvent::Request(r), now, out);
             }
         }
     }

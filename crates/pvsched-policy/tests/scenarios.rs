@@ -66,6 +66,13 @@ impl Sim {
                             self.boosted.insert(k, self.now).is_none(),
                             "double boost of {k}"
                         );
+                        if let Some(m) = self.engine.max_boosted() {
+                            assert!(
+                                self.boosted.len() <= m,
+                                "{} boosted at once, cap {m}",
+                                self.boosted.len()
+                            );
+                        }
                         self.repaying.remove(&k);
                     }
                     Decision::Repay(k, class) => {
@@ -830,5 +837,99 @@ proptest! {
         s.engine.shutdown(s.now, &mut out);
         s.apply(out);
         prop_assert!(s.boosted.is_empty());
+    }
+}
+
+const V2: VcpuKey = VcpuKey::new(0, 2);
+
+#[test]
+fn the_host_wide_cap_makes_boosts_wait_earliest_deadline_first() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.engine.set_max_boosted(Some(1));
+    for k in [V0, V1, V2] {
+        s.event(k, VcpuEvent::Registered);
+    }
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0));
+    // Two more guests ask; the cap (1) holds them back.
+    s.event(V1, VcpuEvent::DeadlineHint(Some(s.now + 5 * MS)));
+    s.guest(V1, rs(&[Reason::RtTask]));
+    s.advance(10 * US);
+    s.event(V2, VcpuEvent::DeadlineHint(Some(s.now + 2 * MS)));
+    s.guest(V2, rs(&[Reason::RtTask]));
+    assert!(!s.is_boosted(V1) && !s.is_boosted(V2));
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 1);
+    assert_eq!(s.engine.vcpu(V2).unwrap().counters.capped, 1);
+    assert_eq!(s.published.get(&V1), Some(&BoostState::Normal));
+    // V0 lets go: the earliest deadline (V2, though it asked later) goes first.
+    s.advance(100 * US);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.is_boosted(V2) && !s.is_boosted(V1), "{:?}", s.boosted);
+    assert_eq!(s.engine.boosted_now(), 1);
+    s.guest(V2, Reasons::NONE);
+    assert!(s.is_boosted(V1));
+    // A waiting request the guest withdrew is not boosted later.
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.guest(V0, Reasons::NONE);
+    s.guest(V1, Reasons::NONE);
+    assert!(s.boosted.is_empty(), "{:?}", s.boosted);
+    // An interrupt boost that waited longer than it could matter is dropped.
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.event(V1, VcpuEvent::Interrupt);
+    assert!(!s.is_boosted(V1));
+    s.advance(3 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.boosted.is_empty(), "{:?}", s.boosted);
+    // Oldest first among equal deadlines (none published).
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.event(V1, VcpuEvent::DeadlineHint(None));
+    s.event(V2, VcpuEvent::DeadlineHint(None));
+    s.guest(V2, rs(&[Reason::RtTask]));
+    s.advance(10 * US);
+    s.guest(V1, rs(&[Reason::RtTask]));
+    s.guest(V0, Reasons::NONE);
+    assert!(s.is_boosted(V2) && !s.is_boosted(V1));
+}
+
+#[test]
+fn without_a_cap_every_vcpu_may_be_boosted_at_once() {
+    // The cap check in the sim can fail: the same guests without a cap overlap.
+    let mut s = Sim::new("dynamic", &[]);
+    for k in [V0, V1, V2] {
+        s.event(k, VcpuEvent::Registered);
+        s.guest(k, rs(&[Reason::RtTask]));
+    }
+    assert_eq!(s.boosted.len(), 3);
+    assert_eq!(s.engine.boosted_now(), 3);
+}
+
+proptest! {
+    /// Whatever the guests and the host do, never more than `max_boosted` vCPUs are boosted at
+    /// once (the sim checks it at every boost), and the engine's count matches the sim's.
+    #[test]
+    fn the_cap_holds_under_any_events(
+        driver in prop::sample::select(vec!["dynamic", "deadline-aware", "static"]),
+        cap in 1usize..3,
+        events in proptest::collection::vec(arb_event(), 0..150),
+    ) {
+        let opts: &[&str] = if driver == "static" {
+            &[]
+        } else {
+            &["cs_budget=3ms", "rt_budget=20ms", "irq_hold=1ms"]
+        };
+        let mut s = Sim::new(driver, opts);
+        s.engine.set_max_boosted(Some(cap));
+        s.event(V0, VcpuEvent::Registered);
+        s.event(V1, VcpuEvent::Registered);
+        s.event(V2, VcpuEvent::Registered);
+        play(&mut s, &events);
+        prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
+        s.advance(100 * MS);
+        prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
+        let mut out = Vec::new();
+        s.engine.shutdown(s.now, &mut out);
+        s.apply(out);
+        prop_assert!(s.boosted.is_empty());
+        prop_assert_eq!(s.engine.boosted_now(), 0);
     }
 }

@@ -162,13 +162,15 @@ pub struct VmEngine {
 impl VmEngine {
     /// Starts the runtime for `vm` (before [`RunningVm::go`]) with `driver` and `opts`, fed
     /// by the vCPU threads, by the VMM's injections and, with `trace`, by tracepoints; with
-    /// `quiet_gate`, boosting only while the host's CPUs are contended.
+    /// `quiet_gate`, boosting only while the host's CPUs are contended; with `max_boosted`, at
+    /// most that many vCPUs boosted at once.
     pub fn start(
         vm: &mut RunningVm,
         driver: &str,
         opts: &DriverOptions,
         trace: Option<TraceConfig>,
         quiet_gate: Option<QuietGate>,
+        max_boosted: Option<usize>,
     ) -> Result<VmEngine, EngineError> {
         let sources: Vec<Box<dyn EventSource>> = match trace {
             Some(cfg) => vec![Box::new(TraceSource::new(cfg)?)],
@@ -177,6 +179,7 @@ impl VmEngine {
         let runtime = Runtime::start(RuntimeConfig {
             sources,
             quiet_gate,
+            max_boosted,
             ..RuntimeConfig::default()
         })?;
         let h = runtime.handle();
