@@ -296,10 +296,27 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
 
 /// Reads the configuration file at `path`.
 pub fn load(path: &std::path::Path) -> Result<DaemonConfig, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+    use std::io::Read;
+    let read = |e| ConfigError::Read(path.to_path_buf(), e);
+    let mut text = String::new();
+    // Bounded: parsing holds ~135 bytes per byte of TOML.
+    std::fs::File::open(path)
+        .map_err(read)?
+        .take(MAX_CONFIG + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_CONFIG {
+        return Err(ConfigError::Invalid(format!(
+            "{} is larger than {} KiB",
+            path.display(),
+            MAX_CONFIG / 1024
+        )));
+    }
     parse(&text, path)
 }
+
+/// Largest configuration file read.
+const MAX_CONFIG: u64 = 1024 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -634,37 +634,25 @@ impl Daemon<'_> {
             tracing::warn!(uid = peer.uid, pid = peer.pid, "ctl refused: {e}");
             return serde_json::json!({"ok": false, "error": e});
         }
-        let vm_arg = |w: Option<&&str>| -> Result<Option<u32>, String> {
-            w.map(|s| s.parse::<u32>().map_err(|_| format!("bad VM id {s:?}")))
-                .transpose()
-        };
-        let result: Result<serde_json::Value, String> = match words.first().copied() {
-            Some("status") => self
-                .status()
-                .map_err(|e| e.to_string())
-                .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
-            Some(cmd @ ("enable" | "disable")) => {
-                let on = cmd == "enable";
-                vm_arg(words.get(1)).and_then(|vm| {
+        let result: Result<serde_json::Value, String> =
+            parse_ctl(&line).and_then(|req| match req {
+                CtlRequest::Status => self
+                    .status()
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
+                CtlRequest::Enable(vm) | CtlRequest::Disable(vm) => {
+                    let on = matches!(req, CtlRequest::Enable(_));
                     self.rt
                         .set_enabled(vm, on)
                         .map(|_| serde_json::json!({"enabled": on, "vm": vm}))
                         .map_err(|e| e.to_string())
-                })
-            }
-            Some("driver") => match (vm_arg(words.get(1)), words.get(2)) {
-                (Ok(Some(vm)), Some(name)) => DriverOptions::parse(words[3..].iter().copied())
-                    .map_err(|e| e.to_string())
-                    .and_then(|opts| {
-                        self.rt
-                            .set_driver(vm, name, &opts)
-                            .map(|_| serde_json::json!({"vm": vm, "driver": name}))
-                            .map_err(|e| e.to_string())
-                    }),
-                _ => Err("usage: driver <vm> <name> [key=value ...]".into()),
-            },
-            _ => Err("commands: status | enable [vm] | disable [vm] | driver <vm> <name> [key=value ...]".into()),
-        };
+                }
+                CtlRequest::Driver { vm, name, opts } => self
+                    .rt
+                    .set_driver(vm, &name, &opts)
+                    .map(|_| serde_json::json!({"vm": vm, "driver": name}))
+                    .map_err(|e| e.to_string()),
+            });
         match result {
             Ok(v) => serde_json::json!({"ok": true, "result": v}),
             Err(e) => serde_json::json!({"ok": false, "error": e}),
@@ -737,6 +725,55 @@ fn serve_metrics(
                 return;
             }
         }
+    }
+}
+
+/// A `ctl` request, parsed (who may send it is [`authorize`]'s business).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CtlRequest {
+    /// `status`.
+    Status,
+    /// `enable [vm]`: one VM, or boosting as a whole.
+    Enable(Option<u32>),
+    /// `disable [vm]`.
+    Disable(Option<u32>),
+    /// `driver <vm> <name> [key=value ...]`.
+    Driver {
+        /// VM id.
+        vm: u32,
+        /// Driver name.
+        name: String,
+        /// Its options.
+        opts: DriverOptions,
+    },
+}
+
+/// Parses one `ctl` request line (words separated by whitespace; words after the ones a
+/// command takes are ignored). Any line gives a request or an error message, never a panic.
+pub fn parse_ctl(line: &str) -> Result<CtlRequest, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let vm_arg = |w: Option<&&str>| -> Result<Option<u32>, String> {
+        w.map(|s| s.parse::<u32>().map_err(|_| format!("bad VM id {s:?}")))
+            .transpose()
+    };
+    match words.first().copied() {
+        Some("status") => Ok(CtlRequest::Status),
+        Some("enable") => vm_arg(words.get(1)).map(CtlRequest::Enable),
+        Some("disable") => vm_arg(words.get(1)).map(CtlRequest::Disable),
+        Some("driver") => match (vm_arg(words.get(1)), words.get(2)) {
+            (Ok(Some(vm)), Some(name)) => DriverOptions::parse(words[3..].iter().copied())
+                .map(|opts| CtlRequest::Driver {
+                    vm,
+                    name: name.to_string(),
+                    opts,
+                })
+                .map_err(|e| e.to_string()),
+            _ => Err("usage: driver <vm> <name> [key=value ...]".into()),
+        },
+        _ => Err(
+            "commands: status | enable [vm] | disable [vm] | driver <vm> <name> [key=value ...]"
+                .into(),
+        ),
     }
 }
 
@@ -941,6 +978,49 @@ mod tests {
         ] {
             let e = authorize(verb, user, Some(100)).unwrap_err();
             assert!(e.contains("root only"), "{verb:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn ctl_requests_parse() {
+        assert_eq!(parse_ctl("status"), Ok(CtlRequest::Status));
+        assert_eq!(parse_ctl(" enable \n"), Ok(CtlRequest::Enable(None)));
+        assert_eq!(
+            parse_ctl("disable 3 extra"),
+            Ok(CtlRequest::Disable(Some(3)))
+        );
+        assert_eq!(
+            parse_ctl("driver 2 dynamic cs_budget=3ms"),
+            Ok(CtlRequest::Driver {
+                vm: 2,
+                name: "dynamic".into(),
+                opts: DriverOptions::new().set("cs_budget", "3ms"),
+            })
+        );
+        assert_eq!(parse_ctl("enable x"), Err("bad VM id \"x\"".into()));
+        assert_eq!(
+            parse_ctl("disable 4294967296").unwrap_err(),
+            "bad VM id \"4294967296\""
+        );
+        for usage in [
+            "driver",
+            "driver 1",
+            "driver x dynamic",
+            "driver -1 dynamic",
+        ] {
+            assert!(
+                parse_ctl(usage).unwrap_err().starts_with("usage: driver"),
+                "{usage}"
+            );
+        }
+        assert!(parse_ctl("driver 1 dynamic novalue")
+            .unwrap_err()
+            .contains("key=value"));
+        for unknown in ["", "   ", "Status", "reboot"] {
+            assert!(
+                parse_ctl(unknown).unwrap_err().starts_with("commands:"),
+                "{unknown:?}"
+            );
         }
     }
 

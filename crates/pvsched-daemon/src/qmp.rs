@@ -29,7 +29,10 @@ fn read_line(r: &mut impl BufRead) -> io::Result<String> {
     Ok(line)
 }
 
-fn read_reply(r: &mut impl BufRead) -> io::Result<Value> {
+/// Reads lines until an answer (`"return"` or `"error"`), skipping at most `MAX_LINES` (64)
+/// events, each line at most `MAX_LINE` bytes. Public for the fuzz tests only.
+#[doc(hidden)]
+pub fn read_reply(r: &mut impl BufRead) -> io::Result<Value> {
     for _ in 0..MAX_LINES {
         let line = read_line(r)?;
         let v: Value = serde_json::from_str(&line)
@@ -45,7 +48,7 @@ fn read_reply(r: &mut impl BufRead) -> io::Result<Value> {
     ))
 }
 
-fn execute(s: &mut UnixStream, r: &mut impl BufRead, cmd: &str) -> io::Result<Value> {
+fn execute(s: &mut impl Write, r: &mut impl BufRead, cmd: &str) -> io::Result<Value> {
     s.write_all(format!("{}\n", json!({ "execute": cmd })).as_bytes())?;
     let v = read_reply(r)?;
     match v.get("error") {
@@ -92,17 +95,23 @@ pub fn query_cpus(path: &Path) -> io::Result<Vec<VcpuThread>> {
     // another process's threads (or at the daemon itself).
     let peer = crate::daemon::peer_of(&s)?;
     let mut r = BufReader::new(s.try_clone()?);
-    // Greeting, then capabilities negotiation.
-    let greeting = read_line(&mut r)?;
+    let threads = converse(&mut s, &mut r)?;
+    check_owned(threads, peer.pid)
+}
+
+/// The conversation of [`query_cpus`]: greeting, capabilities negotiation, `query-cpus-fast`,
+/// commands written to `w`, the peer's lines read from `r`. Public for the fuzz tests only.
+#[doc(hidden)]
+pub fn converse(w: &mut impl Write, r: &mut impl BufRead) -> io::Result<Vec<VcpuThread>> {
+    let greeting = read_line(r)?;
     if !greeting.contains("QMP") {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "not a QMP socket",
         ));
     }
-    execute(&mut s, &mut r, "qmp_capabilities")?;
-    let threads = parse_cpus(&execute(&mut s, &mut r, "query-cpus-fast")?)?;
-    check_owned(threads, peer.pid)
+    execute(w, r, "qmp_capabilities")?;
+    parse_cpus(&execute(w, r, "query-cpus-fast")?)
 }
 
 /// Keeps `threads` only if every one belongs to process `pid` (the QMP peer).

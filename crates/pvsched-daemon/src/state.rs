@@ -116,6 +116,12 @@ impl StateFile {
     }
 }
 
+/// Parses a state file's contents: a JSON list of [`Entry`]s. Anything else is an
+/// [`io::ErrorKind::InvalidData`] error, never a panic.
+pub fn parse_entries(bytes: &[u8]) -> io::Result<Vec<Entry>> {
+    serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// Restores every thread listed in the state file at `path` that still exists (same start
 /// time) and is not at its original attributes, then removes the file. A missing file means
 /// there is nothing to do.
@@ -125,8 +131,7 @@ pub fn recover(path: &Path) -> io::Result<Recovery> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Recovery::default()),
         Err(e) => return Err(e),
     };
-    let entries: Vec<Entry> =
-        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let entries = parse_entries(&text)?;
     let mut r = Recovery::default();
     let mut left = Vec::new();
     // Every entry is tried: one that fails does not leave the ones after it boosted.
@@ -240,6 +245,22 @@ mod tests {
         assert_eq!(kept, [bogus], "the failing entry stays for a later try");
         drop(parked);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn entries_parse_from_what_save_writes() {
+        let e = Entry {
+            tid: 7,
+            start_time: 99,
+            original: SchedClass::Nice(3).attr(),
+        };
+        let text = serde_json::to_vec_pretty(&[e]).unwrap();
+        assert_eq!(parse_entries(&text).unwrap(), [e]);
+        assert!(parse_entries(b"[]").unwrap().is_empty());
+        for bad in [&b""[..], b"{}", b"[{\"tid\": 1}]", b"[[[[", b"\xff"] {
+            let err = parse_entries(bad).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        }
     }
 
     #[test]

@@ -251,7 +251,9 @@ fn parse_ratio_milli(v: &str) -> Option<u64> {
     let milli = |x: &str| -> Option<u64> {
         let x = x.trim();
         let (int, frac) = x.split_once('.').unwrap_or((x, ""));
-        if int.is_empty() && frac.is_empty() || frac.len() > 3 {
+        // Digits only: `str::parse` would also take a sign (`+1`, `1.+5`).
+        let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+        if int.is_empty() && frac.is_empty() || frac.len() > 3 || !digits(int) || !digits(frac) {
             return None;
         }
         let int: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
@@ -703,7 +705,7 @@ mod tests {
         assert_eq!(parse_ratio_milli("1:2"), Some(2000));
         assert_eq!(parse_ratio_milli("2:1"), Some(500));
         for bad in [
-            "0", "0.01", "101", "x", "", ":", "1:0", "0:1", "1.2345", "-1",
+            "0", "0.01", "101", "x", "", ":", "1:0", "0:1", "1.2345", "-1", "+1", "1.+5", "1:+2",
         ] {
             assert_eq!(parse_ratio_milli(bad), None, "{bad}");
         }
