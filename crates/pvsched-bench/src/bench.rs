@@ -19,27 +19,37 @@ use std::time::{Duration, Instant};
 
 /// Policies in the order the report shows them (RFC columns: vanilla, dynamic, static).
 /// `daemon` is pvsched's daemon driving the VM from the outside (tracepoints only).
-pub const POLICIES: [&str; 6] = [
+pub const POLICIES: [&str; 7] = [
     "none",
     "dynamic",
     "deadline-aware",
     "deadline-aware/slice",
+    "deadline-aware/nocap",
     "static",
     "daemon",
 ];
 
 /// The driver and options behind a bench policy name: a driver name, `daemon`, or
-/// `<driver>/slice` (that driver boosting to an EEVDF custom slice of 100 µs instead of FIFO).
+/// `<driver>/slice` (that driver boosting to an EEVDF custom slice of 100 µs instead of FIFO),
+/// or `<driver>/nocap` (that driver without the host-wide cap, see [`policy_cap`]).
 pub fn policy_driver(name: &str) -> (String, DriverOptions) {
     match name.split_once('/') {
         Some((driver, "slice")) => (
             driver.into(),
             DriverOptions::new().set("class", "slice:100us"),
         ),
+        Some((driver, "nocap")) => (driver.into(), DriverOptions::new()),
         _ if name == "daemon" => ("none".into(), DriverOptions::new()),
         _ => (name.into(), DriverOptions::new()),
     }
 }
+/// The host-wide cap a bench policy runs with: the default (host CPUs − 1) for pvsched's
+/// drivers; none for `static` (the RFC's static-RT reference: every vCPU real-time) and for
+/// `<driver>/nocap`.
+pub fn policy_cap(name: &str) -> Option<usize> {
+    (name != "static" && !name.ends_with("/nocap")).then(pvsched_host::runtime::default_max_boosted)
+}
+
 /// Deadline-task periods (RFC audio buffers: 2, 4, 10 ms). vCPU `i` runs period
 /// `TASK_PERIODS_MS[(i + round) % 3]` in round `round`, so with as many vCPUs as host CPUs
 /// every period is measured in most rounds, under every policy alike.
@@ -123,7 +133,7 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// The default run: 3 rounds × 50 cells × 5 s (about 13 minutes).
+    /// The default run: 3 rounds × 58 cells × 5 s (about 16 minutes).
     pub fn standard(cpus: usize) -> Self {
         BenchConfig {
             cell_duration: Duration::from_secs(5),
@@ -270,10 +280,7 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
                 driver,
                 opts,
                 quiet_gate: Some(QuietGate::default()),
-                // The dynamic drivers leave the host a CPU; `static` is the RFC's static-RT
-                // reference: every vCPU real-time.
-                max_boosted: (key.policy != "static")
-                    .then(pvsched_host::runtime::default_max_boosted),
+                max_boosted: policy_cap(&key.policy),
             }
         },
         // The guest speaks the protocol: its vCPU threads see its requests at their exits.
@@ -605,15 +612,15 @@ mod tests {
     fn plan_interleaves_policies_and_adds_floor_cells() {
         let c = BenchConfig::standard(2);
         let p = c.plan();
-        assert_eq!(p.len(), 2 * (2 * 2 * 6 + 1));
+        assert_eq!(p.len(), 2 * (2 * 2 * 7 + 1));
         assert_eq!(
-            p[..6].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
+            p[..7].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
             POLICIES
         );
         assert!(p
             .iter()
             .all(|k| k.guest_busy || (k.policy == "none" && k.host == HostState::Idle)));
-        assert_eq!(p.iter().filter(|k| !k.task).count(), 2 * 2 * 6);
+        assert_eq!(p.iter().filter(|k| !k.task).count(), 2 * 2 * 7);
         let mut sorted = p.clone();
         sorted.sort();
         sorted.dedup();

@@ -377,8 +377,11 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         s,
         "## Ratios (medians of guest wake-up latency, busy host)\n"
     );
-    let _ = writeln!(s, "| interval | metric | dynamic | deadline-aware |");
-    let _ = writeln!(s, "|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| interval | metric | dynamic | deadline-aware | deadline-aware/nocap |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
     for &i in &c.intervals_us {
         let get = |p: &str| v.find(HostState::Busy, true, p, i);
         let floor = v.find(HostState::Idle, false, "none", i);
@@ -400,9 +403,10 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| {i} µs | {m} {what} | {} | {} |",
+                    "| {i} µs | {m} {what} | {} | {} | {} |",
                     r("dynamic"),
-                    r("deadline-aware")
+                    r("deadline-aware"),
+                    r("deadline-aware/nocap")
                 );
             }
         }
