@@ -149,7 +149,16 @@ fn static_policy_boosts_and_reports() {
     let json = dir.join("out.json");
     let out = run_with_limit(
         pvsched()
-            .args(["vm", "--duration", "500ms", "--policy", "static", "--json"])
+            .args([
+                "vm",
+                "--duration",
+                "500ms",
+                "--policy",
+                "static",
+                "--max-boosted",
+                "off",
+                "--json",
+            ])
             .arg(&json),
         Duration::from_secs(60),
     );
@@ -167,6 +176,35 @@ fn static_policy_boosts_and_reports() {
         assert_eq!(b["boosts"], 1);
         assert_eq!(b["unboosts"], 1, "restored at the end");
     }
+    // With a cap of one, one vCPU is boosted and the other waits (counted), reported so.
+    let out = run_with_limit(
+        pvsched()
+            .args([
+                "vm",
+                "--vcpus",
+                "2",
+                "--duration",
+                "500ms",
+                "--policy",
+                "static",
+                "--max-boosted",
+                "1",
+                "--json",
+            ])
+            .arg(&json),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("capped 1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let per = v["policy"]["per_vcpu"].as_array().unwrap();
+    let sum = |k: &str| per.iter().map(|b| b[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("boosts"), sum("capped")), (1, 1), "{per:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -309,8 +347,8 @@ fn bench_quick_writes_a_complete_report() {
     let cells = v["cells"].as_array().unwrap();
     assert_eq!(
         cells.len(),
-        50,
-        "2 intervals × (2 host states × task on/off × 6 policies + floor)"
+        58,
+        "2 intervals × (2 host states × task on/off × 7 policies + floor)"
     );
     let mut keys = std::collections::BTreeSet::new();
     for c in cells {
@@ -342,7 +380,7 @@ fn bench_quick_writes_a_complete_report() {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
-    assert_eq!(keys.len(), 50, "distinct cells");
+    assert_eq!(keys.len(), 58, "distinct cells");
     for policy in pvsched_bench::bench::POLICIES {
         for interval in [500, 1000] {
             for host in ["busy", "idle"] {

@@ -78,6 +78,9 @@ pub struct VcpuPolicyReport {
     /// Time spent paying back boosted time below normal weight, ms.
     #[serde(default)]
     pub repaid_ms: f64,
+    /// Boosts that waited for the host-wide cap.
+    #[serde(default)]
+    pub capped: u64,
 }
 
 /// Everything the engine reports about a run.
@@ -119,6 +122,7 @@ impl HostLoopReport {
                             refused: c.refused,
                             boosted_ms: c.boosted_ms,
                             repaid_ms: c.repaid_ms,
+                            capped: c.capped,
                         })
                         .collect()
                 })

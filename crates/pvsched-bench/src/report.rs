@@ -179,9 +179,17 @@ pub fn render(r: &Report) -> String {
             .map_or(0.0, |c| v.boosted_ms / 1e3 / c.wall_s * 100.0);
         let _ = writeln!(
             s,
-            "B:{:2} boosts {} unboosts {} throttles {} refused {} boosted {:.1} ms ({:.1}%) \
-             repaid {:.1} ms",
-            i, v.boosts, v.unboosts, v.throttles, v.refused, v.boosted_ms, share, v.repaid_ms
+            "B:{:2} boosts {} unboosts {} throttles {} refused {} capped {} boosted {:.1} ms \
+             ({:.1}%) repaid {:.1} ms",
+            i,
+            v.boosts,
+            v.unboosts,
+            v.throttles,
+            v.refused,
+            v.capped,
+            v.boosted_ms,
+            share,
+            v.repaid_ms
         );
     }
     if pol.boost_latency.count > 0 {

@@ -52,7 +52,13 @@ pub fn render(status: &Status) -> String {
     let wakeups = Counter::<u64>::default();
     let setattr = Family::<ByLabels, Counter>::default();
     let global = Gauge::<i64>::default();
+    let capped = Family::<VcpuLabels, Counter>::default();
     reg.register("vcpu_boosts", "Boosts of a vCPU thread", boosts.clone());
+    reg.register(
+        "vcpu_capped",
+        "Boosts that waited for the host-wide cap (max_boosted)",
+        capped.clone(),
+    );
     reg.register(
         "vcpu_throttles",
         "Boosts ended by a budget",
@@ -171,6 +177,7 @@ pub fn render(status: &Status) -> String {
             };
             boosts.get_or_create(&l).inc_by(c.boosts);
             throttles.get_or_create(&l).inc_by(c.throttles);
+            capped.get_or_create(&l).inc_by(c.capped);
             boosted_s.get_or_create(&l).inc_by(c.boosted_ms / 1e3);
             boosted_now.get_or_create(&l).set(c.boosted as i64);
             debt_s.get_or_create(&l).set(c.debt_ms / 1e3);
