@@ -465,7 +465,7 @@ fn boosted_time_is_repaid_then_the_original_restored() {
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&["cs_budget=1s", "repay=nice:19"]),
+        &opts(&["cs_budget=1s", "repay=nice:19", "repay_on=boost"]),
         no_parts(),
     )
     .unwrap();

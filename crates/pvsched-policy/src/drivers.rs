@@ -102,6 +102,18 @@ pub struct DynamicParams {
     /// (real-time, negative nice), the vCPU runs in this (fair) class until the debt is paid
     /// back, so that boosting does not add to its CPU share; `None`: off.
     pub repay: Option<BoostClass>,
+    /// When a repayment starts: after a throttle only (the default: a vCPU that ran out of
+    /// budget gives back what it took), or after every boost.
+    pub repay_on: RepayOn,
+}
+
+/// When the `dynamic` drivers make a vCPU pay back its boosted time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepayOn {
+    /// After a boost that ended in a throttle (its debt reached a limit).
+    Throttle,
+    /// After every boost in a class that takes extra CPU share.
+    Boost,
 }
 
 impl Default for DynamicParams {
@@ -118,7 +130,8 @@ impl Default for DynamicParams {
             cooldown: MS,
             irq_hold: 200 * US,
             lead: None,
-            repay: None,
+            repay: Some(BoostClass::Nice(19)),
+            repay_on: RepayOn::Throttle,
         }
     }
 }
@@ -133,6 +146,7 @@ const DYNAMIC_KEYS: &[&str] = &[
     "cooldown",
     "irq_hold",
     "repay",
+    "repay_on",
 ];
 const DEADLINE_KEYS: &[&str] = &[
     "class",
@@ -146,6 +160,7 @@ const DEADLINE_KEYS: &[&str] = &[
     "irq_hold",
     "lead",
     "repay",
+    "repay_on",
 ];
 
 /// Longest debt limit, hold or lead accepted.
@@ -194,6 +209,12 @@ impl DynamicParams {
                         ))
                     }
                 },
+            },
+            repay_on: match o.get("repay_on") {
+                None => d.repay_on,
+                Some("throttle") => RepayOn::Throttle,
+                Some("boost") => RepayOn::Boost,
+                Some(v) => return Err(bad("repay_on", v, "expected throttle or boost")),
             },
         };
         for (key, c) in [
@@ -502,9 +523,14 @@ impl DynamicDriver {
     /// Ends the boost as throttled and arms the latches' release.
     fn throttle(&self, ctx: &mut VcpuCtx<'_>) {
         ctx.state.counters.throttles += 1;
+        let extra = ctx.state.boost.is_some_and(|b| b.class.takes_extra_share());
         self.unboost(ctx, BoostState::Throttled);
         ctx.state.throttled_until = Some(ctx.now.saturating_add(self.p.cooldown));
         self.arm_release(ctx);
+        // Ran out of budget: it gives back what it took, below its normal weight.
+        if extra && self.p.repay_on == RepayOn::Throttle {
+            self.repay_if_owed(ctx);
+        }
     }
 
     /// Ends the boost; with `repay` on and a debt left, the vCPU pays it back below its
@@ -514,7 +540,7 @@ impl DynamicDriver {
         // back; its time still counts against the budgets.
         let extra = ctx.state.boost.is_some_and(|b| b.class.takes_extra_share());
         ctx.unboost(then);
-        if extra {
+        if extra && self.p.repay_on == RepayOn::Boost {
             self.repay_if_owed(ctx);
         }
     }

@@ -591,7 +591,7 @@ fn a_guest_alternating_rt_and_irq_requests_is_throttled() {
 
 #[test]
 fn boosted_time_is_repaid_below_normal_weight() {
-    let mut s = Sim::new("dynamic", &["repay=nice:19"]);
+    let mut s = Sim::new("dynamic", &["repay=nice:19", "repay_on=boost"]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
     s.advance(10 * MS);
@@ -621,19 +621,64 @@ fn boosted_time_is_repaid_below_normal_weight() {
         "paid back: original attributes"
     );
     assert_eq!(s.engine.vcpu(V0).unwrap().counters.repaid_ns, 11 * MS);
-    // Off (the default): no repayment.
-    let mut s = Sim::new("dynamic", &[]);
-    s.event(V0, VcpuEvent::Registered);
-    s.guest(V0, rs(&[Reason::RtTask]));
+    // The default repays only after a throttle: a boost within budget is not repaid.
+    for opts in [&[][..], &["repay=off"][..]] {
+        let mut s = Sim::new("dynamic", opts);
+        s.event(V0, VcpuEvent::Registered);
+        s.guest(V0, rs(&[Reason::RtTask]));
+        s.advance(10 * MS);
+        s.guest(V0, Reasons::NONE);
+        assert!(s.repaying.is_empty());
+        assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
+    }
+}
+
+#[test]
+fn a_vcpu_that_ran_out_of_budget_repays_by_default() {
+    // A rogue guest: requests an RT boost and never lets go.
+    let run = |opts: &[&str]| {
+        let mut s = Sim::new("dynamic", opts);
+        s.event(V0, VcpuEvent::Registered);
+        s.guest(V0, rs(&[Reason::RtTask]));
+        s.advance(15 * MS);
+        assert!(!s.is_boosted(V0), "throttled after its 10 ms budget");
+        s
+    };
+    let mut s = run(&["rt_budget=10ms"]);
+    assert!(
+        s.repaying.contains_key(&V0),
+        "repays at nice 19 while throttled"
+    );
+    assert_eq!(
+        s.log.iter().find(|d| matches!(d, Decision::Repay(..))),
+        Some(&Decision::Repay(V0, Some(BoostClass::Nice(19))))
+    );
+    // Paid back (10 ms at 1:1), it is boosted again on its standing request.
     s.advance(10 * MS);
-    s.guest(V0, Reasons::NONE);
+    assert!(s.is_boosted(V0) && s.repaying.is_empty());
+    let st = s.engine.vcpu(V0).unwrap();
+    assert_eq!(st.counters.throttles, 1);
+    assert_eq!(st.counters.repaid_ns, 10 * MS);
+    // Off: throttled all the same, nothing repaid.
+    let s = run(&["rt_budget=10ms", "repay=off"]);
     assert!(s.repaying.is_empty());
     assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
+    // Bad values are named.
+    assert!(DriverOptions::parse(["repay_on=never"]).is_ok());
+    let mut e = Engine::default();
+    let err = e
+        .add_vm(
+            1,
+            "dynamic",
+            &DriverOptions::parse(["repay_on=never"]).unwrap(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("repay_on"), "{err}");
 }
 
 #[test]
 fn a_quiet_vcpu_gets_no_boosts() {
-    let mut s = Sim::new("deadline-aware", &["repay=nice:19"]);
+    let mut s = Sim::new("deadline-aware", &["repay=nice:19", "repay_on=boost"]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
     assert!(s.is_boosted(V0));
@@ -757,7 +802,7 @@ proptest! {
     fn boosted_time_is_bounded_over_every_window(
         driver in prop::sample::select(vec!["dynamic", "deadline-aware"]),
         recovery in prop::sample::select(vec![("0.5", 500u64), ("1", 1000), ("2", 2000)]),
-        repay in prop::sample::select(vec!["repay=off", "repay=nice:19"]),
+        repay in prop::sample::select(vec!["repay=off", "repay_on=throttle", "repay_on=boost"]),
         events in proptest::collection::vec(arb_event(), 0..200),
     ) {
         let generic = 20 * MS;
