@@ -103,7 +103,8 @@ pub struct DynamicParams {
     /// back, so that boosting does not add to its CPU share; `None`: off.
     pub repay: Option<BoostClass>,
     /// When a repayment starts: after a throttle only (the default: a vCPU that ran out of
-    /// budget gives back what it took), or after every boost.
+    /// budget gives back what it took), or after every boost. Repayment itself is off by
+    /// default (`repay`).
     pub repay_on: RepayOn,
 }
 
@@ -130,7 +131,7 @@ impl Default for DynamicParams {
             cooldown: MS,
             irq_hold: 200 * US,
             lead: None,
-            repay: Some(BoostClass::Nice(19)),
+            repay: None,
             repay_on: RepayOn::Throttle,
         }
     }

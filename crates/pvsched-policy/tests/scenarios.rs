@@ -621,8 +621,9 @@ fn boosted_time_is_repaid_below_normal_weight() {
         "paid back: original attributes"
     );
     assert_eq!(s.engine.vcpu(V0).unwrap().counters.repaid_ns, 11 * MS);
-    // The default repays only after a throttle: a boost within budget is not repaid.
-    for opts in [&[][..], &["repay=off"][..]] {
+    // Off by default; `repay=nice:19` alone repays only after a throttle: a boost within
+    // budget is not repaid.
+    for opts in [&[][..], &["repay=off"][..], &["repay=nice:19"][..]] {
         let mut s = Sim::new("dynamic", opts);
         s.event(V0, VcpuEvent::Registered);
         s.guest(V0, rs(&[Reason::RtTask]));
@@ -634,7 +635,7 @@ fn boosted_time_is_repaid_below_normal_weight() {
 }
 
 #[test]
-fn a_vcpu_that_ran_out_of_budget_repays_by_default() {
+fn a_vcpu_that_ran_out_of_budget_repays_when_asked() {
     // A rogue guest: requests an RT boost and never lets go.
     let run = |opts: &[&str]| {
         let mut s = Sim::new("dynamic", opts);
@@ -644,7 +645,7 @@ fn a_vcpu_that_ran_out_of_budget_repays_by_default() {
         assert!(!s.is_boosted(V0), "throttled after its 10 ms budget");
         s
     };
-    let mut s = run(&["rt_budget=10ms"]);
+    let mut s = run(&["rt_budget=10ms", "repay=nice:19"]);
     assert!(
         s.repaying.contains_key(&V0),
         "repays at nice 19 while throttled"
@@ -659,8 +660,8 @@ fn a_vcpu_that_ran_out_of_budget_repays_by_default() {
     let st = s.engine.vcpu(V0).unwrap();
     assert_eq!(st.counters.throttles, 1);
     assert_eq!(st.counters.repaid_ns, 10 * MS);
-    // Off: throttled all the same, nothing repaid.
-    let s = run(&["rt_budget=10ms", "repay=off"]);
+    // Off (the default): throttled all the same, nothing repaid.
+    let s = run(&["rt_budget=10ms"]);
     assert!(s.repaying.is_empty());
     assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
     // Bad values are named.
