@@ -73,12 +73,6 @@ pub fn vcpu_threads(pid: i32) -> io::Result<Vec<VcpuThread>> {
     Ok(out)
 }
 
-/// Start time of thread `tid` (clock ticks since boot, `/proc/<tid>/stat` field 22): with the
-/// tid, it identifies a thread across tid reuse.
-pub fn start_time(tid: i32) -> Option<u64> {
-    pvsched_host::sched::start_time(tid)
-}
-
 /// Who may have vCPU threads boosted: the owner (effective uid) or group of the process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allowed {
@@ -234,7 +228,7 @@ mod tests {
             found.iter().any(|v| v.index == 5 && v.vmm == Vmm::Crosvm),
             "{found:?}"
         );
-        assert!(start_time(found[0].tid).is_some());
+        assert!(pvsched_host::sched::start_time(found[0].tid).is_some());
         tx.send(()).unwrap();
         t.join().unwrap();
         assert!(vcpu_threads(-5).is_err());

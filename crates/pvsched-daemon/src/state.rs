@@ -2,8 +2,7 @@
 //! attributes. Written when threads are attached or detached (not per boost); read at start
 //! to restore whatever a previous daemon, killed with `kill -9`, left boosted.
 
-use crate::discover::start_time;
-use pvsched_host::sched::{self, SchedAttr};
+use pvsched_host::sched::{self, start_time, SchedAttr};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io;
