@@ -293,9 +293,16 @@ pub fn run(
                 .name("pvsched-metrics".into())
                 .spawn_scoped(scope, move || serve_metrics(m, &rt, labels, served));
         }
-        let r = d.serve(&listener, stop, recovery, on_ready);
-        served.store(true, Ordering::Release);
-        r
+        // Set however `serve` ends, a panic included: the scope joins the metrics thread
+        // before anything unwinds further, and the runtime's drop restores every thread.
+        struct Served<'a>(&'a AtomicBool);
+        impl Drop for Served<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _served = Served(&served);
+        d.serve(&listener, stop, recovery, on_ready)
     });
     // Every path out restores: the runtime puts every thread back when it stops.
     let status = runtime.stop();

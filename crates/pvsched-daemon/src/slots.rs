@@ -71,6 +71,14 @@ impl GuestSlots {
         if !meta.file_type().is_file() {
             return Err(bad(format!("{name} is not a regular file or memfd")));
         }
+        if on_hugetlbfs(&f)? {
+            // A huge page cannot be replaced by a small zero page: its truncation could not
+            // be survived.
+            return Err(bad(format!(
+                "{name} is on hugetlbfs, which the daemon does not map (a truncation could not \
+                 be survived)"
+            )));
+        }
         if meta.uid() != 0 && Some(meta.uid()) != owner {
             return Err(bad(format!(
                 "{name} belongs to uid {}, neither root nor the VM's owner{}",
@@ -185,6 +193,19 @@ impl GuestSlots {
             SlotWatch(shared),
         )
     }
+}
+
+/// True when `f` lives on hugetlbfs (a hugetlbfs file or a `MFD_HUGETLB` memfd).
+fn on_hugetlbfs(f: &std::fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value of the C struct; fstatfs only writes it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a writable statfs and the descriptor is open for the call.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == HUGETLBFS_MAGIC)
 }
 
 /// Lets the daemon's control plane see that a VM's memory file was truncated.

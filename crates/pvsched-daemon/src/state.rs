@@ -24,6 +24,8 @@ pub struct Entry {
 pub struct StateFile {
     path: PathBuf,
     entries: BTreeMap<i32, Entry>,
+    /// Entries a recovery could not restore (kept for the next one).
+    kept: std::collections::BTreeSet<i32>,
 }
 
 /// What a recovery did.
@@ -46,6 +48,7 @@ impl StateFile {
         StateFile {
             path: path.to_path_buf(),
             entries: BTreeMap::new(),
+            kept: Default::default(),
         }
     }
 
@@ -55,6 +58,7 @@ impl StateFile {
         StateFile {
             path: path.to_path_buf(),
             entries: entries.iter().map(|e| (e.tid, *e)).collect(),
+            kept: entries.iter().map(|e| e.tid).collect(),
         }
     }
 
@@ -85,10 +89,12 @@ impl StateFile {
     }
 
     /// At shutdown: keeps the entries of `unrestored` (threads the kernel would not let the
-    /// daemon restore; a later `--recover-only` tries them again) and removes the file when
-    /// there are none.
+    /// daemon restore) and those a startup recovery could not restore, for a later
+    /// `--recover-only`; removes the file when there are none.
     pub fn finish(&mut self, unrestored: &[i32]) -> io::Result<()> {
-        self.entries.retain(|tid, _| unrestored.contains(tid));
+        let kept = std::mem::take(&mut self.kept);
+        self.entries
+            .retain(|tid, _| unrestored.contains(tid) || kept.contains(tid));
         if self.entries.is_empty() {
             self.remove()
         } else {
@@ -260,6 +266,27 @@ mod tests {
             let err = parse_entries(bad).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn finish_keeps_what_is_still_to_restore() {
+        let path =
+            std::env::temp_dir().join(format!("pvsched-state-finish-{}", std::process::id()));
+        let entry = |tid| Entry {
+            tid,
+            start_time: 1,
+            original: SchedAttr::default(),
+        };
+        // A startup recovery left 7 unrestored; this run could not restore 8; 9 went fine.
+        let mut f = StateFile::keeping(&path, &[entry(7)]);
+        f.entries.insert(8, entry(8));
+        f.entries.insert(9, entry(9));
+        f.finish(&[8]).unwrap();
+        let left = parse_entries(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(left.iter().map(|e| e.tid).collect::<Vec<_>>(), [7, 8]);
+        // Nothing left: no file.
+        StateFile::new(&path).finish(&[]).unwrap();
+        assert!(!path.exists());
     }
 
     #[test]

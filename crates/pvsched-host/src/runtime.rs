@@ -162,8 +162,11 @@ impl Applier for VerifiedApplier {
     fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
         match self.threads().get(&tid) {
             Some(h) => h.set(attr),
-            // Not a vCPU: the runtime's own engine thread.
-            None => sched::set(tid, attr),
+            // Not a vCPU: only a thread of this process (the runtime's own engine thread).
+            None if std::path::Path::new(&format!("/proc/self/task/{tid}")).exists() => {
+                sched::set(tid, attr)
+            }
+            None => Err(sched::Error::NoThread { tid }),
         }
     }
     fn attach(&self, tid: i32) -> Result<(), sched::Error> {
@@ -1622,6 +1625,8 @@ impl Loop {
             }
             Command::RemoveVcpu { key, reply } => {
                 let r = if self.remove_vcpu(key, now) {
+                    // A boost it let go of may have gone to a waiting vCPU (the cap).
+                    self.process(now, now, &[]);
                     Ok(())
                 } else {
                     Err(RuntimeError::UnknownVcpu(key))
@@ -1683,6 +1688,17 @@ impl Loop {
             if let Some(c) = core.cells.values().find(|c| c.tid == tid) {
                 return Err(RuntimeError::DuplicateTid { tid, key: c.key });
             }
+        }
+        // A thread whose restore is still being retried is not attached again (its identity
+        // and original attributes belong to that restore).
+        if let Some(c) = shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|c| c.tid == tid)
+        {
+            return Err(RuntimeError::DuplicateTid { tid, key: c.key });
         }
         shared
             .applier
@@ -1787,10 +1803,12 @@ impl Loop {
             core.engine.remove_vm(vm, now, &mut out);
             core.apply(&shared, &out, now, &mut self.touched);
             core.publishers.remove(&vm);
-            core.follow.clear();
+            core.follow.retain(|e| e.key.vm != vm);
         }
-        // Its vCPUs were removed (and restored) above: nothing left to apply.
-        self.touched.clear();
+        // Its vCPUs were removed (and restored) above; another VM's vCPU may have been
+        // handed the boost they let go of (the host-wide cap): apply that now.
+        self.touched.retain(|c| c.key.vm != vm);
+        self.process(now, now, &[]);
         if let Some(list) = self.vm_sources.remove(&vm) {
             for e in list {
                 if let Some(fd) = e.source.fd() {

@@ -511,8 +511,9 @@ impl ThreadHandle {
     }
 
     /// Sets the thread's attributes if it is still the thread opened
-    /// ([`Error::NoThread`] if not). Between the check and the call the id cannot be reused:
-    /// that would take the kernel's whole pid space to wrap around within one syscall.
+    /// ([`Error::NoThread`] if not). A window remains between the check and the call: the
+    /// thread would have to exit and its id be handed to a new thread within it (the kernel
+    /// allocates ids cyclically, so only once the allocator has come round to that id again).
     pub fn set(&self, attr: &SchedAttr) -> Result<(), Error> {
         if !self.alive() {
             return Err(Error::NoThread { tid: self.tid });

@@ -661,3 +661,36 @@ fn a_refused_restore_is_counted_by_kind_and_tried_again() {
     let refused = fin.apply_errors_by_kind["permission"];
     assert!((3..=10).contains(&refused), "tried {refused} times");
 }
+
+#[test]
+fn a_boost_let_go_by_a_removed_vcpu_goes_to_the_waiting_one() {
+    let kernel = Arc::new(FakeKernel::default());
+    let rt = Runtime::start(RuntimeConfig {
+        applier: kernel.clone(),
+        max_boosted: Some(1),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let h = rt.handle();
+    for vm in 0..3 {
+        h.add_vm(vm, "static", &opts(&["class=fifo:7"]), no_parts())
+            .unwrap();
+    }
+    let (a, b, c) = (VcpuKey::new(0, 0), VcpuKey::new(1, 0), VcpuKey::new(2, 0));
+    let _a = h.add_vcpu(a, 1001, false).unwrap();
+    let _b = h.add_vcpu(b, 1002, false).unwrap();
+    let _c = h.add_vcpu(c, 1003, false).unwrap();
+    assert!(kernel.is_fifo(1001) && !kernel.is_fifo(1002) && !kernel.is_fifo(1003));
+    // The boosted vCPU's VM goes: the oldest waiter gets the boost, applied at once.
+    h.remove_vm(0).unwrap();
+    wait_for("1002 boosted", || kernel.is_fifo(1002));
+    assert!(!kernel.is_fifo(1001) && !kernel.is_fifo(1003));
+    // Likewise when the boosted vCPU alone is removed.
+    h.remove_vcpu(b).unwrap();
+    wait_for("1003 boosted", || kernel.is_fifo(1003));
+    let st = h.status().unwrap();
+    let capped: u64 = st.vms.iter().flat_map(|v| &v.vcpus).map(|v| v.capped).sum();
+    assert_eq!(capped, 1, "{st:?}");
+    rt.stop();
+    assert!(!kernel.is_fifo(1003), "restored at stop");
+}

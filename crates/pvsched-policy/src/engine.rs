@@ -215,9 +215,11 @@ impl Engine {
                     let live = global
                         && e.enabled
                         && match what {
-                            VcpuEvent::Request(_) | VcpuEvent::Doorbell(_) => {
-                                !st.request.is_empty()
-                            }
+                            // The guest's standing request (a contention verdict only
+                            // re-offered it): live while it stands and the vCPU is contended.
+                            VcpuEvent::Request(_)
+                            | VcpuEvent::Doorbell(_)
+                            | VcpuEvent::Quiet(_) => !st.request.is_empty() && !st.quiet,
                             // A lead boost is for a deadline still ahead.
                             VcpuEvent::Timer(TimerKind::Lead, gen) => {
                                 st.is_timer_current(TimerKind::Lead, gen)
@@ -225,9 +227,11 @@ impl Engine {
                             }
                             VcpuEvent::Timer(kind, gen) => st.is_timer_current(kind, gen),
                             VcpuEvent::Interrupt | VcpuEvent::Woken => {
-                                now.saturating_sub(since) <= CAP_WAIT_HOST_NS
+                                now.saturating_sub(since) <= CAP_WAIT_HOST_NS && !st.quiet
                             }
-                            _ => true,
+                            VcpuEvent::Registered => true,
+                            // Nothing else starts a boost worth replaying.
+                            _ => false,
                         };
                     if !live {
                         stale.push(key);
@@ -252,9 +256,9 @@ impl Engine {
             let Some((_, _, key, what)) = best else {
                 return;
             };
-            // A request is handed over as it stands now.
+            // A request is handed over as it stands now (never a stale verdict).
             let what = match what {
-                VcpuEvent::Request(_) | VcpuEvent::Doorbell(_) => self
+                VcpuEvent::Request(_) | VcpuEvent::Doorbell(_) | VcpuEvent::Quiet(_) => self
                     .vcpu(key)
                     .map_or(what, |st| VcpuEvent::Request(st.request)),
                 w => w,

@@ -803,19 +803,23 @@ proptest! {
     fn boosted_time_is_bounded_over_every_window(
         driver in prop::sample::select(vec!["dynamic", "deadline-aware"]),
         recovery in prop::sample::select(vec![("0.5", 500u64), ("1", 1000), ("2", 2000)]),
-        repay in prop::sample::select(vec!["repay=off", "repay_on=throttle", "repay_on=boost"]),
+        repay in prop::sample::select(vec![
+            &["repay=off"][..],
+            &["repay=nice:19"][..],
+            &["repay=nice:19", "repay_on=boost"][..],
+        ]),
         events in proptest::collection::vec(arb_event(), 0..200),
     ) {
         let generic = 20 * MS;
         let recovery_opt = format!("recovery={}", recovery.0);
-        let opts = [
+        let mut opts = vec![
             "cs_budget=3ms",
             "rt_budget=20ms",
             "cooldown=1ms",
             "irq_hold=1ms",
             recovery_opt.as_str(),
-            repay,
         ];
+        opts.extend_from_slice(repay);
         let mut s = Sim::new(driver, &opts);
         s.event(V0, VcpuEvent::Registered);
         s.event(V1, VcpuEvent::Registered);
@@ -950,13 +954,15 @@ fn without_a_cap_every_vcpu_may_be_boosted_at_once() {
 }
 
 proptest! {
-    /// Whatever the guests and the host do, never more than `max_boosted` vCPUs are boosted at
-    /// once (the sim checks it at every boost), and the engine's count matches the sim's.
+    /// Whatever the guests and the host do on three vCPUs (requests, interrupts, deadlines,
+    /// quiet verdicts, VM disable/enable, driver swaps, a vCPU leaving and coming back), never
+    /// more than `max_boosted` vCPUs are boosted at once (the sim checks it at every boost), and
+    /// the engine's count matches the sim's.
     #[test]
     fn the_cap_holds_under_any_events(
         driver in prop::sample::select(vec!["dynamic", "deadline-aware", "static"]),
         cap in 1usize..3,
-        events in proptest::collection::vec(arb_event(), 0..150),
+        events in proptest::collection::vec((0u32..3, 0u8..12, 0u8..32, 0u64..5_000_000), 0..150),
     ) {
         let opts: &[&str] = if driver == "static" {
             &[]
@@ -968,7 +974,34 @@ proptest! {
         s.event(V0, VcpuEvent::Registered);
         s.event(V1, VcpuEvent::Registered);
         s.event(V2, VcpuEvent::Registered);
-        play(&mut s, &events);
+        let mut gone = None;
+        for &(v, kind, bits, delay) in &events {
+            let key = VcpuKey::new(0, v);
+            let mut out = Vec::new();
+            match kind {
+                9 => {
+                    s.advance(delay);
+                    s.engine.set_enabled(Some(0), bits % 2 == 0, s.now, &mut out).unwrap();
+                }
+                10 => {
+                    s.advance(delay);
+                    let opts = DriverOptions::parse(std::iter::empty::<&str>()).unwrap();
+                    s.engine.set_driver(0, driver, &opts, s.now, &mut out).unwrap();
+                }
+                11 => {
+                    s.advance(delay);
+                    // A vCPU leaves; the one that left before comes back.
+                    match gone.replace(key) {
+                        Some(back) if back != key => s.event(back, VcpuEvent::Registered),
+                        _ => {}
+                    }
+                    s.event(key, VcpuEvent::Unregistered);
+                }
+                _ => play(&mut s, &[(v, kind, bits, delay)]),
+            }
+            s.apply(out);
+            prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
+        }
         prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
         s.advance(100 * MS);
         prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
