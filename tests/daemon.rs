@@ -160,6 +160,25 @@ fn spawn_daemon(test: &str, mut cmd: Command, socket: &Path) -> Option<Child> {
     Some(d)
 }
 
+/// Writes a daemon configuration next to `socket` (`[daemon]` with that socket and `state`,
+/// then `rest`, which may go on with `[daemon]` keys) and starts the daemon with it; `None`
+/// (after saying why) when this host cannot run it.
+fn start_configured(test: &str, socket: &Path, state: &Path, rest: &str) -> Option<Child> {
+    let config = socket.with_file_name("pvsched.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = {:?}\nstate_file = {:?}\n{rest}",
+            socket.display().to_string(),
+            state.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = pvsched();
+    cmd.arg("daemon").arg("--config").arg(&config);
+    spawn_daemon(test, cmd, socket)
+}
+
 fn http_get(port: u16) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -646,24 +665,13 @@ fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
         assert_eq!(mode, 0o600, "guest RAM is its owner's only: {mode:o}");
     }
     // The testbed guest's slots: 0x800 into each vCPU's 64 KiB region at 0x200000.
-    let config = socket.with_file_name("pvsched.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
-             boost_when = \"always\"\n\
-             [policy]\ndriver = \"dynamic\"\n\
-             [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x200800, 0x210800]\n",
-            socket.display().to_string(),
-            state.display().to_string(),
-            vm.pid(),
-            memory.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut cmd = pvsched();
-    cmd.arg("daemon").arg("--config").arg(&config);
-    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+    let rest = format!(
+        "host_events = []\nboost_when = \"always\"\n[policy]\ndriver = \"dynamic\"\n\
+         [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x200800, 0x210800]\n",
+        vm.pid(),
+        memory.display().to_string()
+    );
+    let Some(mut d) = start_configured(test, &socket, &state, &rest) else {
         return;
     };
     // Only the guests' requests (read from the file) can make it boost: no tracepoints.
@@ -699,24 +707,14 @@ fn a_truncated_memory_file_detaches_its_vm_and_the_daemon_goes_on() {
     let file = std::fs::File::create(&memory).unwrap();
     file.set_len(0x3000).unwrap();
     let vm = VmProc::start();
-    let config = socket.with_file_name("pvsched.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
-             boost_when = \"always\"\n\
-             [policy]\ndriver = \"dynamic\"\noptions = {{ rt_budget = \"10s\" }}\n\
-             [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x1000, 0x2000]\n",
-            socket.display().to_string(),
-            state.display().to_string(),
-            vm.pid(),
-            memory.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut cmd = pvsched();
-    cmd.arg("daemon").arg("--config").arg(&config);
-    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+    let rest = format!(
+        "host_events = []\nboost_when = \"always\"\n\
+         [policy]\ndriver = \"dynamic\"\noptions = {{ rt_budget = \"10s\" }}\n\
+         [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x1000, 0x2000]\n",
+        vm.pid(),
+        memory.display().to_string()
+    );
+    let Some(mut d) = start_configured(test, &socket, &state, &rest) else {
         return;
     };
     // vCPU 0's guest asks for a boost for its RT task.
@@ -759,23 +757,12 @@ fn a_thread_listed_twice_is_attached_once_and_restored() {
     let (socket, state) = paths("duplicate");
     let tid = vm.vcpu_tids()[0];
     // The same vCPU thread through two VMs: its process, and its tid.
-    let config = socket.with_file_name("pvsched.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nsocket = {:?}\nstate_file = {:?}\nhost_events = []\n\
-             max_boosted = \"off\"\n\
-             [policy]\ndriver = \"static\"\n\
-             [[vm]]\npid = {}\n[[vm]]\ntids = [{tid}]\n",
-            socket.display().to_string(),
-            state.display().to_string(),
-            vm.pid(),
-        ),
-    )
-    .unwrap();
-    let mut cmd = pvsched();
-    cmd.arg("daemon").arg("--config").arg(&config);
-    let Some(d) = spawn_daemon(test, cmd, &socket) else {
+    let rest = format!(
+        "host_events = []\nmax_boosted = \"off\"\n[policy]\ndriver = \"static\"\n\
+         [[vm]]\npid = {}\n[[vm]]\ntids = [{tid}]\n",
+        vm.pid(),
+    );
+    let Some(d) = start_configured(test, &socket, &state, &rest) else {
         return;
     };
     wait_for("both vCPUs boosted", Duration::from_secs(5), || {
