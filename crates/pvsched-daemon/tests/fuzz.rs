@@ -1044,22 +1044,12 @@ fn state_file() {
 // ---------------------------------------------------------------------------------------------
 // policy_options: driver options (`ctl driver`, the configuration's [policy] options)
 
-const OPTION_KEYS: &[&str] = &[
-    "class",
-    "class_cs",
-    "class_task",
-    "class_deadline",
-    "cs_budget",
-    "rt_budget",
-    "recovery",
-    "cooldown",
-    "irq_hold",
-    "lead",
-    "repay",
-    "bogus",
-    "",
-    " class ",
-];
+/// The keys the drivers know (from the policy crate, so none is missed) and some they do not.
+fn option_keys() -> Vec<&'static str> {
+    let mut keys = pvsched_policy::drivers::OPTION_KEYS.to_vec();
+    keys.extend(["bogus", "", " class "]);
+    keys
+}
 
 const OPTION_VALUES: &[&str] = &[
     "0ns",
@@ -1117,14 +1107,15 @@ const OPTION_VALUES: &[&str] = &[
 ];
 
 fn option_words() -> impl Strategy<Value = Vec<String>> {
-    let seeds: Vec<String> = OPTION_KEYS
+    let keys = option_keys();
+    let seeds: Vec<String> = keys
         .iter()
         .zip(OPTION_VALUES.iter().cycle())
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
     let word = prop_oneof![
-        3 => (select(OPTION_KEYS), select(OPTION_VALUES)).prop_map(|(k, v)| format!("{k}={v}")),
+        3 => (select(keys), select(OPTION_VALUES)).prop_map(|(k, v)| format!("{k}={v}")),
         2 => text_input(&seeds, OPTION_VALUES, 48)
             .prop_map(|b| String::from_utf8_lossy(&b.0).into_owned()),
     ];

@@ -149,6 +149,9 @@ const DYNAMIC_KEYS: &[&str] = &[
     "repay",
     "repay_on",
 ];
+/// Every option key the `dynamic` drivers know (`deadline-aware`'s, a superset of `dynamic`'s).
+pub const OPTION_KEYS: &[&str] = DEADLINE_KEYS;
+
 const DEADLINE_KEYS: &[&str] = &[
     "class",
     "class_cs",
