@@ -692,7 +692,10 @@ impl Driver for DynamicDriver {
                 TimerKind::Repay => self.check_repay(ctx),
                 TimerKind::Lead => {
                     if let Some(d) = ctx.state.deadline {
-                        self.host_boost(ctx, Cause::Deadline, d, d.saturating_add(self.p.irq_hold));
+                        // Late (the cap made it wait, or the timer ran late): the guest's
+                        // interrupt is pending, so the hold counts from now.
+                        let hold = d.max(now).saturating_add(self.p.irq_hold);
+                        self.host_boost(ctx, Cause::Deadline, d, hold);
                     }
                 }
             },

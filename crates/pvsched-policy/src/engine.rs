@@ -108,7 +108,8 @@ pub struct Engine {
 }
 
 /// How long a boost the host asked for on its own (an interrupt, a wake-up) may wait for the
-/// cap before it is dropped: past that, the moment it was for has gone.
+/// cap before it is dropped, and how long after its deadline a waiting lead boost still
+/// starts: past that, the moment it was for has gone.
 pub const CAP_WAIT_HOST_NS: Nanos = 2_000_000;
 
 impl Default for Engine {
@@ -220,10 +221,18 @@ impl Engine {
                             VcpuEvent::Request(_)
                             | VcpuEvent::Doorbell(_)
                             | VcpuEvent::Quiet(_) => !st.request.is_empty() && !st.quiet,
-                            // A lead boost is for a deadline still ahead.
+                            // A lead boost is for a deadline the guest has not served yet
+                            // (serving it publishes the next one, which re-arms the lead
+                            // timer): a deadline that passed while the vCPU waited still has
+                            // its interrupt pending, and the boost lets it be handled now
+                            // rather than behind the host's threads. Not for ever: a guest
+                            // that publishes nothing more is dropped like a host boost.
                             VcpuEvent::Timer(TimerKind::Lead, gen) => {
                                 st.is_timer_current(TimerKind::Lead, gen)
-                                    && st.deadline.is_some_and(|d| d > now)
+                                    && !st.quiet
+                                    && st.deadline.is_some_and(|d| {
+                                        now.saturating_sub(d) <= CAP_WAIT_HOST_NS
+                                    })
                             }
                             VcpuEvent::Timer(kind, gen) => st.is_timer_current(kind, gen),
                             VcpuEvent::Interrupt | VcpuEvent::Woken => {

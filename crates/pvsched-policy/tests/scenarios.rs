@@ -942,6 +942,53 @@ fn the_host_wide_cap_makes_boosts_wait_earliest_deadline_first() {
 }
 
 #[test]
+fn a_deadline_that_passed_behind_the_cap_is_boosted_when_the_cap_frees() {
+    // Two vCPUs whose deadlines fall within one interrupt handler of each other, one slot:
+    // the second deadline passes while the first vCPU holds the slot, and its interrupt is
+    // still pending. It gets the slot as soon as the first lets go, and keeps it until its
+    // guest has served that deadline (published the next one).
+    let mut s = Sim::new("deadline-aware", &["lead=100us", "irq_hold=200us"]);
+    s.engine.set_max_boosted(Some(1));
+    for k in [V0, V1] {
+        s.event(k, VcpuEvent::Registered);
+    }
+    s.event(V0, VcpuEvent::DeadlineHint(Some(MS)));
+    s.event(V1, VcpuEvent::DeadlineHint(Some(MS + 50 * US)));
+    s.advance_to(MS);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 1);
+    // V0 takes 300 us of emulated handler before it publishes its next deadline.
+    s.advance(20 * US);
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.advance_to(MS + 300 * US);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    s.event(V0, VcpuEvent::DeadlineHint(Some(2 * MS)));
+    s.guest(V0, Reasons::NONE);
+    assert!(!s.is_boosted(V0));
+    assert!(s.is_boosted(V1), "V1's pending interrupt waited for the slot");
+    // Its hold counts from when it got the slot, not from its (past) deadline.
+    s.advance(150 * US);
+    assert!(s.is_boosted(V1));
+    s.event(V1, VcpuEvent::DeadlineHint(Some(2 * MS + 50 * US)));
+    assert!(!s.is_boosted(V1), "served: next deadline published");
+    // V0's next lead (1.9 ms) finds the slot free again; its RT task then keeps it.
+    s.advance_to(1900 * US);
+    assert!(s.is_boosted(V0));
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance_to(2 * MS + 50 * US);
+    assert!(!s.is_boosted(V1));
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 2);
+    // A wait for a deadline the guest never serves is dropped 2 ms after that deadline.
+    s.advance_to(4 * MS + 100 * US);
+    s.event(V0, VcpuEvent::DeadlineHint(None));
+    s.guest(V0, Reasons::NONE);
+    s.advance(US);
+    assert!(!s.is_boosted(V0));
+    assert!(!s.is_boosted(V1), "a wait 2 ms past its deadline means nothing any more");
+    assert_eq!(s.engine.boosted_now(), 0);
+}
+
+#[test]
 fn without_a_cap_every_vcpu_may_be_boosted_at_once() {
     // The cap check in the sim can fail: the same guests without a cap overlap.
     let mut s = Sim::new("dynamic", &[]);
