@@ -210,7 +210,7 @@ pub fn render(r: &Report) -> String {
             "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s, {:.0} sched_setattr/s \
              ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
              the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
-             vCPU threads {}; {} re-applied after a race; boosting held off on a quiet host \
+             vCPU threads {}; {} raced with a vCPU changing itself; boosting held off on a quiet host \
              for {:.1} s",
             c.engine_cpu_percent,
             c.engine_cpu_s * 1e3,

@@ -68,8 +68,6 @@ const MAX_CLASSES: usize = 64;
 const ORIGINAL: u64 = 0;
 /// `applied` code meaning "unknown: apply again".
 const UNKNOWN: u64 = u64::MAX;
-/// After a race with a vCPU lowering itself, the engine re-applies this much later.
-const RECHECK_NS: Nanos = 50_000;
 /// How late the engine thread may wake for a budget check, so that checks share wake-ups.
 const BUDGET_SLACK_NS: Nanos = 100_000;
 /// The end of a repayment waits up to this long for another wake-up to share.
@@ -450,7 +448,11 @@ impl Shared {
     }
 
     /// Applies `cell`'s wanted class. `own` is true on the cell's own thread. Returns false
-    /// when the engine raced with the vCPU lowering itself (apply again shortly).
+    /// when another thread raced with the vCPU changing itself. Nothing more is needed then:
+    /// the racing thread stored `want` before it looked at `inflight` and saw it set, so the
+    /// vCPU's thread, which clears `inflight` before it reads `want` again (both SeqCst),
+    /// finds the newer class and applies it itself once its own call returns, whichever of
+    /// the two calls reached the kernel last.
     fn realize(&self, cell: &Arc<ThreadCell>, own: bool) -> bool {
         loop {
             if own {
@@ -598,8 +600,6 @@ struct Core {
     decisions: Vec<Decision>,
     follow: Vec<Event>,
     enabled: bool,
-    /// Cells whose change raced with their own thread: apply again at the given time.
-    rechecks: Vec<(Nanos, Arc<ThreadCell>)>,
     /// When the engine thread's timer is armed.
     armed: Option<Nanos>,
     /// The timer fired and was not set since.
@@ -608,18 +608,16 @@ struct Core {
     due: Vec<(Nanos, VcpuKey, TimerKind)>,
     /// Live timers fired by the last `due_timers` calls (taken by the caller).
     fired_timers: u64,
+    /// How early a vCPU thread fires its own lead timers at an exit (see
+    /// [`RuntimeConfig::self_early`]).
+    self_early: Nanos,
 }
 
 impl Core {
-    /// Re-arms the engine thread's timer for the earliest of the timers and rechecks (a
-    /// syscall only when that time changed).
+    /// Re-arms the engine thread's timer for the earliest of the timers (a syscall only when
+    /// that time changed).
     fn arm(&mut self, shared: &Shared, now: Nanos) -> Option<TimerSet> {
-        let next = self.next_wake(now, shared.grace);
-        let recheck = self.rechecks.iter().map(|r| r.0).min();
-        let at = match (next, recheck) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let at = self.next_wake(now, shared.grace);
         // A timer that fired stays readable until it is set again.
         if at != self.armed || self.fired {
             self.armed = at;
@@ -670,9 +668,15 @@ impl Core {
 
     fn update_next(&self, key: VcpuKey) {
         if let Some(cell) = self.cells.get(&key) {
+            // The time from which this vCPU's own thread fires a timer at an exit.
             let next = TimerKind::ALL
                 .iter()
-                .filter_map(|k| self.timers.get(&(key, *k)).map(|t| t.0))
+                .filter_map(|k| {
+                    self.timers.get(&(key, *k)).map(|t| match k {
+                        TimerKind::Lead => t.0.saturating_sub(self.self_early),
+                        _ => t.0,
+                    })
+                })
                 .min()
                 .unwrap_or(u64::MAX);
             cell.next_timer.store(next, Ordering::Release);
@@ -686,14 +690,20 @@ impl Core {
     }
 
     /// Moves the due timers (of `only`, or of every vCPU) into `events`; drops dead ones.
-    /// On the engine thread (`only` = `None`), lead timers due within [`COALESCE_NS`] fire
-    /// with the ones due now: a boost a little early is harmless and saves a wake-up.
+    /// Lead timers fire a little early: on the engine thread (`only` = `None`) those due
+    /// within [`COALESCE_NS`] fire with the ones due now, and a vCPU's own thread fires its
+    /// lead timer at an exit up to `self_early` ahead. A boost a little early is harmless and
+    /// saves a wake-up of the engine thread (and a cross-CPU `sched_setattr`).
     fn due_timers(&mut self, now: Nanos, only: Option<VcpuKey>) -> Option<Nanos> {
         let mut first = None;
         let mut fired = 0u64;
         let mut due = std::mem::take(&mut self.due);
         due.clear();
-        let early = if only.is_none() { COALESCE_NS } else { 0 };
+        let early = if only.is_none() {
+            COALESCE_NS
+        } else {
+            self.self_early
+        };
         due.extend(
             self.order
                 .iter()
@@ -920,25 +930,17 @@ impl VcpuHandle {
             core.arm(&shared, now)
         };
         shared.set_timer(timer);
-        self.realize_touched(now);
+        self.realize_touched();
         true
     }
 
-    fn realize_touched(&mut self, now: Nanos) {
+    fn realize_touched(&mut self) {
         let key = self.cell.key;
         for c in self.touched.drain(..) {
             let own = c.key == key;
             if !self.shared.realize(&c, own) {
-                // Rare: another vCPU's change raced with that vCPU lowering itself: the engine
-                // thread applies it again shortly.
-                c.applied.store(UNKNOWN, Ordering::SeqCst);
+                // Raced with that vCPU changing itself: its thread applies the latest class.
                 self.shared.rechecks.fetch_add(1, Ordering::Relaxed);
-                let timer = {
-                    let mut core = self.shared.lock();
-                    core.rechecks.push((now + RECHECK_NS, c));
-                    core.arm(&self.shared, now)
-                };
-                self.shared.set_timer(timer);
             }
         }
     }
@@ -1002,6 +1004,11 @@ pub struct RuntimeConfig {
     pub sources: Vec<Box<dyn EventSource>>,
     /// Grace given to running, hooked vCPUs to handle their own timers, ns.
     pub grace: Nanos,
+    /// A hooked vCPU thread fires its own lead timer (boosts itself ahead of its guest's
+    /// deadline) at an exit up to this long before the timer is due, ns: an exit shortly
+    /// before the lead time then saves the engine thread a wake-up and a cross-CPU
+    /// `sched_setattr`, at the price of a boost that starts up to this much earlier.
+    pub self_early: Nanos,
     /// Boost a vCPU only while it waits for a CPU when unboosted (its run delay, see
     /// [`crate::pressure`]); `None`: whenever the driver decides.
     pub quiet_gate: Option<QuietGate>,
@@ -1027,6 +1034,7 @@ impl Default for RuntimeConfig {
             applier: Arc::new(KernelApplier),
             sources: Vec::new(),
             grace: 25_000,
+            self_early: 50_000,
             quiet_gate: None,
             max_boosted: None,
         }
@@ -1066,11 +1074,11 @@ impl Runtime {
                 decisions: Vec::with_capacity(64),
                 follow: Vec::with_capacity(64),
                 enabled: true,
-                rechecks: Vec::new(),
                 armed: None,
                 fired: false,
                 due: Vec::with_capacity(16),
                 fired_timers: 0,
+                self_early: cfg.self_early,
             }),
             applier: cfg.applier,
             classes: ClassTable::new(),
@@ -1114,8 +1122,6 @@ impl Runtime {
             vm_sources: BTreeMap::new(),
             touched: Vec::with_capacity(16),
             events: Vec::with_capacity(64),
-            due: Vec::with_capacity(16),
-            raced: Vec::with_capacity(16),
             stats: LoopStats::default(),
             started: mono_ns(),
             quiet_gate: cfg.quiet_gate,
@@ -1343,8 +1349,6 @@ struct Loop {
     touched: Vec<Arc<ThreadCell>>,
     /// Scratch lists reused across wake-ups (no allocation per round).
     events: Vec<Event>,
-    due: Vec<Arc<ThreadCell>>,
-    raced: Vec<(Nanos, Arc<ThreadCell>)>,
     stats: LoopStats,
     started: Nanos,
     /// The quiet gate, if on, with a run-delay sampler per vCPU thread and since when each
@@ -1522,7 +1526,6 @@ impl Loop {
     /// Feeds `events` and the due timers to the engine, applies, re-arms the timer.
     fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) {
         let shared = self.shared.clone();
-        let mut again = std::mem::take(&mut self.due);
         let timer = {
             let mut core = shared.lock();
             for e in events {
@@ -1539,39 +1542,14 @@ impl Loop {
             shared.timers_engine.fetch_add(fired, Ordering::Relaxed);
             let trigger = due.map_or(trigger, |t| t.min(trigger));
             core.process(&shared, now, trigger, &mut self.touched);
-            // Changes that raced with a vCPU lowering itself are applied again now.
-            core.rechecks.retain(|(at, c)| {
-                let now_due = *at <= now;
-                if now_due {
-                    again.push(c.clone());
-                }
-                !now_due
-            });
             core.arm(&shared, now)
         };
         shared.set_timer(timer);
-        // A re-application is done once: the vCPU that raced has finished its own change
-        // by then unless it was preempted right after it, and then this one is the latest.
-        for c in again.drain(..) {
-            shared.realize(&c, false);
-        }
-        self.due = again;
-        let mut raced = false;
         for c in self.touched.drain(..) {
             if !shared.realize(&c, false) {
-                c.applied.store(UNKNOWN, Ordering::SeqCst);
+                // Raced with that vCPU changing itself: its thread applies the latest class.
                 shared.rechecks.fetch_add(1, Ordering::Relaxed);
-                self.raced.push((now + RECHECK_NS, c));
-                raced = true;
             }
-        }
-        if raced {
-            let timer = {
-                let mut core = shared.lock();
-                core.rechecks.append(&mut self.raced);
-                core.arm(&shared, now)
-            };
-            shared.set_timer(timer);
         }
     }
 
@@ -1765,7 +1743,6 @@ impl Loop {
             core.cells.remove(&key)
         };
         self.touched.retain(|c| c.key != key);
-        shared.lock().rechecks.retain(|c| c.1.key != key);
         if let Some(c) = cell {
             c.removed.store(true, Ordering::Release);
             restore_cell(&shared, &c);
@@ -1971,7 +1948,7 @@ pub struct Cost {
     /// Engine timers fired by vCPU threads for themselves, at their exits.
     #[serde(default)]
     pub vcpu_timers: u64,
-    /// Changes applied again because they raced with a vCPU lowering itself.
+    /// Changes that raced with a vCPU changing itself (its thread then applied the latest).
     #[serde(default)]
     pub rechecks: u64,
     /// vCPU time the quiet gate held boosting off (the vCPU did not wait for a CPU), s, summed

@@ -400,7 +400,8 @@ fn hooked_vcpu_takes_its_own_timers() {
             std::thread::yield_now();
             assert!(mono_ns() < d + 50_000_000, "never boosted");
         }
-        assert!(mono_ns() >= d - 2_000_000);
+        // Not before the lead time, less the early window of a vCPU's own lead timers.
+        assert!(mono_ns() >= d - 2_000_000 - RuntimeConfig::default().self_early);
         kernel.sets_by(me, me)
     });
     let own = t.join().unwrap();
@@ -412,6 +413,53 @@ fn hooked_vcpu_takes_its_own_timers() {
         "the engine thread applied nothing: {:?}",
         s.kernel.log.lock().unwrap()
     );
+}
+
+/// A vCPU thread fires its own lead timer at an exit up to `self_early` before it is due
+/// (a slightly early boost instead of an engine wake-up), not earlier.
+#[test]
+fn a_vcpu_fires_its_lead_timer_a_little_early_at_an_exit() {
+    let early = RuntimeConfig::default().self_early;
+    assert!(early > 0);
+    let s = setup_with_grace(60_000_000_000);
+    s.h.add_vm(
+        0,
+        "deadline-aware",
+        &opts(&[
+            "lead=100us",
+            "irq_hold=10s",
+            "cs_budget=10s",
+            "rt_budget=10s",
+        ]),
+        no_parts(),
+    )
+    .unwrap();
+    let kernel = s.kernel.clone();
+    let t = vcpu_thread(&s.h, move |mut v| {
+        let me = gettid();
+        // A deadline far ahead of the real clock: only this thread's (given) times matter.
+        let d = mono_ns() + 30_000_000_000;
+        let lead_at = d - 100_000;
+        assert!(v.handle(mono_ns(), &[VcpuEvent::DeadlineHint(Some(d))]));
+        let before = lead_at - early - 1_000;
+        assert!(
+            !v.exit(before),
+            "an exit before the early window fires nothing"
+        );
+        let inside = lead_at - early + 1_000;
+        assert!(
+            v.exit(inside),
+            "an exit inside the early window fires the lead timer"
+        );
+        while !v.handle(inside, &[]) {
+            std::thread::yield_now();
+        }
+        (kernel.is_fifo(me), kernel.sets_by(me, me))
+    });
+    let (fifo, own) = t.join().unwrap();
+    assert!(fifo, "boosted by its own lead timer");
+    assert_eq!(own, 1, "the vCPU boosted itself");
+    assert_eq!(s.h.status().unwrap().cost.engine_setattr, 0);
 }
 
 /// A vCPU thread lowering itself is preempted inside its own `sched_setattr` (the kernel has

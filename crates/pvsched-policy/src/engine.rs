@@ -230,9 +230,9 @@ impl Engine {
                             VcpuEvent::Timer(TimerKind::Lead, gen) => {
                                 st.is_timer_current(TimerKind::Lead, gen)
                                     && !st.quiet
-                                    && st.deadline.is_some_and(|d| {
-                                        now.saturating_sub(d) <= CAP_WAIT_HOST_NS
-                                    })
+                                    && st
+                                        .deadline
+                                        .is_some_and(|d| now.saturating_sub(d) <= CAP_WAIT_HOST_NS)
                             }
                             VcpuEvent::Timer(kind, gen) => st.is_timer_current(kind, gen),
                             VcpuEvent::Interrupt | VcpuEvent::Woken => {

@@ -965,7 +965,10 @@ fn a_deadline_that_passed_behind_the_cap_is_boosted_when_the_cap_frees() {
     s.event(V0, VcpuEvent::DeadlineHint(Some(2 * MS)));
     s.guest(V0, Reasons::NONE);
     assert!(!s.is_boosted(V0));
-    assert!(s.is_boosted(V1), "V1's pending interrupt waited for the slot");
+    assert!(
+        s.is_boosted(V1),
+        "V1's pending interrupt waited for the slot"
+    );
     // Its hold counts from when it got the slot, not from its (past) deadline.
     s.advance(150 * US);
     assert!(s.is_boosted(V1));
@@ -984,7 +987,10 @@ fn a_deadline_that_passed_behind_the_cap_is_boosted_when_the_cap_frees() {
     s.guest(V0, Reasons::NONE);
     s.advance(US);
     assert!(!s.is_boosted(V0));
-    assert!(!s.is_boosted(V1), "a wait 2 ms past its deadline means nothing any more");
+    assert!(
+        !s.is_boosted(V1),
+        "a wait 2 ms past its deadline means nothing any more"
+    );
     assert_eq!(s.engine.boosted_now(), 0);
 }
 
