@@ -744,9 +744,19 @@ impl Core {
             self.update_next(key);
         }
         let mut best: Option<Nanos> = None;
+        // While the host-wide cap is full, a lead timer of an unboosted vCPU could only start
+        // a wait: no wake-up for it. The thread that frees a slot fires the overdue ones
+        // (`process`), and every re-arm after that counts them again.
+        let full = self.engine.cap_full();
         for &(at, key, kind) in &self.order {
             if best.is_some_and(|b| at >= b) {
                 break;
+            }
+            if full
+                && kind == TimerKind::Lead
+                && !self.engine.vcpu(key).is_some_and(|s| s.is_boosted())
+            {
+                continue;
             }
             let own = self.cells.get(&key).is_some_and(|c| {
                 c.hooked.load(Ordering::Relaxed)
@@ -770,6 +780,23 @@ impl Core {
     /// go to the cells (pushed to `touched` for realizing), states to the publishers, timers
     /// to the timer set.
     fn process(
+        &mut self,
+        shared: &Shared,
+        now: Nanos,
+        trigger: Nanos,
+        touched: &mut Vec<Arc<ThreadCell>>,
+    ) {
+        let full = self.engine.cap_full();
+        self.rounds(shared, now, trigger, touched);
+        if full && !self.engine.cap_full() {
+            // A slot freed: lead timers deferred while the cap was full fire now, here,
+            // rather than at a wake-up of the engine thread.
+            self.due_timers(now, None);
+            self.rounds(shared, now, trigger, touched);
+        }
+    }
+
+    fn rounds(
         &mut self,
         shared: &Shared,
         now: Nanos,
@@ -885,10 +912,10 @@ impl VcpuHandle {
             core.events
                 .extend(events.iter().map(|&what| Event::new(cell.key, what)));
             let due = core.due_timers(now, Some(cell.key));
-            let fired = std::mem::take(&mut core.fired_timers);
-            shared.timers_vcpu.fetch_add(fired, Ordering::Relaxed);
             let trigger = due.map_or(now, |t| t.min(now));
             core.process(shared, now, trigger, touched);
+            let fired = std::mem::take(&mut core.fired_timers);
+            shared.timers_vcpu.fetch_add(fired, Ordering::Relaxed);
         })
     }
 
@@ -1538,10 +1565,10 @@ impl Loop {
             }
             core.events.extend_from_slice(events);
             let due = core.due_timers(now, None);
-            let fired = std::mem::take(&mut core.fired_timers);
-            shared.timers_engine.fetch_add(fired, Ordering::Relaxed);
             let trigger = due.map_or(trigger, |t| t.min(trigger));
             core.process(&shared, now, trigger, &mut self.touched);
+            let fired = std::mem::take(&mut core.fired_timers);
+            shared.timers_engine.fetch_add(fired, Ordering::Relaxed);
             core.arm(&shared, now)
         };
         shared.set_timer(timer);

@@ -149,7 +149,8 @@ impl Engine {
         self.boosted
     }
 
-    fn cap_full(&self) -> bool {
+    /// True when the host-wide cap is reached: no further vCPU can be boosted now.
+    pub fn cap_full(&self) -> bool {
         self.max_boosted.is_some_and(|m| self.boosted >= m)
     }
 
