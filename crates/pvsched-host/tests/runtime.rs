@@ -165,6 +165,13 @@ fn setup() -> Setup {
 }
 
 fn setup_with_grace(grace: Nanos) -> Setup {
+    setup_with(RuntimeConfig {
+        grace,
+        ..RuntimeConfig::default()
+    })
+}
+
+fn setup_with(cfg: RuntimeConfig) -> Setup {
     let kernel = Arc::new(FakeKernel::default());
     let (tx, rx) = mpsc::channel();
     let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -183,8 +190,7 @@ fn setup_with_grace(grace: Nanos) -> Setup {
     let rt = Runtime::start(RuntimeConfig {
         applier: kernel.clone(),
         sources: vec![Box::new(source)],
-        grace,
-        ..RuntimeConfig::default()
+        ..cfg
     })
     .unwrap();
     let h = rt.handle();
@@ -460,6 +466,44 @@ fn a_vcpu_fires_its_lead_timer_a_little_early_at_an_exit() {
     assert!(fifo, "boosted by its own lead timer");
     assert_eq!(own, 1, "the vCPU boosted itself");
     assert_eq!(s.h.status().unwrap().cost.engine_setattr, 0);
+}
+
+/// While the host-wide cap is full, a lead timer of another vCPU wakes nobody: the vCPU
+/// thread that frees the slot fires it and applies that boost itself.
+#[test]
+fn a_lead_timer_waits_for_the_slot_without_waking_the_engine() {
+    let s = setup_with(RuntimeConfig {
+        max_boosted: Some(1),
+        ..RuntimeConfig::default()
+    });
+    s.h.add_vm(0, "deadline-aware", &opts(&["lead=100ms"]), no_parts())
+        .unwrap();
+    let other = VcpuKey::new(0, 1);
+    let _o = s.h.add_vcpu(other, 1005, false).unwrap();
+    let (feed, kernel) = (s.feed.clone(), s.kernel.clone());
+    let t = vcpu_thread(&s.h, move |mut v| {
+        let me = gettid();
+        let rt = Reasons::NONE.with(Reason::RtTask);
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
+        assert!(kernel.is_fifo(me), "this vCPU holds the one slot");
+        // The other vCPU's deadline in 200 ms: its lead timer comes due in 100 ms.
+        feed.send(Event::new(
+            other,
+            VcpuEvent::DeadlineHint(Some(mono_ns() + 200_000_000)),
+        ));
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!kernel.is_fifo(1005), "the cap holds the other vCPU back");
+        while !v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]) {
+            std::thread::yield_now();
+        }
+        assert!(!kernel.is_fifo(me));
+        (kernel.is_fifo(1005), kernel.sets_by(1005, me))
+    });
+    let (boosted, by_me) = t.join().unwrap();
+    assert!(boosted, "the lead boost starts when the slot frees");
+    assert_eq!(by_me, 1, "applied by the vCPU thread that freed the slot");
+    let st = s.h.status().unwrap();
+    assert_eq!(st.cost.engine_timers, 0, "the engine thread fired no timer");
 }
 
 /// A vCPU thread lowering itself is preempted inside its own `sched_setattr` (the kernel has
