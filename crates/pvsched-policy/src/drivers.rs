@@ -103,8 +103,7 @@ pub struct DynamicParams {
     /// back, so that boosting does not add to its CPU share; `None`: off.
     pub repay: Option<BoostClass>,
     /// When a repayment starts: after a throttle only (the default: a vCPU that ran out of
-    /// budget gives back what it took), or after every boost. Repayment itself is off by
-    /// default (`repay`).
+    /// budget gives back what it took), or after every boost.
     pub repay_on: RepayOn,
 }
 
@@ -117,8 +116,13 @@ pub enum RepayOn {
     Boost,
 }
 
+/// Nice level of the default repayment: a vCPU that ran out of budget gives its boosted time
+/// back at this weight (measured against 10 and 19: docs/policy.md, "Repayment").
+pub const DEFAULT_REPAY_NICE: i32 = 5;
+
 impl Default for DynamicParams {
-    /// pvsched v3's debt limits (2 ms critical sections, 500 ms generic), 1:1 recovery.
+    /// pvsched v3's debt limits (2 ms critical sections, 500 ms generic), 1:1 recovery; a
+    /// vCPU throttled by them repays its boosted time at nice [`DEFAULT_REPAY_NICE`].
     fn default() -> Self {
         DynamicParams {
             class: BoostClass::default(),
@@ -131,7 +135,7 @@ impl Default for DynamicParams {
             cooldown: MS,
             irq_hold: 200 * US,
             lead: None,
-            repay: None,
+            repay: Some(BoostClass::Nice(DEFAULT_REPAY_NICE)),
             repay_on: RepayOn::Throttle,
         }
     }

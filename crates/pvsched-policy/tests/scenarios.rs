@@ -635,7 +635,7 @@ fn boosted_time_is_repaid_below_normal_weight() {
 }
 
 #[test]
-fn a_vcpu_that_ran_out_of_budget_repays_when_asked() {
+fn a_vcpu_that_ran_out_of_budget_repays_its_boosted_time() {
     // A rogue guest: requests an RT boost and never lets go.
     let run = |opts: &[&str]| {
         let mut s = Sim::new("dynamic", opts);
@@ -660,8 +660,14 @@ fn a_vcpu_that_ran_out_of_budget_repays_when_asked() {
     let st = s.engine.vcpu(V0).unwrap();
     assert_eq!(st.counters.throttles, 1);
     assert_eq!(st.counters.repaid_ns, 10 * MS);
-    // Off (the default): throttled all the same, nothing repaid.
+    // The default: repaid at nice 5.
     let s = run(&["rt_budget=10ms"]);
+    assert_eq!(
+        s.log.iter().find(|d| matches!(d, Decision::Repay(..))),
+        Some(&Decision::Repay(V0, Some(BoostClass::Nice(5))))
+    );
+    // Off: throttled all the same, nothing repaid.
+    let s = run(&["rt_budget=10ms", "repay=off"]);
     assert!(s.repaying.is_empty());
     assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
     // Bad values are named.
