@@ -249,7 +249,7 @@ pub struct VmArgs {
     #[arg(long, default_value = "none")]
     pub policy: String,
     /// Option of the policy driver, key=value (repeatable): class=fifo:10, cs_budget=2ms,
-    /// rt_budget=500ms, recovery=1, cooldown=1ms, irq_hold=200us, lead=100us
+    /// rt_budget=500ms, recovery=1, cooldown=1ms, repay=nice:5, irq_hold=200us, lead=100us
     /// (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
