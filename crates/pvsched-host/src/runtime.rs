@@ -262,6 +262,9 @@ pub struct ThreadCell {
     want: AtomicU64,
     applied: AtomicU64,
     inflight: AtomicU32,
+    /// Bumped by every other thread after its `sched_setattr` on this thread: a change of the
+    /// vCPU's own that saw it move may have been overtaken (see [`Shared::realize`]).
+    remote_done: AtomicU64,
     hooked: AtomicBool,
     last_exit: AtomicU64,
     /// Earliest live timer of this vCPU (`u64::MAX`: none).
@@ -291,6 +294,7 @@ impl ThreadCell {
             want: AtomicU64::new(ORIGINAL),
             applied: AtomicU64::new(ORIGINAL),
             inflight: AtomicU32::new(0),
+            remote_done: AtomicU64::new(0),
             hooked: AtomicBool::new(hooked),
             last_exit: AtomicU64::new(0),
             next_timer: AtomicU64::new(u64::MAX),
@@ -448,80 +452,112 @@ impl Shared {
     }
 
     /// Applies `cell`'s wanted class. `own` is true on the cell's own thread. Returns false
-    /// when another thread raced with the vCPU changing itself. Nothing more is needed then:
-    /// the racing thread stored `want` before it looked at `inflight` and saw it set, so the
-    /// vCPU's thread, which clears `inflight` before it reads `want` again (both SeqCst),
-    /// finds the newer class and applies it itself once its own call returns, whichever of
-    /// the two calls reached the kernel last.
+    /// when another thread raced with the vCPU changing itself and left the last word to the
+    /// vCPU's thread (or, rarely, when the races did not settle in a few rounds).
+    ///
+    /// Two threads may apply a class to the same vCPU thread at once (its own thread at an
+    /// exit, another vCPU's thread or the engine thread), and either call may reach the kernel
+    /// last, with a class older than `want`. Each thread therefore checks after its call:
+    /// - another thread bumps `remote_done` after its call, then looks at `inflight`: while it
+    ///   is set, the vCPU's thread will see the bump (it clears `inflight`, then reads
+    ///   `remote_done`; all SeqCst, Dekker's pattern) and applies `want` once more, bypassing
+    ///   the `applied` record (which the other thread may have just overwritten);
+    /// - otherwise the other thread reads `want` again and, if it changed since it read it,
+    ///   applies the newer class itself, again bypassing `applied`;
+    /// - the vCPU's thread does the same when `want` changed during its call.
+    ///
+    /// While `inflight` is set another thread applies even a class it believes applied: a vCPU
+    /// lowering itself is typically preempted inside that very call (the kernel has lowered it,
+    /// the record has not caught up), for milliseconds next to a host thread.
     fn realize(&self, cell: &Arc<ThreadCell>, own: bool) -> bool {
-        loop {
-            if own {
+        let mut force = false;
+        for _ in 0..MAX_ROUNDS {
+            let seen = if own {
                 cell.inflight.store(1, Ordering::SeqCst);
-            }
-            let w = cell.want.load(Ordering::SeqCst);
-            // While the thread is changing itself, `applied` may lag what the kernel already
-            // has (a thread lowering itself is typically preempted inside that very call, for
-            // milliseconds): another thread then applies regardless.
-            let changing = !own && cell.inflight.load(Ordering::SeqCst) != 0;
-            if w == cell.applied.load(Ordering::SeqCst) && !changing {
-                if own {
-                    cell.inflight.store(0, Ordering::SeqCst);
-                }
-                return true;
-            }
-            let result = match self.attr_of(cell, w) {
-                Some(attr) => self.applier.set(cell.tid, &attr),
-                None => Ok(()),
-            };
-            let counter = if own {
-                &cell.self_sets
+                cell.remote_done.load(Ordering::SeqCst)
             } else {
-                &cell.remote_sets
+                0
             };
-            counter.fetch_add(1, Ordering::Relaxed);
-            match result {
-                Ok(()) => {
-                    if w != ORIGINAL && w == cell.boost_code.load(Ordering::Relaxed) {
-                        let t = cell.boost_trigger.load(Ordering::Relaxed);
-                        cell.boost_latency.record(mono_ns().saturating_sub(t));
-                    }
-                }
-                // A thread that is gone needs nothing more.
-                Err(sched::Error::NoThread { .. }) => {}
-                Err(ref e) => {
-                    cell.apply_errors.fetch_add(1, Ordering::Relaxed);
-                    if let Some(k) = error_kind(e) {
-                        self.error_kinds[k].fetch_add(1, Ordering::Relaxed);
-                    }
-                    let what = if w == ORIGINAL { "restore" } else { "change" };
-                    self.note_error(format!("{} (tid {}): {what}: {e}", cell.key, cell.tid));
-                }
+            let w = cell.want.load(Ordering::SeqCst);
+            let changing = !own && cell.inflight.load(Ordering::SeqCst) != 0;
+            let skip = !force && !changing && w == cell.applied.load(Ordering::SeqCst);
+            let result = if skip {
+                None
+            } else {
+                Some(match self.attr_of(cell, w) {
+                    Some(attr) => self.applier.set(cell.tid, &attr),
+                    None => Ok(()),
+                })
+            };
+            if let Some(result) = result {
+                self.record(cell, w, own, &result);
             }
-            // A restore that failed leaves the class unknown and is tried again (here at the
-            // next change, and by the engine thread every RETRY_NS).
-            let restore_failed =
-                w == ORIGINAL && result.as_ref().is_err_and(|e| error_kind(e).is_some());
-            if restore_failed {
-                if !cell.failed.swap(true, Ordering::AcqRel) {
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(cell.clone());
-                }
-            } else if result.is_ok() || w == ORIGINAL {
-                cell.failed.store(false, Ordering::Release);
-            }
-            cell.applied
-                .store(if restore_failed { UNKNOWN } else { w }, Ordering::SeqCst);
             if own {
                 cell.inflight.store(0, Ordering::SeqCst);
-                if cell.want.load(Ordering::SeqCst) == w {
+                let overtaken = cell.remote_done.load(Ordering::SeqCst) != seen;
+                if !overtaken && cell.want.load(Ordering::SeqCst) == w {
                     return true;
                 }
             } else {
-                return cell.inflight.load(Ordering::SeqCst) == 0;
+                if skip {
+                    return true;
+                }
+                cell.remote_done.fetch_add(1, Ordering::SeqCst);
+                if cell.inflight.load(Ordering::SeqCst) != 0 {
+                    // The vCPU's thread is changing itself: it will see the bump.
+                    return false;
+                }
+                if cell.want.load(Ordering::SeqCst) == w {
+                    return true;
+                }
+            }
+            force = true;
+        }
+        false
+    }
+
+    /// Books the outcome of one `sched_setattr` of class code `w` on `cell`.
+    fn record(&self, cell: &Arc<ThreadCell>, w: u64, own: bool, result: &Result<(), sched::Error>) {
+        let counter = if own {
+            &cell.self_sets
+        } else {
+            &cell.remote_sets
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                if w != ORIGINAL && w == cell.boost_code.load(Ordering::Relaxed) {
+                    let t = cell.boost_trigger.load(Ordering::Relaxed);
+                    cell.boost_latency.record(mono_ns().saturating_sub(t));
+                }
+            }
+            // A thread that is gone needs nothing more.
+            Err(sched::Error::NoThread { .. }) => {}
+            Err(e) => {
+                cell.apply_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(k) = error_kind(e) {
+                    self.error_kinds[k].fetch_add(1, Ordering::Relaxed);
+                }
+                let what = if w == ORIGINAL { "restore" } else { "change" };
+                self.note_error(format!("{} (tid {}): {what}: {e}", cell.key, cell.tid));
             }
         }
+        // A restore that failed leaves the class unknown and is tried again (at the next
+        // change, and by the engine thread every RETRY_NS).
+        let restore_failed =
+            w == ORIGINAL && result.as_ref().is_err_and(|e| error_kind(e).is_some());
+        if restore_failed {
+            if !cell.failed.swap(true, Ordering::AcqRel) {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(cell.clone());
+            }
+        } else if result.is_ok() || w == ORIGINAL {
+            cell.failed.store(false, Ordering::Release);
+        }
+        cell.applied
+            .store(if restore_failed { UNKNOWN } else { w }, Ordering::SeqCst);
     }
 
     /// Tries again the restores that failed; returns how many still fail.
@@ -787,10 +823,15 @@ impl Core {
         touched: &mut Vec<Arc<ThreadCell>>,
     ) {
         let full = self.engine.cap_full();
+        if full {
+            // Lead timers deferred while the cap is full fire first, so that they wait in the
+            // engine's queue by deadline with the others if a slot frees below.
+            self.due_timers(now, None);
+        }
         self.rounds(shared, now, trigger, touched);
         if full && !self.engine.cap_full() {
-            // A slot freed: lead timers deferred while the cap was full fire now, here,
-            // rather than at a wake-up of the engine thread.
+            // A slot freed: what came due meanwhile fires now, here, rather than at a wake-up
+            // of the engine thread.
             self.due_timers(now, None);
             self.rounds(shared, now, trigger, touched);
         }

@@ -25,6 +25,10 @@ struct FakeKernel {
     /// call after the change took effect (as a thread lowering itself often is).
     stall_own: AtomicBool,
     stalled: AtomicBool,
+    /// While set, a change of another thread's attributes is held up *before* it takes
+    /// effect (a caller preempted on its way into the kernel): it lands late.
+    stall_remote: AtomicBool,
+    remote_stalled: AtomicBool,
     /// Changes of a thread the kernel refuses next: how many, with which errno.
     refuse: Mutex<HashMap<i32, (u32, i32)>>,
 }
@@ -89,6 +93,13 @@ impl Applier for FakeKernel {
                     },
                 });
             }
+        }
+        if tid != gettid() && self.stall_remote.load(Ordering::Acquire) {
+            self.remote_stalled.store(true, Ordering::Release);
+            while self.stall_remote.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            self.remote_stalled.store(false, Ordering::Release);
         }
         self.attrs.lock().unwrap().insert(tid, *attr);
         self.log.lock().unwrap().push((tid, *attr, gettid()));
@@ -547,6 +558,86 @@ fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
     );
     drop(s.rt);
     assert!(!s.kernel.is_fifo(tid), "restored");
+}
+
+/// A change decided by the engine thread reaches the kernel *after* the vCPU's own, newer
+/// decision (the engine thread was held up on its way into the kernel): the late class must
+/// not stay. First with the vCPU's own decision already done when the late change lands, then
+/// with the vCPU still inside its own call (preempted there).
+#[test]
+fn a_late_change_does_not_outlive_a_newer_decision() {
+    for vcpu_inside_its_call in [false, true] {
+        let s = setup();
+        s.h.add_vm(
+            0,
+            "dynamic",
+            &opts(&[
+                "repay=off",
+                "class_cs=fifo:20",
+                "class_task=fifo:10",
+                "cs_budget=10s",
+                "rt_budget=10s",
+            ]),
+            no_parts(),
+        )
+        .unwrap();
+        let (kernel, feed) = (s.kernel.clone(), s.feed.clone());
+        let t = vcpu_thread(&s.h, move |mut v| {
+            let me = gettid();
+            let prio = |k: &FakeKernel| k.attr(me).priority;
+            // Boosted by its own critical section (fifo:20).
+            let irq = Reasons::NONE.with(Reason::Irq);
+            assert!(v.handle(mono_ns(), &[VcpuEvent::Request(irq)]));
+            assert_eq!(prio(&kernel), 20);
+            // The engine thread ends the boost (a quiet verdict) and is held up before its
+            // restore reaches the kernel.
+            kernel.stall_remote.store(true, Ordering::Release);
+            feed.send(Event::new(K0, VcpuEvent::Quiet(true)));
+            wait_for("the engine thread held up on its way in", || {
+                kernel.remote_stalled.load(Ordering::Acquire)
+            });
+            // The newer decision, on the vCPU's own thread: an RT task, contended again.
+            if vcpu_inside_its_call {
+                kernel.stall_own.store(true, Ordering::Release);
+            }
+            let (k2, go) = (kernel.clone(), std::thread::current());
+            let releaser = std::thread::spawn(move || {
+                if vcpu_inside_its_call {
+                    wait_for("the vCPU inside its own call", || {
+                        k2.stalled.load(Ordering::Acquire)
+                    });
+                }
+                // The late restore lands now, after the vCPU's own change.
+                k2.stall_remote.store(false, Ordering::Release);
+                wait_for("the late restore landed", || {
+                    !k2.remote_stalled.load(Ordering::Acquire)
+                });
+                std::thread::sleep(Duration::from_millis(5));
+                k2.stall_own.store(false, Ordering::Release);
+                go.unpark();
+            });
+            let rt = Reasons::NONE.with(Reason::RtTask);
+            while !v.handle(
+                mono_ns(),
+                &[VcpuEvent::Request(rt), VcpuEvent::Quiet(false)],
+            ) {
+                std::thread::yield_now();
+            }
+            releaser.join().unwrap();
+            me
+        });
+        let me = t.join().unwrap();
+        wait_for("the engine thread done", || {
+            !s.kernel.remote_stalled.load(Ordering::Acquire)
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        let a = s.kernel.attr(me);
+        assert!(
+            s.kernel.is_fifo(me) && a.priority == 10,
+            "the newer decision (fifo:10) lost to a late restore \
+             (vCPU inside its call: {vcpu_inside_its_call}): {a:?}"
+        );
+    }
 }
 
 /// After a FIFO boost, the vCPU pays its boosted time back at nice 19, then returns to its

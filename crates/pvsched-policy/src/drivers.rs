@@ -695,7 +695,10 @@ impl Driver for DynamicDriver {
                 TimerKind::Cooldown => self.check_release(ctx),
                 TimerKind::Repay => self.check_repay(ctx),
                 TimerKind::Lead => {
-                    if let Some(d) = ctx.state.deadline {
+                    // More than the cap's wait past the deadline, the moment has gone (a
+                    // timer deferred or run that late).
+                    let late = |d: Nanos| now.saturating_sub(d) > crate::engine::CAP_WAIT_HOST_NS;
+                    if let Some(d) = ctx.state.deadline.filter(|&d| !late(d)) {
                         // Late (the cap made it wait, or the timer ran late): the guest's
                         // interrupt is pending, so the hold counts from now.
                         let hold = d.max(now).saturating_add(self.p.irq_hold);
