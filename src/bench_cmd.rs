@@ -39,6 +39,21 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     if let Some(d) = args.cell_duration {
         cfg.cell_duration = d;
     }
+    if let Some(p) = args.policies {
+        // `none` first: the baseline of every ratio.
+        let mut policies = vec!["none".to_string()];
+        for name in p {
+            if !policies.contains(&name) {
+                policies.push(name);
+            }
+        }
+        cfg.policies = policies;
+    }
+    if let Some(i) = args.intervals {
+        let mut i = i;
+        i.dedup();
+        cfg.intervals_us = i;
+    }
     cfg.host_load = match args.host_load {
         BenchLoadArg::Builtin => HostLoadKind::Builtin,
         BenchLoadArg::StressNg => HostLoadKind::StressNg,

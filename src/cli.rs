@@ -136,6 +136,37 @@ pub struct BenchArgs {
     /// Output directory (default: pvsched-bench-<UTC date-time> in the current directory).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Only these policies, comma-separated (default: all; `none` is always run, it is the
+    /// baseline every ratio is taken against): none, dynamic, deadline-aware,
+    /// deadline-aware/slice, deadline-aware/nocap, static, daemon.
+    #[arg(long, value_delimiter = ',', value_parser = parse_bench_policy)]
+    pub policies: Option<Vec<String>>,
+    /// Only these probe intervals, comma-separated (default: 500us,1ms).
+    #[arg(long, value_delimiter = ',', value_parser = parse_bench_interval)]
+    pub intervals: Option<Vec<u64>>,
+}
+
+fn parse_bench_policy(s: &str) -> Result<String, String> {
+    if pvsched_bench::bench::POLICIES.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown bench policy `{s}` (known: {})",
+            pvsched_bench::bench::POLICIES.join(", ")
+        ))
+    }
+}
+
+/// A probe interval in whole µs, 50 µs to 100 ms.
+fn parse_bench_interval(s: &str) -> Result<u64, String> {
+    let d = parse_duration(s)?;
+    let us = d.as_micros();
+    if d.subsec_nanos() % 1000 != 0 || !(50..=100_000).contains(&us) {
+        return Err(format!(
+            "interval `{s}`: a whole number of µs from 50us to 100ms"
+        ));
+    }
+    Ok(us as u64)
 }
 
 /// Guest background load.
@@ -301,7 +332,7 @@ fn parse_host_events(s: &str) -> Result<HostEvents, String> {
                 timer_expiry: false,
                 wakeup: false,
                 accept_irq: false,
-                skip_running: true,
+                ..TraceConfig::default()
             }))
         }
         _ => {}
@@ -310,7 +341,7 @@ fn parse_host_events(s: &str) -> Result<HostEvents, String> {
         timer_expiry: false,
         wakeup: false,
         accept_irq: false,
-        skip_running: true,
+        ..TraceConfig::default()
     };
     for part in s.split(',') {
         match part.trim() {
@@ -368,6 +399,36 @@ mod tests {
     }
 
     #[test]
+    fn bench_takes_a_subset_of_policies_and_intervals() {
+        let cli = Cli::try_parse_from([
+            "pvsched",
+            "bench",
+            "--policies",
+            "daemon,deadline-aware/slice",
+            "--intervals",
+            "500us,2ms",
+        ])
+        .unwrap();
+        let Command::Bench(b) = cli.command else {
+            panic!("bench")
+        };
+        assert_eq!(
+            b.policies.unwrap(),
+            vec!["daemon".to_string(), "deadline-aware/slice".to_string()]
+        );
+        assert_eq!(b.intervals.unwrap(), vec![500, 2000]);
+        for bad in [
+            ["--policies", "fast"],
+            ["--intervals", "10us"],
+            ["--intervals", "1500ns"],
+            ["--intervals", "1s"],
+        ] {
+            let e = Cli::try_parse_from(["pvsched", "bench", bad[0], bad[1]]).unwrap_err();
+            assert!(e.to_string().contains(bad[1]), "{e}");
+        }
+    }
+
+    #[test]
     fn vm_defaults_match_the_documentation() {
         let cli = Cli::try_parse_from(["pvsched", "vm"]).unwrap();
         let Command::Vm(a) = cli.command else {
@@ -388,6 +449,8 @@ mod tests {
         };
         assert!(b.quick && b.rounds.is_none() && b.out.is_none());
         assert_eq!(b.host_load, BenchLoadArg::Builtin);
+        assert_eq!(b.policies, None);
+        assert_eq!(b.intervals, None);
     }
 
     #[test]

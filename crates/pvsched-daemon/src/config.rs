@@ -177,6 +177,7 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
         wakeup: false,
         accept_irq: false,
         skip_running: true,
+        skip_idle: true,
     };
     for e in &f.daemon.host_events {
         match e.as_str() {

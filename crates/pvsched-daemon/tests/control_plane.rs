@@ -34,6 +34,7 @@ fn test_config(dir: &std::path::Path, vm: VmSpec) -> DaemonConfig {
             wakeup: false,
             accept_irq: false,
             skip_running: true,
+            skip_idle: true,
         },
         quiet_gate: None,
         ..DaemonConfig::new(vec![vm], dir.join("ctl.sock"), dir.join("state.json"))

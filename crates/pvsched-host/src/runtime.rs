@@ -41,7 +41,7 @@
 
 use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
 use crate::mechanism::{helper_class, sched_class, Publisher};
-use crate::pressure::{QuietGate, VcpuSampler};
+use crate::pressure::{host_busy_ns, OthersVerdict, QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
 use pvsched_policy::{
@@ -200,6 +200,10 @@ pub trait EventSource: Send {
     fn lost(&self) -> u64 {
         0
     }
+    /// Every attached vCPU is quiet (`true`) or one no longer is: while quiet, no event can
+    /// start a boost, and a source may deliver its events late, in batches (through
+    /// [`EventSource::poll_period`]), instead of waking the engine for each.
+    fn set_lazy(&mut self, _lazy: bool) {}
 }
 
 /// Errors of the runtime's control requests.
@@ -1194,6 +1198,14 @@ impl Runtime {
             started: mono_ns(),
             quiet_gate: cfg.quiet_gate,
             samplers: BTreeMap::new(),
+            others: cfg
+                .quiet_gate
+                .and_then(|g| g.others)
+                .map(|g| (OthersVerdict::new(g), 0)),
+            others_since: None,
+            others_ns: 0,
+            told: BTreeMap::new(),
+            lazy: false,
             quiet_since: BTreeMap::new(),
             quiet_ns: 0,
             next_retry: 0,
@@ -1423,6 +1435,15 @@ struct Loop {
     /// quiet vCPU is quiet; `quiet_ns`: quiet time of vCPUs, ended spells.
     quiet_gate: Option<QuietGate>,
     samplers: BTreeMap<VcpuKey, VcpuSampler>,
+    /// The host-wide gate ([`crate::pressure::OthersGate`]) and when it samples next.
+    others: Option<(OthersVerdict, Nanos)>,
+    /// Since when it has been closed, and its closed time over ended spells.
+    others_since: Option<Nanos>,
+    others_ns: u64,
+    /// The quiet verdict each vCPU was last given (its own, or the host-wide one).
+    told: BTreeMap<VcpuKey, bool>,
+    /// The sources were told that every vCPU is quiet ([`EventSource::set_lazy`]).
+    lazy: bool,
     quiet_since: BTreeMap<VcpuKey, Nanos>,
     quiet_ns: u64,
     /// When failed restores are tried again next.
@@ -1450,6 +1471,10 @@ impl Loop {
                 fd,
                 EpollEvent::new(EventSet::IN, token(vm, index)),
             )?;
+        }
+        let mut source = source;
+        if self.lazy {
+            source.set_lazy(true);
         }
         let next_poll = source.poll_period().map(|p| mono_ns() + p);
         list.push(SourceEntry { source, next_poll });
@@ -1541,30 +1566,80 @@ impl Loop {
         restore_all(&self.shared);
     }
 
-    /// Samples the run delay of every vCPU due; a vCPU that became quiet or contended gets
-    /// a [`VcpuEvent::Quiet`].
+    /// Samples the run delay of every vCPU due, and the host-wide gate when due; a vCPU whose
+    /// verdict (its own, or every vCPU's while the vCPUs compete only with each other)
+    /// changed gets a [`VcpuEvent::Quiet`].
     fn sample_quiet(&mut self, now: Nanos, events: &mut Vec<Event>) {
-        if !self.samplers.values().any(|s| now >= s.next) {
+        let mut host_changed = false;
+        if let Some((verdict, next)) = self.others.as_mut() {
+            if now >= *next && !self.samplers.is_empty() {
+                *next = now.saturating_add(verdict.window());
+                let ours = self
+                    .samplers
+                    .values()
+                    .filter_map(VcpuSampler::ran_ns)
+                    .sum::<u64>()
+                    .saturating_add(thread_cpu_ns());
+                if let Some(busy) = host_busy_ns() {
+                    if let Some(closed) = verdict.sample(now, busy, ours) {
+                        host_changed = true;
+                        if closed {
+                            self.others_since = Some(now);
+                        } else if let Some(t) = self.others_since.take() {
+                            self.others_ns += now.saturating_sub(t);
+                        }
+                    }
+                }
+            }
+        }
+        if !host_changed && !self.samplers.values().any(|s| now >= s.next) {
             return;
         }
         let boosted: Vec<(VcpuKey, u64)> = {
             let core = self.shared.lock();
             self.samplers
                 .iter()
-                .filter(|(_, s)| now >= s.next)
+                .filter(|(_, s)| host_changed || now >= s.next)
                 .map(|(k, _)| (*k, core.engine.vcpu(*k).map_or(0, |v| v.boosted_ns(now))))
                 .collect()
         };
+        let host_closed = self.others.as_ref().is_some_and(|(v, _)| v.closed());
         for (key, b) in boosted {
-            let Some(quiet) = self.samplers.get_mut(&key).and_then(|s| s.poll(now, b)) else {
+            let Some(s) = self.samplers.get_mut(&key) else {
                 continue;
             };
+            s.poll(now, b);
+            let quiet = s.quiet() || host_closed;
+            if self.told.get(&key).copied().unwrap_or(false) == quiet {
+                continue;
+            }
+            self.told.insert(key, quiet);
             if quiet {
                 self.quiet_since.insert(key, now);
             } else if let Some(t) = self.quiet_since.remove(&key) {
                 self.quiet_ns += now.saturating_sub(t);
             }
             events.push(Event::new(key, VcpuEvent::Quiet(quiet)));
+        }
+        self.update_lazy(now);
+    }
+
+    /// Tells the sources whether every vCPU is quiet (only when that changed).
+    fn update_lazy(&mut self, now: Nanos) {
+        let cells = self.shared.lock().cells.len();
+        let lazy = cells > 0
+            && self.samplers.len() == cells
+            && self
+                .samplers
+                .keys()
+                .all(|k| self.told.get(k) == Some(&true));
+        if lazy == self.lazy {
+            return;
+        }
+        self.lazy = lazy;
+        for e in self.sources_mut() {
+            e.source.set_lazy(lazy);
+            e.next_poll = e.source.poll_period().map(|p| now.saturating_add(p));
         }
     }
 
@@ -1574,6 +1649,11 @@ impl Loop {
             .shared
             .failed_restores()
             .then_some(self.next_retry.max(now));
+        let others = self
+            .others
+            .as_ref()
+            .filter(|_| !self.samplers.is_empty())
+            .map(|(_, next)| *next);
         let sample = self
             .samplers
             .values()
@@ -1581,6 +1661,7 @@ impl Loop {
             .min()
             .into_iter()
             .chain(retry)
+            .chain(others)
             .min();
         let next = self
             .sources_mut()
@@ -1787,6 +1868,8 @@ impl Loop {
                 )),
             }
         }
+        // A new vCPU is not quiet (yet): sources wake the engine again.
+        self.update_lazy(now);
         Ok(VcpuHandle {
             cell,
             shared,
@@ -1823,6 +1906,8 @@ impl Loop {
             e.source.detach(key);
         }
         self.samplers.remove(&key);
+        self.told.remove(&key);
+        self.update_lazy(now);
         if let Some(t) = self.quiet_since.remove(&key) {
             self.quiet_ns += now.saturating_sub(t);
         }
@@ -1966,6 +2051,10 @@ impl Loop {
                         .sum();
                     (self.quiet_ns + open) as f64 / 1e9
                 },
+                self_contended_s: {
+                    let open = self.others_since.map_or(0, |t| mono_ns().saturating_sub(t));
+                    (self.others_ns + open) as f64 / 1e9
+                },
             },
             host_events_lost: lost,
             apply_errors: self.shared.error_count.load(Ordering::Relaxed),
@@ -2023,6 +2112,10 @@ pub struct Cost {
     /// over vCPUs; 0 without the gate.
     #[serde(default)]
     pub quiet_s: f64,
+    /// Time the host-wide gate held every vCPU quiet because the attached vCPUs competed only
+    /// with each other (`pressure::OthersGate`), s; 0 without the gate.
+    #[serde(default)]
+    pub self_contended_s: f64,
 }
 
 /// One vCPU in [`Status`].

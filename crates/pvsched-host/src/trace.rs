@@ -6,6 +6,9 @@
 //!   LAPIC timer expires, i.e. when the guest's timer interrupt becomes pending, whether or not
 //!   its vCPU thread runs. The hrtimer is mapped to its vCPU through `timer:hrtimer_start`
 //!   events (same filter) opened on each vCPU thread: the thread arms its own LAPIC timer.
+//!   That stream is closed once the timer is known (it lives as long as the vCPU).
+//!   Expiries that interrupt the vCPU's own thread (`skip_running`) or an idle CPU
+//!   (`skip_idle`) are dropped in the kernel: the vCPU needs no help then.
 //! - **vCPU wake-up**: `kvm:kvm_vcpu_wakeup` on each vCPU thread.
 //! - **Interrupt accepted**: `kvm:kvm_apic_accept_irq` on each vCPU thread. On hosts without
 //!   posted interrupts it fires only once the vCPU thread runs again (too late to help, see
@@ -72,6 +75,10 @@ pub struct TraceConfig {
     /// Drop, in the kernel, the LAPIC timer expiries of a vCPU whose thread is running at
     /// that moment (KVM delivers those at its next entry anyway): fewer wake-ups.
     pub skip_running: bool,
+    /// Drop, in the kernel, the LAPIC timer expiries that interrupt an idle CPU (`common_pid
+    /// == 0`): the vCPU thread they wake finds a free CPU without help, so waking the engine
+    /// for them only costs.
+    pub skip_idle: bool,
 }
 
 impl Default for TraceConfig {
@@ -81,6 +88,7 @@ impl Default for TraceConfig {
             wakeup: false,
             accept_irq: false,
             skip_running: true,
+            skip_idle: true,
         }
     }
 }
@@ -117,7 +125,15 @@ pub struct TraceSource {
     ready: Vec<EpollEvent>,
     /// The vCPU timers known when the expiry filter was last set (then rebuild it).
     filtered_timers: usize,
+    /// Expiry streams opened without a wake-up per record (every vCPU quiet).
+    lazy: bool,
+    /// Events read while switching modes, handed out at the next drain.
+    stash: Vec<Event>,
 }
+
+/// While every vCPU is quiet, the expiry streams are read this often (and when a ring is
+/// three quarters full).
+const LAZY_POLL_NS: u64 = 100_000_000;
 
 /// Tracepoint ids, offsets and the filter, read once.
 #[derive(Default)]
@@ -127,6 +143,8 @@ struct Ids {
     wakeup: u64,
     accept_irq: u64,
     filter: String,
+    /// The expiry streams' base filter: `filter`, without idle CPUs when `skip_idle`.
+    expire_filter: String,
     hrtimer_off_expire: usize,
     hrtimer_off_start: usize,
 }
@@ -309,11 +327,18 @@ impl TraceSource {
             counts: TraceCounts::default(),
             ready: vec![EpollEvent::default(); 16],
             filtered_timers: 0,
+            lazy: false,
+            stash: Vec::new(),
         };
         if cfg.timer_expiry {
             let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
             let func = parse_kallsyms(&kallsyms, "apic_timer_fn").ok_or(TraceError::NoSymbol)?;
             src.ids.filter = format!("function == 0x{func:x}");
+            src.ids.expire_filter = if cfg.skip_idle {
+                format!("{} && common_pid != 0", src.ids.filter)
+            } else {
+                src.ids.filter.clone()
+            };
             src.ids.hrtimer_off_expire = field_offset(EXPIRE, "hrtimer")?;
             src.ids.hrtimer_off_start = field_offset(START, "hrtimer")?;
             src.ids.start = tracepoint_id(START)?;
@@ -324,7 +349,7 @@ impl TraceSource {
                     src.ids.expire,
                     None,
                     Some(cpu),
-                    Some(&src.ids.filter),
+                    Some(&src.ids.expire_filter),
                     true,
                 )?;
                 src.add_stream(sampler, Kind::Expire)?;
@@ -433,6 +458,13 @@ impl TraceSource {
         {
             return;
         }
+        self.reopen_expiry();
+    }
+
+    /// Reopens the expiry streams with the filter for the vCPU timers known now and the
+    /// wake-up mode in force; on failure the streams in force stay.
+    fn reopen_expiry(&mut self) -> bool {
+        // Not retried for the same timers when it fails (that would be at every drain).
         self.filtered_timers = self.timers.len();
         let tid_of: HashMap<VcpuKey, i32> =
             self.tids.iter().map(|(&t, &k)| (k, t as i32)).collect();
@@ -442,7 +474,11 @@ impl TraceSource {
             .filter_map(|(&h, k)| Some((h, *tid_of.get(k)?)))
             .collect();
         running.sort_unstable();
-        let f = expiry_filter(&self.ids.filter, &running);
+        let f = if self.cfg.skip_running {
+            expiry_filter(&self.ids.expire_filter, &running)
+        } else {
+            self.ids.expire_filter.clone()
+        };
         // A perf event's filter cannot be replaced: open new expiry streams with the new
         // filter, then close the old ones (an expiry in between may be seen twice: harmless).
         let old: Vec<usize> = (0..self.streams.len())
@@ -450,8 +486,15 @@ impl TraceSource {
             .collect();
         let mut opened = Vec::new();
         for cpu in 0..online_cpus() {
-            match open(EXPIRE, self.ids.expire, None, Some(cpu), Some(&f), true)
-                .and_then(|s| self.add_stream(s, Kind::Expire))
+            match open(
+                EXPIRE,
+                self.ids.expire,
+                None,
+                Some(cpu),
+                Some(&f),
+                !self.lazy,
+            )
+            .and_then(|s| self.add_stream(s, Kind::Expire))
             {
                 Ok(slot) => opened.push(slot),
                 Err(_) => break,
@@ -463,12 +506,14 @@ impl TraceSource {
             for slot in opened {
                 self.close_stream(slot);
             }
-            return;
+            return false;
         }
-        // The old rings were drained just before (refilter runs after a drain).
+        // The old rings were drained just before (refilter runs after a drain); a record
+        // that came in between is lost with them, which only the lazy switch risks.
         for slot in old {
             self.close_stream(slot);
         }
+        true
     }
 
     /// Records lost by the kernel (ring full).
@@ -489,6 +534,8 @@ impl TraceSource {
         // inner epoll) has already seen it. An empty ring costs one memory read.
         let _ = self.epoll.wait(0, &mut self.ready);
         let mut first: Option<u64> = None;
+        let mut mapped = Vec::new();
+        out.append(&mut self.stash);
         // Timer starts first, so that an expiry read in the same pass finds its vCPU.
         for pass in [true, false] {
             for s in self
@@ -533,7 +580,9 @@ impl TraceSource {
                         Kind::Start => {
                             counts.start += 1;
                             if let (Some(k), Some(t)) = (by_tid, hrtimer(ids.hrtimer_off_start)) {
-                                timers.insert(t, k);
+                                if timers.insert(t, k).is_none() {
+                                    mapped.push(k);
+                                }
                             }
                             None
                         }
@@ -559,6 +608,23 @@ impl TraceSource {
                         first = Some(first.map_or(time_ns, |f| f.min(time_ns)));
                     }
                 }
+            }
+        }
+        // A vCPU's LAPIC timer lives as long as the vCPU: once it is known, the thread's
+        // `hrtimer_start` stream has taught all it can, and closing it spares that thread a
+        // record per timer it arms and the engine the reading.
+        for key in mapped {
+            let Some(slots) = self.by_key.get_mut(&key) else {
+                continue;
+            };
+            let starts: Vec<usize> = slots
+                .iter()
+                .copied()
+                .filter(|&i| matches!(&self.streams[i], Some(s) if s.kind == Kind::Start))
+                .collect();
+            slots.retain(|i| !starts.contains(i));
+            for slot in starts {
+                self.close_stream(slot);
             }
         }
         self.refilter();
@@ -589,6 +655,22 @@ impl EventSource for TraceSource {
     }
     fn detach(&mut self, key: VcpuKey) {
         self.detach_thread(key);
+    }
+    fn poll_period(&self) -> Option<Nanos> {
+        self.lazy.then_some(LAZY_POLL_NS)
+    }
+    fn set_lazy(&mut self, lazy: bool) {
+        if lazy == self.lazy || !self.cfg.timer_expiry {
+            return;
+        }
+        // What is pending is read before its ring closes, and handed out at the next drain.
+        let mut pending = std::mem::take(&mut self.stash);
+        let _ = self.drain_events(&mut pending);
+        self.stash = pending;
+        self.lazy = lazy;
+        if !self.reopen_expiry() {
+            self.lazy = !lazy;
+        }
     }
     fn lost(&self) -> u64 {
         self.lost + self.counts.throttled

@@ -2,6 +2,7 @@
 //! threads and real time.
 
 use pvsched_host::clock::mono_ns;
+use pvsched_host::pressure::QuietGate;
 use pvsched_host::runtime::{
     Applier, EventSource, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle, VmParts,
 };
@@ -11,7 +12,7 @@ use pvsched_policy::{BoostState, DriverOptions, Event, Nanos, Reasons, VcpuEvent
 use pvsched_proto::abi::Reason;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
@@ -120,6 +121,9 @@ struct FakeSource {
     efd: EventFd,
     panic_on_drain: Arc<AtomicBool>,
     attached: Arc<Mutex<Vec<VcpuKey>>>,
+    /// Every `set_lazy` call, in order, and the drains made while lazy.
+    lazy: Arc<Mutex<Vec<bool>>>,
+    lazy_drains: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -147,8 +151,17 @@ impl EventSource for FakeSource {
             panic!("fake source fails");
         }
         let _ = self.efd.read();
+        if self.lazy.lock().unwrap().last() == Some(&true) {
+            self.lazy_drains.fetch_add(1, Ordering::Relaxed);
+        }
         out.extend(self.rx.try_iter());
         None
+    }
+    fn poll_period(&self) -> Option<Nanos> {
+        (self.lazy.lock().unwrap().last() == Some(&true)).then_some(20_000_000)
+    }
+    fn set_lazy(&mut self, lazy: bool) {
+        self.lazy.lock().unwrap().push(lazy);
     }
     fn attach(&mut self, key: VcpuKey, tid: i32) -> Result<(), String> {
         if tid == 4242 {
@@ -169,6 +182,8 @@ struct Setup {
     feed: Feed,
     panic: Arc<AtomicBool>,
     attached: Arc<Mutex<Vec<VcpuKey>>>,
+    lazy: Arc<Mutex<Vec<bool>>>,
+    lazy_drains: Arc<AtomicU64>,
 }
 
 fn setup() -> Setup {
@@ -192,11 +207,15 @@ fn setup_with(cfg: RuntimeConfig) -> Setup {
     };
     let panic = Arc::new(AtomicBool::new(false));
     let attached = Arc::new(Mutex::new(Vec::new()));
+    let lazy = Arc::new(Mutex::new(Vec::new()));
+    let lazy_drains = Arc::new(AtomicU64::new(0));
     let source = FakeSource {
         rx,
         efd,
         panic_on_drain: panic.clone(),
         attached: attached.clone(),
+        lazy: lazy.clone(),
+        lazy_drains: lazy_drains.clone(),
     };
     let rt = Runtime::start(RuntimeConfig {
         applier: kernel.clone(),
@@ -212,6 +231,8 @@ fn setup_with(cfg: RuntimeConfig) -> Setup {
         feed,
         panic,
         attached,
+        lazy,
+        lazy_drains,
     }
 }
 
@@ -876,4 +897,100 @@ fn a_boost_let_go_by_a_removed_vcpu_goes_to_the_waiting_one() {
     assert_eq!(capped, 1, "{st:?}");
     rt.stop();
     assert!(!kernel.is_fifo(1003), "restored at stop");
+}
+
+/// A thread that sleeps until dropped: a "vCPU" that never waits for a CPU.
+struct Sleeper {
+    tid: i32,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sleeper {
+    fn start() -> Sleeper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            tx.send(gettid()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Sleeper {
+            tid: rx.recv().unwrap(),
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn sources_go_lazy_while_every_vcpu_is_quiet() {
+    let gate = |g: Option<QuietGate>| RuntimeConfig {
+        quiet_gate: g,
+        ..RuntimeConfig::default()
+    };
+    let fast = QuietGate {
+        window: 10_000_000,
+        quiet_after: 2,
+        others: None,
+        ..QuietGate::default()
+    };
+    if QuietGate::default().others.is_none() {
+        panic!("the default gate has the host-wide part");
+    }
+    let vcpu = Sleeper::start();
+    if !std::path::Path::new(&format!("/proc/{}/schedstat", vcpu.tid)).exists() {
+        eprintln!("SKIPPED sources_go_lazy_while_every_vcpu_is_quiet: no /proc/<tid>/schedstat");
+        return;
+    }
+    let s = setup_with(gate(Some(fast)));
+    s.h.add_vm(0, "dynamic", &DriverOptions::new(), no_parts())
+        .unwrap();
+    let v = s.h.add_vcpu(K0, vcpu.tid, false).unwrap();
+    wait_for("the source told that every vCPU is quiet", || {
+        s.lazy.lock().unwrap().last() == Some(&true)
+    });
+    // While lazy the source is read on its period, without being readable.
+    let before = s.lazy_drains.load(Ordering::Relaxed);
+    wait_for("a periodic drain", || {
+        s.lazy_drains.load(Ordering::Relaxed) >= before + 2
+    });
+    // A host event is still delivered and counted (no boost: the vCPU is quiet).
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("the event counted", || {
+        s.h.status().unwrap().vms[0].host_events == 1
+    });
+    assert!(!s.kernel.is_fifo(vcpu.tid), "no boost while quiet");
+    let st = s.h.status().unwrap();
+    assert!(st.cost.quiet_s > 0.0, "{:?}", st.cost);
+    assert_eq!(
+        st.cost.self_contended_s, 0.0,
+        "no host-wide gate configured"
+    );
+    drop(v);
+    s.h.remove_vcpu(K0).unwrap();
+    wait_for("no vCPU left: not lazy", || {
+        s.lazy.lock().unwrap().last() == Some(&false)
+    });
+    s.rt.stop();
+
+    // Negative control: without the gate a source is never told to go lazy.
+    let s = setup_with(gate(None));
+    s.h.add_vm(0, "dynamic", &DriverOptions::new(), no_parts())
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, vcpu.tid, false).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(s.lazy.lock().unwrap().is_empty());
+    s.rt.stop();
 }
