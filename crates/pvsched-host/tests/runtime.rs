@@ -508,34 +508,44 @@ fn a_lead_timer_waits_for_the_slot_without_waking_the_engine() {
         max_boosted: Some(1),
         ..RuntimeConfig::default()
     });
-    s.h.add_vm(0, "deadline-aware", &opts(&["lead=100ms"]), no_parts())
+    s.h.add_vm(0, "deadline-aware", &opts(&["lead=300ms"]), no_parts())
         .unwrap();
     let other = VcpuKey::new(0, 1);
     let _o = s.h.add_vcpu(other, 1005, false).unwrap();
-    let (feed, kernel) = (s.feed.clone(), s.kernel.clone());
+    let (feed, kernel, h) = (s.feed.clone(), s.kernel.clone(), s.h.clone());
     let t = vcpu_thread(&s.h, move |mut v| {
         let me = gettid();
         let rt = Reasons::NONE.with(Reason::RtTask);
         assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
         assert!(kernel.is_fifo(me), "this vCPU holds the one slot");
-        // The other vCPU's deadline in 200 ms: its lead timer comes due in 100 ms.
+        // The other vCPU's deadline in 600 ms: its lead timer comes due in 300 ms.
         feed.send(Event::new(
             other,
-            VcpuEvent::DeadlineHint(Some(mono_ns() + 200_000_000)),
+            VcpuEvent::DeadlineHint(Some(mono_ns() + 600_000_000)),
         ));
-        std::thread::sleep(Duration::from_millis(150));
+        // A command is served after the events sent before it: the hint is in (on a loaded
+        // machine the engine may take a while, and a wake-up after the lead time, for
+        // whatever reason, would fire the timer there).
+        h.status().unwrap();
+        let w0 = h.status().unwrap().cost.wakeups;
+        std::thread::sleep(Duration::from_millis(400));
         assert!(!kernel.is_fifo(1005), "the cap holds the other vCPU back");
         while !v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]) {
             std::thread::yield_now();
         }
         assert!(!kernel.is_fifo(me));
-        (kernel.is_fifo(1005), kernel.sets_by(1005, me))
+        (kernel.is_fifo(1005), kernel.sets_by(1005, me), w0)
     });
-    let (boosted, by_me) = t.join().unwrap();
+    let (boosted, by_me, w0) = t.join().unwrap();
     assert!(boosted, "the lead boost starts when the slot frees");
     assert_eq!(by_me, 1, "applied by the vCPU thread that freed the slot");
     let st = s.h.status().unwrap();
-    assert_eq!(st.cost.engine_timers, 0, "the engine thread fired no timer");
+    assert_eq!(
+        st.cost.engine_timers,
+        0,
+        "the engine thread fired no timer (woken {} times since the hint)",
+        st.cost.wakeups - w0
+    );
 }
 
 /// A vCPU thread lowering itself is preempted inside its own `sched_setattr` (the kernel has
