@@ -374,6 +374,8 @@ struct Shared {
     timers_vcpu: AtomicU64,
     /// Changes applied again after racing with a vCPU lowering itself.
     rechecks: AtomicU64,
+    /// Threads found in another class than the runtime had recorded, and set again.
+    reconciled: AtomicU64,
 }
 
 /// A change of the engine thread's timer, decided under the core lock (which records the
@@ -1173,6 +1175,7 @@ impl Runtime {
             timers_engine: AtomicU64::new(0),
             timers_vcpu: AtomicU64::new(0),
             rechecks: AtomicU64::new(0),
+            reconciled: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let epoll = Epoll::new()?;
@@ -1206,6 +1209,7 @@ impl Runtime {
             others_ns: 0,
             told: BTreeMap::new(),
             lazy: false,
+            reconcile_seen: BTreeMap::new(),
             quiet_since: BTreeMap::new(),
             quiet_ns: 0,
             next_retry: 0,
@@ -1444,6 +1448,8 @@ struct Loop {
     told: BTreeMap<VcpuKey, bool>,
     /// The sources were told that every vCPU is quiet ([`EventSource::set_lazy`]).
     lazy: bool,
+    /// `sched_setattr` calls on each vCPU thread at its last reconciliation.
+    reconcile_seen: BTreeMap<VcpuKey, u64>,
     quiet_since: BTreeMap<VcpuKey, Nanos>,
     quiet_ns: u64,
     /// When failed restores are tried again next.
@@ -1604,11 +1610,17 @@ impl Loop {
                 .collect()
         };
         let host_closed = self.others.as_ref().is_some_and(|(v, _)| v.closed());
+        for (key, _) in &boosted {
+            self.reconcile(*key);
+        }
         for (key, b) in boosted {
             let Some(s) = self.samplers.get_mut(&key) else {
                 continue;
             };
             s.poll(now, b);
+            if s.starved() {
+                events.push(Event::new(key, VcpuEvent::Starved));
+            }
             let quiet = s.quiet() || host_closed;
             if self.told.get(&key).copied().unwrap_or(false) == quiet {
                 continue;
@@ -1622,6 +1634,46 @@ impl Loop {
             events.push(Event::new(key, VcpuEvent::Quiet(quiet)));
         }
         self.update_lazy(now);
+    }
+
+    /// Checks that the kernel has vCPU `key`'s thread in the class last recorded as applied,
+    /// and sets the wanted class again when it does not. Skipped while a change is in flight.
+    fn reconcile(&mut self, key: VcpuKey) {
+        let Some(cell) = self.shared.lock().cells.get(&key).cloned() else {
+            return;
+        };
+        // Only a thread that was changed since the last look, or is recorded in another
+        // class than its own: a quiet vCPU costs no system call.
+        let sets =
+            cell.self_sets.load(Ordering::Relaxed) + cell.remote_sets.load(Ordering::Relaxed);
+        let seen = self.reconcile_seen.insert(key, sets);
+        let applied = cell.applied.load(Ordering::SeqCst);
+        if (seen == Some(sets) && applied == ORIGINAL)
+            || applied == UNKNOWN
+            || cell.inflight.load(Ordering::SeqCst) != 0
+        {
+            return;
+        }
+        let Some(expected) = self.shared.attr_of(&cell, applied) else {
+            return;
+        };
+        let Ok(actual) = self.shared.applier.get(cell.tid) else {
+            return;
+        };
+        let same = actual.policy == expected.policy
+            && actual.priority == expected.priority
+            && (actual.nice == expected.nice || !matches!(actual.policy, 0 | 3 | 5));
+        // A change that landed meanwhile moved the record: not a divergence.
+        if same || cell.applied.load(Ordering::SeqCst) != applied {
+            return;
+        }
+        self.shared.reconciled.fetch_add(1, Ordering::Relaxed);
+        self.shared.note_error(format!(
+            "{key} (tid {}): found policy {} prio {} nice {}, recorded policy {} prio {} nice {}: set again",
+            cell.tid, actual.policy, actual.priority, actual.nice, expected.policy, expected.priority, expected.nice
+        ));
+        cell.applied.store(UNKNOWN, Ordering::SeqCst);
+        self.shared.realize(&cell, false);
     }
 
     /// Tells the sources whether every vCPU is quiet (only when that changed).
@@ -1907,6 +1959,7 @@ impl Loop {
         }
         self.samplers.remove(&key);
         self.told.remove(&key);
+        self.reconcile_seen.remove(&key);
         self.update_lazy(now);
         if let Some(t) = self.quiet_since.remove(&key) {
             self.quiet_ns += now.saturating_sub(t);
@@ -2042,6 +2095,7 @@ impl Loop {
                 engine_timers: self.shared.timers_engine.load(Ordering::Relaxed),
                 vcpu_timers: self.shared.timers_vcpu.load(Ordering::Relaxed),
                 rechecks: self.shared.rechecks.load(Ordering::Relaxed),
+                reconciled: self.shared.reconciled.load(Ordering::Relaxed),
                 quiet_s: {
                     let now = mono_ns();
                     let open: u64 = self
@@ -2108,6 +2162,10 @@ pub struct Cost {
     /// Changes that raced with a vCPU changing itself (its thread then applied the latest).
     #[serde(default)]
     pub rechecks: u64,
+    /// Times a vCPU thread was found in another class than recorded and set again (a lost
+    /// update between threads; checked once per quiet-gate window).
+    #[serde(default)]
+    pub reconciled: u64,
     /// vCPU time the quiet gate held boosting off (the vCPU did not wait for a CPU), s, summed
     /// over vCPUs; 0 without the gate.
     #[serde(default)]

@@ -1004,3 +1004,38 @@ fn sources_go_lazy_while_every_vcpu_is_quiet() {
     assert!(s.lazy.lock().unwrap().is_empty());
     s.rt.stop();
 }
+
+/// A class changed behind the runtime's back (as a lost update between two threads would leave
+/// it) is found at the next quiet-gate window and set again.
+#[test]
+fn a_thread_found_in_another_class_is_set_again() {
+    let vcpu = Sleeper::start();
+    if !std::path::Path::new(&format!("/proc/{}/schedstat", vcpu.tid)).exists() {
+        eprintln!("SKIPPED a_thread_found_in_another_class_is_set_again: no /proc/<tid>/schedstat");
+        return;
+    }
+    let s = setup_with(RuntimeConfig {
+        quiet_gate: Some(QuietGate {
+            window: 10_000_000,
+            others: None,
+            ..QuietGate::default()
+        }),
+        ..RuntimeConfig::default()
+    });
+    s.h.add_vm(0, "static", &opts(&["class=fifo:7"]), no_parts())
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, vcpu.tid, false).unwrap();
+    assert!(s.kernel.is_fifo(vcpu.tid));
+    s.kernel
+        .attrs
+        .lock()
+        .unwrap()
+        .insert(vcpu.tid, SchedClass::Other.attr());
+    wait_for("the boost set again", || s.kernel.is_fifo(vcpu.tid));
+    let st = s.h.status().unwrap();
+    assert_eq!(st.cost.reconciled, 1, "{:?}", st.cost);
+    // Nothing to set again while the record and the kernel agree.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.h.status().unwrap().cost.reconciled, 1);
+    s.rt.stop();
+}

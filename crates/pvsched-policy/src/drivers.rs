@@ -707,6 +707,20 @@ impl Driver for DynamicDriver {
                 }
             },
             VcpuEvent::Timer(..) => {}
+            VcpuEvent::Starved => {
+                if !ctx.state.is_boosted() {
+                    ctx.end_repay();
+                    // A short host boost (within its budgets, waiting for the cap like any):
+                    // as a real-time thread it is moved off the CPU it is stuck on, or takes
+                    // its turn there.
+                    self.host_boost(
+                        ctx,
+                        Cause::Interrupt,
+                        now,
+                        now.saturating_add(self.p.irq_hold),
+                    );
+                }
+            }
             VcpuEvent::Quiet(quiet) => {
                 ctx.state.quiet = quiet;
                 if quiet {

@@ -236,7 +236,7 @@ impl Engine {
                                         .is_some_and(|d| now.saturating_sub(d) <= CAP_WAIT_HOST_NS)
                             }
                             VcpuEvent::Timer(kind, gen) => st.is_timer_current(kind, gen),
-                            VcpuEvent::Interrupt | VcpuEvent::Woken => {
+                            VcpuEvent::Interrupt | VcpuEvent::Woken | VcpuEvent::Starved => {
                                 now.saturating_sub(since) <= CAP_WAIT_HOST_NS && !st.quiet
                             }
                             VcpuEvent::Registered => true,

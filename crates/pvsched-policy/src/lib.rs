@@ -164,6 +164,13 @@ pub enum VcpuEvent {
     /// so a boost would gain the guest nothing and cost system calls; dynamic drivers boost
     /// only a contended vCPU. Sent by the runtime's quiet gate when its verdict changes.
     Quiet(bool),
+    /// The vCPU, unboosted, waited for a CPU almost all of the last quiet-gate window: it is
+    /// not getting a CPU at all (typically queued behind another vCPU's real-time boost on the
+    /// same CPU). A repayment then gives nothing back and only keeps it from being picked:
+    /// dynamic drivers end it, and give the vCPU a short host boost (like an interrupt's,
+    /// within its budgets and the host-wide cap): as a real-time thread it is moved off that
+    /// CPU by the kernel, or at least takes turns with the boost that starves it.
+    Starved,
 }
 
 /// An event for one vCPU.

@@ -684,6 +684,51 @@ fn a_vcpu_that_ran_out_of_budget_repays_its_boosted_time() {
 }
 
 #[test]
+fn a_starved_vcpu_stops_repaying() {
+    let mut s = Sim::new("dynamic", &["rt_budget=10ms"]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(15 * MS);
+    assert!(s.repaying.contains_key(&V0), "throttled: repays at nice 5");
+    // Queued behind another thread's real-time boost, it does not run at all: repaying
+    // gives nothing back.
+    s.event(V0, VcpuEvent::Starved);
+    assert!(s.repaying.is_empty(), "the repayment ends");
+    assert_eq!(s.log.last(), Some(&Decision::Repay(V0, None)));
+    assert!(!s.is_boosted(V0), "still throttled: the debt stands");
+    // Paid back by unboosted time all the same, it is boosted again on its request.
+    s.advance(10 * MS);
+    assert!(s.is_boosted(V0));
+    // A boosted vCPU that a window found starved (before its boost) keeps its boost.
+    s.event(V0, VcpuEvent::Starved);
+    assert!(s.is_boosted(V0));
+}
+
+#[test]
+fn a_starved_vcpu_gets_a_short_boost_and_its_turn_behind_the_cap() {
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.engine.set_max_boosted(Some(1));
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::Irq]));
+    assert!(s.is_boosted(V0), "V0 holds the one slot");
+    // V1 does not run at all (stuck on V0's CPU): it waits for the slot.
+    s.event(V1, VcpuEvent::Starved);
+    assert!(!s.is_boosted(V1));
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 1);
+    // V0 lets go: V1 gets the slot, for the interrupt hold (200 µs by default).
+    s.advance(100 * US);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.is_boosted(V1) && !s.is_boosted(V0));
+    s.advance(300 * US);
+    assert!(!s.is_boosted(V1), "a short boost");
+    // Not while quiet.
+    s.event(V1, VcpuEvent::Quiet(true));
+    s.event(V1, VcpuEvent::Starved);
+    assert!(!s.is_boosted(V1));
+}
+
+#[test]
 fn a_quiet_vcpu_gets_no_boosts() {
     let mut s = Sim::new("deadline-aware", &["repay=nice:19", "repay_on=boost"]);
     s.event(V0, VcpuEvent::Registered);
@@ -750,7 +795,8 @@ fn debts_are_paid_back_at_the_recovery_ratio() {
 }
 
 /// Plays random events `(vCPU, kind, bits, delay)` on two registered vCPUs: guest requests
-/// and releases, interrupts, wake-ups, deadline hints, bad slots, quiet/contended host.
+/// and releases, interrupts, wake-ups, deadline hints, bad slots, quiet/contended host, starved
+/// windows.
 fn play(s: &mut Sim, events: &[(u32, u8, u8, u64)]) {
     for &(v, kind, bits, delay) in events {
         let key = VcpuKey::new(0, v);
@@ -766,13 +812,14 @@ fn play(s: &mut Sim, events: &[(u32, u8, u8, u64)]) {
             5 => s.event(key, VcpuEvent::SlotInvalid),
             6 => s.guest(key, Reasons::NONE),
             7 => s.event(key, VcpuEvent::DeadlineHint(None)),
+            8 => s.event(key, VcpuEvent::Starved),
             _ => s.event(key, VcpuEvent::Quiet(bits % 2 == 0)),
         }
     }
 }
 
 fn arb_event() -> impl Strategy<Value = (u32, u8, u8, u64)> {
-    (0u32..2, 0u8..9, 0u8..32, 0u64..5_000_000)
+    (0u32..2, 0u8..10, 0u8..32, 0u64..5_000_000)
 }
 
 /// The most time `intervals` of `key` spend boosted within any window, and that window's
