@@ -210,8 +210,9 @@ pub fn render(r: &Report) -> String {
             "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s, {:.0} sched_setattr/s \
              ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
              the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
-             vCPU threads {}; {} raced with a vCPU changing itself; boosting held off on a quiet host \
-             for {:.1} s",
+             vCPU threads {}; {} raced with a vCPU changing itself; {} found in another class \
+             and set again; boosting held off on a quiet host for {:.1} s (vCPU time; the vCPUs \
+             competing only with each other {:.1} s)",
             c.engine_cpu_percent,
             c.engine_cpu_s * 1e3,
             c.wakeups_per_s,
@@ -223,7 +224,9 @@ pub fn render(r: &Report) -> String {
             c.engine_timers,
             c.vcpu_timers,
             c.rechecks,
-            c.quiet_s
+            c.reconciled,
+            c.quiet_s,
+            c.self_contended_s
         );
     }
     for e in &pol.errors {

@@ -50,6 +50,8 @@ pub fn render(status: &Status) -> String {
     let unrestored = Gauge::<i64>::default();
     let engine_cpu = Counter::<f64, AtomicU64>::default();
     let wakeups = Counter::<u64>::default();
+    let reconciled = Counter::<u64>::default();
+    let self_contended = Counter::<f64, AtomicU64>::default();
     let setattr = Family::<ByLabels, Counter>::default();
     let global = Gauge::<i64>::default();
     let capped = Family::<VcpuLabels, Counter>::default();
@@ -130,6 +132,16 @@ pub fn render(status: &Status) -> String {
         wakeups.clone(),
     );
     reg.register(
+        "reconciled",
+        "vCPU threads found in another class than recorded and set again",
+        reconciled.clone(),
+    );
+    reg.register(
+        "self_contended_seconds",
+        "Time boosting was held off because the attached vCPUs competed only with each other",
+        self_contended.clone(),
+    );
+    reg.register(
         "setattr_calls",
         "sched_setattr calls on vCPU threads, by the engine or the vCPU itself",
         setattr.clone(),
@@ -150,6 +162,8 @@ pub fn render(status: &Status) -> String {
     unrestored.set(status.unrestored.len() as i64);
     engine_cpu.inc_by(status.cost.engine_cpu_s);
     wakeups.inc_by(status.cost.wakeups);
+    reconciled.inc_by(status.cost.reconciled);
+    self_contended.inc_by(status.cost.self_contended_s);
     setattr
         .get_or_create(&ByLabels {
             by: "engine".into(),
@@ -204,6 +218,8 @@ mod tests {
             cost: Cost {
                 engine_cpu_s: 0.25,
                 wakeups: 10,
+                reconciled: 2,
+                self_contended_s: 1.5,
                 engine_setattr: 3,
                 vcpu_setattr: 4,
                 ..Cost::default()
@@ -259,6 +275,11 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("pvsched_engine_cpu_seconds_total 0.25"), "{t}");
+        assert!(t.contains("pvsched_reconciled_total 2"), "{t}");
+        assert!(
+            t.contains("pvsched_self_contended_seconds_total 1.5"),
+            "{t}"
+        );
         assert!(
             t.contains("pvsched_setattr_calls_total{by=\"vcpu\"} 4"),
             "{t}"
