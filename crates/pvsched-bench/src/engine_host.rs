@@ -81,6 +81,16 @@ pub struct VcpuPolicyReport {
     /// Boosts that waited for the host-wide cap.
     #[serde(default)]
     pub capped: u64,
+    /// Time boosted by the cause that started each boost (static, request, interrupt,
+    /// deadline), ms.
+    #[serde(default)]
+    pub by_cause_ms: [f64; 4],
+    /// Throttles by the generic debt.
+    #[serde(default)]
+    pub generic_throttles: u64,
+    /// Longest boost, ms.
+    #[serde(default)]
+    pub longest_ms: f64,
 }
 
 /// Everything the engine reports about a run.
@@ -123,6 +133,9 @@ impl HostLoopReport {
                             boosted_ms: c.boosted_ms,
                             repaid_ms: c.repaid_ms,
                             capped: c.capped,
+                            by_cause_ms: c.boosted_by_cause_ms,
+                            generic_throttles: c.generic_throttles,
+                            longest_ms: c.longest_boost_ms,
                         })
                         .collect()
                 })

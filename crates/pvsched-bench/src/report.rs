@@ -179,16 +179,21 @@ pub fn render(r: &Report) -> String {
             .map_or(0.0, |c| v.boosted_ms / 1e3 / c.wall_s * 100.0);
         let _ = writeln!(
             s,
-            "B:{:2} boosts {} unboosts {} throttles {} refused {} capped {} boosted {:.1} ms \
-             ({:.1}%) repaid {:.1} ms",
+            "B:{:2} boosts {} unboosts {} throttles {} ({} generic) refused {} capped {} boosted \
+             {:.1} ms ({:.1}%: request {:.0}, interrupt {:.0}, deadline {:.0} ms; longest {:.2} ms) repaid {:.1} ms",
             i,
             v.boosts,
             v.unboosts,
             v.throttles,
+            v.generic_throttles,
             v.refused,
             v.capped,
             v.boosted_ms,
             share,
+            v.by_cause_ms[1],
+            v.by_cause_ms[2],
+            v.by_cause_ms[3],
+            v.longest_ms,
             v.repaid_ms
         );
     }
@@ -210,8 +215,8 @@ pub fn render(r: &Report) -> String {
             "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s, {:.0} sched_setattr/s \
              ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
              the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
-             vCPU threads {}; {} raced with a vCPU changing itself; {} found in another class \
-             and set again; boosting held off on a quiet host for {:.1} s (vCPU time; the vCPUs \
+             vCPU threads {}; {} raced with a vCPU changing itself ({} set again 50 us later); {} \
+             found in another class and set again; boosting held off on a quiet host for {:.1} s (vCPU time; the vCPUs \
              competing only with each other {:.1} s)",
             c.engine_cpu_percent,
             c.engine_cpu_s * 1e3,
@@ -224,6 +229,7 @@ pub fn render(r: &Report) -> String {
             c.engine_timers,
             c.vcpu_timers,
             c.rechecks,
+            c.recheck_fixed,
             c.reconciled,
             c.quiet_s,
             c.self_contended_s

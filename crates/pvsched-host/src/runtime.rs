@@ -19,15 +19,21 @@
 //! - the engine thread applies what the vCPU cannot (a timer that comes due while the vCPU is
 //!   preempted or halted, a tracepoint, a budget running out) on the vCPU's thread id.
 //!
-//! The two can race only when a vCPU lowers itself while the engine raises it. The vCPU marks
-//! itself in flight before it reads `want` and checks `want` again after its `sched_setattr`;
-//! the engine checks the in-flight mark after its own and, if it was set, applies its change
-//! once more 50 µs later (Dekker's pattern, as in the slot handshake). The vCPU's stale change
-//! can only land after the engine's if it was still in flight then; by the re-application it
-//! has landed (the vCPU had been running at its boost class, which no host hog preempts), so
-//! the last decision ends up applied. Re-applying once is enough: a vCPU that stays "in flight"
-//! is one that was preempted right after lowering itself, and re-applying again and again
-//! until it runs would only burn the engine's CPU.
+//! The two can race only when a vCPU lowers itself while another thread raises it. The vCPU
+//! marks itself in flight before it reads `want` and checks `want` again after its
+//! `sched_setattr`; the other thread checks the in-flight mark after its own (Dekker's
+//! pattern, as in the slot handshake), so the vCPU's thread re-applies the latest class when
+//! it runs again. But a thread that lowers itself is often preempted inside that very call
+//! (for a scheduler tick, 10 ms here), with the boost decided meanwhile missing from the
+//! kernel: so after such a race the engine thread looks at the thread's class 50 µs later
+//! and sets the boost again if it is missing (and looks again while the change stays in
+//! flight, a bounded number of times).
+//!
+//! The engine's state (the core) is behind a priority-inheriting lock. A vCPU thread takes it
+//! only if it is free (else it tries again at its next exit); the engine thread waits for it,
+//! and a vCPU thread preempted while holding it (by a boosted sibling on its CPU, say) then
+//! runs at the engine thread's real-time priority until it lets go. The engine thread's timer
+//! is set under the same lock, so settings cannot overtake each other.
 //!
 //! Timers of a vCPU whose thread is running the guest and calling its handle (a "hooked",
 //! active vCPU) are given a short grace before the engine thread wakes for them: the vCPU
@@ -44,6 +50,7 @@ use crate::mechanism::{helper_class, sched_class, Publisher};
 use crate::pressure::{host_busy_ns, OthersVerdict, QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
+use priority_inheriting_lock::{PriorityInheritingLock, PriorityInheritingLockGuard};
 use pvsched_policy::{
     BoostClass, BoostState, Decision, DriverOptions, Engine, EngineError, Event, Nanos, Registry,
     TimerKind, VcpuEvent, VcpuKey,
@@ -54,6 +61,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
+
+type CoreGuard<'a> = PriorityInheritingLockGuard<'a, Core>;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -76,6 +85,11 @@ const REPAY_SLACK_NS: Nanos = 1_000_000;
 const COALESCE_NS: Nanos = 50_000;
 /// A hooked vCPU that called its handle within this window counts as running.
 const ACTIVE_NS: Nanos = 1_000_000;
+/// After a change raced with a vCPU changing itself, the engine thread looks at that thread's
+/// class this much later (and again, up to [`RECHECK_TRIES`] times, while it stays in flight).
+const RECHECK_NS: Nanos = 50_000;
+/// Looks at a raced thread before leaving it to its own thread and the reconciliation.
+const RECHECK_TRIES: u32 = 20;
 /// How long a control request waits for the engine thread.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors remembered for status (the count is kept in full).
@@ -269,6 +283,8 @@ pub struct ThreadCell {
     /// Bumped by every other thread after its `sched_setattr` on this thread: a change of the
     /// vCPU's own that saw it move may have been overtaken (see [`Shared::realize`]).
     remote_done: AtomicU64,
+    /// Threads inside a `sched_setattr` on this thread and the record of its outcome.
+    setting: AtomicU32,
     hooked: AtomicBool,
     last_exit: AtomicU64,
     /// Earliest live timer of this vCPU (`u64::MAX`: none).
@@ -299,6 +315,7 @@ impl ThreadCell {
             applied: AtomicU64::new(ORIGINAL),
             inflight: AtomicU32::new(0),
             remote_done: AtomicU64::new(0),
+            setting: AtomicU32::new(0),
             hooked: AtomicBool::new(hooked),
             last_exit: AtomicU64::new(0),
             next_timer: AtomicU64::new(u64::MAX),
@@ -343,19 +360,13 @@ impl ClassTable {
 
 /// What all the runtime's threads share.
 struct Shared {
-    core: Mutex<Core>,
+    /// Priority-inheriting: the engine thread waiting for a vCPU thread that holds the core
+    /// lends it its real-time priority (a plain mutex left it preempted behind a boosted
+    /// vCPU for a scheduler tick, 10 ms here, with every timer of the runtime stuck).
+    core: PriorityInheritingLock<Core>,
     applier: Arc<dyn Applier>,
     classes: ClassTable,
     timer: DeadlineTimer,
-    /// The engine thread's timer as last decided under the core lock (`NO_TIMER`: none) and
-    /// its generation (see [`TimerSet`]).
-    timer_at: AtomicU64,
-    timer_gen: AtomicU64,
-    /// Held by the one thread applying timer settings; `timer_dirty` asks it to look again.
-    timer_gate: AtomicBool,
-    timer_dirty: AtomicBool,
-    /// The generation last applied (read and written only with the gate held).
-    timer_applied: AtomicU64,
     wake: EventFd,
     stopped: AtomicBool,
     engine_tid: AtomicU32,
@@ -376,63 +387,32 @@ struct Shared {
     rechecks: AtomicU64,
     /// Threads found in another class than the runtime had recorded, and set again.
     reconciled: AtomicU64,
+    /// Threads whose change raced with their own thread changing itself, to be looked at by
+    /// the engine thread from `recheck_at` (`NO_TIMER`: none), with the looks so far.
+    recheck: Mutex<Vec<(Arc<ThreadCell>, u32)>>,
+    recheck_at: AtomicU64,
+    /// Races after which the engine thread found the wanted class missing and set it.
+    recheck_fixed: AtomicU64,
 }
 
-/// A change of the engine thread's timer, decided under the core lock (which records the
-/// new time and bumps its generation) and applied after it with [`Shared::set_timer`]: the
-/// syscall stays out of the lock, and no thread ever waits for another to apply: the latest
-/// decision always wins.
-#[derive(Clone, Copy)]
-struct TimerSet;
-
-/// `timer_at` when the engine thread's timer is off.
+/// `Core::armed` as stored when the engine thread's timer is off, and `recheck_at` when no
+/// recheck is pending.
 const NO_TIMER: u64 = u64::MAX;
 
 impl Shared {
-    /// Applies the latest timer decision unless another thread is applying one: that thread
-    /// is told to look again instead, so a vCPU thread never sleeps here.
-    fn set_timer(&self, t: Option<TimerSet>) {
-        if t.is_none() {
-            return;
-        }
-        loop {
-            self.timer_dirty.store(true, Ordering::SeqCst);
-            if self.timer_gate.swap(true, Ordering::AcqRel) {
-                // The holder sees `timer_dirty` before it lets go.
-                return;
-            }
-            while self.timer_dirty.swap(false, Ordering::SeqCst) {
-                // The generation first: the time read after it is at least as new.
-                let gen = self.timer_gen.load(Ordering::Acquire);
-                if gen == self.timer_applied.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let at = self.timer_at.load(Ordering::Acquire);
-                self.timer.set((at != NO_TIMER).then_some(at));
-                self.timer_applied.store(gen, Ordering::Relaxed);
-            }
-            self.timer_gate.store(false, Ordering::Release);
-            // A decision that arrived after the last look and found the gate still held.
-            if !self.timer_dirty.load(Ordering::SeqCst) {
-                return;
-            }
-        }
-    }
-
     /// The core, unless another thread holds it (counted).
-    fn try_core(&self) -> Option<MutexGuard<'_, Core>> {
-        match self.core.try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                self.hook_busy.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+    fn try_core(&self) -> Option<CoreGuard<'_>> {
+        let g = self.core.try_lock();
+        if g.is_none() {
+            self.hook_busy.fetch_add(1, Ordering::Relaxed);
         }
+        g
     }
 
-    fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    /// The core, waiting for it: the holder (a vCPU thread preempted inside its hook, say)
+    /// inherits the waiting thread's real-time priority until it lets go.
+    fn lock(&self) -> CoreGuard<'_> {
+        self.core.lock()
     }
 
     fn note_error(&self, what: String) {
@@ -487,16 +467,16 @@ impl Shared {
             let w = cell.want.load(Ordering::SeqCst);
             let changing = !own && cell.inflight.load(Ordering::SeqCst) != 0;
             let skip = !force && !changing && w == cell.applied.load(Ordering::SeqCst);
-            let result = if skip {
-                None
-            } else {
-                Some(match self.attr_of(cell, w) {
+            if !skip {
+                // Marked for the reconciliation: a class read meanwhile may be this one,
+                // not yet recorded.
+                cell.setting.fetch_add(1, Ordering::SeqCst);
+                let result = match self.attr_of(cell, w) {
                     Some(attr) => self.applier.set(cell.tid, &attr),
                     None => Ok(()),
-                })
-            };
-            if let Some(result) = result {
+                };
                 self.record(cell, w, own, &result);
+                cell.setting.fetch_sub(1, Ordering::SeqCst);
             }
             if own {
                 cell.inflight.store(0, Ordering::SeqCst);
@@ -611,6 +591,79 @@ impl Shared {
             .collect()
     }
 
+    /// A change of `cell` raced with its own thread changing itself (`realize` returned
+    /// false): that thread applies the latest class when it runs again, but a vCPU that has
+    /// just lowered itself may be preempted inside that very call, for a scheduler tick or
+    /// more, with a boost decided since missing from the kernel. The engine thread (above
+    /// every class it applies) looks at the thread's class [`RECHECK_NS`] later and sets
+    /// the wanted one if it is missing. The caller then re-arms the engine thread's timer
+    /// (see [`Shared::arm_for_recheck`]).
+    /// Only a boost is looked at: a thread that lowers itself while the other change lowers
+    /// it too ends lowered either way, and one raising itself is not preempted by the host
+    /// threads pvsched protects it from, so it soon applies the latest itself.
+    fn defer_recheck(&self, cell: &Arc<ThreadCell>, tries: u32, now: Nanos) -> bool {
+        if tries == 0 {
+            self.rechecks.fetch_add(1, Ordering::Relaxed);
+        }
+        let want = cell.want.load(Ordering::SeqCst);
+        if want == ORIGINAL || want != cell.boost_code.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut list = self.recheck.lock().unwrap_or_else(|p| p.into_inner());
+        if tries == 0 && list.iter().any(|(c, _)| Arc::ptr_eq(c, cell)) {
+            return false;
+        }
+        list.push((cell.clone(), tries));
+        self.recheck_at
+            .fetch_min(now.saturating_add(RECHECK_NS), Ordering::AcqRel);
+        true
+    }
+
+    /// Re-arms the engine thread's timer after [`Shared::defer_recheck`] on a thread that
+    /// does not hold the core: under the core if it is free, else by waking the engine
+    /// thread (which re-arms at the end of its round).
+    fn arm_for_recheck(&self, now: Nanos) {
+        match self.try_core() {
+            Some(mut core) => core.arm(self, now),
+            None => {
+                let _ = self.wake.write(1);
+            }
+        }
+    }
+
+    /// On the engine thread: looks at the raced threads due (see [`Shared::defer_recheck`]).
+    /// A thread not in its wanted class is set again; one still in flight is looked at again.
+    fn run_rechecks(&self, now: Nanos) {
+        if now < self.recheck_at.load(Ordering::Acquire) {
+            return;
+        }
+        self.recheck_at.store(NO_TIMER, Ordering::Release);
+        let list = std::mem::take(&mut *self.recheck.lock().unwrap_or_else(|p| p.into_inner()));
+        for (cell, tries) in list {
+            if cell.removed.load(Ordering::Acquire) {
+                continue;
+            }
+            let want = cell.want.load(Ordering::SeqCst);
+            let (Some(expected), Ok(actual)) =
+                (self.attr_of(&cell, want), self.applier.get(cell.tid))
+            else {
+                continue;
+            };
+            if !same_class(&actual, &expected) {
+                self.recheck_fixed.fetch_add(1, Ordering::Relaxed);
+                cell.applied.store(UNKNOWN, Ordering::SeqCst);
+                self.realize(&cell, false);
+            } else if cell.inflight.load(Ordering::SeqCst) == 0 {
+                // In its class and no change in flight: settled.
+                continue;
+            }
+            if tries + 1 < RECHECK_TRIES {
+                // The timer is re-armed after this round.
+                let _ = self.defer_recheck(&cell, tries + 1, now);
+            }
+        }
+    }
+
     /// Raises the engine thread above `class` if it is not already.
     fn outrank(&self, class: BoostClass) {
         let SchedClass::Fifo(p) = helper_class(class) else {
@@ -658,19 +711,20 @@ struct Core {
 impl Core {
     /// Re-arms the engine thread's timer for the earliest of the timers (a syscall only when
     /// that time changed).
-    fn arm(&mut self, shared: &Shared, now: Nanos) -> Option<TimerSet> {
-        let at = self.next_wake(now, shared.grace);
+    fn arm(&mut self, shared: &Shared, now: Nanos) {
+        let recheck = shared.recheck_at.load(Ordering::Acquire);
+        let at = self
+            .next_wake(now, shared.grace)
+            .into_iter()
+            .chain((recheck != NO_TIMER).then_some(recheck))
+            .min();
         // A timer that fired stays readable until it is set again.
         if at != self.armed || self.fired {
             self.armed = at;
             self.fired = false;
-            shared
-                .timer_at
-                .store(at.unwrap_or(NO_TIMER), Ordering::Release);
-            shared.timer_gen.fetch_add(1, Ordering::AcqRel);
-            return Some(TimerSet);
+            // Under the core lock: settings cannot overtake each other.
+            shared.timer.set(at);
         }
-        None
     }
 
     /// Applies decisions made outside [`Core::process`] and queues their follow-ups.
@@ -993,7 +1047,7 @@ impl VcpuHandle {
             return true;
         }
         let shared = self.shared.clone();
-        let timer = {
+        {
             let Some(mut core) = shared.try_core() else {
                 return false;
             };
@@ -1001,21 +1055,25 @@ impl VcpuHandle {
                 return true;
             }
             f(&mut core, &shared, &mut self.touched);
-            core.arm(&shared, now)
-        };
-        shared.set_timer(timer);
-        self.realize_touched();
+            core.arm(&shared, now);
+        }
+        self.realize_touched(now);
         true
     }
 
-    fn realize_touched(&mut self) {
+    fn realize_touched(&mut self, now: Nanos) {
         let key = self.cell.key;
+        let mut raced = false;
         for c in self.touched.drain(..) {
             let own = c.key == key;
             if !self.shared.realize(&c, own) {
-                // Raced with that vCPU changing itself: its thread applies the latest class.
-                self.shared.rechecks.fetch_add(1, Ordering::Relaxed);
+                // Raced with that vCPU changing itself: its thread applies the latest class
+                // when it runs, and the engine thread makes sure of it.
+                raced |= self.shared.defer_recheck(&c, 0, now);
             }
+        }
+        if raced {
+            self.shared.arm_for_recheck(now);
         }
     }
 }
@@ -1133,7 +1191,7 @@ impl Runtime {
     /// Starts the engine thread.
     pub fn start(cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
         let shared = Arc::new(Shared {
-            core: Mutex::new(Core {
+            core: PriorityInheritingLock::new(Core {
                 engine: {
                     let mut e = Engine::new(cfg.registry);
                     e.set_max_boosted(cfg.max_boosted);
@@ -1157,11 +1215,6 @@ impl Runtime {
             applier: cfg.applier,
             classes: ClassTable::new(),
             timer: DeadlineTimer::new()?,
-            timer_at: AtomicU64::new(NO_TIMER),
-            timer_gen: AtomicU64::new(0),
-            timer_gate: AtomicBool::new(false),
-            timer_dirty: AtomicBool::new(false),
-            timer_applied: AtomicU64::new(0),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             stopped: AtomicBool::new(false),
             engine_tid: AtomicU32::new(0),
@@ -1176,6 +1229,9 @@ impl Runtime {
             timers_vcpu: AtomicU64::new(0),
             rechecks: AtomicU64::new(0),
             reconciled: AtomicU64::new(0),
+            recheck: Mutex::new(Vec::new()),
+            recheck_at: AtomicU64::new(NO_TIMER),
+            recheck_fixed: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let epoll = Epoll::new()?;
@@ -1413,6 +1469,14 @@ fn restore_cell(shared: &Shared, c: &Arc<ThreadCell>) {
     }
 }
 
+/// True when `actual` (read from the kernel) is the class `expected` describes: policy,
+/// priority, and the nice level for the classes that have one.
+fn same_class(actual: &SchedAttr, expected: &SchedAttr) -> bool {
+    actual.policy == expected.policy
+        && actual.priority == expected.priority
+        && (actual.nice == expected.nice || !matches!(actual.policy, 0 | 3 | 5))
+}
+
 #[derive(Default)]
 struct LoopStats {
     wakeups: u64,
@@ -1556,6 +1620,7 @@ impl Loop {
             if fired {
                 self.shared.lock().fired = true;
             }
+            self.shared.run_rechecks(now);
             self.sample_quiet(now, &mut events);
             self.process(now, trigger, &events);
             events.clear();
@@ -1648,10 +1713,10 @@ impl Loop {
             cell.self_sets.load(Ordering::Relaxed) + cell.remote_sets.load(Ordering::Relaxed);
         let seen = self.reconcile_seen.insert(key, sets);
         let applied = cell.applied.load(Ordering::SeqCst);
-        if (seen == Some(sets) && applied == ORIGINAL)
-            || applied == UNKNOWN
-            || cell.inflight.load(Ordering::SeqCst) != 0
-        {
+        let busy = |c: &ThreadCell| {
+            c.inflight.load(Ordering::SeqCst) != 0 || c.setting.load(Ordering::SeqCst) != 0
+        };
+        if (seen == Some(sets) && applied == ORIGINAL) || applied == UNKNOWN || busy(&cell) {
             return;
         }
         let Some(expected) = self.shared.attr_of(&cell, applied) else {
@@ -1660,11 +1725,15 @@ impl Loop {
         let Ok(actual) = self.shared.applier.get(cell.tid) else {
             return;
         };
-        let same = actual.policy == expected.policy
-            && actual.priority == expected.priority
-            && (actual.nice == expected.nice || !matches!(actual.policy, 0 | 3 | 5));
-        // A change that landed meanwhile moved the record: not a divergence.
-        if same || cell.applied.load(Ordering::SeqCst) != applied {
+        let sets_after =
+            cell.self_sets.load(Ordering::Relaxed) + cell.remote_sets.load(Ordering::Relaxed);
+        // A change made meanwhile (or still being made) moved the kernel or the record: not
+        // a divergence.
+        if same_class(&actual, &expected)
+            || busy(&cell)
+            || sets_after != sets
+            || cell.applied.load(Ordering::SeqCst) != applied
+        {
             return;
         }
         self.shared.reconciled.fetch_add(1, Ordering::Relaxed);
@@ -1727,7 +1796,7 @@ impl Loop {
     /// Feeds `events` and the due timers to the engine, applies, re-arms the timer.
     fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) {
         let shared = self.shared.clone();
-        let timer = {
+        {
             let mut core = shared.lock();
             for e in events {
                 // Host-side signals (tracepoints, VMM injections), not the guest's slot.
@@ -1743,14 +1812,17 @@ impl Loop {
             core.process(&shared, now, trigger, &mut self.touched);
             let fired = std::mem::take(&mut core.fired_timers);
             shared.timers_engine.fetch_add(fired, Ordering::Relaxed);
-            core.arm(&shared, now)
-        };
-        shared.set_timer(timer);
+            core.arm(&shared, now);
+        }
+        let mut raced = false;
         for c in self.touched.drain(..) {
             if !shared.realize(&c, false) {
-                // Raced with that vCPU changing itself: its thread applies the latest class.
-                shared.rechecks.fetch_add(1, Ordering::Relaxed);
+                // Raced with that vCPU changing itself: looked at again shortly.
+                raced |= shared.defer_recheck(&c, 0, now);
             }
+        }
+        if raced {
+            shared.arm_for_recheck(now);
         }
     }
 
@@ -2045,6 +2117,14 @@ impl Loop {
                 refused: c.refused,
                 bad_slots: c.bad_slots,
                 boosted_ms: st.map_or(0.0, |s| s.boosted_ns(now) as f64 / 1e6),
+                boosted_by_cause_ms: st.map_or([0.0; 4], |s| {
+                    s.boosted_by_cause_ns(now).map(|n| n as f64 / 1e6)
+                }),
+                generic_throttles: c.generic_throttles,
+                longest_boost_ms: st.map_or(0.0, |s| {
+                    let open = s.boost.map_or(0, |b| now.saturating_sub(b.since));
+                    s.counters.longest_ns.max(open) as f64 / 1e6
+                }),
                 debt_ms: st.map_or(0.0, |s| s.debts.generic as f64 / 1e6),
                 repaid_ms: st.map_or(0.0, |s| {
                     let open = s.repay_since.map_or(0, |t| now.saturating_sub(t));
@@ -2095,6 +2175,7 @@ impl Loop {
                 engine_timers: self.shared.timers_engine.load(Ordering::Relaxed),
                 vcpu_timers: self.shared.timers_vcpu.load(Ordering::Relaxed),
                 rechecks: self.shared.rechecks.load(Ordering::Relaxed),
+                recheck_fixed: self.shared.recheck_fixed.load(Ordering::Relaxed),
                 reconciled: self.shared.reconciled.load(Ordering::Relaxed),
                 quiet_s: {
                     let now = mono_ns();
@@ -2159,9 +2240,14 @@ pub struct Cost {
     /// Engine timers fired by vCPU threads for themselves, at their exits.
     #[serde(default)]
     pub vcpu_timers: u64,
-    /// Changes that raced with a vCPU changing itself (its thread then applied the latest).
+    /// Changes that raced with a vCPU changing itself (its thread applies the latest when it
+    /// runs; the engine thread looks at it 50 µs later).
     #[serde(default)]
     pub rechecks: u64,
+    /// Of those, the ones the engine thread found without the wanted class (the vCPU had
+    /// lowered itself and was preempted inside that call) and set again.
+    #[serde(default)]
+    pub recheck_fixed: u64,
     /// Times a vCPU thread was found in another class than recorded and set again (a lost
     /// update between threads; checked once per quiet-gate window).
     #[serde(default)]
@@ -2197,6 +2283,17 @@ pub struct VcpuStatus {
     pub bad_slots: u64,
     /// Time boosted, ms.
     pub boosted_ms: f64,
+    /// Time boosted by the cause that started each boost (static, guest request, host
+    /// interrupt or wake-up, ahead of a published deadline), ms.
+    #[serde(default)]
+    pub boosted_by_cause_ms: [f64; 4],
+    /// Throttles at which the generic debt had reached its limit (the rest: the
+    /// critical-section debt alone).
+    #[serde(default)]
+    pub generic_throttles: u64,
+    /// Longest boost (the one in progress included), ms.
+    #[serde(default)]
+    pub longest_boost_ms: f64,
     /// Generic debt (boosted time not yet paid back), ms.
     pub debt_ms: f64,
     /// Time spent paying back boosted time below normal weight, ms.

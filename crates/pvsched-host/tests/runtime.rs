@@ -30,6 +30,10 @@ struct FakeKernel {
     /// effect (a caller preempted on its way into the kernel): it lands late.
     stall_remote: AtomicBool,
     remote_stalled: AtomicBool,
+    /// While set, a thread's change of its own attributes is held up *before* it takes
+    /// effect (its call overtaken by another thread's).
+    hold_own: AtomicBool,
+    own_held: AtomicBool,
     /// Changes of a thread the kernel refuses next: how many, with which errno.
     refuse: Mutex<HashMap<i32, (u32, i32)>>,
 }
@@ -94,6 +98,13 @@ impl Applier for FakeKernel {
                     },
                 });
             }
+        }
+        if tid == gettid() && self.hold_own.load(Ordering::Acquire) {
+            self.own_held.store(true, Ordering::Release);
+            while self.hold_own.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            self.own_held.store(false, Ordering::Release);
         }
         if tid != gettid() && self.stall_remote.load(Ordering::Acquire) {
             self.remote_stalled.store(true, Ordering::Release);
@@ -581,6 +592,82 @@ fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
     wait_for("boost applied by the engine thread", || {
         s.kernel.is_fifo(tid)
     });
+    s.kernel.stall_own.store(false, Ordering::Release);
+    t.join().unwrap();
+    assert!(
+        s.kernel.is_fifo(tid),
+        "still boosted after the vCPU went on"
+    );
+    drop(s.rt);
+    assert!(!s.kernel.is_fifo(tid), "restored");
+}
+
+/// The engine thread boosts a vCPU whose thread is lowering itself, and the vCPU's lowering
+/// lands *after* the boost, the thread then preempted inside its call (as a thread that
+/// lowers itself next to a busier one is, for a scheduler tick or more): the engine thread
+/// must find the boost missing and set it again, not wait for the vCPU's thread to run.
+#[test]
+fn a_boost_overtaken_by_the_vcpu_lowering_itself_is_set_again() {
+    let s = setup();
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&[
+            "irq_hold=10s",
+            "cs_budget=10s",
+            "rt_budget=10s",
+            "repay=off",
+        ]),
+        no_parts(),
+    )
+    .unwrap();
+    let kernel = s.kernel.clone();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let t = vcpu_thread(&s.h, move |mut v| {
+        tid_tx.send(gettid()).unwrap();
+        let rt = Reasons::NONE.with(Reason::RtTask);
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
+        assert!(kernel.is_fifo(gettid()));
+        // Lowers itself; its call is held up before it lands, then stays "preempted".
+        kernel.hold_own.store(true, Ordering::Release);
+        kernel.stall_own.store(true, Ordering::Release);
+        while !v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]) {
+            std::thread::yield_now();
+        }
+    });
+    let tid = tid_rx.recv().unwrap();
+    wait_for("the vCPU on its way to lower itself", || {
+        s.kernel.own_held.load(Ordering::Acquire)
+    });
+    // The engine thread boosts it meanwhile (an interrupt for it).
+    let engine_sets = || {
+        s.kernel
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, c)| *t == tid && *c != tid)
+            .count()
+    };
+    let before = engine_sets();
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("the engine thread's boost landed", || {
+        engine_sets() > before
+    });
+    // Then the vCPU's stale lowering lands, and its thread stalls inside the call.
+    s.kernel.hold_own.store(false, Ordering::Release);
+    wait_for("the lowering landed", || {
+        s.kernel.stalled.load(Ordering::Acquire)
+    });
+    wait_for("the boost set again while the vCPU is stuck", || {
+        s.kernel.is_fifo(tid)
+    });
+    assert!(
+        s.kernel.stalled.load(Ordering::Acquire),
+        "set again by the engine thread"
+    );
+    let st = s.h.status().unwrap();
+    assert!(st.cost.recheck_fixed >= 1, "{:?}", st.cost);
     s.kernel.stall_own.store(false, Ordering::Release);
     t.join().unwrap();
     assert!(

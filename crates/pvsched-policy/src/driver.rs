@@ -18,6 +18,18 @@ pub enum Cause {
     Deadline,
 }
 
+impl Cause {
+    /// Index in [`Counters::by_cause_ns`].
+    pub fn index(self) -> usize {
+        match self {
+            Cause::Static => 0,
+            Cause::Request => 1,
+            Cause::Interrupt => 2,
+            Cause::Deadline => 3,
+        }
+    }
+}
+
 /// A boost in progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Boost {
@@ -57,6 +69,17 @@ pub struct Counters {
     /// Boosts that had to wait because `max_boosted` vCPUs were boosted already.
     #[serde(default)]
     pub capped: u64,
+    /// Boosted time of completed boosts by the cause that started them, ns, indexed by
+    /// [`Cause::index`] (static, request, interrupt, deadline).
+    #[serde(default)]
+    pub by_cause_ns: [u64; 4],
+    /// Throttles at which the generic debt was at its limit (the others: the critical-section
+    /// debt alone).
+    #[serde(default)]
+    pub generic_throttles: u64,
+    /// Longest completed boost, ns.
+    #[serde(default)]
+    pub longest_ns: u64,
 }
 
 /// Boosted-time debts (pvsched v3's model): every boosted nanosecond is charged to `generic`,
@@ -138,6 +161,15 @@ impl VcpuState {
     /// Boosted time including the boost in progress, at `now`.
     pub fn boosted_ns(&self, now: Nanos) -> u64 {
         self.counters.boosted_ns + self.boost.map_or(0, |b| now.saturating_sub(b.since))
+    }
+
+    /// [`Self::boosted_ns`] by the cause that started each boost ([`Cause::index`]).
+    pub fn boosted_by_cause_ns(&self, now: Nanos) -> [u64; 4] {
+        let mut t = self.counters.by_cause_ns;
+        if let Some(b) = self.boost {
+            t[b.cause.index()] += now.saturating_sub(b.since);
+        }
+        t
     }
 }
 
@@ -241,8 +273,11 @@ impl<'a> VcpuCtx<'a> {
     pub fn unboost(&mut self, then: BoostState) {
         self.end_repay();
         if let Some(b) = self.state.boost.take() {
+            let d = self.now.saturating_sub(b.since);
             self.state.counters.unboosts += 1;
-            self.state.counters.boosted_ns += self.now.saturating_sub(b.since);
+            self.state.counters.boosted_ns += d;
+            self.state.counters.by_cause_ns[b.cause.index()] += d;
+            self.state.counters.longest_ns = self.state.counters.longest_ns.max(d);
             // A budget check is about the boost that just ended: cancel it, so that a host
             // does not wake up for a timer with nothing left to check.
             self.state.timer_gen[TimerKind::Budget as usize] += 1;

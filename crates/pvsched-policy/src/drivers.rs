@@ -531,6 +531,9 @@ impl DynamicDriver {
     /// Ends the boost as throttled and arms the latches' release.
     fn throttle(&self, ctx: &mut VcpuCtx<'_>) {
         ctx.state.counters.throttles += 1;
+        if ctx.state.debts.generic_latched {
+            ctx.state.counters.generic_throttles += 1;
+        }
         let extra = ctx.state.boost.is_some_and(|b| b.class.takes_extra_share());
         self.unboost(ctx, BoostState::Throttled);
         ctx.state.throttled_until = Some(ctx.now.saturating_add(self.p.cooldown));
