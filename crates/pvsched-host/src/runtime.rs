@@ -332,6 +332,13 @@ impl ThreadCell {
         }
     }
 
+    /// True when the class wanted is not the one last applied (and that one is known): a
+    /// decision some thread has yet to apply, or is applying.
+    fn unapplied(&self) -> bool {
+        let applied = self.applied.load(Ordering::Acquire);
+        applied != UNKNOWN && applied != self.want.load(Ordering::Acquire)
+    }
+
     /// True while the kernel has the boost class (not a repayment's) applied.
     fn is_boosted(&self) -> bool {
         let applied = self.applied.load(Ordering::Acquire);
@@ -389,7 +396,8 @@ struct Shared {
     reconciled: AtomicU64,
     /// Threads whose change raced with their own thread changing itself, to be looked at by
     /// the engine thread from `recheck_at` (`NO_TIMER`: none), with the looks so far.
-    recheck: Mutex<Vec<(Arc<ThreadCell>, u32)>>,
+    /// Priority-inheriting, like the core: vCPU threads add to it.
+    recheck: PriorityInheritingLock<Vec<(Arc<ThreadCell>, u32)>>,
     recheck_at: AtomicU64,
     /// Races after which the engine thread found the wanted class missing and set it.
     recheck_fixed: AtomicU64,
@@ -609,7 +617,7 @@ impl Shared {
         if want == ORIGINAL || want != cell.boost_code.load(Ordering::Acquire) {
             return false;
         }
-        let mut list = self.recheck.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = self.recheck.lock();
         if tries == 0 && list.iter().any(|(c, _)| Arc::ptr_eq(c, cell)) {
             return false;
         }
@@ -638,7 +646,7 @@ impl Shared {
             return;
         }
         self.recheck_at.store(NO_TIMER, Ordering::Release);
-        let list = std::mem::take(&mut *self.recheck.lock().unwrap_or_else(|p| p.into_inner()));
+        let list = std::mem::take(&mut *self.recheck.lock());
         for (cell, tries) in list {
             if cell.removed.load(Ordering::Acquire) {
                 continue;
@@ -995,10 +1003,11 @@ impl VcpuHandle {
     }
 
     /// Cheap check for every exit: records that the vCPU runs, and says whether one of its
-    /// timers is due (then call [`VcpuHandle::handle`]).
+    /// timers is due or a class another thread decided for it is still to be applied (then
+    /// call [`VcpuHandle::handle`]).
     pub fn exit(&self, now: Nanos) -> bool {
         self.cell.last_exit.store(now, Ordering::Relaxed);
-        now >= self.cell.next_timer.load(Ordering::Acquire)
+        now >= self.cell.next_timer.load(Ordering::Acquire) || self.cell.unapplied()
     }
 
     /// Feeds `events` (what this vCPU's thread observed at `now`) and this vCPU's due timers
@@ -1049,6 +1058,11 @@ impl VcpuHandle {
         let shared = self.shared.clone();
         {
             let Some(mut core) = shared.try_core() else {
+                // A class decided for this vCPU by a thread that has not applied it yet
+                // needs no core.
+                if self.cell.unapplied() {
+                    self.realize_touched(now);
+                }
                 return false;
             };
             if shared.stopped.load(Ordering::Acquire) {
@@ -1061,8 +1075,21 @@ impl VcpuHandle {
         true
     }
 
+    /// Applies the classes decided: other vCPUs' first, this vCPU's last, because a thread
+    /// that lowers itself is often preempted inside that call (by the very vCPU it just
+    /// handed the boost to, on its CPU), and nothing it had still to apply may wait for it.
+    /// A class another thread decided for this vCPU and has not applied yet is applied here
+    /// too.
     fn realize_touched(&mut self, now: Nanos) {
         let key = self.cell.key;
+        if self.cell.unapplied() && !self.touched.iter().any(|c| c.key == key) {
+            self.touched.push(self.cell.clone());
+        }
+        let own_at = self.touched.iter().position(|c| c.key == key);
+        if let Some(i) = own_at {
+            let last = self.touched.len() - 1;
+            self.touched.swap(i, last);
+        }
         let mut raced = false;
         for c in self.touched.drain(..) {
             let own = c.key == key;
@@ -1229,7 +1256,7 @@ impl Runtime {
             timers_vcpu: AtomicU64::new(0),
             rechecks: AtomicU64::new(0),
             reconciled: AtomicU64::new(0),
-            recheck: Mutex::new(Vec::new()),
+            recheck: PriorityInheritingLock::new(Vec::new()),
             recheck_at: AtomicU64::new(NO_TIMER),
             recheck_fixed: AtomicU64::new(0),
         });

@@ -602,6 +602,148 @@ fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
     assert!(!s.kernel.is_fifo(tid), "restored");
 }
 
+/// Work for a [`Hooked`] vCPU thread.
+type Job = Box<dyn FnOnce(&mut pvsched_host::VcpuHandle) + Send>;
+
+/// A vCPU thread that runs what the test sends it, with its own handle.
+struct Hooked {
+    tid: i32,
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hooked {
+    fn start(h: &RuntimeHandle, key: VcpuKey) -> Hooked {
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (handle_tx, handle_rx) = mpsc::channel::<pvsched_host::VcpuHandle>();
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::spawn(move || {
+            tid_tx.send(gettid()).unwrap();
+            let mut v = handle_rx.recv().unwrap();
+            for job in rx {
+                job(&mut v);
+            }
+        });
+        let tid = tid_rx.recv().unwrap();
+        handle_tx.send(h.add_vcpu(key, tid, true).unwrap()).unwrap();
+        Hooked {
+            tid,
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Runs `f` on the vCPU's thread without waiting for it.
+    fn post(&self, f: impl FnOnce(&mut pvsched_host::VcpuHandle) + Send + 'static) {
+        self.tx.as_ref().unwrap().send(Box::new(f)).unwrap();
+    }
+
+    /// Runs `f` on the vCPU's thread and waits for its result.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut pvsched_host::VcpuHandle) -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = mpsc::channel();
+        self.post(move |v| tx.send(f(v)).unwrap());
+        rx.recv().unwrap()
+    }
+
+    /// Sends the guest's request `r` at an exit, until the engine takes it.
+    fn request(&self, r: Reasons) {
+        self.run(move |v| {
+            while !v.handle(mono_ns(), &[VcpuEvent::Request(r)]) {
+                std::thread::yield_now();
+            }
+        });
+    }
+}
+
+impl Drop for Hooked {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// With the cap at one, a vCPU that lets its boost go on its own thread hands it to the
+/// waiting vCPU: that boost must be applied before the thread lowers itself (it may be
+/// preempted inside that call, by the vCPU it just handed the boost to). And a class decided
+/// for a vCPU by a thread held up before applying it is applied by the vCPU's own thread at
+/// its next exit.
+#[test]
+fn a_boost_handed_over_is_applied_before_the_giver_lowers_itself() {
+    let s = setup_with(RuntimeConfig {
+        max_boosted: Some(1),
+        quiet_gate: None,
+        ..RuntimeConfig::default()
+    });
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&["cs_budget=10s", "rt_budget=10s", "repay=off"]),
+        no_parts(),
+    )
+    .unwrap();
+    let a = Hooked::start(&s.h, VcpuKey::new(0, 0));
+    let b = Hooked::start(&s.h, VcpuKey::new(0, 1));
+    let rt = Reasons::NONE.with(Reason::RtTask);
+    a.request(rt);
+    b.request(rt);
+    assert!(
+        s.kernel.is_fifo(a.tid) && !s.kernel.is_fifo(b.tid),
+        "B waits for the cap"
+    );
+
+    // A lets go and is preempted inside its own lowering: B's boost is already in.
+    s.kernel.stall_own.store(true, Ordering::Release);
+    a.post(|v| {
+        while !v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]) {
+            std::thread::yield_now();
+        }
+    });
+    wait_for("A inside its own lowering", || {
+        s.kernel.stalled.load(Ordering::Acquire)
+    });
+    let b_boosted = s.kernel.is_fifo(b.tid);
+    s.kernel.stall_own.store(false, Ordering::Release);
+    a.run(|_| ());
+    assert!(
+        b_boosted,
+        "B's boost waited for A's thread, stuck lowering itself"
+    );
+    assert!(!s.kernel.is_fifo(a.tid) && s.kernel.is_fifo(b.tid));
+
+    // A asks again (waits); B lets go, and its thread is held up on its way to boost A:
+    // A's own thread applies its boost at its next exit.
+    a.request(rt);
+    s.kernel.stall_remote.store(true, Ordering::Release);
+    b.post(|v| {
+        while !v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]) {
+            std::thread::yield_now();
+        }
+    });
+    wait_for("B held up boosting A", || {
+        s.kernel.remote_stalled.load(Ordering::Acquire)
+    });
+    let before = !s.kernel.is_fifo(a.tid);
+    let due = a.run(|v| v.exit(mono_ns()));
+    if due {
+        a.run(|v| while !v.handle(mono_ns(), &[]) {});
+    }
+    let applied = s.kernel.is_fifo(a.tid) && s.kernel.sets_by(a.tid, a.tid) >= 3;
+    s.kernel.stall_remote.store(false, Ordering::Release);
+    b.run(|_| ());
+    assert!(before, "A not boosted before its exit");
+    assert!(due, "an exit of A says a class is to be applied");
+    assert!(applied, "A applied its boost itself");
+    wait_for("B lowered", || !s.kernel.is_fifo(b.tid));
+    assert!(s.kernel.is_fifo(a.tid));
+    drop((a, b));
+    s.rt.stop();
+}
+
 /// The engine thread boosts a vCPU whose thread is lowering itself, and the vCPU's lowering
 /// lands *after* the boost, the thread then preempted inside its call (as a thread that
 /// lowers itself next to a busier one is, for a scheduler tick or more): the engine thread
