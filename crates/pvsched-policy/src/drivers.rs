@@ -529,17 +529,25 @@ impl DynamicDriver {
     }
 
     /// Ends the boost as throttled and arms the latches' release.
+    ///
+    /// After a throttle the vCPU repays (with `repay` on) when the guest asked for what ran
+    /// out: the generic debt, or a critical-section boost its own request started. A boost
+    /// the host started on its own (ahead of a deadline, for an interrupt) that ran into the
+    /// critical-section limit is only throttled: the guest did not ask for it, and making it
+    /// run below its fair share afterwards only delays its next deadline further.
     fn throttle(&self, ctx: &mut VcpuCtx<'_>) {
         ctx.state.counters.throttles += 1;
-        if ctx.state.debts.generic_latched {
+        let generic = ctx.state.debts.generic_latched;
+        if generic {
             ctx.state.counters.generic_throttles += 1;
         }
+        let asked = generic || ctx.state.boost.is_some_and(|b| b.cause == Cause::Request);
         let extra = ctx.state.boost.is_some_and(|b| b.class.takes_extra_share());
         self.unboost(ctx, BoostState::Throttled);
         ctx.state.throttled_until = Some(ctx.now.saturating_add(self.p.cooldown));
         self.arm_release(ctx);
         // Ran out of budget: it gives back what it took, below its normal weight.
-        if extra && self.p.repay_on == RepayOn::Throttle {
+        if extra && asked && self.p.repay_on == RepayOn::Throttle {
             self.repay_if_owed(ctx);
         }
     }

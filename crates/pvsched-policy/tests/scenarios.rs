@@ -683,6 +683,43 @@ fn a_vcpu_that_ran_out_of_budget_repays_its_boosted_time() {
     assert!(err.to_string().contains("repay_on"), "{err}");
 }
 
+/// A deadline boost (the host's own) that runs into the critical-section limit is throttled,
+/// and the vCPU does not repay: the guest did not ask for it. A critical section the guest
+/// asked for and held past the limit is repaid.
+#[test]
+fn only_what_the_guest_asked_for_is_repaid_after_a_throttle() {
+    let mut s = Sim::new(
+        "deadline-aware",
+        &[
+            "lead=100us",
+            "irq_hold=10ms",
+            "cs_budget=2ms",
+            "repay=nice:19",
+        ],
+    );
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(2 * MS)));
+    s.advance_to(1900 * US);
+    assert!(s.is_boosted(V0), "lead boost");
+    // The guest never serves the deadline: the hold outlasts the critical-section limit.
+    s.advance_to(5 * MS);
+    assert!(!s.is_boosted(V0), "throttled at the critical-section limit");
+    let st = s.engine.vcpu(V0).unwrap();
+    assert_eq!(
+        (st.counters.throttles, st.counters.generic_throttles),
+        (1, 0)
+    );
+    assert!(s.repaying.is_empty(), "a host-started boost is not repaid");
+    assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
+    // Paid back by unboosted time; then a critical section of its own, held for ever.
+    s.advance(10 * MS);
+    s.guest(V0, rs(&[Reason::PreemptDisabled]));
+    assert!(s.is_boosted(V0));
+    s.advance(3 * MS);
+    assert!(!s.is_boosted(V0), "throttled again");
+    assert!(s.repaying.contains_key(&V0), "its own request is repaid");
+}
+
 #[test]
 fn a_starved_vcpu_stops_repaying() {
     let mut s = Sim::new("dynamic", &["rt_budget=10ms"]);
