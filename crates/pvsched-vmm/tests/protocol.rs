@@ -26,7 +26,18 @@ struct HostView {
 fn run_pv(
     cfg: VmConfig,
     run_for: Duration,
+    on_poll: impl FnMut(&RunningVm) + Send + 'static,
+) -> (Vec<VcpuRunStats>, HostView, RunningVm) {
+    run_pv_until(cfg, run_for, on_poll, |_| false)
+}
+
+/// [`run_pv`] that also stops as soon as `done` says so, `run_for` being only the bound (a
+/// loaded CI machine runs the emulated guest code several times slower).
+fn run_pv_until(
+    cfg: VmConfig,
+    run_for: Duration,
     mut on_poll: impl FnMut(&RunningVm) + Send + 'static,
+    done: impl Fn(&RunningVm) -> bool + Send + 'static,
 ) -> (Vec<VcpuRunStats>, HostView, RunningVm) {
     within(Duration::from_secs(60), move || {
         let mut vm = Vm::new(&cfg).expect("create VM").start().expect("start VM");
@@ -58,7 +69,7 @@ fn run_pv(
                 view.events.push(e);
             }
         };
-        while t0.elapsed() < run_for && !vm.any_finished() {
+        while t0.elapsed() < run_for && !vm.any_finished() && !done(&vm) {
             collect(&vm, &mut view, Duration::from_millis(5));
             on_poll(&vm);
         }
@@ -232,9 +243,9 @@ fn exercise(boost: bool, iters: u64) -> (u64, u64, u64) {
         ..GuestConfig::default()
     };
     let mut boosted = false;
-    let (stats, view, vm) = run_pv(
+    let (stats, view, vm) = run_pv_until(
         pv_vm(1, guest, Some(PvConfig::default())),
-        Duration::from_secs(1),
+        Duration::from_secs(20),
         move |vm| {
             let dev = vm.pv_device().unwrap();
             let in_exercise = vm.mailbox(0).unwrap().state < pvsched_guest::mailbox::state::RUNNING;
@@ -251,6 +262,8 @@ fn exercise(boost: bool, iters: u64) -> (u64, u64, u64) {
                 }
             }
         },
+        // The exercise is over once the guest has moved on to measuring.
+        |vm| vm.mailbox(0).unwrap().state >= pvsched_guest::mailbox::state::RUNNING,
     );
     let m = vm.mailbox(0).unwrap();
     let marks = &stats[0].marks;
