@@ -226,7 +226,7 @@ pub struct Outcome {
 /// real-time priority above them, or `None` when they are not real-time.
 pub fn controller_class(vcpu: SchedClass) -> Option<SchedClass> {
     match vcpu {
-        SchedClass::Other | SchedClass::Slice(_) | SchedClass::Nice(_) => None,
+        SchedClass::Other | SchedClass::Slice(_) | SchedClass::Nice(_) | SchedClass::Idle => None,
         SchedClass::Fifo(p) | SchedClass::Rr(p) => Some(SchedClass::Fifo((p + 1).min(99))),
         SchedClass::Deadline { .. } => Some(SchedClass::Fifo(99)),
     }

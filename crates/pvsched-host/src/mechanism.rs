@@ -4,12 +4,25 @@
 
 use crate::sched::SchedClass;
 use pvsched_policy::{BoostClass, BoostState, VcpuKey};
+use pvsched_proto::v3::{AppliedState, GuestArea, PageError};
 
 /// Where boost states are published: the guest side of the protocol, if there is one.
 pub trait Publisher {
     /// Publishes `state` for `key` and returns the guest's request read after a full fence,
     /// or `None` when the vCPU has no slot.
     fn publish(&mut self, key: VcpuKey, state: BoostState) -> Option<u32>;
+
+    /// Publishes the host's feedback in the v3 page of `key` (applied state, interrupt
+    /// ticket) and returns the guest area read after a full fence, decoded; `None` when the
+    /// vCPU has no v3 page (the default).
+    fn publish_v3(
+        &mut self,
+        _key: VcpuKey,
+        _applied: AppliedState,
+        _ticket: u64,
+    ) -> Option<Result<GuestArea, PageError>> {
+        None
+    }
 }
 
 /// A publisher for VMs without the protocol.
@@ -26,6 +39,7 @@ pub fn sched_class(c: BoostClass) -> SchedClass {
     match c {
         BoostClass::Slice(ns) => SchedClass::Slice(ns),
         BoostClass::Nice(n) => SchedClass::Nice(n),
+        BoostClass::Idle => SchedClass::Idle,
         BoostClass::Fifo(p) => SchedClass::Fifo(p),
         BoostClass::Rr(p) => SchedClass::Rr(p),
         BoostClass::Deadline {
@@ -45,7 +59,7 @@ pub fn sched_class(c: BoostClass) -> SchedClass {
 pub fn helper_class(c: BoostClass) -> SchedClass {
     match c {
         // Fair classes: the engine at FIFO 1 already runs before them.
-        BoostClass::Slice(_) | BoostClass::Nice(_) => SchedClass::Fifo(1),
+        BoostClass::Slice(_) | BoostClass::Nice(_) | BoostClass::Idle => SchedClass::Fifo(1),
         BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
         BoostClass::Deadline { .. } => SchedClass::Fifo(99),
     }

@@ -982,6 +982,26 @@ impl Core {
                         self.follow.push(Event::new(key, what));
                     }
                 }
+                Decision::PublishV3 {
+                    key,
+                    applied,
+                    ticket,
+                    reread,
+                } => {
+                    let Some(p) = self.publishers.get_mut(&key.vm) else {
+                        continue;
+                    };
+                    let Some(area) = p.publish_v3(key, applied, ticket) else {
+                        continue;
+                    };
+                    if reread {
+                        let what = match area {
+                            Ok(a) => VcpuEvent::Intent(a),
+                            Err(_) => VcpuEvent::SlotInvalid,
+                        };
+                        self.follow.push(Event::new(key, what));
+                    }
+                }
                 Decision::ArmTimer { key, at, kind, gen } => self.set_timer(key, kind, at, gen),
             }
         }

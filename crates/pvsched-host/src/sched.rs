@@ -79,6 +79,8 @@ pub enum SchedClass {
     Slice(u64),
     /// `SCHED_OTHER` at a nice value.
     Nice(i32),
+    /// `SCHED_IDLE`: runs only when nothing else of the fair class wants the CPU.
+    Idle,
 }
 
 impl SchedClass {
@@ -100,6 +102,7 @@ impl SchedClass {
                     ..SchedAttr::default()
                 }
             }
+            SchedClass::Idle => (libc::SCHED_IDLE, 0),
             SchedClass::Fifo(p) => (libc::SCHED_FIFO, p),
             SchedClass::Rr(p) => (libc::SCHED_RR, p),
             SchedClass::Deadline {
@@ -127,7 +130,7 @@ impl SchedClass {
     /// above every FIFO/RR priority and reports 100).
     pub fn rt_priority(&self) -> u32 {
         match *self {
-            SchedClass::Other | SchedClass::Slice(_) | SchedClass::Nice(_) => 0,
+            SchedClass::Other | SchedClass::Slice(_) | SchedClass::Nice(_) | SchedClass::Idle => 0,
             SchedClass::Fifo(p) | SchedClass::Rr(p) => p,
             SchedClass::Deadline { .. } => 100,
         }
@@ -140,6 +143,7 @@ impl fmt::Display for SchedClass {
             SchedClass::Other => write!(f, "other"),
             SchedClass::Slice(ns) => write!(f, "slice:{}us", ns / 1000),
             SchedClass::Nice(n) => write!(f, "nice:{n}"),
+            SchedClass::Idle => write!(f, "idle"),
             SchedClass::Fifo(p) => write!(f, "fifo:{p}"),
             SchedClass::Rr(p) => write!(f, "rr:{p}"),
             SchedClass::Deadline {
@@ -155,7 +159,7 @@ const SCHED_DEADLINE: u32 = 6;
 /// Error of parsing a [`SchedClass`].
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid scheduling class {0:?}: expected other, fifo:<1-99>, rr:<1-99>, \
+    "invalid scheduling class {0:?}: expected other, idle, fifo:<1-99>, rr:<1-99>, \
      slice:<100us-100ms> or nice:<-20..19>"
 )]
 pub struct ParseSchedClassError(String);
@@ -179,6 +183,7 @@ impl FromStr for SchedClass {
         };
         match name {
             "other" if arg.is_none() => Ok(SchedClass::Other),
+            "idle" if arg.is_none() => Ok(SchedClass::Idle),
             "fifo" => Ok(SchedClass::Fifo(prio()?)),
             "rr" => Ok(SchedClass::Rr(prio()?)),
             "slice" | "nice" => match pvsched_policy::options::parse_class(s).ok_or_else(err)? {

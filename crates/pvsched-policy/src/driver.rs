@@ -2,7 +2,8 @@
 //! driver turns an event into decisions.
 
 use crate::{BoostClass, Decision, Nanos, TimerKind, VcpuEvent, VcpuKey};
-use pvsched_proto::{BoostState, Reasons};
+use pvsched_proto::v3::{applied_flag, hint, AppliedState, BoostKind, GuestArea};
+use pvsched_proto::{BoostState, Reason, Reasons};
 use serde::{Deserialize, Serialize};
 
 /// Why a vCPU is boosted.
@@ -80,6 +81,13 @@ pub struct Counters {
     /// Longest completed boost, ns.
     #[serde(default)]
     pub longest_ns: u64,
+    /// Time spent deboosted (below the baseline because the guest runs idle or low-priority
+    /// work, pvsched v3), completed deboosts, ns.
+    #[serde(default)]
+    pub deboosted_ns: u64,
+    /// Interrupt tickets issued (v3) and acknowledged by the guest.
+    #[serde(default)]
+    pub tickets: [u64; 2],
 }
 
 /// Boosted-time debts (pvsched v3's model): every boosted nanosecond is charged to `generic`,
@@ -139,6 +147,32 @@ pub struct VcpuState {
     pub capped: Option<(Nanos, VcpuEvent)>,
     /// Set by [`VcpuCtx::boost`] when the cap refused it (the engine records the event).
     pub(crate) cap_refused: bool,
+    /// The guest speaks pvsched v3: its page as last read, and the host's ticket.
+    pub v3: Option<V3Vcpu>,
+    /// Deboosted (v3): since when, in which class.
+    pub deboost: Option<(Nanos, BoostClass)>,
+}
+
+/// What the engine keeps of a vCPU that speaks pvsched v3.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V3Vcpu {
+    /// The guest area as last read.
+    pub area: GuestArea,
+    /// The last interrupt ticket issued (0: none yet).
+    pub ticket: u64,
+    /// The guest has not echoed [`V3Vcpu::ticket`] yet.
+    pub ticket_outstanding: bool,
+    /// The applied state last published.
+    pub applied: AppliedState,
+}
+
+/// True when the boost in `s` is charged to the critical-section debt: a critical-section
+/// request holds it, or the host started it (interrupt, deadline) and no request holds it.
+pub fn charges_cs(s: &VcpuState) -> bool {
+    let Some(b) = s.boost else { return false };
+    let cs_request = s.request.bits() & !Reason::RtTask.bit() != 0;
+    let host = matches!(b.cause, Cause::Interrupt | Cause::Deadline);
+    cs_request || (host && s.request.is_empty())
 }
 
 impl VcpuState {
@@ -230,10 +264,13 @@ impl<'a> VcpuCtx<'a> {
             self.state.cap_refused = true;
             return;
         }
-        // A boost supersedes a repayment (the class it applies replaces the repay class).
+        // A boost supersedes a repayment or a deboost (the class it applies replaces theirs).
         if let Some(t) = self.state.repay_since.take() {
             self.state.counters.repaid_ns += self.now.saturating_sub(t);
             self.state.timer_gen[TimerKind::Repay as usize] += 1;
+        }
+        if let Some((t, _)) = self.state.deboost.take() {
+            self.state.counters.deboosted_ns += self.now.saturating_sub(t);
         }
         self.state.boost = Some(Boost {
             class,
@@ -286,10 +323,106 @@ impl<'a> VcpuCtx<'a> {
         self.publish(then);
     }
 
-    /// Publishes `state` to the guest (the mechanism re-reads the request afterwards).
+    /// Changes the class of the boost in progress (no-op when not boosted or unchanged).
+    pub fn reclass(&mut self, class: BoostClass) {
+        if let Some(b) = self.state.boost.as_mut() {
+            if b.class != class {
+                b.class = class;
+                self.out.push(Decision::Boost(self.key, class));
+            }
+        }
+    }
+
+    /// Runs the unboosted vCPU below its baseline in `class` (v3's deboost; no-op while
+    /// boosted or already there). Restored by [`VcpuCtx::end_deboost`], a boost, or exit.
+    pub fn deboost(&mut self, class: BoostClass) {
+        if self.state.boost.is_some() || self.state.deboost.is_some_and(|(_, c)| c == class) {
+            return;
+        }
+        // A deboost replaces a repayment (both run the thread below its weight).
+        if let Some(t) = self.state.repay_since.take() {
+            self.state.counters.repaid_ns += self.now.saturating_sub(t);
+            self.state.timer_gen[TimerKind::Repay as usize] += 1;
+        }
+        let since = self.state.deboost.map_or(self.now, |(t, _)| t);
+        self.state.deboost = Some((since, class));
+        self.out.push(Decision::Repay(self.key, Some(class)));
+    }
+
+    /// Ends a deboost (no-op when none): back to the original attributes.
+    pub fn end_deboost(&mut self) {
+        if let Some((t, _)) = self.state.deboost.take() {
+            self.state.counters.deboosted_ns += self.now.saturating_sub(t);
+            if self.state.boost.is_none() && self.state.repay_since.is_none() {
+                self.out.push(Decision::Repay(self.key, None));
+            }
+        }
+    }
+
+    /// Publishes `state` to the guest (the mechanism re-reads the request afterwards). For a
+    /// guest that speaks v3, the applied-state word says the same: the kind of boost in force
+    /// (task or critical section), the throttle flags, and, while boosted, the hint to ring
+    /// when its intent drops.
     pub fn publish(&mut self, state: BoostState) {
         self.state.published = Some(state);
-        self.out.push(Decision::Publish(self.key, state));
+        let Some(v3) = self.state.v3 else {
+            self.out.push(Decision::Publish(self.key, state));
+            return;
+        };
+        let d = self.state.debts;
+        let mut applied = AppliedState::default();
+        if state != BoostState::Disabled {
+            if self.state.boost.is_some() {
+                applied.boost = if charges_cs(self.state) {
+                    BoostKind::Cs
+                } else {
+                    BoostKind::Task
+                };
+                applied.hints = hint::KICK_DEBOOST;
+            }
+            if d.cs_latched {
+                applied.flags |= applied_flag::CS_THROTTLED;
+            }
+            if d.generic_latched {
+                applied.flags |= applied_flag::TOTAL_THROTTLED;
+            }
+        }
+        if let Some(v) = self.state.v3.as_mut() {
+            v.applied = applied;
+        }
+        self.out.push(Decision::PublishV3 {
+            key: self.key,
+            applied,
+            ticket: v3.ticket,
+            reread: matches!(state, BoostState::Normal | BoostState::Boosted),
+        });
+    }
+
+    /// Publishes `Boosted` again when what a v3 guest would read has changed (the kind of the
+    /// boost after a change of class). No-op for v1 guests and unboosted vCPUs.
+    pub fn refresh_v3(&mut self) {
+        let Some(v3) = self.state.v3 else { return };
+        if self.state.boost.is_none() {
+            return;
+        }
+        let kind = if charges_cs(self.state) {
+            BoostKind::Cs
+        } else {
+            BoostKind::Task
+        };
+        if v3.applied.boost != kind {
+            self.publish(BoostState::Boosted);
+        }
+    }
+
+    /// Issues a new interrupt ticket (v3; no-op otherwise): published with the next
+    /// [`VcpuCtx::publish`].
+    pub fn issue_ticket(&mut self) {
+        if let Some(v3) = self.state.v3.as_mut() {
+            v3.ticket = v3.ticket.wrapping_add(1).max(1);
+            v3.ticket_outstanding = true;
+            self.state.counters.tickets[0] += 1;
+        }
     }
 
     /// Arms timer `kind` at `at`; an earlier timer of the same kind becomes stale.

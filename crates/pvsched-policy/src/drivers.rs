@@ -2,6 +2,7 @@
 
 use crate::driver::{Boost, Cause, Driver, VcpuCtx};
 use crate::options::{DriverOptions, OptionError};
+use crate::v3::{self, Selection, SelectorConfig};
 use crate::{BoostClass, Nanos, TimerKind, VcpuEvent};
 use pvsched_proto::abi::Reason;
 use pvsched_proto::BoostState;
@@ -31,7 +32,10 @@ impl Driver for NoneDriver {
     fn on_event(&mut self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent) {
         match ev {
             VcpuEvent::Registered => ctx.publish(BoostState::Disabled),
-            VcpuEvent::Unregistered => ctx.unboost(BoostState::Disabled),
+            VcpuEvent::Unregistered => {
+                ctx.unboost(BoostState::Disabled);
+                ctx.end_deboost();
+            }
             _ => {}
         }
     }
@@ -66,7 +70,10 @@ impl Driver for StaticDriver {
             VcpuEvent::Registered => {
                 ctx.boost(self.class, Cause::Static, Nanos::MAX, Nanos::MAX);
             }
-            VcpuEvent::Unregistered => ctx.unboost(BoostState::Disabled),
+            VcpuEvent::Unregistered => {
+                ctx.unboost(BoostState::Disabled);
+                ctx.end_deboost();
+            }
             VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) => ctx.state.request = r,
             _ => {}
         }
@@ -105,6 +112,11 @@ pub struct DynamicParams {
     /// When a repayment starts: after a throttle only (the default: a vCPU that ran out of
     /// budget gives back what it took), or after every boost.
     pub repay_on: RepayOn,
+    /// `v3-default` only: pvsched v3's selector picks the class of every boost and deboost
+    /// from the guest's v3 page.
+    pub selector: Option<SelectorConfig>,
+    /// The nice value the selector takes as the vCPU threads' baseline (`v3-default`).
+    pub baseline_nice: i8,
 }
 
 /// When the `dynamic` drivers make a vCPU pay back its boosted time.
@@ -137,6 +149,8 @@ impl Default for DynamicParams {
             lead: None,
             repay: Some(BoostClass::Nice(DEFAULT_REPAY_NICE)),
             repay_on: RepayOn::Throttle,
+            selector: None,
+            baseline_nice: 0,
         }
     }
 }
@@ -169,6 +183,18 @@ const DEADLINE_KEYS: &[&str] = &[
     "lead",
     "repay",
     "repay_on",
+];
+
+const V3_KEYS: &[&str] = &[
+    "cs_budget",
+    "rt_budget",
+    "recovery",
+    "cooldown",
+    "irq_hold",
+    "cs_rt_prio",
+    "deadline_rt_prio",
+    "guest_rt_cap",
+    "baseline_nice",
 ];
 
 /// Longest debt limit, hold or lead accepted.
@@ -224,6 +250,8 @@ impl DynamicParams {
                 Some("boost") => RepayOn::Boost,
                 Some(v) => return Err(bad("repay_on", v, "expected throttle or boost")),
             },
+            selector: None,
+            baseline_nice: 0,
         };
         for (key, c) in [
             ("class", p.class),
@@ -304,6 +332,15 @@ fn parse_ratio_milli(v: &str) -> Option<u64> {
     (100..=100_000).contains(&r).then_some(r)
 }
 
+/// True while a host interrupt boost waits for a v3 guest to echo its ticket: the guest has
+/// not taken the interrupt yet, so an empty page says nothing about it (the hold still ends
+/// the boost).
+fn awaits_ack(ctx: &VcpuCtx<'_>, b: Boost) -> bool {
+    b.cause == Cause::Interrupt
+        && ctx.now < b.hold_until
+        && ctx.state.v3.is_some_and(|v| v.ticket_outstanding)
+}
+
 /// `dynamic`: RFC v1 semantics with pvsched v3's budgets. Boosts when the host injects an
 /// interrupt or wakes the vCPU and when the guest requests; unboosts when the guest releases
 /// (synchronously, through its doorbell); charges boosted time to two debts (all time, and
@@ -336,6 +373,52 @@ impl DynamicDriver {
         })
     }
 
+    /// `v3-default`: pvsched v3's default policy for guests that speak the v3 page. Its
+    /// selector maps the guest's task intent and critical sections to a host class (options
+    /// `cs_rt_prio`, `deadline_rt_prio`, `guest_rt_cap`, `baseline_nice`), deboosts a vCPU
+    /// whose guest runs idle or low-priority work, and bounds boosts by the two debts
+    /// (`cs_budget`, `rt_budget`, `recovery`, `cooldown`); host interrupts boost for
+    /// `irq_hold` or until the guest echoes their ticket. No repayment beyond the debts' 1:1
+    /// recovery (v3 has none), no deadline lead (the v3 page carries no deadline).
+    pub fn v3_default(o: &DriverOptions) -> Result<Self, OptionError> {
+        o.check_known("v3-default", V3_KEYS)?;
+        let d = SelectorConfig::default();
+        let prio = |key: &str, default: u32| -> Result<u32, OptionError> {
+            match o.get(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| bad(key, v, "expected a FIFO priority")),
+            }
+        };
+        let selector = SelectorConfig {
+            cs_rt_prio: prio("cs_rt_prio", d.cs_rt_prio)?,
+            deadline_rt_prio: prio("deadline_rt_prio", d.deadline_rt_prio)?,
+            guest_rt_cap: prio("guest_rt_cap", d.guest_rt_cap)?,
+        };
+        selector.validate()?;
+        let baseline_nice = match o.get("baseline_nice") {
+            None => 0,
+            Some(v) => v
+                .parse::<i8>()
+                .ok()
+                .filter(|n| (-20..=19).contains(n))
+                .ok_or_else(|| bad("baseline_nice", v, "expected a nice value from -20 to 19"))?,
+        };
+        let mut p = DynamicParams::from_options(o, None)?;
+        p.class = BoostClass::Fifo(selector.cs_rt_prio);
+        p.class_cs = p.class;
+        p.class_task = p.class;
+        p.class_deadline = p.class;
+        p.repay = None;
+        p.selector = Some(selector);
+        p.baseline_nice = baseline_nice;
+        Ok(DynamicDriver {
+            p,
+            name: "v3-default",
+        })
+    }
+
     /// The parameters in force.
     pub fn params(&self) -> DynamicParams {
         self.p
@@ -350,10 +433,58 @@ impl DynamicDriver {
 
     /// True when the current boost is charged to the critical-section debt.
     fn charges_cs(&self, ctx: &VcpuCtx<'_>) -> bool {
-        let s = &ctx.state;
-        let Some(b) = s.boost else { return false };
-        let cs_request = s.request.bits() & !Reason::RtTask.bit() != 0;
-        cs_request || (self.host_initiated(b) && s.request.is_empty())
+        crate::driver::charges_cs(ctx.state)
+    }
+
+    /// `v3-default`: the selector's answer for the vCPU's page under its latches (`None`
+    /// without a selector or a page).
+    fn selection(&self, ctx: &VcpuCtx<'_>) -> Option<Selection> {
+        let cfg = self.p.selector?;
+        let v3 = ctx.state.v3?;
+        let d = ctx.state.debts;
+        Some(v3::select(
+            &cfg,
+            self.p.baseline_nice,
+            &v3.area,
+            d.cs_latched,
+            d.generic_latched,
+        ))
+    }
+
+    /// The class a request boost runs in: the selector's when it selects a boost, else the
+    /// configured class for the request's kind. `None`: the selector selects no boost.
+    fn request_class(&self, ctx: &VcpuCtx<'_>) -> Option<BoostClass> {
+        if let Some(sel) = self.selection(ctx) {
+            return sel
+                .prio
+                .above(self.p.baseline_nice)
+                .then(|| sel.prio.class());
+        }
+        if self.p.selector.is_some() {
+            // v3-default without a page: nothing to select from.
+            return None;
+        }
+        Some(if ctx.state.request.contains(Reason::RtTask) {
+            self.p.class_task
+        } else {
+            self.p.class_cs
+        })
+    }
+
+    /// `v3-default`: an unboosted vCPU whose guest runs below the baseline (idle, a higher
+    /// nice) is deboosted to that class; back to its original attributes otherwise.
+    fn update_deboost(&self, ctx: &mut VcpuCtx<'_>) {
+        if ctx.state.is_boosted() {
+            return;
+        }
+        let below = self
+            .selection(ctx)
+            .filter(|s| s.prio.below(self.p.baseline_nice))
+            .filter(|_| ctx.state.published != Some(BoostState::Disabled));
+        match below {
+            Some(s) => ctx.deboost(s.prio.class()),
+            None => ctx.end_deboost(),
+        }
     }
 
     /// Unboosted time `dt` pays back this much debt; the rounding remainder is carried in
@@ -458,10 +589,16 @@ impl DynamicDriver {
         cause: Cause,
         release_after: Nanos,
         hold_until: Nanos,
+        ticket: bool,
     ) {
         if let Some(b) = ctx.state.boost.as_mut() {
             b.hold_until = b.hold_until.max(hold_until);
             b.release_after = b.release_after.max(release_after);
+            if ticket && ctx.state.v3.is_some() {
+                // A v3 guest acknowledges each interrupt it is handed: a new ticket.
+                ctx.issue_ticket();
+                ctx.publish(BoostState::Boosted);
+            }
         } else if ctx.state.quiet {
             ctx.state.counters.skipped_quiet += 1;
             return;
@@ -474,6 +611,9 @@ impl DynamicDriver {
             } else {
                 self.p.class_cs
             };
+            if ticket {
+                ctx.issue_ticket();
+            }
             ctx.boost(class, cause, release_after, hold_until);
         }
         self.rearm(ctx);
@@ -499,7 +639,9 @@ impl DynamicDriver {
         }
         if ctx.state.request.is_empty() {
             match ctx.state.boost {
-                Some(b) if self.releasable(ctx, b) => self.unboost(ctx, BoostState::Normal),
+                Some(b) if self.releasable(ctx, b) && !awaits_ack(ctx, b) => {
+                    self.unboost(ctx, BoostState::Normal)
+                }
                 Some(_) => self.rearm(ctx),
                 None => {}
             }
@@ -511,18 +653,19 @@ impl DynamicDriver {
                 // the boost has gone.
                 self.throttle(ctx);
             } else {
+                // v3: the class follows the selection (a critical section ended, a task of
+                // another priority runs).
+                if let (Some(_), Some(c)) = (self.p.selector, self.request_class(ctx)) {
+                    ctx.reclass(c);
+                    ctx.refresh_v3();
+                }
                 self.rearm(ctx);
             }
         } else if ctx.state.quiet {
             ctx.state.counters.skipped_quiet += 1;
         } else if self.refuses(ctx, false) {
             ctx.state.counters.refused += 1;
-        } else {
-            let class = if ctx.state.request.contains(Reason::RtTask) {
-                self.p.class_task
-            } else {
-                self.p.class_cs
-            };
+        } else if let Some(class) = self.request_class(ctx) {
             ctx.boost(class, Cause::Request, now, now);
             self.rearm(ctx);
         }
@@ -645,7 +788,9 @@ impl Driver for DynamicDriver {
         self.name
     }
     fn id(&self) -> u32 {
-        if self.p.lead.is_some() {
+        if self.p.selector.is_some() {
+            4
+        } else if self.p.lead.is_some() {
             3
         } else {
             2
@@ -653,6 +798,15 @@ impl Driver for DynamicDriver {
     }
     fn on_event(&mut self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent) {
         self.account(ctx);
+        self.handle(ctx, ev);
+        if self.p.selector.is_some() {
+            self.update_deboost(ctx);
+        }
+    }
+}
+
+impl DynamicDriver {
+    fn handle(&self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent) {
         let now = ctx.now;
         match ev {
             VcpuEvent::Registered => ctx.publish(if ctx.state.is_throttled() {
@@ -660,7 +814,10 @@ impl Driver for DynamicDriver {
             } else {
                 BoostState::Normal
             }),
-            VcpuEvent::Unregistered => ctx.unboost(BoostState::Disabled),
+            VcpuEvent::Unregistered => {
+                ctx.unboost(BoostState::Disabled);
+                ctx.end_deboost();
+            }
             VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) => {
                 ctx.state.request = r;
                 self.on_request(ctx);
@@ -671,7 +828,26 @@ impl Driver for DynamicDriver {
                     Cause::Interrupt,
                     now,
                     now.saturating_add(self.p.irq_hold),
+                    true,
                 );
+            }
+            VcpuEvent::Intent(area) => {
+                let v3 = ctx.state.v3.get_or_insert_with(Default::default);
+                v3.area = area;
+                if v3.ticket_outstanding && area.ack != 0 && area.ack == v3.ticket {
+                    v3.ticket_outstanding = false;
+                    ctx.state.counters.tickets[1] += 1;
+                    // The guest took the interrupt and its critical-section state says so
+                    // from here: the host's hold has done its job.
+                    if let Some(b) = ctx.state.boost.as_mut() {
+                        if b.cause == Cause::Interrupt {
+                            b.hold_until = b.hold_until.min(now);
+                        }
+                    }
+                }
+                let cfg = self.p.selector.unwrap_or_default();
+                ctx.state.request = v3::reasons(&cfg, self.p.baseline_nice, &area);
+                self.on_request(ctx);
             }
             VcpuEvent::DeadlineHint(d) => {
                 ctx.state.deadline = d;
@@ -693,6 +869,9 @@ impl Driver for DynamicDriver {
             VcpuEvent::SlotInvalid => {
                 ctx.state.counters.bad_slots += 1;
                 ctx.state.request = Default::default();
+                if let Some(v3) = ctx.state.v3.as_mut() {
+                    v3.area = Default::default();
+                }
                 if ctx.state.boost.is_some_and(|b| b.cause == Cause::Request) {
                     self.unboost(ctx, BoostState::Disabled);
                 } else {
@@ -713,7 +892,7 @@ impl Driver for DynamicDriver {
                         // Late (the cap made it wait, or the timer ran late): the guest's
                         // interrupt is pending, so the hold counts from now.
                         let hold = d.max(now).saturating_add(self.p.irq_hold);
-                        self.host_boost(ctx, Cause::Deadline, d, hold);
+                        self.host_boost(ctx, Cause::Deadline, d, hold, false);
                     }
                 }
             },
@@ -729,6 +908,7 @@ impl Driver for DynamicDriver {
                         Cause::Interrupt,
                         now,
                         now.saturating_add(self.p.irq_hold),
+                        false,
                     );
                 }
             }

@@ -59,6 +59,9 @@ impl Registry {
         r.register("none", |o| Ok(Box::new(NoneDriver::from_options(o)?)));
         r.register("static", |o| Ok(Box::new(StaticDriver::from_options(o)?)));
         r.register("dynamic", |o| Ok(Box::new(DynamicDriver::from_options(o)?)));
+        r.register("v3-default", |o| {
+            Ok(Box::new(DynamicDriver::v3_default(o)?))
+        });
         r.register("deadline-aware", |o| {
             Ok(Box::new(DynamicDriver::deadline_aware(o)?))
         });

@@ -16,6 +16,7 @@ pub mod driver;
 pub mod drivers;
 pub mod engine;
 pub mod options;
+pub mod v3;
 
 pub use driver::{Cause, Counters, Debts, Driver, VcpuCtx, VcpuState};
 pub use engine::{Engine, EngineError, Registry};
@@ -71,6 +72,8 @@ pub enum BoostClass {
     Slice(u64),
     /// `SCHED_OTHER` at this nice value: a larger CPU share while boosted.
     Nice(i32),
+    /// `SCHED_IDLE`: below every nice level (a deboost: pvsched v3's guest IDLE task).
+    Idle,
 }
 
 impl BoostClass {
@@ -88,6 +91,7 @@ impl BoostClass {
         match self {
             BoostClass::Slice(_) => false,
             BoostClass::Nice(n) => *n < 0,
+            BoostClass::Idle => false,
             _ => true,
         }
     }
@@ -111,6 +115,7 @@ impl fmt::Display for BoostClass {
             } => write!(f, "deadline:{runtime_ns}/{deadline_ns}/{period_ns}"),
             BoostClass::Slice(ns) => write!(f, "slice:{}us", ns / 1000),
             BoostClass::Nice(n) => write!(f, "nice:{n}"),
+            BoostClass::Idle => write!(f, "idle"),
         }
     }
 }
@@ -171,6 +176,9 @@ pub enum VcpuEvent {
     /// within its budgets and the host-wide cap): as a real-time thread it is moved off that
     /// CPU by the kernel, or at least takes turns with the boost that starves it.
     Starved,
+    /// The guest's pvsched v3 page (its default guest area, decoded), read after a doorbell,
+    /// a change, or the host's feedback: task intent, critical sections, ticket echo.
+    Intent(pvsched_proto::v3::GuestArea),
 }
 
 /// An event for one vCPU.
@@ -204,6 +212,19 @@ pub enum Decision {
     /// request (after a full fence) and report it with a [`VcpuEvent::Request`] (the
     /// protocol's handshake); `Disabled` and `Throttled` need no re-read.
     Publish(VcpuKey, BoostState),
+    /// Publish `applied` and `ticket` in the guest's v3 page (the [`Decision::Publish`] of a
+    /// vCPU that speaks v3); with `reread`, then re-read the guest area (after a full fence)
+    /// and report it with a [`VcpuEvent::Intent`].
+    PublishV3 {
+        /// The vCPU.
+        key: VcpuKey,
+        /// The applied-state word.
+        applied: pvsched_proto::v3::AppliedState,
+        /// The interrupt ticket (0: none issued yet).
+        ticket: u64,
+        /// Re-read and report the guest area.
+        reread: bool,
+    },
     /// Deliver [`VcpuEvent::Timer`]`(kind, gen)` at `at`.
     ArmTimer {
         /// The vCPU.
@@ -225,7 +246,7 @@ impl Decision {
             | Decision::Unboost(k)
             | Decision::Repay(k, _)
             | Decision::Publish(k, _) => k,
-            Decision::ArmTimer { key, .. } => key,
+            Decision::ArmTimer { key, .. } | Decision::PublishV3 { key, .. } => key,
         }
     }
 }
@@ -244,6 +265,8 @@ mod tests {
             period_ns: 3,
         };
         assert_eq!(d.to_string(), "deadline:1/2/3");
+        assert_eq!(BoostClass::Idle.to_string(), "idle");
+        assert!(!BoostClass::Idle.takes_extra_share() && !BoostClass::Idle.is_realtime());
         assert_eq!(VcpuKey::new(1, 2).to_string(), "vm1/vcpu2");
     }
 }

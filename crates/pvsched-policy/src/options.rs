@@ -133,6 +133,9 @@ pub const SLICE_RANGE: (Nanos, Nanos) = (100_000, 100_000_000);
 /// Parses a boost class: `fifo:<1-99>`, `rr:<1-99>`, `deadline:<runtime>/<period>`,
 /// `slice:<duration>` (100 µs to 100 ms), `nice:<-20..19>`.
 pub fn parse_class(s: &str) -> Option<BoostClass> {
+    if s == "idle" {
+        return Some(BoostClass::Idle);
+    }
     let (name, arg) = s.split_once(':')?;
     let prio = || arg.parse::<u32>().ok().filter(|p| (1..=99).contains(p));
     match name {

@@ -102,6 +102,7 @@ impl Sim {
                             );
                         }
                     }
+                    Decision::PublishV3 { .. } => panic!("no v3 guest here: {d:?}"),
                     Decision::ArmTimer { key, at, kind, gen } => {
                         assert!(at >= self.now, "timer in the past");
                         self.timers.push(Reverse((at, key, kind, gen)));
@@ -524,7 +525,7 @@ fn bad_options_and_names_are_errors() {
     );
     assert_eq!(
         e.registry().names(),
-        ["deadline-aware", "dynamic", "none", "static"]
+        ["deadline-aware", "dynamic", "none", "static", "v3-default"]
     );
 }
 

@@ -11,7 +11,9 @@
 //!   hints), generic over how the slot is accessed so it runs in a kernel and in a model
 //!   checker alike;
 //! - [`host`]: decoding a slot written by a possibly hostile guest into a typed snapshot or a
-//!   typed error, and the host side of the boost-state handshake.
+//!   typed error, and the host side of the boost-state handshake;
+//! - [`v3`]: the pvsched v3 shared page (ABI version 1), spoken beside version 1: its layout,
+//!   negotiation, hostile-page decoding and the host's feedback word (`docs/protocol-v3.md`).
 //!
 //! `no_std`, no allocation, no I/O.
 #![no_std]
@@ -21,6 +23,7 @@ pub mod abi;
 pub mod guest;
 pub mod host;
 pub mod negotiate;
+pub mod v3;
 
 pub use abi::{BoostState, Reason, Reasons};
 pub use host::{decode, DecodeError, SlotSnapshot};
