@@ -1268,3 +1268,70 @@ fn a_thread_found_in_another_class_is_set_again() {
     assert_eq!(s.h.status().unwrap().cost.reconciled, 1);
     s.rt.stop();
 }
+
+/// A vCPU that speaks pvsched v3 through the runtime: its page read in, the selector's class
+/// applied (FIFO, `SCHED_IDLE` deboost), the feedback word published with the re-read, and
+/// the original attributes back at the end.
+#[test]
+fn a_v3_page_drives_boosts_deboosts_and_feedback() {
+    use pvsched_proto::v3::{AppliedState, BoostKind, GuestArea, PageError, TaskDesc, TaskIntent};
+    struct Page(Arc<Mutex<(GuestArea, Vec<AppliedState>)>>);
+    impl Publisher for Page {
+        fn publish(&mut self, _: VcpuKey, _: BoostState) -> Option<u32> {
+            None
+        }
+        fn publish_v3(
+            &mut self,
+            _: VcpuKey,
+            applied: AppliedState,
+            _ticket: u64,
+        ) -> Option<Result<GuestArea, PageError>> {
+            let mut p = self.0.lock().unwrap();
+            p.1.push(applied);
+            Some(Ok(p.0))
+        }
+    }
+    let s = setup();
+    let page = Arc::new(Mutex::new((GuestArea::default(), Vec::new())));
+    let parts = VmParts {
+        publisher: Some(Box::new(Page(page.clone()))),
+        sources: Vec::new(),
+    };
+    s.h.add_vm(0, "v3-default", &DriverOptions::new(), parts)
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, 4101, false).unwrap();
+    let area = |current: TaskDesc| GuestArea {
+        intent: TaskIntent {
+            current,
+            pending: None,
+            idle: current == TaskDesc::idle(),
+        },
+        ..GuestArea::default()
+    };
+    let say = |a: GuestArea| {
+        page.lock().unwrap().0 = a;
+        s.feed.send(Event::new(K0, VcpuEvent::Intent(a)));
+    };
+    say(area(TaskDesc::fifo(20)));
+    wait_for("FIFO 20", || {
+        s.kernel.attr(4101) == SchedClass::Fifo(20).attr()
+    });
+    assert_eq!(
+        page.lock().unwrap().1.last().map(|a| a.boost),
+        Some(BoostKind::Task)
+    );
+    say(area(TaskDesc::idle()));
+    wait_for("SCHED_IDLE", || {
+        s.kernel.attr(4101).policy == libc::SCHED_IDLE as u32
+    });
+    assert_eq!(
+        page.lock().unwrap().1.last().map(|a| a.boost),
+        Some(BoostKind::Baseline)
+    );
+    drop(s.rt);
+    assert_eq!(
+        s.kernel.attr(4101),
+        SchedClass::Other.attr(),
+        "restored at the end"
+    );
+}
