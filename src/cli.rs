@@ -226,6 +226,32 @@ pub enum PvArg {
     Off,
     /// pvsched protocol version 1.
     V1,
+    /// The pvsched v3 shared page, ABI version 1 (docs/protocol-v3.md): the guest publishes
+    /// task intent and critical sections; use with `--policy v3-default`.
+    V3,
+}
+
+/// What the testbed guest says its busy loop is with `--pv v3`: `normal`, `batch`, or either
+/// with a nice value (`batch:10`).
+pub fn parse_v3_busy(s: &str) -> Result<pvsched_proto::v3::TaskDesc, String> {
+    use pvsched_proto::v3::TaskDesc;
+    let (class, nice) = match s.split_once(':') {
+        Some((c, n)) => (
+            c,
+            n.parse::<i8>()
+                .ok()
+                .filter(|n| (-20..=19).contains(n))
+                .ok_or_else(|| format!("invalid nice {n:?}: expected -20..19"))?,
+        ),
+        None => (s, 0),
+    };
+    match class {
+        "normal" => Ok(TaskDesc::normal(nice)),
+        "batch" => Ok(TaskDesc::batch(nice)),
+        _ => Err(format!(
+            "invalid guest task {s:?}: expected normal, batch, normal:<nice> or batch:<nice>"
+        )),
+    }
 }
 
 /// Fault the guest raises at start (for tests of error handling).
@@ -304,9 +330,14 @@ pub struct VmArgs {
     /// guests' pvsched slots from it.
     #[arg(long)]
     pub memory_file: Option<PathBuf>,
-    /// Offer the pvsched protocol to the guest (`v1`) or not (`off`).
+    /// Offer the pvsched protocol to the guest (`v1`), have the guest speak the pvsched v3
+    /// page (`v3`), or neither (`off`).
     #[arg(long, value_enum, default_value_t = PvArg::V1)]
     pub pv: PvArg,
+    /// With `--pv v3`: what the guest publishes for its busy loop: `normal`, `batch`, or
+    /// either with a nice (`batch:10` asks to be deboosted to nice 10).
+    #[arg(long, default_value = "normal", value_parser = parse_v3_busy)]
+    pub v3_busy: pvsched_proto::v3::TaskDesc,
     /// Also write the full report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

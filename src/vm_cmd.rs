@@ -130,7 +130,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
         vm: VmConfig {
             pv: match args.pv {
                 PvArg::Off => None,
-                PvArg::V1 => Some(PvConfig::default()),
+                PvArg::V1 | PvArg::V3 => Some(PvConfig::default()),
             },
             vcpus: args.vcpus,
             guest: GuestConfig {
@@ -145,6 +145,11 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
                         phase: Duration::from_millis(2),
                     },
                 },
+                pv_offer: match args.pv {
+                    PvArg::V3 => pvsched_vmm::V3_PV_OFFER,
+                    _ => GuestConfig::default().pv_offer,
+                },
+                v3_busy: args.v3_busy,
                 ..GuestConfig::default()
             },
         },
@@ -162,9 +167,11 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
             max_boosted: args.max_boosted.0,
         },
         host_events: match args.host_events {
-            HostEvents::Auto => {
-                (args.policy == "dynamic" && args.pv == PvArg::Off).then(TraceConfig::default)
-            }
+            // `v3-default` deboosts a halted guest to SCHED_IDLE: only a host-side wake-up
+            // event (the LAPIC timer's expiry) lifts it again in time on a busy host.
+            HostEvents::Auto => ((args.policy == "dynamic" && args.pv == PvArg::Off)
+                || args.policy == "v3-default")
+                .then(TraceConfig::default),
             HostEvents::Set(c) if c.timer_expiry || c.wakeup || c.accept_irq => Some(c),
             HostEvents::Set(_) => None,
         },

@@ -91,6 +91,12 @@ pub struct VcpuPolicyReport {
     /// Longest boost, ms.
     #[serde(default)]
     pub longest_ms: f64,
+    /// Time deboosted (v3), ms.
+    #[serde(default)]
+    pub deboosted_ms: f64,
+    /// Interrupt tickets issued and echoed (v3).
+    #[serde(default)]
+    pub tickets: [u64; 2],
 }
 
 /// Everything the engine reports about a run.
@@ -136,6 +142,8 @@ impl HostLoopReport {
                             by_cause_ms: c.boosted_by_cause_ms,
                             generic_throttles: c.generic_throttles,
                             longest_ms: c.longest_boost_ms,
+                            deboosted_ms: c.deboosted_ms,
+                            tickets: c.tickets,
                         })
                         .collect()
                 })
@@ -237,6 +245,8 @@ pub fn feature_names(bits: u32) -> Vec<String> {
 fn status_name(s: u64) -> &'static str {
     match s {
         pv_status::ENABLED => "enabled",
+        pv_status::ENABLED_V3 => "enabled (v3 page)",
+        pv_status::V3_REFUSED => "v3 page refused",
         pv_status::NO_VERSION => "no-common-version",
         pv_status::NOT_FOUND => "not-found",
         pv_status::NOT_TRIED => "not-tried",
@@ -248,7 +258,7 @@ fn status_name(s: u64) -> &'static str {
 pub fn report(mailboxes: &[Mailbox], host: &[HostCounts]) -> PvReport {
     let negotiated: Option<Negotiated> = mailboxes
         .iter()
-        .find(|m| m.pv_status == pv_status::ENABLED)
+        .find(|m| matches!(m.pv_status, pv_status::ENABLED | pv_status::ENABLED_V3))
         .and_then(|m| decode_answer(m.pv_answer));
     PvReport {
         version: negotiated.map_or(0, |n| n.version),

@@ -196,6 +196,15 @@ pub fn render(r: &Report) -> String {
             v.longest_ms,
             v.repaid_ms
         );
+        if v.deboosted_ms > 0.0 || v.tickets[0] > 0 {
+            // Only v3 guests are deboosted or get tickets.
+            s.pop();
+            let _ = writeln!(
+                s,
+                " deboosted {:.1} ms tickets {} echoed {}",
+                v.deboosted_ms, v.tickets[0], v.tickets[1]
+            );
+        }
     }
     if pol.boost_latency.count > 0 {
         let l = &pol.boost_latency;

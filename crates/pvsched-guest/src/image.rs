@@ -17,6 +17,7 @@ use crate::mailbox::{self, Mailbox};
 use core::arch::global_asm;
 use core::mem::offset_of;
 use pvsched_proto::abi::{self, BoostState, Reason};
+use pvsched_proto::v3;
 
 /// Port the guest writes to leave to the VMM for a moment: keeps a busy vCPU interruptible
 /// (a pending interrupt is injected on re-entry). The VMM just resumes the vCPU.
@@ -95,6 +96,84 @@ global_asm!(
 .Lpvx_done\@:
 .endm
 
+/* pvsched v3 page hooks (docs/protocol-v3.md). Clobber %rax and %rdx only; no-ops unless
+   pv_status says the v3 page is enabled. Critical sections keep their nesting privately and
+   publish the aggregate bit, lazily (no doorbell). */
+.macro V3_CS_ENTER bit, idx
+    cmpq ${pv_enabled_v3}, {pv_status}(%rbx)
+    jne .Lv3e\@
+    incq {pv_requests}(%rbx)
+    incb {pv_v3_depth}+\idx(%rbx)
+    orq $\bit, {v3page}+{v3_cs}(%rbx)
+    incq {pv_quiet}(%rbx)
+.Lv3e\@:
+.endm
+
+/* "deboost me": the host says it boosted and asks for a kick, and nothing above the
+   baseline is left (no critical section, no RT task). */
+.macro V3_KICK
+    cmpq $0, {v3page}+{v3_cs}(%rbx)
+    jne .Lv3k\@
+    cmpq $0, {pv_v3_in_task}(%rbx)
+    jne .Lv3k\@
+    cmpb $0, {v3page}+{v3_applied}+5(%rbx)
+    je .Lv3k\@
+    testb $1, {v3page}+{v3_applied}+3(%rbx)
+    jz .Lv3k\@
+    movq {pv_port}(%rbx), %rdx
+    outb %al, %dx
+    incq {pv_unboost_rings}(%rbx)
+.Lv3k\@:
+.endm
+
+.macro V3_CS_EXIT bit, idx
+    cmpq ${pv_enabled_v3}, {pv_status}(%rbx)
+    jne .Lv3x\@
+    decb {pv_v3_depth}+\idx(%rbx)
+    jnz .Lv3x\@
+    andq $(~\bit), {v3page}+{v3_cs}(%rbx)
+    mfence
+    V3_KICK
+.Lv3x\@:
+.endm
+
+/* Publish the task_intent word in mailbox field \src. \raise = 1: the RT task starts (ring
+   when the host has not boosted); 0: it ends or the vCPU idles (kick when boosted). */
+.macro V3_INTENT src, raise
+    cmpq ${pv_enabled_v3}, {pv_status}(%rbx)
+    jne .Lv3i\@
+    movq \src(%rbx), %rax
+    movq %rax, {v3page}+{v3_intent}(%rbx)
+    .if \raise
+    movq $1, {pv_v3_in_task}(%rbx)
+    mfence
+    cmpb $0, {v3page}+{v3_applied}+5(%rbx)
+    jne .Lv3i\@
+    movq {pv_port}(%rbx), %rdx
+    outb %al, %dx
+    incq {pv_boost_rings}(%rbx)
+    .else
+    movq $0, {pv_v3_in_task}(%rbx)
+    mfence
+    V3_KICK
+    .endif
+.Lv3i\@:
+.endm
+
+/* Echo the host's interrupt ticket once the hardirq bit is published. */
+.macro V3_ACK
+    cmpq ${pv_enabled_v3}, {pv_status}(%rbx)
+    jne .Lv3a\@
+    movq {v3page}+{v3_ticket}(%rbx), %rax
+    testq %rax, %rax
+    jz .Lv3a\@
+    cmpq %rax, {v3page}+{v3_ack}(%rbx)
+    je .Lv3a\@
+    movq %rax, {v3page}+{v3_ack}(%rbx)
+    incq {pv_acks}(%rbx)
+.Lv3a\@:
+.endm
+
     .balign 4096
     .globl pvsched_guest_start
 pvsched_guest_start:
@@ -129,12 +208,15 @@ pvsched_guest_stubs:
     orq %rdx, %rax
     movq %rax, \tsc(%rbx)
     PV_ENTER {r_irq_bit}, {r_irq}, 0
+    V3_CS_ENTER {cs_hardirq}, 1
+    V3_ACK
     incq \count(%rbx)
     movl $0x80b, %ecx
     xorl %eax, %eax
     xorl %edx, %edx
     wrmsr
     PV_EXIT {r_irq_bit}, {r_irq}
+    V3_CS_EXIT {cs_hardirq}, 1
     iretq
 .endm
 
@@ -210,6 +292,8 @@ pvsched_guest_entry:
     movq %rax, {pv_answer}(%rbx)
     testw %ax, %ax
     jz 17f
+    cmpw ${v3_version}, %ax
+    je 16f
     movq {pv_msr_base}(%rbx), %rcx
     addl ${msr_slot}, %ecx
     leaq {slot}+1(%rbx), %rax
@@ -224,6 +308,28 @@ pvsched_guest_entry:
     testq ${flag_exercise}, {flags}(%rbx)
     jz 19f
     call 600f
+    jmp 19f
+/* v3 page: the default request unless one is there already (the VMM may prepare another),
+   the first intent, then registration; the host answers in the page's header. */
+16: cmpl $0, {v3page}+{v3_abi}(%rbx)
+    jne 161f
+    movl $1, {v3page}+{v3_abi}(%rbx)
+    movl $1, {v3page}+{v3_pver}(%rbx)
+    movabsq ${v3_default_name}, %rax
+    movq %rax, {v3page}+{v3_name}(%rbx)
+161:movq {pv_v3_busy}(%rbx), %rax
+    movq %rax, {v3page}+{v3_intent}(%rbx)
+    movq {pv_msr_base}(%rbx), %rcx
+    addl ${msr_slot}, %ecx
+    leaq {v3page}+1(%rbx), %rax
+    movq %rax, %rdx
+    shrq $32, %rdx
+    wrmsr
+    cmpl $1, {v3page}+{v3_status}(%rbx)
+    jne 162f
+    movq ${pv_enabled_v3}, {pv_status}(%rbx)
+    jmp 19f
+162:movq ${pv_v3_refused}, {pv_status}(%rbx)
     jmp 19f
 17: movq ${pv_no_version}, {pv_status}(%rbx)
     jmp 19f
@@ -296,9 +402,16 @@ pvsched_guest_entry:
     movq {irqs}(%rbx), %rax
     cmpq {irqs_seen}(%rbx), %rax
     jne 20b
-    sti
+    /* v3: publish the idle intent and leave to the VMM once, so the host sees it before
+       the halt (a halt stays in the kernel) */
+    V3_INTENT {pv_v3_idle}, 0
+    cmpq ${pv_enabled_v3}, {pv_status}(%rbx)
+    jne 21f
+    outb %al, ${port_yield}
+21: sti
     hlt
     cli
+    V3_INTENT {pv_v3_busy}, 0
     jmp 20b
 30: sti
     outb %al, ${port_yield}
@@ -308,6 +421,7 @@ pvsched_guest_entry:
 
 /* ---- deadline task: one job of work_iters iterations, servicing the timer in between */
 40: PV_ENTER {r_rt_bit}, {r_rt}
+    V3_INTENT {pv_v3_task}, 1
     movq {work_iters}(%rbx), %r12
 41: call 200f
     sti
@@ -334,6 +448,7 @@ pvsched_guest_entry:
     incq {jobs_done}(%rbx)
     decq {jobs_pending}(%rbx)
     PV_EXIT {r_rt_bit}, {r_rt}
+    V3_INTENT {pv_v3_busy}, 0
     jmp 20b
 
 /* ---- clean stop */
@@ -351,6 +466,7 @@ pvsched_guest_entry:
     je 209f
     movq %rax, {irqs_seen}(%rbx)
     PV_ENTER {r_softirq_bit}, {r_softirq}, 0
+    V3_CS_ENTER {cs_softirq}, 2
     movq {fired}(%rbx), %r8
     movq {armed}(%rbx), %r9
     movq {probe_deadline}(%rbx), %rax
@@ -391,11 +507,13 @@ pvsched_guest_entry:
     movq %rax, {job_release}(%rbx)
 204:call 300f
     PV_EXIT {r_softirq_bit}, {r_softirq}
+    V3_CS_EXIT {cs_softirq}, 2
 209:ret
 
 /* ---- arm: program IA32_TSC_DEADLINE with min(probe_deadline, task_release). IF = 0. */
 300:
     PV_ENTER {r_preempt_bit}, {r_preempt}, 0
+    V3_CS_ENTER {cs_preempt}, 3
     movq {probe_deadline}(%rbx), %rax
     movq {task_release}(%rbx), %rdx
     cmpq %rax, %rdx
@@ -407,6 +525,7 @@ pvsched_guest_entry:
     movl $0x6e0, %ecx
     wrmsr
     PV_EXIT {r_preempt_bit}, {r_preempt}
+    V3_CS_EXIT {cs_preempt}, 3
     /* With the protocol on, leave to the VMM at once: the host learns the new deadline now,
        not at the next preemption point, after which a host thread may already have
        preempted this vCPU without knowing when it must run again. */
@@ -598,6 +717,29 @@ pvsched_guest_end:
     pv_quiet = const offset_of!(Mailbox, pv_quiet),
     pv_boost_rings = const offset_of!(Mailbox, pv_boost_rings),
     pv_unboost_rings = const offset_of!(Mailbox, pv_unboost_rings),
+    pv_enabled_v3 = const mailbox::pv_status::ENABLED_V3,
+    pv_v3_refused = const mailbox::pv_status::V3_REFUSED,
+    pv_v3_task = const offset_of!(Mailbox, pv_v3_task),
+    pv_v3_busy = const offset_of!(Mailbox, pv_v3_busy),
+    pv_v3_idle = const offset_of!(Mailbox, pv_v3_idle),
+    pv_v3_depth = const offset_of!(Mailbox, pv_v3_depth),
+    pv_v3_in_task = const offset_of!(Mailbox, pv_v3_in_task),
+    pv_acks = const offset_of!(Mailbox, pv_acks),
+    v3page = const mailbox::V3_PAGE_OFFSET,
+    v3_version = const v3::PVSCHED_VERSION_V3,
+    v3_abi = const v3::off::ABI_VERSION,
+    v3_pver = const v3::off::POLICY_VERSION,
+    v3_name = const v3::off::POLICY_NAME,
+    v3_status = const v3::off::STATUS,
+    v3_intent = const v3::off::TASK_INTENT,
+    v3_cs = const v3::off::CS_STATE,
+    v3_ack = const v3::off::INTERRUPT_ACK,
+    v3_applied = const v3::off::APPLIED_STATE,
+    v3_ticket = const v3::off::INTERRUPT_TICKET,
+    v3_default_name = const u64::from_le_bytes(*b"default\0"),
+    cs_hardirq = const v3::cs::HARDIRQ,
+    cs_softirq = const v3::cs::SOFTIRQ,
+    cs_preempt = const v3::cs::PREEMPT_DISABLED,
     options(att_syntax)
 );
 

@@ -43,6 +43,10 @@ pub const FLAG_PV_ALTERNATE: u64 = 1 << 3;
 /// Offset of the pvsched slot inside the per-vCPU region (128-byte aligned).
 pub const SLOT_OFFSET: u64 = 0x800;
 
+/// Offset of the pvsched v3 page inside the per-vCPU region (4096-byte aligned), used when
+/// the guest negotiates version 3 (`pvsched vm --pv v3`).
+pub const V3_PAGE_OFFSET: u64 = 0x9000;
+
 /// Values of [`Mailbox::pv_status`].
 pub mod pv_status {
     /// The guest was told not to use pvsched (`pv_offer` = 0).
@@ -53,6 +57,12 @@ pub mod pv_status {
     pub const NO_VERSION: u64 = 2;
     /// Negotiated and slot registered: requests are published.
     pub const ENABLED: u64 = 3;
+    /// Version 3 negotiated and the v3 page enabled: task intent and critical sections are
+    /// published in the page.
+    pub const ENABLED_V3: u64 = 4;
+    /// Version 3 negotiated but the host refused the page: the status is in the page's
+    /// header; running without boosting.
+    pub const V3_REFUSED: u64 = 5;
 }
 
 /// Shift of the fault-injection field in [`Mailbox::flags`] (test hook, see [`FaultInjection`]).
@@ -180,6 +190,19 @@ pub struct Mailbox {
     pub deadline_exits: u64,
     /// Length of one phase of [`FLAG_PV_ALTERNATE`], TSC cycles.
     pub pv_alternate_tsc: u64,
+    /// v3: the `task_intent` word published while the deadline task runs a job.
+    pub pv_v3_task: u64,
+    /// v3: the `task_intent` word published while running anything else (the busy loop).
+    pub pv_v3_busy: u64,
+    /// v3: the `task_intent` word published while halted.
+    pub pv_v3_idle: u64,
+    /// v3: private nesting depth per critical-section bit (bytes: NMI, hardirq, softirq,
+    /// preempt-off), the page holding only the aggregate bits.
+    pub pv_v3_depth: u64,
+    /// v3: 1 while the deadline task's intent is published.
+    pub pv_v3_in_task: u64,
+    /// v3: interrupt tickets echoed.
+    pub pv_acks: u64,
 }
 
 impl Mailbox {
@@ -193,6 +216,12 @@ const _: () = assert!(core::mem::size_of::<Mailbox>() <= SLOT_OFFSET as usize);
 const _: () = assert!(SLOT_OFFSET.is_multiple_of(128) && SLOT_OFFSET + 128 <= RING_OFFSET);
 const _: () = assert!(RING_LEN.is_power_of_two());
 const _: () = assert!(RING_OFFSET as usize + RING_LEN * 8 < VCPU_REGION_SIZE as usize - 0x1000);
+const _: () = assert!(
+    V3_PAGE_OFFSET.is_multiple_of(4096)
+        && V3_PAGE_OFFSET >= RING_OFFSET + RING_LEN as u64 * 8
+        && V3_PAGE_OFFSET + 0x1000 + 0x4000 <= VCPU_REGION_SIZE,
+    "the v3 page lies between the ring and at least 16 KiB of stack"
+);
 const _: () = assert!(core::mem::offset_of!(Mailbox, magic) == 0);
 
 #[cfg(test)]

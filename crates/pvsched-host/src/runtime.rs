@@ -2177,6 +2177,11 @@ impl Loop {
                     let open = s.repay_since.map_or(0, |t| now.saturating_sub(t));
                     (s.counters.repaid_ns + open) as f64 / 1e6
                 }),
+                deboosted_ms: st.map_or(0.0, |s| {
+                    let open = s.deboost.map_or(0, |(t, _)| now.saturating_sub(t));
+                    (s.counters.deboosted_ns + open) as f64 / 1e6
+                }),
+                tickets: c.tickets,
                 host_events,
                 self_applied: ss,
                 remote_applied: rs,
@@ -2345,6 +2350,12 @@ pub struct VcpuStatus {
     pub debt_ms: f64,
     /// Time spent paying back boosted time below normal weight, ms.
     pub repaid_ms: f64,
+    /// Time spent deboosted (a v3 guest running idle or low-priority work), ms.
+    #[serde(default)]
+    pub deboosted_ms: f64,
+    /// Interrupt tickets issued to a v3 guest, and echoed by it.
+    #[serde(default)]
+    pub tickets: [u64; 2],
     /// Host-side events (tracepoint hits, VMM injections) for this vCPU.
     pub host_events: u64,
     /// `sched_setattr` calls the vCPU thread made on itself.

@@ -22,6 +22,13 @@ impl<'a> GuestSlot<'a> {
     fn addr(&self, off: usize) -> GuestAddress {
         GuestAddress(self.gpa + off as u64)
     }
+
+    /// Loads the `u64` at byte offset `off` atomically (a v3 page's words); 0 on failure.
+    pub fn load_u64(&self, off: usize) -> u64 {
+        self.mem
+            .load(self.addr(off), Ordering::Acquire)
+            .unwrap_or(0)
+    }
 }
 
 impl SlotMemory for GuestSlot<'_> {

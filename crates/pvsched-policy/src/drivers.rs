@@ -117,6 +117,9 @@ pub struct DynamicParams {
     pub selector: Option<SelectorConfig>,
     /// The nice value the selector takes as the vCPU threads' baseline (`v3-default`).
     pub baseline_nice: i8,
+    /// `v3-default`: apply deboosts (below-baseline selections). Off, a vCPU stays at its
+    /// baseline when its guest runs idle or low-priority work.
+    pub deboost: bool,
 }
 
 /// When the `dynamic` drivers make a vCPU pay back its boosted time.
@@ -151,6 +154,7 @@ impl Default for DynamicParams {
             repay_on: RepayOn::Throttle,
             selector: None,
             baseline_nice: 0,
+            deboost: false,
         }
     }
 }
@@ -195,6 +199,7 @@ const V3_KEYS: &[&str] = &[
     "deadline_rt_prio",
     "guest_rt_cap",
     "baseline_nice",
+    "deboost",
 ];
 
 /// Longest debt limit, hold or lead accepted.
@@ -252,6 +257,7 @@ impl DynamicParams {
             },
             selector: None,
             baseline_nice: 0,
+            deboost: false,
         };
         for (key, c) in [
             ("class", p.class),
@@ -378,7 +384,8 @@ impl DynamicDriver {
     /// `cs_rt_prio`, `deadline_rt_prio`, `guest_rt_cap`, `baseline_nice`), deboosts a vCPU
     /// whose guest runs idle or low-priority work, and bounds boosts by the two debts
     /// (`cs_budget`, `rt_budget`, `recovery`, `cooldown`); host interrupts boost for
-    /// `irq_hold` or until the guest echoes their ticket. No repayment beyond the debts' 1:1
+    /// `irq_hold` or until the guest echoes their ticket; `deboost=off` keeps the baseline.
+    /// No repayment beyond the debts' 1:1
     /// recovery (v3 has none), no deadline lead (the v3 page carries no deadline).
     pub fn v3_default(o: &DriverOptions) -> Result<Self, OptionError> {
         o.check_known("v3-default", V3_KEYS)?;
@@ -413,6 +420,11 @@ impl DynamicDriver {
         p.repay = None;
         p.selector = Some(selector);
         p.baseline_nice = baseline_nice;
+        p.deboost = match o.get("deboost") {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(v) => return Err(bad("deboost", v, "expected on or off")),
+        };
         Ok(DynamicDriver {
             p,
             name: "v3-default",
@@ -479,6 +491,7 @@ impl DynamicDriver {
         }
         let below = self
             .selection(ctx)
+            .filter(|_| self.p.deboost)
             .filter(|s| s.prio.below(self.p.baseline_nice))
             .filter(|_| ctx.state.published != Some(BoostState::Disabled));
         match below {

@@ -196,6 +196,14 @@ fn an_idle_guest_is_deboosted_and_restored_exactly() {
     assert_eq!(s.class, None, "unregistering restores a deboosted thread");
     let st = s.engine.vcpu(V);
     assert!(st.is_none());
+    // With deboost off, idle and low-priority work keep the baseline.
+    let mut s = Sim::new(&["deboost=off"]);
+    s.guest(TaskDesc::idle(), None, 0);
+    assert_eq!(s.class, None);
+    s.guest(TaskDesc::batch(19), None, 0);
+    assert_eq!(s.class, None);
+    s.guest(TaskDesc::fifo(7), None, 0);
+    assert_eq!(s.class, Some(BoostClass::Fifo(7)));
 }
 
 #[test]
@@ -306,6 +314,7 @@ fn options_are_checked() {
         &["baseline_nice=20"],
         &["lead=100us"],
         &["repay=nice:5"],
+        &["deboost=maybe"],
     ] {
         assert!(
             e.add_vm(

@@ -52,9 +52,10 @@ pub fn negotiate(host_versions: u16, host_features: u32, offer: u64) -> Option<N
     })
 }
 
-/// Bitmap of the versions this implementation knows.
+/// Bitmap of the versions this implementation knows: protocol v1 and, as version 3, the
+/// pvsched v3 page ([`crate::v3`]), which has no feature bits of its own.
 pub const fn known_versions() -> u16 {
-    1 << VERSION_1
+    (1 << VERSION_1) | (1 << crate::v3::PVSCHED_VERSION_V3)
 }
 
 /// Encodes the host's answer (0 when there is no common version).
@@ -137,6 +138,26 @@ mod tests {
     #[test]
     fn highest_common_known_version_wins() {
         let n = negotiate(0xfffe, 0, offer(0xfffe, 0)).unwrap();
-        assert_eq!(n.version, 1, "only v1 is known");
+        assert_eq!(
+            n.version, 3,
+            "v1 and the v3 page are known; the highest wins"
+        );
+        let n = negotiate(0xfff6, u32::MAX, offer(0xfff6, u32::MAX)).unwrap();
+        assert_eq!(
+            n,
+            Negotiated {
+                version: 1,
+                features: feature::ALL_V1
+            }
+        );
+        let n = negotiate(1 << 3, u32::MAX, offer(u16::MAX, u32::MAX)).unwrap();
+        assert_eq!(
+            n,
+            Negotiated {
+                version: 3,
+                features: 0
+            },
+            "v3 has no feature bits"
+        );
     }
 }

@@ -18,6 +18,7 @@ use pvsched_host::runtime::{
 use pvsched_host::trace::{TraceConfig, TraceError, TraceSource};
 use pvsched_host::Publisher;
 use pvsched_policy::{BoostState, DriverOptions, Event, Nanos, VcpuEvent, VcpuKey};
+use pvsched_proto::v3::{AppliedState, GuestArea, PageError};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,6 +53,14 @@ impl Publisher for PvPublisher {
     fn publish(&mut self, key: VcpuKey, state: BoostState) -> Option<u32> {
         self.0.publish(key.vcpu as usize, state)
     }
+    fn publish_v3(
+        &mut self,
+        key: VcpuKey,
+        applied: AppliedState,
+        ticket: u64,
+    ) -> Option<Result<GuestArea, PageError>> {
+        self.0.publish_v3(key.vcpu as usize, applied, ticket)
+    }
 }
 
 /// Interrupts the VMM injects (irqfd), as events.
@@ -83,6 +92,8 @@ struct PvExitHook {
     tsc: TscClock,
     gpa: Option<u64>,
     seq: Option<u32>,
+    /// The v3 page's guest words as last read.
+    words: Option<[u64; 3]>,
     bad: bool,
     deadline: Option<u64>,
     republish: bool,
@@ -97,7 +108,12 @@ impl PvExitHook {
         if gpa != self.gpa {
             self.gpa = gpa;
             self.seq = None;
+            self.words = None;
             self.republish = gpa.is_some();
+        }
+        if dev.is_v3() {
+            self.observe_v3(dev);
+            return;
         }
         let Some(seq) = dev.seq(self.vcpu) else {
             return;
@@ -130,6 +146,34 @@ impl PvExitHook {
     }
 }
 
+impl PvExitHook {
+    /// Reads the v3 page's three guest words (three loads) and reports the page when they
+    /// changed.
+    fn observe_v3(&mut self, dev: &PvDevice) {
+        let Some(words) = dev.v3_words(self.vcpu) else {
+            return;
+        };
+        if self.words == Some(words) {
+            return;
+        }
+        self.words = Some(words);
+        match dev.v3_area(self.vcpu) {
+            Ok(Some(area)) => {
+                self.counts.updates_seen.fetch_add(1, Ordering::Relaxed);
+                self.bad = false;
+                self.events.push(VcpuEvent::Intent(area));
+            }
+            Ok(None) => {}
+            Err(_) if !self.bad => {
+                self.bad = true;
+                self.counts.bad_slots.fetch_add(1, Ordering::Relaxed);
+                self.events.push(VcpuEvent::SlotInvalid);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 impl ExitHook for PvExitHook {
     fn on_exit(&mut self) {
         let now = mono_ns();
@@ -146,6 +190,7 @@ impl ExitHook for PvExitHook {
         if !self.handle.handle(now, &self.events) {
             // The engine is busy: read the slot afresh at the next exit.
             self.seq = None;
+            self.words = None;
             self.deadline = None;
         }
         self.events.clear();
@@ -211,6 +256,7 @@ impl VmEngine {
                     tsc: vm.tsc_clock(),
                     gpa: None,
                     seq: None,
+                    words: None,
                     bad: false,
                     deadline: None,
                     republish: false,

@@ -21,5 +21,5 @@ pub mod x86;
 pub use vcpu::{VcpuEnd, VcpuError, VcpuRunStats};
 pub use vm::{
     open_kvm, Error, GuestConfig, GuestRequests, InjectHook, Injector, RingReader, RunningVm,
-    TaskConfig, TscClock, Vm, VmConfig,
+    TaskConfig, TscClock, Vm, VmConfig, V3_PV_OFFER,
 };

@@ -22,6 +22,7 @@ use pvsched_proto::abi::{
 };
 use pvsched_proto::host::{publish_state, HostHalf};
 use pvsched_proto::negotiate::{self, Negotiated};
+use pvsched_proto::v3::{self, AppliedState, GuestArea, PageError};
 use pvsched_proto::{decode, DecodeError, SlotMemory, SlotSnapshot};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +51,7 @@ pub struct PvConfig {
 impl Default for PvConfig {
     fn default() -> Self {
         PvConfig {
-            versions: abi::VERSIONS_V1,
+            versions: abi::VERSIONS_V1 | 1 << v3::PVSCHED_VERSION_V3,
             features: abi::feature::ALL_V1,
             msr_base: abi::MSR_BASE_DEFAULT,
             doorbell_base: DOORBELL_BASE,
@@ -81,6 +82,16 @@ pub enum PvEvent {
     SlotUnregistered {
         /// vCPU.
         vcpu: usize,
+    },
+    /// A v3 page was negotiated at its registration (registered only when enabled; the
+    /// guest reads the status from its page).
+    PageNegotiated {
+        /// vCPU.
+        vcpu: usize,
+        /// Guest-physical address of the page.
+        gpa: u64,
+        /// The status written into the page.
+        status: v3::Status,
     },
     /// A registration was refused (the guest got a #GP).
     SlotRejected {
@@ -281,6 +292,26 @@ impl PvDevice {
                     self.emit(PvEvent::SlotUnregistered { vcpu });
                     true
                 }
+                Ok(gpa) if self.is_v3() => match self.negotiate_page(gpa) {
+                    Some(status) => {
+                        if status == v3::Status::Enabled {
+                            slot.store(gpa, Ordering::Release);
+                            self.emit(PvEvent::SlotRegistered { vcpu, gpa });
+                        } else {
+                            slot.store(0, Ordering::Release);
+                        }
+                        self.emit(PvEvent::PageNegotiated { vcpu, gpa, status });
+                        true
+                    }
+                    None => {
+                        self.emit(PvEvent::SlotRejected {
+                            vcpu,
+                            value,
+                            reason: "page not readable",
+                        });
+                        false
+                    }
+                },
                 Ok(gpa) => {
                     // Host half starts out `Normal`, counters zero.
                     let s = GuestSlot::new(&self.mem, gpa);
@@ -316,13 +347,110 @@ impl PvDevice {
             return Err("enable bit clear with a non-zero address");
         }
         let gpa = value & !SLOT_ENABLE;
-        if !gpa.is_multiple_of(SLOT_SIZE as u64) {
-            return Err("slot not aligned to 128 bytes");
+        let size = if self.is_v3() {
+            v3::PAGE_SIZE as u64
+        } else {
+            SLOT_SIZE as u64
+        };
+        if !gpa.is_multiple_of(size) {
+            return Err(if self.is_v3() {
+                "v3 page not aligned to 4096 bytes"
+            } else {
+                "slot not aligned to 128 bytes"
+            });
         }
-        match gpa.checked_add(SLOT_SIZE as u64) {
+        match gpa.checked_add(size) {
             Some(end) if gpa != 0 && end <= self.mem_size => Ok(gpa),
             _ => Err("slot outside guest RAM"),
         }
+    }
+
+    /// True when the guest negotiated the v3 page (version 3) rather than protocol v1.
+    pub fn is_v3(&self) -> bool {
+        self.negotiated()
+            .is_some_and(|n| n.version == v3::PVSCHED_VERSION_V3)
+    }
+
+    /// Negotiates the v3 page at `gpa` (validated): reads it whole, writes the answer into its
+    /// header and, when enabled, a zero host area. `None` when guest memory fails.
+    fn negotiate_page(&self, gpa: u64) -> Option<v3::Status> {
+        let mut page = vec![0u8; v3::PAGE_SIZE];
+        self.mem.read_slice(&mut page, GuestAddress(gpa)).ok()?;
+        let answer = v3::negotiate(&page).ok()?;
+        let mut header = [0u8; 64];
+        header.copy_from_slice(&page[..64]);
+        answer.write(&mut header);
+        let s = GuestSlot::new(&self.mem, gpa);
+        if answer.status == v3::Status::Enabled {
+            s.store_u64(v3::off::APPLIED_STATE, AppliedState::default().encode());
+            s.store_u64(v3::off::INTERRUPT_TICKET, 0);
+        }
+        // The host-written words of the header: status, host ABI version, accepted mode,
+        // reserved. The status last, after a fence, so a guest that sees it sees the rest.
+        for off in [
+            v3::off::HOST_ABI_VERSION,
+            v3::off::ACCEPTED_MODE,
+            v3::off::HEADER_RESERVED,
+        ] {
+            s.store_u32(
+                off,
+                u32::from_le_bytes(header[off..off + 4].try_into().ok()?),
+            );
+        }
+        s.fence();
+        s.store_u32(v3::off::STATUS, answer.status as u32);
+        Some(answer.status)
+    }
+
+    /// The three guest words of vCPU `vcpu`'s v3 page (task intent, critical sections,
+    /// acknowledgement), each loaded atomically; `None` without an enabled page.
+    pub fn v3_words(&self, vcpu: usize) -> Option<[u64; 3]> {
+        if !self.is_v3() {
+            return None;
+        }
+        let gpa = self.slot_gpa(vcpu)?;
+        let s = GuestSlot::new(&self.mem, gpa);
+        Some([
+            s.load_u64(v3::off::TASK_INTENT),
+            s.load_u64(v3::off::CS_STATE),
+            s.load_u64(v3::off::INTERRUPT_ACK),
+        ])
+    }
+
+    /// Decodes vCPU `vcpu`'s v3 guest area (its reserved bytes checked too): `Ok(None)`
+    /// without an enabled page.
+    pub fn v3_area(&self, vcpu: usize) -> Result<Option<GuestArea>, PageError> {
+        let Some([intent, cs, ack]) = self.v3_words(vcpu) else {
+            return Ok(None);
+        };
+        let gpa = self.slot_gpa(vcpu).unwrap_or(0);
+        let mut reserved = [0u8; v3::off::APPLIED_STATE - v3::off::GUEST_RESERVED];
+        self.mem
+            .read_slice(
+                &mut reserved,
+                GuestAddress(gpa + v3::off::GUEST_RESERVED as u64),
+            )
+            .map_err(|_| PageError::Short { len: 0 })?;
+        v3::decode_guest_words(intent, cs, ack, &reserved).map(Some)
+    }
+
+    /// Publishes `applied` and `ticket` in vCPU `vcpu`'s v3 page and returns its guest area
+    /// read after a full fence (`None` without an enabled page).
+    pub fn publish_v3(
+        &self,
+        vcpu: usize,
+        applied: AppliedState,
+        ticket: u64,
+    ) -> Option<Result<GuestArea, PageError>> {
+        if !self.is_v3() {
+            return None;
+        }
+        let gpa = self.slot_gpa(vcpu)?;
+        let s = GuestSlot::new(&self.mem, gpa);
+        s.store_u64(v3::off::INTERRUPT_TICKET, ticket);
+        s.store_u64(v3::off::APPLIED_STATE, applied.encode());
+        s.fence();
+        self.v3_area(vcpu).transpose()
     }
 
     /// Guest-physical address of vCPU `vcpu`'s slot, if registered.
@@ -335,13 +463,16 @@ impl PvDevice {
 
     /// vCPU `vcpu`'s slot `seq` (one atomic load: a cheap "did it change?"), if it has a slot.
     pub fn seq(&self, vcpu: usize) -> Option<u32> {
+        if self.is_v3() {
+            return None;
+        }
         let gpa = self.slot_gpa(vcpu)?;
         Some(GuestSlot::new(&self.mem, gpa).load_u32(abi::off::SEQ))
     }
 
     /// Decodes vCPU `vcpu`'s slot: `Ok(None)` when it has none.
     pub fn snapshot(&self, vcpu: usize) -> Result<Option<SlotSnapshot>, DecodeError> {
-        let Some(gpa) = self.slot_gpa(vcpu) else {
+        let Some(gpa) = self.slot_gpa(vcpu).filter(|_| !self.is_v3()) else {
             return Ok(None);
         };
         let features = self.negotiated().map_or(0, |n| n.features);
@@ -355,13 +486,16 @@ impl PvDevice {
     /// Publishes `state` in vCPU `vcpu`'s slot and returns the guest's request read after a
     /// full fence (`None` when the vCPU has no slot). See [`publish_state`].
     pub fn publish(&self, vcpu: usize, state: BoostState) -> Option<u32> {
+        if self.is_v3() {
+            return None;
+        }
         let gpa = self.slot_gpa(vcpu)?;
         Some(publish_state(&GuestSlot::new(&self.mem, gpa), state))
     }
 
     /// Writes the informational host fields of vCPU `vcpu`'s slot.
     pub fn write_host_info(&self, vcpu: usize, info: &HostHalf) {
-        if let Some(gpa) = self.slot_gpa(vcpu) {
+        if let Some(gpa) = self.slot_gpa(vcpu).filter(|_| !self.is_v3()) {
             info.write_info(&GuestSlot::new(&self.mem, gpa));
         }
     }

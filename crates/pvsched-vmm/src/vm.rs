@@ -129,7 +129,15 @@ pub struct GuestConfig {
     pub pv_exercise: Option<u64>,
     /// How the guest makes its pvsched requests.
     pub pv_requests: GuestRequests,
+    /// With the v3 page: what the guest says its busy loop is (NORMAL or BATCH at a nice).
+    pub v3_busy: pvsched_proto::v3::TaskDesc,
+    /// With the v3 page: what the guest says its deadline task is.
+    pub v3_task: pvsched_proto::v3::TaskDesc,
 }
+
+/// The offer of a testbed guest that speaks the pvsched v3 page (version 3, no features).
+pub const V3_PV_OFFER: u64 =
+    pvsched_proto::negotiate::offer(1 << pvsched_proto::v3::PVSCHED_VERSION_V3, 0);
 
 /// How the testbed guest makes its pvsched requests (`pvsched vm --guest-requests`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -166,6 +174,8 @@ impl Default for GuestConfig {
             pv_offer: DEFAULT_PV_OFFER,
             pv_exercise: None,
             pv_requests: GuestRequests::Normal,
+            v3_busy: pvsched_proto::v3::TaskDesc::normal(0),
+            v3_task: pvsched_proto::v3::TaskDesc::fifo(50),
         }
     }
 }
@@ -605,8 +615,21 @@ fn initial_mailbox(index: usize, guest: &GuestConfig, tsc_khz: u64) -> Mailbox {
         pv_offer: guest.pv_offer,
         pv_exercise_iters: guest.pv_exercise.unwrap_or(0),
         pv_alternate_tsc: alternate,
+        pv_v3_task: intent(guest.v3_task, false),
+        pv_v3_busy: intent(guest.v3_busy, false),
+        pv_v3_idle: intent(pvsched_proto::v3::TaskDesc::idle(), true),
         ..Default::default()
     }
+}
+
+/// A v3 `task_intent` word with `current` and no pending task.
+fn intent(current: pvsched_proto::v3::TaskDesc, idle: bool) -> u64 {
+    pvsched_proto::v3::TaskIntent {
+        current,
+        pending: None,
+        idle,
+    }
+    .encode()
 }
 
 struct VcpuThread {
@@ -809,6 +832,11 @@ impl RunningVm {
             .mem
             .read_obj(GuestAddress(layout::vcpu_region(index)))?;
         Ok(raw.0)
+    }
+
+    /// Reads the `u64` at `gpa` in guest memory (tests, reports); `None` outside guest RAM.
+    pub fn peek(&self, gpa: u64) -> Option<u64> {
+        self.mem.read_obj(GuestAddress(gpa)).ok()
     }
 
     /// Writes `value` to guest memory at `gpa`, as a hostile guest could (tests).
