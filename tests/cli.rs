@@ -347,8 +347,8 @@ fn bench_quick_writes_a_complete_report() {
     let cells = v["cells"].as_array().unwrap();
     assert_eq!(
         cells.len(),
-        58,
-        "2 intervals × (2 host states × task on/off × 7 policies + floor)"
+        66,
+        "2 intervals × (2 host states × task on/off × 8 policies + floor)"
     );
     let mut keys = std::collections::BTreeSet::new();
     for c in cells {
@@ -380,7 +380,7 @@ fn bench_quick_writes_a_complete_report() {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
-    assert_eq!(keys.len(), 58, "distinct cells");
+    assert_eq!(keys.len(), 66, "distinct cells");
     for policy in pvsched_bench::bench::POLICIES {
         for interval in [500, 1000] {
             for host in ["busy", "idle"] {

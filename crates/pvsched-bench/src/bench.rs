@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 
 /// Policies in the order the report shows them (RFC columns: vanilla, dynamic, static).
 /// `daemon` is pvsched's daemon driving the VM from the outside (tracepoints only).
-pub const POLICIES: [&str; 7] = [
+/// `v3-default` runs a guest that speaks the pvsched v3 page (`pvsched vm --pv v3`).
+pub const POLICIES: [&str; 8] = [
     "none",
     "dynamic",
     "deadline-aware",
     "deadline-aware/slice",
     "deadline-aware/nocap",
+    "v3-default",
     "static",
     "daemon",
 ];
@@ -262,6 +264,12 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
                 } else {
                     None
                 },
+                // `v3-default`'s guest speaks the v3 page; every other column's protocol v1.
+                pv_offer: if key.policy == "v3-default" {
+                    pvsched_vmm::V3_PV_OFFER
+                } else {
+                    GuestConfig::default().pv_offer
+                },
                 ..GuestConfig::default()
             },
             pv: Some(PvConfig::default()),
@@ -284,8 +292,10 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
             }
         },
         // The guest speaks the protocol: its vCPU threads see its requests at their exits.
-        // Tracepoints are the daemon's (host-only) column.
-        host_events: None,
+        // Tracepoints are the daemon's (host-only) column, and `v3-default`'s: it deboosts a
+        // halted guest to SCHED_IDLE, which only the timer's expiry lifts in time on a busy
+        // host (as `pvsched vm --host-events auto` does).
+        host_events: (key.policy == "v3-default").then(pvsched_host::trace::TraceConfig::default),
         task_by_vcpu,
         external_daemon: key.policy == "daemon",
         memory_file: None,
