@@ -692,6 +692,64 @@ fn daemon_reads_the_protocol_from_a_vmm_memory_file() {
     let _ = std::fs::remove_file(&memory);
 }
 
+/// Issue 13: the daemon speaks the v3 page of a VMM's memory file: pages negotiated at
+/// attach, the guest's task intent applied (its deadline task's FIFO, its busy loop's
+/// `batch:10` as a nice-10 deboost) with tracepoints off, and everything restored on SIGTERM.
+#[test]
+fn daemon_reads_v3_pages_from_a_vmm_memory_file_and_deboosts() {
+    let _s = serial();
+    let test = "daemon_reads_v3_pages_from_a_vmm_memory_file_and_deboosts";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let (socket, state) = paths("v3pages");
+    let memory = socket.with_file_name("guest-v3.mem");
+    let vm = VmProc::start_with(&[
+        "--memory-file".as_ref(),
+        memory.as_os_str(),
+        "--pv".as_ref(),
+        "v3".as_ref(),
+        "--v3-busy".as_ref(),
+        "batch:10".as_ref(),
+    ]);
+    // The testbed guest's v3 pages: 0x9000 into each vCPU's 64 KiB region at 0x200000.
+    let rest = format!(
+        "host_events = []\nboost_when = \"always\"\n[policy]\ndriver = \"v3-default\"\n\
+         [[vm]]\npid = {}\nguest_memory = {:?}\nprotocol = \"v3\"\n\
+         slots = [0x209000, 0x219000]\n",
+        vm.pid(),
+        memory.display().to_string()
+    );
+    let Some(mut d) = start_configured(test, &socket, &state, &rest) else {
+        return;
+    };
+    // SAFETY: getpriority on a thread id; errno is not consulted (a gone thread reads -1).
+    let nice = |tid: i32| unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    wait_for(
+        "a FIFO boost from the guest's task intent",
+        Duration::from_secs(5),
+        || vm.any_fifo(),
+    );
+    wait_for(
+        "a nice-10 deboost for the guest's batch loop",
+        Duration::from_secs(5),
+        || vm.vcpu_tids().into_iter().any(|t| nice(t) == 10),
+    );
+    let (ok, out) = ctl(&socket, &["status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vms"][0]["protocol"], true);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+    assert!(vm.all_other(), "restored on SIGTERM");
+    assert!(
+        vm.vcpu_tids().into_iter().all(|t| nice(t) == 0),
+        "nice restored on SIGTERM"
+    );
+    let _ = std::fs::remove_file(&memory);
+}
+
 #[test]
 fn a_truncated_memory_file_detaches_its_vm_and_the_daemon_goes_on() {
     use pvsched_proto::abi::{off, Reason};

@@ -622,15 +622,16 @@ mod tests {
     fn plan_interleaves_policies_and_adds_floor_cells() {
         let c = BenchConfig::standard(2);
         let p = c.plan();
-        assert_eq!(p.len(), 2 * (2 * 2 * 7 + 1));
+        let n = POLICIES.len();
+        assert_eq!(p.len(), 2 * (2 * 2 * n + 1));
         assert_eq!(
-            p[..7].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
+            p[..n].iter().map(|k| k.policy.as_str()).collect::<Vec<_>>(),
             POLICIES
         );
         assert!(p
             .iter()
             .all(|k| k.guest_busy || (k.policy == "none" && k.host == HostState::Idle)));
-        assert_eq!(p.iter().filter(|k| !k.task).count(), 2 * 2 * 7);
+        assert_eq!(p.iter().filter(|k| !k.task).count(), 2 * 2 * n);
         let mut sorted = p.clone();
         sorted.sort();
         sorted.dedup();

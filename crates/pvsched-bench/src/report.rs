@@ -25,9 +25,15 @@ pub fn render(r: &Report) -> String {
         r.vcpu_sched,
     );
     if let Some(m) = &r.memory_file {
+        let v3 = r.pv.as_ref().is_some_and(|p| p.version == 3);
         let slots: Vec<String> = (0..r.vcpus)
             .map(|i| {
-                let gpa = pvsched_vmm::layout::vcpu_region(i) + pvsched_guest::mailbox::SLOT_OFFSET;
+                let gpa = pvsched_vmm::layout::vcpu_region(i)
+                    + if v3 {
+                        pvsched_guest::mailbox::V3_PAGE_OFFSET
+                    } else {
+                        pvsched_guest::mailbox::SLOT_OFFSET
+                    };
                 format!("{gpa:#x}")
             })
             .collect();
@@ -37,13 +43,22 @@ pub fn render(r: &Report) -> String {
         } else {
             String::new()
         };
-        let _ = writeln!(
-            s,
-            "Guest RAM in {m}: for pvsched daemon, [[vm]] guest_memory = {m:?}, slots = [{}], \
-             features = [{}]{tsc}",
-            slots.join(", "),
-            features.join(", "),
-        );
+        if v3 {
+            let _ = writeln!(
+                s,
+                "Guest RAM in {m}: for pvsched daemon, [[vm]] guest_memory = {m:?}, \
+                 protocol = \"v3\", slots = [{}]",
+                slots.join(", "),
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "Guest RAM in {m}: for pvsched daemon, [[vm]] guest_memory = {m:?}, slots = [{}], \
+                 features = [{}]{tsc}",
+                slots.join(", "),
+                features.join(", "),
+            );
+        }
     }
     let _ = writeln!(s, "Guest timer wake-up latency (us):");
     for v in &r.per_vcpu {

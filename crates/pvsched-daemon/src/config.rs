@@ -25,6 +25,12 @@
 //! tsc_offset = 6912                   # optional: guest TSC - host TSC (deadline hints)
 //!
 //! [[vm]]
+//! pid = 1235
+//! guest_memory = "/run/vm2.mem"
+//! protocol = "v3"                     # the addresses are pvsched v3 pages (policy v3-default)
+//! slots = [0x209000, 0x219000]
+//!
+//! [[vm]]
 //! qmp = "/run/qemu-vm1.qmp"           # vCPU threads from QEMU's query-cpus-fast
 //!
 //! [[vm]]
@@ -167,6 +173,7 @@ struct VmSection {
     slots: Option<Vec<u64>>,
     tsc_offset: Option<i64>,
     features: Option<Vec<String>>,
+    protocol: Option<String>,
 }
 
 /// Parses a configuration text (`path` names it in errors).
@@ -213,13 +220,36 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
                 i + 1
             )));
         }
+        let v3 = match v.protocol.as_deref() {
+            None | Some("v1") => false,
+            Some("v3") => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "[[vm]] #{}: unknown protocol {other:?} (v1, v3)",
+                    i + 1
+                )))
+            }
+        };
+        if v3 && (features != 0 || v.tsc_offset.is_some()) {
+            return Err(ConfigError::Invalid(format!(
+                "[[vm]] #{}: features and tsc_offset are protocol v1's; a v3 page has none",
+                i + 1
+            )));
+        }
         let protocol = match (&v.guest_memory, &v.slots) {
             (Some(memory), Some(slots)) => Some(ProtocolSpec {
                 memory: memory.clone(),
                 slots: slots.clone(),
                 tsc_offset: v.tsc_offset,
                 features,
+                v3,
             }),
+            (None, None) if v.protocol.is_some() => {
+                return Err(ConfigError::Invalid(format!(
+                    "[[vm]] #{}: protocol needs guest_memory and slots",
+                    i + 1
+                )))
+            }
             (None, None) => None,
             _ => {
                 return Err(ConfigError::Invalid(format!(
@@ -370,6 +400,7 @@ mod tests {
                 slots: vec![0x20_0800, 0x21_0800],
                 tsc_offset: Some(-12),
                 features: feature::DEADLINE_HINT | feature::UNBOOST_DOORBELL,
+                v3: false,
             })
         );
         assert_eq!(c.metrics.unwrap().port(), 9477);
@@ -401,8 +432,27 @@ mod tests {
             "[daemon]\nmax_boosted = \"many\"",
             "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x800]\nfeatures = [\"telepathy\"]",
             "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x800]\ntsc_offset = 5",
+            "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x1000]\nprotocol = \"v2\"",
+            "[[vm]]\npid = 1\nprotocol = \"v3\"",
+            "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x1000]\nprotocol = \"v3\"\n\
+             features = [\"vcpu_hint\"]",
         ] {
             assert!(parse(bad, Path::new("bad.toml")).is_err(), "{bad}");
         }
+        let c = parse(
+            "[[vm]]\npid = 1\nguest_memory = \"/m\"\nslots = [0x209000]\nprotocol = \"v3\"",
+            Path::new("v3.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.vms[0].protocol,
+            Some(ProtocolSpec {
+                memory: "/m".into(),
+                slots: vec![0x20_9000],
+                tsc_offset: None,
+                features: 0,
+                v3: true,
+            })
+        );
     }
 }

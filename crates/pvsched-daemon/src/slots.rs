@@ -7,13 +7,14 @@
 use pvsched_host::clock::{mono_ns, rdtsc, TscClock};
 use pvsched_host::runtime::EventSource;
 use pvsched_host::sigbus::Guard;
-use pvsched_host::slot::GuestSlot;
+use pvsched_host::slot::{GuestPage, GuestSlot};
 use pvsched_host::Publisher;
 use pvsched_policy::{Event, Nanos, VcpuEvent, VcpuKey};
 #[cfg(test)]
 use pvsched_proto::abi::feature;
 use pvsched_proto::abi::SLOT_SIZE;
 use pvsched_proto::host::publish_state;
+use pvsched_proto::v3::{AppliedState, GuestArea, PageError};
 use pvsched_proto::{decode, BoostState};
 use std::io;
 use std::os::fd::RawFd;
@@ -35,6 +36,9 @@ pub struct ProtocolSpec {
     /// The features the VMM negotiated with the guest ([`feature`] bits): fields of any other
     /// feature are ignored, whatever the guest writes there.
     pub features: u32,
+    /// The addresses are pvsched v3 pages (4096 bytes each, `docs/protocol-v3.md`), not
+    /// protocol-v1 slots: each page is negotiated when the VM is attached.
+    pub v3: bool,
 }
 
 /// A VM's mapped slots.
@@ -45,6 +49,14 @@ pub struct GuestSlots {
     features: u32,
     slots: Vec<u64>,
     seen: Vec<Option<Option<u32>>>,
+    /// v3: the status each page got when attached (only enabled pages are read).
+    pages: Option<Vec<pvsched_proto::v3::Status>>,
+    /// v3: the guest's request (header bytes 0–47) each page was negotiated with: a refused
+    /// page is negotiated again when its guest writes another one (a guest that had not
+    /// written its request yet when the daemon attached).
+    requests: Vec<[u8; 48]>,
+    /// v3: each page's guest words as last read (`None`: not yet, or found invalid).
+    words: Vec<Option<[u64; 3]>>,
     /// Converts the guests' deadlines to host time, when their TSC offset is known.
     tsc: Option<TscClock>,
     deadlines: Vec<Option<u64>>,
@@ -95,12 +107,17 @@ impl GuestSlots {
         if len == 0 {
             return Err(bad(format!("{name} is empty")));
         }
+        let size = if spec.v3 {
+            pvsched_proto::v3::PAGE_SIZE as u64
+        } else {
+            SLOT_SIZE as u64
+        };
         for &gpa in &spec.slots {
-            if gpa % SLOT_SIZE as u64 != 0
-                || gpa.checked_add(SLOT_SIZE as u64).is_none_or(|e| e > len)
-            {
+            if !gpa.is_multiple_of(size) || gpa.checked_add(size).is_none_or(|e| e > len) {
                 return Err(bad(format!(
-                    "slot {gpa:#x} is not a 128-byte aligned slot inside {} ({len} bytes)",
+                    "{} {gpa:#x} is not a {size}-byte aligned {} inside {} ({len} bytes)",
+                    if spec.v3 { "page" } else { "slot" },
+                    if spec.v3 { "v3 page" } else { "slot" },
                     spec.memory.display()
                 )));
             }
@@ -115,7 +132,25 @@ impl GuestSlots {
             .get_host_address(GuestAddress(0))
             .map_err(io::Error::other)?;
         let guard = Guard::register(host, len as usize).map_err(io::Error::other)?;
+        // v3: each page is negotiated now; the guest reads the status from its page.
+        let mut requests = vec![[0u8; 48]; spec.slots.len()];
+        let mut pages = None;
+        if spec.v3 {
+            let mut st = Vec::with_capacity(spec.slots.len());
+            for (&gpa, req) in spec.slots.iter().zip(requests.iter_mut()) {
+                mem.read_slice(req, GuestAddress(gpa))
+                    .map_err(io::Error::other)?;
+                let status = GuestPage::new(&mem, gpa)
+                    .negotiate()
+                    .ok_or_else(|| io::Error::other(format!("v3 page {gpa:#x} cannot be read")))?;
+                st.push(status);
+            }
+            pages = Some(st);
+        }
         Ok(GuestSlots {
+            pages,
+            requests,
+            words: vec![None; spec.slots.len()],
             guard,
             mem,
             features: spec.features,
@@ -134,6 +169,10 @@ impl GuestSlots {
         // The file was cut short under the mapping: what is left reads as zeros; the daemon
         // detaches the VM.
         if self.truncated() {
+            return;
+        }
+        if self.pages.is_some() {
+            self.poll_v3(vm, out);
             return;
         }
         for (i, (&gpa, seen)) in self.slots.iter().zip(self.seen.iter_mut()).enumerate() {
@@ -168,13 +207,87 @@ impl GuestSlots {
         }
     }
 
+    /// v3: reports the enabled pages whose guest words changed (as their decoded guest
+    /// area) or that do not decode (once).
+    fn poll_v3(&mut self, vm: u32, out: &mut Vec<Event>) {
+        let Some(pages) = &mut self.pages else { return };
+        for (i, &gpa) in self.slots.iter().enumerate() {
+            if pages[i] != pvsched_proto::v3::Status::Enabled {
+                // Refused: negotiated again once its guest writes another request.
+                let mut req = [0u8; 48];
+                if self.mem.read_slice(&mut req, GuestAddress(gpa)).is_err()
+                    || req == self.requests[i]
+                    || self.guard.truncated()
+                {
+                    continue;
+                }
+                self.requests[i] = req;
+                match GuestPage::new(&self.mem, gpa).negotiate() {
+                    Some(st) => pages[i] = st,
+                    None => continue,
+                }
+                if pages[i] != pvsched_proto::v3::Status::Enabled {
+                    continue;
+                }
+                self.words[i] = None;
+            }
+            let page = GuestPage::new(&self.mem, gpa);
+            let words = page.words();
+            if self.words[i] == Some(words) {
+                continue;
+            }
+            let area = page.area();
+            if self.guard.truncated() {
+                return;
+            }
+            let key = VcpuKey::new(vm, i as u32);
+            let was_bad = self.seen[i] == Some(None);
+            self.words[i] = Some(words);
+            match area {
+                Ok(a) => {
+                    self.seen[i] = Some(Some(0));
+                    out.push(Event::new(key, VcpuEvent::Intent(a)));
+                }
+                Err(_) if !was_bad => {
+                    self.seen[i] = Some(None);
+                    out.push(Event::new(key, VcpuEvent::SlotInvalid));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The status each v3 page got when attached (`None` for protocol-v1 slots).
+    pub fn page_status(&self) -> Option<&[pvsched_proto::v3::Status]> {
+        self.pages.as_deref()
+    }
+
     /// True once the memory file turned out shorter than when it was mapped.
     pub fn truncated(&self) -> bool {
         self.guard.truncated()
     }
 
+    /// Publishes the host's feedback in vCPU `vcpu`'s enabled v3 page; returns its guest area
+    /// read after the fence (`None` for slots and pages not enabled).
+    pub fn publish_v3(
+        &self,
+        vcpu: usize,
+        applied: AppliedState,
+        ticket: u64,
+    ) -> Option<Result<GuestArea, PageError>> {
+        let pages = self.pages.as_ref()?;
+        if *pages.get(vcpu)? != pvsched_proto::v3::Status::Enabled || self.truncated() {
+            return None;
+        }
+        let gpa = *self.slots.get(vcpu)?;
+        Some(GuestPage::new(&self.mem, gpa).publish(applied, ticket))
+    }
+
     /// Publishes `state` in vCPU `vcpu`'s slot; returns the request read after the fence.
     pub fn publish(&self, vcpu: usize, state: BoostState) -> Option<u32> {
+        if self.pages.is_some() {
+            return None;
+        }
         let gpa = *self.slots.get(vcpu)?;
         Some(publish_state(&GuestSlot::new(&self.mem, gpa), state))
     }
@@ -254,6 +367,18 @@ impl Publisher for SlotPublisher {
             .unwrap_or_else(|p| p.into_inner())
             .publish(key.vcpu as usize, state)
     }
+    fn publish_v3(
+        &mut self,
+        key: VcpuKey,
+        applied: AppliedState,
+        ticket: u64,
+    ) -> Option<Result<GuestArea, PageError>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).publish_v3(
+            key.vcpu as usize,
+            applied,
+            ticket,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -270,6 +395,7 @@ mod tests {
             slots: vec![0x1000, 0x2000],
             tsc_offset: None,
             features: feature::ALL_V1,
+            v3: false,
         };
         let mut s = GuestSlots::open(&spec, None).unwrap();
         let mut out = Vec::new();
@@ -315,6 +441,7 @@ mod tests {
                 slots: vec![],
                 tsc_offset: None,
                 features: 0,
+                v3: false,
             },
             None
         )
@@ -330,6 +457,7 @@ mod tests {
             slots: vec![0x1000],
             tsc_offset,
             features: feature::ALL_V1,
+            v3: false,
         };
         let mut with = GuestSlots::open(&spec(Some(0)), None).unwrap();
         let mut without = GuestSlots::open(&spec(None), None).unwrap();
@@ -375,6 +503,7 @@ mod tests {
                 slots: vec![bad],
                 tsc_offset: None,
                 features: 0,
+                v3: false,
             };
             assert!(GuestSlots::open(&spec, None).is_err(), "{bad:#x}");
         }
@@ -394,7 +523,141 @@ mod tests {
             slots: vec![0x1000],
             tsc_offset: None,
             features,
+            v3: false,
         }
+    }
+
+    #[test]
+    fn v3_pages_in_a_memory_file_are_negotiated_polled_and_published() {
+        use pvsched_proto::v3::{self, BoostKind, Request, Status, TaskDesc, TaskIntent};
+        let path = file("v3", 0x4000);
+        // vCPU 0's page asks for the default policy; vCPU 1's for ABI 2.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut h = [0u8; 64];
+            Request::default_policy().write(&mut h);
+            f.write_all_at(&h, 0x1000).unwrap();
+            let mut r = Request::default_policy();
+            r.abi_version = 2;
+            r.write(&mut h);
+            f.write_all_at(&h, 0x2000).unwrap();
+        }
+        let spec = ProtocolSpec {
+            memory: path.clone(),
+            slots: vec![0x1000, 0x2000],
+            tsc_offset: None,
+            features: 0,
+            v3: true,
+        };
+        let mut s = GuestSlots::open(&spec, None).unwrap();
+        assert_eq!(
+            s.page_status().unwrap(),
+            [Status::Enabled, Status::AbiMismatch]
+        );
+        let guest = GuestSlots::open(
+            &ProtocolSpec {
+                slots: vec![],
+                ..spec.clone()
+            },
+            None,
+        )
+        .unwrap();
+        let status = |gpa: u64| -> u32 { guest.mem.read_obj(GuestAddress(gpa + 48)).unwrap() };
+        assert_eq!(status(0x1000), Status::Enabled as u32, "seen by the guest");
+        assert_eq!(status(0x2000), Status::AbiMismatch as u32);
+        let mut out = Vec::new();
+        s.poll(3, 2, &mut out);
+        assert_eq!(
+            out,
+            [Event::new(
+                VcpuKey::new(3, 0),
+                VcpuEvent::Intent(Default::default())
+            )],
+            "the enabled page only"
+        );
+        out.clear();
+        s.poll(3, 2, &mut out);
+        assert!(out.is_empty(), "nothing changed");
+        let intent = TaskIntent {
+            current: TaskDesc::fifo(20),
+            pending: None,
+            idle: false,
+        };
+        guest
+            .mem
+            .write_obj(
+                intent.encode(),
+                GuestAddress(0x1000 + v3::off::TASK_INTENT as u64),
+            )
+            .unwrap();
+        s.poll(3, 2, &mut out);
+        let Event {
+            what: VcpuEvent::Intent(a),
+            ..
+        } = out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(a.intent, intent);
+        let applied = AppliedState {
+            boost: BoostKind::Task,
+            hints: 1,
+            flags: 0,
+        };
+        assert_eq!(s.publish_v3(0, applied, 4).unwrap().unwrap().intent, intent);
+        let w: u64 = guest
+            .mem
+            .read_obj(GuestAddress(0x1000 + v3::off::APPLIED_STATE as u64))
+            .unwrap();
+        assert_eq!(w, applied.encode());
+        assert!(
+            s.publish_v3(1, applied, 4).is_none(),
+            "a refused page is not written"
+        );
+        // vCPU 1's guest writes a good request: negotiated again, enabled, read.
+        let mut h = [0u8; 64];
+        Request::default_policy().write(&mut h);
+        guest
+            .mem
+            .write_slice(&h[..48], GuestAddress(0x2000))
+            .unwrap();
+        out.clear();
+        s.poll(3, 2, &mut out);
+        assert_eq!(s.page_status().unwrap()[1], Status::Enabled);
+        assert_eq!(status(0x2000), Status::Enabled as u32);
+        assert_eq!(
+            out,
+            [Event::new(
+                VcpuKey::new(3, 1),
+                VcpuEvent::Intent(Default::default())
+            )]
+        );
+        assert_eq!(s.publish(0, BoostState::Boosted), None, "no v1 slot there");
+        // Garbage in the guest area: reported once.
+        guest
+            .mem
+            .write_obj(u64::MAX, GuestAddress(0x1000 + v3::off::CS_STATE as u64))
+            .unwrap();
+        out.clear();
+        s.poll(3, 2, &mut out);
+        s.poll(3, 2, &mut out);
+        assert_eq!(
+            out,
+            [Event::new(VcpuKey::new(3, 0), VcpuEvent::SlotInvalid)]
+        );
+        // A page address that is not 4096-aligned is refused.
+        let e = GuestSlots::open(
+            &ProtocolSpec {
+                slots: vec![0x1800],
+                ..spec
+            },
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("4096-byte aligned"), "{e}");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -121,6 +121,7 @@ fn stalled_control_clients_do_not_delay_a_budget_unboost() {
                     slots: vec![SLOT],
                     tsc_offset: None,
                     features: 0,
+                    v3: false,
                 }),
             },
         )

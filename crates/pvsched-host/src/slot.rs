@@ -2,6 +2,7 @@
 //! side of the protocol's shared memory, for the reference VMM and for the daemon's mapping of
 //! a VMM's guest-memory file alike.
 
+use pvsched_proto::v3::{self, AppliedState, GuestArea, PageError};
 use pvsched_proto::SlotMemory;
 use std::sync::atomic::Ordering;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -53,5 +54,144 @@ impl SlotMemory for GuestSlot<'_> {
     }
     fn fence(&self) {
         std::sync::atomic::fence(Ordering::SeqCst);
+    }
+}
+
+/// A pvsched v3 page (`pvsched_proto::v3`) in guest memory, for the reference VMM and the
+/// daemon alike: negotiated when it is attached, its guest words read atomically, the host's
+/// feedback published with the protocol's fence and re-read. The address was validated
+/// (4096-aligned, inside guest memory) by the caller; a failed access reads as zeros.
+pub struct GuestPage<'a> {
+    slot: GuestSlot<'a>,
+    mem: &'a GuestMemoryMmap,
+    gpa: u64,
+}
+
+impl<'a> GuestPage<'a> {
+    /// The page at `gpa`.
+    pub fn new(mem: &'a GuestMemoryMmap, gpa: u64) -> Self {
+        GuestPage {
+            slot: GuestSlot::new(mem, gpa),
+            mem,
+            gpa,
+        }
+    }
+
+    /// Negotiates the page as it stands (`v3::negotiate`: the ABI's rejection order) and
+    /// writes the answer into its header, the status last after a fence so that a guest that
+    /// sees it sees the rest; an enabled page also gets a zero host area. `None` when the
+    /// page cannot be read.
+    pub fn negotiate(&self) -> Option<v3::Status> {
+        let mut page = vec![0u8; v3::PAGE_SIZE];
+        self.mem
+            .read_slice(&mut page, GuestAddress(self.gpa))
+            .ok()?;
+        let answer = v3::negotiate(&page).ok()?;
+        let mut header = [0u8; 64];
+        answer.write(&mut header);
+        if answer.status == v3::Status::Enabled {
+            self.slot
+                .store_u64(v3::off::APPLIED_STATE, AppliedState::default().encode());
+            self.slot.store_u64(v3::off::INTERRUPT_TICKET, 0);
+        }
+        for off in [
+            v3::off::HOST_ABI_VERSION,
+            v3::off::ACCEPTED_MODE,
+            v3::off::HEADER_RESERVED,
+        ] {
+            let w = u32::from_le_bytes([
+                header[off],
+                header[off + 1],
+                header[off + 2],
+                header[off + 3],
+            ]);
+            self.slot.store_u32(off, w);
+        }
+        self.slot.fence();
+        self.slot.store_u32(v3::off::STATUS, answer.status as u32);
+        Some(answer.status)
+    }
+
+    /// The three guest words (task intent, critical sections, acknowledgement), each loaded
+    /// atomically: a cheap "did it change?".
+    pub fn words(&self) -> [u64; 3] {
+        [
+            self.slot.load_u64(v3::off::TASK_INTENT),
+            self.slot.load_u64(v3::off::CS_STATE),
+            self.slot.load_u64(v3::off::INTERRUPT_ACK),
+        ]
+    }
+
+    /// The guest area decoded (its reserved bytes checked too).
+    pub fn area(&self) -> Result<GuestArea, PageError> {
+        let [intent, cs, ack] = self.words();
+        let mut reserved = [0u8; v3::off::APPLIED_STATE - v3::off::GUEST_RESERVED];
+        self.mem
+            .read_slice(
+                &mut reserved,
+                GuestAddress(self.gpa + v3::off::GUEST_RESERVED as u64),
+            )
+            .map_err(|_| PageError::Short { len: 0 })?;
+        v3::decode_guest_words(intent, cs, ack, &reserved)
+    }
+
+    /// Publishes `applied` and `ticket`, then (after a full fence) re-reads the guest area.
+    pub fn publish(&self, applied: AppliedState, ticket: u64) -> Result<GuestArea, PageError> {
+        self.slot.store_u64(v3::off::INTERRUPT_TICKET, ticket);
+        self.slot
+            .store_u64(v3::off::APPLIED_STATE, applied.encode());
+        self.slot.fence();
+        self.area()
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+    use pvsched_proto::v3::{Request, Status, TaskDesc, TaskIntent};
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap()
+    }
+
+    #[test]
+    fn a_page_is_negotiated_read_and_published() {
+        let m = mem();
+        let mut req = [0u8; 64];
+        Request::default_policy().write(&mut req);
+        m.write_slice(&req, GuestAddress(0x1000)).unwrap();
+        let p = GuestPage::new(&m, 0x1000);
+        assert_eq!(p.negotiate(), Some(Status::Enabled));
+        let status: u32 = m.read_obj(GuestAddress(0x1000 + 48)).unwrap();
+        assert_eq!(status, 1);
+        let intent = TaskIntent {
+            current: TaskDesc::fifo(9),
+            pending: None,
+            idle: false,
+        };
+        m.write_obj(intent.encode(), GuestAddress(0x1000 + 64))
+            .unwrap();
+        assert_eq!(p.area().unwrap().intent, intent);
+        let applied = AppliedState {
+            boost: v3::BoostKind::Task,
+            hints: 1,
+            flags: 0,
+        };
+        assert_eq!(p.publish(applied, 7).unwrap().intent, intent);
+        let w: u64 = m.read_obj(GuestAddress(0x1000 + 128)).unwrap();
+        assert_eq!(w, applied.encode());
+        let t: u64 = m.read_obj(GuestAddress(0x1000 + 136)).unwrap();
+        assert_eq!(t, 7);
+        // Another page with a wrong ABI version: refused, reason in its header.
+        let mut r = Request::default_policy();
+        r.abi_version = 9;
+        r.write(&mut req);
+        m.write_slice(&req, GuestAddress(0x2000)).unwrap();
+        assert_eq!(
+            GuestPage::new(&m, 0x2000).negotiate(),
+            Some(Status::AbiMismatch)
+        );
+        let status: u32 = m.read_obj(GuestAddress(0x2000 + 48)).unwrap();
+        assert_eq!(status, Status::AbiMismatch as u32);
     }
 }

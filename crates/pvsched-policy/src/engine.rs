@@ -224,6 +224,7 @@ impl Engine {
                             // re-offered it): live while it stands and the vCPU is contended.
                             VcpuEvent::Request(_)
                             | VcpuEvent::Doorbell(_)
+                            | VcpuEvent::Intent(_)
                             | VcpuEvent::Quiet(_) => !st.request.is_empty() && !st.quiet,
                             // A lead boost is for a deadline the guest has not served yet
                             // (serving it publishes the next one, which re-arms the lead
@@ -269,11 +270,16 @@ impl Engine {
             let Some((_, _, key, what)) = best else {
                 return;
             };
-            // A request is handed over as it stands now (never a stale verdict).
+            // A request is handed over as it stands now (never a stale verdict); a v3 page as
+            // last read.
             let what = match what {
-                VcpuEvent::Request(_) | VcpuEvent::Doorbell(_) | VcpuEvent::Quiet(_) => self
-                    .vcpu(key)
-                    .map_or(what, |st| VcpuEvent::Request(st.request)),
+                VcpuEvent::Request(_)
+                | VcpuEvent::Doorbell(_)
+                | VcpuEvent::Quiet(_)
+                | VcpuEvent::Intent(_) => self.vcpu(key).map_or(what, |st| match st.v3 {
+                    Some(v) => VcpuEvent::Intent(v.area),
+                    None => VcpuEvent::Request(st.request),
+                }),
                 w => w,
             };
             self.drive(key, what, now, out);
@@ -323,6 +329,7 @@ impl Engine {
             for (&vcpu, st) in e.vcpus.iter_mut() {
                 let mut ctx = VcpuCtx::new(VcpuKey::new(vm, vcpu), st, now, out);
                 ctx.unboost(BoostState::Disabled);
+                ctx.end_deboost();
             }
         }
         self.recount();
@@ -384,8 +391,10 @@ impl Engine {
                 if let Some(mut st) = e.vcpus.remove(&ev.key.vcpu) {
                     let mut ctx = VcpuCtx::new(ev.key, &mut st, now, out);
                     e.driver.on_event(&mut ctx, VcpuEvent::Unregistered);
-                    // Whatever the driver did, a vCPU that is gone is not boosted.
+                    // Whatever the driver did, a vCPU that is gone is not boosted (nor
+                    // deboosted).
                     ctx.unboost(BoostState::Disabled);
+                    ctx.end_deboost();
                 }
                 self.recount();
             }
@@ -398,6 +407,11 @@ impl Engine {
                 } else if let VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) = what {
                     // Remember it for when boosting is enabled again.
                     st.request = r;
+                } else if let VcpuEvent::Intent(a) = what {
+                    // Likewise for a v3 page (its reasons as the default selector reads them;
+                    // the driver derives them again when it gets the page).
+                    st.v3.get_or_insert_with(Default::default).area = a;
+                    st.request = crate::v3::reasons(&Default::default(), 0, &a);
                 } else if let VcpuEvent::Quiet(q) = what {
                     // Likewise: the verdict is only sent when it changes.
                     st.quiet = q;
@@ -509,6 +523,8 @@ impl Engine {
         for (&vcpu, st) in e.vcpus.iter_mut() {
             let mut ctx = VcpuCtx::new(VcpuKey::new(vm, vcpu), st, now, out);
             ctx.unboost(then);
+            // A deboost is the old driver's too: the next one decides again.
+            ctx.end_deboost();
             ctx.state.throttled_until = None;
             ctx.state.debts = Debts {
                 at: now,
@@ -532,8 +548,13 @@ impl Engine {
         for vcpu in vcpus {
             let key = VcpuKey::new(vm, vcpu);
             self.drive(key, VcpuEvent::Registered, now, out);
-            let r = self.vcpu(key).map_or(Reasons::NONE, |st| st.request);
-            if !r.is_empty() {
+            let (r, v3) = self
+                .vcpu(key)
+                .map_or((Reasons::NONE, None), |st| (st.request, st.v3));
+            if let Some(v) = v3 {
+                // A v3 page goes to the driver whatever it asks (a deboost asks nothing).
+                self.drive(key, VcpuEvent::Intent(v.area), now, out);
+            } else if !r.is_empty() {
                 self.drive(key, VcpuEvent::Request(r), now, out);
             }
         }

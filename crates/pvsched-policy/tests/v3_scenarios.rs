@@ -401,3 +401,84 @@ mod random {
         }
     }
 }
+
+#[test]
+fn a_deboost_ends_when_the_engine_lets_go_of_the_vcpu() {
+    // Disabled, then enabled again: the deboost ends, then comes back from the page.
+    let mut s = Sim::new(&[]);
+    s.guest(TaskDesc::idle(), None, 0);
+    assert_eq!(s.class, Some(BoostClass::Idle));
+    let mut out = Vec::new();
+    s.engine
+        .set_enabled(Some(0), false, s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert_eq!(s.class, None, "disabled: original attributes");
+    let mut out = Vec::new();
+    s.engine
+        .set_enabled(Some(0), true, s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert_eq!(
+        s.class,
+        Some(BoostClass::Idle),
+        "enabled: the page decides again"
+    );
+    // Replaced by a driver that never deboosts.
+    let mut out = Vec::new();
+    s.engine
+        .set_driver(0, "none", &DriverOptions::new(), s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert_eq!(s.class, None, "the old driver's deboost ends with it");
+    // Back to v3-default, then the VM goes.
+    let mut out = Vec::new();
+    s.engine
+        .set_driver(0, "v3-default", &DriverOptions::new(), s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert_eq!(s.class, Some(BoostClass::Idle));
+    let mut out = Vec::new();
+    s.engine.remove_vm(0, s.now, &mut out);
+    s.apply(out);
+    assert_eq!(s.class, None, "removing the VM restores its threads");
+}
+
+#[test]
+fn a_boost_the_cap_held_back_is_offered_again_from_the_page() {
+    // Two v3 vCPUs, cap 1: the second one's RT intent waits and gets its boost as soon as
+    // the first lets go.
+    let mut e = Engine::default();
+    e.set_max_boosted(Some(1));
+    e.add_vm(0, "v3-default", &DriverOptions::new()).unwrap();
+    let k1 = VcpuKey::new(0, 1);
+    let fifo = |p| GuestArea {
+        intent: TaskIntent {
+            current: TaskDesc::fifo(p),
+            pending: None,
+            idle: false,
+        },
+        ..GuestArea::default()
+    };
+    let mut out = Vec::new();
+    for k in [V, k1] {
+        e.handle(Event::new(k, VcpuEvent::Registered), 0, &mut out);
+    }
+    e.handle(Event::new(V, VcpuEvent::Intent(fifo(10))), 0, &mut out);
+    e.handle(Event::new(k1, VcpuEvent::Intent(fifo(20))), 0, &mut out);
+    assert!(e.vcpu(V).unwrap().is_boosted());
+    assert!(!e.vcpu(k1).unwrap().is_boosted(), "capped");
+    assert_eq!(e.vcpu(k1).unwrap().counters.capped, 1);
+    out.clear();
+    e.handle(
+        Event::new(V, VcpuEvent::Intent(GuestArea::default())),
+        10 * US,
+        &mut out,
+    );
+    assert!(!e.vcpu(V).unwrap().is_boosted());
+    assert!(
+        e.vcpu(k1).unwrap().is_boosted(),
+        "the waiting page got the slot"
+    );
+    assert!(out.contains(&Decision::Boost(k1, BoostClass::Fifo(20))));
+}

@@ -15,7 +15,7 @@
 //! boosting for that vCPU.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
-pub use pvsched_host::slot::GuestSlot;
+pub use pvsched_host::slot::{GuestPage, GuestSlot};
 use pvsched_proto::abi::{
     self, BoostState, CPUID_LEAF_INFO, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE, MSR_COUNT,
     SLOT_ENABLE, SLOT_SIZE,
@@ -371,67 +371,30 @@ impl PvDevice {
             .is_some_and(|n| n.version == v3::PVSCHED_VERSION_V3)
     }
 
-    /// Negotiates the v3 page at `gpa` (validated): reads it whole, writes the answer into its
-    /// header and, when enabled, a zero host area. `None` when guest memory fails.
+    /// Negotiates the v3 page at `gpa` (validated) and writes the answer into it. `None`
+    /// when guest memory fails.
     fn negotiate_page(&self, gpa: u64) -> Option<v3::Status> {
-        let mut page = vec![0u8; v3::PAGE_SIZE];
-        self.mem.read_slice(&mut page, GuestAddress(gpa)).ok()?;
-        let answer = v3::negotiate(&page).ok()?;
-        let mut header = [0u8; 64];
-        header.copy_from_slice(&page[..64]);
-        answer.write(&mut header);
-        let s = GuestSlot::new(&self.mem, gpa);
-        if answer.status == v3::Status::Enabled {
-            s.store_u64(v3::off::APPLIED_STATE, AppliedState::default().encode());
-            s.store_u64(v3::off::INTERRUPT_TICKET, 0);
+        GuestPage::new(&self.mem, gpa).negotiate()
+    }
+
+    /// vCPU `vcpu`'s enabled v3 page, if any.
+    fn page(&self, vcpu: usize) -> Option<GuestPage<'_>> {
+        if !self.is_v3() {
+            return None;
         }
-        // The host-written words of the header: status, host ABI version, accepted mode,
-        // reserved. The status last, after a fence, so a guest that sees it sees the rest.
-        for off in [
-            v3::off::HOST_ABI_VERSION,
-            v3::off::ACCEPTED_MODE,
-            v3::off::HEADER_RESERVED,
-        ] {
-            s.store_u32(
-                off,
-                u32::from_le_bytes(header[off..off + 4].try_into().ok()?),
-            );
-        }
-        s.fence();
-        s.store_u32(v3::off::STATUS, answer.status as u32);
-        Some(answer.status)
+        Some(GuestPage::new(&self.mem, self.slot_gpa(vcpu)?))
     }
 
     /// The three guest words of vCPU `vcpu`'s v3 page (task intent, critical sections,
     /// acknowledgement), each loaded atomically; `None` without an enabled page.
     pub fn v3_words(&self, vcpu: usize) -> Option<[u64; 3]> {
-        if !self.is_v3() {
-            return None;
-        }
-        let gpa = self.slot_gpa(vcpu)?;
-        let s = GuestSlot::new(&self.mem, gpa);
-        Some([
-            s.load_u64(v3::off::TASK_INTENT),
-            s.load_u64(v3::off::CS_STATE),
-            s.load_u64(v3::off::INTERRUPT_ACK),
-        ])
+        Some(self.page(vcpu)?.words())
     }
 
     /// Decodes vCPU `vcpu`'s v3 guest area (its reserved bytes checked too): `Ok(None)`
     /// without an enabled page.
     pub fn v3_area(&self, vcpu: usize) -> Result<Option<GuestArea>, PageError> {
-        let Some([intent, cs, ack]) = self.v3_words(vcpu) else {
-            return Ok(None);
-        };
-        let gpa = self.slot_gpa(vcpu).unwrap_or(0);
-        let mut reserved = [0u8; v3::off::APPLIED_STATE - v3::off::GUEST_RESERVED];
-        self.mem
-            .read_slice(
-                &mut reserved,
-                GuestAddress(gpa + v3::off::GUEST_RESERVED as u64),
-            )
-            .map_err(|_| PageError::Short { len: 0 })?;
-        v3::decode_guest_words(intent, cs, ack, &reserved).map(Some)
+        self.page(vcpu).map(|p| p.area()).transpose()
     }
 
     /// Publishes `applied` and `ticket` in vCPU `vcpu`'s v3 page and returns its guest area
@@ -442,15 +405,7 @@ impl PvDevice {
         applied: AppliedState,
         ticket: u64,
     ) -> Option<Result<GuestArea, PageError>> {
-        if !self.is_v3() {
-            return None;
-        }
-        let gpa = self.slot_gpa(vcpu)?;
-        let s = GuestSlot::new(&self.mem, gpa);
-        s.store_u64(v3::off::INTERRUPT_TICKET, ticket);
-        s.store_u64(v3::off::APPLIED_STATE, applied.encode());
-        s.fence();
-        self.v3_area(vcpu).transpose()
+        Some(self.page(vcpu)?.publish(applied, ticket))
     }
 
     /// Guest-physical address of vCPU `vcpu`'s slot, if registered.
