@@ -141,7 +141,7 @@ impl GuestSlots {
                 mem.read_slice(req, GuestAddress(gpa))
                     .map_err(io::Error::other)?;
                 let status = GuestPage::new(&mem, gpa)
-                    .negotiate()
+                    .attach()
                     .ok_or_else(|| io::Error::other(format!("v3 page {gpa:#x} cannot be read")))?;
                 st.push(status);
             }

@@ -112,6 +112,29 @@ impl<'a> GuestPage<'a> {
         Some(answer.status)
     }
 
+    /// Attaches a page a running guest may have been using with another host (the daemon
+    /// attaching, or restarted): a page already `Enabled` whose request is the default one is
+    /// adopted as it is (its acknowledgement may be nonzero; the host area is reset); a page
+    /// whose request is still all zeros (the guest has not written it) is left untouched and
+    /// reported `Disabled`; anything else is negotiated afresh ([`GuestPage::negotiate`]).
+    pub fn attach(&self) -> Option<v3::Status> {
+        let mut header = [0u8; v3::off::STATUS];
+        self.mem
+            .read_slice(&mut header, GuestAddress(self.gpa))
+            .ok()?;
+        let request = v3::Request::read(&header).ok()?;
+        if header.iter().all(|&b| b == 0) {
+            return Some(v3::Status::Disabled);
+        }
+        let enabled = self.slot.load_u32(v3::off::STATUS) == v3::Status::Enabled as u32;
+        if enabled && request == v3::Request::default_policy() {
+            self.slot
+                .store_u64(v3::off::APPLIED_STATE, AppliedState::default().encode());
+            return Some(v3::Status::Enabled);
+        }
+        self.negotiate()
+    }
+
     /// The three guest words (task intent, critical sections, acknowledgement), each loaded
     /// atomically: a cheap "did it change?".
     pub fn words(&self) -> [u64; 3] {
@@ -193,5 +216,19 @@ mod page_tests {
         );
         let status: u32 = m.read_obj(GuestAddress(0x2000 + 48)).unwrap();
         assert_eq!(status, Status::AbiMismatch as u32);
+        // Attaching: the live, enabled page (whose guest echoed a ticket) is adopted, not
+        // refused for its acknowledgement; an untouched page is left alone.
+        m.write_obj(5u64, GuestAddress(0x1000 + 80)).unwrap();
+        assert_eq!(p.attach(), Some(Status::Enabled));
+        let w: u64 = m.read_obj(GuestAddress(0x1000 + 128)).unwrap();
+        assert_eq!(w, 0, "host area reset");
+        assert_eq!(
+            p.negotiate(),
+            Some(Status::Disabled),
+            "a fresh negotiation refuses it"
+        );
+        assert_eq!(GuestPage::new(&m, 0x3000).attach(), Some(Status::Disabled));
+        let status: u32 = m.read_obj(GuestAddress(0x3000 + 48)).unwrap();
+        assert_eq!(status, 0, "nothing written into an untouched page");
     }
 }

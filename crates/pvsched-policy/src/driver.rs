@@ -164,6 +164,10 @@ pub struct V3Vcpu {
     pub ticket_outstanding: bool,
     /// The applied state last published.
     pub applied: AppliedState,
+    /// The host saw an interrupt or wake-up (or a starved vCPU) since the page last changed:
+    /// no deboost until the guest's page moves (the interrupt is pending; the page read
+    /// before it says nothing about what runs next).
+    pub deboost_hold: bool,
 }
 
 /// True when the boost in `s` is charged to the critical-section debt: a critical-section
@@ -236,6 +240,11 @@ impl<'a> VcpuCtx<'a> {
             out,
             cap_full: false,
         }
+    }
+
+    /// True when the host-wide cap is reached and a new boost would wait.
+    pub fn cap_full(&self) -> bool {
+        self.cap_full && self.state.boost.is_none()
     }
 
     /// The same, with the host-wide cap reached (`full`): [`VcpuCtx::boost`] then waits.
@@ -371,13 +380,16 @@ impl<'a> VcpuCtx<'a> {
         };
         let d = self.state.debts;
         let mut applied = AppliedState::default();
+        // What is applied, also when the page is no longer trusted (a host boost may hold).
+        if self.state.boost.is_some() {
+            applied.boost = if charges_cs(self.state) {
+                BoostKind::Cs
+            } else {
+                BoostKind::Task
+            };
+        }
         if state != BoostState::Disabled {
             if self.state.boost.is_some() {
-                applied.boost = if charges_cs(self.state) {
-                    BoostKind::Cs
-                } else {
-                    BoostKind::Task
-                };
                 applied.hints = hint::KICK_DEBOOST;
             }
             if d.cs_latched {
@@ -419,7 +431,9 @@ impl<'a> VcpuCtx<'a> {
     /// [`VcpuCtx::publish`].
     pub fn issue_ticket(&mut self) {
         if let Some(v3) = self.state.v3.as_mut() {
-            v3.ticket = v3.ticket.wrapping_add(1).max(1);
+            // Increasing and seeded from the clock: a host that restarts (the daemon) does
+            // not reissue a ticket the guest already echoed.
+            v3.ticket = v3.ticket.wrapping_add(1).max(self.now).max(1);
             v3.ticket_outstanding = true;
             self.state.counters.tickets[0] += 1;
         }

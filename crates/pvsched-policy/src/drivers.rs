@@ -338,6 +338,27 @@ fn parse_ratio_milli(v: &str) -> Option<u64> {
     (100..=100_000).contains(&r).then_some(r)
 }
 
+/// A host interrupt, wake-up or starvation for a v3 vCPU: its deboost ends now (whatever the
+/// host boost then decides: the cap, a latch or a quiet host may refuse it) and none starts
+/// until the guest's page changes.
+fn hold_deboost(ctx: &mut VcpuCtx<'_>) {
+    if let Some(v) = ctx.state.v3.as_mut() {
+        v.deboost_hold = true;
+        ctx.end_deboost();
+    }
+}
+
+/// Linux's priority scale for a class, lower is more urgent (as `v3::HostPrio::rank`).
+fn class_rank(c: BoostClass) -> i32 {
+    match c {
+        BoostClass::Deadline { .. } => -1,
+        BoostClass::Fifo(p) | BoostClass::Rr(p) => 99 - p as i32,
+        BoostClass::Nice(n) => 120 + n,
+        BoostClass::Slice(_) => 120,
+        BoostClass::Idle => 140,
+    }
+}
+
 /// True while a host interrupt boost waits for a v3 guest to echo its ticket: the guest has
 /// not taken the interrupt yet, so an empty page says nothing about it (the hold still ends
 /// the boost).
@@ -489,9 +510,10 @@ impl DynamicDriver {
         if ctx.state.is_boosted() {
             return;
         }
+        let hold = ctx.state.v3.is_some_and(|v| v.deboost_hold);
         let below = self
             .selection(ctx)
-            .filter(|_| self.p.deboost)
+            .filter(|_| self.p.deboost && !hold)
             .filter(|s| s.prio.below(self.p.baseline_nice))
             .filter(|_| ctx.state.published != Some(BoostState::Disabled));
         match below {
@@ -624,7 +646,7 @@ impl DynamicDriver {
             } else {
                 self.p.class_cs
             };
-            if ticket {
+            if ticket && !ctx.cap_full() {
                 ctx.issue_ticket();
             }
             ctx.boost(class, cause, release_after, hold_until);
@@ -669,6 +691,15 @@ impl DynamicDriver {
                 // v3: the class follows the selection (a critical section ended, a task of
                 // another priority runs).
                 if let (Some(_), Some(c)) = (self.p.selector, self.request_class(ctx)) {
+                    // While the host's own hold runs (an interrupt not yet taken), the
+                    // boost never becomes less urgent than what the host applied.
+                    let keep = ctx.state.boost.filter(|b| {
+                        awaits_ack(ctx, *b) || (self.host_initiated(*b) && ctx.now < b.hold_until)
+                    });
+                    let c = match keep {
+                        Some(b) if class_rank(b.class) < class_rank(c) => b.class,
+                        _ => c,
+                    };
                     ctx.reclass(c);
                     ctx.refresh_v3();
                 }
@@ -836,6 +867,7 @@ impl DynamicDriver {
                 self.on_request(ctx);
             }
             VcpuEvent::Interrupt | VcpuEvent::Woken => {
+                hold_deboost(ctx);
                 self.host_boost(
                     ctx,
                     Cause::Interrupt,
@@ -846,6 +878,10 @@ impl DynamicDriver {
             }
             VcpuEvent::Intent(area) => {
                 let v3 = ctx.state.v3.get_or_insert_with(Default::default);
+                if v3.area != area {
+                    // The guest ran since the host's interrupt: its page speaks again.
+                    v3.deboost_hold = false;
+                }
                 v3.area = area;
                 if v3.ticket_outstanding && area.ack != 0 && area.ack == v3.ticket {
                     v3.ticket_outstanding = false;
@@ -892,6 +928,10 @@ impl DynamicDriver {
                     // A host boost kept: without the request, its hold is what ends it.
                     self.rearm(ctx);
                 }
+                // A v3 page that is garbage or gone is forgotten: no deboost from it, and
+                // the next page read (or a v1 slot) starts afresh.
+                ctx.end_deboost();
+                ctx.state.v3 = None;
             }
             VcpuEvent::Timer(kind, gen) if ctx.is_current(kind, gen) => match kind {
                 TimerKind::Budget => self.check_budget(ctx),
@@ -913,6 +953,7 @@ impl DynamicDriver {
             VcpuEvent::Starved => {
                 if !ctx.state.is_boosted() {
                     ctx.end_repay();
+                    hold_deboost(ctx);
                     // A short host boost (within its budgets, waiting for the cap like any):
                     // as a real-time thread it is moved off the CPU it is stuck on, or takes
                     // its turn there.

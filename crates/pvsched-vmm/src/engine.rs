@@ -106,6 +106,12 @@ impl PvExitHook {
     fn observe(&mut self, dev: &PvDevice) {
         let gpa = dev.slot_gpa(self.vcpu);
         if gpa != self.gpa {
+            if self.gpa.is_some() {
+                // The slot or page went away or moved (unregistered, refused, renegotiated):
+                // what it said no longer holds.
+                self.events.push(VcpuEvent::SlotInvalid);
+                self.bad = false;
+            }
             self.gpa = gpa;
             self.seq = None;
             self.words = None;

@@ -272,9 +272,15 @@ impl PvDevice {
         match index.wrapping_sub(self.cfg.msr_base) {
             abi::MSR_NEGOTIATE => {
                 let result = negotiate::negotiate(self.cfg.versions, self.cfg.features, value);
-                *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()) = result;
-                if result.is_none() {
-                    // A failed (re)negotiation turns the protocol off for every vCPU.
+                let before = std::mem::replace(
+                    &mut *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()),
+                    result,
+                );
+                let version = |n: Option<Negotiated>| n.map(|n| n.version);
+                if result.is_none() || version(before).is_some_and(|v| Some(v) != version(result)) {
+                    // A failed (re)negotiation turns the protocol off for every vCPU; one that
+                    // changes the version drops every registration (a v1 slot is not a v3
+                    // page).
                     for s in &self.slots {
                         s.store(0, Ordering::Release);
                     }
