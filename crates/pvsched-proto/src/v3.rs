@@ -23,6 +23,7 @@
 //! page written by a possibly hostile guest (every reserved bit and byte checked) and of the
 //! host's feedback word. `docs/protocol-v3.md` says what pvsched does with each field.
 
+use crate::host::{u32_at, u64_at};
 use core::fmt;
 use core::mem::{offset_of, size_of};
 
@@ -453,18 +454,6 @@ impl fmt::Display for PageError {
 }
 
 impl core::error::Error for PageError {}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(w)
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(w)
-}
 
 /// Decodes the guest area from its three words and its reserved bytes (`reserved`: bytes
 /// 88–127 of the page). The host reads each word atomically and calls this.
