@@ -130,9 +130,7 @@ impl PvExitHook {
         self.seq = Some(seq);
         match dev.snapshot(self.vcpu) {
             Ok(Some(s)) => {
-                self.counts.updates_seen.fetch_add(1, Ordering::Relaxed);
-                self.bad = false;
-                self.events.push(VcpuEvent::Request(s.reasons));
+                self.decoded(VcpuEvent::Request(s.reasons));
                 if s.deadline_tsc != self.deadline {
                     self.deadline = s.deadline_tsc;
                     let at = s
@@ -142,17 +140,28 @@ impl PvExitHook {
                 }
             }
             Ok(None) => {}
-            Err(_) if !self.bad => {
-                self.bad = true;
-                self.counts.bad_slots.fetch_add(1, Ordering::Relaxed);
-                self.events.push(VcpuEvent::SlotInvalid);
-            }
-            Err(_) => {}
+            Err(_) => self.undecodable(),
         }
     }
 }
 
 impl PvExitHook {
+    /// The slot or page decoded into `ev`: counted and reported.
+    fn decoded(&mut self, ev: VcpuEvent) {
+        self.counts.updates_seen.fetch_add(1, Ordering::Relaxed);
+        self.bad = false;
+        self.events.push(ev);
+    }
+
+    /// The slot or page does not decode: reported once until it decodes again.
+    fn undecodable(&mut self) {
+        if !self.bad {
+            self.bad = true;
+            self.counts.bad_slots.fetch_add(1, Ordering::Relaxed);
+            self.events.push(VcpuEvent::SlotInvalid);
+        }
+    }
+
     /// Reads the v3 page's three guest words (three loads) and reports the page when they
     /// changed.
     fn observe_v3(&mut self, dev: &PvDevice) {
@@ -164,18 +173,9 @@ impl PvExitHook {
         }
         self.words = Some(words);
         match dev.v3_area(self.vcpu) {
-            Ok(Some(area)) => {
-                self.counts.updates_seen.fetch_add(1, Ordering::Relaxed);
-                self.bad = false;
-                self.events.push(VcpuEvent::Intent(area));
-            }
+            Ok(Some(area)) => self.decoded(VcpuEvent::Intent(area)),
             Ok(None) => {}
-            Err(_) if !self.bad => {
-                self.bad = true;
-                self.counts.bad_slots.fetch_add(1, Ordering::Relaxed);
-                self.events.push(VcpuEvent::SlotInvalid);
-            }
-            Err(_) => {}
+            Err(_) => self.undecodable(),
         }
     }
 }
