@@ -1308,7 +1308,8 @@ impl Runtime {
                 .quiet_gate
                 .and_then(|g| g.others)
                 .map(|g| (OthersVerdict::new(g), 0)),
-            others_since: None,
+            // The host-wide gate starts closed (`OthersVerdict::new`).
+            others_since: cfg.quiet_gate.and_then(|g| g.others).map(|_| mono_ns()),
             others_ns: 0,
             told: BTreeMap::new(),
             lazy: false,
