@@ -84,7 +84,9 @@ pub struct DaemonArgs {
     /// root's. Without it the socket is 0600.
     #[arg(long = "ctl-group", value_name = "GID")]
     pub ctl_group: Option<u32>,
-    /// Tracepoints feeding the policy: a comma list of timer, wakeup, irq.
+    /// Tracepoints feeding the policy: a comma list of `timer` (LAPIC timer expiry, KVM),
+    /// `wakeup` (kvm_vcpu_wakeup), `irq` (kvm_apic_accept_irq), `waking` (sched_waking of the
+    /// vCPU thread: any VMM, also QEMU under TCG), or `none`.
     #[arg(long, default_value = "timer", value_parser = parse_host_events)]
     pub host_events: HostEvents,
     /// Control socket.
@@ -324,7 +326,7 @@ pub struct VmArgs {
     /// `dynamic`; with the protocol the vCPU threads see the guest's requests themselves,
     /// and a wake-up of the engine per timer expiry would cost ~25 % of a core here),
     /// `none`, or a comma list of `timer` (hrtimer_expire_entry on apic_timer_fn), `wakeup`
-    /// (kvm_vcpu_wakeup), `irq` (kvm_apic_accept_irq).
+    /// (kvm_vcpu_wakeup), `irq` (kvm_apic_accept_irq), `waking` (sched_waking).
     #[arg(long, default_value = "auto", value_parser = parse_host_events)]
     pub host_events: HostEvents,
     /// Keep guest RAM in this file (a shared mapping), so that `pvsched daemon` can read the
@@ -358,36 +360,12 @@ pub enum HostEvents {
 
 fn parse_host_events(s: &str) -> Result<HostEvents, String> {
     match s {
-        "auto" => return Ok(HostEvents::Auto),
-        "none" => {
-            return Ok(HostEvents::Set(TraceConfig {
-                timer_expiry: false,
-                wakeup: false,
-                accept_irq: false,
-                ..TraceConfig::default()
-            }))
-        }
-        _ => {}
+        "auto" => Ok(HostEvents::Auto),
+        "none" => Ok(HostEvents::Set(TraceConfig::none())),
+        _ => TraceConfig::from_names(s.split(','))
+            .map(HostEvents::Set)
+            .map_err(|e| format!("{e}, auto or none")),
     }
-    let mut c = TraceConfig {
-        timer_expiry: false,
-        wakeup: false,
-        accept_irq: false,
-        ..TraceConfig::default()
-    };
-    for part in s.split(',') {
-        match part.trim() {
-            "timer" => c.timer_expiry = true,
-            "wakeup" => c.wakeup = true,
-            "irq" => c.accept_irq = true,
-            other => {
-                return Err(format!(
-                    "unknown host event {other:?} (expected auto, none, or a list of timer, wakeup, irq)"
-                ))
-            }
-        }
-    }
-    Ok(HostEvents::Set(c))
 }
 
 /// `--task-period`: a duration or off.
@@ -495,8 +473,13 @@ mod tests {
         let HostEvents::Set(n) = parse_host_events("none").unwrap() else {
             panic!()
         };
-        assert!(!n.timer_expiry && !n.wakeup && !n.accept_irq);
-        assert!(parse_host_events("timer,kvm_exit").is_err());
+        assert!(!n.any());
+        let HostEvents::Set(w) = parse_host_events("waking").unwrap() else {
+            panic!()
+        };
+        assert!(w.waking && !w.timer_expiry && w.any());
+        let e = parse_host_events("timer,kvm_exit").unwrap_err();
+        assert!(e.contains("\"kvm_exit\"") && e.contains("waking"), "{e}");
     }
 
     #[test]

@@ -172,7 +172,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
             HostEvents::Auto => ((args.policy == "dynamic" && args.pv == PvArg::Off)
                 || args.policy == "v3-default")
                 .then(TraceConfig::default),
-            HostEvents::Set(c) if c.timer_expiry || c.wakeup || c.accept_irq => Some(c),
+            HostEvents::Set(c) if c.any() => Some(c),
             HostEvents::Set(_) => None,
         },
         task_by_vcpu: Vec::new(),

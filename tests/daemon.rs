@@ -394,8 +394,9 @@ fn daemon_usage_errors_are_clear() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pid"));
-    // A process without vCPU threads.
-    let mut sleeper = Command::new("sleep").arg("10").spawn().unwrap();
+    // A process without vCPU threads: waited for while it is young and alive (a VMM may be
+    // about to name them), then refused.
+    let mut sleeper = Command::new("sleep").arg("1").spawn().unwrap();
     let (socket, state) = paths("usage");
     let out = pvsched()
         .args(["daemon", "--pid", &sleeper.id().to_string(), "--socket"])
@@ -409,6 +410,7 @@ fn daemon_usage_errors_are_clear() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("has no vCPU threads"), "{err}");
+    assert!(err.contains("no vCPU threads named yet: waiting"), "{err}");
     let out = pvsched()
         .args(["ctl", "--socket", "/nonexistent/pvsched.sock", "status"])
         .output()
@@ -509,6 +511,21 @@ fn a_thread_named_like_a_vcpu_is_not_boosted() {
             .unwrap(),
     );
     let roots = Reaped(Command::new(&fake).arg("30").spawn().unwrap());
+    // A thread of root's named like a QEMU TCG vCPU thread (this test's process: no KVM
+    // vCPU here, and no QEMU).
+    let (tcg_stop, tcg_rx) = std::sync::mpsc::channel::<()>();
+    let tcg = std::thread::Builder::new()
+        .name("CPU 0/TCG".into())
+        .spawn(move || {
+            let _ = tcg_rx.recv();
+        })
+        .unwrap();
+    let tcg_tid = loop {
+        if let Some(t) = pvsched_testutil::threads_named("CPU 0/TCG").first() {
+            break *t;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let (socket, state) = paths("fake-vcpu");
     let mut cmd = pvsched();
     cmd.args([
@@ -531,6 +548,7 @@ fn a_thread_named_like_a_vcpu_is_not_boosted() {
     let policy = |pid: u32| pvsched_host::sched::get(pid as i32).map(|a| a.policy);
     assert_eq!(policy(nobodys.0.id()).unwrap(), libc::SCHED_OTHER as u32);
     assert_eq!(policy(roots.0.id()).unwrap(), libc::SCHED_OTHER as u32);
+    assert_eq!(policy(tcg_tid as u32).unwrap(), libc::SCHED_OTHER as u32);
     let (ok, out) = ctl(&socket, &["status"]);
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -547,11 +565,139 @@ fn a_thread_named_like_a_vcpu_is_not_boosted() {
     assert!(err.contains("not allowed (allow_uids"), "{err}");
     assert!(err.contains("holds no KVM vCPU"), "{err}");
     assert!(
+        err.contains(&format!(
+            "thread {tcg_tid}: its process {} holds no KVM vCPU",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(
         !err.contains('\x1b'),
         "colour escapes in a redirected log: {err:?}"
     );
     drop((nobodys, roots));
+    tcg_stop.send(()).unwrap();
+    tcg.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 12: a QEMU running TCG (no KVM), given to the daemon by pid right after it started,
+/// before it named its vCPU threads: the daemon waits for the names, boosts exactly the
+/// `CPU n/TCG` threads (never QEMU's main loop or other threads, which would starve the
+/// guest's devices) and restores them when it stops; a QEMU that exits is let go.
+#[test]
+fn a_tcg_qemu_given_by_pid_before_naming_gets_only_its_vcpu_threads_boosted() {
+    let _s = serial();
+    let test = "a_tcg_qemu_given_by_pid_before_naming_gets_only_its_vcpu_threads_boosted";
+    let (socket, state) = paths("tcg");
+    let qemu = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "64"])
+        .args(["-nographic", "-nodefaults", "-S"])
+        .args(["-name", "pvsched-tcg-test,debug-threads=on"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let qemu = match qemu {
+        Ok(c) => VmProc(c),
+        Err(e) => {
+            skip!("{test}: qemu-system-x86_64: {e}");
+            return;
+        }
+    };
+    let pid = qemu.pid();
+    let mut cmd = pvsched();
+    // No cap: both vCPU threads (the default cap boosts one at a time on 2 CPUs).
+    cmd.args(["daemon", "--policy", "static", "--host-events", "waking"])
+        .args(["--max-boosted", "off"])
+        .args(["--pid", &pid.to_string()])
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-file")
+        .arg(&state);
+    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    let threads = || -> Vec<(String, u32)> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let tid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                let policy = pvsched_host::sched::get(tid).ok()?.policy;
+                Some((comm.trim().to_string(), policy))
+            })
+            .collect()
+    };
+    let fifo = libc::SCHED_FIFO as u32;
+    wait_for(
+        "both CPU n/TCG threads at SCHED_FIFO",
+        Duration::from_secs(15),
+        || {
+            threads()
+                .iter()
+                .filter(|(n, p)| n.ends_with("/TCG") && *p == fifo)
+                .count()
+                == 2
+        },
+    );
+    for (name, policy) in threads() {
+        assert_eq!(
+            policy == fifo,
+            name.ends_with("/TCG"),
+            "{name}: policy {policy}"
+        );
+    }
+    let (ok, out) = ctl(&socket, &["status"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vms"][0]["vcpus"].as_array().unwrap().len(), 2, "{out}");
+    // SIGTERM: restored.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+    assert!(
+        threads()
+            .iter()
+            .all(|(_, p)| *p == libc::SCHED_OTHER as u32),
+        "restored on SIGTERM: {:?}",
+        threads()
+    );
+    let mut err = String::new();
+    use std::io::Read;
+    d.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(
+        err.contains("vCPU threads named") || err.contains("attached VM"),
+        "{err}"
+    );
+
+    // A daemon attached to a QEMU that exits lets it go and goes on.
+    let mut cmd = pvsched();
+    cmd.args(["daemon", "--policy", "static", "--host-events", "none"])
+        .args(["--pid", &pid.to_string()])
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-file")
+        .arg(&state);
+    let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
+        return;
+    };
+    wait_for("attached again", Duration::from_secs(15), || {
+        threads().iter().any(|(_, p)| *p == fifo)
+    });
+    drop(qemu);
+    wait_for("the QEMU let go", Duration::from_secs(10), || {
+        let (ok, out) = ctl(&socket, &["status"]);
+        ok && serde_json::from_str::<serde_json::Value>(&out).unwrap()["vms"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
 }
 
 /// SIGHUP and SIGQUIT end the daemon like SIGTERM: every thread restored; and a second daemon

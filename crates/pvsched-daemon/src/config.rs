@@ -179,25 +179,8 @@ struct VmSection {
 /// Parses a configuration text (`path` names it in errors).
 pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigError> {
     let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
-    let mut trace = TraceConfig {
-        timer_expiry: false,
-        wakeup: false,
-        accept_irq: false,
-        skip_running: true,
-        skip_idle: true,
-    };
-    for e in &f.daemon.host_events {
-        match e.as_str() {
-            "timer" => trace.timer_expiry = true,
-            "wakeup" => trace.wakeup = true,
-            "irq" => trace.accept_irq = true,
-            other => {
-                return Err(ConfigError::Invalid(format!(
-                    "host_events: unknown {other:?} (timer, wakeup, irq)"
-                )))
-            }
-        }
-    }
+    let trace = TraceConfig::from_names(f.daemon.host_events.iter().map(String::as_str))
+        .map_err(|e| ConfigError::Invalid(format!("host_events: {e}")))?;
     let mut vms = Vec::new();
     for (i, v) in f.vm.iter().enumerate() {
         let mut features = 0;

@@ -142,7 +142,7 @@ pub enum DaemonError {
     #[error("cannot listen on {0}")]
     Bind(PathBuf, #[source] std::io::Error),
     /// A VM to attach has no vCPU threads or is gone.
-    #[error("{0} has no vCPU threads (QEMU 'CPU n/KVM', crosvm_vcpuN, vcpuN, 'fc_vcpu N', pvsched-vcpuN)")]
+    #[error("{0} has no vCPU threads (QEMU 'CPU n/KVM' or 'CPU n/TCG', crosvm_vcpuN, vcpuN, 'fc_vcpu N', pvsched-vcpuN)")]
     NoVcpus(VmSource),
     /// Threads named like vCPUs that the daemon may not boost.
     #[error("{0}: no thread may be boosted")]
@@ -204,6 +204,37 @@ fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
     }
 }
 
+/// A process younger than this may still be about to name its vCPU threads: a VMM names
+/// them a moment after it starts (QEMU: 40 ms after exec here, longer on a loaded host).
+const NAMING_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits (logged) for process `pid` to name its vCPU threads, as long as it is alive and
+/// younger than [`NAMING_WAIT`]; empty when it does not (an older process is not waited for).
+fn wait_named(pid: i32) -> Vec<VcpuThread> {
+    let young = |pid| crate::discover::live_age(pid).is_some_and(|a| a < NAMING_WAIT);
+    if !young(pid) {
+        return Vec::new();
+    }
+    tracing::info!(
+        pid,
+        "no vCPU threads named yet: waiting while the process is younger than {NAMING_WAIT:?}"
+    );
+    let t0 = Instant::now();
+    while young(pid) {
+        std::thread::sleep(Duration::from_millis(20));
+        match vcpu_threads(pid) {
+            Ok(t) if !t.is_empty() => {
+                tracing::info!(pid, after = ?t0.elapsed(), "vCPU threads named");
+                return t;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    tracing::warn!(pid, waited = ?t0.elapsed(), "no vCPU threads named");
+    Vec::new()
+}
+
 /// The daemon's control plane.
 /// What metrics need to know of each attached VM besides the runtime's status: where it came
 /// from and whether the daemon reads its slots. Shared with the metrics thread.
@@ -260,7 +291,7 @@ pub fn run(
     };
     let t = cfg.trace;
     // One set of tracepoint streams for the host, shared by every VM.
-    let sources: Vec<Box<dyn EventSource>> = if t.timer_expiry || t.wakeup || t.accept_irq {
+    let sources: Vec<Box<dyn EventSource>> = if t.any() {
         vec![Box::new(TraceSource::new(cfg.trace)?)]
     } else {
         Vec::new()
@@ -390,7 +421,13 @@ impl Daemon<'_> {
         source: VmSource,
         protocol: Option<&ProtocolSpec>,
     ) -> Result<(), DaemonError> {
-        let found = threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
+        let mut found =
+            threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
+        if found.is_empty() {
+            if let VmSource::Pid(pid) = source {
+                found = wait_named(pid);
+            }
+        }
         if found.is_empty() {
             return Err(DaemonError::NoVcpus(source));
         }
@@ -506,17 +543,19 @@ impl Daemon<'_> {
         let mut refused = Vec::new();
         let ok = threads
             .into_iter()
-            .filter(|t| match check_vcpu_thread(t.tid, &self.cfg.allowed) {
-                Ok(()) => true,
-                Err(e) => {
-                    let pid = process_of(t.tid).unwrap_or(t.tid);
-                    if self.refused_logged.insert(pid) {
-                        tracing::warn!("not boosted: {e}");
+            .filter(
+                |t| match check_vcpu_thread(t.tid, t.vmm, &self.cfg.allowed) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        let pid = process_of(t.tid).unwrap_or(t.tid);
+                        if self.refused_logged.insert(pid) {
+                            tracing::warn!("not boosted: {e}");
+                        }
+                        refused.push(e);
+                        false
                     }
-                    refused.push(e);
-                    false
-                }
-            })
+                },
+            )
             .collect();
         (ok, refused)
     }

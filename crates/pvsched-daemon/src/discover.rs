@@ -6,8 +6,11 @@ use std::io;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Vmm {
-    /// QEMU: `CPU <n>/KVM`.
+    /// QEMU with KVM: `CPU <n>/KVM`.
     Qemu,
+    /// QEMU with TCG (no KVM: the guest's code is translated): `CPU <n>/TCG` per vCPU, or one
+    /// `ALL CPUs/TCG` thread running every vCPU in turn (`-accel tcg,thread=single`: index 0).
+    QemuTcg,
     /// crosvm: `crosvm_vcpu<n>`.
     Crosvm,
     /// cloud-hypervisor: `vcpu<n>`.
@@ -32,14 +35,20 @@ pub struct VcpuThread {
 /// Parses a thread name (`comm`, at most 15 characters) as a vCPU thread name.
 pub fn parse_vcpu_name(comm: &str) -> Option<(Vmm, u32)> {
     let comm = comm.trim_end_matches('\n');
+    if comm == "ALL CPUs/TCG" {
+        return Some((Vmm::QemuTcg, 0));
+    }
     let num = |s: &str| -> Option<u32> {
         (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
             .then(|| s.parse().ok())
             .flatten()
     };
     if let Some(rest) = comm.strip_prefix("CPU ") {
-        let n = rest.strip_suffix("/KVM")?;
-        return num(n).map(|n| (Vmm::Qemu, n));
+        if let Some(n) = rest.strip_suffix("/KVM") {
+            return num(n).map(|n| (Vmm::Qemu, n));
+        }
+        let n = rest.strip_suffix("/TCG")?;
+        return num(n).map(|n| (Vmm::QemuTcg, n));
     }
     for (prefix, vmm) in [
         ("crosvm_vcpu", Vmm::Crosvm),
@@ -73,6 +82,30 @@ pub fn vcpu_threads(pid: i32) -> io::Result<Vec<VcpuThread>> {
     Ok(out)
 }
 
+/// How long ago process `pid` started, if it is alive (not a zombie): from `/proc/<pid>/stat`
+/// (state, field 3; start time in clock ticks since boot, field 22) and `/proc/uptime`.
+pub fn live_age(pid: i32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) is in parentheses and may contain spaces: count from after it.
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(rest.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    let start: u64 = rest.nth(18)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started = start as f64 / hz.max(1) as f64;
+    Some(std::time::Duration::from_secs_f64(
+        (uptime - started).max(0.0),
+    ))
+}
+
 /// Who may have vCPU threads boosted: the owner (effective uid) or group of the process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allowed {
@@ -97,8 +130,9 @@ pub enum Refusal {
     /// The thread exited (or never existed).
     #[error("thread {0} is gone")]
     Gone(i32),
-    /// Its process holds no KVM vCPU: a thread merely named like one.
-    #[error("thread {tid}: its process {pid} holds no KVM vCPU (anon_inode:kvm-vcpu), so it is no vCPU thread")]
+    /// Its process holds no KVM vCPU (and is no QEMU for a TCG thread): a thread merely named
+    /// like one.
+    #[error("thread {tid}: its process {pid} holds no KVM vCPU (anon_inode:kvm-vcpu) and is no QEMU running TCG (executable qemu-system-*), so it is no vCPU thread")]
     NotKvm {
         /// The thread.
         tid: i32,
@@ -141,6 +175,15 @@ pub fn holds_kvm_vcpu(pid: i32) -> bool {
     })
 }
 
+/// True when process `pid` runs a QEMU system emulator (its executable is named
+/// `qemu-system-*`): the evidence for a TCG vCPU thread, which holds no KVM file.
+pub fn is_qemu(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system-"))
+    })
+}
+
 /// Effective uid and gid of process `pid` (the owner of `/proc/<pid>`).
 pub fn owner(pid: i32) -> Option<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
@@ -148,15 +191,18 @@ pub fn owner(pid: i32) -> Option<(u32, u32)> {
     Some((m.uid(), m.gid()))
 }
 
-/// Checks that `tid` is a thread of a process that holds a KVM vCPU and that `allowed` admits
-/// that process's owner: only then may the daemon boost it.
-pub fn check_vcpu_thread(tid: i32, allowed: &Allowed) -> Result<(), Refusal> {
+/// Checks that `tid` is a thread of a process that holds a KVM vCPU (or, for a QEMU vCPU
+/// thread, of a QEMU running TCG) and that `allowed` admits that process's owner: only then
+/// may the daemon boost it. The name is weaker evidence under TCG (any program can be called
+/// `qemu-system-*`): the owner check is what protects the host there.
+pub fn check_vcpu_thread(tid: i32, vmm: Vmm, allowed: &Allowed) -> Result<(), Refusal> {
     let pid = process_of(tid).ok_or(Refusal::Gone(tid))?;
     let (uid, gid) = owner(pid).ok_or(Refusal::Gone(tid))?;
     if !allowed.uids.contains(&uid) && !allowed.gids.contains(&gid) {
         return Err(Refusal::Owner { tid, pid, uid, gid });
     }
-    if !holds_kvm_vcpu(pid) {
+    let tcg = matches!(vmm, Vmm::Qemu | Vmm::QemuTcg) && is_qemu(pid);
+    if !holds_kvm_vcpu(pid) && !tcg {
         return Err(Refusal::NotKvm { tid, pid });
     }
     Ok(())
@@ -178,7 +224,8 @@ mod tests {
         };
         // This test process holds no vCPU (unless another test of this binary made one:
         // then the check passes, which is right).
-        match check_vcpu_thread(me, &allowed) {
+        assert!(!is_qemu(std::process::id() as i32));
+        match check_vcpu_thread(me, Vmm::QemuTcg, &allowed) {
             Ok(()) => assert!(holds_kvm_vcpu(std::process::id() as i32)),
             Err(e) => assert!(matches!(e, Refusal::NotKvm { .. }), "{e}"),
         }
@@ -187,21 +234,45 @@ mod tests {
             gids: vec![gid.wrapping_add(1)],
         };
         assert!(matches!(
-            check_vcpu_thread(me, &nobody),
+            check_vcpu_thread(me, Vmm::Crosvm, &nobody),
             Err(Refusal::Owner { .. })
         ));
-        assert_eq!(check_vcpu_thread(-5, &allowed), Err(Refusal::Gone(-5)));
+        assert_eq!(
+            check_vcpu_thread(-5, Vmm::Qemu, &allowed),
+            Err(Refusal::Gone(-5))
+        );
+    }
+
+    #[test]
+    fn the_age_of_live_processes_only() {
+        let me = live_age(std::process::id() as i32).expect("this process is alive");
+        assert!(me < std::time::Duration::from_secs(3600), "{me:?}");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Exited but not reaped: a zombie, which names no threads any more.
+        let t0 = std::time::Instant::now();
+        while live_age(pid).is_some() {
+            assert!(t0.elapsed().as_secs() < 10, "true never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert_eq!(live_age(pid), None);
+        assert_eq!(live_age(-5), None);
     }
 
     #[test]
     fn vmm_thread_names() {
         assert_eq!(parse_vcpu_name("CPU 3/KVM\n"), Some((Vmm::Qemu, 3)));
+        assert_eq!(parse_vcpu_name("CPU 1/TCG"), Some((Vmm::QemuTcg, 1)));
+        assert_eq!(parse_vcpu_name("ALL CPUs/TCG"), Some((Vmm::QemuTcg, 0)));
         assert_eq!(parse_vcpu_name("crosvm_vcpu12"), Some((Vmm::Crosvm, 12)));
         assert_eq!(parse_vcpu_name("vcpu0"), Some((Vmm::CloudHypervisor, 0)));
         assert_eq!(parse_vcpu_name("fc_vcpu 1"), Some((Vmm::Firecracker, 1)));
         assert_eq!(parse_vcpu_name("pvsched-vcpu7"), Some((Vmm::Pvsched, 7)));
         for bad in [
-            "CPU 1/TCG",
+            "CPU 1/HVF",
+            "CPU x/TCG",
+            "ALL CPUs/KVM",
             "vcpu",
             "vcpux",
             "qemu-system-x86",

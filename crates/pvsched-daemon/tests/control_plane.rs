@@ -29,13 +29,7 @@ fn is_fifo(tid: i32) -> bool {
 /// mechanics on however idle a machine).
 fn test_config(dir: &std::path::Path, vm: VmSpec) -> DaemonConfig {
     DaemonConfig {
-        trace: TraceConfig {
-            timer_expiry: false,
-            wakeup: false,
-            accept_irq: false,
-            skip_running: true,
-            skip_idle: true,
-        },
+        trace: TraceConfig::none(),
         quiet_gate: None,
         ..DaemonConfig::new(vec![vm], dir.join("ctl.sock"), dir.join("state.json"))
     }

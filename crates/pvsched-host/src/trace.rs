@@ -10,6 +10,11 @@
 //!   Expiries that interrupt the vCPU's own thread (`skip_running`) or an idle CPU
 //!   (`skip_idle`) are dropped in the kernel: the vCPU needs no help then.
 //! - **vCPU wake-up**: `kvm:kvm_vcpu_wakeup` on each vCPU thread.
+//! - **Thread wake-up, any VMM**: `sched:sched_waking`, opened on every CPU with a filter on
+//!   the attached vCPU threads' ids (the woken thread is in the record; a stream opened on
+//!   the thread itself sees only the wake-ups it *causes*): the moment a sleeping vCPU thread
+//!   is woken, KVM or not (QEMU's TCG threads sleep on a condition variable and are woken by
+//!   the main loop for a timer or an interrupt). Reopened when the set of threads changes.
 //! - **Interrupt accepted**: `kvm:kvm_apic_accept_irq` on each vCPU thread. On hosts without
 //!   posted interrupts it fires only once the vCPU thread runs again (too late to help, see
 //!   `docs/policy.md`), so it is off by default.
@@ -33,6 +38,7 @@ const EXPIRE: &str = "timer/hrtimer_expire_entry";
 const START: &str = "timer/hrtimer_start";
 const WAKEUP: &str = "kvm/kvm_vcpu_wakeup";
 const ACCEPT_IRQ: &str = "kvm/kvm_apic_accept_irq";
+const WAKING: &str = "sched/sched_waking";
 
 /// Where tracefs is (or gets) mounted.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -72,6 +78,8 @@ pub struct TraceConfig {
     pub wakeup: bool,
     /// `kvm_apic_accept_irq`.
     pub accept_irq: bool,
+    /// `sched_waking` of the vCPU thread (any VMM, KVM or not).
+    pub waking: bool,
     /// Drop, in the kernel, the LAPIC timer expiries of a vCPU whose thread is running at
     /// that moment (KVM delivers those at its next entry anyway): fewer wake-ups.
     pub skip_running: bool,
@@ -87,9 +95,47 @@ impl Default for TraceConfig {
             timer_expiry: true,
             wakeup: false,
             accept_irq: false,
+            waking: false,
             skip_running: true,
             skip_idle: true,
         }
+    }
+}
+
+/// The names of the host events, as `--host-events` and `host_events` spell them.
+pub const HOST_EVENT_NAMES: &str = "timer, wakeup, irq, waking";
+
+impl TraceConfig {
+    /// No tracepoint at all (the `skip_*` refinements at their defaults).
+    pub fn none() -> TraceConfig {
+        TraceConfig {
+            timer_expiry: false,
+            ..TraceConfig::default()
+        }
+    }
+
+    /// True when any tracepoint is on.
+    pub fn any(&self) -> bool {
+        self.timer_expiry || self.wakeup || self.accept_irq || self.waking
+    }
+
+    /// The tracepoints named in `names` ([`HOST_EVENT_NAMES`]); an unknown name is the error.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<TraceConfig, String> {
+        let mut c = TraceConfig::none();
+        for name in names {
+            match name.trim() {
+                "timer" => c.timer_expiry = true,
+                "wakeup" => c.wakeup = true,
+                "irq" => c.accept_irq = true,
+                "waking" => c.waking = true,
+                other => {
+                    return Err(format!(
+                        "unknown host event {other:?} (expected {HOST_EVENT_NAMES})"
+                    ))
+                }
+            }
+        }
+        Ok(c)
     }
 }
 
@@ -99,6 +145,7 @@ enum Kind {
     Start,
     Wakeup,
     AcceptIrq,
+    Waking,
 }
 
 struct Stream {
@@ -142,6 +189,9 @@ struct Ids {
     start: u64,
     wakeup: u64,
     accept_irq: u64,
+    waking: u64,
+    /// Offset of `sched_waking`'s `pid` (the thread woken).
+    waking_pid_off: usize,
     filter: String,
     /// The expiry streams' base filter: `filter`, without idle CPUs when `skip_idle`.
     expire_filter: String,
@@ -162,6 +212,8 @@ pub struct TraceCounts {
     pub wakeup: u64,
     /// `kvm_apic_accept_irq` records.
     pub accept_irq: u64,
+    /// `sched_waking` records of vCPU threads.
+    pub waking: u64,
     /// Times the kernel throttled a stream (samples dropped until the next tick).
     pub throttled: u64,
     /// Times the refined expiry filter could not be set.
@@ -286,6 +338,27 @@ fn set_filter(fd: RawFd, filter: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// The `sched_waking` filter on threads `tids`, and how many of them it names (as many as
+/// fit in the page the kernel takes).
+pub fn waking_filter(tids: &[u32]) -> (String, usize) {
+    const MAX: usize = 4000;
+    let mut f = String::new();
+    let mut n = 0;
+    for tid in tids {
+        let clause = if f.is_empty() {
+            format!("pid == {tid}")
+        } else {
+            format!(" || pid == {tid}")
+        };
+        if f.len() + clause.len() > MAX {
+            break;
+        }
+        f += &clause;
+        n += 1;
+    }
+    (f, n)
+}
+
 /// The expiry filter: `base` (the LAPIC timer callback), minus the expiries of each known
 /// vCPU timer that fire while that vCPU's own thread is the one running (`common_pid`): KVM
 /// delivers those at the vCPU's next entry anyway, and dropping them in the kernel spares
@@ -361,6 +434,10 @@ impl TraceSource {
         if cfg.accept_irq {
             src.ids.accept_irq = tracepoint_id(ACCEPT_IRQ)?;
         }
+        if cfg.waking {
+            src.ids.waking = tracepoint_id(WAKING)?;
+            src.ids.waking_pid_off = field_offset(WAKING, "pid")?;
+        }
         Ok(src)
     }
 
@@ -426,7 +503,55 @@ impl TraceSource {
         }
         self.tids.insert(tid as u32, key);
         self.by_key.insert(key, opened);
+        self.reopen_waking();
         Ok(())
+    }
+
+    /// Reopens the `sched_waking` streams (one per CPU) with a filter on the attached threads'
+    /// ids; none while no thread is attached. Threads beyond what one filter holds (a page:
+    /// about 250) get no wake-up events, counted in `filter_errors`.
+    fn reopen_waking(&mut self) {
+        if !self.cfg.waking {
+            return;
+        }
+        let old: Vec<usize> = (0..self.streams.len())
+            .filter(|&i| matches!(&self.streams[i], Some(s) if s.kind == Kind::Waking))
+            .collect();
+        let mut tids: Vec<u32> = self.tids.keys().copied().collect();
+        tids.sort_unstable();
+        let filter = waking_filter(&tids);
+        if filter.1 < tids.len() {
+            self.counts.filter_errors += 1;
+        }
+        let mut opened = Vec::new();
+        if filter.1 > 0 {
+            for cpu in 0..online_cpus() {
+                match open(
+                    WAKING,
+                    self.ids.waking,
+                    None,
+                    Some(cpu),
+                    Some(&filter.0),
+                    true,
+                )
+                .and_then(|s| self.add_stream(s, Kind::Waking))
+                {
+                    Ok(slot) => opened.push(slot),
+                    Err(_) => break,
+                }
+            }
+            if opened.len() != online_cpus() {
+                // The streams in force stay (they miss the newest threads).
+                self.counts.filter_errors += 1;
+                for slot in opened {
+                    self.close_stream(slot);
+                }
+                return;
+            }
+        }
+        for slot in old {
+            self.close_stream(slot);
+        }
     }
 
     fn close_stream(&mut self, slot: usize) {
@@ -447,6 +572,7 @@ impl TraceSource {
         self.tids.retain(|_, k| *k != key);
         self.timers.retain(|_, k| *k != key);
         self.refilter();
+        self.reopen_waking();
     }
 
     /// Reopens the expiry streams with a filter for the vCPU timers known now, when
@@ -602,6 +728,19 @@ impl TraceSource {
                             counts.accept_irq += 1;
                             by_tid.map(|k| Event::new(k, VcpuEvent::Interrupt))
                         }
+                        Kind::Waking => {
+                            // The woken thread is in the record, not the sample's tid (the
+                            // waker's).
+                            let woken = raw
+                                .get(ids.waking_pid_off..ids.waking_pid_off + 4)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u32::from_ne_bytes);
+                            let key = woken.and_then(|t| tids.get(&t).copied());
+                            if key.is_some() {
+                                counts.waking += 1;
+                            }
+                            key.map(|k| Event::new(k, VcpuEvent::Woken))
+                        }
                     };
                     if let Some(e) = hit {
                         out.push(e);
@@ -716,6 +855,19 @@ format:
             .collect();
         let f = expiry_filter(base, &many);
         assert!(f.len() <= 4000 && f.len() > 3000, "{}", f.len());
+    }
+
+    #[test]
+    fn waking_filter_names_what_fits() {
+        assert_eq!(waking_filter(&[]), (String::new(), 0));
+        assert_eq!(
+            waking_filter(&[12, 345]),
+            ("pid == 12 || pid == 345".to_string(), 2)
+        );
+        let many: Vec<u32> = (1_000_000..1_001_000).collect();
+        let (f, n) = waking_filter(&many);
+        assert!(f.len() <= 4000 && n > 200 && n < many.len(), "{n}");
+        assert!(f.ends_with(&format!("pid == {}", many[n - 1])));
     }
 
     #[test]
