@@ -6,7 +6,7 @@
 //! state_file = "/run/pvsched.state"   # crash recovery
 //! metrics = "127.0.0.1:9477"          # Prometheus /metrics (omit to disable)
 //! watch = true                        # follow VMs starting and stopping
-//! host_events = ["timer"]             # timer, wakeup, irq
+//! host_events = ["timer"]             # timer, wakeup, irq, waking
 //! boost_when = "contended"            # or "always" (also on a host with idle CPUs)
 //! max_boosted = "auto"                # vCPUs boosted at once: host CPUs - 1; a count, or "off"
 //! allow_uids = [0]                    # owners whose VMs may be boosted (default: root)
