@@ -514,44 +514,47 @@ impl TraceSource {
         if !self.cfg.waking {
             return;
         }
-        let old: Vec<usize> = (0..self.streams.len())
-            .filter(|&i| matches!(&self.streams[i], Some(s) if s.kind == Kind::Waking))
-            .collect();
         let mut tids: Vec<u32> = self.tids.keys().copied().collect();
         tids.sort_unstable();
-        let filter = waking_filter(&tids);
-        if filter.1 < tids.len() {
+        let (filter, named) = waking_filter(&tids);
+        if named < tids.len() {
             self.counts.filter_errors += 1;
         }
-        let mut opened = Vec::new();
-        if filter.1 > 0 {
+        // On failure the streams in force stay (they miss the newest threads).
+        let (id, open) = (self.ids.waking, named > 0);
+        self.replace_cpu_streams(Kind::Waking, open.then_some((WAKING, id, &filter, true)));
+    }
+
+    /// Replaces the per-CPU streams of `kind` with new ones opened on every CPU as `new` says
+    /// (tracepoint, id, filter, wake per record), or with none. A perf event's filter cannot
+    /// be replaced, hence new streams. If one fails to open, the streams in force stay, the
+    /// failure is counted in `filter_errors` and the answer is false.
+    fn replace_cpu_streams(&mut self, kind: Kind, new: Option<(&str, u64, &str, bool)>) -> bool {
+        let old: Vec<usize> = (0..self.streams.len())
+            .filter(|&i| matches!(&self.streams[i], Some(s) if s.kind == kind))
+            .collect();
+        if let Some((name, id, filter, wake)) = new {
+            let mut opened = Vec::new();
             for cpu in 0..online_cpus() {
-                match open(
-                    WAKING,
-                    self.ids.waking,
-                    None,
-                    Some(cpu),
-                    Some(&filter.0),
-                    true,
-                )
-                .and_then(|s| self.add_stream(s, Kind::Waking))
+                match open(name, id, None, Some(cpu), Some(filter), wake)
+                    .and_then(|s| self.add_stream(s, kind))
                 {
                     Ok(slot) => opened.push(slot),
                     Err(_) => break,
                 }
             }
             if opened.len() != online_cpus() {
-                // The streams in force stay (they miss the newest threads).
                 self.counts.filter_errors += 1;
                 for slot in opened {
                     self.close_stream(slot);
                 }
-                return;
+                return false;
             }
         }
         for slot in old {
             self.close_stream(slot);
         }
+        true
     }
 
     fn close_stream(&mut self, slot: usize) {
@@ -605,41 +608,13 @@ impl TraceSource {
         } else {
             self.ids.expire_filter.clone()
         };
-        // A perf event's filter cannot be replaced: open new expiry streams with the new
-        // filter, then close the old ones (an expiry in between may be seen twice: harmless).
-        let old: Vec<usize> = (0..self.streams.len())
-            .filter(|&i| matches!(&self.streams[i], Some(s) if s.kind == Kind::Expire))
-            .collect();
-        let mut opened = Vec::new();
-        for cpu in 0..online_cpus() {
-            match open(
-                EXPIRE,
-                self.ids.expire,
-                None,
-                Some(cpu),
-                Some(&f),
-                !self.lazy,
-            )
-            .and_then(|s| self.add_stream(s, Kind::Expire))
-            {
-                Ok(slot) => opened.push(slot),
-                Err(_) => break,
-            }
-        }
-        if opened.len() != online_cpus() {
-            // The streams in force stay (they only wake the engine more often).
-            self.counts.filter_errors += 1;
-            for slot in opened {
-                self.close_stream(slot);
-            }
-            return false;
-        }
-        // The old rings were drained just before (refilter runs after a drain); a record
-        // that came in between is lost with them, which only the lazy switch risks.
-        for slot in old {
-            self.close_stream(slot);
-        }
-        true
+        // New expiry streams with the new filter, then the old ones closed (an expiry in
+        // between may be seen twice: harmless). On failure the streams in force stay (they
+        // only wake the engine more often). The old rings were drained just before (refilter
+        // runs after a drain); a record that came in between is lost with them, which only
+        // the lazy switch risks.
+        let (id, wake) = (self.ids.expire, !self.lazy);
+        self.replace_cpu_streams(Kind::Expire, Some((EXPIRE, id, &f, wake)))
     }
 
     /// Records lost by the kernel (ring full).
