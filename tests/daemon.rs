@@ -590,21 +590,29 @@ fn a_tcg_qemu_given_by_pid_before_naming_gets_only_its_vcpu_threads_boosted() {
     let _s = serial();
     let test = "a_tcg_qemu_given_by_pid_before_naming_gets_only_its_vcpu_threads_boosted";
     let (socket, state) = paths("tcg");
-    let qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "64"])
-        .args(["-nographic", "-nodefaults", "-S"])
-        .args(["-name", "pvsched-tcg-test,debug-threads=on"])
-        .stdin(Stdio::null())
+    if let Err(e) = Command::new("qemu-system-x86_64")
+        .arg("--version")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let qemu = match qemu {
-        Ok(c) => VmProc(c),
-        Err(e) => {
-            skip!("{test}: qemu-system-x86_64: {e}");
-            return;
-        }
-    };
+        .status()
+    {
+        skip!("{test}: qemu-system-x86_64: {e}");
+        return;
+    }
+    // The process the daemon is given execs QEMU half a second later: its vCPU threads are
+    // named only then, well after the daemon looked first.
+    let qemu = VmProc(
+        Command::new("sh")
+            .args([
+                "-c",
+                "sleep 0.5; exec qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 64 \
+                 -nographic -nodefaults -S -name pvsched-tcg-test,debug-threads=on",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let pid = qemu.pid();
     let mut cmd = pvsched();
     // No cap: both vCPU threads (the default cap boosts one at a time on 2 CPUs).
@@ -668,10 +676,8 @@ fn a_tcg_qemu_given_by_pid_before_naming_gets_only_its_vcpu_threads_boosted() {
     let mut err = String::new();
     use std::io::Read;
     d.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert!(
-        err.contains("vCPU threads named") || err.contains("attached VM"),
-        "{err}"
-    );
+    assert!(err.contains("no vCPU threads named yet: waiting"), "{err}");
+    assert!(err.contains("vCPU threads named"), "{err}");
 
     // A daemon attached to a QEMU that exits lets it go and goes on.
     let mut cmd = pvsched();

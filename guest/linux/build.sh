@@ -42,7 +42,8 @@ x=$out/extract
 rm -rf "$x" "$root"
 mkdir -p "$x" "$root"
 for p in $pkgs; do
-    dpkg-deb -x "$(ls "$debs/${p}_"*.deb | head -n 1)" "$x"
+    # The newest version downloaded.
+    dpkg-deb -x "$(ls -v "$debs/${p}_"*.deb | tail -n 1)" "$x"
 done
 
 cp "$x/boot/vmlinuz-$KERNEL_ABI" "$out/vmlinuz"
@@ -59,13 +60,18 @@ for l in libc.so.6 librt.so.1 libpthread.so.0 libnuma.so.1; do
     cp -L "$x/lib/x86_64-linux-gnu/$l" "$root/lib/x86_64-linux-gnu/" 2>/dev/null ||
         cp -L "$x/usr/lib/x86_64-linux-gnu/$l" "$root/lib/x86_64-linux-gnu/"
 done
-cp -L "$x/lib64/ld-linux-x86-64.so.2" "$root/lib64/"
+# The package's loader (its /lib64 entry is an absolute link, which -L would resolve on
+# the build host).
+cp "$x/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$root/lib64/"
 if [ -f "$here/module/pvsched_guest.ko" ]; then
     cp "$here/module/pvsched_guest.ko" "$root/pvsched_guest.ko"
 fi
 cp "$here/init" "$root/init"
 chmod 755 "$root/init"
 
-(cd "$root" && find . | "$x/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -9 >"$out/initramfs.gz"
+(cd "$root" && find . | "$x/bin/busybox" cpio -o -H newc) >"$out/initramfs.cpio" 2>"$out/cpio.log" ||
+    { echo "build.sh: cpio failed (see $out/cpio.log)" >&2; exit 1; }
+gzip -9 -f "$out/initramfs.cpio"
+mv "$out/initramfs.cpio.gz" "$out/initramfs.gz"
 echo "kernel $out/vmlinuz"
 echo "initramfs $out/initramfs.gz"

@@ -209,9 +209,13 @@ fn threads_of(source: &VmSource) -> std::io::Result<Vec<VcpuThread>> {
 const NAMING_WAIT: Duration = Duration::from_secs(10);
 
 /// Waits (logged) for process `pid` to name its vCPU threads, as long as it is alive and
-/// younger than [`NAMING_WAIT`]; empty when it does not (an older process is not waited for).
-fn wait_named(pid: i32) -> Vec<VcpuThread> {
-    let young = |pid| crate::discover::live_age(pid).is_some_and(|a| a < NAMING_WAIT);
+/// younger than [`NAMING_WAIT`] and `stop` is not set; empty when it does not (an older
+/// process is not waited for).
+fn wait_named(pid: i32, stop: &AtomicBool) -> Vec<VcpuThread> {
+    let young = |pid| {
+        !stop.load(Ordering::Acquire)
+            && crate::discover::live_age(pid).is_some_and(|a| a < NAMING_WAIT)
+    };
     if !young(pid) {
         return Vec::new();
     }
@@ -380,7 +384,7 @@ impl Daemon<'_> {
         on_ready: impl FnOnce(&Recovery),
     ) -> Result<(), DaemonError> {
         for spec in &self.cfg.vms {
-            self.attach(spec.source.clone(), spec.protocol.as_ref())?;
+            self.attach(spec.source.clone(), spec.protocol.as_ref(), Some(stop))?;
         }
         if self.cfg.watch {
             self.rescan();
@@ -415,18 +419,19 @@ impl Daemon<'_> {
         Ok(())
     }
 
-    /// Attaches the vCPU threads of `source` as a new VM, with its slots when given.
+    /// Attaches the vCPU threads of `source` as a new VM, with its slots when given. With
+    /// `wait` (at start-up: until it is set), a process given by pid that has not named its
+    /// vCPU threads yet is waited for ([`wait_named`]).
     fn attach(
         &mut self,
         source: VmSource,
         protocol: Option<&ProtocolSpec>,
+        wait: Option<&AtomicBool>,
     ) -> Result<(), DaemonError> {
         let mut found =
             threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
-        if found.is_empty() {
-            if let VmSource::Pid(pid) = source {
-                found = wait_named(pid);
-            }
+        if let (true, VmSource::Pid(pid), Some(stop)) = (found.is_empty(), &source, wait) {
+            found = wait_named(*pid, stop);
         }
         if found.is_empty() {
             return Err(DaemonError::NoVcpus(source));
@@ -612,7 +617,7 @@ impl Daemon<'_> {
                 }
                 let threads = self.admit(threads).0;
                 if !threads.is_empty() {
-                    let _ = self.attach(VmSource::Pid(pid), None);
+                    let _ = self.attach(VmSource::Pid(pid), None, None);
                 }
             }
         }

@@ -87,11 +87,13 @@ pub fn vcpu_threads(pid: i32) -> io::Result<Vec<VcpuThread>> {
 pub fn live_age(pid: i32) -> Option<std::time::Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The name (field 2) is in parentheses and may contain spaces: count from after it.
-    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
-    if matches!(rest.next()?, "Z" | "X" | "x") {
+    if matches!(
+        stat[stat.rfind(')')? + 1..].split_whitespace().next()?,
+        "Z" | "X" | "x"
+    ) {
         return None;
     }
-    let start: u64 = rest.nth(18)?.parse().ok()?;
+    let start = pvsched_host::sched::start_time(pid)?;
     // SAFETY: sysconf has no memory effects.
     let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")

@@ -153,6 +153,11 @@ impl OthersVerdict {
         }
     }
 
+    /// Forgets the last sample: the next one starts a new window (the verdict stays).
+    pub fn restart(&mut self) {
+        self.last = None;
+    }
+
     /// The current sampling window, ns: the first, shorter one until the first verdict.
     pub fn window(&self) -> Nanos {
         if self.decided {
@@ -403,6 +408,11 @@ mod tests {
         assert_eq!(step(&mut v, 50, 1900), Some(true));
         // A sample too soon after the last one is ignored.
         assert_eq!(v.sample(t + MS, busy + 400 * MS, ours), None);
+        assert!(v.closed());
+        // After a restart (a vCPU attached: the sums jump) the next sample only starts a
+        // window, whatever it shows.
+        v.restart();
+        assert_eq!(v.sample(t + 300 * MS, busy + 10_000 * MS, ours), None);
         assert!(v.closed());
     }
 

@@ -1311,6 +1311,7 @@ impl Runtime {
             // The host-wide gate starts closed (`OthersVerdict::new`).
             others_since: cfg.quiet_gate.and_then(|g| g.others).map(|_| mono_ns()),
             others_ns: 0,
+            others_n: 0,
             told: BTreeMap::new(),
             lazy: false,
             reconcile_seen: BTreeMap::new(),
@@ -1556,6 +1557,8 @@ struct Loop {
     /// Since when it has been closed, and its closed time over ended spells.
     others_since: Option<Nanos>,
     others_ns: u64,
+    /// vCPU samplers summed at the host-wide gate's last sample.
+    others_n: usize,
     /// The quiet verdict each vCPU was last given (its own, or the host-wide one).
     told: BTreeMap<VcpuKey, bool>,
     /// The sources were told that every vCPU is quiet ([`EventSource::set_lazy`]).
@@ -1692,21 +1695,27 @@ impl Loop {
         let mut host_changed = false;
         if let Some((verdict, next)) = self.others.as_mut() {
             if now >= *next && !self.samplers.is_empty() {
-                *next = now.saturating_add(verdict.window());
+                // The sum below counts each thread's whole run time: a vCPU attached since
+                // the last sample would count its past as this window's. Start a new window.
+                if self.samplers.len() != self.others_n {
+                    self.others_n = self.samplers.len();
+                    verdict.restart();
+                }
                 let ours = self
                     .samplers
                     .values()
                     .filter_map(VcpuSampler::ran_ns)
                     .sum::<u64>()
                     .saturating_add(thread_cpu_ns());
-                if let Some(busy) = host_busy_ns() {
-                    if let Some(closed) = verdict.sample(now, busy, ours) {
-                        host_changed = true;
-                        if closed {
-                            self.others_since = Some(now);
-                        } else if let Some(t) = self.others_since.take() {
-                            self.others_ns += now.saturating_sub(t);
-                        }
+                let sampled = host_busy_ns().map(|busy| verdict.sample(now, busy, ours));
+                // After the sample: the first verdict switches to the long windows.
+                *next = now.saturating_add(verdict.window());
+                if let Some(Some(closed)) = sampled {
+                    host_changed = true;
+                    if closed {
+                        self.others_since = Some(now);
+                    } else if let Some(t) = self.others_since.take() {
+                        self.others_ns += now.saturating_sub(t);
                     }
                 }
             }

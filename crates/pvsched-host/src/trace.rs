@@ -13,8 +13,9 @@
 //! - **Thread wake-up, any VMM**: `sched:sched_waking`, opened on every CPU with a filter on
 //!   the attached vCPU threads' ids (the woken thread is in the record; a stream opened on
 //!   the thread itself sees only the wake-ups it *causes*): the moment a sleeping vCPU thread
-//!   is woken, KVM or not (QEMU's TCG threads sleep on a condition variable and are woken by
-//!   the main loop for a timer or an interrupt). Reopened when the set of threads changes.
+//!   is woken, KVM or not (an idle QEMU TCG vCPU thread sleeps on a condition variable and
+//!   is woken by the main loop for a timer or an interrupt; a saturated one never sleeps).
+//!   Reopened when the set of threads changes.
 //! - **Interrupt accepted**: `kvm:kvm_apic_accept_irq` on each vCPU thread. On hosts without
 //!   posted interrupts it fires only once the vCPU thread runs again (too late to help, see
 //!   `docs/policy.md`), so it is off by default.
@@ -503,17 +504,24 @@ impl TraceSource {
         }
         self.tids.insert(tid as u32, key);
         self.by_key.insert(key, opened);
-        self.reopen_waking();
+        if let Err(e) = self.reopen_waking() {
+            self.detach_thread(key);
+            return Err(e);
+        }
         Ok(())
     }
 
     /// Reopens the `sched_waking` streams (one per CPU) with a filter on the attached threads'
     /// ids; none while no thread is attached. Threads beyond what one filter holds (a page:
     /// about 250) get no wake-up events, counted in `filter_errors`.
-    fn reopen_waking(&mut self) {
+    fn reopen_waking(&mut self) -> Result<(), TraceError> {
         if !self.cfg.waking {
-            return;
+            return Ok(());
         }
+        // What is pending is read before its ring closes, and handed out at the next drain.
+        let mut pending = std::mem::take(&mut self.stash);
+        let _ = self.drain_events(&mut pending);
+        self.stash = pending;
         let mut tids: Vec<u32> = self.tids.keys().copied().collect();
         tids.sort_unstable();
         let (filter, named) = waking_filter(&tids);
@@ -522,14 +530,18 @@ impl TraceSource {
         }
         // On failure the streams in force stay (they miss the newest threads).
         let (id, open) = (self.ids.waking, named > 0);
-        self.replace_cpu_streams(Kind::Waking, open.then_some((WAKING, id, &filter, true)));
+        self.replace_cpu_streams(Kind::Waking, open.then_some((WAKING, id, &filter, true)))
     }
 
     /// Replaces the per-CPU streams of `kind` with new ones opened on every CPU as `new` says
     /// (tracepoint, id, filter, wake per record), or with none. A perf event's filter cannot
     /// be replaced, hence new streams. If one fails to open, the streams in force stay, the
-    /// failure is counted in `filter_errors` and the answer is false.
-    fn replace_cpu_streams(&mut self, kind: Kind, new: Option<(&str, u64, &str, bool)>) -> bool {
+    /// failure is counted in `filter_errors` and returned.
+    fn replace_cpu_streams(
+        &mut self,
+        kind: Kind,
+        new: Option<(&str, u64, &str, bool)>,
+    ) -> Result<(), TraceError> {
         let old: Vec<usize> = (0..self.streams.len())
             .filter(|&i| matches!(&self.streams[i], Some(s) if s.kind == kind))
             .collect();
@@ -540,21 +552,20 @@ impl TraceSource {
                     .and_then(|s| self.add_stream(s, kind))
                 {
                     Ok(slot) => opened.push(slot),
-                    Err(_) => break,
+                    Err(e) => {
+                        self.counts.filter_errors += 1;
+                        for slot in opened {
+                            self.close_stream(slot);
+                        }
+                        return Err(e);
+                    }
                 }
-            }
-            if opened.len() != online_cpus() {
-                self.counts.filter_errors += 1;
-                for slot in opened {
-                    self.close_stream(slot);
-                }
-                return false;
             }
         }
         for slot in old {
             self.close_stream(slot);
         }
-        true
+        Ok(())
     }
 
     fn close_stream(&mut self, slot: usize) {
@@ -575,7 +586,8 @@ impl TraceSource {
         self.tids.retain(|_, k| *k != key);
         self.timers.retain(|_, k| *k != key);
         self.refilter();
-        self.reopen_waking();
+        // On failure the old streams stay: they only name a thread no longer mapped.
+        let _ = self.reopen_waking();
     }
 
     /// Reopens the expiry streams with a filter for the vCPU timers known now, when
@@ -615,6 +627,7 @@ impl TraceSource {
         // the lazy switch risks.
         let (id, wake) = (self.ids.expire, !self.lazy);
         self.replace_cpu_streams(Kind::Expire, Some((EXPIRE, id, &f, wake)))
+            .is_ok()
     }
 
     /// Records lost by the kernel (ring full).
