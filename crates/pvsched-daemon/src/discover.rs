@@ -177,13 +177,20 @@ pub fn holds_kvm_vcpu(pid: i32) -> bool {
     })
 }
 
-/// True when process `pid` runs a QEMU system emulator (its executable is named
-/// `qemu-system-*`): the evidence for a TCG vCPU thread, which holds no KVM file.
+/// True when process `pid` runs a QEMU system emulator: its executable is named
+/// `qemu-system-*`, owned by root and writable by no one else (a user's own copy of any
+/// program under that name does not count). The evidence for a TCG vCPU thread, which holds
+/// no KVM file.
 pub fn is_qemu(pid: i32) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| {
+    use std::os::unix::fs::MetadataExt;
+    let named = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| {
         p.file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system-"))
-    })
+    });
+    // The metadata of the file the process runs, through /proc (also if it was replaced).
+    named
+        && std::fs::metadata(format!("/proc/{pid}/exe"))
+            .is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
 }
 
 /// Effective uid and gid of process `pid` (the owner of `/proc/<pid>`).

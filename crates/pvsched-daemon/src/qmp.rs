@@ -83,6 +83,10 @@ pub fn parse_cpus(ret: &Value) -> io::Result<Vec<VcpuThread>> {
         });
     }
     out.sort_by_key(|t| t.index);
+    // QEMU under single-threaded TCG runs every vCPU on one thread: attached once, as the
+    // lowest vCPU index that names it.
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|t| seen.insert(t.tid));
     Ok(out)
 }
 
@@ -142,6 +146,16 @@ mod tests {
         assert_eq!(
             (t[0].index, t[0].tid, t[1].index, t[1].tid),
             (0, 4711, 1, 4712)
+        );
+        let single = json!([
+            {"cpu-index": 1, "thread-id": 4711},
+            {"cpu-index": 0, "thread-id": 4711}
+        ]);
+        let t = parse_cpus(&single).unwrap();
+        assert_eq!(
+            (t.len(), t[0].index, t[0].tid),
+            (1, 0, 4711),
+            "one thread, once"
         );
         assert!(parse_cpus(&json!({"x": 1})).is_err());
         assert!(parse_cpus(&json!([{"cpu-index": 0}])).is_err());

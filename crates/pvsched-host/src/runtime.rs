@@ -1308,8 +1308,9 @@ impl Runtime {
                 .quiet_gate
                 .and_then(|g| g.others)
                 .map(|g| (OthersVerdict::new(g), 0)),
-            // The host-wide gate starts closed (`OthersVerdict::new`).
-            others_since: cfg.quiet_gate.and_then(|g| g.others).map(|_| mono_ns()),
+            // The host-wide gate starts closed (`OthersVerdict::new`): its closed time counts
+            // from its first sample (no vCPU is attached before).
+            others_since: None,
             others_ns: 0,
             others_n: 0,
             told: BTreeMap::new(),
@@ -1700,6 +1701,9 @@ impl Loop {
                 if self.samplers.len() != self.others_n {
                     self.others_n = self.samplers.len();
                     verdict.restart();
+                }
+                if verdict.closed() && self.others_since.is_none() {
+                    self.others_since = Some(now);
                 }
                 let ours = self
                     .samplers
