@@ -1,6 +1,6 @@
 //! `pvsched bench`: the side-by-side comparison, with a progress bar and the report files.
 
-use crate::cli::{BenchArgs, BenchLoadArg};
+use crate::cli::{BenchArgs, BenchGuest, BenchLoadArg};
 use crate::vm_cmd::CliError;
 use indicatif::{ProgressBar, ProgressStyle};
 use pvsched_bench::bench::{self, BenchConfig, HostLoadKind};
@@ -22,11 +22,89 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// `pvsched bench --guest linux-tcg`: the Linux guest under QEMU TCG.
+fn run_linux_tcg(args: &BenchArgs, interrupt: &AtomicBool) -> Result<ExitCode, CliError> {
+    use pvsched_bench::linux_tcg::{self, LinuxTcgConfig};
+    let mut cfg = LinuxTcgConfig::standard(args.guest_dir.clone(), cpus());
+    if args.quick {
+        cfg.rounds = 1;
+        cfg.duration_s = 3;
+    }
+    if let Some(r) = args.rounds {
+        cfg.rounds = r.max(1);
+    }
+    if let Some(d) = args.cell_duration {
+        cfg.duration_s = (d.as_secs_f64().round() as u32).max(1);
+    }
+    if let Some(p) = &args.policies {
+        let known = linux_tcg::TCG_POLICIES;
+        if let Some(bad) = p.iter().find(|n| !known.contains(&n.as_str())) {
+            return Err(CliError::UsageOwned(format!(
+                "--guest linux-tcg runs the policies {}, not {bad}",
+                known.join(", ")
+            )));
+        }
+        // `none` first: the baseline of the ratios.
+        cfg.policies = std::iter::once("none".to_string())
+            .chain(p.iter().filter(|n| *n != "none").cloned())
+            .collect();
+    }
+    let started = stamp();
+    let out: PathBuf = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("pvsched-bench-linux-tcg-{started}")));
+    let cells_n = cfg.policies.len() * cfg.busy.len();
+    eprintln!(
+        "pvsched bench --guest linux-tcg: {cells_n} cells × {} rounds × {} s of cyclictest \
+         (about {} s with the guest's boot)",
+        cfg.rounds,
+        cfg.duration_s,
+        cells_n * cfg.rounds * (cfg.duration_s as usize + 6)
+    );
+    let cells = linux_tcg::run(&cfg, interrupt, &mut |done, total, label| {
+        eprintln!("[{}/{total}] {label}", done + 1);
+    })?;
+    let title = format!("pvsched bench --guest linux-tcg, {started} UTC");
+    let report = linux_tcg::report(&cfg, &cells, &title);
+    let write = |name: &str, text: &str| -> Result<PathBuf, CliError> {
+        let path = out.join(name);
+        std::fs::create_dir_all(&out)
+            .and_then(|()| std::fs::write(&path, text))
+            .map_err(|source| CliError::Json {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(path)
+    };
+    let json = serde_json::json!({ "config": cfg, "cells": cells });
+    let files = [
+        write("report.md", &report)?,
+        write(
+            "results.json",
+            &serde_json::to_string_pretty(&json).unwrap_or_default(),
+        )?,
+    ];
+    print!("{report}");
+    println!("\nReport written to {}:", out.display());
+    for f in &files {
+        println!("  {}", f.display());
+    }
+    Ok(if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// Runs `pvsched bench`.
 pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     let interrupt = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, interrupt.clone()).map_err(CliError::Signals)?;
+    }
+    if args.guest == BenchGuest::LinuxTcg {
+        return run_linux_tcg(&args, &interrupt);
     }
     let mut cfg = if args.quick {
         BenchConfig::quick(cpus())

@@ -120,6 +120,16 @@ pub enum BenchLoadArg {
     StressNg,
 }
 
+/// The guest `pvsched bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchGuest {
+    /// pvsched's bare-metal testbed guest on real KVM (the full matrix).
+    Testbed,
+    /// A Linux guest (guest/linux/build.sh) under QEMU TCG running cyclictest: idle /
+    /// stress-ng host × none / static / daemon (host-only, sched_waking).
+    LinuxTcg,
+}
+
 /// `pvsched bench` options.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -147,6 +157,14 @@ pub struct BenchArgs {
     /// Only these probe intervals, comma-separated (default: 500us,1ms).
     #[arg(long, value_delimiter = ',', value_parser = parse_bench_interval)]
     pub intervals: Option<Vec<u64>>,
+    /// The guest: the testbed, or a Linux guest under QEMU TCG (`linux-tcg`: 2 rounds of
+    /// 10 s cyclictest cells, `--rounds` and `--cell-duration` apply; build it first with
+    /// guest/linux/build.sh).
+    #[arg(long, value_enum, default_value_t = BenchGuest::Testbed)]
+    pub guest: BenchGuest,
+    /// Where the Linux guest's vmlinuz and initramfs.gz are (`--guest linux-tcg`).
+    #[arg(long, default_value = "target/linux-guest")]
+    pub guest_dir: PathBuf,
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {

@@ -43,6 +43,9 @@ pub enum CliError {
     /// `pvsched bench` failed.
     #[error(transparent)]
     Bench(#[from] pvsched_bench::bench::BenchError),
+    /// `pvsched bench --guest linux-tcg` failed.
+    #[error(transparent)]
+    LinuxTcg(#[from] pvsched_bench::linux_tcg::TcgError),
     /// The daemon failed.
     #[error(transparent)]
     Daemon(#[from] pvsched_daemon::DaemonError),
@@ -58,6 +61,9 @@ pub enum CliError {
     /// The command line is incomplete.
     #[error("{0}")]
     Usage(&'static str),
+    /// The command line asks for something that does not go together.
+    #[error("{0}")]
+    UsageOwned(String),
 }
 
 impl CliError {
@@ -74,12 +80,22 @@ impl CliError {
             return experiment_exit_code(e);
         }
         match self {
-            CliError::PolicyOpt(_) | CliError::CtlRefused(_) | CliError::Usage(_) => 2,
+            CliError::PolicyOpt(_)
+            | CliError::CtlRefused(_)
+            | CliError::Usage(_)
+            | CliError::UsageOwned(_) => 2,
             CliError::Daemon(pvsched_daemon::DaemonError::Policy(_)) => 2,
             CliError::Daemon(pvsched_daemon::DaemonError::Trace(_)) => 3,
             CliError::Daemon(pvsched_daemon::DaemonError::NoVcpus(_)) => 2,
             CliError::Config(_) => 2,
             CliError::Bench(BenchError::StressNg(_)) => 3,
+            // What this host lacks: the guest files, QEMU, stress-ng.
+            CliError::LinuxTcg(
+                pvsched_bench::linux_tcg::TcgError::NoGuest(_)
+                | pvsched_bench::linux_tcg::TcgError::Qemu(_)
+                | pvsched_bench::linux_tcg::TcgError::Bench(BenchError::StressNg(_))
+                | pvsched_bench::linux_tcg::TcgError::Daemon(pvsched_daemon::DaemonError::Trace(_)),
+            ) => 3,
             _ => 1,
         }
     }

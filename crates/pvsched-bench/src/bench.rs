@@ -303,10 +303,10 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
 }
 
 /// A running stress-ng (killed on drop if not stopped).
-struct StressNg(Option<Child>);
+pub(crate) struct StressNg(Option<Child>);
 
 impl StressNg {
-    fn start(workers: usize) -> Result<StressNg, BenchError> {
+    pub(crate) fn start(workers: usize) -> Result<StressNg, BenchError> {
         let child = Command::new("stress-ng")
             .args([
                 "--cpu",
@@ -325,7 +325,7 @@ impl StressNg {
     }
 
     /// Stops it (SIGINT, so it prints its metrics) and returns its bogo-ops/s.
-    fn stop(mut self) -> Option<f64> {
+    pub(crate) fn stop(mut self) -> Option<f64> {
         let child = self.0.take()?;
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

@@ -19,17 +19,32 @@ impl ExternalDaemon {
     /// Starts the daemon (driver `dynamic`, LAPIC-timer tracepoints) on this process's vCPU
     /// threads and waits until it has attached them.
     pub fn start() -> Result<ExternalDaemon, DaemonError> {
+        Self::start_for(
+            pvsched_daemon::VmSource::Pid(std::process::id() as i32),
+            pvsched_host::trace::TraceConfig::default(),
+        )
+    }
+
+    /// Starts the daemon (driver `dynamic`, its defaults) on the VM `source` with the host
+    /// events `trace`, and waits until it has attached it.
+    pub fn start_for(
+        source: pvsched_daemon::VmSource,
+        trace: pvsched_host::trace::TraceConfig,
+    ) -> Result<ExternalDaemon, DaemonError> {
         let dir = std::env::temp_dir().join(format!(
             "pvsched-external-{}-{}",
             std::process::id(),
             pvsched_host::clock::mono_ns()
         ));
         std::fs::create_dir_all(&dir).map_err(DaemonError::Io)?;
-        let cfg = DaemonConfig::new(
-            vec![pvsched_daemon::VmSource::Pid(std::process::id() as i32).into()],
-            dir.join("ctl.sock"),
-            dir.join("state.json"),
-        );
+        let cfg = DaemonConfig {
+            trace,
+            ..DaemonConfig::new(
+                vec![source.into()],
+                dir.join("ctl.sock"),
+                dir.join("state.json"),
+            )
+        };
         let (tx, rx) = mpsc::channel();
         let mut worker = Worker::spawn("pvsched-daemon", move |stop| {
             pvsched_daemon::run(&cfg, stop, |_| {
@@ -48,11 +63,17 @@ impl ExternalDaemon {
         }
     }
 
-    /// Stops the daemon (it restores every thread) and returns its final status as the run's
-    /// engine report.
-    pub fn stop(mut self) -> HostLoopReport {
+    /// Stops the daemon (it restores every thread) and returns its final status.
+    pub fn stop_status(mut self) -> DaemonStatus {
         let status = self.worker.stop().and_then(Result::ok).unwrap_or_default();
         let _ = std::fs::remove_dir_all(&self.dir);
+        status
+    }
+
+    /// Stops the daemon (it restores every thread) and returns its final status as the run's
+    /// engine report.
+    pub fn stop(self) -> HostLoopReport {
+        let status = self.stop_status();
         let runtime = pvsched_host::runtime::Status {
             enabled: status.enabled,
             cost: status.cost,

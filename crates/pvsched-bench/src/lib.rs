@@ -8,6 +8,7 @@ pub mod engine_host;
 pub mod experiment;
 pub mod external;
 pub mod hist;
+pub mod linux_tcg;
 pub mod load;
 pub mod probe;
 pub mod report;

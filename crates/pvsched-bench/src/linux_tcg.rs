@@ -1,0 +1,500 @@
+//! `pvsched bench --guest linux-tcg`: a real Linux guest under QEMU without KVM (TCG), built by
+//! `guest/linux/build.sh`, running cyclictest; cells idle / `stress-ng` host × `none` /
+//! `static` (the `CPU n/TCG` threads at FIFO 10 for the whole run) / `daemon` (pvsched's
+//! daemon on the QEMU process, host-only: `sched_waking` of the vCPU threads), interleaved
+//! round by round like the testbed bench.
+
+use crate::bench::{BenchError, Stat, StressNg};
+use crate::external::ExternalDaemon;
+use pvsched_host::sched::{SchedClass, SchedGuard};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The policies of the Linux-guest bench.
+pub const TCG_POLICIES: &[&str] = &["none", "static", "daemon"];
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinuxTcgConfig {
+    /// The guest kernel (`target/linux-guest/vmlinuz`).
+    pub kernel: PathBuf,
+    /// Its initramfs (`target/linux-guest/initramfs.gz`).
+    pub initrd: PathBuf,
+    /// Rounds over the cells.
+    pub rounds: usize,
+    /// cyclictest's duration per cell, s.
+    pub duration_s: u32,
+    /// cyclictest's interval, µs.
+    pub interval_us: u32,
+    /// Guest CPUs (one cyclictest thread each).
+    pub cpus: usize,
+    /// Policies, `none` first.
+    pub policies: Vec<String>,
+    /// Host states: `false` idle, `true` `stress-ng --cpu <host CPUs>`.
+    pub busy: Vec<bool>,
+}
+
+impl LinuxTcgConfig {
+    /// The default matrix for `cpus` host CPUs, with the guest files in `dir`.
+    pub fn standard(dir: PathBuf, cpus: usize) -> LinuxTcgConfig {
+        LinuxTcgConfig {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.gz"),
+            rounds: 2,
+            duration_s: 10,
+            interval_us: 1000,
+            cpus: cpus.max(1),
+            policies: TCG_POLICIES.iter().map(|s| s.to_string()).collect(),
+            busy: vec![true, false],
+        }
+    }
+
+    /// The kernel command line that makes the guest's /init run cyclictest.
+    pub fn append(&self) -> String {
+        format!(
+            "console=ttyS0 quiet tsc=reliable pvsched.ct=-m,-q,-p,80,--policy=fifo,-t,{},-a,-d,0,-i,{},-D,{}",
+            self.cpus, self.interval_us, self.duration_s
+        )
+    }
+}
+
+/// One cyclictest thread's line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CyclicThread {
+    /// Thread index.
+    pub thread: u32,
+    /// Loops done (`C:`).
+    pub count: u64,
+    /// Minimum, µs.
+    pub min_us: u64,
+    /// Average, µs.
+    pub avg_us: u64,
+    /// Maximum, µs.
+    pub max_us: u64,
+}
+
+/// The `T: <n> (...) P:.. I:.. C: .. Min: .. Act: .. Avg: .. Max: ..` lines of cyclictest's
+/// quiet output (`-q`), wherever they are in `text` (the guest's serial console).
+pub fn parse_cyclictest(text: &str) -> Vec<CyclicThread> {
+    let field = |l: &str, key: &str| -> Option<u64> {
+        let at = l.find(key)? + key.len();
+        l[at..].split_whitespace().next()?.parse().ok()
+    };
+    text.lines()
+        .filter_map(|l| {
+            let l = &l[l.find("T:")?..];
+            Some(CyclicThread {
+                thread: field(l, "T:")? as u32,
+                count: field(l, "C:")?,
+                min_us: field(l, "Min:")?,
+                avg_us: field(l, "Avg:")?,
+                max_us: field(l, "Max:")?,
+            })
+        })
+        .collect()
+}
+
+/// One run of one cell.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcgRun {
+    /// cyclictest's threads.
+    pub threads: Vec<CyclicThread>,
+    /// stress-ng bogo-ops/s (real time), busy host only.
+    pub stress_ng_ops: Option<f64>,
+    /// Boosts the daemon made (`daemon` only).
+    pub boosts: u64,
+    /// Host events the daemon saw (`daemon` only).
+    pub host_events: u64,
+    /// The daemon's CPU, % of one core (`daemon` only).
+    pub engine_cpu_percent: f64,
+}
+
+/// One cell over rounds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcgCell {
+    /// `stress-ng` on the host.
+    pub busy: bool,
+    /// Policy.
+    pub policy: String,
+    /// Its runs.
+    pub runs: Vec<TcgRun>,
+}
+
+/// Errors of the Linux-guest bench.
+#[derive(Debug, thiserror::Error)]
+pub enum TcgError {
+    /// The guest files are missing.
+    #[error("{0} is missing: build the guest first with guest/linux/build.sh")]
+    NoGuest(PathBuf),
+    /// QEMU could not be started.
+    #[error("cannot run qemu-system-x86_64 (install QEMU, e.g. apt-get install qemu-system-x86)")]
+    Qemu(#[source] std::io::Error),
+    /// The guest printed no cyclictest result.
+    #[error("the guest printed no cyclictest result; its console ended with: {0}")]
+    NoResult(String),
+    /// stress-ng or another part of the bench failed.
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    /// The daemon failed.
+    #[error("the daemon")]
+    Daemon(#[from] pvsched_daemon::DaemonError),
+    /// Setting the static class failed.
+    #[error("static class")]
+    Sched(#[from] pvsched_host::sched::Error),
+}
+
+/// The `CPU n/TCG` threads of process `pid`.
+fn tcg_threads(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().ends_with("/TCG") {
+            if let Ok(t) = e.file_name().to_string_lossy().parse() {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
+/// Runs one cell once.
+fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, TcgError> {
+    let stress = if busy {
+        Some(StressNg::start(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )?)
+    } else {
+        None
+    };
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg,thread=multi", "-smp", &cfg.cpus.to_string()])
+        .args(["-m", "512", "-name", "pvsched-linux,debug-threads=on"])
+        .arg("-kernel")
+        .arg(&cfg.kernel)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .args(["-append", &cfg.append()])
+        .args(["-nographic", "-no-reboot", "-monitor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(TcgError::Qemu)?;
+    let pid = qemu.id() as i32;
+    let mut stdout = qemu.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let mut guards = Vec::new();
+    let mut daemon = None;
+    let setup = (|| -> Result<(), TcgError> {
+        match policy {
+            "static" => {
+                let t0 = Instant::now();
+                let mut tids = tcg_threads(pid);
+                while tids.len() < cfg.cpus && t0.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    tids = tcg_threads(pid);
+                }
+                for t in tids {
+                    guards.push(SchedGuard::apply(t, SchedClass::Fifo(10))?);
+                }
+            }
+            "daemon" => {
+                let trace = pvsched_host::trace::TraceConfig {
+                    waking: true,
+                    ..pvsched_host::trace::TraceConfig::none()
+                };
+                daemon = Some(ExternalDaemon::start_for(
+                    pvsched_daemon::VmSource::Pid(pid),
+                    trace,
+                )?);
+            }
+            _ => {}
+        }
+        Ok(())
+    })();
+    // The guest powers off after cyclictest; a stuck one is killed (boot + run + margin).
+    let limit = Duration::from_secs(u64::from(cfg.duration_s) + 90);
+    let t0 = Instant::now();
+    if setup.is_err() {
+        let _ = qemu.kill();
+    }
+    while qemu.try_wait().ok().flatten().is_none() {
+        if t0.elapsed() > limit {
+            let _ = qemu.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = qemu.wait();
+    let text = reader.join().unwrap_or_default();
+    let status = daemon.map(ExternalDaemon::stop_status);
+    for g in guards {
+        let _ = g.restore();
+    }
+    let stress_ng_ops = stress.and_then(StressNg::stop);
+    setup?;
+    let threads = parse_cyclictest(&text);
+    if threads.is_empty() {
+        let tail: String = text
+            .chars()
+            .rev()
+            .take(300)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(TcgError::NoResult(tail));
+    }
+    let (boosts, host_events, cpu) = status.map_or((0, 0, 0.0), |s| {
+        let boosts = s
+            .vms
+            .iter()
+            .flat_map(|v| v.vm.vcpus.iter())
+            .map(|c| c.boosts)
+            .sum();
+        (boosts, s.host_events, s.cost.engine_cpu_percent)
+    });
+    Ok(TcgRun {
+        threads,
+        stress_ng_ops,
+        boosts,
+        host_events,
+        engine_cpu_percent: cpu,
+    })
+}
+
+/// Runs the matrix: every cell once per round, in the same order each round. `progress(done,
+/// total, label)` is called before each cell. Stops early (returning what ran) when
+/// `interrupt` is set.
+pub fn run(
+    cfg: &LinuxTcgConfig,
+    interrupt: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<TcgCell>, TcgError> {
+    for f in [&cfg.kernel, &cfg.initrd] {
+        if !f.exists() {
+            return Err(TcgError::NoGuest(f.clone()));
+        }
+    }
+    let mut cells: Vec<TcgCell> = cfg
+        .busy
+        .iter()
+        .flat_map(|&busy| {
+            cfg.policies.iter().map(move |p| TcgCell {
+                busy,
+                policy: p.clone(),
+                runs: Vec::new(),
+            })
+        })
+        .collect();
+    let total = cells.len() * cfg.rounds;
+    let mut done = 0;
+    for _ in 0..cfg.rounds {
+        for cell in &mut cells {
+            if interrupt.load(Ordering::Relaxed) {
+                return Ok(cells);
+            }
+            let label = format!(
+                "{} host, {}",
+                if cell.busy { "stress-ng" } else { "idle" },
+                cell.policy
+            );
+            progress(done, total, &label);
+            cell.runs.push(run_cell(cfg, cell.busy, &cell.policy)?);
+            done += 1;
+        }
+    }
+    Ok(cells)
+}
+
+/// The figures of one cell over its runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcgSummary {
+    /// Average latency (mean of the guest threads' averages), µs.
+    pub avg_us: Stat,
+    /// Worst latency (max over the guest threads), µs.
+    pub max_us: Stat,
+    /// Wake-ups done, percent of those expected.
+    pub done_pct: Stat,
+    /// stress-ng bogo-ops/s.
+    pub stress_ng_ops: Stat,
+    /// Daemon boosts per run.
+    pub boosts: Stat,
+    /// Daemon host events per run.
+    pub host_events: Stat,
+}
+
+/// Summarizes `cell` (`expected`: wake-ups per guest thread).
+pub fn summarize(cell: &TcgCell, expected: u64) -> TcgSummary {
+    let per = |f: &dyn Fn(&TcgRun) -> Option<f64>| -> Stat {
+        Stat::of(&cell.runs.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    TcgSummary {
+        avg_us: per(&|r| {
+            mean(
+                &r.threads
+                    .iter()
+                    .map(|t| t.avg_us as f64)
+                    .collect::<Vec<_>>(),
+            )
+        }),
+        max_us: per(&|r| r.threads.iter().map(|t| t.max_us as f64).reduce(f64::max)),
+        done_pct: per(&|r| {
+            mean(&r.threads.iter().map(|t| t.count as f64).collect::<Vec<_>>())
+                .map(|c| 100.0 * c / expected.max(1) as f64)
+        }),
+        stress_ng_ops: per(&|r| r.stress_ng_ops),
+        boosts: per(&|r| Some(r.boosts as f64)),
+        host_events: per(&|r| Some(r.host_events as f64)),
+    }
+}
+
+/// The markdown report: one table per host state, medians with [min–max] over rounds.
+pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
+    let expected = u64::from(cfg.duration_s) * 1_000_000 / u64::from(cfg.interval_us.max(1));
+    let f = |s: Stat| {
+        if s.n == 0 {
+            "–".to_string()
+        } else {
+            format!("{:.0} [{:.0}–{:.0}]", s.median, s.min, s.max)
+        }
+    };
+    let mut out = format!(
+        "# {title}\n\nLinux guest under QEMU TCG (`-smp {}`), cyclictest `-t {} -i {} -D {}` \
+         (expected {expected} wake-ups per thread), rounds: {}; medians [min–max] over rounds. \
+         `static`: the `CPU n/TCG` threads at FIFO 10; `daemon`: pvsched's daemon on the QEMU \
+         process, driver `dynamic` with its defaults, host event `waking` only.\n",
+        cfg.cpus, cfg.cpus, cfg.interval_us, cfg.duration_s, cfg.rounds
+    );
+    for busy in &cfg.busy {
+        let host = if *busy { "`stress-ng --cpu N`" } else { "idle" };
+        out += &format!(
+            "\n## Host {host}\n\n| policy | guest avg (µs) | guest max (µs) | wake-ups done (%) | stress-ng ops/s | ops vs none | daemon boosts / host events |\n|---|---|---|---|---|---|---|\n"
+        );
+        let none = cells
+            .iter()
+            .find(|c| c.busy == *busy && c.policy == "none")
+            .map(|c| summarize(c, expected).stress_ng_ops.median);
+        for c in cells.iter().filter(|c| c.busy == *busy) {
+            let s = summarize(c, expected);
+            let ratio = match none {
+                Some(n) if *busy && n > 0.0 && s.stress_ng_ops.n > 0 => {
+                    format!("{:.2}", s.stress_ng_ops.median / n)
+                }
+                _ => "–".into(),
+            };
+            let daemon = if c.policy == "daemon" {
+                format!("{} / {}", f(s.boosts), f(s.host_events))
+            } else {
+                "–".into()
+            };
+            out += &format!(
+                "| {} | {} | {} | {} | {} | {ratio} | {daemon} |\n",
+                c.policy,
+                f(s.avg_us),
+                f(s.max_us),
+                f(s.done_pct),
+                if *busy {
+                    f(s.stress_ng_ops)
+                } else {
+                    "–".into()
+                },
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cyclictest_lines_parse_from_a_console() {
+        let text = "Booting from ROM..\x1b[2Jpvsched-guest: cyclictest -m -q\n\
+                    # /dev/cpu_dma_latency set to 0us\n\
+                    T: 0 (   99) P:80 I:1000 C:   9985 Min:     39 Act:  967 Avg:  197 Max:    3369\n\
+                    T: 1 (  100) P:80 I:1000 C:   9987 Min:     42 Act:  260 Avg:  200 Max:    2678\n\
+                    pvsched-guest: done\n";
+        let t = parse_cyclictest(text);
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t[1],
+            CyclicThread {
+                thread: 1,
+                count: 9987,
+                min_us: 42,
+                avg_us: 200,
+                max_us: 2678
+            }
+        );
+        assert!(parse_cyclictest("T: x garbage\nnothing").is_empty());
+    }
+
+    #[test]
+    fn summaries_and_report() {
+        let cfg = LinuxTcgConfig::standard(PathBuf::from("/nonexistent"), 2);
+        assert!(cfg.append().contains("-i,1000,-D,10"));
+        let run = |avg: u64, ops: f64| TcgRun {
+            threads: vec![
+                CyclicThread {
+                    thread: 0,
+                    count: 9000,
+                    avg_us: avg,
+                    max_us: 100,
+                    ..Default::default()
+                },
+                CyclicThread {
+                    thread: 1,
+                    count: 10000,
+                    avg_us: avg + 100,
+                    max_us: 300,
+                    ..Default::default()
+                },
+            ],
+            stress_ng_ops: Some(ops),
+            ..Default::default()
+        };
+        let cells = vec![
+            TcgCell {
+                busy: true,
+                policy: "none".into(),
+                runs: vec![run(300, 2000.0), run(500, 2000.0)],
+            },
+            TcgCell {
+                busy: true,
+                policy: "static".into(),
+                runs: vec![run(100, 1000.0)],
+            },
+        ];
+        let s = summarize(&cells[0], 10_000);
+        assert_eq!(
+            (s.avg_us.median, s.avg_us.min, s.avg_us.max),
+            (450.0, 350.0, 550.0)
+        );
+        assert_eq!(s.max_us.median, 300.0);
+        assert_eq!(s.done_pct.median, 95.0);
+        let r = report(&cfg, &cells, "t");
+        assert!(r.contains("| static | 150 [150–150] | 300 [300–300] | 95 [95–95] | 1000 [1000–1000] | 0.50 | – |"), "{r}");
+        assert!(matches!(
+            run_check(&cfg),
+            Err(TcgError::NoGuest(p)) if p.ends_with("vmlinuz")
+        ));
+    }
+
+    fn run_check(cfg: &LinuxTcgConfig) -> Result<Vec<TcgCell>, TcgError> {
+        run(cfg, &AtomicBool::new(false), &mut |_, _, _| {})
+    }
+}
