@@ -378,10 +378,38 @@ pub fn expiry_filter(base: &str, running: &[(u64, i32)]) -> String {
     f
 }
 
-fn online_cpus() -> usize {
-    // SAFETY: sysconf has no memory effects.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-    n.max(1) as usize
+/// The CPUs in a kernel CPU list (`/sys/devices/system/cpu/online`: `0-3,6,8-9`); `None` when
+/// it does not parse.
+pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b): (usize, usize) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => {
+                let a = part.parse().ok()?;
+                (a, a)
+            }
+        };
+        if b < a || b - a > 65_536 {
+            return None;
+        }
+        cpus.extend(a..=b);
+    }
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// The online CPUs: a CPU-wide stream cannot be opened on an offline one (a host with
+/// hot-pluggable CPUs configures more than it runs). All configured ones if the list is
+/// unreadable.
+fn online_cpus() -> Vec<usize> {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|t| parse_cpu_list(&t))
+        .unwrap_or_else(|| {
+            // SAFETY: sysconf has no memory effects.
+            let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+            (0..n.max(1) as usize).collect()
+        })
 }
 
 impl TraceSource {
@@ -417,7 +445,7 @@ impl TraceSource {
             src.ids.hrtimer_off_start = field_offset(START, "hrtimer")?;
             src.ids.start = tracepoint_id(START)?;
             src.ids.expire = tracepoint_id(EXPIRE)?;
-            for cpu in 0..online_cpus() {
+            for cpu in online_cpus() {
                 let sampler = open(
                     EXPIRE,
                     src.ids.expire,
@@ -547,7 +575,7 @@ impl TraceSource {
             .collect();
         if let Some((name, id, filter, wake)) = new {
             let mut opened = Vec::new();
-            for cpu in 0..online_cpus() {
+            for cpu in online_cpus() {
                 match open(name, id, None, Some(cpu), Some(filter), wake)
                     .and_then(|s| self.add_stream(s, kind))
                 {
@@ -843,6 +871,17 @@ format:
             .collect();
         let f = expiry_filter(base, &many);
         assert!(f.len() <= 4000 && f.len() > 3000, "{}", f.len());
+    }
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_list("0-2,5,7-8"), Some(vec![0, 1, 2, 5, 7, 8]));
+        assert_eq!(parse_cpu_list("3"), Some(vec![3]));
+        for bad in ["", "x", "2-1", "0-", "1,,a", "0-99999999"] {
+            assert_eq!(parse_cpu_list(bad), None, "{bad:?}");
+        }
+        assert!(!online_cpus().is_empty());
     }
 
     #[test]
