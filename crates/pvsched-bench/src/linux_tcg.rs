@@ -147,22 +147,14 @@ pub enum TcgError {
     Sched(#[from] pvsched_host::sched::Error),
 }
 
-/// The `CPU n/TCG` threads of process `pid`.
+/// The TCG vCPU threads of process `pid`, found as the daemon finds them.
 fn tcg_threads(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+    pvsched_daemon::discover::vcpu_threads(pid)
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if comm.trim_end().ends_with("/TCG") {
-            if let Ok(t) = e.file_name().to_string_lossy().parse() {
-                out.push(t);
-            }
-        }
-    }
-    out
+        .filter(|t| t.vmm == pvsched_daemon::discover::Vmm::QemuTcg)
+        .map(|t| t.tid)
+        .collect()
 }
 
 /// Runs one cell once.
