@@ -118,6 +118,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         cfg.cell_duration = d;
     }
     if let Some(p) = args.policies {
+        if p.iter().any(|n| n == "module") {
+            return Err(CliError::Usage(
+                "the policy `module` is a column of --guest linux-tcg (a Linux guest with the \
+                 pvsched guest module)",
+            ));
+        }
         // `none` first: the baseline of every ratio.
         let mut policies = vec!["none".to_string()];
         for name in p {

@@ -84,6 +84,11 @@ pub struct DaemonArgs {
     /// root's. Without it the socket is 0600.
     #[arg(long = "ctl-group", value_name = "GID")]
     pub ctl_group: Option<u32>,
+    /// Serve QEMU's `ivshmem-doorbell` devices on this Unix socket: a Linux guest with the
+    /// pvsched guest module (guest/linux/module) then tells the daemon what its vCPUs need
+    /// (QEMU: `-chardev socket,path=PATH,id=pv -device ivshmem-doorbell,chardev=pv`).
+    #[arg(long, value_name = "PATH")]
+    pub ivshmem: Option<PathBuf>,
     /// Tracepoints feeding the policy: a comma list of `timer` (LAPIC timer expiry, KVM),
     /// `wakeup` (kvm_vcpu_wakeup), `irq` (kvm_apic_accept_irq), `waking` (sched_waking of the
     /// vCPU thread: any VMM, also QEMU under TCG), or `none`.
@@ -168,11 +173,12 @@ pub struct BenchArgs {
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {
-    if pvsched_bench::bench::POLICIES.contains(&s) {
+    // `module` is a column of `--guest linux-tcg` only (checked against the guest there).
+    if pvsched_bench::bench::POLICIES.contains(&s) || s == "module" {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "unknown bench policy `{s}` (known: {})",
+            "unknown bench policy `{s}` (known: {}; `--guest linux-tcg`: module)",
             pvsched_bench::bench::POLICIES.join(", ")
         ))
     }

@@ -53,9 +53,10 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, CliError> {
         Some(path) => pvsched_daemon::config::load(path)?,
         None => from_args(args)?,
     };
-    if cfg.vms.is_empty() && !cfg.watch {
+    if cfg.vms.is_empty() && !cfg.watch && cfg.ivshmem.is_none() {
         return Err(CliError::Usage(
-            "give --pid <PID>, --qmp <SOCKET> or --tids <TID,..>, --watch, or a --config with [[vm]]",
+            "give --pid <PID>, --qmp <SOCKET> or --tids <TID,..>, --watch, --ivshmem <SOCKET>, \
+             or a --config with [[vm]]",
         ));
     }
     pvsched_daemon::run(&cfg, &stop, |r| {
@@ -105,6 +106,7 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
             gids: args.allow_gids,
         },
         ctl_group: args.ctl_group,
+        ivshmem: args.ivshmem,
         quiet_gate: match args.boost_when {
             crate::cli::BoostWhen::Contended => Some(pvsched_host::pressure::QuietGate::default()),
             crate::cli::BoostWhen::Always => None,

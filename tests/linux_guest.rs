@@ -1,16 +1,18 @@
-//! Issue 12's end-to-end cell: the Linux test guest is built from Debian packages
-//! (guest/linux/build.sh) and `pvsched bench --guest linux-tcg` runs it under QEMU TCG for
-//! one short round with the daemon, idle and under stress-ng. Skips, saying why, only where
-//! the packages cannot be fetched or QEMU / stress-ng are missing.
+//! Issue 12's end-to-end cells: the Linux test guest and its pvsched guest module are built
+//! from Debian packages (guest/linux/build.sh); `pvsched bench --guest linux-tcg` runs it under
+//! QEMU TCG for one short round with the daemon host-only and with the module, idle and under
+//! stress-ng; and a daemon serving the module's ivshmem device is stopped under a running
+//! guest. Skips, saying why, only where the packages cannot be fetched or QEMU / stress-ng are
+//! missing.
 
 use pvsched_testutil::{serial, skip};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-#[test]
-fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
-    let _s = serial();
-    let test = "the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon";
+/// Builds the guest (once per test binary run; the script reuses its downloads) and returns
+/// its directory, or why the test must skip.
+fn guest(test: &str) -> Result<PathBuf, String> {
     for tool in ["qemu-system-x86_64", "stress-ng"] {
         if let Err(e) = Command::new(tool)
             .arg("--version")
@@ -18,8 +20,7 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
             .stderr(Stdio::null())
             .status()
         {
-            skip!("{test}: {tool}: {e}");
-            return;
+            return Err(format!("{test}: {tool}: {e}"));
         }
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -30,14 +31,33 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         .unwrap();
     let err = String::from_utf8_lossy(&build.stderr);
     if build.status.code() == Some(3) {
-        skip!("{test}: the guest's packages cannot be fetched: {err}");
-        return;
+        return Err(format!(
+            "{test}: the guest's packages cannot be fetched: {err}"
+        ));
     }
     assert!(build.status.success(), "build.sh: {err}");
+    assert!(
+        dir.join("module/pvsched_guest.ko").exists(),
+        "the module was built"
+    );
+    Ok(dir)
+}
+
+#[test]
+fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
+    let _s = serial();
+    let test = "the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon";
+    let dir = match guest(test) {
+        Ok(d) => d,
+        Err(why) => {
+            skip!("{why}");
+            return;
+        }
+    };
     let out_dir = std::env::temp_dir().join(format!("pvsched-linux-tcg-{}", std::process::id()));
     let run = Command::new(env!("CARGO_BIN_EXE_pvsched"))
         .args(["bench", "--guest", "linux-tcg", "--rounds", "1"])
-        .args(["--cell-duration", "2s", "--policies", "daemon"])
+        .args(["--cell-duration", "2s", "--policies", "daemon,module"])
         .arg("--guest-dir")
         .arg(&dir)
         .arg("--out")
@@ -55,8 +75,8 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
             .unwrap();
     let cells = json["cells"].as_array().unwrap();
-    // none and daemon, on the busy and the idle host: each ran its guest to the end.
-    assert_eq!(cells.len(), 4, "{json}");
+    // none, daemon and module, on the busy and the idle host: each ran its guest to the end.
+    assert_eq!(cells.len(), 6, "{json}");
     for c in cells {
         let threads = c["runs"][0]["threads"].as_array().unwrap();
         assert_eq!(threads.len(), 2, "both cyclictest threads reported: {c}");
@@ -77,6 +97,175 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         idle_daemon["runs"][0]["host_events"].as_u64().unwrap() > 0,
         "{idle_daemon}"
     );
+    // With the module, every doorbell the guest rang reached the daemon (the module's own
+    // count, printed when /init unloads it, against the daemon's eventfd count).
+    for c in cells.iter().filter(|c| c["policy"] == "module") {
+        let run = &c["runs"][0];
+        let guest = run["guest_rings"]
+            .as_u64()
+            .expect("the module printed its counts");
+        assert!(guest > 0, "the module rang: {c}");
+        assert_eq!(run["doorbells"].as_u64().unwrap(), guest, "{c}");
+        assert!(run["boosts"].as_u64().unwrap() > 0, "{c}");
+    }
     assert!(stdout.contains("## Host idle"), "{stdout}");
     let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// The scheduling policy of thread `tid` (`/proc/<tid>/sched`), `None` once it is gone.
+fn policy(tid: i64) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/sched")).ok()?;
+    let l = s.lines().find(|l| l.starts_with("policy"))?;
+    l.split(':').nth(1)?.trim().parse().ok()
+}
+
+fn ctl_status(socket: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_pvsched"))
+        .args(["ctl", "--socket"])
+        .arg(socket)
+        .arg("status")
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Kills the child on every path out of the test.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_running_guest() {
+    let _s = serial();
+    let test =
+        "a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_running_guest";
+    let dir = match guest(test) {
+        Ok(d) => d,
+        Err(why) => {
+            skip!("{why}");
+            return;
+        }
+    };
+    let tmp = std::env::temp_dir().join(format!("pvsched-ivshmem-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (ivshmem, ctl) = (tmp.join("ivshmem.sock"), tmp.join("ctl.sock"));
+    // `always`: boost on every request, busy host or not.
+    let mut daemon = Child(
+        Command::new(env!("CARGO_BIN_EXE_pvsched"))
+            .args(["daemon", "--boost-when", "always", "--host-events", "none"])
+            .arg("--ivshmem")
+            .arg(&ivshmem)
+            .arg("--socket")
+            .arg(&ctl)
+            .arg("--state-file")
+            .arg(tmp.join("state.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !ivshmem.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the daemon did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut chardev = std::ffi::OsString::from("socket,id=pv,path=");
+    chardev.push(&ivshmem);
+    let append = "console=ttyS0 quiet tsc=reliable pvsched.module=1 \
+                  pvsched.ct=-m,-q,-p,80,--policy=fifo,-t,2,-a,-d,0,-i,1000,-D,60";
+    let qemu = Child(
+        Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "512"])
+            .args(["-name", "pvsched-e2e,debug-threads=on", "-kernel"])
+            .arg(dir.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(dir.join("initramfs.gz"))
+            .args([
+                "-append",
+                append,
+                "-nographic",
+                "-no-reboot",
+                "-monitor",
+                "none",
+            ])
+            .arg("-chardev")
+            .arg(chardev)
+            .args(["-device", "ivshmem-doorbell,chardev=pv,vectors=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The guest boots, loads the module, which negotiates; the daemon attaches the VM and
+    // boosts on its requests.
+    let t0 = Instant::now();
+    let tids: Vec<i64> = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the VM was not attached and boosted: {:?}",
+            ctl_status(&ctl)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(st) = ctl_status(&ctl) else { continue };
+        let Some(vm) = st["vms"].as_array().and_then(|v| v.first()) else {
+            continue;
+        };
+        assert_eq!(vm["pid"].as_i64(), Some(i64::from(qemu.0.id())), "{vm}");
+        assert_eq!(vm["protocol"], true, "{vm}");
+        let vcpus = vm["vcpus"].as_array().unwrap();
+        let boosts: u64 = vcpus.iter().map(|v| v["boosts"].as_u64().unwrap()).sum();
+        if boosts > 10 && vm["doorbells"].as_u64().unwrap_or(0) > 0 {
+            break vcpus.iter().map(|v| v["tid"].as_i64().unwrap()).collect();
+        }
+    };
+    assert_eq!(tids.len(), 2, "both TCG vCPU threads attached");
+    // Seen from outside: the guest's requests put a vCPU thread at SCHED_FIFO (1).
+    let t0 = Instant::now();
+    while !tids.iter().any(|&t| policy(t) == Some(1)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no vCPU thread seen boosted: {:?}",
+            ctl_status(&ctl)
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // The daemon stops (SIGTERM) while the guest keeps requesting: every vCPU thread is back
+    // to SCHED_OTHER, QEMU still running.
+    // SAFETY: kill() with a child's pid and SIGTERM has no memory effects.
+    assert_eq!(
+        unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = daemon.0.wait().unwrap();
+    let mut log = String::new();
+    use std::io::Read;
+    let _ = daemon.0.stderr.take().unwrap().read_to_string(&mut log);
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("ivshmem: guest module negotiated protocol 1"),
+        "{log}"
+    );
+    for &t in &tids {
+        assert_eq!(
+            policy(t),
+            Some(0),
+            "vCPU thread {t} restored to SCHED_OTHER\n{log}"
+        );
+    }
+    let mut q = qemu;
+    assert!(
+        q.0.try_wait().unwrap().is_none(),
+        "QEMU outlives the daemon"
+    );
+    drop(q);
+    let _ = std::fs::remove_dir_all(&tmp);
 }

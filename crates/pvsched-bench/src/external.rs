@@ -31,6 +31,28 @@ impl ExternalDaemon {
         source: pvsched_daemon::VmSource,
         trace: pvsched_host::trace::TraceConfig,
     ) -> Result<ExternalDaemon, DaemonError> {
+        Self::start_with(vec![source.into()], trace, false)
+    }
+
+    /// Starts the daemon as an ivshmem server (no VM given: each QEMU that connects to
+    /// [`ExternalDaemon::ivshmem_socket`] is attached when its guest module answers), with the
+    /// host events `trace`.
+    pub fn start_ivshmem(
+        trace: pvsched_host::trace::TraceConfig,
+    ) -> Result<ExternalDaemon, DaemonError> {
+        Self::start_with(Vec::new(), trace, true)
+    }
+
+    /// The ivshmem socket of a daemon started by [`ExternalDaemon::start_ivshmem`].
+    pub fn ivshmem_socket(&self) -> PathBuf {
+        self.dir.join("ivshmem.sock")
+    }
+
+    fn start_with(
+        vms: Vec<pvsched_daemon::VmSpec>,
+        trace: pvsched_host::trace::TraceConfig,
+        ivshmem: bool,
+    ) -> Result<ExternalDaemon, DaemonError> {
         let dir = std::env::temp_dir().join(format!(
             "pvsched-external-{}-{}",
             std::process::id(),
@@ -39,11 +61,8 @@ impl ExternalDaemon {
         std::fs::create_dir_all(&dir).map_err(DaemonError::Io)?;
         let cfg = DaemonConfig {
             trace,
-            ..DaemonConfig::new(
-                vec![source.into()],
-                dir.join("ctl.sock"),
-                dir.join("state.json"),
-            )
+            ivshmem: ivshmem.then(|| dir.join("ivshmem.sock")),
+            ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))
         };
         let (tx, rx) = mpsc::channel();
         let mut worker = Worker::spawn("pvsched-daemon", move |stop| {

@@ -1,8 +1,9 @@
 //! `pvsched bench --guest linux-tcg`: a real Linux guest under QEMU without KVM (TCG), built by
 //! `guest/linux/build.sh`, running cyclictest; cells idle / `stress-ng` host × `none` /
 //! `static` (the `CPU n/TCG` threads at FIFO 10 for the whole run) / `daemon` (pvsched's
-//! daemon on the QEMU process, host-only: `sched_waking` of the vCPU threads), interleaved
-//! round by round like the testbed bench.
+//! daemon on the QEMU process, host-only: `sched_waking` of the vCPU threads) / `module` (the
+//! daemon as the server of an `ivshmem-doorbell` device, the guest loading the pvsched guest
+//! module, plus `sched_waking`), interleaved round by round like the testbed bench.
 
 use crate::bench::{BenchError, Stat, StressNg};
 use crate::external::ExternalDaemon;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The policies of the Linux-guest bench.
-pub const TCG_POLICIES: &[&str] = &["none", "static", "daemon"];
+pub const TCG_POLICIES: &[&str] = &["none", "static", "daemon", "module"];
 
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,11 +54,12 @@ impl LinuxTcgConfig {
         }
     }
 
-    /// The kernel command line that makes the guest's /init run cyclictest.
-    pub fn append(&self) -> String {
+    /// The kernel command line that makes the guest's /init run cyclictest (after loading
+    /// the pvsched guest module with `module`).
+    pub fn append(&self, module: bool) -> String {
         format!(
-            "console=ttyS0 quiet tsc=reliable pvsched.ct=-m,-q,-p,80,--policy=fifo,-t,{},-a,-d,0,-i,{},-D,{}",
-            self.cpus, self.interval_us, self.duration_s
+            "console=ttyS0 quiet tsc=reliable pvsched.module={} pvsched.ct=-m,-q,-p,80,--policy=fifo,-t,{},-a,-d,0,-i,{},-D,{}",
+            u8::from(module), self.cpus, self.interval_us, self.duration_s
         )
     }
 }
@@ -111,6 +113,21 @@ pub struct TcgRun {
     pub host_events: u64,
     /// The daemon's CPU, % of one core (`daemon` only).
     pub engine_cpu_percent: f64,
+    /// Doorbells the guest module rang, as the daemon counted them (`module` only).
+    #[serde(default)]
+    pub doorbells: u64,
+    /// Doorbells the guest module says it rang (its counts on the console, `module` only).
+    #[serde(default)]
+    pub guest_rings: Option<u64>,
+}
+
+/// The guest module's `pvsched_guest: total rings N ...` line on the console.
+pub fn parse_guest_rings(text: &str) -> Option<u64> {
+    let l = text.lines().find_map(|l| {
+        let at = l.find("pvsched_guest: total rings ")?;
+        Some(&l[at + "pvsched_guest: total rings ".len()..])
+    })?;
+    l.split_whitespace().next()?.parse().ok()
 }
 
 /// One cell over rounds.
@@ -159,27 +176,59 @@ fn tcg_threads(pid: i32) -> Vec<i32> {
 
 /// Runs one cell once.
 fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, TcgError> {
+    let trace = pvsched_host::trace::TraceConfig {
+        waking: true,
+        ..pvsched_host::trace::TraceConfig::none()
+    };
+    // The ivshmem server listens before QEMU connects to it.
+    let server = match policy {
+        "module" => Some(ExternalDaemon::start_ivshmem(trace)?),
+        _ => None,
+    };
     let stress = if busy {
-        Some(StressNg::start(
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        )?)
+        match StressNg::start(std::thread::available_parallelism().map_or(1, |n| n.get())) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                if let Some(d) = server {
+                    d.stop_status();
+                }
+                return Err(e.into());
+            }
+        }
     } else {
         None
     };
-    let mut qemu = Command::new("qemu-system-x86_64")
+    let mut qemu = Command::new("qemu-system-x86_64");
+    if let Some(d) = &server {
+        let mut chardev = std::ffi::OsString::from("socket,id=pvsched,path=");
+        chardev.push(d.ivshmem_socket());
+        qemu.arg("-chardev")
+            .arg(chardev)
+            .args(["-device", "ivshmem-doorbell,chardev=pvsched,vectors=1"]);
+    }
+    let qemu = qemu
         .args(["-accel", "tcg,thread=multi", "-smp", &cfg.cpus.to_string()])
         .args(["-m", "512", "-name", "pvsched-linux,debug-threads=on"])
         .arg("-kernel")
         .arg(&cfg.kernel)
         .arg("-initrd")
         .arg(&cfg.initrd)
-        .args(["-append", &cfg.append()])
+        .args(["-append", &cfg.append(server.is_some())])
         .args(["-nographic", "-no-reboot", "-monitor", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-        .map_err(TcgError::Qemu)?;
+        .spawn();
+    let mut qemu = match qemu {
+        Ok(q) => q,
+        Err(e) => {
+            if let Some(d) = server {
+                d.stop_status();
+            }
+            let _ = stress.and_then(StressNg::stop);
+            return Err(TcgError::Qemu(e));
+        }
+    };
     let pid = qemu.id() as i32;
     let mut stdout = qemu.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
@@ -188,7 +237,7 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         text
     });
     let mut guards = Vec::new();
-    let mut daemon = None;
+    let mut daemon = server;
     let setup = (|| -> Result<(), TcgError> {
         match policy {
             "static" => {
@@ -203,10 +252,6 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                 }
             }
             "daemon" => {
-                let trace = pvsched_host::trace::TraceConfig {
-                    waking: true,
-                    ..pvsched_host::trace::TraceConfig::none()
-                };
                 daemon = Some(ExternalDaemon::start_for(
                     pvsched_daemon::VmSource::Pid(pid),
                     trace,
@@ -248,14 +293,17 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
             .collect();
         return Err(TcgError::NoResult(tail));
     }
-    let (boosts, host_events, cpu) = status.map_or((0, 0, 0.0), |s| {
-        let boosts = s
-            .vms
-            .iter()
+    // The VM may have been detached already (QEMU gone, or the module unloaded): its last
+    // figures are in `detached`.
+    let (boosts, host_events, doorbells, cpu) = status.map_or((0, 0, 0, 0.0), |s| {
+        let vms = || s.vms.iter().chain(&s.detached);
+        let boosts = vms()
             .flat_map(|v| v.vm.vcpus.iter())
             .map(|c| c.boosts)
             .sum();
-        (boosts, s.host_events, s.cost.engine_cpu_percent)
+        let events = vms().map(|v| v.vm.host_events).sum();
+        let rings = vms().filter_map(|v| v.doorbells).sum();
+        (boosts, events, rings, s.cost.engine_cpu_percent)
     });
     Ok(TcgRun {
         threads,
@@ -263,6 +311,8 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         boosts,
         host_events,
         engine_cpu_percent: cpu,
+        doorbells,
+        guest_rings: parse_guest_rings(&text),
     })
 }
 
@@ -367,7 +417,9 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
         "# {title}\n\nLinux guest under QEMU TCG (`-smp {}`), cyclictest `-t {} -i {} -D {}` \
          (expected {expected} wake-ups per thread), rounds: {}; medians [min–max] over rounds. \
          `static`: the `CPU n/TCG` threads at FIFO 10; `daemon`: pvsched's daemon on the QEMU \
-         process, driver `dynamic` with its defaults, host event `waking` only.\n",
+         process, driver `dynamic` with its defaults, host event `waking` only; `module`: the \
+         same daemon serving the VM's `ivshmem-doorbell` device, the guest running the pvsched \
+         guest module (requests at hard and soft interrupts and while an RT task runs).\n",
         cfg.cpus, cfg.cpus, cfg.interval_us, cfg.duration_s, cfg.rounds
     );
     for busy in &cfg.busy {
@@ -387,7 +439,7 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
                 }
                 _ => "–".into(),
             };
-            let daemon = if c.policy == "daemon" {
+            let daemon = if c.policy == "daemon" || c.policy == "module" {
                 format!("{} / {}", f(s.boosts), f(s.host_events))
             } else {
                 "–".into()
@@ -438,7 +490,16 @@ mod tests {
     #[test]
     fn summaries_and_report() {
         let cfg = LinuxTcgConfig::standard(PathBuf::from("/nonexistent"), 2);
-        assert!(cfg.append().contains("-i,1000,-D,10"));
+        assert!(cfg.append(false).contains("-i,1000,-D,10"));
+        assert!(cfg.append(true).contains("pvsched.module=1"));
+        assert_eq!(
+            parse_guest_rings("[ 9.1] pvsched_guest: total rings 22916 updates 51490 unbalanced 6"),
+            Some(22916)
+        );
+        assert_eq!(
+            parse_guest_rings("pvsched_guest: cpu 0 seq 5 rings 3"),
+            None
+        );
         let run = |avg: u64, ops: f64| TcgRun {
             threads: vec![
                 CyclicThread {

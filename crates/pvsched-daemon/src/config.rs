@@ -12,6 +12,7 @@
 //! allow_uids = [0]                    # owners whose VMs may be boosted (default: root)
 //! allow_gids = [107]                  # ... or groups, e.g. libvirt's "qemu" (getent group qemu)
 //! ctl_group = 10                      # may read `ctl status` (socket 0660); changes: root only
+//! ivshmem = "/run/pvsched-ivshmem.sock" # serve QEMU ivshmem-doorbell devices (guest module)
 //!
 //! [policy]
 //! driver = "dynamic"
@@ -97,6 +98,7 @@ struct DaemonSection {
     #[serde(default)]
     allow_gids: Vec<u32>,
     ctl_group: Option<u32>,
+    ivshmem: Option<PathBuf>,
 }
 
 impl Default for DaemonSection {
@@ -113,6 +115,7 @@ impl Default for DaemonSection {
             allow_uids: default_allow_uids(),
             allow_gids: Vec::new(),
             ctl_group: None,
+            ivshmem: None,
         }
     }
 }
@@ -283,6 +286,7 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
             gids: f.daemon.allow_gids,
         },
         ctl_group: f.daemon.ctl_group,
+        ivshmem: f.daemon.ivshmem,
         quiet_gate: match f.daemon.boost_when.as_str() {
             "contended" => Some(pvsched_host::pressure::QuietGate::default()),
             "always" => None,

@@ -5,7 +5,10 @@
 //! sends commands to the runtime's real-time engine thread, which no client can stall.
 //! Every thread it boosted is restored when it stops.
 
-use crate::discover::{check_vcpu_thread, owner, process_of, vcpu_threads, Refusal, VcpuThread};
+use crate::discover::{
+    check_vcpu_thread, owner, process_of, vcpu_threads, Refusal, VcpuThread, Vmm,
+};
+use crate::ivshmem::{Connection, IvshmemServer};
 use crate::slots::{GuestSlots, ProtocolSpec, SlotWatch};
 use crate::state::{recover, Recovery, StateFile};
 use crate::status::{DaemonStatus, DaemonVm};
@@ -101,6 +104,9 @@ pub struct DaemonConfig {
     pub quiet_gate: Option<pvsched_host::pressure::QuietGate>,
     /// At most this many vCPU threads boosted at once, over all VMs (`None`: no cap).
     pub max_boosted: Option<usize>,
+    /// Serve QEMU's `ivshmem-doorbell` devices on this socket: guests with the pvsched guest
+    /// module get their slots there ([`crate::ivshmem`]).
+    pub ivshmem: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -122,6 +128,7 @@ impl DaemonConfig {
             ctl_group: None,
             quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),
             max_boosted: Some(pvsched_host::runtime::default_max_boosted()),
+            ivshmem: None,
         }
     }
 }
@@ -141,6 +148,9 @@ pub enum DaemonError {
     /// The ctl socket could not be created.
     #[error("cannot listen on {0}")]
     Bind(PathBuf, #[source] std::io::Error),
+    /// The ivshmem server socket could not be created.
+    #[error("cannot serve ivshmem on {0}")]
+    Ivshmem(PathBuf, #[source] std::io::Error),
     /// A VM to attach has no vCPU threads or is gone.
     #[error("{0} has no vCPU threads (QEMU 'CPU n/KVM' or 'CPU n/TCG', crosvm_vcpuN, vcpuN, 'fc_vcpu N', pvsched-vcpuN)")]
     NoVcpus(VmSource),
@@ -180,6 +190,28 @@ struct VmInfo {
     watch: Option<SlotWatch>,
     /// QMP queries that failed in a row (a VM is detached only after [`QMP_FAILURES`]).
     failures: u32,
+}
+
+/// `e` and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Where an attached VM's slots come from.
+enum Slots<'a> {
+    /// None: host events only.
+    None,
+    /// A VMM's guest-memory file.
+    File(&'a ProtocolSpec),
+    /// The daemon's own ivshmem memory, with its doorbell.
+    Ivshmem(Box<GuestSlots>, crate::ivshmem::Doorbell),
 }
 
 /// Failed QMP queries in a row after which a VM counts as gone (one transient error, e.g. a
@@ -242,7 +274,19 @@ fn wait_named(pid: i32, stop: &AtomicBool) -> Vec<VcpuThread> {
 /// The daemon's control plane.
 /// What metrics need to know of each attached VM besides the runtime's status: where it came
 /// from and whether the daemon reads its slots. Shared with the metrics thread.
-type Labels = std::sync::Mutex<BTreeMap<u32, (VmSource, bool)>>;
+type Labels = std::sync::Mutex<BTreeMap<u32, VmLabel>>;
+
+/// See [`Labels`].
+struct VmLabel {
+    source: VmSource,
+    /// The daemon reads its slots.
+    protocol: bool,
+    /// Its ivshmem doorbell's rings, as the runtime consumed them.
+    doorbells: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// Detached VMs whose last status `ctl status` still shows.
+const DETACHED_KEPT: usize = 16;
 
 struct Daemon<'a> {
     cfg: &'a DaemonConfig,
@@ -253,6 +297,8 @@ struct Daemon<'a> {
     next_id: u32,
     /// Processes whose refusal was logged already (`--watch` looks again every scan).
     refused_logged: std::collections::BTreeSet<i32>,
+    /// The last status of the last [`DETACHED_KEPT`] detached VMs.
+    detached: std::collections::VecDeque<DaemonVm>,
 }
 
 /// Restores what a previous daemon left boosted, as recorded in `state_file`.
@@ -276,6 +322,10 @@ pub fn run(
     let listener = bind_ctl(&cfg.socket, cfg.ctl_group)
         .map_err(|e| DaemonError::Bind(cfg.socket.clone(), e))?;
     listener.set_nonblocking(true)?;
+    let ivshmem = match &cfg.ivshmem {
+        Some(p) => Some(IvshmemServer::bind(p).map_err(|e| DaemonError::Ivshmem(p.clone(), e))?),
+        None => None,
+    };
     let metrics = match cfg.metrics {
         Some(addr) if !addr.ip().is_loopback() && !cfg.metrics_public => {
             return Err(DaemonError::Metrics(
@@ -317,6 +367,7 @@ pub fn run(
         labels: &labels,
         next_id: 0,
         refused_logged: std::collections::BTreeSet::new(),
+        detached: std::collections::VecDeque::new(),
     };
     // Metrics on their own thread: a client that connects and says nothing holds up other
     // metrics clients for at most CLIENT_TIMEOUT each, never ctl, discovery or the engine.
@@ -337,7 +388,7 @@ pub fn run(
             }
         }
         let _served = Served(&served);
-        d.serve(&listener, stop, recovery, on_ready)
+        d.serve(&listener, ivshmem.as_ref(), stop, recovery, on_ready)
     });
     // Every path out restores: the runtime puts every thread back when it stops.
     let status = runtime.stop();
@@ -379,22 +430,33 @@ impl Daemon<'_> {
     fn serve(
         &mut self,
         listener: &UnixListener,
+        ivshmem: Option<&IvshmemServer>,
         stop: &AtomicBool,
         recovery: Recovery,
         on_ready: impl FnOnce(&Recovery),
     ) -> Result<(), DaemonError> {
         for spec in &self.cfg.vms {
-            self.attach(spec.source.clone(), spec.protocol.as_ref(), Some(stop))?;
+            let slots = spec.protocol.as_ref().map_or(Slots::None, Slots::File);
+            self.attach(spec.source.clone(), slots, Some(stop))?;
         }
         if self.cfg.watch {
             self.rescan();
         }
         on_ready(&recovery);
         let mut last_scan = Instant::now();
-        let fds = [listener.as_raw_fd()];
+        let mut fds = vec![listener.as_raw_fd()];
+        fds.extend(ivshmem.map(IvshmemServer::fd));
+        let mut conns: Vec<Connection> = Vec::new();
         while !stop.load(Ordering::Acquire) {
-            if readable(&fds, Duration::from_millis(100))[0] {
+            let ready = readable(&fds, Duration::from_millis(100));
+            if ready[0] {
                 self.serve_ctl(listener);
+            }
+            if let Some(server) = ivshmem {
+                if ready[1] {
+                    self.accept_ivshmem(server, &mut conns);
+                }
+                self.service_ivshmem(&mut conns);
             }
             // A VM whose memory file was cut short: its slots are gone; restore and let go.
             let truncated: Vec<u32> = self
@@ -425,9 +487,9 @@ impl Daemon<'_> {
     fn attach(
         &mut self,
         source: VmSource,
-        protocol: Option<&ProtocolSpec>,
+        protocol: Slots<'_>,
         wait: Option<&AtomicBool>,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<u32, DaemonError> {
         let mut found =
             threads_of(&source).map_err(|e| DaemonError::Discover(source.clone(), e))?;
         if let (true, VmSource::Pid(pid), Some(stop)) = (found.is_empty(), &source, wait) {
@@ -445,17 +507,26 @@ impl Daemon<'_> {
         let owner = process_of(threads[0].tid)
             .and_then(owner)
             .map(|(uid, _)| uid);
-        let slots = match protocol {
-            Some(p) => Some(
-                GuestSlots::open(p, owner).map_err(|e| DaemonError::Slots(source.clone(), e))?,
+        let rings = match &protocol {
+            Slots::Ivshmem(_, d) => Some(d.counter()),
+            _ => None,
+        };
+        let (slots, doorbell) = match protocol {
+            Slots::None => (None, None),
+            Slots::File(p) => (
+                Some(
+                    GuestSlots::open(p, owner)
+                        .map_err(|e| DaemonError::Slots(source.clone(), e))?,
+                ),
+                None,
             ),
-            None => None,
+            Slots::Ivshmem(s, d) => (Some(*s), Some(d)),
         };
         let id = self.next_id;
         self.next_id += 1;
         let (parts, watch) = match slots {
             Some(s) => {
-                let (src, publisher, watch) = s.into_parts(id, SLOT_POLL_NS);
+                let (src, publisher, watch) = s.into_parts(id, SLOT_POLL_NS, doorbell);
                 let parts = VmParts {
                     publisher: Some(Box::new(publisher)),
                     sources: vec![Box::new(src)],
@@ -485,10 +556,17 @@ impl Daemon<'_> {
         self.labels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (self.vms[&id].source.clone(), protocol));
+            .insert(
+                id,
+                VmLabel {
+                    source: self.vms[&id].source.clone(),
+                    protocol,
+                    doorbells: rings,
+                },
+            );
         let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
         tracing::info!(vm = id, source = %self.vms[&id].source, ?tids, driver = %self.cfg.driver, "attached VM");
-        self.set_threads(id, threads)
+        self.set_threads(id, threads).map(|()| id)
     }
 
     /// Makes VM `id`'s thread set `threads`: vanished ones removed (restored), new ones added
@@ -617,14 +695,124 @@ impl Daemon<'_> {
                 }
                 let threads = self.admit(threads).0;
                 if !threads.is_empty() {
-                    let _ = self.attach(VmSource::Pid(pid), None, None);
+                    let _ = self.attach(VmSource::Pid(pid), Slots::None, None);
                 }
             }
         }
     }
 
+    /// Takes the waiting ivshmem peers: a VMM process the daemon may boost gets its memory
+    /// and doorbell; any other is told nothing and closed.
+    fn accept_ivshmem(&mut self, server: &IvshmemServer, conns: &mut Vec<Connection>) {
+        loop {
+            let (stream, pid) = match server.accept() {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("ivshmem: cannot accept a peer: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = check_vcpu_thread(pid, Vmm::Qemu, &self.cfg.allowed) {
+                tracing::warn!(pid, "ivshmem: peer refused: {e}");
+                continue;
+            }
+            match Connection::setup(stream, pid) {
+                Ok(c) => {
+                    tracing::info!(
+                        pid,
+                        "ivshmem: VMM connected; waiting for its guest's module"
+                    );
+                    conns.push(c);
+                }
+                Err(e) => tracing::warn!(pid, "ivshmem: set-up of the peer failed: {e}"),
+            }
+        }
+    }
+
+    /// Attaches the VM of each ivshmem peer whose guest answered, detaches it when the guest
+    /// module lets go or QEMU disconnects.
+    fn service_ivshmem(&mut self, conns: &mut Vec<Connection>) {
+        conns.retain_mut(|c| {
+            let gone = c.hung_up();
+            let answer = if gone { Ok(None) } else { c.answer() };
+            match (c.vm, answer) {
+                (None, Ok(Some(a))) => {
+                    // The same process attached without slots (`--watch`, `--pid`) is
+                    // replaced by the VM with slots.
+                    let dup: Vec<u32> = self
+                        .vms
+                        .iter()
+                        .filter(|(_, v)| v.source == VmSource::Pid(c.pid))
+                        .map(|(&id, _)| id)
+                        .collect();
+                    for id in dup {
+                        self.detach(id);
+                    }
+                    let attached = c
+                        .slots(a)
+                        .map_err(|e| DaemonError::Slots(VmSource::Pid(c.pid), e))
+                        .and_then(|(s, d)| {
+                            self.attach(VmSource::Pid(c.pid), Slots::Ivshmem(Box::new(s), d), None)
+                        });
+                    match attached {
+                        Ok(id) => {
+                            tracing::info!(
+                                vm = id,
+                                pid = c.pid,
+                                cpus = a.cpus,
+                                features = a.features,
+                                "ivshmem: guest module negotiated protocol 1"
+                            );
+                            c.vm = Some(id);
+                            c.problem = None;
+                        }
+                        // Retried every round; logged when the reason changes.
+                        Err(e) => c.note(format!("cannot attach: {}", error_chain(&e))),
+                    }
+                }
+                (None, Err(e)) => c.note(format!("guest answer refused: {e}")),
+                (Some(id), Ok(Some(_))) if self.vms.contains_key(&id) => {}
+                (Some(id), _) => {
+                    if self.vms.contains_key(&id) {
+                        self.detach(id);
+                    }
+                    c.disable();
+                    c.vm = None;
+                    tracing::info!(
+                        vm = id,
+                        pid = c.pid,
+                        doorbells = c.doorbells(),
+                        "ivshmem: VM detached ({})",
+                        if gone {
+                            "QEMU disconnected"
+                        } else {
+                            "guest module let go"
+                        }
+                    );
+                }
+                (None, Ok(None)) => {}
+            }
+            !gone
+        });
+    }
+
     fn detach(&mut self, id: u32) {
         tracing::info!(vm = id, "VM gone, detached");
+        // Its last figures stay visible in `ctl status` (`detached`).
+        if let Ok(st) = self.rt.status() {
+            let last = self
+                .daemon_status(st)
+                .vms
+                .into_iter()
+                .find(|v| v.vm.id == id);
+            if let Some(v) = last {
+                if self.detached.len() == DETACHED_KEPT {
+                    self.detached.pop_front();
+                }
+                self.detached.push_back(v);
+            }
+        }
         let _ = self.rt.remove_vm(id);
         self.labels
             .lock()
@@ -660,7 +848,10 @@ impl Daemon<'_> {
     }
 
     fn daemon_status(&self, st: pvsched_host::runtime::Status) -> DaemonStatus {
-        daemon_status(self.labels, st)
+        DaemonStatus {
+            detached: self.detached.iter().cloned().collect(),
+            ..daemon_status(self.labels, st)
+        }
     }
 
     fn serve_ctl(&mut self, listener: &UnixListener) {
@@ -727,18 +918,23 @@ fn daemon_status(labels: &Labels, st: pvsched_host::runtime::Status) -> DaemonSt
             .vms
             .into_iter()
             .filter_map(|v| {
-                let (source, protocol) = labels.get(&v.id)?;
+                let l = labels.get(&v.id)?;
                 Some(DaemonVm {
-                    source: source.to_string(),
-                    pid: match source {
-                        VmSource::Pid(p) => Some(*p),
+                    source: l.source.to_string(),
+                    pid: match l.source {
+                        VmSource::Pid(p) => Some(p),
                         _ => None,
                     },
-                    protocol: *protocol,
+                    protocol: l.protocol,
+                    doorbells: l
+                        .doorbells
+                        .as_ref()
+                        .map(|d| d.load(std::sync::atomic::Ordering::Relaxed)),
                     vm: v,
                 })
             })
             .collect(),
+        detached: Vec::new(),
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod daemon;
 pub mod discover;
+pub mod ivshmem;
 pub mod metrics;
 pub mod qmp;
 pub mod slots;

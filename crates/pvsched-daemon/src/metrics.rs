@@ -44,6 +44,7 @@ pub fn render(status: &Status) -> String {
     let enabled = Family::<VmLabels, Gauge>::default();
     let host_events = Counter::<u64>::default();
     let vm_events = Family::<VmLabels, Counter>::default();
+    let doorbells = Family::<VmLabels, Counter>::default();
     let lost = Counter::<u64>::default();
     let errors = Counter::<u64>::default();
     let apply_errors = Family::<KindLabels, Counter>::default();
@@ -100,6 +101,11 @@ pub fn render(status: &Status) -> String {
         "vm_host_events",
         "Host events fed to the policy for a VM's vCPUs",
         vm_events.clone(),
+    );
+    reg.register(
+        "vm_doorbells",
+        "Doorbells a VM's guest rang (ivshmem-doorbell transport)",
+        doorbells.clone(),
     );
     reg.register(
         "host_events_lost",
@@ -183,6 +189,9 @@ pub fn render(status: &Status) -> String {
         };
         enabled.get_or_create(&labels).set(vm.enabled as i64);
         vm_events.get_or_create(&labels).inc_by(vm.host_events);
+        if let Some(n) = d.doorbells {
+            doorbells.get_or_create(&labels).inc_by(n);
+        }
         for c in &vm.vcpus {
             let l = VcpuLabels {
                 vm: vm.id.to_string(),
@@ -228,6 +237,7 @@ mod tests {
                 source: "pid 7".into(),
                 pid: Some(7),
                 protocol: false,
+                doorbells: Some(5),
                 vm: VmStatus {
                     id: 0,
                     driver: "dynamic".into(),
@@ -287,6 +297,12 @@ mod tests {
         assert!(
             t.contains(
                 "pvsched_vm_host_events_total{vm=\"0\",source=\"pid 7\",driver=\"dynamic\"} 42"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "pvsched_vm_doorbells_total{vm=\"0\",source=\"pid 7\",driver=\"dynamic\"} 5"
             ),
             "{t}"
         );

@@ -103,7 +103,16 @@ impl GuestSlots {
                 "{name} is writable by every user: anyone could forge the guests' requests"
             )));
         }
-        let len = meta.len();
+        GuestSlots::from_file(f, spec)
+    }
+
+    /// Maps `f`, which the caller vouches for (the daemon's own memory, e.g. an ivshmem
+    /// region it created and sealed), and checks every slot address; `spec.memory` only
+    /// names it in errors.
+    pub fn from_file(f: std::fs::File, spec: &ProtocolSpec) -> io::Result<GuestSlots> {
+        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        let name = spec.memory.display();
+        let len = f.metadata()?.len();
         if len == 0 {
             return Err(bad(format!("{name} is empty")));
         }
@@ -294,13 +303,20 @@ impl GuestSlots {
 
     /// Splits the mapping into the runtime's source (polled every `period`) and publisher
     /// for VM `vm`.
-    pub fn into_parts(self, vm: u32, period: Nanos) -> (SlotSource, SlotPublisher, SlotWatch) {
+    /// With a `doorbell` the source waits on it and is not polled.
+    pub fn into_parts(
+        self,
+        vm: u32,
+        period: Nanos,
+        doorbell: Option<crate::ivshmem::Doorbell>,
+    ) -> (SlotSource, SlotPublisher, SlotWatch) {
         let shared = Arc::new(std::sync::Mutex::new(self));
         (
             SlotSource {
                 slots: shared.clone(),
                 vm,
                 period,
+                doorbell,
             },
             SlotPublisher(shared.clone()),
             SlotWatch(shared),
@@ -332,11 +348,12 @@ impl SlotWatch {
     }
 }
 
-/// A VM's slots polled as an event source.
+/// A VM's slots as an event source: read when its doorbell rings, or polled.
 pub struct SlotSource {
     slots: Arc<std::sync::Mutex<GuestSlots>>,
     vm: u32,
     period: Nanos,
+    doorbell: Option<crate::ivshmem::Doorbell>,
 }
 
 impl EventSource for SlotSource {
@@ -344,12 +361,15 @@ impl EventSource for SlotSource {
         "guest-slots"
     }
     fn fd(&self) -> Option<RawFd> {
-        None
+        self.doorbell.as_ref().map(|d| d.fd())
     }
     fn poll_period(&self) -> Option<Nanos> {
-        Some(self.period)
+        self.doorbell.is_none().then_some(self.period)
     }
     fn drain(&mut self, _now: Nanos, out: &mut Vec<Event>) -> Option<Nanos> {
+        if let Some(d) = &self.doorbell {
+            d.take();
+        }
         let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let n = s.slots.len() as u32;
         s.poll(self.vm, n, out);

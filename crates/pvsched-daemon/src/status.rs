@@ -13,6 +13,9 @@ pub struct DaemonVm {
     pub pid: Option<i32>,
     /// The daemon reads this VM's pvsched slots.
     pub protocol: bool,
+    /// Doorbells its guest rang (a VM served over ivshmem).
+    #[serde(default)]
+    pub doorbells: Option<u64>,
     /// What the runtime knows of it (id, driver, vCPUs, host events, boost latency).
     #[serde(flatten)]
     pub vm: VmStatus,
@@ -41,4 +44,7 @@ pub struct DaemonStatus {
     pub cost: Cost,
     /// Attached VMs.
     pub vms: Vec<DaemonVm>,
+    /// The last status of recently detached VMs (at most 16, oldest first).
+    #[serde(default)]
+    pub detached: Vec<DaemonVm>,
 }

@@ -12,6 +12,8 @@
 //!   checker alike;
 //! - [`host`]: decoding a slot written by a possibly hostile guest into a typed snapshot or a
 //!   typed error, and the host side of the boost-state handshake;
+//! - [`ivshmem`]: the transport for guests of a VMM with QEMU's `ivshmem-doorbell` device (the
+//!   daemon as its server): the header's offer and the guest's checked answer;
 //! - [`v3`]: the pvsched v3 shared page (ABI version 1), spoken beside version 1: its layout,
 //!   negotiation, hostile-page decoding and the host's feedback word (`docs/protocol-v3.md`).
 //!
@@ -22,6 +24,7 @@
 pub mod abi;
 pub mod guest;
 pub mod host;
+pub mod ivshmem;
 pub mod negotiate;
 pub mod v3;
 
