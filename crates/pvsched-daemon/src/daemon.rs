@@ -285,6 +285,13 @@ struct VmLabel {
     doorbells: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
+/// VMs served over ivshmem at most (each costs 4 descriptors and a 64 KiB mapping or two).
+const IVSHMEM_PEERS: usize = 64;
+/// After a guest let go of its slots, its VM is attached again no sooner than this.
+const IVSHMEM_REATTACH: Duration = Duration::from_secs(1);
+/// After accepting failed, the ivshmem socket is not looked at for this long.
+const IVSHMEM_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Detached VMs whose last status `ctl status` still shows.
 const DETACHED_KEPT: usize = 16;
 
@@ -444,17 +451,20 @@ impl Daemon<'_> {
         }
         on_ready(&recovery);
         let mut last_scan = Instant::now();
-        let mut fds = vec![listener.as_raw_fd()];
-        fds.extend(ivshmem.map(IvshmemServer::fd));
         let mut conns: Vec<Connection> = Vec::new();
+        let mut backoff: Option<Instant> = None;
         while !stop.load(Ordering::Acquire) {
+            let mut fds = vec![listener.as_raw_fd()];
+            if backoff.is_none_or(|t| t.elapsed() >= IVSHMEM_BACKOFF) {
+                fds.extend(ivshmem.map(IvshmemServer::fd));
+            }
             let ready = readable(&fds, Duration::from_millis(100));
             if ready[0] {
                 self.serve_ctl(listener);
             }
             if let Some(server) = ivshmem {
-                if ready[1] {
-                    self.accept_ivshmem(server, &mut conns);
+                if ready.get(1) == Some(&true) {
+                    backoff = (!self.accept_ivshmem(server, &mut conns)).then(Instant::now);
                 }
                 self.service_ivshmem(&mut conns);
             }
@@ -701,20 +711,35 @@ impl Daemon<'_> {
         }
     }
 
-    /// Takes the waiting ivshmem peers: a VMM process the daemon may boost gets its memory
-    /// and doorbell; any other is told nothing and closed.
-    fn accept_ivshmem(&mut self, server: &IvshmemServer, conns: &mut Vec<Connection>) {
+    /// Takes the waiting ivshmem peers: a VMM process the daemon may boost, not connected
+    /// already, gets its memory and doorbell; any other is told nothing and closed. `false`
+    /// when accepting failed (out of descriptors): the caller backs off.
+    fn accept_ivshmem(&mut self, server: &IvshmemServer, conns: &mut Vec<Connection>) -> bool {
         loop {
             let (stream, pid) = match server.accept() {
                 Ok(Some(p)) => p,
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     tracing::warn!("ivshmem: cannot accept a peer: {e}");
-                    return;
+                    return false;
                 }
             };
             if let Err(e) = check_vcpu_thread(pid, Vmm::Qemu, &self.cfg.allowed) {
                 tracing::warn!(pid, "ivshmem: peer refused: {e}");
+                continue;
+            }
+            if conns.iter().any(|c| c.pid == pid) {
+                tracing::warn!(
+                    pid,
+                    "ivshmem: peer refused: the process is connected already"
+                );
+                continue;
+            }
+            if conns.len() >= IVSHMEM_PEERS {
+                tracing::warn!(
+                    pid,
+                    "ivshmem: peer refused: {IVSHMEM_PEERS} VMs served already"
+                );
                 continue;
             }
             match Connection::setup(stream, pid) {
@@ -731,70 +756,103 @@ impl Daemon<'_> {
     }
 
     /// Attaches the VM of each ivshmem peer whose guest answered, detaches it when the guest
-    /// module lets go or QEMU disconnects.
+    /// module lets go (or answers anew) or QEMU disconnects.
     fn service_ivshmem(&mut self, conns: &mut Vec<Connection>) {
         conns.retain_mut(|c| {
             let gone = c.hung_up();
             let answer = if gone { Ok(None) } else { c.answer() };
             match (c.vm, answer) {
-                (None, Ok(Some(a))) => {
-                    // The same process attached without slots (`--watch`, `--pid`) is
-                    // replaced by the VM with slots.
-                    let dup: Vec<u32> = self
-                        .vms
-                        .iter()
-                        .filter(|(_, v)| v.source == VmSource::Pid(c.pid))
-                        .map(|(&id, _)| id)
-                        .collect();
-                    for id in dup {
-                        self.detach(id);
-                    }
-                    let attached = c
-                        .slots(a)
-                        .map_err(|e| DaemonError::Slots(VmSource::Pid(c.pid), e))
-                        .and_then(|(s, d)| {
-                            self.attach(VmSource::Pid(c.pid), Slots::Ivshmem(Box::new(s), d), None)
-                        });
-                    match attached {
-                        Ok(id) => {
-                            tracing::info!(
-                                vm = id,
-                                pid = c.pid,
-                                cpus = a.cpus,
-                                features = a.features,
-                                "ivshmem: guest module negotiated protocol 1"
-                            );
-                            c.vm = Some(id);
-                            c.problem = None;
-                        }
-                        // Retried every round; logged when the reason changes.
-                        Err(e) => c.note(format!("cannot attach: {}", error_chain(&e))),
-                    }
-                }
-                (None, Err(e)) => c.note(format!("guest answer refused: {e}")),
-                (Some(id), Ok(Some(_))) if self.vms.contains_key(&id) => {}
-                (Some(id), _) => {
+                (Some((id, was)), Ok(Some(a))) if a == was && self.vms.contains_key(&id) => {}
+                (Some((id, _)), now) => {
                     if self.vms.contains_key(&id) {
                         self.detach(id);
                     }
                     c.disable();
                     c.vm = None;
+                    c.not_before = Some(Instant::now() + IVSHMEM_REATTACH);
+                    let why = match (gone, now) {
+                        (true, _) => "QEMU disconnected",
+                        (false, Ok(Some(_))) => "the guest answered anew",
+                        (false, Ok(None)) => "the guest module let go",
+                        (false, Err(_)) => "the guest's answer turned invalid",
+                    };
                     tracing::info!(
                         vm = id,
                         pid = c.pid,
                         doorbells = c.doorbells(),
-                        "ivshmem: VM detached ({})",
-                        if gone {
-                            "QEMU disconnected"
-                        } else {
-                            "guest module let go"
-                        }
+                        "ivshmem: VM detached ({why})"
                     );
+                    // What the process had before, host events only.
+                    if let Some(src) = c.replaced.take() {
+                        if !gone {
+                            let _ = self.attach(src, Slots::None, None);
+                        }
+                    }
                 }
+                (None, Ok(Some(a))) => {
+                    if c.not_before.is_some_and(|t| Instant::now() < t) {
+                        return !gone;
+                    }
+                    self.attach_ivshmem(c, a);
+                }
+                (None, Err(e)) => c.note(format!("guest answer refused: {e}")),
                 (None, Ok(None)) => {}
             }
             !gone
         });
+    }
+
+    /// Attaches connection `c`'s VM with the guest's answer `a`, replacing the same process
+    /// attached without slots.
+    fn attach_ivshmem(&mut self, c: &mut Connection, a: pvsched_proto::ivshmem::Answer) {
+        let mine: Vec<i32> = vcpu_threads(c.pid)
+            .unwrap_or_default()
+            .iter()
+            .map(|t| t.tid)
+            .collect();
+        let dup: Vec<u32> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.threads.iter().any(|t| mine.contains(&t.tid)))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dup {
+            if let Some(v) = self.vms.get(&id) {
+                c.replaced = Some(v.source.clone());
+            }
+            tracing::info!(
+                vm = id,
+                pid = c.pid,
+                "ivshmem: replacing the VM attached without slots"
+            );
+            self.detach(id);
+        }
+        let attached = c
+            .slots(a)
+            .map_err(|e| DaemonError::Slots(VmSource::Pid(c.pid), e))
+            .and_then(|(s, d)| {
+                self.attach(VmSource::Pid(c.pid), Slots::Ivshmem(Box::new(s), d), None)
+            });
+        match attached {
+            Ok(id) => {
+                tracing::info!(
+                    vm = id,
+                    pid = c.pid,
+                    cpus = a.cpus,
+                    features = a.features,
+                    "ivshmem: guest module negotiated protocol 1"
+                );
+                c.vm = Some((id, a));
+                c.problem = None;
+            }
+            // Retried every round; logged when the reason changes.
+            Err(e) => {
+                c.note(format!("cannot attach: {}", error_chain(&e)));
+                if let Some(src) = c.replaced.take() {
+                    let _ = self.attach(src, Slots::None, None);
+                }
+            }
+        }
     }
 
     fn detach(&mut self, id: u32) {

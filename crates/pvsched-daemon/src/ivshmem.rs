@@ -1,13 +1,13 @@
 //! The daemon as the server of QEMU's `ivshmem-doorbell` device: the transport of protocol
 //! version 1 for Linux guests with the pvsched guest module (`guest/linux/module`,
-//! `docs/protocol.md` section 10).
+//! `docs/protocol.md` section 13).
 //!
 //! QEMU (`-chardev socket,path=P,id=c -device ivshmem-doorbell,chardev=c`) connects to the
 //! socket; the daemon answers with the ivshmem server protocol (QEMU's
 //! `docs/specs/ivshmem-spec.rst`): the protocol version 0, the guest's peer id, the shared
 //! memory (a sealed memfd the daemon created and keeps mapped) and the eventfd of the
-//! daemon's own peer, id 0, vector 0: the guest's doorbell, written by QEMU when the guest
-//! writes `0 << 16 | 0` to the device's doorbell register. The memory holds the transport
+//! daemon's own peer, id 1, vector 0: the guest's doorbell, written by QEMU when the guest
+//! writes `1 << 16 | 0` to the device's doorbell register. The memory holds the transport
 //! header ([`pvsched_proto::ivshmem`]) and one slot per guest CPU; the VM is attached (its
 //! vCPU threads found by the connecting process's id) once the guest module has written a
 //! valid answer, and detached when the module lets go, QEMU disconnects or the daemon stops.
@@ -29,9 +29,10 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// The ivshmem server protocol version QEMU expects first.
 const IVSHMEM_PROTOCOL: i64 = 0;
 /// The daemon's peer id (its vector 0 is the doorbell).
-pub const DAEMON_PEER: u16 = 0;
-/// The peer id every guest gets (each VM has its own connection and memory).
-pub const GUEST_PEER: i64 = 1;
+pub const DAEMON_PEER: u16 = 1;
+/// The peer id every guest gets (each VM has its own connection and memory): 0, which QEMU
+/// makes the device's migration master (`master=auto`), so the VM stays migratable.
+pub const GUEST_PEER: i64 = 0;
 /// How long a peer may take to take the set-up messages.
 const SEND_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -42,13 +43,21 @@ pub struct IvshmemServer {
 }
 
 impl IvshmemServer {
-    /// Listens on `path` (a stale socket there is replaced; any other file is an error). The
-    /// socket is open to every local user (mode 0666): who connects is checked by its
-    /// process (`SO_PEERCRED`) before it gets anything.
+    /// Listens on `path` (a stale socket there is replaced; a live one, or any other file, is
+    /// an error). The socket is open to every local user (mode 0666): who connects is
+    /// checked by its process (`SO_PEERCRED`) before it gets anything.
     pub fn bind(path: &Path) -> io::Result<IvshmemServer> {
         use std::os::unix::fs::{FileTypeExt, PermissionsExt};
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(m) if m.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is served by another process", path.display()),
+                    ));
+                }
+                std::fs::remove_file(path)?
+            }
             Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -102,8 +111,14 @@ pub struct Connection {
     offer: Offer,
     bell: Arc<EventFd>,
     doorbells: Arc<AtomicU64>,
-    /// The VM attached for it, when the guest's answer was valid.
-    pub vm: Option<u32>,
+    /// The VM attached for it, when the guest's answer was valid, and that answer.
+    pub vm: Option<(u32, Answer)>,
+    /// The VM of the same process attached without slots before (`--pid`, `--qmp`,
+    /// `--watch`, a `[[vm]]`): attached again when this one is detached.
+    pub replaced: Option<crate::daemon::VmSource>,
+    /// No attach before this (after the guest let go: a guest flipping its status does not
+    /// make the daemon attach and detach at its pace).
+    pub not_before: Option<std::time::Instant>,
     /// Why the VM is not attached, as last logged.
     pub problem: Option<String>,
 }
@@ -162,6 +177,8 @@ impl Connection {
             bell: Arc::new(bell),
             doorbells: Arc::new(AtomicU64::new(0)),
             vm: None,
+            replaced: None,
+            not_before: None,
             problem: None,
         })
     }
@@ -182,14 +199,18 @@ impl Connection {
         answer(&hdr, &self.offer)
     }
 
-    /// True once QEMU closed its end (it exited or unplugged the device). Anything it sends
-    /// is read and ignored (a server expects nothing from its peers).
+    /// True once QEMU closed its end (it exited or unplugged the device), or sent anything:
+    /// the protocol has nothing for a peer to say to the server, so a peer that talks is
+    /// dropped (it cannot keep the daemon reading).
     pub fn hung_up(&self) -> bool {
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 1];
         loop {
             match (&self.stream).read(&mut buf) {
                 Ok(0) => return true,
-                Ok(_) => continue,
+                Ok(_) => {
+                    tracing::warn!(pid = self.pid, "ivshmem: the peer sent data: dropped");
+                    return true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return true,
@@ -313,7 +334,7 @@ mod tests {
             "sealed: the peer cannot shrink it"
         );
         let (v, bell) = recv(&client);
-        assert_eq!(v, 0);
+        assert_eq!(v, i64::from(DAEMON_PEER));
         let mut bell = bell.expect("doorbell fd");
         // The peer's view of the memory: the offer.
         let peer: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files([(
@@ -354,6 +375,16 @@ mod tests {
         assert!(!conn.hung_up());
         drop(client);
         assert!(conn.hung_up());
+        // A peer that talks is dropped.
+        let client = UnixStream::connect(&path).unwrap();
+        let (stream, pid) = server.accept().unwrap().expect("a peer");
+        let conn = Connection::setup(stream, pid).unwrap();
+        assert!(!conn.hung_up());
+        (&client).write_all(b"x").unwrap();
+        assert!(conn.hung_up());
+        // A second server on a live socket is refused.
+        let e = IvshmemServer::bind(&path).err().expect("refused");
+        assert!(e.to_string().contains("another process"), "{e}");
         drop(server);
         assert!(!path.exists(), "the socket is removed with the server");
         let _ = std::fs::remove_dir(&dir);

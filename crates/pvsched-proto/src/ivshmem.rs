@@ -1,4 +1,4 @@
-//! The ivshmem transport of protocol version 1 (`docs/protocol.md`, section 10): for guests
+//! The ivshmem transport of protocol version 1 (`docs/protocol.md`, section 13): for guests
 //! of a VMM that offers no pvsched CPUID leaves or MSRs but QEMU's standard
 //! `ivshmem-doorbell` device, whose server (the pvsched daemon) hands out the shared memory
 //! and the doorbell eventfd.
@@ -81,7 +81,7 @@ impl Offer {
         }
     }
 
-    /// Writes the host part of the header into `hdr` (at least 64 bytes; the guest part is
+    /// Writes the host part of the header into `hdr` (at least 0x80 bytes; the guest part is
     /// zeroed).
     pub fn write(&self, hdr: &mut [u8]) {
         hdr[..0x80].fill(0);

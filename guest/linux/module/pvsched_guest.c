@@ -3,7 +3,7 @@
  * pvsched guest module: tells the host which guest CPUs need their vCPU thread boosted.
  *
  * Protocol: pvsched version 1 (docs/protocol.md in the pvsched repository), over QEMU's
- * ivshmem-doorbell device whose server is `pvsched daemon --ivshmem PATH` (section 10 there,
+ * ivshmem-doorbell device whose server is `pvsched daemon --ivshmem PATH` (section 13 there,
  * "Transport: ivshmem"). The device's shared memory (BAR2) starts with a transport header
  * (the host's offer, then this module's answer) followed by one 128-byte slot per guest CPU.
  *
@@ -11,7 +11,7 @@
  *   - IRQ: a device interrupt handler (irq_handler_entry/exit) or the local APIC timer
  *     interrupt (local_timer_entry/exit);
  *   - SOFTIRQ: softirq processing (softirq_entry/exit);
- *   - RT_TASK: a SCHED_FIFO/RR/DEADLINE task runs on the CPU (sched_switch).
+ *   - RT_TASK: a user SCHED_FIFO/RR/DEADLINE task runs on the CPU (sched_switch).
  * The guest half of a slot is written only by its own CPU, with interrupts disabled, so it has
  * a single writer. The doorbell (BAR0 register 12) rings only when the host must act at once:
  * a new request while the host publishes Normal ("boost me", for the reasons in ring_mask), or
@@ -38,7 +38,7 @@
 #define IVSHMEM_IVPOSITION 8
 #define IVSHMEM_DOORBELL 12
 
-/* Transport header (docs/protocol.md, section 10). Host part. */
+/* Transport header (docs/protocol.md, section 13). Host part. */
 #define HDR_MAGIC 0x00		/* u64: "pvschedI" */
 #define HDR_TRANSPORT 0x08	/* u32: transport version, 1 */
 #define HDR_VERSIONS 0x0c	/* u32: protocol versions offered (bit v = version v) */
@@ -76,6 +76,10 @@ static unsigned int ring_mask = (1u << REASON_IRQ) | (1u << REASON_RT_TASK);
 module_param(ring_mask, uint, 0444);
 MODULE_PARM_DESC(ring_mask,
 		 "reasons (bit 0 irq, 2 softirq, 3 rt task) whose new request rings \"boost me\"");
+
+static bool unboost_ring = true;
+module_param(unboost_ring, bool, 0444);
+MODULE_PARM_DESC(unboost_ring, "ring \"unboost me\" at the last release (if the host offers it)");
 
 static bool hook_softirq = true;
 module_param(hook_softirq, bool, 0444);
@@ -198,7 +202,11 @@ static void probe_softirq_exit(void *data, unsigned int vec)
 static void probe_switch(void *data, bool preempt, struct task_struct *prev,
 			 struct task_struct *next, unsigned int prev_state)
 {
-	bool rt = rt_task(next) || dl_task(next);
+	/*
+	 * User RT tasks only: the kernel's own FIFO threads (the migration/N stopper, threaded
+	 * interrupts) run briefly and would cost a boost and an unboost each.
+	 */
+	bool rt = (rt_task(next) || dl_task(next)) && !(next->flags & PF_KTHREAD);
 
 	/* Runs with interrupts disabled (the runqueue lock is held). */
 	if (rt == __this_cpu_read(rt_held))
@@ -361,7 +369,7 @@ static int pv_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 			 d->nslots, num_possible_cpus());
 	/* Only the synchronous unboost is wanted: deadline and vCPU hints are not published. */
 	features &= FEATURE_UNBOOST_DOORBELL;
-	d->unboost_bell = features & FEATURE_UNBOOST_DOORBELL;
+	d->unboost_bell = unboost_ring && (features & FEATURE_UNBOOST_DOORBELL);
 	for (cpu = 0; cpu < d->nslots; cpu++)
 		memset(d->shm + d->slot_offset + (size_t)cpu * SLOT_SIZE, 0, 64);
 	WRITE_ONCE(*(u64 *)(d->shm + HDR_ANSWER), PROTOCOL_VERSION | ((u64)features << 32));
