@@ -85,6 +85,9 @@ fn run_linux_tcg(args: &BenchArgs, interrupt: &AtomicBool) -> Result<ExitCode, C
             &serde_json::to_string_pretty(&json).unwrap_or_default(),
         )?,
     ];
+    let plot = out.join("latency-avg.svg");
+    linux_tcg::plot(&cfg, &cells, &plot)?;
+    let files = [files[0].clone(), files[1].clone(), plot];
     print!("{report}");
     println!("\nReport written to {}:", out.display());
     for f in &files {

@@ -74,6 +74,10 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
             .unwrap();
+    assert!(
+        out_dir.join("latency-avg.svg").exists(),
+        "the plot is written"
+    );
     let cells = json["cells"].as_array().unwrap();
     // none, daemon and module, on the busy and the idle host: each ran its guest to the end.
     assert_eq!(cells.len(), 6, "{json}");
@@ -159,7 +163,14 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
     // VM with slots when its guest's module answers.
     let mut daemon = Child(
         Command::new(env!("CARGO_BIN_EXE_pvsched"))
-            .args(["daemon", "--boost-when", "always", "--host-events", "none", "--watch"])
+            .args([
+                "daemon",
+                "--boost-when",
+                "always",
+                "--host-events",
+                "none",
+                "--watch",
+            ])
             .arg("--ivshmem")
             .arg(&ivshmem)
             .arg("--socket")

@@ -461,6 +461,102 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
     out
 }
 
+/// `latency-avg.svg`: the guest's average latency per policy, busy and idle host side by
+/// side, bars at the median with the rounds' min–max as whiskers.
+pub fn plot(
+    cfg: &LinuxTcgConfig,
+    cells: &[TcgCell],
+    path: &std::path::Path,
+) -> Result<(), BenchError> {
+    use plotters::prelude::*;
+    let err =
+        |e: &dyn std::fmt::Display| BenchError::Plot(path.display().to_string(), e.to_string());
+    let expected = u64::from(cfg.duration_s) * 1_000_000 / u64::from(cfg.interval_us.max(1));
+    let sums: Vec<(bool, usize, TcgSummary)> = cells
+        .iter()
+        .filter_map(|c| {
+            let pi = cfg.policies.iter().position(|p| *p == c.policy)?;
+            Some((c.busy, pi, summarize(c, expected)))
+        })
+        .collect();
+    let top = sums
+        .iter()
+        .filter(|(_, _, s)| s.avg_us.n > 0)
+        .map(|(_, _, s)| s.avg_us.max)
+        .fold(1.0f64, f64::max)
+        * 1.15;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let groups: Vec<bool> = cfg.busy.clone();
+    let labels = groups.clone();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "Linux guest under QEMU TCG: cyclictest average, {} µs interval",
+                cfg.interval_us
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..groups.len() as f64, 0f64..top)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&move |x| {
+            let i = (*x - 0.5).round();
+            if (*x - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < labels.len() {
+                if labels[i as usize] {
+                    "stress-ng host"
+                } else {
+                    "idle host"
+                }
+                .to_string()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("guest avg latency (µs), median and min–max over rounds")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let width = 0.8 / cfg.policies.len().max(1) as f64;
+    for (pi, policy) in cfg.policies.iter().enumerate() {
+        let color = Palette99::pick(pi).to_rgba();
+        let mine: Vec<(f64, Stat)> = sums
+            .iter()
+            .filter(|(_, p, s)| *p == pi && s.avg_us.n > 0)
+            .filter_map(|(busy, _, s)| {
+                let g = groups.iter().position(|b| b == busy)?;
+                Some((g as f64 + 0.1 + pi as f64 * width, s.avg_us))
+            })
+            .collect();
+        chart
+            .draw_series(mine.iter().map(|&(x0, st)| {
+                Rectangle::new([(x0, 0.0), (x0 + width * 0.9, st.median)], color.filled())
+            }))
+            .map_err(|e| err(&e))?
+            .label(policy.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        chart
+            .draw_series(mine.iter().map(|&(x0, st)| {
+                let x = x0 + width * 0.45;
+                PathElement::new(vec![(x, st.min), (x, st.max)], BLACK.stroke_width(2))
+            }))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +637,14 @@ mod tests {
         assert_eq!(s.done_pct.median, 95.0);
         let r = report(&cfg, &cells, "t");
         assert!(r.contains("| static | 150 [150–150] | 300 [300–300] | 95 [95–95] | 1000 [1000–1000] | 0.50 | – |"), "{r}");
+        let svg = std::env::temp_dir().join(format!("pvsched-tcg-plot-{}.svg", std::process::id()));
+        plot(&cfg, &cells, &svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        let _ = std::fs::remove_file(&svg);
+        assert!(
+            text.starts_with("<svg") && text.contains("static") && text.contains("stress-ng host"),
+            "{text}"
+        );
         assert!(matches!(
             run_check(&cfg),
             Err(TcgError::NoGuest(p)) if p.ends_with("vmlinuz")
