@@ -110,7 +110,10 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
             .expect("the module printed its counts");
         assert!(guest > 0, "the module rang: {c}");
         assert_eq!(run["doorbells"].as_u64().unwrap(), guest, "{c}");
-        assert!(run["boosts"].as_u64().unwrap() > 0, "{c}");
+        // On the idle host the quiet gate may boost nothing; under stress-ng it boosts.
+        if c["busy"] == true {
+            assert!(run["boosts"].as_u64().unwrap() > 0, "{c}");
+        }
     }
     assert!(stdout.contains("## Host idle"), "{stdout}");
     let _ = std::fs::remove_dir_all(&out_dir);
