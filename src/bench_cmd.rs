@@ -36,6 +36,9 @@ fn run_linux_tcg(args: &BenchArgs, interrupt: &AtomicBool) -> Result<ExitCode, C
     if let Some(d) = args.cell_duration {
         cfg.duration_s = (d.as_secs_f64().round() as u32).max(1);
     }
+    // Checked before anything runs.
+    pvsched_policy::DriverOptions::parse(args.daemon_opts.iter().map(String::as_str))?;
+    cfg.daemon_opts = args.daemon_opts.clone();
     if let Some(p) = &args.policies {
         let known = linux_tcg::TCG_POLICIES;
         if let Some(bad) = p.iter().find(|n| !known.contains(&n.as_str())) {
@@ -119,6 +122,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     }
     if let Some(d) = args.cell_duration {
         cfg.cell_duration = d;
+    }
+    if !args.daemon_opts.is_empty() {
+        return Err(CliError::Usage(
+            "--daemon-opt is for --guest linux-tcg (the testbed's policies take theirs from \
+             their names)",
+        ));
     }
     if let Some(p) = args.policies {
         if p.iter().any(|n| n == "module") {

@@ -170,6 +170,10 @@ pub struct BenchArgs {
     /// Where the Linux guest's vmlinuz and initramfs.gz are (`--guest linux-tcg`).
     #[arg(long, default_value = "target/linux-guest")]
     pub guest_dir: PathBuf,
+    /// `--guest linux-tcg`: a driver option (key=value, repeatable) of the daemon in the
+    /// `daemon` and `module` columns, e.g. `rt_budget=5ms`.
+    #[arg(long = "daemon-opt", value_name = "KEY=VALUE")]
+    pub daemon_opts: Vec<String>,
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {

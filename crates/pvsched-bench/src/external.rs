@@ -5,6 +5,7 @@
 use crate::engine_host::HostLoopReport;
 use crate::worker::Worker;
 use pvsched_daemon::{DaemonConfig, DaemonError, DaemonStatus};
+use pvsched_policy::DriverOptions;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -31,7 +32,16 @@ impl ExternalDaemon {
         source: pvsched_daemon::VmSource,
         trace: pvsched_host::trace::TraceConfig,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false)
+        Self::start_with(vec![source.into()], trace, false, DriverOptions::new())
+    }
+
+    /// [`ExternalDaemon::start_for`] with driver options `opts`.
+    pub fn start_for_with(
+        source: pvsched_daemon::VmSource,
+        trace: pvsched_host::trace::TraceConfig,
+        opts: DriverOptions,
+    ) -> Result<ExternalDaemon, DaemonError> {
+        Self::start_with(vec![source.into()], trace, false, opts)
     }
 
     /// Starts the daemon as an ivshmem server (no VM given: each QEMU that connects to
@@ -39,8 +49,9 @@ impl ExternalDaemon {
     /// host events `trace`.
     pub fn start_ivshmem(
         trace: pvsched_host::trace::TraceConfig,
+        opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(Vec::new(), trace, true)
+        Self::start_with(Vec::new(), trace, true, opts)
     }
 
     /// The ivshmem socket of a daemon started by [`ExternalDaemon::start_ivshmem`].
@@ -52,6 +63,7 @@ impl ExternalDaemon {
         vms: Vec<pvsched_daemon::VmSpec>,
         trace: pvsched_host::trace::TraceConfig,
         ivshmem: bool,
+        opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
         let dir = std::env::temp_dir().join(format!(
             "pvsched-external-{}-{}",
@@ -61,6 +73,7 @@ impl ExternalDaemon {
         std::fs::create_dir_all(&dir).map_err(DaemonError::Io)?;
         let cfg = DaemonConfig {
             trace,
+            opts,
             ivshmem: ivshmem.then(|| dir.join("ivshmem.sock")),
             ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))
         };

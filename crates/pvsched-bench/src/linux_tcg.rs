@@ -8,6 +8,7 @@
 use crate::bench::{BenchError, Stat, StressNg};
 use crate::external::ExternalDaemon;
 use pvsched_host::sched::{SchedClass, SchedGuard};
+use pvsched_policy::DriverOptions;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::PathBuf;
@@ -37,6 +38,10 @@ pub struct LinuxTcgConfig {
     pub policies: Vec<String>,
     /// Host states: `false` idle, `true` `stress-ng --cpu <host CPUs>`.
     pub busy: Vec<bool>,
+    /// Driver options of the daemon in the `daemon` and `module` columns (`key=value`;
+    /// default: none, the driver's defaults).
+    #[serde(default)]
+    pub daemon_opts: Vec<String>,
 }
 
 impl LinuxTcgConfig {
@@ -51,6 +56,7 @@ impl LinuxTcgConfig {
             cpus: cpus.max(1),
             policies: TCG_POLICIES.iter().map(|s| s.to_string()).collect(),
             busy: vec![true, false],
+            daemon_opts: Vec::new(),
         }
     }
 
@@ -159,6 +165,9 @@ pub enum TcgError {
     /// The daemon failed.
     #[error("the daemon")]
     Daemon(#[from] pvsched_daemon::DaemonError),
+    /// A daemon option is invalid.
+    #[error("invalid daemon option")]
+    Option(#[from] pvsched_policy::OptionError),
     /// Setting the static class failed.
     #[error("static class")]
     Sched(#[from] pvsched_host::sched::Error),
@@ -176,13 +185,14 @@ fn tcg_threads(pid: i32) -> Vec<i32> {
 
 /// Runs one cell once.
 fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, TcgError> {
+    let opts = DriverOptions::parse(cfg.daemon_opts.iter().map(String::as_str))?;
     let trace = pvsched_host::trace::TraceConfig {
         waking: true,
         ..pvsched_host::trace::TraceConfig::none()
     };
     // The ivshmem server listens before QEMU connects to it.
     let server = match policy {
-        "module" => Some(ExternalDaemon::start_ivshmem(trace)?),
+        "module" => Some(ExternalDaemon::start_ivshmem(trace, opts.clone())?),
         _ => None,
     };
     let stress = if busy {
@@ -252,9 +262,10 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                 }
             }
             "daemon" => {
-                daemon = Some(ExternalDaemon::start_for(
+                daemon = Some(ExternalDaemon::start_for_with(
                     pvsched_daemon::VmSource::Pid(pid),
                     trace,
+                    opts.clone(),
                 )?);
             }
             _ => {}
@@ -419,8 +430,17 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
          `static`: the `CPU n/TCG` threads at FIFO 10; `daemon`: pvsched's daemon on the QEMU \
          process, driver `dynamic` with its defaults, host event `waking` only; `module`: the \
          same daemon serving the VM's `ivshmem-doorbell` device, the guest running the pvsched \
-         guest module (requests at hard and soft interrupts and while an RT task runs).\n",
-        cfg.cpus, cfg.cpus, cfg.interval_us, cfg.duration_s, cfg.rounds
+         guest module (requests at hard and soft interrupts and while an RT task runs).{}\n",
+        cfg.cpus,
+        cfg.cpus,
+        cfg.interval_us,
+        cfg.duration_s,
+        cfg.rounds,
+        if cfg.daemon_opts.is_empty() {
+            String::new()
+        } else {
+            format!(" Daemon driver options: `{}`.", cfg.daemon_opts.join(" "))
+        }
     );
     for busy in &cfg.busy {
         let host = if *busy { "`stress-ng --cpu N`" } else { "idle" };
