@@ -138,6 +138,9 @@ pub struct VcpuState {
     pub repay_since: Option<Nanos>,
     /// The host is quiet (see [`VcpuEvent::Quiet`]).
     pub quiet: bool,
+    /// `Disabled` was published because the host is quiet (not because the slot is
+    /// invalid): `Normal` is published again when it is not.
+    pub muted: bool,
     /// Generation of each [`TimerKind`].
     pub timer_gen: [u64; 4],
     /// Counters.

@@ -666,7 +666,7 @@ impl DynamicDriver {
 
     fn on_request(&self, ctx: &mut VcpuCtx<'_>) {
         let now = ctx.now;
-        if ctx.state.published == Some(BoostState::Disabled) {
+        if ctx.state.published == Some(BoostState::Disabled) && !ctx.state.muted {
             // The slot decodes again after it was found invalid: resume. Publishing Normal
             // makes the mechanism re-read the request and report it.
             ctx.publish(BoostState::Normal);
@@ -820,8 +820,14 @@ impl DynamicDriver {
         } else {
             ctx.state.throttled_until = None;
             if !ctx.state.is_boosted() {
-                // The mechanism re-reads the request after publishing and reports it.
-                ctx.publish(BoostState::Normal);
+                // The mechanism re-reads the request after publishing and reports it. While
+                // quiet a v1 guest is told not to ring (see `VcpuEvent::Quiet`).
+                ctx.state.muted = ctx.state.quiet && ctx.state.v3.is_none();
+                ctx.publish(if ctx.state.muted {
+                    BoostState::Disabled
+                } else {
+                    BoostState::Normal
+                });
             }
         }
     }
@@ -853,12 +859,19 @@ impl DynamicDriver {
     fn handle(&self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent) {
         let now = ctx.now;
         match ev {
-            VcpuEvent::Registered => ctx.publish(if ctx.state.is_throttled() {
-                BoostState::Throttled
-            } else {
-                BoostState::Normal
-            }),
+            VcpuEvent::Registered => {
+                let v1 = ctx.state.v3.is_none();
+                ctx.state.muted = v1 && ctx.state.quiet && !ctx.state.is_throttled();
+                ctx.publish(if ctx.state.is_throttled() {
+                    BoostState::Throttled
+                } else if ctx.state.muted {
+                    BoostState::Disabled
+                } else {
+                    BoostState::Normal
+                })
+            }
             VcpuEvent::Unregistered => {
+                ctx.state.muted = false;
                 ctx.unboost(BoostState::Disabled);
                 ctx.end_deboost();
             }
@@ -917,6 +930,7 @@ impl DynamicDriver {
             }
             VcpuEvent::SlotInvalid => {
                 ctx.state.counters.bad_slots += 1;
+                ctx.state.muted = false;
                 ctx.state.request = Default::default();
                 if let Some(v3) = ctx.state.v3.as_mut() {
                     v3.area = Default::default();
@@ -968,16 +982,35 @@ impl DynamicDriver {
             }
             VcpuEvent::Quiet(quiet) => {
                 ctx.state.quiet = quiet;
+                // While quiet no request can start a boost: a protocol-v1 guest that was told
+                // `Normal` is told `Disabled`, so it rings no doorbell for nothing, and
+                // `Normal` again when the host is contended (then its request is read again).
+                let v1 = ctx.state.v3.is_none();
                 if quiet {
                     // Nothing to protect the vCPU from: end the boost, and any repayment.
+                    let rest = if v1 {
+                        BoostState::Disabled
+                    } else {
+                        BoostState::Normal
+                    };
                     if ctx.state.is_boosted() {
-                        ctx.unboost(BoostState::Normal);
+                        ctx.unboost(rest);
+                        ctx.state.muted = v1;
                     } else {
                         ctx.end_repay();
+                        if v1 && matches!(ctx.state.published, None | Some(BoostState::Normal)) {
+                            ctx.publish(BoostState::Disabled);
+                            ctx.state.muted = true;
+                        }
                     }
                     // Lead timers are not armed while quiet; an armed one is dropped.
                     ctx.state.timer_gen[TimerKind::Lead as usize] += 1;
                 } else {
+                    if std::mem::take(&mut ctx.state.muted)
+                        && ctx.state.published == Some(BoostState::Disabled)
+                    {
+                        ctx.publish(BoostState::Normal);
+                    }
                     if let (Some(lead), Some(d)) = (self.p.lead, ctx.state.deadline) {
                         if d > now {
                             ctx.arm(TimerKind::Lead, d.saturating_sub(lead).max(now));

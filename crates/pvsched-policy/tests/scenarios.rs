@@ -797,6 +797,51 @@ fn a_quiet_vcpu_gets_no_boosts() {
 }
 
 #[test]
+fn a_quiet_host_tells_a_v1_guest_not_to_ring() {
+    let mut s = Sim::new("dynamic", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    assert_eq!(s.published[&V0], BoostState::Normal);
+    // Nothing can start a boost while quiet: the guest is told `Disabled` (do not ring).
+    s.event(V0, VcpuEvent::Quiet(true));
+    assert_eq!(s.published[&V0], BoostState::Disabled);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(!s.is_boosted(V0));
+    assert_eq!(
+        s.published[&V0],
+        BoostState::Disabled,
+        "a request while quiet does not unmute (unlike a slot that decodes again)"
+    );
+    // Contended: `Normal` again, and the request held meanwhile boosts.
+    s.event(V0, VcpuEvent::Quiet(false));
+    assert!(s.is_boosted(V0));
+    assert_eq!(s.published[&V0], BoostState::Boosted);
+    // A boosted vCPU whose host turns quiet is unboosted to `Disabled`.
+    s.event(V0, VcpuEvent::Quiet(true));
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.published[&V0], BoostState::Disabled);
+    s.guest(V0, Reasons::NONE);
+    s.event(V0, VcpuEvent::Quiet(false));
+    assert_eq!(s.published[&V0], BoostState::Normal);
+    // A vCPU registered again on a quiet host (a driver hand-over, enabling) stays muted.
+    s.event(V1, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Quiet(true));
+    assert_eq!(s.published[&V1], BoostState::Disabled);
+    s.event(V1, VcpuEvent::Registered);
+    assert_eq!(s.published[&V1], BoostState::Disabled);
+    // A slot found invalid is not unmuted by the host turning contended: it resumes when it
+    // decodes again.
+    s.event(V1, VcpuEvent::SlotInvalid);
+    s.event(V1, VcpuEvent::Quiet(false));
+    assert_eq!(s.published[&V1], BoostState::Disabled);
+    s.guest(V1, rs(&[Reason::Irq]));
+    assert_eq!(
+        s.published[&V1],
+        BoostState::Boosted,
+        "decodes again: resumed and boosted"
+    );
+}
+
+#[test]
 fn a_quiet_verdict_sent_while_disabled_holds_after_enable() {
     let mut s = Sim::new("dynamic", &[]);
     s.event(V0, VcpuEvent::Registered);
