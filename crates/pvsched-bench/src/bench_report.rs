@@ -434,6 +434,19 @@ fn markdown(v: &View<'_>, title: &str) -> String {
     s
 }
 
+/// The x-axis labels of a grouped bar chart with group `i` spanning `i .. i + 1`: each
+/// group's name at its middle, nothing elsewhere.
+pub(crate) fn group_labels(names: Vec<String>) -> impl Fn(&f64) -> String {
+    move |x| {
+        let i = (*x - 0.5).round();
+        if (*x - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < names.len() {
+            names[i as usize].clone()
+        } else {
+            String::new()
+        }
+    }
+}
+
 fn plot_err(name: &Path, e: impl std::fmt::Display) -> BenchError {
     BenchError::Plot(name.display().to_string(), e.to_string())
 }
@@ -511,19 +524,12 @@ fn glitch_plot(v: &View<'_>, path: &Path) -> Result<(), BenchError> {
         .y_label_area_size(55)
         .build_cartesian_2d(0f64..periods.len() as f64, 0f64..100f64)
         .map_err(|e| plot_err(path, e))?;
-    let labels = periods.clone();
+    let labels = group_labels(periods.iter().map(|p| format!("{p} ms task")).collect());
     chart
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(periods.len() * 2 + 1)
-        .x_label_formatter(&move |x| {
-            let i = (*x - 0.5).round();
-            if (*x - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < labels.len() {
-                format!("{} ms task", labels[i as usize])
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&labels)
         .y_desc("% of jobs late")
         .draw()
         .map_err(|e| plot_err(path, e))?;

@@ -508,7 +508,12 @@ pub fn plot(
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let groups: Vec<bool> = cfg.busy.clone();
-    let labels = groups.clone();
+    let labels = crate::bench_report::group_labels(
+        groups
+            .iter()
+            .map(|&busy| if busy { "stress-ng host" } else { "idle host" }.to_string())
+            .collect(),
+    );
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
@@ -526,19 +531,7 @@ pub fn plot(
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(groups.len() * 2 + 1)
-        .x_label_formatter(&move |x| {
-            let i = (*x - 0.5).round();
-            if (*x - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < labels.len() {
-                if labels[i as usize] {
-                    "stress-ng host"
-                } else {
-                    "idle host"
-                }
-                .to_string()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&labels)
         .y_desc("guest avg latency (µs), median and min–max over rounds")
         .draw()
         .map_err(|e| err(&e))?;
