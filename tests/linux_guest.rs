@@ -108,10 +108,11 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         let guest = run["guest_rings"]
             .as_u64()
             .expect("the module printed its counts");
-        assert!(guest > 0, "the module rang: {c}");
         assert_eq!(run["doorbells"].as_u64().unwrap(), guest, "{c}");
-        // On the idle host the quiet gate may boost nothing; under stress-ng it boosts.
+        // On the idle host the quiet gate may boost nothing (and then tells the guest not to
+        // ring); under stress-ng the guest rings and the daemon boosts.
         if c["busy"] == true {
+            assert!(guest > 0, "the module rang: {c}");
             assert!(run["boosts"].as_u64().unwrap() > 0, "{c}");
         }
     }
