@@ -3,14 +3,13 @@
 //! SIGTERM and `kill -9` + recovery leaving nothing boosted. Skips, saying why, without
 //! /dev/kvm, real-time privileges or tracepoints.
 
+mod common;
+
+use common::{ctl, pvsched, spawn_daemon};
 use pvsched_testutil::{kvm_or_skip, serial, skip};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn pvsched() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pvsched"))
-}
 
 /// A busy testbed VM in its own process, killed on drop.
 struct VmProc(Child);
@@ -131,35 +130,6 @@ fn start_daemon(
     spawn_daemon(test, cmd, socket)
 }
 
-/// Spawns a daemon command and waits until it listens on `socket`; `None` (after saying why)
-/// when this host cannot run it (no tracepoints, no RT privilege).
-fn spawn_daemon(test: &str, mut cmd: Command, socket: &Path) -> Option<Child> {
-    let mut d = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !socket.exists() {
-        if let Some(status) = d.try_wait().unwrap() {
-            let mut err = String::new();
-            use std::io::Read;
-            let _ = d.stderr.take().unwrap().read_to_string(&mut err);
-            if status.code() == Some(3) || status.code() == Some(5) {
-                skip!("{test}: {err}");
-                return None;
-            }
-            panic!("daemon exited with {status}: {err}");
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Some(d)
-}
-
 /// Writes a daemon configuration next to `socket` (`[daemon]` with that socket and `state`,
 /// then `rest`, which may go on with `[daemon]` keys) and starts the daemon with it; `None`
 /// (after saying why) when this host cannot run it.
@@ -186,20 +156,6 @@ fn http_get(port: u16) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
-    let out = pvsched()
-        .arg("ctl")
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 #[test]

@@ -5,6 +5,9 @@
 //! guest. Skips, saying why, only where the packages cannot be fetched or QEMU / stress-ng are
 //! missing.
 
+mod common;
+
+use common::{ctl_status, pvsched, spawn_daemon, KillOnDrop};
 use pvsched_testutil::{serial, skip};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -120,31 +123,9 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 
-/// The scheduling policy of thread `tid` (`/proc/<tid>/sched`), `None` once it is gone.
+/// The scheduling policy of thread `tid`, `None` once it is gone.
 fn policy(tid: i64) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{tid}/sched")).ok()?;
-    let l = s.lines().find(|l| l.starts_with("policy"))?;
-    l.split(':').nth(1)?.trim().parse().ok()
-}
-
-fn ctl_status(socket: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_pvsched"))
-        .args(["ctl", "--socket"])
-        .arg(socket)
-        .arg("status")
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// Kills the child on every path out of the test.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    pvsched_host::sched::get(tid as i32).ok().map(|a| a.policy)
 }
 
 #[test]
@@ -165,40 +146,30 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
     // `always`: boost on every request, busy host or not. `--watch`: the QEMU process is
     // attached host-only first (its vCPU threads are named at start-up), then replaced by the
     // VM with slots when its guest's module answers.
-    let mut daemon = Child(
-        Command::new(env!("CARGO_BIN_EXE_pvsched"))
-            .args([
-                "daemon",
-                "--boost-when",
-                "always",
-                "--host-events",
-                "none",
-                "--watch",
-            ])
-            .arg("--ivshmem")
-            .arg(&ivshmem)
-            .arg("--socket")
-            .arg(&ctl)
-            .arg("--state-file")
-            .arg(tmp.join("state.json"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let t0 = Instant::now();
-    while !ivshmem.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the daemon did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = pvsched();
+    cmd.args([
+        "daemon",
+        "--boost-when",
+        "always",
+        "--host-events",
+        "none",
+        "--watch",
+    ])
+    .arg("--ivshmem")
+    .arg(&ivshmem)
+    .arg("--socket")
+    .arg(&ctl)
+    .arg("--state-file")
+    .arg(tmp.join("state.json"));
+    let Some(daemon) = spawn_daemon(test, cmd, &ivshmem) else {
+        return;
+    };
+    let mut daemon = KillOnDrop(daemon);
     let mut chardev = std::ffi::OsString::from("socket,id=pv,path=");
     chardev.push(&ivshmem);
     let append = "console=ttyS0 quiet tsc=reliable pvsched.module=1 \
                   pvsched.ct=-m,-q,-p,80,--policy=fifo,-t,2,-a,-d,0,-i,1000,-D,60";
-    let qemu = Child(
+    let qemu = KillOnDrop(
         Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "512"])
             .args(["-name", "pvsched-e2e,debug-threads=on", "-kernel"])
