@@ -570,15 +570,20 @@ fn a_tcg_qemu_given_by_pid_before_naming_gets_only_its_vcpu_threads_boosted() {
             .unwrap(),
     );
     let pid = qemu.pid();
-    let mut cmd = pvsched();
+    // `pvsched daemon --policy static --pid <pid>` on this test's socket and state file.
+    let static_daemon = |extra: &[&str]| {
+        let mut cmd = pvsched();
+        cmd.args(["daemon", "--policy", "static"])
+            .args(extra)
+            .args(["--pid", &pid.to_string()])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-file")
+            .arg(&state);
+        cmd
+    };
     // No cap: both vCPU threads (the default cap boosts one at a time on 2 CPUs).
-    cmd.args(["daemon", "--policy", "static", "--host-events", "waking"])
-        .args(["--max-boosted", "off"])
-        .args(["--pid", &pid.to_string()])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-file")
-        .arg(&state);
+    let cmd = static_daemon(&["--host-events", "waking", "--max-boosted", "off"]);
     let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
         return;
     };
@@ -636,13 +641,7 @@ fn a_tcg_qemu_given_by_pid_before_naming_gets_only_its_vcpu_threads_boosted() {
     assert!(err.contains("vCPU threads named"), "{err}");
 
     // A daemon attached to a QEMU that exits lets it go and goes on.
-    let mut cmd = pvsched();
-    cmd.args(["daemon", "--policy", "static", "--host-events", "none"])
-        .args(["--pid", &pid.to_string()])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-file")
-        .arg(&state);
+    let cmd = static_daemon(&["--host-events", "none"]);
     let Some(mut d) = spawn_daemon(test, cmd, &socket) else {
         return;
     };
