@@ -81,6 +81,9 @@ pub struct VcpuPolicyReport {
     /// Boosts that waited for the host-wide cap.
     #[serde(default)]
     pub capped: u64,
+    /// Boosts ended to hand their slot of the host-wide cap to one that waited a quantum.
+    #[serde(default)]
+    pub cap_yields: u64,
     /// Time boosted by the cause that started each boost (static, request, interrupt,
     /// deadline), ms.
     #[serde(default)]
@@ -139,6 +142,7 @@ impl HostLoopReport {
                             boosted_ms: c.boosted_ms,
                             repaid_ms: c.repaid_ms,
                             capped: c.capped,
+                            cap_yields: c.cap_yields,
                             by_cause_ms: c.boosted_by_cause_ms,
                             generic_throttles: c.generic_throttles,
                             longest_ms: c.longest_boost_ms,

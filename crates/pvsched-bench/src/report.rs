@@ -194,7 +194,7 @@ pub fn render(r: &Report) -> String {
             .map_or(0.0, |c| v.boosted_ms / 1e3 / c.wall_s * 100.0);
         let _ = writeln!(
             s,
-            "B:{:2} boosts {} unboosts {} throttles {} ({} generic) refused {} capped {} boosted \
+            "B:{:2} boosts {} unboosts {} throttles {} ({} generic) refused {} capped {} (yielded {}) boosted \
              {:.1} ms ({:.1}%: request {:.0}, interrupt {:.0}, deadline {:.0} ms; longest {:.2} ms) repaid {:.1} ms",
             i,
             v.boosts,
@@ -203,6 +203,7 @@ pub fn render(r: &Report) -> String {
             v.generic_throttles,
             v.refused,
             v.capped,
+            v.cap_yields,
             v.boosted_ms,
             share,
             v.by_cause_ms[1],

@@ -56,11 +56,17 @@ pub fn render(status: &Status) -> String {
     let setattr = Family::<ByLabels, Counter>::default();
     let global = Gauge::<i64>::default();
     let capped = Family::<VcpuLabels, Counter>::default();
+    let cap_yields = Family::<VcpuLabels, Counter>::default();
     reg.register("vcpu_boosts", "Boosts of a vCPU thread", boosts.clone());
     reg.register(
         "vcpu_capped",
         "Boosts that waited for the host-wide cap (max_boosted)",
         capped.clone(),
+    );
+    reg.register(
+        "vcpu_cap_yields",
+        "Boosts ended to hand their slot of the host-wide cap to one that waited a quantum",
+        cap_yields.clone(),
     );
     reg.register(
         "vcpu_throttles",
@@ -201,6 +207,7 @@ pub fn render(status: &Status) -> String {
             boosts.get_or_create(&l).inc_by(c.boosts);
             throttles.get_or_create(&l).inc_by(c.throttles);
             capped.get_or_create(&l).inc_by(c.capped);
+            cap_yields.get_or_create(&l).inc_by(c.cap_yields);
             boosted_s.get_or_create(&l).inc_by(c.boosted_ms / 1e3);
             boosted_now.get_or_create(&l).set(c.boosted as i64);
             debt_s.get_or_create(&l).set(c.debt_ms / 1e3);

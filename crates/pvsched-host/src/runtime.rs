@@ -77,7 +77,8 @@ const MAX_CLASSES: usize = 64;
 const ORIGINAL: u64 = 0;
 /// `applied` code meaning "unknown: apply again".
 const UNKNOWN: u64 = u64::MAX;
-/// How late the engine thread may wake for a budget check, so that checks share wake-ups.
+/// How late the engine thread may wake for a budget check or a cap rotation, so that they
+/// share wake-ups.
 const BUDGET_SLACK_NS: Nanos = 100_000;
 /// The end of a repayment waits up to this long for another wake-up to share.
 const REPAY_SLACK_NS: Nanos = 1_000_000;
@@ -870,7 +871,7 @@ impl Core {
             // later): its wake-up is deferred so that checks of several vCPUs share one.
             // The end of a repayment is about fairness, not latency: it can wait longer.
             let slack = match kind {
-                TimerKind::Budget => BUDGET_SLACK_NS,
+                TimerKind::Budget | TimerKind::Cap => BUDGET_SLACK_NS,
                 TimerKind::Repay => REPAY_SLACK_NS,
                 TimerKind::Cooldown | TimerKind::Lead => 0,
             };
@@ -2202,6 +2203,7 @@ impl Loop {
                 apply_errors: cell.apply_errors.load(Ordering::Relaxed),
                 skipped_quiet: c.skipped_quiet,
                 capped: c.capped,
+                cap_yields: c.cap_yields,
                 boost_latency: cell.boost_latency.summary(),
             });
         }
@@ -2384,6 +2386,9 @@ pub struct VcpuStatus {
     /// Boosts that waited for the host-wide cap.
     #[serde(default)]
     pub capped: u64,
+    /// Boosts ended to hand their slot of the host-wide cap to one that waited a quantum.
+    #[serde(default)]
+    pub cap_yields: u64,
     /// Boost decision → class applied.
     pub boost_latency: LatencyStats,
 }

@@ -70,6 +70,10 @@ pub struct Counters {
     /// Boosts that had to wait because `max_boosted` vCPUs were boosted already.
     #[serde(default)]
     pub capped: u64,
+    /// Boosts ended to hand their slot of the host-wide cap to a boost that waited for it
+    /// (see [`crate::engine::CAP_QUANTUM_NS`]).
+    #[serde(default)]
+    pub cap_yields: u64,
     /// Boosted time of completed boosts by the cause that started them, ns, indexed by
     /// [`Cause::index`] (static, request, interrupt, deadline).
     #[serde(default)]
@@ -142,7 +146,7 @@ pub struct VcpuState {
     /// invalid): `Normal` is published again when it is not.
     pub muted: bool,
     /// Generation of each [`TimerKind`].
-    pub timer_gen: [u64; 4],
+    pub timer_gen: [u64; TimerKind::ALL.len()],
     /// Counters.
     pub counters: Counters,
     /// A boost the host-wide cap held back: since when, and the event that asked for it

@@ -962,6 +962,8 @@ impl DynamicDriver {
                         self.host_boost(ctx, Cause::Deadline, d, hold, false);
                     }
                 }
+                // The engine's own timer (it never reaches a driver).
+                TimerKind::Cap => {}
             },
             VcpuEvent::Timer(..) => {}
             VcpuEvent::Starved => {

@@ -1,7 +1,7 @@
 //! The engine: drivers by name, one per VM, replaceable at runtime; global and per-VM
 //! enable/disable (RFC v1 patch 6); per-vCPU state; events in, decisions out.
 
-use crate::driver::{Debts, Driver, VcpuCtx, VcpuState};
+use crate::driver::{Cause, Debts, Driver, VcpuCtx, VcpuState};
 use crate::drivers::{DynamicDriver, NoneDriver, StaticDriver};
 use crate::options::{DriverOptions, OptionError};
 use crate::{BoostState, Decision, Event, Nanos, TimerKind, VcpuEvent, VcpuKey};
@@ -115,6 +115,45 @@ pub struct Engine {
 /// starts: past that, the moment it was for has gone.
 pub const CAP_WAIT_HOST_NS: Nanos = 2_000_000;
 
+/// How long a boost keeps its slot of the host-wide cap while another boost waits for one:
+/// once the waiter has waited this long and the longest-held boost has been held this long,
+/// that boost yields its slot to the best waiting one and waits in turn (its request stands).
+/// Without it one request held for the whole RT budget (500 ms by default) keeps every other
+/// vCPU's boost waiting, also a sibling vCPU of the same guest that the holder spins on (an
+/// IPI, a lock): with one slot on a two-CPU host, boosts then take turns a quantum each.
+pub const CAP_QUANTUM_NS: Nanos = 1_000_000;
+
+/// A boost waiting for the cap since `since` for `what` still makes sense at `now`.
+fn wait_is_live(st: &VcpuState, since: Nanos, what: VcpuEvent, now: Nanos) -> bool {
+    match what {
+        // The guest's standing request (a contention verdict only re-offered it): live while
+        // it stands and the vCPU is contended.
+        VcpuEvent::Request(_)
+        | VcpuEvent::Doorbell(_)
+        | VcpuEvent::Intent(_)
+        | VcpuEvent::Quiet(_) => !st.request.is_empty() && !st.quiet,
+        // A lead boost is for a deadline the guest has not served yet (serving it publishes
+        // the next one, which re-arms the lead timer): a deadline that passed while the vCPU
+        // waited still has its interrupt pending, and the boost lets it be handled now rather
+        // than behind the host's threads. Not for ever: a guest that publishes nothing more
+        // is dropped like a host boost.
+        VcpuEvent::Timer(TimerKind::Lead, gen) => {
+            st.is_timer_current(TimerKind::Lead, gen)
+                && !st.quiet
+                && st
+                    .deadline
+                    .is_some_and(|d| now.saturating_sub(d) <= CAP_WAIT_HOST_NS)
+        }
+        VcpuEvent::Timer(kind, gen) => st.is_timer_current(kind, gen),
+        VcpuEvent::Interrupt | VcpuEvent::Woken | VcpuEvent::Starved => {
+            now.saturating_sub(since) <= CAP_WAIT_HOST_NS && !st.quiet
+        }
+        VcpuEvent::Registered => true,
+        // Nothing else starts a boost worth replaying.
+        _ => false,
+    }
+}
+
 impl Default for Engine {
     fn default() -> Self {
         Engine::new(Registry::builtin())
@@ -194,6 +233,11 @@ impl Engine {
             // Keep the first time it waited (oldest first), with the newest reason.
             let since = st.capped.map_or(now, |(t, _)| t);
             st.capped = Some((since, what));
+            if !waited {
+                // After a quantum, it may take the slot of the longest-held boost.
+                VcpuCtx::new(key, st, now, out)
+                    .arm(TimerKind::Cap, now.saturating_add(CAP_QUANTUM_NS));
+            }
         }
         if st.is_boosted() {
             st.capped = None;
@@ -217,36 +261,7 @@ impl Engine {
                         continue;
                     };
                     let key = VcpuKey::new(vm, vcpu);
-                    let live = global
-                        && e.enabled
-                        && match what {
-                            // The guest's standing request (a contention verdict only
-                            // re-offered it): live while it stands and the vCPU is contended.
-                            VcpuEvent::Request(_)
-                            | VcpuEvent::Doorbell(_)
-                            | VcpuEvent::Intent(_)
-                            | VcpuEvent::Quiet(_) => !st.request.is_empty() && !st.quiet,
-                            // A lead boost is for a deadline the guest has not served yet
-                            // (serving it publishes the next one, which re-arms the lead
-                            // timer): a deadline that passed while the vCPU waited still has
-                            // its interrupt pending, and the boost lets it be handled now
-                            // rather than behind the host's threads. Not for ever: a guest
-                            // that publishes nothing more is dropped like a host boost.
-                            VcpuEvent::Timer(TimerKind::Lead, gen) => {
-                                st.is_timer_current(TimerKind::Lead, gen)
-                                    && !st.quiet
-                                    && st
-                                        .deadline
-                                        .is_some_and(|d| now.saturating_sub(d) <= CAP_WAIT_HOST_NS)
-                            }
-                            VcpuEvent::Timer(kind, gen) => st.is_timer_current(kind, gen),
-                            VcpuEvent::Interrupt | VcpuEvent::Woken | VcpuEvent::Starved => {
-                                now.saturating_sub(since) <= CAP_WAIT_HOST_NS && !st.quiet
-                            }
-                            VcpuEvent::Registered => true,
-                            // Nothing else starts a boost worth replaying.
-                            _ => false,
-                        };
+                    let live = global && e.enabled && wait_is_live(st, since, what, now);
                     if !live {
                         stale.push(key);
                         continue;
@@ -294,6 +309,80 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A boost has waited a quantum for the cap (timer [`TimerKind::Cap`] of `key`): the
+    /// boost held longest, if it has been held for a quantum, yields its slot (its vCPU is
+    /// unboosted, told `Normal`, and waits in turn once its standing request is read again);
+    /// the best waiting boost gets the slot. Otherwise the waiter looks again when the oldest
+    /// boost has been held a quantum.
+    fn rotate(&mut self, key: VcpuKey, gen: u64, now: Nanos, out: &mut Vec<Decision>) {
+        let waits = self.is_enabled(key.vm)
+            && self.vcpu(key).is_some_and(|st| {
+                st.is_timer_current(TimerKind::Cap, gen)
+                    && st
+                        .capped
+                        .is_some_and(|(since, what)| wait_is_live(st, since, what, now))
+            });
+        if !waits {
+            return;
+        }
+        if !self.cap_full() {
+            self.offer(now, out);
+            return;
+        }
+        let oldest = self
+            .vms
+            .iter()
+            .filter(|(_, e)| e.enabled)
+            .flat_map(|(&vm, e)| {
+                e.vcpus
+                    .iter()
+                    .filter_map(move |(&vcpu, st)| Some((st.boost?.since, VcpuKey::new(vm, vcpu))))
+            })
+            .min();
+        let Some((since, holder)) = oldest else {
+            return;
+        };
+        let turn = since.saturating_add(CAP_QUANTUM_NS);
+        if turn > now {
+            if let Some(st) = self
+                .vms
+                .get_mut(&key.vm)
+                .and_then(|e| e.vcpus.get_mut(&key.vcpu))
+            {
+                VcpuCtx::new(key, st, now, out).arm(TimerKind::Cap, turn);
+            }
+            return;
+        }
+        if let Some(st) = self
+            .vms
+            .get_mut(&holder.vm)
+            .and_then(|e| e.vcpus.get_mut(&holder.vcpu))
+        {
+            let cause = st.boost.map(|b| b.cause);
+            let mut ctx = VcpuCtx::new(holder, st, now, out);
+            ctx.unboost(BoostState::Normal);
+            ctx.state.counters.cap_yields += 1;
+            self.boosted -= 1;
+            // It waits for its turn with what it was boosted for: a static boost, or the
+            // guest's request (handed over as it then stands). A host boost was short: it is
+            // not resumed.
+            let again = match cause {
+                Some(Cause::Static) => Some(VcpuEvent::Registered),
+                Some(Cause::Request) => Some(VcpuEvent::Request(st.request)),
+                _ => None,
+            };
+            if let Some(what) = again {
+                if st.capped.is_none() {
+                    self.waiting += 1;
+                }
+                st.capped = Some((now, what));
+                VcpuCtx::new(holder, st, now, out)
+                    .arm(TimerKind::Cap, now.saturating_add(CAP_QUANTUM_NS));
+            }
+        }
+        self.offer(now, out);
     }
 
     /// The registry.
@@ -397,6 +486,11 @@ impl Engine {
                     ctx.end_deboost();
                 }
                 self.recount();
+            }
+            VcpuEvent::Timer(TimerKind::Cap, gen) => {
+                if enabled {
+                    self.rotate(ev.key, gen, now, out);
+                }
             }
             what => {
                 let Some(st) = e.vcpus.get_mut(&ev.key.vcpu) else {

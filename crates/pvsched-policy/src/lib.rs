@@ -131,15 +131,19 @@ pub enum TimerKind {
     Lead = 2,
     /// End of a repayment (the debt is paid back).
     Repay = 3,
+    /// A boost waiting for the host-wide cap may take the slot of the longest-held boost
+    /// (the engine's own timer: drivers never see it).
+    Cap = 4,
 }
 
 impl TimerKind {
     /// Every kind.
-    pub const ALL: [TimerKind; 4] = [
+    pub const ALL: [TimerKind; 5] = [
         TimerKind::Budget,
         TimerKind::Cooldown,
         TimerKind::Lead,
         TimerKind::Repay,
+        TimerKind::Cap,
     ];
 }
 

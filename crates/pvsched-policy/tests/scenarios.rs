@@ -2,6 +2,7 @@
 //! enable/disable, replacement at runtime, and (proptest) invariants under random events.
 
 use proptest::prelude::*;
+use pvsched_policy::engine::CAP_QUANTUM_NS;
 use pvsched_policy::{
     BoostClass, BoostState, Decision, DriverOptions, Engine, EngineError, Event, Nanos, TimerKind,
     VcpuEvent, VcpuKey,
@@ -764,6 +765,67 @@ fn a_starved_vcpu_gets_a_short_boost_and_its_turn_behind_the_cap() {
     s.event(V1, VcpuEvent::Quiet(true));
     s.event(V1, VcpuEvent::Starved);
     assert!(!s.is_boosted(V1));
+}
+
+#[test]
+fn a_boost_held_a_quantum_yields_the_cap_to_a_waiting_sibling() {
+    // Two vCPUs of one guest, one slot. V0's RT task spins on V1 (an IPI, a lock): V0 keeps
+    // its request and its boost, while V1, woken on V0's host CPU, waits for the slot. After
+    // a quantum V0 yields the slot to V1, waits in turn with its request standing, and gets
+    // the slot back when V1's short boost ends.
+    let mut s = Sim::new("dynamic", &[]);
+    s.engine.set_max_boosted(Some(1));
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0));
+    s.advance(300 * US);
+    s.event(V1, VcpuEvent::Woken);
+    assert!(!s.is_boosted(V1), "the cap holds V1 back");
+    // V1 waits a quantum (V0 has then held the slot for longer than one).
+    s.advance(CAP_QUANTUM_NS - US);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    s.advance(2 * US);
+    assert!(
+        s.is_boosted(V1) && !s.is_boosted(V0),
+        "V0 yields after a quantum"
+    );
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.cap_yields, 1);
+    assert_eq!(s.published.get(&V0), Some(&BoostState::Normal));
+    assert_eq!(s.engine.boosted_now(), 1);
+    // V1's wake-up boost ends after its hold; V0's standing request gets the slot back.
+    s.advance(CAP_QUANTUM_NS / 2);
+    assert!(!s.is_boosted(V1));
+    assert!(s.is_boosted(V0), "V0's request stood: it is boosted again");
+    // Two standing requests take turns, a quantum each.
+    s.guest(V1, rs(&[Reason::RtTask]));
+    assert!(!s.is_boosted(V1));
+    s.advance(CAP_QUANTUM_NS + US);
+    assert!(s.is_boosted(V1) && !s.is_boosted(V0));
+    s.advance(CAP_QUANTUM_NS + US);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.cap_yields, 2);
+    // Once V1 lets go, V0 keeps the slot for as long as its budget allows.
+    s.guest(V1, Reasons::NONE);
+    let yields = s.engine.vcpu(V0).unwrap().counters.cap_yields;
+    s.advance(5 * CAP_QUANTUM_NS);
+    assert!(s.is_boosted(V0));
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.cap_yields, yields);
+}
+
+#[test]
+fn static_boosts_take_turns_under_the_cap() {
+    // Static with one slot for two vCPUs: each holds it a quantum in turn, never both.
+    let mut s = Sim::new("static", &[]);
+    s.engine.set_max_boosted(Some(1));
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    for turn in 0..6 {
+        s.advance(CAP_QUANTUM_NS + US);
+        let (on, off) = if turn % 2 == 0 { (V1, V0) } else { (V0, V1) };
+        assert!(s.is_boosted(on) && !s.is_boosted(off), "turn {turn}");
+    }
 }
 
 #[test]
