@@ -204,7 +204,14 @@ fn static_policy_boosts_and_reports() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let per = v["policy"]["per_vcpu"].as_array().unwrap();
     let sum = |k: &str| per.iter().map(|b| b[k].as_u64().unwrap()).sum::<u64>();
-    assert_eq!((sum("boosts"), sum("capped")), (1, 1), "{per:?}");
+    // One slot for two static vCPUs: the second waits once, then they take turns a quantum
+    // each (every turn a yield), and every boost ended.
+    assert_eq!(sum("capped"), 1, "{per:?}");
+    assert!(sum("cap_yields") >= 1, "{per:?}");
+    for b in per {
+        assert!(b["boosts"].as_u64().unwrap() >= 1, "{per:?}");
+        assert_eq!(b["boosts"], b["unboosts"], "{per:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
