@@ -313,9 +313,9 @@ impl Engine {
 
     /// A boost has waited a quantum for the cap (timer [`TimerKind::Cap`] of `key`): the
     /// boost held longest, if it has been held for a quantum, yields its slot (its vCPU is
-    /// unboosted, told `Normal`, and waits in turn once its standing request is read again);
-    /// the best waiting boost gets the slot. Otherwise the waiter looks again when the oldest
-    /// boost has been held a quantum.
+    /// unboosted and told `Normal`); the best waiting boost gets the slot, and the holder
+    /// waits in turn. Otherwise the waiter looks again when the oldest boost has been held a
+    /// quantum.
     fn rotate(&mut self, key: VcpuKey, gen: u64, now: Nanos, out: &mut Vec<Decision>) {
         let waits = self.is_enabled(key.vm)
             && self.vcpu(key).is_some_and(|st| {
@@ -365,15 +365,25 @@ impl Engine {
             ctx.unboost(BoostState::Normal);
             ctx.state.counters.cap_yields += 1;
             self.boosted -= 1;
-            // It waits for its turn with what it was boosted for: a static boost, or the
-            // guest's request (handed over as it then stands). A host boost was short: it is
-            // not resumed.
+            // The slot goes to a waiting boost first (never straight back to the holder, even
+            // with an earlier deadline)...
+            self.offer(now, out);
+            // ...then the holder waits for its turn with what it was boosted for: a static
+            // boost, or the guest's request (handed over as it then stands). A host boost was
+            // short: it is not resumed.
+            let Some(st) = self
+                .vms
+                .get_mut(&holder.vm)
+                .and_then(|e| e.vcpus.get_mut(&holder.vcpu))
+            else {
+                return;
+            };
             let again = match cause {
                 Some(Cause::Static) => Some(VcpuEvent::Registered),
                 Some(Cause::Request) => Some(VcpuEvent::Request(st.request)),
                 _ => None,
             };
-            if let Some(what) = again {
+            if let Some(what) = again.filter(|_| !st.is_boosted()) {
                 if st.capped.is_none() {
                     self.waiting += 1;
                 }
@@ -381,8 +391,9 @@ impl Engine {
                 VcpuCtx::new(holder, st, now, out)
                     .arm(TimerKind::Cap, now.saturating_add(CAP_QUANTUM_NS));
             }
+            // A slot still free (the waiters had gone) goes to it at once.
+            self.offer(now, out);
         }
-        self.offer(now, out);
     }
 
     /// The registry.

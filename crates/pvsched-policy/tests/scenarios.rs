@@ -829,6 +829,24 @@ fn static_boosts_take_turns_under_the_cap() {
 }
 
 #[test]
+fn a_yielded_slot_goes_to_the_waiter_even_if_the_holder_is_more_urgent() {
+    // V0 holds the slot with an earlier published deadline than V1's: earliest-deadline-first
+    // would hand the yielded slot straight back to V0; it goes to V1, and V0 waits.
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.engine.set_max_boosted(Some(1));
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(50 * MS)));
+    s.event(V1, VcpuEvent::DeadlineHint(Some(90 * MS)));
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.guest(V1, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    s.advance(CAP_QUANTUM_NS + US);
+    assert!(s.is_boosted(V1) && !s.is_boosted(V0));
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.cap_yields, 1);
+}
+
+#[test]
 fn a_quiet_vcpu_gets_no_boosts() {
     let mut s = Sim::new("deadline-aware", &["repay=nice:19", "repay_on=boost"]);
     s.event(V0, VcpuEvent::Registered);
