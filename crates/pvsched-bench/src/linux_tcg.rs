@@ -190,9 +190,14 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         waking: true,
         ..pvsched_host::trace::TraceConfig::none()
     };
-    // The ivshmem server listens before QEMU connects to it.
+    // The ivshmem server listens before QEMU connects to it. It boosts on the guest's word
+    // alone: with the host-only wake-up source on as well, each module run under stress-ng
+    // had a FIFO boost held 50-100 ms (docs: README, "Linux guest").
     let server = match policy {
-        "module" => Some(ExternalDaemon::start_ivshmem(trace, opts.clone())?),
+        "module" => Some(ExternalDaemon::start_ivshmem(
+            pvsched_host::trace::TraceConfig::none(),
+            opts.clone(),
+        )?),
         _ => None,
     };
     let stress = if busy {
@@ -429,8 +434,9 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
          (expected {expected} wake-ups per thread), rounds: {}; medians [min–max] over rounds. \
          `static`: the `CPU n/TCG` threads at FIFO 10; `daemon`: pvsched's daemon on the QEMU \
          process, driver `dynamic` with its defaults, host event `waking` only; `module`: the \
-         same daemon serving the VM's `ivshmem-doorbell` device, the guest running the pvsched \
-         guest module (requests at hard and soft interrupts and while an RT task runs).{}\n",
+         daemon serving the VM's `ivshmem-doorbell` device, no host events, the guest running \
+         the pvsched guest module (requests at hard and soft interrupts and while an RT task \
+         runs).{}\n",
         cfg.cpus,
         cfg.cpus,
         cfg.interval_us,
