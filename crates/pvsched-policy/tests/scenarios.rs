@@ -175,6 +175,15 @@ impl Sim {
         self.event(key, what);
     }
 
+    /// Two registered vCPUs, V0 and V1, and one slot for boosts (`max_boosted` 1).
+    fn one_slot(driver: &str, opts: &[&str]) -> Self {
+        let mut s = Sim::new(driver, opts);
+        s.engine.set_max_boosted(Some(1));
+        s.event(V0, VcpuEvent::Registered);
+        s.event(V1, VcpuEvent::Registered);
+        s
+    }
+
     fn is_boosted(&self, key: VcpuKey) -> bool {
         self.boosted.contains_key(&key)
     }
@@ -745,10 +754,7 @@ fn a_starved_vcpu_stops_repaying() {
 
 #[test]
 fn a_starved_vcpu_gets_a_short_boost_and_its_turn_behind_the_cap() {
-    let mut s = Sim::new("deadline-aware", &[]);
-    s.engine.set_max_boosted(Some(1));
-    s.event(V0, VcpuEvent::Registered);
-    s.event(V1, VcpuEvent::Registered);
+    let mut s = Sim::one_slot("deadline-aware", &[]);
     s.guest(V0, rs(&[Reason::Irq]));
     assert!(s.is_boosted(V0), "V0 holds the one slot");
     // V1 does not run at all (stuck on V0's CPU): it waits for the slot.
@@ -773,10 +779,7 @@ fn a_boost_held_a_quantum_yields_the_cap_to_a_waiting_sibling() {
     // its request and its boost, while V1, woken on V0's host CPU, waits for the slot. After
     // a quantum V0 yields the slot to V1, waits in turn with its request standing, and gets
     // the slot back when V1's short boost ends.
-    let mut s = Sim::new("dynamic", &[]);
-    s.engine.set_max_boosted(Some(1));
-    s.event(V0, VcpuEvent::Registered);
-    s.event(V1, VcpuEvent::Registered);
+    let mut s = Sim::one_slot("dynamic", &[]);
     s.guest(V0, rs(&[Reason::RtTask]));
     assert!(s.is_boosted(V0));
     s.advance(300 * US);
@@ -816,10 +819,7 @@ fn a_boost_held_a_quantum_yields_the_cap_to_a_waiting_sibling() {
 #[test]
 fn static_boosts_take_turns_under_the_cap() {
     // Static with one slot for two vCPUs: each holds it a quantum in turn, never both.
-    let mut s = Sim::new("static", &[]);
-    s.engine.set_max_boosted(Some(1));
-    s.event(V0, VcpuEvent::Registered);
-    s.event(V1, VcpuEvent::Registered);
+    let mut s = Sim::one_slot("static", &[]);
     assert!(s.is_boosted(V0) && !s.is_boosted(V1));
     for turn in 0..6 {
         s.advance(CAP_QUANTUM_NS + US);
@@ -832,10 +832,7 @@ fn static_boosts_take_turns_under_the_cap() {
 fn a_yielded_slot_goes_to_the_waiter_even_if_the_holder_is_more_urgent() {
     // V0 holds the slot with an earlier published deadline than V1's: earliest-deadline-first
     // would hand the yielded slot straight back to V0; it goes to V1, and V0 waits.
-    let mut s = Sim::new("deadline-aware", &[]);
-    s.engine.set_max_boosted(Some(1));
-    s.event(V0, VcpuEvent::Registered);
-    s.event(V1, VcpuEvent::Registered);
+    let mut s = Sim::one_slot("deadline-aware", &[]);
     s.event(V0, VcpuEvent::DeadlineHint(Some(50 * MS)));
     s.event(V1, VcpuEvent::DeadlineHint(Some(90 * MS)));
     s.guest(V0, rs(&[Reason::RtTask]));
