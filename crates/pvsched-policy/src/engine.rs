@@ -273,11 +273,7 @@ impl Engine {
                 }
             }
             for key in stale {
-                if let Some(st) = self
-                    .vms
-                    .get_mut(&key.vm)
-                    .and_then(|e| e.vcpus.get_mut(&key.vcpu))
-                {
+                if let Some(st) = self.vcpu_mut(key) {
                     st.capped = None;
                     self.waiting -= 1;
                 }
@@ -299,11 +295,7 @@ impl Engine {
             };
             self.drive(key, what, now, out);
             // Not boosted after all (the driver decided otherwise): it no longer waits.
-            if let Some(st) = self
-                .vms
-                .get_mut(&key.vm)
-                .and_then(|e| e.vcpus.get_mut(&key.vcpu))
-            {
+            if let Some(st) = self.vcpu_mut(key) {
                 if st.capped.take().is_some() {
                     self.waiting -= 1;
                 }
@@ -346,20 +338,12 @@ impl Engine {
         };
         let turn = since.saturating_add(CAP_QUANTUM_NS);
         if turn > now {
-            if let Some(st) = self
-                .vms
-                .get_mut(&key.vm)
-                .and_then(|e| e.vcpus.get_mut(&key.vcpu))
-            {
+            if let Some(st) = self.vcpu_mut(key) {
                 VcpuCtx::new(key, st, now, out).arm(TimerKind::Cap, turn);
             }
             return;
         }
-        if let Some(st) = self
-            .vms
-            .get_mut(&holder.vm)
-            .and_then(|e| e.vcpus.get_mut(&holder.vcpu))
-        {
+        if let Some(st) = self.vcpu_mut(holder) {
             let cause = st.boost.map(|b| b.cause);
             let mut ctx = VcpuCtx::new(holder, st, now, out);
             ctx.unboost(BoostState::Normal);
@@ -371,11 +355,7 @@ impl Engine {
             // ...then the holder waits for its turn with what it was boosted for: a static
             // boost, or the guest's request (handed over as it then stands). A host boost was
             // short: it is not resumed.
-            let Some(st) = self
-                .vms
-                .get_mut(&holder.vm)
-                .and_then(|e| e.vcpus.get_mut(&holder.vcpu))
-            else {
+            let Some(st) = self.vcpu_mut(holder) else {
                 return;
             };
             let again = match cause {
@@ -384,12 +364,10 @@ impl Engine {
                 _ => None,
             };
             if let Some(what) = again.filter(|_| !st.is_boosted()) {
-                if st.capped.is_none() {
-                    self.waiting += 1;
-                }
-                st.capped = Some((now, what));
+                let new_wait = st.capped.replace((now, what)).is_none();
                 VcpuCtx::new(holder, st, now, out)
                     .arm(TimerKind::Cap, now.saturating_add(CAP_QUANTUM_NS));
+                self.waiting += usize::from(new_wait);
             }
             // A slot still free (the waiters had gone) goes to it at once.
             self.offer(now, out);
@@ -459,6 +437,11 @@ impl Engine {
     /// State of one vCPU.
     pub fn vcpu(&self, key: VcpuKey) -> Option<&VcpuState> {
         self.vms.get(&key.vm)?.vcpus.get(&key.vcpu)
+    }
+
+    /// State of one vCPU, to change.
+    fn vcpu_mut(&mut self, key: VcpuKey) -> Option<&mut VcpuState> {
+        self.vms.get_mut(&key.vm)?.vcpus.get_mut(&key.vcpu)
     }
 
     /// All vCPUs and their state.
