@@ -406,8 +406,15 @@ pvsched_guest_entry:
        the halt (a halt stays in the kernel) */
     V3_INTENT {pv_v3_idle}, 0
     cmpq ${pv_enabled_v3}, {pv_status}(%rbx)
+    je 22f
+    /* v1: the host learns the deadline just armed at an exit to the VMM. A busy guest
+       leaves at its next preemption point, a few instructions after the re-arm; a guest
+       about to halt leaves once now (a halt stays in the kernel), or a host thread could
+       preempt this vCPU at its wake-up without knowing when it must run again. */
+    cmpq ${pv_enabled}, {pv_status}(%rbx)
     jne 21f
-    outb %al, ${port_yield}
+    incq {deadline_exits}(%rbx)
+22: outb %al, ${port_yield}
 21: sti
     hlt
     cli
@@ -526,14 +533,7 @@ pvsched_guest_entry:
     wrmsr
     PV_EXIT {r_preempt_bit}, {r_preempt}
     V3_CS_EXIT {cs_preempt}, 3
-    /* With the protocol on, leave to the VMM at once: the host learns the new deadline now,
-       not at the next preemption point, after which a host thread may already have
-       preempted this vCPU without knowing when it must run again. */
-    cmpq ${pv_enabled}, {pv_status}(%rbx)
-    jne 301f
-    outb %al, ${port_yield}
-    incq {deadline_exits}(%rbx)
-301:ret
+    ret
 
 /* ---- skip missed periods (cyclictest's rule): %rax = next deadline, %rcx = period. Returns
    in %rax the first deadline after now on the same period grid and in %r8 the periods

@@ -185,8 +185,8 @@ pub struct Mailbox {
     /// period behind, plus the backlog dropped then (an audio xrun: the task restarts with
     /// the latest release instead of working off a backlog it can never catch up with).
     pub task_missed: u64,
-    /// Exits taken right after arming the timer so the host sees the new deadline at once
-    /// (protocol on only).
+    /// Exits taken before a halt so the host sees the deadline just armed (protocol v1 only;
+    /// a busy guest's next yield exit, a few instructions after the re-arm, does that).
     pub deadline_exits: u64,
     /// Length of one phase of [`FLAG_PV_ALTERNATE`], TSC cycles.
     pub pv_alternate_tsc: u64,
