@@ -240,7 +240,8 @@ pub fn render(r: &Report) -> String {
             "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s, {:.0} sched_setattr/s \
              ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
              the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
-             vCPU threads {}; {} raced with a vCPU changing itself ({} set again 50 us later); {} \
+             vCPU threads {}; {} raced with a vCPU changing itself ({} settled by it first, {} set \
+             again 50 us later); {} \
              found in another class and set again; boosting held off on a quiet host for {:.1} s (vCPU time; the vCPUs \
              competing only with each other {:.1} s)",
             c.engine_cpu_percent,
@@ -254,6 +255,7 @@ pub fn render(r: &Report) -> String {
             c.engine_timers,
             c.vcpu_timers,
             c.rechecks,
+            c.recheck_settled,
             c.recheck_fixed,
             c.reconciled,
             c.quiet_s,

@@ -402,6 +402,9 @@ struct Shared {
     recheck_at: AtomicU64,
     /// Races after which the engine thread found the wanted class missing and set it.
     recheck_fixed: AtomicU64,
+    /// Races the vCPU's own thread settled (applied its latest class after the other
+    /// thread's change) before the engine thread looked.
+    recheck_settled: AtomicU64,
 }
 
 /// `Core::armed` as stored when the engine thread's timer is off, and `recheck_at` when no
@@ -626,6 +629,35 @@ impl Shared {
         self.recheck_at
             .fetch_min(now.saturating_add(RECHECK_NS), Ordering::AcqRel);
         true
+    }
+
+    /// On a vCPU's own thread, once it has applied its latest wanted class with no other
+    /// thread's change landing during its call: a look queued for it after a race (see
+    /// [`Shared::defer_recheck`]) has nothing left to find. Drops it and, when no other look
+    /// is queued, the engine thread's wake-up for it, which would preempt whatever runs on
+    /// that CPU (often the other vCPU). A vCPU stuck inside its own call never gets here, so
+    /// the look that rescues it stays.
+    fn settled(&self, cell: &Arc<ThreadCell>, now: Nanos) {
+        let empty = {
+            let mut list = self.recheck.lock();
+            let before = list.len();
+            list.retain(|(c, _)| !Arc::ptr_eq(c, cell));
+            if list.len() == before {
+                return;
+            }
+            self.recheck_settled.fetch_add(1, Ordering::Relaxed);
+            // Under the list's lock: a look queued after this sets its own time.
+            if list.is_empty() {
+                self.recheck_at.store(NO_TIMER, Ordering::Release);
+            }
+            list.is_empty()
+        };
+        if empty {
+            // If the engine thread holds the core, it re-arms at the end of its round.
+            if let Some(mut core) = self.try_core() {
+                core.arm(self, now);
+            }
+        }
     }
 
     /// Re-arms the engine thread's timer after [`Shared::defer_recheck`] on a thread that
@@ -1118,6 +1150,8 @@ impl VcpuHandle {
                 // Raced with that vCPU changing itself: its thread applies the latest class
                 // when it runs, and the engine thread makes sure of it.
                 raced |= self.shared.defer_recheck(&c, 0, now);
+            } else if own {
+                self.shared.settled(&c, now);
             }
         }
         if raced {
@@ -1280,6 +1314,7 @@ impl Runtime {
             recheck: PriorityInheritingLock::new(Vec::new()),
             recheck_at: AtomicU64::new(NO_TIMER),
             recheck_fixed: AtomicU64::new(0),
+            recheck_settled: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let epoll = Epoll::new()?;
@@ -2244,6 +2279,7 @@ impl Loop {
                 vcpu_timers: self.shared.timers_vcpu.load(Ordering::Relaxed),
                 rechecks: self.shared.rechecks.load(Ordering::Relaxed),
                 recheck_fixed: self.shared.recheck_fixed.load(Ordering::Relaxed),
+                recheck_settled: self.shared.recheck_settled.load(Ordering::Relaxed),
                 reconciled: self.shared.reconciled.load(Ordering::Relaxed),
                 quiet_s: {
                     let now = mono_ns();
@@ -2316,6 +2352,10 @@ pub struct Cost {
     /// lowered itself and was preempted inside that call) and set again.
     #[serde(default)]
     pub recheck_fixed: u64,
+    /// Of those, the ones the vCPU's own thread settled before the engine thread looked (no
+    /// look, no wake-up of the engine thread).
+    #[serde(default)]
+    pub recheck_settled: u64,
     /// Times a vCPU thread was found in another class than recorded and set again (a lost
     /// update between threads; checked once per quiet-gate window).
     #[serde(default)]

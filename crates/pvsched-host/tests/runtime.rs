@@ -744,13 +744,12 @@ fn a_boost_handed_over_is_applied_before_the_giver_lowers_itself() {
     s.rt.stop();
 }
 
-/// The engine thread boosts a vCPU whose thread is lowering itself, and the vCPU's lowering
-/// lands *after* the boost, the thread then preempted inside its call (as a thread that
-/// lowers itself next to a busier one is, for a scheduler tick or more): the engine thread
-/// must find the boost missing and set it again, not wait for the vCPU's thread to run.
-#[test]
-fn a_boost_overtaken_by_the_vcpu_lowering_itself_is_set_again() {
-    let s = setup();
+/// Starts the race of [`a_boost_overtaken_by_the_vcpu_lowering_itself_is_set_again`]: vCPU
+/// `K0` boosts itself, then lowers itself with its call held up before it lands (and, with
+/// `stall`, kept "preempted" inside the call once it landed); meanwhile the engine thread
+/// boosts it (an interrupt) and its change lands first. Returns the vCPU's thread and tid,
+/// the vCPU's lowering still held.
+fn a_lowering_overtaken_by_a_boost(s: &Setup, stall: bool) -> (std::thread::JoinHandle<()>, i32) {
     s.h.add_vm(
         0,
         "dynamic",
@@ -770,9 +769,9 @@ fn a_boost_overtaken_by_the_vcpu_lowering_itself_is_set_again() {
         let rt = Reasons::NONE.with(Reason::RtTask);
         assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
         assert!(kernel.is_fifo(gettid()));
-        // Lowers itself; its call is held up before it lands, then stays "preempted".
+        // Lowers itself; its call is held up before it lands.
         kernel.hold_own.store(true, Ordering::Release);
-        kernel.stall_own.store(true, Ordering::Release);
+        kernel.stall_own.store(stall, Ordering::Release);
         while !v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]) {
             std::thread::yield_now();
         }
@@ -796,6 +795,44 @@ fn a_boost_overtaken_by_the_vcpu_lowering_itself_is_set_again() {
     wait_for("the engine thread's boost landed", || {
         engine_sets() > before
     });
+    (t, tid)
+}
+
+/// The same race, with the vCPU's thread going on after its stale lowering landed: it sees
+/// the engine thread's change and applies the boost again itself, and drops the look the
+/// engine thread had queued (no wake-up of the engine thread for it).
+#[test]
+fn a_race_the_vcpu_settles_itself_needs_no_look_by_the_engine_thread() {
+    // The engine thread looks again 50 µs after the race (and every 50 µs while the vCPU's
+    // call is in flight, 20 times): on a loaded machine it may get there first (and find the
+    // lowering landed, and set the boost again itself). A few tries.
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let s = setup();
+        let (t, tid) = a_lowering_overtaken_by_a_boost(&s, false);
+        s.kernel.hold_own.store(false, Ordering::Release);
+        t.join().unwrap();
+        assert!(s.kernel.is_fifo(tid), "the boost stays");
+        let st = s.h.status().unwrap();
+        assert!(st.cost.rechecks >= 1, "{:?}", st.cost);
+        seen.push(st.cost.recheck_settled);
+        drop(s.rt);
+        assert!(!s.kernel.is_fifo(tid), "restored");
+        if st.cost.recheck_settled >= 1 {
+            return;
+        }
+    }
+    panic!("no race settled by the vCPU itself in 5 tries: {seen:?}");
+}
+
+/// The engine thread boosts a vCPU whose thread is lowering itself, and the vCPU's lowering
+/// lands *after* the boost, the thread then preempted inside its call (as a thread that
+/// lowers itself next to a busier one is, for a scheduler tick or more): the engine thread
+/// must find the boost missing and set it again, not wait for the vCPU's thread to run.
+#[test]
+fn a_boost_overtaken_by_the_vcpu_lowering_itself_is_set_again() {
+    let s = setup();
+    let (t, tid) = a_lowering_overtaken_by_a_boost(&s, true);
     // Then the vCPU's stale lowering lands, and its thread stalls inside the call.
     s.kernel.hold_own.store(false, Ordering::Release);
     wait_for("the lowering landed", || {
@@ -810,6 +847,8 @@ fn a_boost_overtaken_by_the_vcpu_lowering_itself_is_set_again() {
     );
     let st = s.h.status().unwrap();
     assert!(st.cost.recheck_fixed >= 1, "{:?}", st.cost);
+    // Stuck inside its call, the vCPU's thread settled nothing: the look was needed.
+    assert_eq!(st.cost.recheck_settled, 0, "{:?}", st.cost);
     s.kernel.stall_own.store(false, Ordering::Release);
     t.join().unwrap();
     assert!(
