@@ -3,21 +3,36 @@
 //! `static` (the `CPU n/TCG` threads at FIFO 10 for the whole run) / `daemon` (pvsched's
 //! daemon on the QEMU process, host-only: `sched_waking` of the vCPU threads) / `module` (the
 //! daemon as the server of an `ivshmem-doorbell` device, the guest loading the pvsched guest
-//! module, plus `sched_waking`), interleaved round by round like the testbed bench.
+//! module, no host events), interleaved round by round like the testbed bench. A guest whose
+//! kernel hangs before it starts `/init` (seen under TCG here, before any pvsched code ran in
+//! the guest) is killed after [`BOOT_LIMIT`] and its cell run again, once; the report counts
+//! such runs. A hang after that (the module loads in `/init`) is not retried: it fails the
+//! bench, showing the end of the console.
 
 use crate::bench::{BenchError, Stat, StressNg};
 use crate::external::ExternalDaemon;
 use pvsched_host::sched::{SchedClass, SchedGuard};
 use pvsched_policy::DriverOptions;
 use serde::{Deserialize, Serialize};
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The policies of the Linux-guest bench.
 pub const TCG_POLICIES: &[&str] = &["none", "static", "daemon", "module"];
+
+/// How long a guest's kernel may take to start `/init` (which prints [`INIT_MARK`] first).
+/// Boots take well under a minute here, also under stress-ng; a kernel still booting after
+/// this has hung.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(90);
+/// What every line the guest's `/init` prints starts with (its first, before it loads the
+/// module: `pvsched-guest: init`).
+pub const INIT_MARK: &str = "pvsched-guest:";
+/// How many times a cell whose guest hung before `/init` is run again.
+pub const BOOT_RETRIES: u64 = 1;
 
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,6 +160,9 @@ pub struct TcgCell {
     pub policy: String,
     /// Its runs.
     pub runs: Vec<TcgRun>,
+    /// Runs whose guest's kernel hung before `/init` and that were run again.
+    #[serde(default)]
+    pub boot_retries: u64,
 }
 
 /// Errors of the Linux-guest bench.
@@ -159,6 +177,12 @@ pub enum TcgError {
     /// The guest printed no cyclictest result.
     #[error("the guest printed no cyclictest result; its console ended with: {0}")]
     NoResult(String),
+    /// The guest's kernel did not start `/init` within [`BOOT_LIMIT`] (90 s).
+    #[error(
+        "the guest's kernel did not start /init within 90 s (a boot hang under TCG, see the \
+         README); its console ended with: {0}"
+    )]
+    BootHang(String),
     /// stress-ng or another part of the bench failed.
     #[error(transparent)]
     Bench(#[from] BenchError),
@@ -245,12 +269,12 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         }
     };
     let pid = qemu.id() as i32;
-    let mut stdout = qemu.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
+    let stdout = qemu.stdout.take().expect("piped");
+    let started = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let started = started.clone();
+        std::thread::spawn(move || read_console(stdout, &started))
+    };
     let mut guards = Vec::new();
     let mut daemon = server;
     let setup = (|| -> Result<(), TcgError> {
@@ -278,13 +302,18 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         Ok(())
     })();
     // The guest powers off after cyclictest; a stuck one is killed (boot + run + margin).
-    let limit = Duration::from_secs(u64::from(cfg.duration_s) + 90);
+    let limit = BOOT_LIMIT + Duration::from_secs(u64::from(cfg.duration_s) + 30);
     let t0 = Instant::now();
     if setup.is_err() {
         let _ = qemu.kill();
     }
+    let mut hung = false;
     while qemu.try_wait().ok().flatten().is_none() {
-        if t0.elapsed() > limit {
+        let late = t0.elapsed();
+        if late > BOOT_LIMIT && !started.load(Ordering::Acquire) {
+            hung = true;
+            let _ = qemu.kill();
+        } else if late > limit {
             let _ = qemu.kill();
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -307,7 +336,11 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
             .into_iter()
             .rev()
             .collect();
-        return Err(TcgError::NoResult(tail));
+        return Err(if hung {
+            TcgError::BootHang(tail)
+        } else {
+            TcgError::NoResult(tail)
+        });
     }
     // The VM may have been detached already (QEMU gone, or the module unloaded): its last
     // figures are in `detached`.
@@ -332,6 +365,49 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
     })
 }
 
+/// Reads QEMU's console to its end (lossily: a guest may print anything), setting `started`
+/// once the guest's `/init` printed its first line. Never stops early, so QEMU never blocks on a
+/// full pipe.
+fn read_console(stdout: impl std::io::Read, started: &AtomicBool) -> String {
+    let mut r = BufReader::new(stdout);
+    let mut text = String::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                let l = String::from_utf8_lossy(&line);
+                if l.contains(INIT_MARK) {
+                    started.store(true, Ordering::Release);
+                }
+                text.push_str(&l);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    text
+}
+
+/// Runs `run` until it does not fail with [`TcgError::BootHang`], at most [`BOOT_RETRIES`]
+/// more times, calling `again` before each new try. Returns the run and the tries repeated.
+fn with_boot_retries(
+    mut run: impl FnMut() -> Result<TcgRun, TcgError>,
+    mut again: impl FnMut(&TcgError),
+) -> Result<(TcgRun, u64), TcgError> {
+    let mut retries = 0;
+    loop {
+        match run() {
+            Err(e @ TcgError::BootHang(_)) if retries < BOOT_RETRIES => {
+                again(&e);
+                retries += 1;
+            }
+            r => return r.map(|run| (run, retries)),
+        }
+    }
+}
+
 /// Runs the matrix: every cell once per round, in the same order each round. `progress(done,
 /// total, label)` is called before each cell. Stops early (returning what ran) when
 /// `interrupt` is set.
@@ -353,6 +429,7 @@ pub fn run(
                 busy,
                 policy: p.clone(),
                 runs: Vec::new(),
+                boot_retries: 0,
             })
         })
         .collect();
@@ -369,7 +446,18 @@ pub fn run(
                 cell.policy
             );
             progress(done, total, &label);
-            cell.runs.push(run_cell(cfg, cell.busy, &cell.policy)?);
+            let (run, retries) = with_boot_retries(
+                || run_cell(cfg, cell.busy, &cell.policy),
+                |_| {
+                    progress(
+                        done,
+                        total,
+                        &format!("{label} again: the guest hung at boot"),
+                    )
+                },
+            )?;
+            cell.runs.push(run);
+            cell.boot_retries += retries;
             done += 1;
         }
     }
@@ -484,6 +572,22 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
             );
         }
     }
+    let hangs: Vec<String> = cells
+        .iter()
+        .filter(|c| c.boot_retries > 0)
+        .map(|c| {
+            let host = if c.busy { "stress-ng" } else { "idle" };
+            format!("{host} host, {}: {}", c.policy, c.boot_retries)
+        })
+        .collect();
+    if !hangs.is_empty() {
+        out += &format!(
+            "\nRuns whose guest's kernel hung before /init (killed after {} s) and were run \
+             again: {}.\n",
+            BOOT_LIMIT.as_secs(),
+            hangs.join("; ")
+        );
+    }
     out
 }
 
@@ -580,6 +684,72 @@ pub fn plot(
 mod tests {
     use super::*;
 
+    fn hang() -> TcgError {
+        TcgError::BootHang("cryptomgr_test soft lockup".into())
+    }
+
+    #[test]
+    fn a_boot_hang_is_run_again_once_and_other_errors_never() {
+        // Hangs once, then runs.
+        let mut tries = 0;
+        let mut agains = 0;
+        let (run, retries) = with_boot_retries(
+            || {
+                tries += 1;
+                if tries == 1 {
+                    Err(hang())
+                } else {
+                    Ok(TcgRun::default())
+                }
+            },
+            |e| {
+                assert!(matches!(e, TcgError::BootHang(_)));
+                agains += 1;
+            },
+        )
+        .unwrap();
+        assert_eq!((run, retries, tries, agains), (TcgRun::default(), 1, 2, 1));
+        // Hangs twice: the second hang is the error.
+        let mut tries = 0;
+        let r = with_boot_retries(
+            || {
+                tries += 1;
+                Err(hang())
+            },
+            |_| {},
+        );
+        assert!(matches!(r, Err(TcgError::BootHang(_))));
+        assert_eq!(tries, 2);
+        // Any other failure is not run again.
+        let mut tries = 0;
+        let r = with_boot_retries(
+            || {
+                tries += 1;
+                Err(TcgError::NoResult("oops".into()))
+            },
+            |_| {},
+        );
+        assert!(matches!(r, Err(TcgError::NoResult(_))));
+        assert_eq!(tries, 1);
+        let msg = hang().to_string();
+        // The message spells the limit out.
+        assert_eq!(BOOT_LIMIT.as_secs(), 90);
+        assert!(msg.contains("did not start /init within 90 s"), "{msg}");
+    }
+
+    #[test]
+    fn the_console_reader_sees_init_start_and_keeps_bad_bytes() {
+        let started = AtomicBool::new(false);
+        let text = read_console(&b"Booting\xff\n[ 1.0] x\n"[..], &started);
+        assert!(!started.load(Ordering::Acquire));
+        assert!(text.contains("Booting\u{fffd}\n[ 1.0] x"), "{text:?}");
+        let console =
+            b"\x1b[2Jpvsched-guest: init\nT: 0 ( 1) P:80 I:1000 C: 5 Min: 1 Act: 2 Avg: 3 Max: 4\n";
+        let text = read_console(&console[..], &started);
+        assert!(started.load(Ordering::Acquire));
+        assert_eq!(parse_cyclictest(&text).len(), 1);
+    }
+
     #[test]
     fn cyclictest_lines_parse_from_a_console() {
         let text = "Booting from ROM..\x1b[2Jpvsched-guest: cyclictest -m -q\n\
@@ -640,11 +810,13 @@ mod tests {
                 busy: true,
                 policy: "none".into(),
                 runs: vec![run(300, 2000.0), run(500, 2000.0)],
+                boot_retries: 0,
             },
             TcgCell {
                 busy: true,
                 policy: "static".into(),
                 runs: vec![run(100, 1000.0)],
+                boot_retries: 1,
             },
         ];
         let s = summarize(&cells[0], 10_000);
@@ -656,6 +828,12 @@ mod tests {
         assert_eq!(s.done_pct.median, 95.0);
         let r = report(&cfg, &cells, "t");
         assert!(r.contains("| static | 150 [150–150] | 300 [300–300] | 95 [95–95] | 1000 [1000–1000] | 0.50 | – |"), "{r}");
+        assert!(
+            r.contains(
+                "before /init (killed after 90 s) and were run again: stress-ng host, static: 1."
+            ),
+            "{r}"
+        );
         let svg = std::env::temp_dir().join(format!("pvsched-tcg-plot-{}.svg", std::process::id()));
         plot(&cfg, &cells, &svg).unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();
