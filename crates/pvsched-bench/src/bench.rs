@@ -496,6 +496,9 @@ pub struct CellSummary {
     /// CPU time of the built-in host load, % of the machine (NaN with stress-ng).
     #[serde(default)]
     pub load_cpu_pct: Stat,
+    /// Samples in which two vCPU threads were on the same host CPU, %.
+    #[serde(default)]
+    pub vcpus_sharing_cpu_pct: Stat,
 }
 
 fn metric(rounds: &[Report], f: impl Fn(&Report) -> f64) -> Stat {
@@ -593,6 +596,7 @@ pub fn summarize(c: &CellResult) -> CellSummary {
                 h.cpu_s / (h.wall_s.max(1e-9) * host_cpus()) * 100.0
             })
         }),
+        vcpus_sharing_cpu_pct: metric(r, |x| x.vcpus_sharing_cpu_pct.unwrap_or(f64::NAN)),
         overrun_pct: metric(r, |x| {
             let (n, o) = x.per_vcpu.iter().fold((0u64, 0u64), |(n, o), v| {
                 (n + v.latency.count, o + v.overruns)

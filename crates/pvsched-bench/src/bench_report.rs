@@ -274,6 +274,11 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 ("probe periods overrun", |x| x.overrun_pct, &pct),
                 ("VM CPU share (% of the machine)", |x| x.vm_cpu_pct, &pct),
                 (
+                    "vCPU threads on one CPU (% of samples)",
+                    |x| x.vcpus_sharing_cpu_pct,
+                    &pct,
+                ),
+                (
                     "host load CPU share (% of the machine)",
                     |x| x.load_cpu_pct,
                     &pct,

@@ -191,6 +191,58 @@ pub struct Report {
     pub pv: Option<PvReport>,
     /// What the policy engine did.
     pub policy: PolicyReport,
+    /// Where the vCPU threads ran: sampled at every ring drain (10 ms), the share of samples in
+    /// which two or more of them were on the same host CPU (running or queued there), %.
+    /// `None` with one vCPU or no sample.
+    #[serde(default)]
+    pub vcpus_sharing_cpu_pct: Option<f64>,
+}
+
+/// The host CPU a thread is on (running, or queued there) from the text of its
+/// `/proc/<pid>/task/<tid>/stat`: field 39, counted after the command name, which may itself
+/// hold spaces and parentheses.
+pub fn stat_processor(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields from 3 (state) on; "processor" is field 39.
+    rest.split_whitespace().nth(39 - 3)?.parse().ok()
+}
+
+/// Samples of where a VM's vCPU threads are.
+#[derive(Default)]
+struct Placement {
+    samples: u64,
+    shared: u64,
+    cpus: Vec<u32>,
+}
+
+impl Placement {
+    /// Reads each thread's CPU; a thread that cannot be read (gone) makes no sample.
+    fn sample(&mut self, tids: &[i32]) {
+        if tids.len() < 2 {
+            return;
+        }
+        self.cpus.clear();
+        for tid in tids {
+            let path = format!("/proc/self/task/{tid}/stat");
+            match std::fs::read_to_string(path)
+                .ok()
+                .as_deref()
+                .and_then(stat_processor)
+            {
+                Some(cpu) => self.cpus.push(cpu),
+                None => return,
+            }
+        }
+        self.samples += 1;
+        self.cpus.sort_unstable();
+        if self.cpus.windows(2).any(|w| w[0] == w[1]) {
+            self.shared += 1;
+        }
+    }
+
+    fn shared_pct(&self) -> Option<f64> {
+        (self.samples > 0).then(|| self.shared as f64 / self.samples as f64 * 100.0)
+    }
 }
 
 /// What the policy engine did during a run.
@@ -287,9 +339,12 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     running.go();
     let started = Instant::now();
     let mut interrupted = false;
+    let vcpu_tids = running.tids();
+    let mut placement = Placement::default();
     loop {
         std::thread::sleep(DRAIN_PERIOD.min(cfg.duration));
         drain(&running, &mut readers, &mut hists)?;
+        placement.sample(&vcpu_tids);
         if interrupt.load(Ordering::Relaxed) {
             interrupted = true;
             break;
@@ -429,6 +484,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
             .sum(),
         per_vcpu,
         pv,
+        vcpus_sharing_cpu_pct: placement.shared_pct(),
         policy: PolicyReport {
             driver,
             per_vcpu: policy_vcpus,
@@ -449,6 +505,39 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_is_read_from_a_stat_line_whatever_the_name() {
+        // A real line of /proc/self/stat ("cat" on CPU 1), and the same with a hostile name.
+        let line = "14171 (cat) R 14168 14168 23850 0 -1 4194304 126 0 0 0 0 0 0 0 20 0 1 0 \
+                    7412130 3133440 410 18446744073709551615 94733693698048 94733693717929 \
+                    140723206888080 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 94733693";
+        assert_eq!(stat_processor(line), Some(1));
+        let odd = line.replace("(cat)", "(a) b (c) 9 9)");
+        assert_eq!(stat_processor(&odd), Some(1));
+        assert_eq!(stat_processor("14171 (cat) R 1 2"), None);
+        assert_eq!(stat_processor("no parenthesis"), None);
+        // This thread's own line parses, to a CPU this host has.
+        let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let cpu = stat_processor(&own).unwrap();
+        assert!((cpu as usize) < 4096, "{cpu}");
+    }
+
+    #[test]
+    fn placement_counts_samples_with_two_vcpus_on_one_cpu() {
+        let mut p = Placement::default();
+        assert_eq!(p.shared_pct(), None);
+        // One thread: nothing to compare.
+        p.sample(&[pvsched_vmm::vcpu::gettid()]);
+        assert_eq!(p.shared_pct(), None);
+        // The same thread twice is on one CPU.
+        let me = pvsched_vmm::vcpu::gettid();
+        p.sample(&[me, me]);
+        assert_eq!(p.shared_pct(), Some(100.0));
+        // A thread that does not exist makes no sample.
+        p.sample(&[me, i32::MAX]);
+        assert_eq!((p.samples, p.shared), (1, 1));
+    }
 
     #[test]
     fn controller_outranks_rt_vcpus_only() {

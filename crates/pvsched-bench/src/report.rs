@@ -293,5 +293,12 @@ pub fn render(r: &Report) -> String {
             v.user_exits
         );
     }
+    if let Some(pct) = r.vcpus_sharing_cpu_pct {
+        let _ = writeln!(
+            s,
+            "vCPU threads sharing a host CPU: {pct:.0}% of samples (every 10 ms; they then \
+             compete with each other for it)"
+        );
+    }
     s
 }
