@@ -638,6 +638,12 @@ impl Shared {
     /// that CPU (often the other vCPU). A vCPU stuck inside its own call never gets here, so
     /// the look that rescues it stays.
     fn settled(&self, cell: &Arc<ThreadCell>, now: Nanos) {
+        // Nothing queued (the common case, at every exit that applied a class): no lock. A
+        // look being queued right now may be missed here; the engine thread then looks, as
+        // before.
+        if self.recheck_at.load(Ordering::Acquire) == NO_TIMER {
+            return;
+        }
         let empty = {
             let mut list = self.recheck.lock();
             let before = list.len();
