@@ -199,12 +199,9 @@ pub struct Report {
 }
 
 /// The host CPU a thread is on (running, or queued there) from the text of its
-/// `/proc/<pid>/task/<tid>/stat`: field 39, counted after the command name, which may itself
-/// hold spaces and parentheses.
+/// `/proc/<pid>/task/<tid>/stat` ("processor", field 39).
 pub fn stat_processor(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields from 3 (state) on; "processor" is field 39.
-    rest.split_whitespace().nth(39 - 3)?.parse().ok()
+    pvsched_host::sched::stat_field(stat, 39)?.parse().ok()
 }
 
 /// Samples of where a VM's vCPU threads are.

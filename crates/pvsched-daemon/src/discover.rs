@@ -86,11 +86,7 @@ pub fn vcpu_threads(pid: i32) -> io::Result<Vec<VcpuThread>> {
 /// (state, field 3; start time in clock ticks since boot, field 22) and `/proc/uptime`.
 pub fn live_age(pid: i32) -> Option<std::time::Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The name (field 2) is in parentheses and may contain spaces: count from after it.
-    if matches!(
-        stat[stat.rfind(')')? + 1..].split_whitespace().next()?,
-        "Z" | "X" | "x"
-    ) {
+    if matches!(pvsched_host::sched::stat_field(&stat, 3)?, "Z" | "X" | "x") {
         return None;
     }
     let start = pvsched_host::sched::start_time(pid)?;

@@ -451,12 +451,18 @@ enum Identity {
     StartTime(u64),
 }
 
+/// Field `n` (numbered from 1 as in proc(5); `n` ≥ 3) of the text of a `/proc/<pid>/stat` or
+/// `/proc/<pid>/task/<tid>/stat` file. The name (field 2) is in parentheses and may itself hold
+/// spaces and parentheses, so fields are counted from after its last `)`.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n.checked_sub(3)?)
+}
+
 /// Clock ticks since boot at which thread `tid` started (`/proc/<tid>/stat` field 22).
 pub fn start_time(tid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
-    // The name (field 2) is in parentheses and may contain spaces: count from after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_field(&stat, 22)?.parse().ok()
 }
 
 /// `pidfd_open(tid, PIDFD_THREAD)`.
@@ -530,6 +536,16 @@ impl ThreadHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_name() {
+        let stat = "42 (a) b (c) S 1 42 7";
+        assert_eq!(stat_field(stat, 3), Some("S"));
+        assert_eq!(stat_field(stat, 5), Some("42"));
+        assert_eq!(stat_field(stat, 7), None);
+        assert_eq!(stat_field(stat, 2), None, "fields 1 and 2 are not counted");
+        assert_eq!(stat_field("no name", 3), None);
+    }
 
     #[test]
     fn classes_parse_and_print() {
