@@ -169,53 +169,87 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
     chardev.push(&ivshmem);
     let append = "console=ttyS0 quiet tsc=reliable pvsched.module=1 \
                   pvsched.ct=-m,-q,-p,80,--policy=fifo,-t,2,-a,-d,0,-i,1000,-D,60";
-    let qemu = KillOnDrop(
-        Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "512"])
-            .args(["-name", "pvsched-e2e,debug-threads=on", "-kernel"])
-            .arg(dir.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(dir.join("initramfs.gz"))
-            .args([
-                "-append",
-                append,
-                "-nographic",
-                "-no-reboot",
-                "-monitor",
-                "none",
-            ])
-            .arg("-chardev")
-            .arg(chardev)
-            .args(["-device", "ivshmem-doorbell,chardev=pv,vectors=1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     // The guest boots, loads the module, which negotiates; the daemon attaches the VM and
-    // boosts on its requests.
-    let t0 = Instant::now();
-    let tids: Vec<i64> = loop {
-        assert!(
-            t0.elapsed() < Duration::from_secs(90),
-            "the VM was not attached and boosted: {:?}",
-            ctl_status(&ctl)
+    // boosts on its requests. A kernel that hangs before /init (a TCG boot hang seen here now
+    // and then, before any pvsched code runs in the guest: README) is run again, once, as the
+    // bench does; any other failure to get there fails the test.
+    let mut attempt = 0;
+    let (qemu, tids) = loop {
+        let console = tmp.join(format!("console-{attempt}.txt"));
+        let qemu = KillOnDrop(
+            Command::new("qemu-system-x86_64")
+                .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "512"])
+                .args(["-name", "pvsched-e2e,debug-threads=on", "-kernel"])
+                .arg(dir.join("vmlinuz"))
+                .arg("-initrd")
+                .arg(dir.join("initramfs.gz"))
+                .args([
+                    "-append",
+                    append,
+                    "-nographic",
+                    "-no-reboot",
+                    "-monitor",
+                    "none",
+                ])
+                .arg("-chardev")
+                .arg(&chardev)
+                .args(["-device", "ivshmem-doorbell,chardev=pv,vectors=1"])
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&console).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
         );
-        std::thread::sleep(Duration::from_millis(200));
-        let Some(st) = ctl_status(&ctl) else { continue };
-        let Some(vm) = st["vms"].as_array().and_then(|v| v.first()) else {
-            continue;
+        let pid = i64::from(qemu.0.id());
+        let t0 = Instant::now();
+        let tids: Option<Vec<i64>> = loop {
+            if t0.elapsed() > Duration::from_secs(90) {
+                let text = std::fs::read_to_string(&console).unwrap_or_default();
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(600)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                if attempt == 0 && !text.contains("pvsched-guest:") {
+                    eprintln!(
+                        "{test}: the guest's kernel did not reach /init in 90 s (a TCG boot \
+                         hang); running it again. Console ended with: {tail}"
+                    );
+                    break None;
+                }
+                panic!(
+                    "the VM was not attached and boosted: {:?}\nconsole: {tail}",
+                    ctl_status(&ctl)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let Some(st) = ctl_status(&ctl) else { continue };
+            // The VM of this QEMU (one killed after a boot hang may still be listed a moment).
+            let Some(vm) = st["vms"]
+                .as_array()
+                .and_then(|v| v.iter().find(|vm| vm["pid"].as_i64() == Some(pid)))
+            else {
+                continue;
+            };
+            if vm["protocol"] != true {
+                // Still the host-only VM `--watch` attached.
+                continue;
+            }
+            let vcpus = vm["vcpus"].as_array().unwrap();
+            let boosts: u64 = vcpus.iter().map(|v| v["boosts"].as_u64().unwrap()).sum();
+            if boosts > 10 && vm["doorbells"].as_u64().unwrap_or(0) > 0 {
+                break Some(vcpus.iter().map(|v| v["tid"].as_i64().unwrap()).collect());
+            }
         };
-        assert_eq!(vm["pid"].as_i64(), Some(i64::from(qemu.0.id())), "{vm}");
-        if vm["protocol"] != true {
-            // Still the host-only VM `--watch` attached.
-            continue;
-        }
-        let vcpus = vm["vcpus"].as_array().unwrap();
-        let boosts: u64 = vcpus.iter().map(|v| v["boosts"].as_u64().unwrap()).sum();
-        if boosts > 10 && vm["doorbells"].as_u64().unwrap_or(0) > 0 {
-            break vcpus.iter().map(|v| v["tid"].as_i64().unwrap()).collect();
+        match tids {
+            Some(t) => break (qemu, t),
+            None => {
+                drop(qemu);
+                attempt += 1;
+            }
         }
     };
     assert_eq!(tids.len(), 2, "both TCG vCPU threads attached");
