@@ -205,14 +205,7 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
         let tids: Option<Vec<i64>> = loop {
             if t0.elapsed() > Duration::from_secs(90) {
                 let text = std::fs::read_to_string(&console).unwrap_or_default();
-                let tail: String = text
-                    .chars()
-                    .rev()
-                    .take(600)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
+                let tail = pvsched_bench::linux_tcg::console_tail(&text, 600);
                 if attempt == 0 && !text.contains("pvsched-guest:") {
                     eprintln!(
                         "{test}: the guest's kernel did not reach /init in 90 s (a TCG boot \

@@ -328,14 +328,7 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
     setup?;
     let threads = parse_cyclictest(&text);
     if threads.is_empty() {
-        let tail: String = text
-            .chars()
-            .rev()
-            .take(300)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail = console_tail(&text, 300);
         return Err(if hung {
             TcgError::BootHang(tail)
         } else {
@@ -363,6 +356,15 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         doorbells,
         guest_rings: parse_guest_rings(&text),
     })
+}
+
+/// The last `n` characters of a guest console, for an error message.
+pub fn console_tail(text: &str, n: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let start = text.char_indices().rev().nth(n - 1).map_or(0, |(i, _)| i);
+    text[start..].to_string()
 }
 
 /// Reads QEMU's console to its end (lossily: a guest may print anything), setting `started`
@@ -735,6 +737,13 @@ mod tests {
         // The message spells the limit out.
         assert_eq!(BOOT_LIMIT.as_secs(), 90);
         assert!(msg.contains("did not start /init within 90 s"), "{msg}");
+    }
+
+    #[test]
+    fn a_console_tail_is_its_last_characters() {
+        assert_eq!(console_tail("abcdé", 2), "dé");
+        assert_eq!(console_tail("abc", 10), "abc");
+        assert_eq!(console_tail("abc", 0), "");
     }
 
     #[test]
