@@ -27,7 +27,7 @@
 //! (for a scheduler tick, 10 ms here), with the boost decided meanwhile missing from the
 //! kernel: so after such a race the engine thread looks at the thread's class 50 µs later
 //! and sets the boost again if it is missing (and looks again while the change stays in
-//! flight, a bounded number of times).
+//! flight, each time twice as late, for about 100 ms in all).
 //!
 //! The engine's state (the core) is behind a priority-inheriting lock. A vCPU thread takes it
 //! only if it is free (else it tries again at its next exit); the engine thread waits for it,
@@ -84,13 +84,25 @@ const BUDGET_SLACK_NS: Nanos = 100_000;
 const REPAY_SLACK_NS: Nanos = 1_000_000;
 /// Lead timers due this soon are fired together with an earlier wake-up of the engine thread.
 const COALESCE_NS: Nanos = 50_000;
-/// A hooked vCPU that called its handle within this window counts as running.
+/// A hooked vCPU that called its handle within this window counts as running (the default
+/// of [`RuntimeConfig::active`]).
 const ACTIVE_NS: Nanos = 1_000_000;
 /// After a change raced with a vCPU changing itself, the engine thread looks at that thread's
-/// class this much later (and again, up to [`RECHECK_TRIES`] times, while it stays in flight).
+/// class this much later, and again while the change stays in flight, each time twice as
+/// late (see [`recheck_delay`]), up to [`RECHECK_TRIES`] looks.
 const RECHECK_NS: Nanos = 50_000;
-/// Looks at a raced thread before leaving it to its own thread and the reconciliation.
-const RECHECK_TRIES: u32 = 20;
+/// Looks at a raced thread before leaving it to its own thread and the reconciliation: with
+/// the back-off, about 100 ms of a change in flight (a thread preempted inside its call on a
+/// busy host).
+const RECHECK_TRIES: u32 = 16;
+
+/// When the engine thread looks at a raced thread for the `tries`-th time after the first:
+/// [`RECHECK_NS`] doubled each time, at most 256 times (12.8 ms). Soon after the race (the
+/// common case: a call still in flight for a few µs) looks are cheap and close; a call held
+/// up for a scheduler tick or more is looked at rarely rather than every 50 µs.
+fn recheck_delay(tries: u32) -> Nanos {
+    RECHECK_NS << tries.min(8)
+}
 /// How long a control request waits for the engine thread.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors remembered for status (the count is kept in full).
@@ -381,6 +393,8 @@ struct Shared {
     /// FIFO priority the engine thread runs at (0: normal).
     engine_prio: AtomicU32,
     grace: Nanos,
+    /// See [`RuntimeConfig::active`].
+    active: Nanos,
     errors: Mutex<VecDeque<String>>,
     error_count: AtomicU64,
     /// Failed changes by kind ([`APPLY_ERROR_KINDS`]).
@@ -627,7 +641,7 @@ impl Shared {
         }
         list.push((cell.clone(), tries));
         self.recheck_at
-            .fetch_min(now.saturating_add(RECHECK_NS), Ordering::AcqRel);
+            .fetch_min(now.saturating_add(recheck_delay(tries)), Ordering::AcqRel);
         true
     }
 
@@ -761,7 +775,7 @@ impl Core {
     fn arm(&mut self, shared: &Shared, now: Nanos) {
         let recheck = shared.recheck_at.load(Ordering::Acquire);
         let at = self
-            .next_wake(now, shared.grace)
+            .next_wake(now, shared.grace, shared.active)
             .into_iter()
             .chain((recheck != NO_TIMER).then_some(recheck))
             .min();
@@ -875,7 +889,7 @@ impl Core {
 
     /// When the engine thread must wake next: the earliest live timer, later by the grace for
     /// vCPUs that handle their own timers while they run.
-    fn next_wake(&mut self, now: Nanos, grace: Nanos) -> Option<Nanos> {
+    fn next_wake(&mut self, now: Nanos, grace: Nanos, active: Nanos) -> Option<Nanos> {
         // Drop dead timers at the front so they cause no wake-up.
         while let Some(&(at, key, kind)) = self.order.first() {
             let gen = self.timers.get(&(key, kind)).map(|t| t.1);
@@ -903,7 +917,7 @@ impl Core {
             }
             let own = self.cells.get(&key).is_some_and(|c| {
                 c.hooked.load(Ordering::Relaxed)
-                    && now.saturating_sub(c.last_exit.load(Ordering::Relaxed)) < ACTIVE_NS
+                    && now.saturating_sub(c.last_exit.load(Ordering::Relaxed)) < active
             });
             // A budget check may come a little late (it ends a boost at most that much
             // later): its wake-up is deferred so that checks of several vCPUs share one.
@@ -1224,6 +1238,10 @@ pub struct RuntimeConfig {
     pub sources: Vec<Box<dyn EventSource>>,
     /// Grace given to running, hooked vCPUs to handle their own timers, ns.
     pub grace: Nanos,
+    /// A hooked vCPU that took an exit within this long counts as running, and gets the
+    /// grace; one not seen for longer (halted, or preempted) has its timers fired by the
+    /// engine thread on time, ns.
+    pub active: Nanos,
     /// A hooked vCPU thread fires its own lead timer (boosts itself ahead of its guest's
     /// deadline) at an exit up to this long before the timer is due, ns: an exit shortly
     /// before the lead time then saves the engine thread a wake-up and a cross-CPU
@@ -1236,6 +1254,9 @@ pub struct RuntimeConfig {
     /// waits (earliest published deadline first, then oldest). `None`: no cap. Tools default
     /// to [`default_max_boosted`].
     pub max_boosted: Option<usize>,
+    /// How long a boost keeps its slot of the cap while another waits, ns (see
+    /// [`pvsched_policy::engine::CAP_QUANTUM_NS`], the default).
+    pub cap_quantum: Nanos,
 }
 
 /// The cap on vCPUs boosted at once that leaves the host a CPU: host CPUs − 1, at least 1.
@@ -1254,9 +1275,11 @@ impl Default for RuntimeConfig {
             applier: Arc::new(KernelApplier),
             sources: Vec::new(),
             grace: 25_000,
+            active: ACTIVE_NS,
             self_early: 50_000,
             quiet_gate: None,
             max_boosted: None,
+            cap_quantum: pvsched_policy::engine::CAP_QUANTUM_NS,
         }
     }
 }
@@ -1283,6 +1306,7 @@ impl Runtime {
                 engine: {
                     let mut e = Engine::new(cfg.registry);
                     e.set_max_boosted(cfg.max_boosted);
+                    e.set_cap_quantum(cfg.cap_quantum);
                     e
                 },
                 cells: BTreeMap::new(),
@@ -1308,6 +1332,7 @@ impl Runtime {
             engine_tid: AtomicU32::new(0),
             engine_prio: AtomicU32::new(0),
             grace: cfg.grace,
+            active: cfg.active,
             errors: Mutex::new(VecDeque::new()),
             error_count: AtomicU64::new(0),
             error_kinds: Default::default(),

@@ -104,6 +104,8 @@ pub struct Engine {
     enabled: bool,
     /// At most this many vCPUs boosted at once, over all VMs (`None`: no limit).
     max_boosted: Option<usize>,
+    /// How long a boost keeps its cap slot while another waits ([`CAP_QUANTUM_NS`]).
+    cap_quantum: Nanos,
     /// vCPUs boosted now.
     boosted: usize,
     /// vCPUs whose boost waits for the cap.
@@ -168,6 +170,7 @@ impl Engine {
             vms: BTreeMap::new(),
             enabled: true,
             max_boosted: None,
+            cap_quantum: CAP_QUANTUM_NS,
             boosted: 0,
             waiting: 0,
         }
@@ -179,6 +182,13 @@ impl Engine {
     /// not ended by a lower limit; new ones wait until fewer are boosted.
     pub fn set_max_boosted(&mut self, max: Option<usize>) {
         self.max_boosted = max;
+    }
+
+    /// Sets how long a boost keeps its slot of the cap while another boost waits (default
+    /// [`CAP_QUANTUM_NS`], at least 1 µs): shorter turns share the slots more evenly, at the
+    /// price of more changes of class.
+    pub fn set_cap_quantum(&mut self, quantum: Nanos) {
+        self.cap_quantum = quantum.max(1_000);
     }
 
     /// The limit set with [`Engine::set_max_boosted`].
@@ -236,7 +246,7 @@ impl Engine {
             if !waited {
                 // After a quantum, it may take the slot of the longest-held boost.
                 VcpuCtx::new(key, st, now, out)
-                    .arm(TimerKind::Cap, now.saturating_add(CAP_QUANTUM_NS));
+                    .arm(TimerKind::Cap, now.saturating_add(self.cap_quantum));
             }
         }
         if st.is_boosted() {
@@ -309,6 +319,7 @@ impl Engine {
     /// waits in turn. Otherwise the waiter looks again when the oldest boost has been held a
     /// quantum.
     fn rotate(&mut self, key: VcpuKey, gen: u64, now: Nanos, out: &mut Vec<Decision>) {
+        let quantum = self.cap_quantum;
         let waits = self.is_enabled(key.vm)
             && self.vcpu(key).is_some_and(|st| {
                 st.is_timer_current(TimerKind::Cap, gen)
@@ -336,7 +347,7 @@ impl Engine {
         let Some((since, holder)) = oldest else {
             return;
         };
-        let turn = since.saturating_add(CAP_QUANTUM_NS);
+        let turn = since.saturating_add(quantum);
         if turn > now {
             if let Some(st) = self.vcpu_mut(key) {
                 VcpuCtx::new(key, st, now, out).arm(TimerKind::Cap, turn);
@@ -365,8 +376,7 @@ impl Engine {
             };
             if let Some(what) = again.filter(|_| !st.is_boosted()) {
                 let new_wait = st.capped.replace((now, what)).is_none();
-                VcpuCtx::new(holder, st, now, out)
-                    .arm(TimerKind::Cap, now.saturating_add(CAP_QUANTUM_NS));
+                VcpuCtx::new(holder, st, now, out).arm(TimerKind::Cap, now.saturating_add(quantum));
                 self.waiting += usize::from(new_wait);
             }
             // A slot still free (the waiters had gone) goes to it at once.

@@ -817,6 +817,24 @@ fn a_boost_held_a_quantum_yields_the_cap_to_a_waiting_sibling() {
 }
 
 #[test]
+fn the_cap_quantum_sets_the_turns() {
+    // Static with one slot and a 5 ms quantum: no turn after 1 ms, one after 5 ms.
+    let mut s = Sim::new("static", &[]);
+    s.engine.set_max_boosted(Some(1));
+    s.engine.set_cap_quantum(5 * CAP_QUANTUM_NS);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    s.advance(CAP_QUANTUM_NS + US);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1), "no turn after 1 ms");
+    s.advance(4 * CAP_QUANTUM_NS);
+    assert!(
+        s.is_boosted(V1) && !s.is_boosted(V0),
+        "V1's turn after 5 ms"
+    );
+}
+
+#[test]
 fn static_boosts_take_turns_under_the_cap() {
     // Static with one slot for two vCPUs: each holds it a quantum in turn, never both.
     let mut s = Sim::one_slot("static", &[]);
