@@ -84,8 +84,8 @@ impl DeadlineTimer {
         Ok(DeadlineTimer(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Fires at monotonic time `at` (`None`: disarm).
-    pub fn set(&self, at: Option<u64>) {
+    /// Fires at monotonic time `at` (`None`: disarm); clears an expiry not read yet.
+    pub fn set(&self, at: Option<u64>) -> std::io::Result<()> {
         let at = at.map_or(0, |t| t.max(1));
         let spec = libc::itimerspec {
             it_interval: libc::timespec {
@@ -97,8 +97,9 @@ impl DeadlineTimer {
                 tv_nsec: (at % 1_000_000_000) as libc::c_long,
             },
         };
-        // SAFETY: valid fd and itimerspec; no old value requested.
-        unsafe {
+        // SAFETY: `self.0` is an open timerfd and `spec` a valid itimerspec that outlives the
+        // call; no old value is asked for (null). The kernel only reads `spec`.
+        let r = unsafe {
             libc::timerfd_settime(
                 self.0.as_raw_fd(),
                 libc::TFD_TIMER_ABSTIME,
@@ -106,12 +107,17 @@ impl DeadlineTimer {
                 std::ptr::null_mut(),
             )
         };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Consumes an expiry (no-op when none is pending).
     pub fn drain(&self) {
         let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into `buf`; EAGAIN when not expired is fine.
+        // SAFETY: reads at most 8 bytes into `buf`, which outlives the call; EAGAIN when not
+        // expired is fine (the fd is non-blocking).
         unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
     }
 }
@@ -129,17 +135,17 @@ mod tests {
     #[test]
     fn timer_fires_at_its_deadline() {
         let t = DeadlineTimer::new().unwrap();
-        t.set(Some(mono_ns() + 2_000_000));
+        t.set(Some(mono_ns() + 2_000_000)).unwrap();
         let mut pfd = libc::pollfd {
             fd: t.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd.
+        // SAFETY: one valid pollfd that outlives the call.
         let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
         assert_eq!(n, 1, "readable after the deadline");
-        t.drain();
-        t.set(None);
+        // Setting it again clears the expiry count: no read needed.
+        t.set(None).unwrap();
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 20) }, 0, "disarmed");
     }

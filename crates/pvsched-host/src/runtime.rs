@@ -784,7 +784,12 @@ impl Core {
             self.armed = at;
             self.fired = false;
             // Under the core lock: settings cannot overtake each other.
-            shared.timer.set(at);
+            if let Err(e) = shared.timer.set(at) {
+                // Not expected for an open timerfd and a valid time; noted, and tried again at
+                // the next arm (`armed` no longer matches).
+                self.armed = None;
+                shared.note_error(format!("timerfd_settime at {at:?}: {e}"));
+            }
         }
     }
 
