@@ -241,7 +241,7 @@ pub fn render(r: &Report) -> String {
              ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
              the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
              vCPU threads {}; {} raced with a vCPU changing itself ({} settled by it first, {} set \
-             again 50 us later); {} \
+             again by the engine thread's look); {} \
              found in another class and set again; boosting held off on a quiet host for {:.1} s (vCPU time; the vCPUs \
              competing only with each other {:.1} s)",
             c.engine_cpu_percent,

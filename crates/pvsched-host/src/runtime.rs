@@ -2381,7 +2381,7 @@ pub struct Cost {
     #[serde(default)]
     pub vcpu_timers: u64,
     /// Changes that raced with a vCPU changing itself (its thread applies the latest when it
-    /// runs; the engine thread looks at it 50 µs later).
+    /// runs; the engine thread looks at it 50 µs later, and again while the change is in flight).
     #[serde(default)]
     pub rechecks: u64,
     /// Of those, the ones the engine thread found without the wanted class (the vCPU had
