@@ -410,15 +410,25 @@ struct Shared {
     /// Threads found in another class than the runtime had recorded, and set again.
     reconciled: AtomicU64,
     /// Threads whose change raced with their own thread changing itself, to be looked at by
-    /// the engine thread from `recheck_at` (`NO_TIMER`: none), with the looks so far.
-    /// Priority-inheriting, like the core: vCPU threads add to it.
-    recheck: PriorityInheritingLock<Vec<(Arc<ThreadCell>, u32)>>,
+    /// the engine thread: each with the looks so far and when the next one is due;
+    /// `recheck_at` is the earliest of those (`NO_TIMER`: none). Priority-inheriting, like
+    /// the core: vCPU threads add to it.
+    recheck: PriorityInheritingLock<Vec<Recheck>>,
     recheck_at: AtomicU64,
     /// Races after which the engine thread found the wanted class missing and set it.
     recheck_fixed: AtomicU64,
     /// Races the vCPU's own thread settled (applied its latest class after the other
     /// thread's change) before the engine thread looked.
     recheck_settled: AtomicU64,
+}
+
+/// A raced thread the engine thread looks at (see [`Shared::defer_recheck`]).
+struct Recheck {
+    cell: Arc<ThreadCell>,
+    /// Looks so far.
+    tries: u32,
+    /// When the next look is due.
+    due: Nanos,
 }
 
 /// `Core::armed` as stored when the engine thread's timer is off, and `recheck_at` when no
@@ -636,12 +646,16 @@ impl Shared {
             return false;
         }
         let mut list = self.recheck.lock();
-        if tries == 0 && list.iter().any(|(c, _)| Arc::ptr_eq(c, cell)) {
+        if tries == 0 && list.iter().any(|r| Arc::ptr_eq(&r.cell, cell)) {
             return false;
         }
-        list.push((cell.clone(), tries));
-        self.recheck_at
-            .fetch_min(now.saturating_add(recheck_delay(tries)), Ordering::AcqRel);
+        let due = now.saturating_add(recheck_delay(tries));
+        list.push(Recheck {
+            cell: cell.clone(),
+            tries,
+            due,
+        });
+        self.recheck_at.fetch_min(due, Ordering::AcqRel);
         true
     }
 
@@ -658,25 +672,21 @@ impl Shared {
         if self.recheck_at.load(Ordering::Acquire) == NO_TIMER {
             return;
         }
-        let empty = {
+        {
             let mut list = self.recheck.lock();
             let before = list.len();
-            list.retain(|(c, _)| !Arc::ptr_eq(c, cell));
+            list.retain(|r| !Arc::ptr_eq(&r.cell, cell));
             if list.len() == before {
                 return;
             }
             self.recheck_settled.fetch_add(1, Ordering::Relaxed);
             // Under the list's lock: a look queued after this sets its own time.
-            if list.is_empty() {
-                self.recheck_at.store(NO_TIMER, Ordering::Release);
-            }
-            list.is_empty()
-        };
-        if empty {
-            // If the engine thread holds the core, it re-arms at the end of its round.
-            if let Some(mut core) = self.try_core() {
-                core.arm(self, now);
-            }
+            let next = list.iter().map(|r| r.due).min().unwrap_or(NO_TIMER);
+            self.recheck_at.store(next, Ordering::Release);
+        }
+        // If the engine thread holds the core, it re-arms at the end of its round.
+        if let Some(mut core) = self.try_core() {
+            core.arm(self, now);
         }
     }
 
@@ -698,9 +708,25 @@ impl Shared {
         if now < self.recheck_at.load(Ordering::Acquire) {
             return;
         }
-        self.recheck_at.store(NO_TIMER, Ordering::Release);
-        let list = std::mem::take(&mut *self.recheck.lock());
-        for (cell, tries) in list {
+        // The looks due now; the others stay queued, for their own time. (No allocation
+        // unless one is due.)
+        let mut due = Vec::new();
+        {
+            let mut list = self.recheck.lock();
+            let mut next = NO_TIMER;
+            let mut i = 0;
+            while i < list.len() {
+                if list[i].due <= now {
+                    due.push(list.swap_remove(i));
+                } else {
+                    next = next.min(list[i].due);
+                    i += 1;
+                }
+            }
+            // Under the list's lock: a look queued after this lowers it again.
+            self.recheck_at.store(next, Ordering::Release);
+        }
+        for Recheck { cell, tries, .. } in due {
             if cell.removed.load(Ordering::Acquire) {
                 continue;
             }
@@ -2509,4 +2535,26 @@ pub struct Status {
     pub unrestored: Vec<i32>,
     /// The last few errors.
     pub errors: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rechecks_back_off_to_a_bounded_window() {
+        let delays: Vec<Nanos> = (0..RECHECK_TRIES).map(recheck_delay).collect();
+        assert_eq!(delays[0], RECHECK_NS, "the first look soon after the race");
+        assert!(delays.windows(2).all(|w| w[1] == w[0] * 2 || w[1] == w[0]));
+        assert_eq!(
+            *delays.last().unwrap(),
+            RECHECK_NS << 8,
+            "at most 12.8 ms apart"
+        );
+        let total: Nanos = delays.iter().sum();
+        assert!(
+            (80_000_000..150_000_000).contains(&total),
+            "about 100 ms of looks in all: {total} ns"
+        );
+    }
 }
