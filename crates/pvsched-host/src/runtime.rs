@@ -62,7 +62,32 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 
-type CoreGuard<'a> = PriorityInheritingLockGuard<'a, Core>;
+/// The core, held; clears [`Shared::core_held`] before it lets go.
+struct CoreGuard<'a> {
+    guard: PriorityInheritingLockGuard<'a, Core>,
+    held: &'a AtomicBool,
+}
+
+impl std::ops::Deref for CoreGuard<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for CoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.guard
+    }
+}
+
+impl Drop for CoreGuard<'_> {
+    fn drop(&mut self) {
+        // Before the unlock (the guard's field drops after this): a thread that sees it
+        // clear and finds the lock still held for a moment takes the slow path once.
+        self.held.store(false, Ordering::Release);
+    }
+}
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -384,6 +409,11 @@ struct Shared {
     /// lends it its real-time priority (a plain mutex left it preempted behind a boosted
     /// vCPU for a scheduler tick, 10 ms here, with every timer of the runtime stuck).
     core: PriorityInheritingLock<Core>,
+    /// Set while a thread holds the core. A vCPU thread that finds it set does not try the
+    /// lock: a failed try of a priority-inheriting futex is a system call
+    /// (`FUTEX_TRYLOCK_PI`) that also marks the futex contended, so the holder's unlock
+    /// becomes one too (`FUTEX_UNLOCK_PI`).
+    core_held: AtomicBool,
     applier: Arc<dyn Applier>,
     classes: ClassTable,
     timer: DeadlineTimer,
@@ -438,7 +468,11 @@ const NO_TIMER: u64 = u64::MAX;
 impl Shared {
     /// The core, unless another thread holds it (counted).
     fn try_core(&self) -> Option<CoreGuard<'_>> {
-        let g = self.core.try_lock();
+        let g = if self.core_held.load(Ordering::Acquire) {
+            None
+        } else {
+            self.core.try_lock().map(|g| self.held(g))
+        };
         if g.is_none() {
             self.hook_busy.fetch_add(1, Ordering::Relaxed);
         }
@@ -448,7 +482,16 @@ impl Shared {
     /// The core, waiting for it: the holder (a vCPU thread preempted inside its hook, say)
     /// inherits the waiting thread's real-time priority until it lets go.
     fn lock(&self) -> CoreGuard<'_> {
-        self.core.lock()
+        let g = self.core.lock();
+        self.held(g)
+    }
+
+    fn held<'a>(&'a self, guard: PriorityInheritingLockGuard<'a, Core>) -> CoreGuard<'a> {
+        self.core_held.store(true, Ordering::Release);
+        CoreGuard {
+            guard,
+            held: &self.core_held,
+        }
     }
 
     fn note_error(&self, what: String) {
@@ -1355,6 +1398,7 @@ impl Runtime {
                 fired_timers: 0,
                 self_early: cfg.self_early,
             }),
+            core_held: AtomicBool::new(false),
             applier: cfg.applier,
             classes: ClassTable::new(),
             timer: DeadlineTimer::new()?,
@@ -1417,6 +1461,7 @@ impl Runtime {
             quiet_since: BTreeMap::new(),
             quiet_ns: 0,
             next_retry: 0,
+            timer_fired: false,
         };
         for s in cfg.sources {
             lp.add_source(None, s)?;
@@ -1668,6 +1713,9 @@ struct Loop {
     quiet_ns: u64,
     /// When failed restores are tried again next.
     next_retry: Nanos,
+    /// The engine's timer fired at this wake-up: told to the core in [`Loop::process`], under
+    /// the lock it takes anyway.
+    timer_fired: bool,
 }
 
 fn token(vm: Option<u32>, index: usize) -> u64 {
@@ -1767,9 +1815,7 @@ impl Loop {
                     }
                 }
             }
-            if fired {
-                self.shared.lock().fired = true;
-            }
+            self.timer_fired |= fired;
             self.shared.run_rechecks(now);
             self.sample_quiet(now, &mut events);
             self.process(now, trigger, &events);
@@ -1957,6 +2003,9 @@ impl Loop {
         let shared = self.shared.clone();
         {
             let mut core = shared.lock();
+            if std::mem::take(&mut self.timer_fired) {
+                core.fired = true;
+            }
             for e in events {
                 // Host-side signals (tracepoints, VMM injections), not the guest's slot.
                 if matches!(e.what, VcpuEvent::Interrupt | VcpuEvent::Woken) {
