@@ -30,7 +30,8 @@
 //! flight, each time twice as late, for about 100 ms in all).
 //!
 //! The engine's state (the core) is behind a priority-inheriting lock. A vCPU thread takes it
-//! only if it is free (else it tries again at its next exit); the engine thread waits for it,
+//! only if it is free (else it tries again at its next exit; a flag tells it the core is held
+//! without a system call); the engine thread waits for it,
 //! and a vCPU thread preempted while holding it (by a boosted sibling on its CPU, say) then
 //! runs at the engine thread's real-time priority until it lets go. The engine thread's timer
 //! is set under the same lock, so settings cannot overtake each other.
