@@ -469,15 +469,20 @@ const NO_TIMER: u64 = u64::MAX;
 impl Shared {
     /// The core, unless another thread holds it (counted).
     fn try_core(&self) -> Option<CoreGuard<'_>> {
-        let g = if self.core_held.load(Ordering::Acquire) {
-            None
-        } else {
-            self.core.try_lock().map(|g| self.held(g))
-        };
+        let g = self.try_core_uncounted();
         if g.is_none() {
             self.hook_busy.fetch_add(1, Ordering::Relaxed);
         }
         g
+    }
+
+    /// The core, unless another thread holds it; not counted as a hook that found the engine
+    /// busy (for re-arming the timer after a recheck changed, which the holder does anyway).
+    fn try_core_uncounted(&self) -> Option<CoreGuard<'_>> {
+        if self.core_held.load(Ordering::Acquire) {
+            return None;
+        }
+        self.core.try_lock().map(|g| self.held(g))
     }
 
     /// The core, waiting for it: the holder (a vCPU thread preempted inside its hook, say)
@@ -729,7 +734,7 @@ impl Shared {
             self.recheck_at.store(next, Ordering::Release);
         }
         // If the engine thread holds the core, it re-arms at the end of its round.
-        if let Some(mut core) = self.try_core() {
+        if let Some(mut core) = self.try_core_uncounted() {
             core.arm(self, now);
         }
     }
@@ -738,7 +743,7 @@ impl Shared {
     /// does not hold the core: under the core if it is free, else by waking the engine
     /// thread (which re-arms at the end of its round).
     fn arm_for_recheck(&self, now: Nanos) {
-        match self.try_core() {
+        match self.try_core_uncounted() {
             Some(mut core) => core.arm(self, now),
             None => {
                 let _ = self.wake.write(1);
