@@ -112,14 +112,6 @@ impl DeadlineTimer {
         }
         Ok(())
     }
-
-    /// Consumes an expiry (no-op when none is pending).
-    pub fn drain(&self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into `buf`, which outlives the call; EAGAIN when not
-        // expired is fine (the fd is non-blocking).
-        unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-    }
 }
 
 impl AsRawFd for DeadlineTimer {
@@ -144,7 +136,19 @@ mod tests {
         // SAFETY: one valid pollfd that outlives the call.
         let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
         assert_eq!(n, 1, "readable after the deadline");
-        // Setting it again clears the expiry count: no read needed.
+        // Setting it again clears the expiry count: no read needed (the engine relies on
+        // this), whether it is re-armed for later...
+        t.set(Some(mono_ns() + 1_000_000_000)).unwrap();
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::poll(&mut pfd, 1, 20) },
+            0,
+            "re-armed for later"
+        );
+        t.set(Some(mono_ns())).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1000) }, 1, "fired again");
+        // ...or disarmed.
         t.set(None).unwrap();
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 20) }, 0, "disarmed");

@@ -38,7 +38,10 @@
 //!
 //! Timers of a vCPU whose thread is running the guest and calling its handle (a "hooked",
 //! active vCPU) are given a short grace before the engine thread wakes for them: the vCPU
-//! usually handles them itself at its next exit, and the engine thread sleeps on.
+//! usually handles them itself at its next exit, and the engine thread sleeps on. A lead timer
+//! of a vCPU boosted already changes no class and wakes nobody: it fires with whatever next
+//! runs the engine for that vCPU (an event that ends the boost and the lead's boost then fall
+//! in one round, which changes no class).
 //!
 //! # Restoring
 //!
@@ -983,17 +986,21 @@ impl Core {
         let mut best: Option<Nanos> = None;
         // While the host-wide cap is full, a lead timer of an unboosted vCPU could only start
         // a wait: no wake-up for it. The thread that frees a slot fires the overdue ones
-        // (`process`), and every re-arm after that counts them again.
+        // (`process`), and every re-arm after that counts them again. A lead timer of a
+        // boosted vCPU changes no class either (it only extends the boost's hold): no wake-up
+        // for it; it fires with whatever next runs the engine for that vCPU (its own exit, a
+        // doorbell, its budget check). If that ends the boost, the lead boosts it again in
+        // the same round, which changes no class; a deadline published meanwhile drops it.
         let full = self.engine.cap_full();
         for &(at, key, kind) in &self.order {
             if best.is_some_and(|b| at >= b) {
                 break;
             }
-            if full
-                && kind == TimerKind::Lead
-                && !self.engine.vcpu(key).is_some_and(|s| s.is_boosted())
-            {
-                continue;
+            if kind == TimerKind::Lead {
+                let boosted = self.engine.vcpu(key).is_some_and(|s| s.is_boosted());
+                if full || boosted {
+                    continue;
+                }
             }
             let own = self.cells.get(&key).is_some_and(|c| {
                 c.hooked.load(Ordering::Relaxed)
@@ -1784,12 +1791,11 @@ impl Loop {
             let mut fired = false;
             for ev in &ready[..n] {
                 match ev.data() {
-                    // Read, not only re-armed below: the re-arming may be left to a vCPU
-                    // thread applying timer settings at that moment (`Shared::set_timer`).
-                    TOKEN_TIMER => {
-                        self.shared.timer.drain();
-                        fired = true;
-                    }
+                    // Not read: `process` below re-arms it (told it fired) under the core
+                    // lock, and setting a timerfd clears its pending expiries, so the
+                    // level-triggered wait does not report it again. One system call fewer
+                    // per wake-up.
+                    TOKEN_TIMER => fired = true,
                     TOKEN_COMMAND => {
                         let _ = self.shared.wake.read();
                     }

@@ -603,6 +603,62 @@ fn a_lead_timer_waits_for_the_slot_without_waking_the_engine() {
     );
 }
 
+/// A lead timer of a vCPU that is boosted already changes no class: the engine thread does
+/// not wake for it. It fires with whatever next runs the engine for that vCPU: a request let
+/// go after the lead time ends the boost and the lead starts one in the same round, so the
+/// class never changes.
+#[test]
+fn a_boosted_vcpus_lead_timer_wakes_no_one_and_still_holds_its_boost() {
+    let s = setup();
+    s.h.add_vm(
+        0,
+        "deadline-aware",
+        &opts(&[
+            "lead=300ms",
+            "irq_hold=100ms",
+            "cs_budget=10s",
+            "rt_budget=10s",
+        ]),
+        no_parts(),
+    )
+    .unwrap();
+    let h = s.h.clone();
+    let kernel = s.kernel.clone();
+    let t = vcpu_thread(&s.h, move |mut v| {
+        let me = gettid();
+        let rt = Reasons::NONE.with(Reason::RtTask);
+        let d = mono_ns() + 600_000_000;
+        handle_until_taken(
+            &mut v,
+            mono_ns,
+            &[VcpuEvent::Request(rt), VcpuEvent::DeadlineHint(Some(d))],
+        );
+        assert!(kernel.is_fifo(me), "boosted for its request");
+        let e0 = h.status().unwrap().cost.engine_timers;
+        // Past the lead time (300 ms before the deadline), well before the deadline.
+        while mono_ns() < d - 150_000_000 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // (No status request before the let-go: serving it would fire the due timer.)
+        let sets = kernel.sets_by(me, me);
+        handle_until_taken(&mut v, mono_ns, &[VcpuEvent::Request(Reasons::NONE)]);
+        (
+            h.status().unwrap().cost.engine_timers - e0,
+            kernel.is_fifo(me),
+            kernel.sets_by(me, me) - sets,
+            me,
+        )
+    });
+    let (engine_fired, held, sets, tid) = t.join().unwrap();
+    assert_eq!(
+        engine_fired, 0,
+        "the engine thread fired no timer for the boosted vCPU"
+    );
+    assert!(held, "the lead holds the boost past the let-go");
+    assert_eq!(sets, 0, "no class change at the let-go");
+    wait_for("unboost after the hold", || !s.kernel.is_fifo(tid));
+}
+
 /// A vCPU thread lowering itself is preempted inside its own `sched_setattr` (the kernel has
 /// already lowered it); the engine thread boosts it meanwhile. The boost must reach the kernel
 /// at once, not wait for the vCPU thread to run again (which, lowered, it may not for ms).

@@ -201,6 +201,9 @@ impl VcpuState {
     /// nor cancelled since. A host may drop timers for which this is false.
     pub fn is_timer_current(&self, kind: TimerKind, gen: u64) -> bool {
         self.timer_gen[kind as usize] == gen
+            // The cap's timer is for a boost that waits: once it waits no longer (it got a
+            // slot, or its wait went stale), the timer has nothing to do.
+            && (kind != TimerKind::Cap || self.capped.is_some())
     }
 
     /// Boosted time including the boost in progress, at `now`.

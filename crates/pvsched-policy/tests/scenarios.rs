@@ -817,6 +817,44 @@ fn a_boost_held_a_quantum_yields_the_cap_to_a_waiting_sibling() {
 }
 
 #[test]
+fn a_cap_timer_is_no_longer_current_once_its_boost_stops_waiting() {
+    // V1 waits for the one slot; its cap timer is current while it waits and not once it has
+    // the slot (a host then skips the wake-up for it, which would find nothing to do).
+    let mut s = Sim::one_slot("dynamic", &[]);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(100 * US);
+    s.guest(V1, rs(&[Reason::RtTask]));
+    assert!(!s.is_boosted(V1), "the cap holds V1 back");
+    let gen = s
+        .log
+        .iter()
+        .rev()
+        .find_map(|d| match *d {
+            Decision::ArmTimer {
+                key,
+                kind: TimerKind::Cap,
+                gen,
+                ..
+            } if key == V1 => Some(gen),
+            _ => None,
+        })
+        .expect("a cap timer for the waiting V1");
+    let current = |s: &Sim| {
+        s.engine
+            .vcpu(V1)
+            .unwrap()
+            .is_timer_current(TimerKind::Cap, gen)
+    };
+    assert!(current(&s), "current while V1 waits");
+    s.guest(V0, Reasons::NONE);
+    assert!(s.is_boosted(V1), "the freed slot goes to V1");
+    assert!(
+        !current(&s),
+        "V1 waits no longer: its cap timer has nothing to do"
+    );
+}
+
+#[test]
 fn the_cap_quantum_sets_the_turns() {
     // Static with one slot and a 5 ms quantum: no turn after 1 ms, one after 5 ms.
     let mut s = Sim::new("static", &[]);
