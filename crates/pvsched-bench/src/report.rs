@@ -237,7 +237,8 @@ pub fn render(r: &Report) -> String {
     if c.uptime_s > 0.0 {
         let _ = writeln!(
             s,
-            "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s, {:.0} sched_setattr/s \
+            "Engine: CPU {:.2} % of a core ({:.0} ms), {:.0} wake-ups/s ({:.0} % deciding no class \
+             change), {:.0} sched_setattr/s \
              ({} by the engine thread, {} by vCPU threads on themselves); vCPU threads ran \
              the engine {} times ({} found it busy); timers fired by the engine thread {}, by \
              vCPU threads {}; {} raced with a vCPU changing itself ({} settled by it first, {} set \
@@ -247,6 +248,7 @@ pub fn render(r: &Report) -> String {
             c.engine_cpu_percent,
             c.engine_cpu_s * 1e3,
             c.wakeups_per_s,
+            100.0 * c.idle_wakeups as f64 / c.wakeups.max(1) as f64,
             c.setattr_per_s,
             c.engine_setattr,
             c.vcpu_setattr,

@@ -756,9 +756,10 @@ impl Shared {
 
     /// On the engine thread: looks at the raced threads due (see [`Shared::defer_recheck`]).
     /// A thread not in its wanted class is set again; one still in flight is looked at again.
-    fn run_rechecks(&self, now: Nanos) {
+    /// Returns how many were set again.
+    fn run_rechecks(&self, now: Nanos) -> usize {
         if now < self.recheck_at.load(Ordering::Acquire) {
-            return;
+            return 0;
         }
         // The looks due now; the others stay queued, for their own time. (No allocation
         // unless one is due.)
@@ -778,6 +779,7 @@ impl Shared {
             // Under the list's lock: a look queued after this lowers it again.
             self.recheck_at.store(next, Ordering::Release);
         }
+        let mut fixed = 0;
         for Recheck { cell, tries, .. } in due {
             if cell.removed.load(Ordering::Acquire) {
                 continue;
@@ -789,6 +791,7 @@ impl Shared {
                 continue;
             };
             if !same_class(&actual, &expected) {
+                fixed += 1;
                 self.recheck_fixed.fetch_add(1, Ordering::Relaxed);
                 cell.applied.store(UNKNOWN, Ordering::SeqCst);
                 self.realize(&cell, false);
@@ -801,6 +804,7 @@ impl Shared {
                 let _ = self.defer_recheck(&cell, tries + 1, now);
             }
         }
+        fixed
     }
 
     /// Raises the engine thread above `class` if it is not already.
@@ -1686,6 +1690,8 @@ fn same_class(actual: &SchedAttr, expected: &SchedAttr) -> bool {
 #[derive(Default)]
 struct LoopStats {
     wakeups: u64,
+    /// Wake-ups that decided no class change.
+    idle_wakeups: u64,
 }
 
 struct SourceEntry {
@@ -1828,9 +1834,11 @@ impl Loop {
                 }
             }
             self.timer_fired |= fired;
-            self.shared.run_rechecks(now);
+            let fixed = self.shared.run_rechecks(now);
             self.sample_quiet(now, &mut events);
-            self.process(now, trigger, &events);
+            if !self.process(now, trigger, &events) && fixed == 0 {
+                self.stats.idle_wakeups += 1;
+            }
             events.clear();
             self.events = events;
             // Commands after the events they may have been sent after.
@@ -2010,8 +2018,9 @@ impl Loop {
         next.unwrap_or(-1)
     }
 
-    /// Feeds `events` and the due timers to the engine, applies, re-arms the timer.
-    fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) {
+    /// Feeds `events` and the due timers to the engine, applies, re-arms the timer. Returns
+    /// whether a class change was decided.
+    fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) -> bool {
         let shared = self.shared.clone();
         {
             let mut core = shared.lock();
@@ -2034,6 +2043,7 @@ impl Loop {
             shared.timers_engine.fetch_add(fired, Ordering::Relaxed);
             core.arm(&shared, now);
         }
+        let decided = !self.touched.is_empty();
         let mut raced = false;
         for c in self.touched.drain(..) {
             if !shared.realize(&c, false) {
@@ -2044,6 +2054,7 @@ impl Loop {
         if raced {
             shared.arm_for_recheck(now);
         }
+        decided
     }
 
     fn command(&mut self, cmd: Command) {
@@ -2393,6 +2404,7 @@ impl Loop {
                 },
                 wakeups: self.stats.wakeups,
                 wakeups_per_s: per_s(self.stats.wakeups),
+                idle_wakeups: self.stats.idle_wakeups,
                 engine_setattr: remote_sets,
                 vcpu_setattr: self_sets,
                 setattr_per_s: per_s(remote_sets + self_sets),
@@ -2451,6 +2463,10 @@ pub struct Cost {
     pub wakeups: u64,
     /// Wake-ups per second.
     pub wakeups_per_s: f64,
+    /// Of the wake-ups, those that decided no class change (a timer or event with nothing to
+    /// apply, one a vCPU thread had handled meanwhile, a control request, a sample).
+    #[serde(default)]
+    pub idle_wakeups: u64,
     /// `sched_setattr` calls made by the engine thread on vCPU threads.
     pub engine_setattr: u64,
     /// `sched_setattr` calls made by vCPU threads on themselves.

@@ -603,6 +603,35 @@ fn a_lead_timer_waits_for_the_slot_without_waking_the_engine() {
     );
 }
 
+/// The engine thread counts the wake-ups that decided no class change: those that served the
+/// control requests adding the VM and its vCPU are some, the one for an event that boosts is
+/// not.
+#[test]
+fn wake_ups_that_decide_nothing_are_counted() {
+    let s = setup();
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&["irq_hold=10s", "cs_budget=10s"]),
+        no_parts(),
+    )
+    .unwrap();
+    let _v = s.h.add_vcpu(K0, 1006, false).unwrap();
+    let cost = |s: &Setup| s.h.status().unwrap().cost;
+    let b = cost(&s);
+    assert!(
+        (1..=b.wakeups).contains(&b.idle_wakeups),
+        "control requests decide nothing: {b:?}"
+    );
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("interrupt boost", || s.kernel.is_fifo(1006));
+    let c = cost(&s);
+    assert!(
+        c.idle_wakeups - b.idle_wakeups < c.wakeups - b.wakeups,
+        "the boost's wake-up decided a change: {b:?} then {c:?}"
+    );
+}
+
 /// A lead timer of a vCPU that is boosted already changes no class: the engine thread does
 /// not wake for it. It fires with whatever next runs the engine for that vCPU: a request let
 /// go after the lead time ends the boost and the lead starts one in the same round, so the
