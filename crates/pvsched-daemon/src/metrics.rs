@@ -51,6 +51,7 @@ pub fn render(status: &Status) -> String {
     let unrestored = Gauge::<i64>::default();
     let engine_cpu = Counter::<f64, AtomicU64>::default();
     let wakeups = Counter::<u64>::default();
+    let idle_wakeups = Counter::<u64>::default();
     let reconciled = Counter::<u64>::default();
     let self_contended = Counter::<f64, AtomicU64>::default();
     let setattr = Family::<ByLabels, Counter>::default();
@@ -144,6 +145,11 @@ pub fn render(status: &Status) -> String {
         wakeups.clone(),
     );
     reg.register(
+        "engine_idle_wakeups",
+        "Wake-ups of the engine thread that decided no class change",
+        idle_wakeups.clone(),
+    );
+    reg.register(
         "reconciled",
         "vCPU threads found in another class than recorded and set again",
         reconciled.clone(),
@@ -174,6 +180,7 @@ pub fn render(status: &Status) -> String {
     unrestored.set(status.unrestored.len() as i64);
     engine_cpu.inc_by(status.cost.engine_cpu_s);
     wakeups.inc_by(status.cost.wakeups);
+    idle_wakeups.inc_by(status.cost.idle_wakeups);
     reconciled.inc_by(status.cost.reconciled);
     self_contended.inc_by(status.cost.self_contended_s);
     setattr
@@ -234,6 +241,7 @@ mod tests {
             cost: Cost {
                 engine_cpu_s: 0.25,
                 wakeups: 10,
+                idle_wakeups: 4,
                 reconciled: 2,
                 self_contended_s: 1.5,
                 engine_setattr: 3,
@@ -287,6 +295,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("pvsched_host_events_total 42"), "{t}");
+        assert!(t.contains("pvsched_engine_idle_wakeups_total 4"), "{t}");
         assert!(
             t.contains("pvsched_vm_enabled{vm=\"0\",source=\"pid 7\",driver=\"dynamic\"} 1"),
             "{t}"
