@@ -1794,14 +1794,13 @@ impl Loop {
             let now = mono_ns();
             let mut trigger = now;
             let mut events = std::mem::take(&mut self.events);
-            let mut fired = false;
             for ev in &ready[..n] {
                 match ev.data() {
                     // Not read: `process` below re-arms it (told it fired) under the core
                     // lock, and setting a timerfd clears its pending expiries, so the
                     // level-triggered wait does not report it again. One system call fewer
                     // per wake-up.
-                    TOKEN_TIMER => fired = true,
+                    TOKEN_TIMER => self.timer_fired = true,
                     TOKEN_COMMAND => {
                         let _ = self.shared.wake.read();
                     }
@@ -1833,7 +1832,6 @@ impl Loop {
                     }
                 }
             }
-            self.timer_fired |= fired;
             let fixed = self.shared.run_rechecks(now);
             self.sample_quiet(now, &mut events);
             if !self.process(now, trigger, &events) && fixed == 0 {
