@@ -4,6 +4,7 @@ use crate::cli::{BenchArgs, BenchGuest, BenchLoadArg};
 use crate::vm_cmd::CliError;
 use indicatif::{ProgressBar, ProgressStyle};
 use pvsched_bench::bench::{self, BenchConfig, HostLoadKind};
+use pvsched_bench::experiment::Layout;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -110,6 +111,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         signal_hook::flag::register(sig, interrupt.clone()).map_err(CliError::Signals)?;
     }
     if args.guest == BenchGuest::LinuxTcg {
+        if args.layout != Layout::Free {
+            return Err(CliError::Usage(
+                "--layout is for the testbed (QEMU's threads are placed by the kernel)",
+            ));
+        }
         return run_linux_tcg(&args, &interrupt);
     }
     let mut cfg = if args.quick {
@@ -154,6 +160,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         BenchLoadArg::Builtin => HostLoadKind::Builtin,
         BenchLoadArg::StressNg => HostLoadKind::StressNg,
     };
+    cfg.layout = args.layout;
     let started = stamp();
     let out: PathBuf = args
         .out

@@ -1,6 +1,7 @@
 //! Command-line interface definitions.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pvsched_bench::experiment::Layout;
 use pvsched_host::trace::TraceConfig;
 use pvsched_host::SchedClass;
 use std::path::PathBuf;
@@ -174,6 +175,11 @@ pub struct BenchArgs {
     /// `daemon` and `module` columns, e.g. `rt_budget=5ms`.
     #[arg(long = "daemon-opt", value_name = "KEY=VALUE")]
     pub daemon_opts: Vec<String>,
+    /// Testbed: where every cell's vCPU threads and built-in hogs may run (`free`, `apart`,
+    /// `together`; see `pvsched vm --layout`). With `--host-load stress-ng` only the vCPU
+    /// threads are placed.
+    #[arg(long, default_value = "free")]
+    pub layout: Layout,
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {
@@ -369,6 +375,11 @@ pub struct VmArgs {
     /// either with a nice (`batch:10` asks to be deboosted to nice 10).
     #[arg(long, default_value = "normal", value_parser = parse_v3_busy)]
     pub v3_busy: pvsched_proto::v3::TaskDesc,
+    /// Where the vCPU threads and the built-in hogs may run: `free` (where the kernel puts
+    /// them), `apart` (vCPU i and hog i pinned to CPU i: each vCPU beside one hog) or
+    /// `together` (the vCPUs pinned to one CPU, the hogs to the others).
+    #[arg(long, default_value = "free")]
+    pub layout: Layout,
     /// Also write the full report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

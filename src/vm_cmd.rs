@@ -194,6 +194,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
         task_by_vcpu: Vec::new(),
         external_daemon: false,
         memory_file: args.memory_file.clone(),
+        layout: args.layout,
     })
 }
 

@@ -56,6 +56,87 @@ fn bad_arguments_are_usage_errors() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("below the period"));
+    let out = run_with_limit(
+        pvsched().args(["vm", "--layout", "spread"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("unknown layout `spread` (free, apart, together)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_with_limit(
+        pvsched().args(["bench", "--guest", "linux-tcg", "--layout", "apart"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--layout is for the testbed"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn layouts_pin_the_vcpu_threads_and_hogs() {
+    let _s = serial();
+    if !kvm_or_skip("layouts_pin_the_vcpu_threads_and_hogs") {
+        return;
+    }
+    let cpus = pvsched_host::sched::affinity(0).unwrap();
+    let dir = std::env::temp_dir().join(format!("pvsched-cli-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // `together` without hogs: only the vCPUs' own pinning keeps them on one CPU (the kernel
+    // spreads two busy threads); `apart` with hogs pinned beside them.
+    for (layout, hogs, shared) in [
+        ("together", "0", 100.0),
+        ("apart", "2", 0.0),
+        ("free", "0", -1.0),
+    ] {
+        if layout == "apart" && cpus.len() < 2 {
+            println!("layouts_pin_the_vcpu_threads_and_hogs: one CPU, `apart` not checked");
+            continue;
+        }
+        let json = dir.join(format!("{layout}.json"));
+        let out = run_with_limit(
+            pvsched()
+                .args([
+                    "vm",
+                    "--vcpus",
+                    "2",
+                    "--duration",
+                    "1s",
+                    "--guest-load",
+                    "busy",
+                    "--host-load",
+                    hogs,
+                    "--task-period",
+                    "off",
+                    "--layout",
+                    layout,
+                    "--json",
+                ])
+                .arg(&json),
+            Duration::from_secs(60),
+        );
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{}\n{}", stdout, text(&out.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(v["layout"], layout);
+        let pct = v["vcpus_sharing_cpu_pct"]
+            .as_f64()
+            .expect("placement sampled");
+        if shared >= 0.0 {
+            // Pinned before the guests start: every sample sees the layout.
+            assert_eq!(pct, shared, "{layout}: {stdout}");
+            assert!(stdout.contains(&format!("Layout: {layout}")), "{stdout}");
+        } else {
+            assert!(!stdout.contains("Layout:"), "{stdout}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -132,6 +132,9 @@ pub struct BenchConfig {
     pub intervals_us: Vec<u64>,
     /// Policies.
     pub policies: Vec<String>,
+    /// Where every cell's vCPU threads and hogs may run.
+    #[serde(default)]
+    pub layout: crate::experiment::Layout,
 }
 
 impl BenchConfig {
@@ -145,6 +148,7 @@ impl BenchConfig {
             hogs: cpus.max(1),
             intervals_us: vec![500, 1000],
             policies: POLICIES.iter().map(|s| s.to_string()).collect(),
+            layout: Default::default(),
         }
     }
 
@@ -299,6 +303,7 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
         task_by_vcpu,
         external_daemon: key.policy == "daemon",
         memory_file: None,
+        layout: cfg.layout,
     }
 }
 

@@ -176,7 +176,7 @@ fn markdown(v: &View<'_>, title: &str) -> String {
          rotating over the vCPUs from round to round, work 12.5 % of the period) in the cells \
          that say so, guest busy between timer events; busy host = {} {}; \
          pvsched protocol v1 offered in every cell (`daemon`: host-only, from LAPIC-timer \
-         tracepoints). \
+         tracepoints).{} \
          Values: median over rounds [min–max]. Total {:.0} s.\n",
         c.rounds,
         c.plan().len(),
@@ -192,6 +192,17 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         match c.host_load {
             crate::bench::HostLoadKind::Builtin => "built-in CPU hogs",
             crate::bench::HostLoadKind::StressNg => "stress-ng --cpu workers",
+        },
+        match (c.layout, c.host_load) {
+            (crate::experiment::Layout::Free, _) => String::new(),
+            (l, crate::bench::HostLoadKind::Builtin) => format!(
+                " Layout `{l}`: every cell's vCPU threads and hogs pinned (`apart`: vCPU i and \
+                 hog i on CPU i; `together`: the vCPUs on one CPU, the hogs on the others)."
+            ),
+            (l, crate::bench::HostLoadKind::StressNg) => format!(
+                " Layout `{l}`: every cell's vCPU threads pinned (`apart`: vCPU i on CPU i; \
+                 `together`: on one CPU); stress-ng's workers placed by the kernel."
+            ),
         },
         o.elapsed.as_secs_f64(),
     );

@@ -35,6 +35,109 @@ pub enum Error {
     /// A host helper thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
+    /// The threads could not be placed as `layout` asks.
+    #[error("cannot place thread {tid} on CPU {cpu} (layout {layout})")]
+    Layout {
+        /// The layout asked for.
+        layout: Layout,
+        /// The thread.
+        tid: i32,
+        /// The CPU.
+        cpu: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a run's own threads (its vCPU threads and built-in hogs) may run. A busy host with as
+/// many vCPUs and hogs as CPUs has two layouts CFS keeps once it is in them (each vCPU beside a
+/// hog, or the vCPUs together and the hogs together), and which one a run falls into decides
+/// what a boost can do (docs/policy.md, "Where the vCPU threads run"); pinning one makes runs
+/// comparable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Wherever the kernel puts them.
+    #[default]
+    Free,
+    /// vCPU `i` and hog `i` pinned to the `i`-th CPU the run may use (round robin): each vCPU
+    /// beside one hog, as CFS itself places them from a clean start.
+    Apart,
+    /// Every vCPU pinned to the first CPU the run may use, the hogs to the others: a boost can
+    /// only reorder the vCPUs among themselves.
+    Together,
+}
+
+impl Layout {
+    /// Every layout, by name.
+    pub const ALL: [(&'static str, Layout); 3] = [
+        ("free", Layout::Free),
+        ("apart", Layout::Apart),
+        ("together", Layout::Together),
+    ];
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = Layout::ALL
+            .iter()
+            .find(|(_, l)| l == self)
+            .map_or("?", |(n, _)| n);
+        f.write_str(name)
+    }
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Layout::ALL
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, l)| *l)
+            .ok_or_else(|| format!("unknown layout `{s}` (free, apart, together)"))
+    }
+}
+
+/// The CPU of each of `vcpus` vCPU threads and `hogs` hogs under `layout`, over the CPUs
+/// `allowed` (those the run may use, ascending); `None` for [`Layout::Free`] or without CPUs.
+pub fn layout_cpus(
+    layout: Layout,
+    vcpus: usize,
+    hogs: usize,
+    allowed: &[usize],
+) -> Option<(Vec<usize>, Vec<usize>)> {
+    let n = allowed.len();
+    if n == 0 {
+        return None;
+    }
+    match layout {
+        Layout::Free => None,
+        Layout::Apart => Some((
+            (0..vcpus).map(|i| allowed[i % n]).collect(),
+            (0..hogs).map(|i| allowed[i % n]).collect(),
+        )),
+        Layout::Together => {
+            let others = if n > 1 { &allowed[1..] } else { allowed };
+            Some((
+                vec![allowed[0]; vcpus],
+                (0..hogs).map(|i| others[i % others.len()]).collect(),
+            ))
+        }
+    }
+}
+
+/// Pins each thread of `tids` to its CPU in `cpus`.
+fn place(layout: Layout, tids: &[i32], cpus: &[usize]) -> Result<(), Error> {
+    for (&tid, &cpu) in tids.iter().zip(cpus) {
+        pvsched_host::sched::set_affinity(tid, &[cpu]).map_err(|source| Error::Layout {
+            layout,
+            tid,
+            cpu,
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Guest background load between timer events.
@@ -71,6 +174,8 @@ pub struct ExperimentConfig {
     pub external_daemon: bool,
     /// Keep guest RAM in this file (shared), so an external daemon can read the pvsched slots.
     pub memory_file: Option<std::path::PathBuf>,
+    /// Where the vCPU threads and the hogs may run.
+    pub layout: Layout,
 }
 
 impl ExperimentConfig {
@@ -196,6 +301,9 @@ pub struct Report {
     /// `None` with one vCPU or no sample.
     #[serde(default)]
     pub vcpus_sharing_cpu_pct: Option<f64>,
+    /// Where the vCPU threads and the hogs were allowed to run.
+    #[serde(default)]
+    pub layout: Layout,
 }
 
 /// The host CPU a thread is on (running, or queued there) from the text of its
@@ -288,6 +396,21 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     let hogs = HostLoad::start(cfg.host_load).map_err(|e| Error::Thread("host load", e))?;
     let probe = HostProbe::start(cfg.probe_interval).map_err(|e| Error::Thread("host probe", e))?;
     let mut running = vm.start()?;
+    // Before the guests start; the threads exit with the run, so nothing is restored.
+    if cfg.layout != Layout::Free {
+        let allowed = pvsched_host::sched::affinity(0).map_err(|source| Error::Layout {
+            layout: cfg.layout,
+            tid: pvsched_vmm::vcpu::gettid(),
+            cpu: 0,
+            source,
+        })?;
+        if let Some((vcpu_cpus, hog_cpus)) =
+            layout_cpus(cfg.layout, running.vcpus(), cfg.host_load, &allowed)
+        {
+            place(cfg.layout, &running.tids(), &vcpu_cpus)?;
+            place(cfg.layout, &hogs.tids(), &hog_cpus)?;
+        }
+    }
     let pv_offered = running.pv_device().is_some();
     let host_loop = HostLoop::start(&mut running, &cfg.policy, cfg.host_events)?;
     // Guards restore the vCPU threads' class when dropped, on every path out of here.
@@ -482,6 +605,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         per_vcpu,
         pv,
         vcpus_sharing_cpu_pct: placement.shared_pct(),
+        layout: cfg.layout,
         policy: PolicyReport {
             driver,
             per_vcpu: policy_vcpus,
@@ -547,5 +671,44 @@ mod tests {
             controller_class(SchedClass::Rr(99)),
             Some(SchedClass::Fifo(99))
         );
+    }
+
+    #[test]
+    fn layouts_place_vcpus_beside_hogs_or_together() {
+        let cpus = [0, 1];
+        assert_eq!(layout_cpus(Layout::Free, 2, 2, &cpus), None);
+        assert_eq!(
+            layout_cpus(Layout::Apart, 2, 2, &cpus),
+            Some((vec![0, 1], vec![0, 1]))
+        );
+        assert_eq!(
+            layout_cpus(Layout::Together, 2, 2, &cpus),
+            Some((vec![0, 0], vec![1, 1]))
+        );
+        // Round robin over the CPUs the run may use, whatever their numbers.
+        assert_eq!(
+            layout_cpus(Layout::Apart, 3, 1, &[2, 5]),
+            Some((vec![2, 5, 2], vec![2]))
+        );
+        assert_eq!(
+            layout_cpus(Layout::Together, 2, 3, &[1, 3, 4]),
+            Some((vec![1, 1], vec![3, 4, 3]))
+        );
+        // One CPU: everything on it; none: no layout.
+        assert_eq!(
+            layout_cpus(Layout::Together, 2, 1, &[7]),
+            Some((vec![7, 7], vec![7]))
+        );
+        assert_eq!(layout_cpus(Layout::Apart, 2, 2, &[]), None);
+    }
+
+    #[test]
+    fn layouts_parse_and_print() {
+        for (name, l) in Layout::ALL {
+            assert_eq!(name.parse::<Layout>(), Ok(l));
+            assert_eq!(l.to_string(), name);
+        }
+        let e = "spread".parse::<Layout>().unwrap_err();
+        assert!(e.contains("spread") && e.contains("apart"), "{e}");
     }
 }

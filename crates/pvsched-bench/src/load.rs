@@ -1,7 +1,7 @@
 //! Built-in host load: CPU-hog threads at `SCHED_OTHER` that count the work they get done.
 
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,6 +14,8 @@ pub struct HostLoad {
     stop: Arc<AtomicBool>,
     units: Vec<Arc<AtomicU64>>,
     cpu_ns: Vec<Arc<AtomicU64>>,
+    /// Each hog's thread id, set by the hog when it starts (0 until then).
+    tids: Vec<Arc<AtomicI32>>,
     threads: Vec<JoinHandle<()>>,
     started: Instant,
 }
@@ -51,16 +53,20 @@ impl HostLoad {
             stop: stop.clone(),
             units: Vec::new(),
             cpu_ns: Vec::new(),
+            tids: Vec::new(),
             threads: Vec::new(),
             started: Instant::now(),
         };
         for i in 0..threads {
             let counter = Arc::new(AtomicU64::new(0));
             let cpu = Arc::new(AtomicU64::new(0));
-            let (stop, c, cpu_out) = (stop.clone(), counter.clone(), cpu.clone());
+            let tid = Arc::new(AtomicI32::new(0));
+            let (stop, c, cpu_out, tid_out) =
+                (stop.clone(), counter.clone(), cpu.clone(), tid.clone());
             let t = std::thread::Builder::new()
                 .name(format!("pvsched-hog{i}"))
                 .spawn(move || {
+                    tid_out.store(pvsched_vmm::vcpu::gettid(), Ordering::Release);
                     let mut x = i as u64;
                     while !stop.load(Ordering::Relaxed) {
                         x = one_unit(x);
@@ -71,9 +77,26 @@ impl HostLoad {
                 })?;
             load.units.push(counter);
             load.cpu_ns.push(cpu);
+            load.tids.push(tid);
             load.threads.push(t);
         }
         Ok(load)
+    }
+
+    /// The hogs' thread ids, once every hog has started (it records its id first thing; a
+    /// hog not started within a second is left out).
+    pub fn tids(&self) -> Vec<i32> {
+        let t0 = Instant::now();
+        while self.tids.iter().any(|t| t.load(Ordering::Acquire) == 0)
+            && t0.elapsed() < Duration::from_secs(1)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .filter(|&t| t != 0)
+            .collect()
     }
 
     /// Stops and joins the hogs and reports their throughput.
@@ -123,6 +146,12 @@ mod tests {
     #[test]
     fn hogs_do_work_and_stop() {
         let load = HostLoad::start(2).unwrap();
+        let tids = load.tids();
+        assert_eq!(tids.len(), 2);
+        for tid in &tids {
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+            assert!(comm.starts_with("pvsched-hog"), "{tid}: {comm}");
+        }
         std::thread::sleep(Duration::from_millis(100));
         let r = load.stop();
         assert_eq!(r.threads, 2);

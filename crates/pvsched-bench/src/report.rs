@@ -24,6 +24,16 @@ pub fn render(r: &Report) -> String {
         r.host_load,
         r.vcpu_sched,
     );
+    match r.layout {
+        crate::experiment::Layout::Free => {}
+        l => {
+            let _ = writeln!(
+                s,
+                "Layout: {l} (vCPU threads{} pinned, docs/policy.md \"Where the vCPU threads run\")",
+                if r.host_load > 0 { " and hogs" } else { "" }
+            );
+        }
+    }
     if let Some(m) = &r.memory_file {
         let v3 = r.pv.as_ref().is_some_and(|p| p.version == 3);
         let slots: Vec<String> = (0..r.vcpus)

@@ -29,6 +29,7 @@ fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
         task_by_vcpu: Vec::new(),
         external_daemon: false,
         memory_file: None,
+        layout: Default::default(),
     }
 }
 

@@ -374,6 +374,50 @@ pub fn set(tid: i32, attr: &SchedAttr) -> Result<(), Error> {
     Ok(())
 }
 
+/// The CPUs thread `tid` may run on (`sched_getaffinity`; `tid` 0: the calling thread), in
+/// ascending order.
+pub fn affinity(tid: i32) -> std::io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data, valid all zero.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most `size_of::<cpu_set_t>()` bytes into `set`, which is
+    // that large and lives across the call.
+    let r =
+        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads bit `c` of `set`, and `c` < CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// Lets thread `tid` run only on `cpus` (`sched_setaffinity`). Every CPU must be below
+/// `CPU_SETSIZE` (1024) and at least one given.
+pub fn set_affinity(tid: i32, cpus: &[usize]) -> std::io::Result<()> {
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "CPU list {cpus:?}: not empty, each below {}",
+                libc::CPU_SETSIZE
+            ),
+        ));
+    }
+    // SAFETY: cpu_set_t is plain data, valid all zero.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET writes bit `c` of `set`, and `c` < CPU_SETSIZE (checked above).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: the kernel reads `size_of::<cpu_set_t>()` bytes from `set`, which is that large.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A thread put into a class, remembering what it had before. Restores the original
 /// attributes on [`SchedGuard::restore`] or on drop (also during a panic's unwinding); a
 /// thread that has exited needs no restoring.
@@ -545,6 +589,28 @@ mod tests {
         assert_eq!(stat_field(stat, 7), None);
         assert_eq!(stat_field(stat, 2), None, "fields 1 and 2 are not counted");
         assert_eq!(stat_field("no name", 3), None);
+    }
+
+    #[test]
+    fn affinity_is_set_and_read_back() {
+        let parked = pvsched_testutil::ParkedThread::spawn();
+        let tid = parked.tid();
+        let allowed = affinity(tid).unwrap();
+        assert!(!allowed.is_empty());
+        let last = *allowed.last().unwrap();
+        set_affinity(tid, &[last]).unwrap();
+        assert_eq!(affinity(tid).unwrap(), vec![last]);
+        set_affinity(tid, &allowed).unwrap();
+        assert_eq!(affinity(tid).unwrap(), allowed);
+        for bad in [&[][..], &[libc::CPU_SETSIZE as usize][..]] {
+            let e = set_affinity(tid, bad).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+        assert_eq!(
+            affinity(tid).unwrap(),
+            allowed,
+            "a refused list changes nothing"
+        );
     }
 
     #[test]
