@@ -78,6 +78,75 @@ fn bad_arguments_are_usage_errors() {
     );
 }
 
+/// Two busy vCPUs at FIFO on one CPU: the first to run keeps it, the other never runs. The
+/// report must show that (a vCPU with no samples) and still give boosted shares of the run, not
+/// of the starved thread's few microseconds.
+#[test]
+fn a_starved_vcpu_shows_in_the_report() {
+    let _s = serial();
+    if !kvm_or_skip("a_starved_vcpu_shows_in_the_report") {
+        return;
+    }
+    let out = run_with_limit(
+        pvsched().args([
+            "vm",
+            "--vcpus",
+            "2",
+            "--duration",
+            "1s",
+            "--guest-load",
+            "busy",
+            "--task-period",
+            "off",
+            "--layout",
+            "together",
+            "--policy",
+            "static",
+            "--max-boosted",
+            "off",
+        ]),
+        Duration::from_secs(60),
+    );
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    if out.status.code() == Some(5) {
+        pvsched_testutil::skip!("a_starved_vcpu_shows_in_the_report: {err}");
+        return;
+    }
+    assert!(out.status.success(), "{stdout}\n{err}");
+    let counts: Vec<u64> = stdout
+        .lines()
+        .filter(|l| l.starts_with("T: "))
+        .map(|l| {
+            let c = l
+                .split("C:")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
+            c.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(counts.len(), 2, "{stdout}");
+    let (lo, hi) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+    assert!(
+        hi > 0 && lo * 10 < hi,
+        "one vCPU starved: {counts:?}\n{stdout}"
+    );
+    for l in stdout.lines().filter(|l| l.starts_with("B:")) {
+        let pct: f64 = l
+            .split(" ms (")
+            .nth(1)
+            .unwrap()
+            .split('%')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(pct <= 101.0, "boosted share of the run: {l}");
+    }
+}
+
 #[test]
 fn layouts_pin_the_vcpu_threads_and_hogs() {
     let _s = serial();

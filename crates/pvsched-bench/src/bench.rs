@@ -504,6 +504,10 @@ pub struct CellSummary {
     /// Samples in which two vCPU threads were on the same host CPU, %.
     #[serde(default)]
     pub vcpus_sharing_cpu_pct: Stat,
+    /// The fewest latency samples a vCPU took, % of the run's probe periods (a vCPU that fell
+    /// behind or was starved).
+    #[serde(default)]
+    pub fewest_samples_pct: Stat,
 }
 
 fn metric(rounds: &[Report], f: impl Fn(&Report) -> f64) -> Stat {
@@ -569,14 +573,10 @@ pub fn summarize(c: &CellResult) -> CellSummary {
         glitch_pct,
         load_throughput: load,
         boosted_pct: metric(r, |x| {
-            let wall: f64 = x.per_vcpu.iter().map(|v| v.wall_s).sum();
-            let boosted: f64 = x.policy.per_vcpu.iter().map(|p| p.boosted_ms / 1e3).sum();
-            if wall > 0.0 {
-                boosted / wall * 100.0
-            } else {
-                0.0
-            }
+            let boosted: f64 = x.policy.per_vcpu.iter().map(|p| p.boosted_ms).sum();
+            x.boosted_pct(boosted) / x.per_vcpu.len().max(1) as f64
         }),
+        fewest_samples_pct: metric(r, |x| x.fewest_samples_pct().unwrap_or(f64::NAN)),
         boosts_per_s: metric(r, |x| {
             x.policy
                 .per_vcpu

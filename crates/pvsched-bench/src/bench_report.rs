@@ -283,6 +283,11 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 ("engine wake-ups / s", |x| x.wakeups_per_s, &us),
                 ("sched_setattr / s", |x| x.setattr_per_s, &us),
                 ("probe periods overrun", |x| x.overrun_pct, &pct),
+                (
+                    "fewest samples of a vCPU (% of periods)",
+                    |x| x.fewest_samples_pct,
+                    &pct,
+                ),
                 ("VM CPU share (% of the machine)", |x| x.vm_cpu_pct, &pct),
                 (
                     "vCPU threads on one CPU (% of samples)",

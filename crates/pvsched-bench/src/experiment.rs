@@ -306,6 +306,32 @@ pub struct Report {
     pub layout: Layout,
 }
 
+impl Report {
+    /// vCPU `i`'s boosted time, % of the run (the engine boosts on the run's clock: a vCPU
+    /// thread starved for most of the run can be boosted for longer than it ran).
+    pub fn boosted_pct(&self, boosted_ms: f64) -> f64 {
+        if self.elapsed_s > 0.0 {
+            boosted_ms / 1e3 / self.elapsed_s * 100.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The fewest latency samples any vCPU took, % of the probe periods in the run: low when
+    /// a vCPU fell behind its timer (overruns) or never got to run (starved); `None` without
+    /// vCPUs or periods.
+    pub fn fewest_samples_pct(&self) -> Option<f64> {
+        let periods = self.elapsed_s * 1e6 / self.interval_us;
+        if periods.is_nan() || periods <= 0.0 {
+            return None;
+        }
+        self.per_vcpu
+            .iter()
+            .map(|v| v.latency.count as f64 / periods * 100.0)
+            .min_by(f64::total_cmp)
+    }
+}
+
 /// The host CPU a thread is on (running, or queued there) from the text of its
 /// `/proc/<pid>/task/<tid>/stat` ("processor", field 39).
 pub fn stat_processor(stat: &str) -> Option<u32> {

@@ -197,11 +197,7 @@ pub fn render(r: &Report) -> String {
         }
     );
     for (i, v) in pol.per_vcpu.iter().enumerate() {
-        let share = r
-            .per_vcpu
-            .get(i)
-            .filter(|c| c.wall_s > 0.0)
-            .map_or(0.0, |c| v.boosted_ms / 1e3 / c.wall_s * 100.0);
+        let share = r.boosted_pct(v.boosted_ms);
         let _ = writeln!(
             s,
             "B:{:2} boosts {} unboosts {} throttles {} ({} generic) refused {} capped {} (yielded {}) boosted \
