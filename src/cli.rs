@@ -156,7 +156,8 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
     /// Only these policies, comma-separated (default: all; `none` is always run, it is the
     /// baseline every ratio is taken against): none, dynamic, deadline-aware,
-    /// deadline-aware/slice, deadline-aware/nocap, v3-default (its guest speaks the v3 page),
+    /// deadline-aware/slice, deadline-aware/nocap, deadline-aware/repay (every boost paid back
+    /// at nice 10), v3-default (its guest speaks the v3 page),
     /// static, daemon.
     #[arg(long, value_delimiter = ',', value_parser = parse_bench_policy)]
     pub policies: Option<Vec<String>>,

@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 /// Policies in the order the report shows them (RFC columns: vanilla, dynamic, static).
 /// `daemon` is pvsched's daemon driving the VM from the outside (tracepoints only).
 /// `v3-default` runs a guest that speaks the pvsched v3 page (`pvsched vm --pv v3`).
-pub const POLICIES: [&str; 8] = [
+pub const POLICIES: [&str; 9] = [
     "none",
     "dynamic",
     "deadline-aware",
     "deadline-aware/slice",
     "deadline-aware/nocap",
+    "deadline-aware/repay",
     "v3-default",
     "static",
     "daemon",
@@ -33,12 +34,19 @@ pub const POLICIES: [&str; 8] = [
 
 /// The driver and options behind a bench policy name: a driver name, `daemon`, or
 /// `<driver>/slice` (that driver boosting to an EEVDF custom slice of 100 µs instead of FIFO),
-/// or `<driver>/nocap` (that driver without the host-wide cap, see [`policy_cap`]).
+/// or `<driver>/nocap` (that driver without the host-wide cap, see [`policy_cap`]), or
+/// `<driver>/repay` (every boost paid back at nice 10: `repay_on=boost repay=nice:10`).
 pub fn policy_driver(name: &str) -> (String, DriverOptions) {
     match name.split_once('/') {
         Some((driver, "slice")) => (
             driver.into(),
             DriverOptions::new().set("class", "slice:100us"),
+        ),
+        Some((driver, "repay")) => (
+            driver.into(),
+            DriverOptions::new()
+                .set("repay_on", "boost")
+                .set("repay", "nice:10"),
         ),
         Some((driver, "nocap")) => (driver.into(), DriverOptions::new()),
         _ if name == "daemon" => ("none".into(), DriverOptions::new()),
@@ -668,6 +676,29 @@ mod tests {
             e.host_events.is_none(),
             "tracepoints only in the daemon column"
         );
+    }
+
+    #[test]
+    fn policy_names_map_to_driver_options() {
+        let (d, o) = policy_driver("deadline-aware/repay");
+        assert_eq!(d, "deadline-aware");
+        assert_eq!(
+            (o.get("repay_on"), o.get("repay")),
+            (Some("boost"), Some("nice:10"))
+        );
+        assert_eq!(
+            policy_cap("deadline-aware/repay"),
+            policy_cap("deadline-aware")
+        );
+        let (d, o) = policy_driver("deadline-aware/slice");
+        assert_eq!(
+            (d.as_str(), o.get("class")),
+            ("deadline-aware", Some("slice:100us"))
+        );
+        let (d, o) = policy_driver("deadline-aware");
+        assert_eq!((d.as_str(), o.get("repay")), ("deadline-aware", None));
+        assert_eq!(policy_driver("daemon").0, "none");
+        assert_eq!(policy_cap("deadline-aware/nocap"), None);
     }
 
     #[test]

@@ -400,9 +400,9 @@ fn markdown(v: &View<'_>, title: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| interval | metric | dynamic | deadline-aware | deadline-aware/nocap | v3-default |"
+        "| interval | metric | dynamic | deadline-aware | deadline-aware/nocap | deadline-aware/repay | v3-default |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for &i in &c.intervals_us {
         let get = |p: &str| v.find(HostState::Busy, true, p, i);
         let floor = v.find(HostState::Idle, false, "none", i);
@@ -424,10 +424,11 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| {i} µs | {m} {what} | {} | {} | {} | {} |",
+                    "| {i} µs | {m} {what} | {} | {} | {} | {} | {} |",
                     r("dynamic"),
                     r("deadline-aware"),
                     r("deadline-aware/nocap"),
+                    r("deadline-aware/repay"),
                     r("v3-default")
                 );
             }
