@@ -51,7 +51,7 @@
 
 use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
 use crate::mechanism::{helper_class, sched_class, Publisher};
-use crate::pressure::{host_busy_ns, OthersVerdict, QuietGate, VcpuSampler};
+use crate::pressure::{cpu_busy_ns, thread_cpu, CpuBusy, OthersVerdict, QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
 use priority_inheriting_lock::{PriorityInheritingLock, PriorityInheritingLockGuard};
@@ -1472,6 +1472,7 @@ impl Runtime {
             others_since: None,
             others_ns: 0,
             others_n: 0,
+            cpu_busy: CpuBusy::default(),
             told: BTreeMap::new(),
             lazy: false,
             reconcile_seen: BTreeMap::new(),
@@ -1722,6 +1723,8 @@ struct Loop {
     others_ns: u64,
     /// vCPU samplers summed at the host-wide gate's last sample.
     others_n: usize,
+    /// Busy time of the CPUs the vCPU threads were on, summed sample after sample.
+    cpu_busy: CpuBusy,
     /// The quiet verdict each vCPU was last given (its own, or the host-wide one).
     told: BTreeMap<VcpuKey, bool>,
     /// The sources were told that every vCPU is quiet ([`EventSource::set_lazy`]).
@@ -1873,7 +1876,16 @@ impl Loop {
                     .filter_map(VcpuSampler::ran_ns)
                     .sum::<u64>()
                     .saturating_add(thread_cpu_ns());
-                let sampled = host_busy_ns().map(|busy| verdict.sample(now, busy, ours));
+                // Only the CPUs the vCPU threads are on: others' work elsewhere does not
+                // compete with them.
+                let on: BTreeSet<usize> = self
+                    .samplers
+                    .values()
+                    .filter_map(|s| thread_cpu(s.tid()))
+                    .collect();
+                let cpu_busy = &mut self.cpu_busy;
+                let sampled =
+                    cpu_busy_ns().map(|cpus| verdict.sample(now, cpu_busy.fold(&cpus, &on), ours));
                 // After the sample: the first verdict switches to the long windows.
                 *next = now.saturating_add(verdict.window());
                 if let Some(Some(closed)) = sampled {
