@@ -147,7 +147,7 @@ fn a_starved_vcpu_shows_in_the_report() {
     }
 }
 
-/// The host-wide gate counts only the CPUs the vCPU threads are on: two busy vCPUs pinned to
+/// The host-wide gate counts only the CPUs the vCPU threads may run on: two busy vCPUs pinned to
 /// one CPU with the hogs on the other compete only with each other, and `deadline-aware` then
 /// boosts neither; pinned beside the hogs, it boosts.
 #[test]

@@ -14,11 +14,12 @@
 //! daemon, the guests' wake-up latency was worse with boosting (avg 1.2–2.6 ms vs 0.9–1.4 ms
 //! without). [`OthersGate`] holds every vCPU quiet while the CPU time that neither attached
 //! vCPUs nor the engine used stays below a fraction of one CPU: the busy time (from
-//! `/proc/stat`) of the CPUs the vCPU threads are on, minus theirs ([`CpuBusy`]). Counting only
-//! those CPUs matters when the vCPUs share CPUs and other work runs on the rest: two busy vCPUs
-//! on one CPU with CPU hogs on the other compete only with each other, and boosting one of them
-//! only delays the other (measured 2026-12-04 with the threads pinned so, 500 µs: guest p99
-//! 2.9 ms with boosting vs 0.87 ms without, docs/policy.md).
+//! `/proc/stat`) of the CPUs the vCPU threads may run on (their affinity), minus theirs
+//! ([`CpuBusy`]). Counting only those CPUs matters when the vCPUs are confined to CPUs that
+//! other work does not use: two busy vCPUs pinned to one CPU with CPU hogs on the other compete
+//! only with each other, and boosting one of them only delays the other (measured 2026-12-04
+//! with the threads pinned so, 500 µs: guest p99 2.9 ms with boosting vs 0.87 ms without,
+//! docs/policy.md).
 
 use crate::clock::mono_ns;
 use pvsched_policy::Nanos;
@@ -259,13 +260,7 @@ pub fn cpu_busy_ns() -> Option<Vec<(usize, u64)>> {
     parse_proc_stat_cpus(&text, clock_ticks()?)
 }
 
-/// The CPU thread `tid` is on (running, or queued there): `/proc/<tid>/stat` field 39.
-pub fn thread_cpu(tid: i32) -> Option<usize> {
-    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
-    crate::sched::stat_field(&stat, 39)?.parse().ok()
-}
-
-/// The busy time of the CPUs the vCPU threads are on, as one cumulative count for
+/// The busy time of the CPUs the vCPU threads may run on, as one cumulative count for
 /// [`OthersVerdict::sample`]: each sample adds what every CPU of the current set gained
 /// since the previous sample (a CPU not seen before adds nothing yet).
 #[derive(Debug, Default)]
@@ -275,8 +270,8 @@ pub struct CpuBusy {
 }
 
 impl CpuBusy {
-    /// Folds in a reading of every CPU's busy time (`per_cpu`) with the vCPU threads on the
-    /// CPUs `on` (all CPUs when empty); returns the count so far.
+    /// Folds in a reading of every CPU's busy time (`per_cpu`), counting the CPUs `on` (all
+    /// CPUs when empty); returns the count so far.
     pub fn fold(&mut self, per_cpu: &[(usize, u64)], on: &BTreeSet<usize>) -> u64 {
         for &(cpu, busy) in per_cpu {
             if let Some(prev) = self.last.insert(cpu, busy) {

@@ -51,7 +51,7 @@
 
 use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
 use crate::mechanism::{helper_class, sched_class, Publisher};
-use crate::pressure::{cpu_busy_ns, thread_cpu, CpuBusy, OthersVerdict, QuietGate, VcpuSampler};
+use crate::pressure::{cpu_busy_ns, CpuBusy, OthersVerdict, QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
 use priority_inheriting_lock::{PriorityInheritingLock, PriorityInheritingLockGuard};
@@ -1876,12 +1876,15 @@ impl Loop {
                     .filter_map(VcpuSampler::ran_ns)
                     .sum::<u64>()
                     .saturating_add(thread_cpu_ns());
-                // Only the CPUs the vCPU threads are on: others' work elsewhere does not
-                // compete with them.
+                // Only the CPUs the vCPU threads may run on: others' work on CPUs they are
+                // not allowed on does not compete with them. (Not the CPUs they are on now:
+                // a boost is what lets the kernel move a vCPU that shares a CPU with its
+                // sibling next to a lower-priority thread elsewhere.)
                 let on: BTreeSet<usize> = self
                     .samplers
                     .values()
-                    .filter_map(|s| thread_cpu(s.tid()))
+                    .filter_map(|s| crate::sched::affinity(s.tid()).ok())
+                    .flatten()
                     .collect();
                 let cpu_busy = &mut self.cpu_busy;
                 let sampled =
