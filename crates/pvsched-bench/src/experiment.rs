@@ -307,7 +307,7 @@ pub struct Report {
 }
 
 impl Report {
-    /// vCPU `i`'s boosted time, % of the run (the engine boosts on the run's clock: a vCPU
+    /// A boosted time (ms), as % of the run (the engine boosts on the run's clock: a vCPU
     /// thread starved for most of the run can be boosted for longer than it ran).
     pub fn boosted_pct(&self, boosted_ms: f64) -> f64 {
         if self.elapsed_s > 0.0 {
