@@ -71,31 +71,6 @@ pub fn parse_run_delay(text: &str) -> Option<u64> {
     parse_schedstat(text).map(|(_, d)| d)
 }
 
-/// The machine's busy time in ns, from the first line of `/proc/stat` (`cpu  user nice system
-/// idle iowait irq softirq steal ...`, in `ticks_per_s` units), and how many CPUs it sums.
-/// Busy = everything but idle, iowait and steal (time the hypervisor below gave away).
-pub fn parse_proc_stat(text: &str, ticks_per_s: u64) -> Option<(u64, u64)> {
-    let mut lines = text.lines();
-    let first = lines.next()?;
-    let mut f = first.split_whitespace();
-    if f.next()? != "cpu" {
-        return None;
-    }
-    let v: Vec<u64> = f.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
-    if v.len() < 8 || ticks_per_s == 0 {
-        return None;
-    }
-    let total: u64 = v.iter().sum();
-    let busy = total.saturating_sub(v[3] + v[4] + v[7]);
-    let cpus = lines
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .count() as u64;
-    Some((
-        busy.saturating_mul(1_000_000_000 / ticks_per_s),
-        cpus.max(1),
-    ))
-}
-
 /// The host-wide gate's settings (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OthersGate {
@@ -217,20 +192,15 @@ impl OthersVerdict {
     }
 }
 
-/// Reads the machine's busy time (ns) from `/proc/stat`.
-pub fn host_busy_ns() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    parse_proc_stat(&text, clock_ticks()?).map(|(b, _)| b)
-}
-
 fn clock_ticks() -> Option<u64> {
     // SAFETY: sysconf has no memory effects.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     u64::try_from(ticks).ok()
 }
 
-/// Each CPU's busy time in ns, from the `cpuN` lines of `/proc/stat` (in `ticks_per_s`
-/// units; busy as in [`parse_proc_stat`]), in the order listed.
+/// Each CPU's busy time in ns, from the `cpuN` lines of `/proc/stat` (`cpuN user nice system
+/// idle iowait irq softirq steal ...`, in `ticks_per_s` units), in the order listed. Busy =
+/// everything but idle, iowait and steal (time the hypervisor below gave away).
 pub fn parse_proc_stat_cpus(text: &str, ticks_per_s: u64) -> Option<Vec<(usize, u64)>> {
     if ticks_per_s == 0 {
         return None;
@@ -453,12 +423,15 @@ mod tests {
                     cpu0 50 2 25 500 10 1 1 3 0 0\n\
                     cpu1 50 3 25 500 10 2 1 4 0 0\n\
                     intr 123\n";
-        // busy = user + nice + system + irq + softirq = 160 ticks of 10 ms.
-        assert_eq!(parse_proc_stat(text, 100), Some((1_600_000_000, 2)));
-        assert_eq!(parse_proc_stat("cpu 1 2 3", 100), None);
-        assert_eq!(parse_proc_stat("intr 1", 100), None);
-        assert_eq!(parse_proc_stat(text, 0), None);
-        assert!(host_busy_ns().is_some(), "this machine's /proc/stat parses");
+        // busy = user + nice + system + irq + softirq = 79 and 81 ticks of 10 ms.
+        assert_eq!(
+            parse_proc_stat_cpus(text, 100),
+            Some(vec![(0, 790_000_000), (1, 810_000_000)])
+        );
+        assert_eq!(parse_proc_stat_cpus("cpu 1 2 3", 100), None);
+        assert_eq!(parse_proc_stat_cpus("intr 1", 100), None);
+        assert_eq!(parse_proc_stat_cpus(text, 0), None);
+        assert!(cpu_busy_ns().is_some(), "this machine's /proc/stat parses");
     }
 
     #[test]
