@@ -32,49 +32,62 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `pvsched args` must fail as a usage error (exit code 2) saying `needle`.
+fn usage_error(args: &[&str], needle: &str) {
+    let out = run_with_limit(pvsched().args(args), Duration::from_secs(10));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: {err}");
+}
+
+/// `pvsched vm` with 2 busy vCPUs, no deadline task, `hogs` host hogs and layout `layout` for
+/// `duration`, plus `extra` arguments; its stdout, or `None` (skipped, printed) when the
+/// privilege to set real-time classes is missing (exit code 5).
+fn busy_vm(test: &str, duration: &str, hogs: &str, layout: &str, extra: &[&str]) -> Option<String> {
+    let out = run_with_limit(
+        pvsched()
+            .args([
+                "vm",
+                "--vcpus",
+                "2",
+                "--duration",
+                duration,
+                "--guest-load",
+                "busy",
+                "--host-load",
+                hogs,
+                "--task-period",
+                "off",
+                "--layout",
+                layout,
+            ])
+            .args(extra),
+        Duration::from_secs(60),
+    );
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    if out.status.code() == Some(5) {
+        pvsched_testutil::skip!("{test}: {err}");
+        return None;
+    }
+    assert!(out.status.success(), "{stdout}\n{err}");
+    Some(stdout)
+}
+
 #[test]
 fn bad_arguments_are_usage_errors() {
-    let out = run_with_limit(
-        pvsched().args(["vm", "--vcpus", "0"]),
-        Duration::from_secs(10),
+    usage_error(&["vm", "--vcpus", "0"], "1 to 64");
+    usage_error(&["vm", "--interval", "soon"], "--interval");
+    usage_error(
+        &["vm", "--task-work", "3ms", "--task-period", "2ms"],
+        "below the period",
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("1 to 64"),
-        "{}",
-        text(&out.stderr)
+    usage_error(
+        &["vm", "--layout", "spread"],
+        "unknown layout `spread` (free, apart, together)",
     );
-    let out = run_with_limit(
-        pvsched().args(["vm", "--interval", "soon"]),
-        Duration::from_secs(10),
-    );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--interval"));
-    let out = run_with_limit(
-        pvsched().args(["vm", "--task-work", "3ms", "--task-period", "2ms"]),
-        Duration::from_secs(10),
-    );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("below the period"));
-    let out = run_with_limit(
-        pvsched().args(["vm", "--layout", "spread"]),
-        Duration::from_secs(10),
-    );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("unknown layout `spread` (free, apart, together)"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = run_with_limit(
-        pvsched().args(["bench", "--guest", "linux-tcg", "--layout", "apart"]),
-        Duration::from_secs(10),
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("--layout is for the testbed"),
-        "{}",
-        text(&out.stderr)
+    usage_error(
+        &["bench", "--guest", "linux-tcg", "--layout", "apart"],
+        "--layout is for the testbed",
     );
 }
 
@@ -87,32 +100,15 @@ fn a_starved_vcpu_shows_in_the_report() {
     if !kvm_or_skip("a_starved_vcpu_shows_in_the_report") {
         return;
     }
-    let out = run_with_limit(
-        pvsched().args([
-            "vm",
-            "--vcpus",
-            "2",
-            "--duration",
-            "1s",
-            "--guest-load",
-            "busy",
-            "--task-period",
-            "off",
-            "--layout",
-            "together",
-            "--policy",
-            "static",
-            "--max-boosted",
-            "off",
-        ]),
-        Duration::from_secs(60),
-    );
-    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
-    if out.status.code() == Some(5) {
-        pvsched_testutil::skip!("a_starved_vcpu_shows_in_the_report: {err}");
+    let Some(stdout) = busy_vm(
+        "a_starved_vcpu_shows_in_the_report",
+        "1s",
+        "0",
+        "together",
+        &["--policy", "static", "--max-boosted", "off"],
+    ) else {
         return;
-    }
-    assert!(out.status.success(), "{stdout}\n{err}");
+    };
     let counts: Vec<u64> = stdout
         .lines()
         .filter(|l| l.starts_with("T: "))
@@ -163,34 +159,15 @@ fn vcpus_that_compete_only_with_each_other_are_not_boosted() {
         return;
     }
     for (layout, boosts) in [("together", false), ("apart", true)] {
-        let out = run_with_limit(
-            pvsched().args([
-                "vm",
-                "--vcpus",
-                "2",
-                "--duration",
-                "2s",
-                "--guest-load",
-                "busy",
-                "--host-load",
-                "2",
-                "--task-period",
-                "off",
-                "--layout",
-                layout,
-                "--policy",
-                "deadline-aware",
-            ]),
-            Duration::from_secs(60),
-        );
-        let (stdout, err) = (text(&out.stdout), text(&out.stderr));
-        if out.status.code() == Some(5) {
-            pvsched_testutil::skip!(
-                "vcpus_that_compete_only_with_each_other_are_not_boosted: {err}"
-            );
+        let Some(stdout) = busy_vm(
+            "vcpus_that_compete_only_with_each_other_are_not_boosted",
+            "2s",
+            "2",
+            layout,
+            &["--policy", "deadline-aware"],
+        ) else {
             return;
-        }
-        assert!(out.status.success(), "{stdout}\n{err}");
+        };
         let total: u64 = stdout
             .lines()
             .filter(|l| l.starts_with("B:"))
@@ -233,29 +210,16 @@ fn layouts_pin_the_vcpu_threads_and_hogs() {
             continue;
         }
         let json = dir.join(format!("{layout}.json"));
-        let out = run_with_limit(
-            pvsched()
-                .args([
-                    "vm",
-                    "--vcpus",
-                    "2",
-                    "--duration",
-                    "1s",
-                    "--guest-load",
-                    "busy",
-                    "--host-load",
-                    hogs,
-                    "--task-period",
-                    "off",
-                    "--layout",
-                    layout,
-                    "--json",
-                ])
-                .arg(&json),
-            Duration::from_secs(60),
-        );
-        let stdout = text(&out.stdout);
-        assert!(out.status.success(), "{}\n{}", stdout, text(&out.stderr));
+        let json_arg = json.to_str().expect("UTF-8 temp path");
+        let Some(stdout) = busy_vm(
+            "layouts_pin_the_vcpu_threads_and_hogs",
+            "1s",
+            hogs,
+            layout,
+            &["--json", json_arg],
+        ) else {
+            return;
+        };
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(v["layout"], layout);
