@@ -101,19 +101,6 @@ pub fn threads_named(prefix: &str) -> Vec<i32> {
     tids
 }
 
-/// Pins thread `tid` to CPU `cpu`.
-pub fn pin(tid: i32, cpu: usize) -> std::io::Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// A thread that only waits, so tests can change and inspect its scheduling class; released
 /// and joined on drop.
 pub struct ParkedThread {
