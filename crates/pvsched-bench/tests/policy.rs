@@ -7,7 +7,7 @@
 use pvsched_bench::engine_host::{HostLoop, PolicyConfig};
 use pvsched_host::sched::{self, SchedClass, SchedGuard};
 use pvsched_policy::DriverOptions;
-use pvsched_testutil::{kvm_or_skip, pin, serial, skip, threads_named, within};
+use pvsched_testutil::{kvm_or_skip, serial, skip, threads_named, within};
 use pvsched_vmm::pvdevice::PvConfig;
 use pvsched_vmm::{GuestConfig, GuestRequests, RunningVm, Vm, VmConfig};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -142,15 +142,14 @@ fn rogue_guest_is_throttled_and_a_host_thread_keeps_its_cpu() {
         };
         let mut vm = start(guest, 1);
         let tid = vm.tids()[0];
-        pin(tid, 0).unwrap();
+        pvsched_host::sched::set_affinity(tid, &[0]).unwrap();
         // A host hog on the same CPU, at SCHED_OTHER.
         let stop = Arc::new(AtomicBool::new(false));
         let hog_cpu = Arc::new(AtomicU64::new(0));
         let hog = {
             let (stop, hog_cpu) = (stop.clone(), hog_cpu.clone());
             std::thread::spawn(move || {
-                // SAFETY: plain syscall.
-                pin(unsafe { libc::gettid() }, 0).unwrap();
+                pvsched_host::sched::set_affinity(0, &[0]).unwrap();
                 let t0 = pvsched_vmm::vcpu::thread_cpu_time();
                 let mut x = 1u64;
                 while !stop.load(Ordering::Relaxed) {

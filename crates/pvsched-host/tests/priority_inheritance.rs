@@ -15,7 +15,7 @@ use pvsched_host::sched::{self, SchedClass};
 use pvsched_host::Publisher;
 use pvsched_policy::{BoostState, DriverOptions, Event, Nanos, Reasons, VcpuEvent, VcpuKey};
 use pvsched_proto::abi::Reason;
-use pvsched_testutil::{pin, skip, ParkedThread};
+use pvsched_testutil::{skip, ParkedThread};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -107,7 +107,7 @@ fn a_vcpu_thread_preempted_inside_the_engine_does_not_hold_up_the_engine_thread(
     let armed = Arc::new(AtomicBool::new(false));
     let holding = Arc::new(AtomicBool::new(false));
     // The test (and the engine thread it starts) on CPU 1, the holder and the hog on CPU 0.
-    pin(gettid(), 1).unwrap();
+    pvsched_host::sched::set_affinity(gettid(), &[1]).unwrap();
     let (tx, rx) = mpsc::channel();
     let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let feed = Sender {
@@ -167,7 +167,7 @@ fn a_vcpu_thread_preempted_inside_the_engine_does_not_hold_up_the_engine_thread(
     let (go_tx, go_rx) = mpsc::channel::<pvsched_host::VcpuHandle>();
     let v_armed = armed.clone();
     let v = std::thread::spawn(move || {
-        pin(gettid(), 0).unwrap();
+        pvsched_host::sched::set_affinity(gettid(), &[0]).unwrap();
         tid_tx.send(gettid()).unwrap();
         let mut handle = go_rx.recv().unwrap();
         v_armed.store(true, Ordering::Release);
@@ -182,7 +182,7 @@ fn a_vcpu_thread_preempted_inside_the_engine_does_not_hold_up_the_engine_thread(
     let (sent_tx, sent_rx) = mpsc::channel();
     let hog_feed = feed.clone();
     let hog = std::thread::spawn(move || {
-        pin(gettid(), 0).unwrap();
+        pvsched_host::sched::set_affinity(gettid(), &[0]).unwrap();
         sched::set(gettid(), &SchedClass::Fifo(5).attr()).unwrap();
         while !hog_holding.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_micros(50));
