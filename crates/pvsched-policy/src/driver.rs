@@ -281,6 +281,9 @@ impl<'a> VcpuCtx<'a> {
                 self.state.counters.capped += 1;
             }
             self.state.cap_refused = true;
+            // Waiting for a slot, it runs at its normal weight: repaying now would only keep
+            // it longer from what it waits for (its debt still falls with unboosted time).
+            self.end_repay();
             return;
         }
         // A boost supersedes a repayment or a deboost (the class it applies replaces theirs).

@@ -758,7 +758,8 @@ impl DynamicDriver {
             return;
         }
         let owed = ctx.state.debts.generic;
-        if owed == 0 || ctx.state.is_boosted() {
+        // A vCPU waiting for a slot of the cap is not made to wait at reduced weight.
+        if owed == 0 || ctx.state.is_boosted() || ctx.state.capped.is_some() {
             return;
         }
         if ctx.state.repay_since.is_none() {

@@ -731,6 +731,39 @@ fn only_what_the_guest_asked_for_is_repaid_after_a_throttle() {
     assert!(s.repaying.contains_key(&V0), "its own request is repaid");
 }
 
+/// A vCPU that waits for a slot of the host-wide cap runs at its normal weight meanwhile: a
+/// repayment would keep it longer from the boost it waits for. Its debt still falls with
+/// unboosted time, and the rest is repaid after its next boost.
+#[test]
+fn a_vcpu_waiting_for_the_cap_does_not_repay_meanwhile() {
+    let mut s = Sim::one_slot("dynamic", &["repay=nice:10", "repay_on=boost"]);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(4 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.contains_key(&V0), "4 ms owed");
+    // V1 takes the one slot; V0 asks again and waits for it.
+    s.guest(V1, rs(&[Reason::RtTask]));
+    s.advance(MS);
+    let before = s.log.len();
+    s.guest(V0, rs(&[Reason::Irq]));
+    assert!(!s.is_boosted(V0));
+    assert_eq!(s.engine.vcpu(V0).unwrap().counters.capped, 1);
+    assert!(s.repaying.is_empty(), "no repayment while it waits");
+    assert!(s.log[before..].contains(&Decision::Repay(V0, None)));
+    // V1 lets go: V0 gets the slot; when its boost ends, it repays what is left (4 - 1.5 =
+    // 2.5 ms, the wait included, plus the 1 ms of this boost).
+    s.advance(MS / 2);
+    s.guest(V1, Reasons::NONE);
+    assert!(s.is_boosted(V0));
+    s.advance(MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.contains_key(&V0));
+    s.advance(3 * MS + MS / 2 - 1);
+    assert!(s.repaying.contains_key(&V0));
+    s.advance(1);
+    assert!(!s.repaying.contains_key(&V0), "paid back");
+}
+
 #[test]
 fn a_starved_vcpu_stops_repaying() {
     let mut s = Sim::new("dynamic", &["rt_budget=10ms"]);
