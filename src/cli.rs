@@ -156,8 +156,8 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
     /// Only these policies, comma-separated (default: all; `none` is always run, it is the
     /// baseline every ratio is taken against): none, dynamic, deadline-aware,
-    /// deadline-aware/slice, deadline-aware/nocap, deadline-aware/repay (every boost paid back
-    /// at nice 10), v3-default (its guest speaks the v3 page),
+    /// deadline-aware/slice, deadline-aware/nocap, deadline-aware/unpaid (boosts paid back only
+    /// after a throttle), v3-default (its guest speaks the v3 page),
     /// static, daemon.
     #[arg(long, value_delimiter = ',', value_parser = parse_bench_policy)]
     pub policies: Option<Vec<String>>,
@@ -344,8 +344,8 @@ pub struct VmArgs {
     #[arg(long, default_value = "none")]
     pub policy: String,
     /// Option of the policy driver, key=value (repeatable): class=fifo:10, cs_budget=2ms,
-    /// rt_budget=500ms, recovery=1, cooldown=1ms, repay=nice:5, irq_hold=200us, lead=100us
-    /// (deadline-aware).
+    /// rt_budget=500ms, recovery=1, cooldown=1ms, repay=nice:5 (deadline-aware: nice:10),
+    /// repay_on=throttle (deadline-aware: boost), irq_hold=200us, lead=100us (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
     /// When the dynamic drivers boost: `contended` (a vCPU only while it waits for a CPU when

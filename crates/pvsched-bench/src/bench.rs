@@ -26,7 +26,7 @@ pub const POLICIES: [&str; 9] = [
     "deadline-aware",
     "deadline-aware/slice",
     "deadline-aware/nocap",
-    "deadline-aware/repay",
+    "deadline-aware/unpaid",
     "v3-default",
     "static",
     "daemon",
@@ -35,18 +35,19 @@ pub const POLICIES: [&str; 9] = [
 /// The driver and options behind a bench policy name: a driver name, `daemon`, or
 /// `<driver>/slice` (that driver boosting to an EEVDF custom slice of 100 µs instead of FIFO),
 /// or `<driver>/nocap` (that driver without the host-wide cap, see [`policy_cap`]), or
-/// `<driver>/repay` (every boost paid back at nice 10: `repay_on=boost repay=nice:10`).
+/// `<driver>/unpaid` (boosts paid back only after a throttle, at nice 5: `repay_on=throttle
+/// repay=nice:5`, `deadline-aware`'s default until it paid back every boost).
 pub fn policy_driver(name: &str) -> (String, DriverOptions) {
     match name.split_once('/') {
         Some((driver, "slice")) => (
             driver.into(),
             DriverOptions::new().set("class", "slice:100us"),
         ),
-        Some((driver, "repay")) => (
+        Some((driver, "unpaid")) => (
             driver.into(),
             DriverOptions::new()
-                .set("repay_on", "boost")
-                .set("repay", "nice:10"),
+                .set("repay_on", "throttle")
+                .set("repay", "nice:5"),
         ),
         Some((driver, "nocap")) => (driver.into(), DriverOptions::new()),
         _ if name == "daemon" => ("none".into(), DriverOptions::new()),
@@ -680,14 +681,14 @@ mod tests {
 
     #[test]
     fn policy_names_map_to_driver_options() {
-        let (d, o) = policy_driver("deadline-aware/repay");
+        let (d, o) = policy_driver("deadline-aware/unpaid");
         assert_eq!(d, "deadline-aware");
         assert_eq!(
             (o.get("repay_on"), o.get("repay")),
-            (Some("boost"), Some("nice:10"))
+            (Some("throttle"), Some("nice:5"))
         );
         assert_eq!(
-            policy_cap("deadline-aware/repay"),
+            policy_cap("deadline-aware/unpaid"),
             policy_cap("deadline-aware")
         );
         let (d, o) = policy_driver("deadline-aware/slice");

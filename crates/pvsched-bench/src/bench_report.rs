@@ -400,7 +400,7 @@ fn markdown(v: &View<'_>, title: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| interval | metric | dynamic | deadline-aware | deadline-aware/nocap | deadline-aware/repay | v3-default |"
+        "| interval | metric | dynamic | deadline-aware | deadline-aware/nocap | deadline-aware/unpaid | v3-default |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for &i in &c.intervals_us {
@@ -428,7 +428,7 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                     r("dynamic"),
                     r("deadline-aware"),
                     r("deadline-aware/nocap"),
-                    r("deadline-aware/repay"),
+                    r("deadline-aware/unpaid"),
                     r("v3-default")
                 );
             }

@@ -135,6 +135,10 @@ pub enum RepayOn {
 /// back at this weight (measured against 10 and 19: docs/policy.md, "Repayment").
 pub const DEFAULT_REPAY_NICE: i32 = 5;
 
+/// Nice level at which `deadline-aware` pays back every boost by default (after each boost,
+/// not only after throttles: docs/policy.md, "Repayment").
+pub const DEADLINE_REPAY_NICE: i32 = 10;
+
 impl Default for DynamicParams {
     /// pvsched v3's debt limits (2 ms critical sections, 500 ms generic), 1:1 recovery; a
     /// vCPU throttled by them repays its boosted time at nice [`DEFAULT_REPAY_NICE`].
@@ -214,8 +218,25 @@ fn bad(key: &str, value: impl ToString, why: &'static str) -> OptionError {
 }
 
 impl DynamicParams {
+    /// `deadline-aware`'s defaults: [`DynamicParams::default`], but every boost that took
+    /// extra CPU share is paid back at nice [`DEADLINE_REPAY_NICE`], so that the host load is
+    /// no worse off (measured: docs/policy.md, "Repayment"). `dynamic` keeps repaying after
+    /// throttles only: its boosts mostly cover critical sections of a running vCPU, which
+    /// took nothing, and repaying them starves it.
+    pub fn deadline_default() -> Self {
+        DynamicParams {
+            repay: Some(BoostClass::Nice(DEADLINE_REPAY_NICE)),
+            repay_on: RepayOn::Boost,
+            ..DynamicParams::default()
+        }
+    }
+
     fn from_options(o: &DriverOptions, lead: Option<Nanos>) -> Result<Self, OptionError> {
-        let d = DynamicParams::default();
+        let d = if lead.is_some() {
+            DynamicParams::deadline_default()
+        } else {
+            DynamicParams::default()
+        };
         let class = o.class("class", d.class)?;
         let p = DynamicParams {
             class,

@@ -632,10 +632,31 @@ fn boosted_time_is_repaid_below_normal_weight() {
         "paid back: original attributes"
     );
     assert_eq!(s.engine.vcpu(V0).unwrap().counters.repaid_ns, 11 * MS);
-    // Off by default; `repay=nice:19` alone repays only after a throttle: a boost within
-    // budget is not repaid.
-    for opts in [&[][..], &["repay=off"][..], &["repay=nice:19"][..]] {
-        let mut s = Sim::new("dynamic", opts);
+    // `deadline-aware` repays every boost by default, at nice 10 (a request is a boost it
+    // takes like any other).
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(3 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.contains_key(&V0));
+    assert_eq!(
+        s.log
+            .iter()
+            .rev()
+            .find(|d| matches!(d, Decision::Repay(..))),
+        Some(&Decision::Repay(V0, Some(BoostClass::Nice(10))))
+    );
+    // `dynamic` does not by default; `repay=nice:19` alone repays only after a throttle: a
+    // boost within budget is not repaid. Nor does `deadline-aware` with `repay_on=throttle`.
+    for (driver, opts) in [
+        ("dynamic", &[][..]),
+        ("dynamic", &["repay=off"][..]),
+        ("dynamic", &["repay=nice:19"][..]),
+        ("deadline-aware", &["repay_on=throttle"][..]),
+        ("deadline-aware", &["repay=off"][..]),
+    ] {
+        let mut s = Sim::new(driver, opts);
         s.event(V0, VcpuEvent::Registered);
         s.guest(V0, rs(&[Reason::RtTask]));
         s.advance(10 * MS);
@@ -706,6 +727,7 @@ fn only_what_the_guest_asked_for_is_repaid_after_a_throttle() {
             "irq_hold=10ms",
             "cs_budget=2ms",
             "repay=nice:19",
+            "repay_on=throttle",
         ],
     );
     s.event(V0, VcpuEvent::Registered);
