@@ -187,6 +187,14 @@ impl Sim {
     fn is_boosted(&self, key: VcpuKey) -> bool {
         self.boosted.contains_key(&key)
     }
+
+    /// The latest repayment decision (a start in its class, or an end).
+    fn last_repay(&self) -> Option<&Decision> {
+        self.log
+            .iter()
+            .rev()
+            .find(|d| matches!(d, Decision::Repay(..)))
+    }
 }
 
 const V0: VcpuKey = VcpuKey::new(0, 0);
@@ -610,10 +618,7 @@ fn boosted_time_is_repaid_below_normal_weight() {
     assert!(!s.is_boosted(V0));
     assert!(s.repaying.contains_key(&V0), "10 ms owed");
     assert_eq!(
-        s.log
-            .iter()
-            .rev()
-            .find(|d| matches!(d, Decision::Repay(..))),
+        s.last_repay(),
         Some(&Decision::Repay(V0, Some(BoostClass::Nice(19))))
     );
     // A boost in between supersedes the repayment; its end resumes it.
@@ -641,10 +646,7 @@ fn boosted_time_is_repaid_below_normal_weight() {
     s.guest(V0, Reasons::NONE);
     assert!(s.repaying.contains_key(&V0));
     assert_eq!(
-        s.log
-            .iter()
-            .rev()
-            .find(|d| matches!(d, Decision::Repay(..))),
+        s.last_repay(),
         Some(&Decision::Repay(V0, Some(BoostClass::Nice(10))))
     );
     // `dynamic` does not by default; `repay=nice:19` alone repays only after a throttle: a
