@@ -225,18 +225,15 @@ impl DynamicParams {
     /// took nothing, and repaying them starves it.
     pub fn deadline_default() -> Self {
         DynamicParams {
+            lead: Some(100 * US),
             repay: Some(BoostClass::Nice(DEADLINE_REPAY_NICE)),
             repay_on: RepayOn::Boost,
             ..DynamicParams::default()
         }
     }
 
-    fn from_options(o: &DriverOptions, lead: Option<Nanos>) -> Result<Self, OptionError> {
-        let d = if lead.is_some() {
-            DynamicParams::deadline_default()
-        } else {
-            DynamicParams::default()
-        };
+    /// The parameters `o` sets over the defaults `d` (a `lead` only where `d` has one).
+    fn from_options(o: &DriverOptions, d: DynamicParams) -> Result<Self, OptionError> {
         let class = o.class("class", d.class)?;
         let p = DynamicParams {
             class,
@@ -252,7 +249,7 @@ impl DynamicParams {
             },
             cooldown: o.duration("cooldown", d.cooldown)?,
             irq_hold: o.duration("irq_hold", d.irq_hold)?,
-            lead: match lead {
+            lead: match d.lead {
                 Some(default) => Some(o.duration("lead", default)?),
                 None => None,
             },
@@ -276,9 +273,9 @@ impl DynamicParams {
                 Some("boost") => RepayOn::Boost,
                 Some(v) => return Err(bad("repay_on", v, "expected throttle or boost")),
             },
-            selector: None,
-            baseline_nice: 0,
-            deboost: false,
+            selector: d.selector,
+            baseline_nice: d.baseline_nice,
+            deboost: d.deboost,
         };
         for (key, c) in [
             ("class", p.class),
@@ -406,7 +403,7 @@ impl DynamicDriver {
     pub fn from_options(o: &DriverOptions) -> Result<Self, OptionError> {
         o.check_known("dynamic", DYNAMIC_KEYS)?;
         Ok(DynamicDriver {
-            p: DynamicParams::from_options(o, None)?,
+            p: DynamicParams::from_options(o, DynamicParams::default())?,
             name: "dynamic",
         })
     }
@@ -416,7 +413,7 @@ impl DynamicDriver {
     pub fn deadline_aware(o: &DriverOptions) -> Result<Self, OptionError> {
         o.check_known("deadline-aware", DEADLINE_KEYS)?;
         Ok(DynamicDriver {
-            p: DynamicParams::from_options(o, Some(100 * US))?,
+            p: DynamicParams::from_options(o, DynamicParams::deadline_default())?,
             name: "deadline-aware",
         })
     }
@@ -454,7 +451,7 @@ impl DynamicDriver {
                 .filter(|n| (-20..=19).contains(n))
                 .ok_or_else(|| bad("baseline_nice", v, "expected a nice value from -20 to 19"))?,
         };
-        let mut p = DynamicParams::from_options(o, None)?;
+        let mut p = DynamicParams::from_options(o, DynamicParams::default())?;
         p.class = BoostClass::Fifo(selector.cs_rt_prio);
         p.class_cs = p.class;
         p.class_task = p.class;
@@ -779,8 +776,7 @@ impl DynamicDriver {
             return;
         }
         let owed = ctx.state.debts.generic;
-        // A vCPU waiting for a slot of the cap is not made to wait at reduced weight.
-        if owed == 0 || ctx.state.is_boosted() || ctx.state.capped.is_some() {
+        if owed == 0 || ctx.state.is_boosted() {
             return;
         }
         if ctx.state.repay_since.is_none() {
