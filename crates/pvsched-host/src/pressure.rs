@@ -240,12 +240,12 @@ pub struct CpuBusy {
 }
 
 impl CpuBusy {
-    /// Folds in a reading of every CPU's busy time (`per_cpu`), counting the CPUs `on` (all
-    /// CPUs when empty); returns the count so far.
-    pub fn fold(&mut self, per_cpu: &[(usize, u64)], on: &BTreeSet<usize>) -> u64 {
+    /// Folds in a reading of every CPU's busy time (`per_cpu`), counting the CPUs in
+    /// `allowed` (all CPUs when empty); returns the count so far.
+    pub fn fold(&mut self, per_cpu: &[(usize, u64)], allowed: &BTreeSet<usize>) -> u64 {
         for &(cpu, busy) in per_cpu {
             if let Some(prev) = self.last.insert(cpu, busy) {
-                if on.is_empty() || on.contains(&cpu) {
+                if allowed.is_empty() || allowed.contains(&cpu) {
                     self.acc = self.acc.saturating_add(busy.saturating_sub(prev));
                 }
             }

@@ -1880,15 +1880,15 @@ impl Loop {
                 // not allowed on does not compete with them. (Not the CPUs they are on now:
                 // a boost is what lets the kernel move a vCPU that shares a CPU with its
                 // sibling next to a lower-priority thread elsewhere.)
-                let on: BTreeSet<usize> = self
+                let allowed: BTreeSet<usize> = self
                     .samplers
                     .values()
                     .filter_map(|s| crate::sched::affinity(s.tid()).ok())
                     .flatten()
                     .collect();
                 let cpu_busy = &mut self.cpu_busy;
-                let sampled =
-                    cpu_busy_ns().map(|cpus| verdict.sample(now, cpu_busy.fold(&cpus, &on), ours));
+                let sampled = cpu_busy_ns()
+                    .map(|cpus| verdict.sample(now, cpu_busy.fold(&cpus, &allowed), ours));
                 // After the sample: the first verdict switches to the long windows.
                 *next = now.saturating_add(verdict.window());
                 if let Some(Some(closed)) = sampled {
