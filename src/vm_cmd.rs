@@ -192,7 +192,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
             HostEvents::Set(_) => None,
         },
         task_by_vcpu: Vec::new(),
-        external_daemon: false,
+        external_daemon: None,
         memory_file: args.memory_file.clone(),
         layout: args.layout,
     })

@@ -32,13 +32,23 @@ pub const POLICIES: [&str; 9] = [
     "daemon",
 ];
 
+/// The column a bench policy name builds on: the name without the driver options it adds
+/// after `+` (`deadline-aware/nocap+lead=50us` → `deadline-aware/nocap`).
+pub fn policy_base(name: &str) -> &str {
+    name.split_once('+').map_or(name, |(base, _)| base)
+}
+
 /// The driver and options behind a bench policy name: a driver name, `daemon`, or
 /// `<driver>/slice` (that driver boosting to an EEVDF custom slice of 100 µs instead of FIFO),
 /// or `<driver>/nocap` (that driver without the host-wide cap, see [`policy_cap`]), or
 /// `<driver>/unpaid` (boosts paid back only after a throttle, at nice 5: `repay_on=throttle
-/// repay=nice:5`, `deadline-aware`'s default until it paid back every boost).
+/// repay=nice:5`, `deadline-aware`'s default until it paid back every boost); any of them
+/// followed by driver options, each after a `+` (`deadline-aware+repay=nice:19`: the
+/// `daemon`'s go to the daemon's driver, see [`daemon_options`], its in-VMM driver is `none`).
+/// [`check_policy`] validates a name.
 pub fn policy_driver(name: &str) -> (String, DriverOptions) {
-    match name.split_once('/') {
+    let base = policy_base(name);
+    let (driver, opts) = match base.split_once('/') {
         Some((driver, "slice")) => (
             driver.into(),
             DriverOptions::new().set("class", "slice:100us"),
@@ -50,15 +60,68 @@ pub fn policy_driver(name: &str) -> (String, DriverOptions) {
                 .set("repay", "nice:5"),
         ),
         Some((driver, "nocap")) => (driver.into(), DriverOptions::new()),
-        _ if name == "daemon" => ("none".into(), DriverOptions::new()),
-        _ => (name.into(), DriverOptions::new()),
-    }
+        _ if base == "daemon" => return ("none".into(), DriverOptions::new()),
+        _ => (base.into(), DriverOptions::new()),
+    };
+    (driver, with_extra_options(name, opts))
 }
+
+/// `opts` with the options after each `+` of `name` (a later one wins).
+fn with_extra_options(name: &str, opts: DriverOptions) -> DriverOptions {
+    name.split('+')
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .fold(opts, |o, (k, v)| o.set(k, v))
+}
+
+/// The driver options of the `daemon` column's daemon (its driver is `dynamic`).
+pub fn daemon_options(name: &str) -> Option<DriverOptions> {
+    (policy_base(name) == "daemon").then(|| with_extra_options(name, DriverOptions::new()))
+}
+
+/// Checks a bench policy name: a known column ([`POLICIES`]), and options after `+` that its
+/// driver accepts. The error says which part is wrong.
+pub fn check_policy(name: &str) -> Result<(), String> {
+    let base = policy_base(name);
+    if !POLICIES.contains(&base) {
+        return Err(format!(
+            "unknown bench policy `{base}` (known: {}; driver options follow a `+`, e.g. \
+             deadline-aware+repay=nice:19)",
+            POLICIES.join(", ")
+        ));
+    }
+    if let Some(bad) = name.split('+').skip(1).find(|kv| {
+        kv.split_once('=')
+            .is_none_or(|(k, v)| k.is_empty() || v.is_empty())
+    }) {
+        return Err(format!(
+            "bench policy `{name}`: `{bad}` is not a driver option (key=value)"
+        ));
+    }
+    let (driver, opts) = match daemon_options(name) {
+        Some(opts) => ("dynamic".into(), opts),
+        None => policy_driver(name),
+    };
+    pvsched_policy::Registry::builtin()
+        .create(&driver, &opts)
+        .map(drop)
+        .map_err(|e| {
+            let mut msg = format!("bench policy `{name}`: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg += &format!(": {s}");
+                src = s.source();
+            }
+            msg
+        })
+}
+
 /// The host-wide cap a bench policy runs with: the default (host CPUs − 1) for pvsched's
 /// drivers; none for `static` (the RFC's static-RT reference: every vCPU real-time) and for
 /// `<driver>/nocap`.
 pub fn policy_cap(name: &str) -> Option<usize> {
-    (name != "static" && !name.ends_with("/nocap")).then(pvsched_host::runtime::default_max_boosted)
+    let base = policy_base(name);
+    (base != "static" && !base.ends_with("/nocap")).then(pvsched_host::runtime::default_max_boosted)
 }
 
 /// Deadline-task periods (RFC audio buffers: 2, 4, 10 ms). vCPU `i` runs period
@@ -255,6 +318,7 @@ pub struct BenchOutcome {
 
 fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> ExperimentConfig {
     let interval = Duration::from_micros(key.interval_us);
+    let base = policy_base(&key.policy);
     let task_by_vcpu = (0..cfg.vcpus)
         .filter(|_| key.task)
         .map(|i| {
@@ -278,7 +342,7 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
                     None
                 },
                 // `v3-default`'s guest speaks the v3 page; every other column's protocol v1.
-                pv_offer: if key.policy == "v3-default" {
+                pv_offer: if base == "v3-default" {
                     pvsched_vmm::V3_PV_OFFER
                 } else {
                     GuestConfig::default().pv_offer
@@ -308,9 +372,9 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
         // Tracepoints are the daemon's (host-only) column, and `v3-default`'s: it deboosts a
         // halted guest to SCHED_IDLE, which only the timer's expiry lifts in time on a busy
         // host (as `pvsched vm --host-events auto` does).
-        host_events: (key.policy == "v3-default").then(pvsched_host::trace::TraceConfig::default),
+        host_events: (base == "v3-default").then(pvsched_host::trace::TraceConfig::default),
         task_by_vcpu,
-        external_daemon: key.policy == "daemon",
+        external_daemon: daemon_options(&key.policy),
         memory_file: None,
         layout: cfg.layout,
     }
@@ -700,6 +764,62 @@ mod tests {
         assert_eq!((d.as_str(), o.get("repay")), ("deadline-aware", None));
         assert_eq!(policy_driver("daemon").0, "none");
         assert_eq!(policy_cap("deadline-aware/nocap"), None);
+        // Options after `+` add to (or override) the column's.
+        let (d, o) = policy_driver("deadline-aware/unpaid+repay=nice:19+lead=50us");
+        assert_eq!(
+            (d.as_str(), o.get("repay_on"), o.get("repay"), o.get("lead")),
+            (
+                "deadline-aware",
+                Some("throttle"),
+                Some("nice:19"),
+                Some("50us")
+            )
+        );
+        assert_eq!(policy_cap("deadline-aware/nocap+lead=50us"), None);
+        assert_eq!(policy_cap("static+class=fifo:5"), None);
+        assert!(policy_cap("deadline-aware+lead=50us").is_some());
+        assert_eq!(daemon_options("deadline-aware"), None);
+        assert_eq!(
+            policy_driver("daemon+irq_hold=100us").1,
+            DriverOptions::new()
+        );
+        assert_eq!(
+            daemon_options("daemon+irq_hold=100us")
+                .and_then(|o| o.get("irq_hold").map(String::from)),
+            Some("100us".to_string())
+        );
+    }
+
+    #[test]
+    fn bench_policy_names_are_checked() {
+        for ok in [
+            "deadline-aware",
+            "deadline-aware+repay=nice:19",
+            "deadline-aware/nocap+lead=50us+repay=off",
+            "dynamic+repay_on=boost",
+            "daemon+irq_hold=100us",
+            "static+class=fifo:5",
+        ] {
+            assert_eq!(check_policy(ok), Ok(()), "{ok}");
+        }
+        let err = |name: &str| check_policy(name).unwrap_err();
+        assert!(
+            err("fast").contains("unknown bench policy `fast`"),
+            "{}",
+            err("fast")
+        );
+        assert!(err("deadline-aware/fast").contains("unknown bench policy"));
+        assert!(err("deadline-aware+lead").contains("`lead` is not a driver option"));
+        assert!(err("deadline-aware+=5").contains("not a driver option"));
+        // The driver's own validation, with its reason.
+        let e = err("deadline-aware+bogus=1");
+        assert!(e.contains("bogus"), "{e}");
+        let e = err("deadline-aware+repay=nice:99");
+        assert!(
+            e.contains("deadline-aware+repay=nice:99") && e.contains("nice"),
+            "{e}"
+        );
+        assert!(err("none+class=fifo:5").contains("class"));
     }
 
     #[test]

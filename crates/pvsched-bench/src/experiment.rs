@@ -169,9 +169,9 @@ pub struct ExperimentConfig {
     pub host_events: Option<pvsched_host::trace::TraceConfig>,
     /// Per-vCPU deadline tasks overriding `vm.guest.task` where `Some`.
     pub task_by_vcpu: Vec<Option<TaskConfig>>,
-    /// Let pvsched's daemon boost the vCPU threads from the outside (the in-VMM policy should
-    /// then be `none`).
-    pub external_daemon: bool,
+    /// Let pvsched's daemon boost the vCPU threads from the outside, its driver (`dynamic`)
+    /// with these options (the in-VMM policy should then be `none`).
+    pub external_daemon: Option<pvsched_policy::DriverOptions>,
     /// Keep guest RAM in this file (shared), so an external daemon can read the pvsched slots.
     pub memory_file: Option<std::path::PathBuf>,
     /// Where the vCPU threads and the hogs may run.
@@ -452,10 +452,9 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     // With RT vCPU threads the controller (this thread) must outrank them, or it cannot
     // drain the rings or stop the run on time. Started after the vCPU threads so they do
     // not inherit it; restored when the guard drops.
-    let external = if cfg.external_daemon {
-        Some(crate::external::ExternalDaemon::start()?)
-    } else {
-        None
+    let external = match &cfg.external_daemon {
+        Some(opts) => Some(crate::external::ExternalDaemon::start(opts.clone())?),
+        None => None,
     };
     let controller_needs = cfg
         .vcpu_sched

@@ -17,25 +17,18 @@ pub struct ExternalDaemon {
 }
 
 impl ExternalDaemon {
-    /// Starts the daemon (driver `dynamic`, LAPIC-timer tracepoints) on this process's vCPU
-    /// threads and waits until it has attached them.
-    pub fn start() -> Result<ExternalDaemon, DaemonError> {
-        Self::start_for(
+    /// Starts the daemon (driver `dynamic` with options `opts`, LAPIC-timer tracepoints) on
+    /// this process's vCPU threads and waits until it has attached them.
+    pub fn start(opts: DriverOptions) -> Result<ExternalDaemon, DaemonError> {
+        Self::start_for_with(
             pvsched_daemon::VmSource::Pid(std::process::id() as i32),
             pvsched_host::trace::TraceConfig::default(),
+            opts,
         )
     }
 
-    /// Starts the daemon (driver `dynamic`, its defaults) on the VM `source` with the host
-    /// events `trace`, and waits until it has attached it.
-    pub fn start_for(
-        source: pvsched_daemon::VmSource,
-        trace: pvsched_host::trace::TraceConfig,
-    ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false, DriverOptions::new())
-    }
-
-    /// [`ExternalDaemon::start_for`] with driver options `opts`.
+    /// Starts the daemon (driver `dynamic` with options `opts`) on the VM `source` with the
+    /// host events `trace`, and waits until it has attached it.
     pub fn start_for_with(
         source: pvsched_daemon::VmSource,
         trace: pvsched_host::trace::TraceConfig,

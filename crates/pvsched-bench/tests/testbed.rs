@@ -27,7 +27,7 @@ fn config(vcpus: usize, busy: bool, duration: Duration) -> ExperimentConfig {
         policy: Default::default(),
         host_events: None,
         task_by_vcpu: Vec::new(),
-        external_daemon: false,
+        external_daemon: None,
         memory_file: None,
         layout: Default::default(),
     }
