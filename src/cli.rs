@@ -345,7 +345,7 @@ pub struct VmArgs {
     pub policy: String,
     /// Option of the policy driver, key=value (repeatable): class=fifo:10, cs_budget=2ms,
     /// rt_budget=500ms, recovery=1, cooldown=1ms, repay=nice:5 (deadline-aware: nice:10),
-    /// repay_on=throttle (deadline-aware: boost), irq_hold=200us, lead=100us (deadline-aware).
+    /// repay_on=throttle (deadline-aware: boost), irq_hold=200us, lead=50us (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
     /// When the dynamic drivers boost: `contended` (a vCPU only while it waits for a CPU when

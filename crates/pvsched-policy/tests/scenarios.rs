@@ -397,6 +397,17 @@ fn deadline_aware_boosts_ahead_of_the_deadline() {
 }
 
 #[test]
+fn deadline_aware_boosts_50us_ahead_by_default() {
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::DeadlineHint(Some(2 * MS)));
+    s.advance_to(1950 * US - 1);
+    assert!(!s.is_boosted(V0), "not 100 µs ahead any more");
+    s.advance(1);
+    assert!(s.is_boosted(V0), "boosted 50 µs before the deadline");
+}
+
+#[test]
 fn a_late_hold_check_is_no_throttle() {
     // The engine thread can run a timer milliseconds late (a nested host's vCPU preempted
     // underneath). A deadline boost whose hold ran out long before its budget then ends
