@@ -44,7 +44,8 @@ fn run_linux_tcg(args: &BenchArgs, interrupt: &AtomicBool) -> Result<ExitCode, C
         let known = linux_tcg::TCG_POLICIES;
         if let Some(bad) = p.iter().find(|n| !known.contains(&n.as_str())) {
             return Err(CliError::UsageOwned(format!(
-                "--guest linux-tcg runs the policies {}, not {bad}",
+                "--guest linux-tcg runs the policies {}, not {bad} (the daemon's driver options \
+                 go in --daemon-opt there)",
                 known.join(", ")
             )));
         }

@@ -89,6 +89,29 @@ fn bad_arguments_are_usage_errors() {
         &["bench", "--guest", "linux-tcg", "--layout", "apart"],
         "--layout is for the testbed",
     );
+    // Bench policy variants: the column and each option are checked before anything runs.
+    usage_error(
+        &["bench", "--policies", "deadline-aware/fast"],
+        "unknown bench policy `deadline-aware/fast`",
+    );
+    usage_error(
+        &["bench", "--policies", "deadline-aware+repay=nice:99"],
+        "repay=nice:99",
+    );
+    usage_error(
+        &["bench", "--policies", "deadline-aware+lead"],
+        "`lead` is not a driver option",
+    );
+    usage_error(
+        &[
+            "bench",
+            "--guest",
+            "linux-tcg",
+            "--policies",
+            "daemon+irq_hold=1ms",
+        ],
+        "--daemon-opt",
+    );
 }
 
 /// Two busy vCPUs at FIFO on one CPU: the first to run keeps it, the other never runs. The
