@@ -105,15 +105,7 @@ pub fn check_policy(name: &str) -> Result<(), String> {
     pvsched_policy::Registry::builtin()
         .create(&driver, &opts)
         .map(drop)
-        .map_err(|e| {
-            let mut msg = format!("bench policy `{name}`: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg += &format!(": {s}");
-                src = s.source();
-            }
-            msg
-        })
+        .map_err(|e| format!("bench policy `{name}`: {}", pvsched_host::error_chain(&e)))
 }
 
 /// The host-wide cap a bench policy runs with: the default (host CPUs − 1) for pvsched's

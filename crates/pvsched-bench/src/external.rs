@@ -20,7 +20,7 @@ impl ExternalDaemon {
     /// Starts the daemon (driver `dynamic` with options `opts`, LAPIC-timer tracepoints) on
     /// this process's vCPU threads and waits until it has attached them.
     pub fn start(opts: DriverOptions) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_for_with(
+        Self::start_for(
             pvsched_daemon::VmSource::Pid(std::process::id() as i32),
             pvsched_host::trace::TraceConfig::default(),
             opts,
@@ -29,7 +29,7 @@ impl ExternalDaemon {
 
     /// Starts the daemon (driver `dynamic` with options `opts`) on the VM `source` with the
     /// host events `trace`, and waits until it has attached it.
-    pub fn start_for_with(
+    pub fn start_for(
         source: pvsched_daemon::VmSource,
         trace: pvsched_host::trace::TraceConfig,
         opts: DriverOptions,

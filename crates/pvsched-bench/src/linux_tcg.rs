@@ -291,7 +291,7 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                 }
             }
             "daemon" => {
-                daemon = Some(ExternalDaemon::start_for_with(
+                daemon = Some(ExternalDaemon::start_for(
                     pvsched_daemon::VmSource::Pid(pid),
                     trace,
                     opts.clone(),

@@ -192,18 +192,6 @@ struct VmInfo {
     failures: u32,
 }
 
-/// `e` and its sources, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 /// Where an attached VM's slots come from.
 enum Slots<'a> {
     /// None: host events only.
@@ -847,7 +835,7 @@ impl Daemon<'_> {
             }
             // Retried every round; logged when the reason changes.
             Err(e) => {
-                c.note(format!("cannot attach: {}", error_chain(&e)));
+                c.note(format!("cannot attach: {}", pvsched_host::error_chain(&e)));
                 if let Some(src) = c.replaced.take() {
                     let _ = self.attach(src, Slots::None, None);
                 }

@@ -17,3 +17,16 @@ pub mod trace;
 pub use mechanism::Publisher;
 pub use runtime::{Runtime, RuntimeConfig, RuntimeHandle, VcpuHandle};
 pub use sched::{SchedAttr, SchedClass, SchedGuard};
+
+/// `e` and its sources on one line, `outer: inner: ...` (for errors reported as text: a status
+/// note, a source's attach failure, a usage message).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -798,15 +798,8 @@ impl EventSource for TraceSource {
         self.drain_events(out)
     }
     fn attach(&mut self, key: VcpuKey, tid: i32) -> Result<(), String> {
-        self.attach_thread(key, tid).map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg += &format!(": {s}");
-                src = s.source();
-            }
-            msg
-        })
+        self.attach_thread(key, tid)
+            .map_err(|e| crate::error_chain(&e))
     }
     fn detach(&mut self, key: VcpuKey) {
         self.detach_thread(key);
