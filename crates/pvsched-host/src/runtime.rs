@@ -66,10 +66,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 
-/// The core, held; clears [`Shared::core_held`] before it lets go.
+/// The core, held; re-arms the engine thread's timer if a thread that could not take the core
+/// asked for it ([`Shared::rearm`]), and clears [`Shared::core_held`], before it lets go.
 struct CoreGuard<'a> {
     guard: PriorityInheritingLockGuard<'a, Core>,
-    held: &'a AtomicBool,
+    shared: &'a Shared,
 }
 
 impl std::ops::Deref for CoreGuard<'_> {
@@ -87,9 +88,12 @@ impl std::ops::DerefMut for CoreGuard<'_> {
 
 impl Drop for CoreGuard<'_> {
     fn drop(&mut self) {
+        if self.shared.rearm.swap(false, Ordering::AcqRel) {
+            self.guard.arm(self.shared, mono_ns());
+        }
         // Before the unlock (the guard's field drops after this): a thread that sees it
         // clear and finds the lock still held for a moment takes the slow path once.
-        self.held.store(false, Ordering::Release);
+        self.shared.core_held.store(false, Ordering::Release);
     }
 }
 use std::thread::JoinHandle;
@@ -418,6 +422,10 @@ struct Shared {
     /// (`FUTEX_TRYLOCK_PI`) that also marks the futex contended, so the holder's unlock
     /// becomes one too (`FUTEX_UNLOCK_PI`).
     core_held: AtomicBool,
+    /// The engine thread's timer is armed for a time that no longer holds (a look after a race
+    /// was dropped, see [`Shared::settled`]): whoever holds the core re-arms it as it lets go,
+    /// so that the engine thread does not wake for nothing.
+    rearm: AtomicBool,
     applier: Arc<dyn Applier>,
     classes: ClassTable,
     timer: DeadlineTimer,
@@ -499,7 +507,7 @@ impl Shared {
         self.core_held.store(true, Ordering::Release);
         CoreGuard {
             guard,
-            held: &self.core_held,
+            shared: self,
         }
     }
 
@@ -717,7 +725,7 @@ impl Shared {
     /// is queued, the engine thread's wake-up for it, which would preempt whatever runs on
     /// that CPU (often the other vCPU). A vCPU stuck inside its own call never gets here, so
     /// the look that rescues it stays.
-    fn settled(&self, cell: &Arc<ThreadCell>, now: Nanos) {
+    fn settled(&self, cell: &Arc<ThreadCell>) {
         // Nothing queued (the common case, at every exit that applied a class): no lock. A
         // look being queued right now may be missed here; the engine thread then looks, as
         // before.
@@ -736,10 +744,11 @@ impl Shared {
             let next = list.iter().map(|r| r.due).min().unwrap_or(NO_TIMER);
             self.recheck_at.store(next, Ordering::Release);
         }
-        // If the engine thread holds the core, it re-arms at the end of its round.
-        if let Some(mut core) = self.try_core_uncounted() {
-            core.arm(self, now);
-        }
+        // Re-armed by this thread if the core is free, else by its holder as it lets go (the
+        // holder may have armed before the look was dropped). Asked before trying, so that
+        // a holder letting go meanwhile sees it. At worst the engine thread wakes for nothing.
+        self.rearm.store(true, Ordering::Release);
+        drop(self.try_core_uncounted());
     }
 
     /// Re-arms the engine thread's timer after [`Shared::defer_recheck`] on a thread that
@@ -1262,7 +1271,7 @@ impl VcpuHandle {
                 // when it runs, and the engine thread makes sure of it.
                 raced |= self.shared.defer_recheck(&c, 0, now);
             } else if own {
-                self.shared.settled(&c, now);
+                self.shared.settled(&c);
             }
         }
         if raced {
@@ -1416,6 +1425,7 @@ impl Runtime {
                 self_early: cfg.self_early,
             }),
             core_held: AtomicBool::new(false),
+            rearm: AtomicBool::new(false),
             applier: cfg.applier,
             classes: ClassTable::new(),
             timer: DeadlineTimer::new()?,
@@ -2630,6 +2640,28 @@ pub struct Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A look after a race dropped while another thread holds the core ([`Shared::settled`]):
+    /// the holder re-arms the engine thread's timer as it lets go, so the engine thread does
+    /// not wake for the dropped look.
+    #[test]
+    fn a_dropped_look_rearms_the_timer_when_the_core_is_let_go() {
+        let rt = Runtime::start(RuntimeConfig::default()).expect("runtime");
+        let shared = rt.handle.shared.clone();
+        let far = mono_ns() + 10_000_000_000;
+        let mut held = shared.lock();
+        shared.recheck_at.store(far, Ordering::Release);
+        held.arm(&shared, mono_ns());
+        assert_eq!(held.armed, Some(far), "armed for the look");
+        // Another thread's `settled`: the look goes, the core is busy.
+        shared.recheck_at.store(NO_TIMER, Ordering::Release);
+        shared.rearm.store(true, Ordering::Release);
+        assert!(shared.try_core_uncounted().is_none(), "the core is held");
+        drop(held);
+        assert_eq!(shared.lock().armed, None, "re-armed as the holder let go");
+        assert!(!shared.rearm.load(Ordering::Acquire));
+        drop(rt);
+    }
 
     #[test]
     fn rechecks_back_off_to_a_bounded_window() {
