@@ -88,7 +88,9 @@ impl std::ops::DerefMut for CoreGuard<'_> {
 
 impl Drop for CoreGuard<'_> {
     fn drop(&mut self) {
-        if self.shared.rearm.swap(false, Ordering::AcqRel) {
+        // Not while unwinding: a second panic here would abort before the restore guard runs;
+        // a timer left as it was costs at most a wake-up for nothing.
+        if !std::thread::panicking() && self.shared.rearm.swap(false, Ordering::AcqRel) {
             self.guard.arm(self.shared, mono_ns());
         }
         // Before the unlock (the guard's field drops after this): a thread that sees it
