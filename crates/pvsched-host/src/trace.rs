@@ -173,14 +173,15 @@ pub struct TraceSource {
     ready: Vec<EpollEvent>,
     /// The vCPU timers known when the expiry filter was last set (then rebuild it).
     filtered_timers: usize,
-    /// Expiry streams opened without a wake-up per record (every vCPU quiet).
+    /// Expiry and `sched_waking` streams opened without a wake-up per record (every vCPU
+    /// quiet).
     lazy: bool,
     /// Events read while switching modes, handed out at the next drain.
     stash: Vec<Event>,
 }
 
-/// While every vCPU is quiet, the expiry streams are read this often (and when a ring is
-/// three quarters full).
+/// While every vCPU is quiet, the expiry and `sched_waking` streams are read this often (and
+/// when a ring is three quarters full).
 const LAZY_POLL_NS: u64 = 100_000_000;
 
 /// Tracepoint ids, offsets and the filter, read once.
@@ -557,8 +558,8 @@ impl TraceSource {
             self.counts.filter_errors += 1;
         }
         // On failure the streams in force stay (they miss the newest threads).
-        let (id, open) = (self.ids.waking, named > 0);
-        self.replace_cpu_streams(Kind::Waking, open.then_some((WAKING, id, &filter, true)))
+        let (id, open, wake) = (self.ids.waking, named > 0, !self.lazy);
+        self.replace_cpu_streams(Kind::Waking, open.then_some((WAKING, id, &filter, wake)))
     }
 
     /// Replaces the per-CPU streams of `kind` with new ones opened on every CPU as `new` says
@@ -808,7 +809,7 @@ impl EventSource for TraceSource {
         self.lazy.then_some(LAZY_POLL_NS)
     }
     fn set_lazy(&mut self, lazy: bool) {
-        if lazy == self.lazy || !self.cfg.timer_expiry {
+        if lazy == self.lazy || !(self.cfg.timer_expiry || self.cfg.waking) {
             return;
         }
         // What is pending is read before its ring closes, and handed out at the next drain.
@@ -816,8 +817,19 @@ impl EventSource for TraceSource {
         let _ = self.drain_events(&mut pending);
         self.stash = pending;
         self.lazy = lazy;
-        if !self.reopen_expiry() {
+        let expiry = !self.cfg.timer_expiry || self.reopen_expiry();
+        let waking = self.reopen_waking().is_ok();
+        if !(expiry && waking) {
+            // A kind that failed keeps its streams in the old mode: back to it for both
+            // (on failure again, those streams stay too), so that the engine keeps reading
+            // at the old pace and a stream left lazy is still read.
             self.lazy = !lazy;
+            if expiry && self.cfg.timer_expiry {
+                self.reopen_expiry();
+            }
+            if waking {
+                let _ = self.reopen_waking();
+            }
         }
     }
     fn lost(&self) -> u64 {

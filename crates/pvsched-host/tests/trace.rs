@@ -133,3 +133,85 @@ fn a_vcpu_threads_own_wakeups_are_woken_events_and_those_it_causes_are_not() {
     vcpu.join().unwrap();
     other.join().unwrap();
 }
+
+/// Whether `fd` is readable now.
+fn readable(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call, timeout 0 (no blocking).
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    n == 1 && p.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn while_every_vcpu_is_quiet_wakings_are_read_without_waking_the_engine() {
+    use pvsched_host::runtime::EventSource;
+    let test = "while_every_vcpu_is_quiet_wakings_are_read_without_waking_the_engine";
+    let cfg = TraceConfig {
+        waking: true,
+        ..TraceConfig::none()
+    };
+    let mut src = match TraceSource::new(cfg) {
+        Ok(s) => s,
+        Err(e) => match missing_capability(&e) {
+            Some(why) => {
+                skip!("{test}: {why}");
+                return;
+            }
+            None => panic!("{e}"),
+        },
+    };
+    // A "vCPU" thread asleep on a pipe: each byte wakes it once.
+    let (mut rx, mut tx) = std::io::pipe().unwrap();
+    let (tid_tx, tid_rx) = mpsc::channel::<i32>();
+    let vcpu = std::thread::spawn(move || {
+        // SAFETY: gettid has no arguments and cannot fail.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        let mut b = [0u8; 1];
+        while rx.read(&mut b).is_ok_and(|n| n == 1) {}
+    });
+    let key = VcpuKey::new(0, 0);
+    if let Err(e) = src.attach_thread(key, tid_rx.recv().unwrap()) {
+        match missing_capability(&e) {
+            Some(why) => {
+                skip!("{test}: {why}");
+                return;
+            }
+            None => panic!("{e}"),
+        }
+    }
+    let fd = src.fd().expect("the source has an fd");
+    let mut wake = |n: usize| {
+        for _ in 0..n {
+            std::thread::sleep(Duration::from_millis(3));
+            tx.write_all(&[1]).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    const N: usize = 20;
+    src.set_lazy(true);
+    assert_eq!(src.poll_period(), Some(100_000_000), "read on a timer");
+    wake(N);
+    assert!(!readable(fd), "lazy: {N} wake-ups did not make the source readable");
+    let mut events = Vec::new();
+    src.drain_events(&mut events);
+    let woken = events.iter().filter(|e| e.what == VcpuEvent::Woken).count();
+    assert!(
+        (N * 9 / 10..=N + N / 4).contains(&woken),
+        "lazy: {woken} Woken events for {N} wake-ups, read at the drain"
+    );
+    // Back to a wake-up per record: one wake-up makes the source readable.
+    src.set_lazy(false);
+    assert_eq!(src.poll_period(), None);
+    let mut stale = Vec::new();
+    src.drain_events(&mut stale);
+    wake(1);
+    assert!(readable(fd), "a wake-up per record again");
+    assert_eq!(src.counts().filter_errors, 0);
+    drop(tx);
+    vcpu.join().unwrap();
+}
