@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest QMP line accepted (a `query-cpus-fast` answer for hundreds of vCPUs fits).
 const MAX_LINE: u64 = 256 * 1024;
@@ -90,17 +90,89 @@ pub fn parse_cpus(ret: &Value) -> io::Result<Vec<VcpuThread>> {
     Ok(out)
 }
 
-/// Asks the QEMU behind the QMP socket `path` for its vCPU threads.
+/// Asks the QEMU behind the QMP socket `path` for its vCPU threads, within [`QMP_TIMEOUT`]
+/// for the whole conversation.
 pub fn query_cpus(path: &Path) -> io::Result<Vec<VcpuThread>> {
-    let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    query_cpus_within(path, QMP_TIMEOUT)
+}
+
+/// The longest a QMP conversation may take, connecting included.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`query_cpus`] with its deadline `within` from now.
+#[doc(hidden)]
+pub fn query_cpus_within(path: &Path, within: Duration) -> io::Result<Vec<VcpuThread>> {
+    let deadline = Instant::now() + within;
+    let s = connect_now(path)?;
     // The thread ids must be the QMP peer's own threads: a peer cannot point the daemon at
     // another process's threads (or at the daemon itself).
     let peer = crate::daemon::peer_of(&s)?;
-    let mut r = BufReader::new(s.try_clone()?);
-    let threads = converse(&mut s, &mut r)?;
+    let mut w = Timed {
+        s: s.try_clone()?,
+        deadline,
+    };
+    let mut r = BufReader::new(Timed { s, deadline });
+    let threads = converse(&mut w, &mut r)?;
     check_owned(threads, peer.pid)
+}
+
+/// Connects to the Unix socket `path` without waiting: a listener that does not accept
+/// (its backlog full) is an error at once, where a blocking connect would wait for ever.
+fn connect_now(path: &Path) -> io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::AGAIN) => {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the QMP socket does not accept connections (its backlog is full)",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let s = UnixStream::from(fd);
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
+/// The QMP stream with one deadline for the whole conversation: each read and write may
+/// take only the time left, so a peer trickling bytes cannot hold the caller longer.
+struct Timed {
+    s: UnixStream,
+    deadline: Instant,
+}
+
+impl Timed {
+    fn left(&self) -> io::Result<Duration> {
+        self.deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "QMP peer too slow"))
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.s.set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
 }
 
 /// The conversation of [`query_cpus`]: greeting, capabilities negotiation, `query-cpus-fast`,
