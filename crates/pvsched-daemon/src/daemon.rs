@@ -282,6 +282,20 @@ const IVSHMEM_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Detached VMs whose last status `ctl status` still shows.
 const DETACHED_KEPT: usize = 16;
+/// Connections taken from a listening socket (ctl, ivshmem) per round of the control plane.
+const ACCEPTS_PER_ROUND: usize = 8;
+/// Processes whose refusal is remembered as logged, at most.
+const REFUSALS_KEPT: usize = 1024;
+
+/// Whether a refusal of process `pid` is the first one (to be logged): a process retrying
+/// in a loop is logged once. `logged` forgets everything when it reaches [`REFUSALS_KEPT`]
+/// processes (pids are reused; a flood of processes must not grow it).
+fn first_refusal(logged: &mut std::collections::BTreeSet<i32>, pid: i32) -> bool {
+    if logged.len() >= REFUSALS_KEPT {
+        logged.clear();
+    }
+    logged.insert(pid)
+}
 
 struct Daemon<'a> {
     cfg: &'a DaemonConfig,
@@ -629,7 +643,7 @@ impl Daemon<'_> {
                     Ok(()) => true,
                     Err(e) => {
                         let pid = process_of(t.tid).unwrap_or(t.tid);
-                        if self.refused_logged.insert(pid) {
+                        if first_refusal(&mut self.refused_logged, pid) {
                             tracing::warn!("not boosted: {e}");
                         }
                         refused.push(e);
@@ -703,7 +717,9 @@ impl Daemon<'_> {
     /// already, gets its memory and doorbell; any other is told nothing and closed. `false`
     /// when accepting failed (out of descriptors): the caller backs off.
     fn accept_ivshmem(&mut self, server: &IvshmemServer, conns: &mut Vec<Connection>) -> bool {
-        loop {
+        // At most a few per round: peers connecting in a loop must not keep the control
+        // plane here (the rest wait for the next round: the socket stays readable).
+        for _ in 0..ACCEPTS_PER_ROUND {
             let (stream, pid) = match server.accept() {
                 Ok(Some(p)) => p,
                 Ok(None) => return true,
@@ -713,21 +729,27 @@ impl Daemon<'_> {
                 }
             };
             if let Err(e) = check_vcpu_thread(pid, Vmm::Qemu, &self.cfg.allowed) {
-                tracing::warn!(pid, "ivshmem: peer refused: {e}");
+                if first_refusal(&mut self.refused_logged, pid) {
+                    tracing::warn!(pid, "ivshmem: peer refused: {e}");
+                }
                 continue;
             }
             if conns.iter().any(|c| c.pid == pid) {
-                tracing::warn!(
-                    pid,
-                    "ivshmem: peer refused: the process is connected already"
-                );
+                if first_refusal(&mut self.refused_logged, pid) {
+                    tracing::warn!(
+                        pid,
+                        "ivshmem: peer refused: the process is connected already"
+                    );
+                }
                 continue;
             }
             if conns.len() >= IVSHMEM_PEERS {
-                tracing::warn!(
-                    pid,
-                    "ivshmem: peer refused: {IVSHMEM_PEERS} VMs served already"
-                );
+                if first_refusal(&mut self.refused_logged, pid) {
+                    tracing::warn!(
+                        pid,
+                        "ivshmem: peer refused: {IVSHMEM_PEERS} VMs served already"
+                    );
+                }
                 continue;
             }
             match Connection::setup(stream, pid) {
@@ -741,6 +763,7 @@ impl Daemon<'_> {
                 Err(e) => tracing::warn!(pid, "ivshmem: set-up of the peer failed: {e}"),
             }
         }
+        true
     }
 
     /// Attaches the VM of each ivshmem peer whose guest answered, detaches it when the guest
@@ -901,7 +924,11 @@ impl Daemon<'_> {
     }
 
     fn serve_ctl(&mut self, listener: &UnixListener) {
-        while let Ok((stream, _)) = listener.accept() {
+        // At most a few per round, as for ivshmem peers.
+        for _ in 0..ACCEPTS_PER_ROUND {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
             let reply = match peer_of(&stream) {
                 Ok(peer) => self.handle_ctl(&stream, peer),
                 Err(e) => serde_json::json!({"ok": false, "error": format!("peer unknown: {e}")}),

@@ -313,3 +313,68 @@ fn a_transient_qmp_error_keeps_the_vm() {
     daemon.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Local processes connecting to the ivshmem socket in a loop (each refused: not a VMM)
+/// neither keep the control plane from answering `ctl` nor from stopping.
+#[test]
+fn a_flood_of_ivshmem_peers_does_not_hold_the_control_plane() {
+    let test = "a_flood_of_ivshmem_peers_does_not_hold_the_control_plane";
+    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
+        skip!("{test}: {e}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pvsched-flood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("ivshmem.sock");
+    let cfg = DaemonConfig {
+        trace: TraceConfig::none(),
+        quiet_gate: None,
+        ivshmem: Some(sock.clone()),
+        ..DaemonConfig::new(Vec::new(), dir.join("ctl.sock"), dir.join("state.json"))
+    };
+    let (daemon, stop) = start_daemon(cfg);
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            let (sock, on) = (sock.clone(), flooding.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while on.load(Ordering::Relaxed) {
+                    // Several connections queued at once, then dropped.
+                    let conns: Vec<_> = (0..16)
+                        .filter_map(|_| UnixStream::connect(&sock).ok())
+                        .collect();
+                    n += conns.len() as u64;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // ctl answers meanwhile, and the daemon stops when told.
+    let (tx, rx) = mpsc::channel();
+    let ctl = dir.join("ctl.sock");
+    std::thread::spawn(move || {
+        let _ = tx.send(pvsched_daemon::ctl(&ctl, "status").map(|v| v["ok"].as_bool()));
+    });
+    let answered = rx.recv_timeout(Duration::from_secs(20));
+    stop.store(true, Ordering::Release);
+    let t0 = Instant::now();
+    while !daemon.is_finished() && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopped = daemon.is_finished();
+    flooding.store(false, Ordering::Relaxed);
+    let connects: u64 = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+    if stopped {
+        daemon.join().unwrap().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(connects > 100, "the flood connected {connects} times");
+    assert!(
+        matches!(answered, Ok(Ok(_))),
+        "ctl status during the flood: {answered:?}"
+    );
+    assert!(stopped, "the daemon did not stop during the flood");
+}

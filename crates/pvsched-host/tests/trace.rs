@@ -196,7 +196,10 @@ fn while_every_vcpu_is_quiet_wakings_are_read_without_waking_the_engine() {
     src.set_lazy(true);
     assert_eq!(src.poll_period(), Some(100_000_000), "read on a timer");
     wake(N);
-    assert!(!readable(fd), "lazy: {N} wake-ups did not make the source readable");
+    assert!(
+        !readable(fd),
+        "lazy: {N} wake-ups did not make the source readable"
+    );
     let mut events = Vec::new();
     src.drain_events(&mut events);
     let woken = events.iter().filter(|e| e.what == VcpuEvent::Woken).count();
