@@ -1649,15 +1649,22 @@ impl Drop for RestoreOnUnwind {
 }
 
 /// Marks the runtime stopped and puts every thread back to its original attributes.
+///
+/// On a thread that unwinds (a panic in the engine thread) the threads are restored before
+/// the engine is asked to shut down: its state may be what panicked, and a second panic
+/// there would abort the process before any restore. That shutdown (boosts counted as
+/// ended, guests told `Disabled`) then runs under `catch_unwind`, and the threads are
+/// restored once more after it.
 fn restore_all(shared: &Shared) {
+    let unwinding = std::thread::panicking();
     let cells: Vec<Arc<ThreadCell>> = {
         let mut core = shared.lock();
         shared.stopped.store(true, Ordering::Release);
-        // The engine's own view first: boosts end (counted) and guests are told `Disabled`.
-        let mut out = Vec::new();
-        core.engine.shutdown(mono_ns(), &mut out);
-        let mut touched = Vec::new();
-        core.apply(shared, &out, mono_ns(), &mut touched);
+        if !unwinding {
+            // The engine's own view first: boosts end (counted) and guests are told
+            // `Disabled`.
+            shutdown_engine(&mut core, shared);
+        }
         core.follow.clear();
         for c in core.cells.values() {
             c.want.store(ORIGINAL, Ordering::SeqCst);
@@ -1667,6 +1674,19 @@ fn restore_all(shared: &Shared) {
     for c in &cells {
         restore_cell(shared, c);
     }
+    if unwinding {
+        let told = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shutdown_engine(&mut shared.lock(), shared);
+        }));
+        if told.is_err() {
+            shared.note_error(
+                "the engine's shutdown panicked while it unwound: guests not told".into(),
+            );
+        }
+        for c in &cells {
+            restore_cell(shared, c);
+        }
+    }
     // Restores the kernel refused: a few more tries before the runtime gives up on them
     // (they stay listed in the final status).
     for _ in 0..5 {
@@ -1675,6 +1695,15 @@ fn restore_all(shared: &Shared) {
         }
         std::thread::sleep(Duration::from_nanos(RETRY_NS));
     }
+}
+
+/// The engine's shutdown: its boosts end (counted) and guests are told `Disabled`; the
+/// decisions are applied under the core.
+fn shutdown_engine(core: &mut Core, shared: &Shared) {
+    let mut out = Vec::new();
+    core.engine.shutdown(mono_ns(), &mut out);
+    let mut touched = Vec::new();
+    core.apply(shared, &out, mono_ns(), &mut touched);
 }
 
 /// Restores one cell, waiting (bounded) for its own thread to finish a change in flight.

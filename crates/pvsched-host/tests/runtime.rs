@@ -1171,6 +1171,38 @@ fn a_panicking_engine_thread_restores_every_thread() {
     assert!(fin.vms.is_empty(), "no final status from a dead thread");
 }
 
+/// The engine thread panics, and so does the engine's shutdown while it unwinds (here: the
+/// guest's publisher, told `Disabled`): the threads are restored first, so the second panic
+/// neither aborts the process nor leaves a thread boosted.
+#[test]
+fn a_second_panic_in_the_engines_shutdown_still_restores_every_thread() {
+    struct PanicsWhenDisabled(Arc<AtomicBool>);
+    impl Publisher for PanicsWhenDisabled {
+        fn publish(&mut self, _: VcpuKey, state: BoostState) -> Option<u32> {
+            if state == BoostState::Disabled && self.0.load(Ordering::Acquire) {
+                panic!("fake publisher fails at shutdown");
+            }
+            None
+        }
+    }
+    let s = setup();
+    let armed = Arc::new(AtomicBool::new(false));
+    let parts = VmParts {
+        publisher: Some(Box::new(PanicsWhenDisabled(armed.clone()))),
+        sources: Vec::new(),
+    };
+    s.h.add_vm(0, "static", &DriverOptions::new(), parts)
+        .unwrap();
+    let _v = s.h.add_vcpu(K0, 3101, false).unwrap();
+    assert!(s.kernel.is_fifo(3101));
+    armed.store(true, Ordering::Release);
+    s.panic.store(true, Ordering::Release);
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("restore on a double panic", || !s.kernel.is_fifo(3101));
+    let fin = s.rt.stop();
+    assert!(fin.vms.is_empty(), "no final status from a dead thread");
+}
+
 /// The publisher sees every state and its handshake re-read feeds the engine.
 #[test]
 fn publisher_gets_states_and_feeds_back_requests() {
