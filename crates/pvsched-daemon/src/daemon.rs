@@ -588,9 +588,13 @@ impl Daemon<'_> {
             return Ok(());
         };
         let old = std::mem::take(&mut vm.threads);
+        // A thread is the same vCPU if its id and its index are: one that now names another
+        // vCPU (a VMM renaming its threads) is detached and attached again under the new
+        // index, so that its key in the runtime stays the one this list has.
+        let same = |a: &VcpuThread, b: &VcpuThread| a.tid == b.tid && a.index == b.index;
         let mut gone = Vec::new();
         for t in &old {
-            if !threads.iter().any(|n| n.tid == t.tid) {
+            if !threads.iter().any(|n| same(n, t)) {
                 let _ = self.rt.remove_vcpu(VcpuKey::new(id, t.index));
                 gone.push(t.tid);
             }
@@ -605,7 +609,7 @@ impl Daemon<'_> {
             .collect();
         let mut kept = Vec::new();
         for t in threads {
-            if old.iter().any(|o| o.tid == t.tid) {
+            if old.iter().any(|o| same(o, &t)) {
                 kept.push(t);
                 continue;
             }
@@ -681,7 +685,7 @@ impl Daemon<'_> {
                 && now
                     .iter()
                     .zip(&self.vms[&id].threads)
-                    .all(|(a, b)| a.tid == b.tid);
+                    .all(|(a, b)| a.tid == b.tid && a.index == b.index);
             if now.is_empty() {
                 self.detach(id);
             } else if !same {

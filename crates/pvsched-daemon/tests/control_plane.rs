@@ -378,3 +378,102 @@ fn a_flood_of_ivshmem_peers_does_not_hold_the_control_plane() {
     );
     assert!(stopped, "the daemon did not stop during the flood");
 }
+
+/// A thread of this process named `name`, parked until dropped; its thread id.
+fn named_thread(name: &str) -> (i32, mpsc::Sender<()>) {
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let (release, wait) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = wait.recv();
+        })
+        .unwrap();
+    (tid_rx.recv().unwrap(), release)
+}
+
+/// A VMM that renames its vCPU threads (two swap names) has them attached again under their
+/// new vCPU numbers: the daemon's list and the runtime's keys agree, both stay boosted, and
+/// the daemon's stop restores them.
+#[test]
+fn vcpu_threads_that_swap_names_are_attached_under_their_new_numbers() {
+    let test = "vcpu_threads_that_swap_names_are_attached_under_their_new_numbers";
+    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
+        skip!("{test}: {e}");
+        return;
+    }
+    // The daemon boosts only threads of a process that holds a KVM vCPU.
+    let _vcpu = match pvsched_testutil::hold_kvm_vcpu() {
+        Ok(v) => v,
+        Err(e) => {
+            skip!("{test}: {e}");
+            return;
+        }
+    };
+    let (t0, _r0) = named_thread("CPU 0/KVM");
+    let (t1, _r1) = named_thread("CPU 1/KVM");
+    let dir = std::env::temp_dir().join(format!("pvsched-rename-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = DaemonConfig {
+        driver: "static".into(),
+        max_boosted: None,
+        ..test_config(
+            &dir,
+            VmSpec {
+                source: VmSource::Pid(std::process::id() as i32),
+                protocol: None,
+            },
+        )
+    };
+    let (daemon, stop) = start_daemon(cfg);
+    let ctl = dir.join("ctl.sock");
+    // (tid, vCPU number) of each attached thread, as `ctl status` shows them.
+    let attached = || -> Vec<(i64, i64)> {
+        let Ok(v) = pvsched_daemon::ctl(&ctl, "status") else {
+            return Vec::new();
+        };
+        let mut pairs: Vec<(i64, i64)> = v["result"]["vms"][0]["vcpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["tid"].as_i64()?, c["vcpu"].as_i64()?)))
+            .collect();
+        pairs.sort_unstable();
+        pairs
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "timed out: {what}: {:?}",
+                pvsched_daemon::ctl(&ctl, "status")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let sorted = |mut v: Vec<(i64, i64)>| {
+        v.sort_unstable();
+        v
+    };
+    let before = sorted(vec![(t0.into(), 0), (t1.into(), 1)]);
+    wait("both attached and boosted", &|| {
+        attached() == before && is_fifo(t0) && is_fifo(t1)
+    });
+    for (tid, name) in [(t0, "CPU 1/KVM"), (t1, "CPU 0/KVM")] {
+        std::fs::write(format!("/proc/self/task/{tid}/comm"), name).unwrap();
+    }
+    let after = sorted(vec![(t0.into(), 1), (t1.into(), 0)]);
+    wait("attached under the new numbers", &|| attached() == after);
+    wait("both boosted again", &|| is_fifo(t0) && is_fifo(t1));
+    stop.store(true, Ordering::Release);
+    daemon.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !is_fifo(t0) && !is_fifo(t1),
+        "restored at the daemon's stop"
+    );
+}
