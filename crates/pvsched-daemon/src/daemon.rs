@@ -1015,8 +1015,14 @@ fn daemon_status(labels: &Labels, st: pvsched_host::runtime::Status) -> DaemonSt
     }
 }
 
-/// The metrics thread: answers each connection with the metrics, one at a time, each client
-/// given at most [`CLIENT_TIMEOUT`] to send its request; until `done`.
+/// How long the metrics rendered for one client are given to the next ones: the engine
+/// thread (real-time) builds a status for at most a few scrapes a second, however many
+/// clients connect.
+const METRICS_FRESH: Duration = Duration::from_millis(250);
+
+/// The metrics thread: answers each connection with the metrics (rendered at most every
+/// [`METRICS_FRESH`]), one at a time, each client given at most [`CLIENT_TIMEOUT`] to send its
+/// request; until `done`.
 fn serve_metrics(
     listener: &std::net::TcpListener,
     rt: &RuntimeHandle,
@@ -1024,6 +1030,7 @@ fn serve_metrics(
     done: &AtomicBool,
 ) {
     let fds = [listener.as_raw_fd()];
+    let mut rendered: Option<(Instant, String)> = None;
     while !done.load(Ordering::Acquire) {
         if !readable(&fds, Duration::from_millis(100))[0] {
             continue;
@@ -1035,9 +1042,16 @@ fn serve_metrics(
             // The request itself does not matter: every path answers the metrics.
             let mut buf = [0u8; 1024];
             let _ = stream.read(&mut buf);
-            let body = match rt.status() {
-                Ok(s) => crate::metrics::render(&daemon_status(labels, s)),
-                Err(e) => format!("# engine unavailable: {e}\n"),
+            let body = match &rendered {
+                Some((at, body)) if at.elapsed() < METRICS_FRESH => body.clone(),
+                _ => {
+                    let body = match rt.status() {
+                        Ok(s) => crate::metrics::render(&daemon_status(labels, s)),
+                        Err(e) => format!("# engine unavailable: {e}\n"),
+                    };
+                    rendered = Some((Instant::now(), body.clone()));
+                    body
+                }
             };
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\

@@ -477,3 +477,56 @@ fn vcpu_threads_that_swap_names_are_attached_under_their_new_numbers() {
         "restored at the daemon's stop"
     );
 }
+
+/// Metrics clients connecting as fast as they can do not make the real-time engine thread
+/// build a status for each: the engine's wake-ups grow by far fewer than the scrapes.
+#[test]
+fn a_flood_of_metrics_scrapes_does_not_drive_the_engine() {
+    use std::io::Read;
+    let test = "a_flood_of_metrics_scrapes_does_not_drive_the_engine";
+    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
+        skip!("{test}: {e}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pvsched-scrape-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = DaemonConfig {
+        trace: TraceConfig::none(),
+        quiet_gate: None,
+        metrics: Some(metrics),
+        ..DaemonConfig::new(Vec::new(), dir.join("ctl.sock"), dir.join("state.json"))
+    };
+    let (daemon, stop) = start_daemon(cfg);
+    let ctl = dir.join("ctl.sock");
+    let wakeups = || {
+        pvsched_daemon::ctl(&ctl, "status").unwrap()["result"]["cost"]["wakeups"]
+            .as_u64()
+            .unwrap()
+    };
+    const SCRAPES: u64 = 1000;
+    let before = wakeups();
+    let t0 = Instant::now();
+    for _ in 0..SCRAPES {
+        let mut s = std::net::TcpStream::connect(metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    }
+    let took = t0.elapsed();
+    let grew = wakeups() - before;
+    stop.store(true, Ordering::Release);
+    daemon.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    // The engine wakes on its own too (timers, ~50/s idle): bounded by half the scrapes
+    // unless the flood took many seconds.
+    assert!(
+        grew < SCRAPES / 2,
+        "{SCRAPES} scrapes in {took:?} woke the engine {grew} times"
+    );
+}
