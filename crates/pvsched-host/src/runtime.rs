@@ -1734,11 +1734,42 @@ struct LoopStats {
     wakeups: u64,
     /// Wake-ups that decided no class change.
     idle_wakeups: u64,
+    /// Times a VM's source was set aside for reading faster than [`VM_SOURCE_INTERVAL_NS`].
+    source_pauses: u64,
 }
+
+/// A VM's event sources (its doorbells) are drained at most once per this on average...
+const VM_SOURCE_INTERVAL_NS: Nanos = 200_000;
+/// ... with bursts of up to this much ahead of that pace: a guest that rings faster (a
+/// hostile one ringing in a loop) is read once a millisecond or so until it slows down,
+/// instead of keeping the real-time engine thread busy.
+const VM_SOURCE_BURST_NS: Nanos = 10_000_000;
 
 struct SourceEntry {
     source: Box<dyn EventSource>,
     next_poll: Option<Nanos>,
+    /// Rate limit of a VM's source (GCRA): the time its drains are booked up to; `None` for
+    /// the host's own sources.
+    booked: Option<Nanos>,
+    /// Set aside (not waited on) until then, for draining too fast.
+    paused_until: Option<Nanos>,
+    /// Its epoll token.
+    token: u64,
+}
+
+impl SourceEntry {
+    /// Books a drain at `now`: false if the source has drained faster than its rate allows
+    /// and must wait (a host source always may).
+    fn book(&mut self, now: Nanos) -> bool {
+        let Some(booked) = self.booked.as_mut() else {
+            return true;
+        };
+        if *booked > now.saturating_add(VM_SOURCE_BURST_NS) {
+            return false;
+        }
+        *booked = (*booked).max(now).saturating_add(VM_SOURCE_INTERVAL_NS);
+        true
+    }
 }
 
 /// The engine thread.
@@ -1807,9 +1838,71 @@ impl Loop {
         if self.lazy {
             source.set_lazy(true);
         }
-        let next_poll = source.poll_period().map(|p| mono_ns() + p);
-        list.push(SourceEntry { source, next_poll });
+        let now = mono_ns();
+        let next_poll = source.poll_period().map(|p| now + p);
+        list.push(SourceEntry {
+            source,
+            next_poll,
+            booked: vm.map(|_| now),
+            paused_until: None,
+            token: token(vm, index),
+        });
         Ok(())
+    }
+
+    /// Drains `e` if its rate allows, else sets it aside (out of the wait set) until it may
+    /// drain again. Returns the earliest event time drained.
+    fn drain_limited(
+        epoll: &Epoll,
+        stats: &mut LoopStats,
+        e: &mut SourceEntry,
+        now: Nanos,
+        events: &mut Vec<Event>,
+    ) -> Option<Nanos> {
+        if e.paused_until.is_some() {
+            return None;
+        }
+        if !e.book(now) {
+            if let (Some(fd), Some(booked)) = (e.source.fd(), e.booked) {
+                // Level-triggered: a readable fd left in the set would wake the engine
+                // again at once.
+                if epoll
+                    .ctl(
+                        ControlOperation::Modify,
+                        fd,
+                        EpollEvent::new(EventSet::empty(), e.token),
+                    )
+                    .is_ok()
+                {
+                    stats.source_pauses += 1;
+                    e.paused_until = Some(booked - VM_SOURCE_BURST_NS);
+                    return None;
+                }
+            }
+        }
+        e.source.drain(now, events)
+    }
+
+    /// Puts back the sources set aside whose time has come, and drains them.
+    fn resume_sources(&mut self, now: Nanos, events: &mut Vec<Event>) -> Option<Nanos> {
+        let mut first: Option<Nanos> = None;
+        for e in self.vm_sources.values_mut().flatten() {
+            if e.paused_until.is_none_or(|t| t > now) {
+                continue;
+            }
+            e.paused_until = None;
+            if let Some(fd) = e.source.fd() {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Modify,
+                    fd,
+                    EpollEvent::new(EventSet::IN, e.token),
+                );
+            }
+            if let Some(t) = Self::drain_limited(&self.epoll, &mut self.stats, e, now, events) {
+                first = Some(first.map_or(t, |f| f.min(t)));
+            }
+        }
+        first
     }
 
     fn sources_mut(&mut self) -> impl Iterator<Item = &mut SourceEntry> {
@@ -1859,12 +1952,22 @@ impl Loop {
                                 .and_then(|l| l.get_mut(index))
                         };
                         if let Some(e) = entry {
-                            if let Some(t) = e.source.drain(now, &mut events) {
+                            let drained = Self::drain_limited(
+                                &self.epoll,
+                                &mut self.stats,
+                                e,
+                                now,
+                                &mut events,
+                            );
+                            if let Some(t) = drained {
                                 trigger = trigger.min(t);
                             }
                         }
                     }
                 }
+            }
+            if let Some(t) = self.resume_sources(now, &mut events) {
+                trigger = trigger.min(t);
             }
             for e in self.sources_mut() {
                 if let (Some(at), Some(p)) = (e.next_poll, e.source.poll_period()) {
@@ -2065,7 +2168,8 @@ impl Loop {
             .min();
         let next = self
             .sources_mut()
-            .filter_map(|e| e.next_poll)
+            .flat_map(|e| [e.next_poll, e.paused_until])
+            .flatten()
             .chain(sample)
             .min()
             .map(|t| t.saturating_sub(now).div_ceil(1_000_000).min(1000) as i32);
@@ -2459,6 +2563,7 @@ impl Loop {
                 wakeups: self.stats.wakeups,
                 wakeups_per_s: per_s(self.stats.wakeups),
                 idle_wakeups: self.stats.idle_wakeups,
+                source_pauses: self.stats.source_pauses,
                 engine_setattr: remote_sets,
                 vcpu_setattr: self_sets,
                 setattr_per_s: per_s(remote_sets + self_sets),
@@ -2561,6 +2666,10 @@ pub struct Cost {
     /// with each other (`pressure::OthersGate`), s; 0 without the gate.
     #[serde(default)]
     pub self_contended_s: f64,
+    /// Times a VM's event source (its doorbells) was set aside for a moment for being read
+    /// faster than 5 000 times a second on average (a guest ringing in a loop).
+    #[serde(default)]
+    pub source_pauses: u64,
 }
 
 /// One vCPU in [`Status`].

@@ -1529,3 +1529,51 @@ fn a_v3_page_drives_boosts_deboosts_and_feedback() {
         "restored at the end"
     );
 }
+
+/// A VM's source that is always readable (a guest ringing its doorbell in a loop): the engine
+/// thread drains it at 5 000 drains a second on average (plus a burst of 50), not as fast as
+/// it can, and counts the pauses.
+#[test]
+fn a_vm_source_always_ringing_is_read_at_a_bounded_rate() {
+    struct Ringing {
+        efd: EventFd,
+        drains: Arc<AtomicU64>,
+    }
+    impl EventSource for Ringing {
+        fn name(&self) -> &str {
+            "ringing"
+        }
+        fn fd(&self) -> Option<RawFd> {
+            Some(self.efd.as_raw_fd())
+        }
+        fn drain(&mut self, _now: Nanos, _out: &mut Vec<Event>) -> Option<Nanos> {
+            // Never reads the eventfd: it stays readable, as under a guest that keeps ringing.
+            self.drains.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+    let s = setup();
+    let drains = Arc::new(AtomicU64::new(0));
+    let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    efd.write(1).unwrap();
+    let parts = VmParts {
+        publisher: None,
+        sources: vec![Box::new(Ringing {
+            efd,
+            drains: drains.clone(),
+        })],
+    };
+    let t0 = Instant::now();
+    s.h.add_vm(0, "dynamic", &DriverOptions::new(), parts)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.h.remove_vm(0).unwrap();
+    let elapsed = t0.elapsed();
+    let n = drains.load(Ordering::Relaxed);
+    // GCRA: at most one drain per 200 µs of the elapsed time, plus the 10 ms burst, plus one.
+    let bound = elapsed.as_nanos() as u64 / 200_000 + 51;
+    assert!(n <= bound, "{n} drains in {elapsed:?} (at most {bound})");
+    let pauses = s.h.status().unwrap().cost.source_pauses;
+    assert!(pauses > 0, "{n} drains, no pause");
+    s.rt.stop();
+}
