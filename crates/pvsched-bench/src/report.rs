@@ -269,6 +269,14 @@ pub fn render(r: &Report) -> String {
             c.quiet_s,
             c.self_contended_s
         );
+        if c.source_pauses > 0 {
+            let _ = writeln!(
+                s,
+                "Engine: a VM's event source set aside {} times for being read faster than \
+                 5 000 times a second (a guest ringing its doorbell in a loop)",
+                c.source_pauses
+            );
+        }
     }
     for e in &pol.errors {
         let _ = writeln!(s, "Policy error: {e}");
