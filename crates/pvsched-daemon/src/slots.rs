@@ -310,6 +310,7 @@ impl GuestSlots {
         period: Nanos,
         doorbell: Option<crate::ivshmem::Doorbell>,
     ) -> (SlotSource, SlotPublisher, SlotWatch) {
+        let flag = self.guard.flag();
         let shared = Arc::new(std::sync::Mutex::new(self));
         (
             SlotSource {
@@ -319,7 +320,10 @@ impl GuestSlots {
                 doorbell,
             },
             SlotPublisher(shared.clone()),
-            SlotWatch(shared),
+            SlotWatch {
+                _slots: shared,
+                flag,
+            },
         )
     }
 }
@@ -337,14 +341,20 @@ fn on_hugetlbfs(f: &std::fs::File) -> io::Result<bool> {
     Ok(st.f_type as i64 == HUGETLBFS_MAGIC)
 }
 
-/// Lets the daemon's control plane see that a VM's memory file was truncated.
+/// Lets the daemon's control plane see that a VM's memory file was truncated, without taking
+/// the slots' lock: the real-time engine thread takes it to read and publish, and must not
+/// wait for a normal-priority thread preempted inside it.
 #[derive(Clone)]
-pub struct SlotWatch(Arc<std::sync::Mutex<GuestSlots>>);
+pub struct SlotWatch {
+    /// Keeps the mapping, and so its guard and flag, alive.
+    _slots: Arc<std::sync::Mutex<GuestSlots>>,
+    flag: pvsched_host::sigbus::TruncationFlag,
+}
 
 impl SlotWatch {
     /// True once the memory file turned out shorter than when it was mapped.
     pub fn truncated(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).truncated()
+        self.flag.truncated()
     }
 }
 

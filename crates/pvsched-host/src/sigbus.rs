@@ -79,6 +79,26 @@ impl Guard {
     pub fn truncated(&self) -> bool {
         RANGES[self.index].hit.load(Ordering::Acquire)
     }
+
+    /// A copy of this guard's truncation flag, to be read without the guard (no lock around
+    /// it). It names this guard's range only while the guard lives: whoever reads it must
+    /// keep the guard's owner alive.
+    pub fn flag(&self) -> TruncationFlag {
+        TruncationFlag { index: self.index }
+    }
+}
+
+/// A [`Guard`]'s truncation flag (see [`Guard::flag`]).
+#[derive(Clone, Copy, Debug)]
+pub struct TruncationFlag {
+    index: usize,
+}
+
+impl TruncationFlag {
+    /// True once an access faulted past the end of the file (see [`Guard::truncated`]).
+    pub fn truncated(&self) -> bool {
+        RANGES[self.index].hit.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Guard {
