@@ -25,6 +25,40 @@ fn is_fifo(tid: i32) -> bool {
     sched::get(tid).is_ok_and(|a| a.policy == libc::SCHED_FIFO as u32)
 }
 
+/// Whether this process may set real-time classes; if not, says that `test` skips.
+fn may_set_rt(test: &str) -> bool {
+    match SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
+        Ok(()) => true,
+        Err(e) => {
+            skip!("{test}: {e}");
+            false
+        }
+    }
+}
+
+/// Real-time classes allowed and a KVM vCPU held by this process (the daemon boosts only
+/// threads of a process that holds one), or `None` after saying why `test` skips.
+fn rt_and_kvm_vcpu(test: &str) -> Option<pvsched_testutil::HeldVcpu> {
+    if !may_set_rt(test) {
+        return None;
+    }
+    match pvsched_testutil::hold_kvm_vcpu() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            skip!("{test}: {e}");
+            None
+        }
+    }
+}
+
+/// An empty directory of this test run named after `tag`.
+fn fresh_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pvsched-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A daemon configuration for one VM in `dir`: no tracepoints, no quiet gate (the tests check
 /// mechanics on however idle a machine).
 fn test_config(dir: &std::path::Path, vm: VmSpec) -> DaemonConfig {
@@ -85,17 +119,8 @@ fn idle_clients(
 #[test]
 fn stalled_control_clients_do_not_delay_a_budget_unboost() {
     let test = "stalled_control_clients_do_not_delay_a_budget_unboost";
-    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
-        skip!("{test}: {e}");
+    let Some(_vcpu) = rt_and_kvm_vcpu(test) else {
         return;
-    }
-    // The daemon boosts only threads of a process that holds a KVM vCPU.
-    let _vcpu = match pvsched_testutil::hold_kvm_vcpu() {
-        Ok(v) => v,
-        Err(e) => {
-            skip!("{test}: {e}");
-            return;
-        }
     };
     let dir = std::env::temp_dir().join(format!("pvsched-cp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -319,13 +344,10 @@ fn a_transient_qmp_error_keeps_the_vm() {
 #[test]
 fn a_flood_of_ivshmem_peers_does_not_hold_the_control_plane() {
     let test = "a_flood_of_ivshmem_peers_does_not_hold_the_control_plane";
-    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
-        skip!("{test}: {e}");
+    if !may_set_rt(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("pvsched-flood-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("flood");
     let sock = dir.join("ivshmem.sock");
     let cfg = DaemonConfig {
         trace: TraceConfig::none(),
@@ -400,23 +422,12 @@ fn named_thread(name: &str) -> (i32, mpsc::Sender<()>) {
 #[test]
 fn vcpu_threads_that_swap_names_are_attached_under_their_new_numbers() {
     let test = "vcpu_threads_that_swap_names_are_attached_under_their_new_numbers";
-    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
-        skip!("{test}: {e}");
+    let Some(_vcpu) = rt_and_kvm_vcpu(test) else {
         return;
-    }
-    // The daemon boosts only threads of a process that holds a KVM vCPU.
-    let _vcpu = match pvsched_testutil::hold_kvm_vcpu() {
-        Ok(v) => v,
-        Err(e) => {
-            skip!("{test}: {e}");
-            return;
-        }
     };
     let (t0, _r0) = named_thread("CPU 0/KVM");
     let (t1, _r1) = named_thread("CPU 1/KVM");
-    let dir = std::env::temp_dir().join(format!("pvsched-rename-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("rename");
     let cfg = DaemonConfig {
         driver: "static".into(),
         max_boosted: None,
@@ -484,13 +495,10 @@ fn vcpu_threads_that_swap_names_are_attached_under_their_new_numbers() {
 fn a_flood_of_metrics_scrapes_does_not_drive_the_engine() {
     use std::io::Read;
     let test = "a_flood_of_metrics_scrapes_does_not_drive_the_engine";
-    if let Err(e) = SchedGuard::apply(0, SchedClass::Fifo(1)).and_then(|g| g.restore()) {
-        skip!("{test}: {e}");
+    if !may_set_rt(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("pvsched-scrape-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("scrape");
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -24,22 +24,45 @@ fn missing_capability(e: &TraceError) -> Option<String> {
     }
 }
 
-#[test]
-fn a_vcpu_threads_own_wakeups_are_woken_events_and_those_it_causes_are_not() {
-    let test = "a_vcpu_threads_own_wakeups_are_woken_events_and_those_it_causes_are_not";
+/// A source of `sched_waking` events only, or `None` after saying why `test` skips (any other
+/// error fails it).
+fn waking_source(test: &str) -> Option<TraceSource> {
     let cfg = TraceConfig {
         waking: true,
         ..TraceConfig::none()
     };
-    let mut src = match TraceSource::new(cfg) {
-        Ok(s) => s,
+    match TraceSource::new(cfg) {
+        Ok(s) => Some(s),
         Err(e) => match missing_capability(&e) {
             Some(why) => {
                 skip!("{test}: {why}");
-                return;
+                None
             }
             None => panic!("{e}"),
         },
+    }
+}
+
+/// Attaches thread `tid` as `key`; `false` after saying why `test` skips (any other error
+/// fails it).
+fn attached(test: &str, src: &mut TraceSource, key: VcpuKey, tid: i32) -> bool {
+    match src.attach_thread(key, tid) {
+        Ok(()) => true,
+        Err(e) => match missing_capability(&e) {
+            Some(why) => {
+                skip!("{test}: {why}");
+                false
+            }
+            None => panic!("{e}"),
+        },
+    }
+}
+
+#[test]
+fn a_vcpu_threads_own_wakeups_are_woken_events_and_those_it_causes_are_not() {
+    let test = "a_vcpu_threads_own_wakeups_are_woken_events_and_those_it_causes_are_not";
+    let Some(mut src) = waking_source(test) else {
+        return;
     };
     const N: usize = 40;
     // "vCPU" thread: sleeps reading a pipe; each byte wakes it, and it wakes the other
@@ -67,14 +90,8 @@ fn a_vcpu_threads_own_wakeups_are_woken_events_and_those_it_causes_are_not() {
     let other_tid = tid_rx.recv().unwrap();
     let (key, other_key) = (VcpuKey::new(0, 0), VcpuKey::new(0, 1));
     for (k, t) in [(key, tid), (other_key, other_tid)] {
-        if let Err(e) = src.attach_thread(k, t) {
-            match missing_capability(&e) {
-                Some(why) => {
-                    skip!("{test}: {why}");
-                    return;
-                }
-                None => panic!("{e}"),
-            }
+        if !attached(test, &mut src, k, t) {
+            return;
         }
     }
     assert_eq!(
@@ -151,19 +168,8 @@ fn readable(fd: std::os::fd::RawFd) -> bool {
 fn while_every_vcpu_is_quiet_wakings_are_read_without_waking_the_engine() {
     use pvsched_host::runtime::EventSource;
     let test = "while_every_vcpu_is_quiet_wakings_are_read_without_waking_the_engine";
-    let cfg = TraceConfig {
-        waking: true,
-        ..TraceConfig::none()
-    };
-    let mut src = match TraceSource::new(cfg) {
-        Ok(s) => s,
-        Err(e) => match missing_capability(&e) {
-            Some(why) => {
-                skip!("{test}: {why}");
-                return;
-            }
-            None => panic!("{e}"),
-        },
+    let Some(mut src) = waking_source(test) else {
+        return;
     };
     // A "vCPU" thread asleep on a pipe: each byte wakes it once.
     let (mut rx, mut tx) = std::io::pipe().unwrap();
@@ -175,14 +181,8 @@ fn while_every_vcpu_is_quiet_wakings_are_read_without_waking_the_engine() {
         while rx.read(&mut b).is_ok_and(|n| n == 1) {}
     });
     let key = VcpuKey::new(0, 0);
-    if let Err(e) = src.attach_thread(key, tid_rx.recv().unwrap()) {
-        match missing_capability(&e) {
-            Some(why) => {
-                skip!("{test}: {why}");
-                return;
-            }
-            None => panic!("{e}"),
-        }
+    if !attached(test, &mut src, key, tid_rx.recv().unwrap()) {
+        return;
     }
     let fd = src.fd().expect("the source has an fd");
     let mut wake = |n: usize| {
