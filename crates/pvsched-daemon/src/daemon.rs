@@ -738,6 +738,12 @@ impl Daemon<'_> {
                 }
                 continue;
             }
+            // The check was on a pid: the peer must not have exited meanwhile (its pid
+            // reused by the VMM just checked).
+            if peer_still_there(&stream) == Some(false) {
+                tracing::warn!(pid, "ivshmem: peer refused: it exited during the check");
+                continue;
+            }
             if conns.iter().any(|c| c.pid == pid) {
                 if first_refusal(&mut self.refused_logged, pid) {
                     tracing::warn!(
@@ -1179,6 +1185,51 @@ pub(crate) fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
     })
 }
 
+/// `SO_PEERPIDFD` (Linux ≥ 6.5; not exported by every libc crate version).
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// Whether the process that connected `stream` still exists. Asked after a check made on its
+/// pid from `SO_PEERCRED`: `Some(true)` says that pid still named that very process during the
+/// check (a pid is reused only once its process is gone), `Some(false)` that it may have named
+/// another one; `None`: this kernel cannot tell (no `SO_PEERPIDFD`).
+pub(crate) fn peer_still_there(stream: &UnixStream) -> Option<bool> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is a writable int and `len` its size; SO_PEERPIDFD on a connected Unix
+    // socket writes at most `len` bytes, a new descriptor the caller owns.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOPROTOOPT) => None,
+            // ESRCH: the peer has been reaped.
+            _ => Some(false),
+        };
+    }
+    // SAFETY: the kernel returned a new pidfd; it is owned here and closed on drop.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: pidfd_send_signal with signal 0 and no siginfo only checks that the pidfd's
+    // process exists and may be signalled; no memory is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    Some(r == 0)
+}
+
 /// Who may do what through the ctl socket: `status` for root and the ctl group, every change
 /// for root only.
 pub fn authorize(verb: Option<&str>, peer: Peer, ctl_group: Option<u32>) -> Result<(), String> {
@@ -1288,6 +1339,56 @@ pub fn ctl(socket: &Path, request: &str) -> std::io::Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected peer is there; one that connected, exited and was reaped is not (its pid
+    /// could name another process by now). Skips where the kernel has no `SO_PEERPIDFD`.
+    #[test]
+    fn a_peer_that_exited_after_connecting_is_told_apart() {
+        use std::os::unix::ffi::OsStrExt;
+        let (a, _b) = UnixStream::pair().unwrap();
+        let Some(alive) = peer_still_there(&a) else {
+            pvsched_testutil::skip!(
+                "a_peer_that_exited_after_connecting_is_told_apart: no SO_PEERPIDFD"
+            );
+            return;
+        };
+        assert!(alive, "this process, at the other end");
+        let dir = std::env::temp_dir().join(format!("pvsched-peer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // The address is built before the fork: the child only makes system calls.
+        // SAFETY: an all-zero sockaddr_un is a valid value of the C struct.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: the child runs only async-signal-safe calls (socket, connect, _exit) on
+        // memory prepared before the fork, then exits; the parent goes on as before.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            // SAFETY: as above; `addr` is a valid sockaddr_un of the given size.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::connect(
+                    fd,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                );
+                libc::_exit(0);
+            }
+        }
+        let (stream, _) = listener.accept().unwrap();
+        let mut status = 0;
+        // SAFETY: waits for (and reaps) the child forked above.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert_eq!(peer_of(&stream).unwrap().pid, child);
+        assert_eq!(peer_still_there(&stream), Some(false), "the peer is gone");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn only_root_changes_and_the_ctl_group_reads() {

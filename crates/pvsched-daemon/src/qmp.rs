@@ -112,8 +112,12 @@ pub fn query_cpus_within(path: &Path, within: Duration) -> io::Result<Vec<VcpuTh
         deadline,
     };
     let mut r = BufReader::new(Timed { s, deadline });
-    let threads = converse(&mut w, &mut r)?;
-    check_owned(threads, peer.pid)
+    let threads = check_owned(converse(&mut w, &mut r)?, peer.pid)?;
+    // The check was on a pid: the peer must not have exited meanwhile (its pid reused).
+    if crate::daemon::peer_still_there(&w.s) == Some(false) {
+        return Err(io::Error::other("the QMP peer exited during the query"));
+    }
+    Ok(threads)
 }
 
 /// Connects to the Unix socket `path` without waiting: a listener that does not accept
