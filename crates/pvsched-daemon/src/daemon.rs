@@ -741,7 +741,9 @@ impl Daemon<'_> {
             // The check was on a pid: the peer must not have exited meanwhile (its pid
             // reused by the VMM just checked).
             if peer_still_there(&stream) == Some(false) {
-                tracing::warn!(pid, "ivshmem: peer refused: it exited during the check");
+                if first_refusal(&mut self.refused_logged, pid) {
+                    tracing::warn!(pid, "ivshmem: peer refused: it exited during the check");
+                }
                 continue;
             }
             if conns.iter().any(|c| c.pid == pid) {
