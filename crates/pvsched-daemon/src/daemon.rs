@@ -1195,7 +1195,7 @@ const SO_PEERPIDFD: libc::c_int = 77;
 /// check (a pid is reused only once its process is gone), `Some(false)` that it may have named
 /// another one; `None`: this kernel cannot tell (no `SO_PEERPIDFD`).
 pub(crate) fn peer_still_there(stream: &UnixStream) -> Option<bool> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` is a writable int and `len` its size; SO_PEERPIDFD on a connected Unix
@@ -1218,18 +1218,7 @@ pub(crate) fn peer_still_there(stream: &UnixStream) -> Option<bool> {
     }
     // SAFETY: the kernel returned a new pidfd; it is owned here and closed on drop.
     let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: pidfd_send_signal with signal 0 and no siginfo only checks that the pidfd's
-    // process exists and may be signalled; no memory is passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            0,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    Some(r == 0)
+    Some(pvsched_host::sched::pidfd_alive(pidfd.as_fd()))
 }
 
 /// Who may do what through the ctl socket: `status` for root and the ctl group, every change

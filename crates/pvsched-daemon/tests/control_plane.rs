@@ -59,14 +59,19 @@ fn fresh_dir(tag: &str) -> std::path::PathBuf {
     dir
 }
 
-/// A daemon configuration for one VM in `dir`: no tracepoints, no quiet gate (the tests check
+/// A daemon configuration for `vms` in `dir`: no tracepoints, no quiet gate (the tests check
 /// mechanics on however idle a machine).
-fn test_config(dir: &std::path::Path, vm: VmSpec) -> DaemonConfig {
+fn base_config(dir: &std::path::Path, vms: Vec<VmSpec>) -> DaemonConfig {
     DaemonConfig {
         trace: TraceConfig::none(),
         quiet_gate: None,
-        ..DaemonConfig::new(vec![vm], dir.join("ctl.sock"), dir.join("state.json"))
+        ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))
     }
+}
+
+/// [`base_config`] for one VM.
+fn test_config(dir: &std::path::Path, vm: VmSpec) -> DaemonConfig {
+    base_config(dir, vec![vm])
 }
 
 type DaemonThread =
@@ -350,10 +355,8 @@ fn a_flood_of_ivshmem_peers_does_not_hold_the_control_plane() {
     let dir = fresh_dir("flood");
     let sock = dir.join("ivshmem.sock");
     let cfg = DaemonConfig {
-        trace: TraceConfig::none(),
-        quiet_gate: None,
         ivshmem: Some(sock.clone()),
-        ..DaemonConfig::new(Vec::new(), dir.join("ctl.sock"), dir.join("state.json"))
+        ..base_config(&dir, Vec::new())
     };
     let (daemon, stop) = start_daemon(cfg);
     let flooding = Arc::new(AtomicBool::new(true));
@@ -504,10 +507,8 @@ fn a_flood_of_metrics_scrapes_does_not_drive_the_engine() {
         .local_addr()
         .unwrap();
     let cfg = DaemonConfig {
-        trace: TraceConfig::none(),
-        quiet_gate: None,
         metrics: Some(metrics),
-        ..DaemonConfig::new(Vec::new(), dir.join("ctl.sock"), dir.join("state.json"))
+        ..base_config(&dir, Vec::new())
     };
     let (daemon, stop) = start_daemon(cfg);
     let ctl = dir.join("ctl.sock");

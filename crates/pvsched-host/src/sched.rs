@@ -522,6 +522,24 @@ fn pidfd_open_thread(tid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// True while the thread or process of `pidfd` exists (it has not been reaped): signal 0
+/// through the pidfd, anything but `ESRCH` counting as alive.
+pub fn pidfd_alive(pidfd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal with signal 0 only checks that the pidfd's thread or process
+    // exists and may be signalled; the null siginfo is allowed; no memory is written.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
 impl ThreadHandle {
     /// Opens thread `tid` (of any process).
     pub fn open(tid: i32) -> Result<Self, Error> {
@@ -544,23 +562,9 @@ impl ThreadHandle {
 
     /// True while the thread opened is still alive (its id not yet free for reuse).
     pub fn alive(&self) -> bool {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         match &self.identity {
-            Identity::Pidfd(fd) => {
-                // SAFETY: pidfd_send_signal with signal 0 only checks that the pidfd's thread
-                // exists and may be signalled; the null siginfo is allowed; no memory is
-                // written.
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd.as_raw_fd(),
-                        0,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0u32,
-                    )
-                };
-                r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-            }
+            Identity::Pidfd(fd) => pidfd_alive(fd.as_fd()),
             Identity::StartTime(t) => start_time(self.tid) == Some(*t),
         }
     }
