@@ -1284,27 +1284,52 @@ fn bind_ctl(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
 /// Reads one request line: at most [`MAX_REQUEST`] bytes within [`CLIENT_TIMEOUT`] in all,
 /// so a client that trickles bytes holds up the control plane no longer than that.
 fn read_request(stream: &UnixStream) -> Option<String> {
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
     let _ = stream.set_nonblocking(false);
     let mut buf = Vec::new();
-    let mut byte = [0u8; 256];
-    let mut r = stream;
-    while buf.len() < MAX_REQUEST as usize {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
-        match r.read(&mut byte) {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.extend_from_slice(&byte[..n]);
-                if buf.contains(&b'\n') {
-                    break;
-                }
-            }
-            Err(_) => return None,
-        }
-    }
+    BufReader::new(Timed::new(stream, Instant::now() + CLIENT_TIMEOUT))
+        .take(MAX_REQUEST)
+        .read_until(b'\n', &mut buf)
+        .ok()?;
     let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
     Some(String::from_utf8_lossy(line).into_owned())
+}
+
+/// A stream with one deadline for a whole exchange: each read and write may take only the
+/// time left, so a peer trickling bytes cannot hold the caller past it (ctl requests, QMP).
+pub(crate) struct Timed<'a> {
+    s: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl<'a> Timed<'a> {
+    /// `s` until `deadline`.
+    pub(crate) fn new(s: &'a UnixStream, deadline: Instant) -> Self {
+        Timed { s, deadline }
+    }
+
+    fn left(&self) -> std::io::Result<Duration> {
+        self.deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer too slow"))
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s.set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.s.set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn all_pids() -> Vec<i32> {

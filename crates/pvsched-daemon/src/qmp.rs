@@ -1,6 +1,7 @@
 //! QEMU's QMP: vCPU thread ids from `query-cpus-fast`, for VMs whose threads the daemon should
 //! not have to guess by name.
 
+use crate::daemon::Timed;
 use crate::discover::{process_of, VcpuThread, Vmm};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -107,14 +108,11 @@ pub fn query_cpus_within(path: &Path, within: Duration) -> io::Result<Vec<VcpuTh
     // The thread ids must be the QMP peer's own threads: a peer cannot point the daemon at
     // another process's threads (or at the daemon itself).
     let peer = crate::daemon::peer_of(&s)?;
-    let mut w = Timed {
-        s: s.try_clone()?,
-        deadline,
-    };
-    let mut r = BufReader::new(Timed { s, deadline });
+    let mut w = Timed::new(&s, deadline);
+    let mut r = BufReader::new(Timed::new(&s, deadline));
     let threads = check_owned(converse(&mut w, &mut r)?, peer.pid)?;
     // The check was on a pid: the peer must not have exited meanwhile (its pid reused).
-    if crate::daemon::peer_still_there(&w.s) == Some(false) {
+    if crate::daemon::peer_still_there(&s) == Some(false) {
         return Err(io::Error::other("the QMP peer exited during the query"));
     }
     Ok(threads)
@@ -144,39 +142,6 @@ fn connect_now(path: &Path) -> io::Result<UnixStream> {
     let s = UnixStream::from(fd);
     s.set_nonblocking(false)?;
     Ok(s)
-}
-
-/// The QMP stream with one deadline for the whole conversation: each read and write may
-/// take only the time left, so a peer trickling bytes cannot hold the caller longer.
-struct Timed {
-    s: UnixStream,
-    deadline: Instant,
-}
-
-impl Timed {
-    fn left(&self) -> io::Result<Duration> {
-        self.deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "QMP peer too slow"))
-    }
-}
-
-impl Read for Timed {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.s.set_read_timeout(Some(self.left()?))?;
-        self.s.read(buf)
-    }
-}
-
-impl Write for Timed {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.s.set_write_timeout(Some(self.left()?))?;
-        self.s.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.s.flush()
-    }
 }
 
 /// The conversation of [`query_cpus`]: greeting, capabilities negotiation, `query-cpus-fast`,
