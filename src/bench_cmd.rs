@@ -137,11 +137,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         ));
     }
     if let Some(p) = args.policies {
-        if p.iter().any(|n| n == "module") {
-            return Err(CliError::Usage(
-                "the policy `module` is a column of --guest linux-tcg (a Linux guest with the \
-                 pvsched guest module)",
-            ));
+        if let Some(n) = p.iter().find(|n| *n == "module" || *n == "slice") {
+            return Err(CliError::UsageOwned(format!(
+                "the policy `{n}` is a column of --guest linux-tcg (a Linux guest under QEMU; \
+                 on the testbed, boost to a slice with e.g. deadline-aware/slice or \
+                 static+class=slice:100us)"
+            )));
         }
         // `none` first: the baseline of every ratio.
         let mut policies = vec!["none".to_string()];

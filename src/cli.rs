@@ -132,7 +132,8 @@ pub enum BenchGuest {
     /// pvsched's bare-metal testbed guest on real KVM (the full matrix).
     Testbed,
     /// A Linux guest (guest/linux/build.sh) under QEMU TCG running cyclictest: idle /
-    /// stress-ng host × none / static / daemon (host-only, sched_waking).
+    /// stress-ng host × none / static / daemon (host-only, sched_waking) / slice (host-only, a
+    /// static EEVDF custom slice) / module (the pvsched guest module).
     LinuxTcg,
 }
 
@@ -175,7 +176,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "target/linux-guest")]
     pub guest_dir: PathBuf,
     /// `--guest linux-tcg`: a driver option (key=value, repeatable) of the daemon in the
-    /// `daemon` and `module` columns, e.g. `rt_budget=5ms`.
+    /// `daemon` and `module` columns (driver `dynamic`), e.g. `rt_budget=5ms`.
     #[arg(long = "daemon-opt", value_name = "KEY=VALUE")]
     pub daemon_opts: Vec<String>,
     /// Testbed: where every cell's vCPU threads and built-in hogs may run (`free`, `apart`,
@@ -186,13 +187,14 @@ pub struct BenchArgs {
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {
-    // `module` is a column of `--guest linux-tcg` only (checked against the guest there).
-    if s == "module" {
+    // `slice` and `module` are columns of `--guest linux-tcg` only (checked against the guest
+    // there).
+    if s == "slice" || s == "module" {
         return Ok(s.to_string());
     }
     pvsched_bench::bench::check_policy(s)
         .map(|()| s.to_string())
-        .map_err(|e| format!("{e} (`--guest linux-tcg`: module)"))
+        .map_err(|e| format!("{e} (`--guest linux-tcg`: slice, module)"))
 }
 
 /// A probe interval in whole µs, 50 µs to 100 ms.

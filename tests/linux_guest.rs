@@ -1,6 +1,7 @@
 //! Issue 12's end-to-end cells: the Linux test guest and its pvsched guest module are built
 //! from Debian packages (guest/linux/build.sh); `pvsched bench --guest linux-tcg` runs it under
-//! QEMU TCG for one short round with the daemon host-only and with the module, idle and under
+//! QEMU TCG for one short round with the daemon host-only (on wake-ups, and a static custom
+//! slice) and with the module, idle and under
 //! stress-ng; and a daemon serving the module's ivshmem device is stopped under a running
 //! guest. Skips, saying why, only where the packages cannot be fetched or QEMU / stress-ng are
 //! missing.
@@ -60,7 +61,7 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     let out_dir = std::env::temp_dir().join(format!("pvsched-linux-tcg-{}", std::process::id()));
     let run = Command::new(env!("CARGO_BIN_EXE_pvsched"))
         .args(["bench", "--guest", "linux-tcg", "--rounds", "1"])
-        .args(["--cell-duration", "2s", "--policies", "daemon,module"])
+        .args(["--cell-duration", "2s", "--policies", "daemon,slice,module"])
         .arg("--guest-dir")
         .arg(&dir)
         .arg("--out")
@@ -82,8 +83,9 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         "the plot is written"
     );
     let cells = json["cells"].as_array().unwrap();
-    // none, daemon and module, on the busy and the idle host: each ran its guest to the end.
-    assert_eq!(cells.len(), 6, "{json}");
+    // none, daemon, slice and module, on the busy and the idle host: each ran its guest to
+    // the end.
+    assert_eq!(cells.len(), 8, "{json}");
     for c in cells {
         let threads = c["runs"][0]["threads"].as_array().unwrap();
         assert_eq!(threads.len(), 2, "both cyclictest threads reported: {c}");
@@ -104,6 +106,13 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         idle_daemon["runs"][0]["host_events"].as_u64().unwrap() > 0,
         "{idle_daemon}"
     );
+    // `slice`: the daemon put both vCPU threads on the custom slice once, from the start (the
+    // `static` driver; no host events, no turns under the cap: a slice holds no slot).
+    for c in cells.iter().filter(|c| c["policy"] == "slice") {
+        let run = &c["runs"][0];
+        assert_eq!(run["boosts"].as_u64().unwrap(), 2, "{c}");
+        assert_eq!(run["host_events"].as_u64().unwrap(), 0, "{c}");
+    }
     // With the module, every doorbell the guest rang reached the daemon (the module's own
     // count, printed when /init unloads it, against the daemon's eventfd count).
     for c in cells.iter().filter(|c| c["policy"] == "module") {

@@ -34,7 +34,18 @@ impl ExternalDaemon {
         trace: pvsched_host::trace::TraceConfig,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false, opts)
+        Self::start_with(vec![source.into()], trace, false, "dynamic", opts)
+    }
+
+    /// Starts the daemon with driver `driver` and options `opts` on the VM `source`, with the
+    /// host events `trace`, and waits until it has attached it.
+    pub fn start_driver_for(
+        source: pvsched_daemon::VmSource,
+        trace: pvsched_host::trace::TraceConfig,
+        driver: &str,
+        opts: DriverOptions,
+    ) -> Result<ExternalDaemon, DaemonError> {
+        Self::start_with(vec![source.into()], trace, false, driver, opts)
     }
 
     /// Starts the daemon as an ivshmem server (no VM given: each QEMU that connects to
@@ -44,7 +55,7 @@ impl ExternalDaemon {
         trace: pvsched_host::trace::TraceConfig,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(Vec::new(), trace, true, opts)
+        Self::start_with(Vec::new(), trace, true, "dynamic", opts)
     }
 
     /// The ivshmem socket of a daemon started by [`ExternalDaemon::start_ivshmem`].
@@ -56,6 +67,7 @@ impl ExternalDaemon {
         vms: Vec<pvsched_daemon::VmSpec>,
         trace: pvsched_host::trace::TraceConfig,
         ivshmem: bool,
+        driver: &str,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
         let dir = std::env::temp_dir().join(format!(
@@ -66,6 +78,7 @@ impl ExternalDaemon {
         std::fs::create_dir_all(&dir).map_err(DaemonError::Io)?;
         let cfg = DaemonConfig {
             trace,
+            driver: driver.to_string(),
             opts,
             ivshmem: ivshmem.then(|| dir.join("ivshmem.sock")),
             ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))

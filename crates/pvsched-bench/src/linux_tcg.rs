@@ -1,7 +1,9 @@
 //! `pvsched bench --guest linux-tcg`: a real Linux guest under QEMU without KVM (TCG), built by
 //! `guest/linux/build.sh`, running cyclictest; cells idle / `stress-ng` host × `none` /
 //! `static` (the `CPU n/TCG` threads at FIFO 10 for the whole run) / `daemon` (pvsched's
-//! daemon on the QEMU process, host-only: `sched_waking` of the vCPU threads) / `module` (the
+//! daemon on the QEMU process, host-only: `sched_waking` of the vCPU threads) / `slice` (the
+//! daemon on the QEMU process with driver `static`, class `slice:100us`: the vCPU threads on
+//! an EEVDF custom slice for the whole run, no host events) / `module` (the
 //! daemon as the server of an `ivshmem-doorbell` device, the guest loading the pvsched guest
 //! module, no host events), interleaved round by round like the testbed bench. A guest whose
 //! kernel hangs before it starts `/init` (seen under TCG here, before any pvsched code ran in
@@ -22,7 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The policies of the Linux-guest bench.
-pub const TCG_POLICIES: &[&str] = &["none", "static", "daemon", "module"];
+pub const TCG_POLICIES: &[&str] = &["none", "static", "daemon", "slice", "module"];
+
+/// The class of the `slice` column: the shortest custom slice the kernel takes.
+pub const SLICE_CLASS: &str = "class=slice:100us";
 
 /// How long a guest's kernel may take to start `/init` (which prints [`INIT_MARK`] first).
 /// Boots take well under a minute here, also under stress-ng; a kernel still booting after
@@ -297,6 +302,15 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                     opts.clone(),
                 )?);
             }
+            "slice" => {
+                // The daemon's `--daemon-opt`s are for its `dynamic` driver, not this one.
+                daemon = Some(ExternalDaemon::start_driver_for(
+                    pvsched_daemon::VmSource::Pid(pid),
+                    pvsched_host::trace::TraceConfig::none(),
+                    "static",
+                    DriverOptions::parse([SLICE_CLASS])?,
+                )?);
+            }
             _ => {}
         }
         Ok(())
@@ -523,7 +537,10 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
         "# {title}\n\nLinux guest under QEMU TCG (`-smp {}`), cyclictest `-t {} -i {} -D {}` \
          (expected {expected} wake-ups per thread), rounds: {}; medians [min–max] over rounds. \
          `static`: the `CPU n/TCG` threads at FIFO 10; `daemon`: pvsched's daemon on the QEMU \
-         process, driver `dynamic` with its defaults, host event `waking` only; `module`: the \
+         process, driver `dynamic` with its defaults, host event `waking` only; `slice`: the \
+         daemon on the QEMU process, driver `static` with `class=slice:100us` (the `CPU n/TCG` \
+         threads on an EEVDF custom slice of 100 µs, no extra CPU share), no host events; \
+         `module`: the \
          daemon serving the VM's `ivshmem-doorbell` device, no host events, the guest running \
          the pvsched guest module (requests at hard and soft interrupts and while an RT task \
          runs).{}\n",
@@ -555,7 +572,7 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
                 }
                 _ => "–".into(),
             };
-            let daemon = if c.policy == "daemon" || c.policy == "module" {
+            let daemon = if matches!(c.policy.as_str(), "daemon" | "slice" | "module") {
                 format!("{} / {}", f(s.boosts), f(s.host_events))
             } else {
                 "–".into()

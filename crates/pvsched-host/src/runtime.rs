@@ -1000,20 +1000,19 @@ impl Core {
         }
         let mut best: Option<Nanos> = None;
         // While the host-wide cap is full, a lead timer of an unboosted vCPU could only start
-        // a wait: no wake-up for it. The thread that frees a slot fires the overdue ones
+        // a wait (unless its class takes no extra share, which never waits): no wake-up for it. The thread that frees a slot fires the overdue ones
         // (`process`), and every re-arm after that counts them again. A lead timer of a
         // boosted vCPU changes no class either (it only extends the boost's hold): no wake-up
         // for it; it fires with whatever next runs the engine for that vCPU (its own exit, a
         // doorbell, its budget check). If that ends the boost, the lead boosts it again in
         // the same round, which changes no class; a deadline published meanwhile drops it.
-        let full = self.engine.cap_full();
         for &(at, key, kind) in &self.order {
             if best.is_some_and(|b| at >= b) {
                 break;
             }
             if kind == TimerKind::Lead {
                 let boosted = self.engine.vcpu(key).is_some_and(|s| s.is_boosted());
-                if full || boosted {
+                if boosted || self.engine.lead_would_wait(key) {
                     continue;
                 }
             }

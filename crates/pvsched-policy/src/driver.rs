@@ -192,6 +192,12 @@ impl VcpuState {
         self.boost.is_some()
     }
 
+    /// True while boosted in a class that takes extra CPU share: such a boost holds a slot
+    /// of the host-wide cap.
+    pub fn holds_cap_slot(&self) -> bool {
+        self.boost.is_some_and(|b| b.class.takes_extra_share())
+    }
+
     /// True while a throttle latch is set.
     pub fn is_throttled(&self) -> bool {
         self.debts.latched()
@@ -252,9 +258,10 @@ impl<'a> VcpuCtx<'a> {
         }
     }
 
-    /// True when the host-wide cap is reached and a new boost would wait.
-    pub fn cap_full(&self) -> bool {
-        self.cap_full && self.state.boost.is_none()
+    /// True when the host-wide cap is reached and a new boost in `class` would wait (a class
+    /// that takes no extra CPU share never waits: it holds no slot).
+    pub fn cap_full(&self, class: BoostClass) -> bool {
+        self.cap_full && self.state.boost.is_none() && class.takes_extra_share()
     }
 
     /// The same, with the host-wide cap reached (`full`): [`VcpuCtx::boost`] then waits.
@@ -264,8 +271,10 @@ impl<'a> VcpuCtx<'a> {
     }
 
     /// Starts a boost in `class` for `cause` (see [`Boost`] for the two times) and publishes
-    /// `Boosted`. No-op when already boosted; when the host-wide cap is reached, the boost
-    /// waits (counted as `capped`; the engine offers it again when a boost ends).
+    /// `Boosted`. No-op when already boosted; when the host-wide cap is reached and `class`
+    /// takes extra CPU share, the boost waits (counted as `capped`; the engine offers it again
+    /// when a boost ends). A class that takes no extra share (a custom slice) neither waits
+    /// nor holds a slot: the cap bounds what boosts take from the host, and it takes nothing.
     pub fn boost(
         &mut self,
         class: BoostClass,
@@ -276,7 +285,7 @@ impl<'a> VcpuCtx<'a> {
         if self.state.boost.is_some() {
             return;
         }
-        if self.cap_full {
+        if self.cap_full && class.takes_extra_share() {
             if !self.state.cap_refused && self.state.capped.is_none() {
                 self.state.counters.capped += 1;
             }
@@ -480,6 +489,13 @@ pub trait Driver: Send {
 
     /// Handles `ev` for the vCPU in `ctx`.
     fn on_event(&mut self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent);
+
+    /// The class of the boosts its lead timers ([`TimerKind::Lead`]) start, if it arms any:
+    /// the host asks it to tell whether such a boost would only wait for the host-wide cap.
+    /// `None` (the default) counts as a class that takes extra share, which waits.
+    fn deadline_class(&self) -> Option<BoostClass> {
+        None
+    }
 }
 
 #[cfg(test)]

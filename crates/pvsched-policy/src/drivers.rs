@@ -670,7 +670,7 @@ impl DynamicDriver {
             } else {
                 self.p.class_cs
             };
-            if ticket && !ctx.cap_full() {
+            if ticket && !ctx.cap_full(class) {
                 ctx.issue_ticket();
             }
             ctx.boost(class, cause, release_after, hold_until);
@@ -869,6 +869,9 @@ impl Driver for DynamicDriver {
         } else {
             2
         }
+    }
+    fn deadline_class(&self) -> Option<BoostClass> {
+        Some(self.p.class_deadline)
     }
     fn on_event(&mut self, ctx: &mut VcpuCtx<'_>, ev: VcpuEvent) {
         self.account(ctx);

@@ -106,7 +106,7 @@ pub struct Engine {
     max_boosted: Option<usize>,
     /// How long a boost keeps its cap slot while another waits ([`CAP_QUANTUM_NS`]).
     cap_quantum: Nanos,
-    /// vCPUs boosted now.
+    /// vCPUs holding a slot of the cap now (boosted in a class that takes extra share).
     boosted: usize,
     /// vCPUs whose boost waits for the cap.
     waiting: usize,
@@ -176,8 +176,9 @@ impl Engine {
         }
     }
 
-    /// Limits how many vCPUs may be boosted at once over all VMs (`None`: no limit). A boost
-    /// over the limit waits: when a boosted vCPU lets go, the waiting one with the earliest
+    /// Limits how many vCPUs may be boosted at once over all VMs (`None`: no limit), counting
+    /// only boosts in a class that takes extra CPU share (a custom slice takes none: it is never
+    /// held back and holds no slot). A boost over the limit waits: when a boosted vCPU lets go, the waiting one with the earliest
     /// published deadline (then the oldest) is handed its event again. Boosts in force are
     /// not ended by a lower limit; new ones wait until fewer are boosted.
     pub fn set_max_boosted(&mut self, max: Option<usize>) {
@@ -196,7 +197,8 @@ impl Engine {
         self.max_boosted
     }
 
-    /// vCPUs boosted now, over all VMs.
+    /// vCPUs holding a slot of the cap now, over all VMs: boosted in a class that takes extra
+    /// CPU share ([`crate::BoostClass::takes_extra_share`]).
     pub fn boosted_now(&self) -> usize {
         self.boosted
     }
@@ -206,12 +208,23 @@ impl Engine {
         self.max_boosted.is_some_and(|m| self.boosted >= m)
     }
 
+    /// True when a boost that a lead timer of `key` starts now would only wait for the cap: the
+    /// cap is full and the driver's deadline class takes extra share ([`Driver::deadline_class`]).
+    pub fn lead_would_wait(&self, key: VcpuKey) -> bool {
+        self.cap_full()
+            && self.vms.get(&key.vm).is_none_or(|e| {
+                e.driver
+                    .deadline_class()
+                    .is_none_or(|c| c.takes_extra_share())
+            })
+    }
+
     /// Counts boosted and waiting vCPUs again (after changes to many vCPUs at once).
     fn recount(&mut self) {
         let (mut b, mut w) = (0, 0);
         for e in self.vms.values() {
             for st in e.vcpus.values() {
-                b += st.is_boosted() as usize;
+                b += st.holds_cap_slot() as usize;
                 w += st.capped.is_some() as usize;
             }
         }
@@ -234,9 +247,10 @@ impl Engine {
         let Some(st) = e.vcpus.get_mut(&key.vcpu) else {
             return false;
         };
-        let (was, waited) = (st.is_boosted(), st.capped.is_some());
+        let (was, waited) = (st.holds_cap_slot(), st.capped.is_some());
+        let boosted = st.is_boosted();
         {
-            let mut ctx = VcpuCtx::new(key, st, now, out).with_cap(full && !was);
+            let mut ctx = VcpuCtx::new(key, st, now, out).with_cap(full && !boosted);
             e.driver.on_event(&mut ctx, what);
         }
         if std::mem::take(&mut st.cap_refused) {
@@ -252,7 +266,7 @@ impl Engine {
         if st.is_boosted() {
             st.capped = None;
         }
-        let (is, waits) = (st.is_boosted(), st.capped.is_some());
+        let (is, waits) = (st.holds_cap_slot(), st.capped.is_some());
         self.boosted = self.boosted + is as usize - was as usize;
         self.waiting = self.waiting + waits as usize - waited as usize;
         true
@@ -341,6 +355,7 @@ impl Engine {
             .flat_map(|(&vm, e)| {
                 e.vcpus
                     .iter()
+                    .filter(|(_, st)| st.holds_cap_slot())
                     .filter_map(move |(&vcpu, st)| Some((st.boost?.since, VcpuKey::new(vm, vcpu))))
             })
             .min();

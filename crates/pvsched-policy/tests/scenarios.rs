@@ -10,7 +10,7 @@ use pvsched_policy::{
 use pvsched_proto::abi::Reason;
 use pvsched_proto::Reasons;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 const US: Nanos = 1_000;
 const MS: Nanos = 1_000_000;
@@ -25,6 +25,8 @@ struct Sim {
     guest_request: BTreeMap<VcpuKey, Reasons>,
     published: BTreeMap<VcpuKey, BoostState>,
     boosted: BTreeMap<VcpuKey, Nanos>,
+    /// Boosted vCPUs holding a slot of the cap (a class that takes extra CPU share).
+    slots: BTreeSet<VcpuKey>,
     /// vCPUs paying back boosted time below their normal weight.
     repaying: BTreeMap<VcpuKey, Nanos>,
     intervals: Vec<(VcpuKey, Nanos, Nanos)>,
@@ -49,6 +51,7 @@ impl Sim {
             guest_request: BTreeMap::new(),
             published: BTreeMap::new(),
             boosted: BTreeMap::new(),
+            slots: BTreeSet::new(),
             repaying: BTreeMap::new(),
             intervals: Vec::new(),
             log: Vec::new(),
@@ -62,16 +65,19 @@ impl Sim {
             for d in ds {
                 self.log.push(d);
                 match d {
-                    Decision::Boost(k, _) => {
+                    Decision::Boost(k, class) => {
                         assert!(
                             self.boosted.insert(k, self.now).is_none(),
                             "double boost of {k}"
                         );
+                        if class.takes_extra_share() {
+                            self.slots.insert(k);
+                        }
                         if let Some(m) = self.engine.max_boosted() {
                             assert!(
-                                self.boosted.len() <= m,
+                                self.slots.len() <= m,
                                 "{} boosted at once, cap {m}",
-                                self.boosted.len()
+                                self.slots.len()
                             );
                         }
                         self.repaying.remove(&k);
@@ -89,6 +95,7 @@ impl Sim {
                             .boosted
                             .remove(&k)
                             .expect("unboost of an unboosted vCPU");
+                        self.slots.remove(&k);
                         self.intervals.push((k, since, self.now));
                     }
                     Decision::Publish(k, s) => {
@@ -158,6 +165,14 @@ impl Sim {
     }
 
     /// The guest changes its request; `ring` says whether it rings (as the protocol says).
+    /// Boost decisions so far.
+    fn boosts(&self) -> usize {
+        self.log
+            .iter()
+            .filter(|d| matches!(d, Decision::Boost(..)))
+            .count()
+    }
+
     fn guest(&mut self, key: VcpuKey, r: Reasons) {
         self.guest_request.insert(key, r);
         let state = self.published.get(&key).copied();
@@ -1343,21 +1358,76 @@ fn without_a_cap_every_vcpu_may_be_boosted_at_once() {
     assert_eq!(s.engine.boosted_now(), 3);
 }
 
+#[test]
+fn boosts_to_a_custom_slice_are_not_held_back_by_the_cap() {
+    // A slice takes no extra CPU share: under one slot both vCPUs are boosted at once, for
+    // good, without turns, and neither counts against the cap.
+    let mut s = Sim::one_slot("static", &["class=slice:100us"]);
+    assert!(s.is_boosted(V0) && s.is_boosted(V1));
+    assert_eq!(s.engine.boosted_now(), 0);
+    let boosts = s.boosts();
+    s.advance(20 * CAP_QUANTUM_NS);
+    assert!(s.is_boosted(V0) && s.is_boosted(V1));
+    assert_eq!(s.boosts(), boosts, "no turns taken");
+    for k in [V0, V1] {
+        let c = s.engine.vcpu(k).unwrap().counters;
+        assert_eq!((c.capped, c.cap_yields), (0, 0));
+    }
+}
+
+#[test]
+fn a_slice_boost_neither_waits_for_nor_takes_the_slot_of_a_fifo_boost() {
+    // RT tasks on a slice, interrupts on FIFO, one slot: V0's FIFO boost holds the slot, V1's
+    // RT task is boosted at once all the same; V1's interrupt-class boost would have waited.
+    let mut s = Sim::one_slot("deadline-aware", &["class_task=slice:100us"]);
+    s.guest(V0, rs(&[Reason::Irq]));
+    assert!(s.is_boosted(V0));
+    assert_eq!(s.engine.boosted_now(), 1);
+    s.guest(V1, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V1), "the slice boost did not wait");
+    assert_eq!(s.engine.boosted_now(), 1);
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 0);
+    // A FIFO boost still waits while the slot is held.
+    let mut s = Sim::one_slot("deadline-aware", &["class_task=slice:100us"]);
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.guest(V1, rs(&[Reason::Irq]));
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1));
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 1);
+}
+
+#[test]
+fn a_lead_boost_would_wait_for_a_full_cap_only_in_a_class_that_takes_share() {
+    // What the runtime asks before it skips waking for a lead timer while the cap is full.
+    for (opts, waits) in [
+        (&[][..], true),
+        (&["class_deadline=slice:100us"][..], false),
+    ] {
+        let mut s = Sim::one_slot("deadline-aware", opts);
+        assert!(!s.engine.lead_would_wait(V1), "the cap is not full yet");
+        s.guest(V0, rs(&[Reason::Irq]));
+        assert!(s.is_boosted(V0));
+        assert_eq!(s.engine.lead_would_wait(V1), waits, "{opts:?}");
+    }
+}
+
 proptest! {
     /// Whatever the guests and the host do on three vCPUs (requests, interrupts, deadlines,
     /// quiet verdicts, VM disable/enable, driver swaps, a vCPU leaving and coming back), never
-    /// more than `max_boosted` vCPUs are boosted at once (the sim checks it at every boost), and
-    /// the engine's count matches the sim's.
+    /// more than `max_boosted` vCPUs are boosted at once in a class that takes extra share (the
+    /// sim checks it at every boost), and the engine's count matches the sim's.
     #[test]
     fn the_cap_holds_under_any_events(
         driver in prop::sample::select(vec!["dynamic", "deadline-aware", "static"]),
         cap in 1usize..3,
+        slice in any::<bool>(),
         events in proptest::collection::vec((0u32..3, 0u8..12, 0u8..32, 0u64..5_000_000), 0..150),
     ) {
-        let opts: &[&str] = if driver == "static" {
-            &[]
-        } else {
-            &["cs_budget=3ms", "rt_budget=20ms", "irq_hold=1ms"]
+        // `slice`: some boosts in a class that takes no extra share, which holds no slot.
+        let opts: &[&str] = match (driver == "static", slice) {
+            (true, false) => &[],
+            (true, true) => &["class=slice:100us"],
+            (false, false) => &["cs_budget=3ms", "rt_budget=20ms", "irq_hold=1ms"],
+            (false, true) => &["cs_budget=3ms", "rt_budget=20ms", "irq_hold=1ms", "class_task=slice:100us"],
         };
         let mut s = Sim::new(driver, opts);
         s.engine.set_max_boosted(Some(cap));
@@ -1390,11 +1460,11 @@ proptest! {
                 _ => play(&mut s, &[(v, kind, bits, delay)]),
             }
             s.apply(out);
-            prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
+            prop_assert_eq!(s.engine.boosted_now(), s.slots.len());
         }
-        prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
+        prop_assert_eq!(s.engine.boosted_now(), s.slots.len());
         s.advance(100 * MS);
-        prop_assert_eq!(s.engine.boosted_now(), s.boosted.len());
+        prop_assert_eq!(s.engine.boosted_now(), s.slots.len());
         let mut out = Vec::new();
         s.engine.shutdown(s.now, &mut out);
         s.apply(out);
