@@ -1,6 +1,6 @@
 //! `pvsched bench`: the side-by-side comparison, with a progress bar and the report files.
 
-use crate::cli::{BenchArgs, BenchGuest, BenchLoadArg};
+use crate::cli::{BenchArgs, BenchGuest, BenchLoadArg, GuestLoadArg};
 use crate::vm_cmd::CliError;
 use indicatif::{ProgressBar, ProgressStyle};
 use pvsched_bench::bench::{self, BenchConfig, HostLoadKind};
@@ -117,6 +117,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
                 "--layout is for the testbed (QEMU's threads are placed by the kernel)",
             ));
         }
+        if args.guest_load != GuestLoadArg::Busy {
+            return Err(CliError::Usage(
+                "--guest-load is for the testbed (the Linux guest runs cyclictest alone)",
+            ));
+        }
         return run_linux_tcg(&args, &interrupt);
     }
     let mut cfg = if args.quick {
@@ -163,6 +168,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         BenchLoadArg::StressNg => HostLoadKind::StressNg,
     };
     cfg.layout = args.layout;
+    cfg.guest_busy = args.guest_load == GuestLoadArg::Busy;
     let started = stamp();
     let out: PathBuf = args
         .out

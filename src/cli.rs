@@ -184,6 +184,11 @@ pub struct BenchArgs {
     /// threads are placed.
     #[arg(long, default_value = "free")]
     pub layout: Layout,
+    /// Testbed: the guest between timer events in every cell of the matrix: `busy` (the
+    /// default; the floor cells still idle) or `idle` (it halts, so its vCPU threads sleep and
+    /// wake like those of a mostly idle guest; the idle-host `none` cells are the floor).
+    #[arg(long, value_enum, default_value_t = GuestLoadArg::Busy)]
+    pub guest_load: GuestLoadArg,
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {

@@ -199,6 +199,10 @@ pub struct BenchConfig {
     /// Where every cell's vCPU threads and hogs may run.
     #[serde(default)]
     pub layout: crate::experiment::Layout,
+    /// The guest is busy between timer events (the default); false: it halts between them,
+    /// so its vCPU threads sleep and wake like those of a mostly idle guest.
+    #[serde(default = "yes")]
+    pub guest_busy: bool,
 }
 
 impl BenchConfig {
@@ -213,6 +217,7 @@ impl BenchConfig {
             intervals_us: vec![500, 1000],
             policies: POLICIES.iter().map(|s| s.to_string()).collect(),
             layout: Default::default(),
+            guest_busy: true,
         }
     }
 
@@ -226,7 +231,8 @@ impl BenchConfig {
 
     /// The cells of one round, in run order: per interval, per host state, with and without
     /// the deadline task, the policies side by side; then the floor (idle host, idle guest,
-    /// no boosting) per interval.
+    /// no boosting) per interval, unless the guest idles in every cell (the idle-host `none`
+    /// cell is the floor then).
     pub fn plan(&self) -> Vec<CellKey> {
         let mut cells = Vec::new();
         for &interval_us in &self.intervals_us {
@@ -235,7 +241,7 @@ impl BenchConfig {
                     for p in &self.policies {
                         cells.push(CellKey {
                             host,
-                            guest_busy: true,
+                            guest_busy: self.guest_busy,
                             task,
                             policy: p.clone(),
                             interval_us,
@@ -243,13 +249,15 @@ impl BenchConfig {
                     }
                 }
             }
-            cells.push(CellKey {
-                host: HostState::Idle,
-                guest_busy: false,
-                task: true,
-                policy: "none".into(),
-                interval_us,
-            });
+            if self.guest_busy {
+                cells.push(CellKey {
+                    host: HostState::Idle,
+                    guest_busy: false,
+                    task: true,
+                    policy: "none".into(),
+                    interval_us,
+                });
+            }
         }
         cells
     }
@@ -710,6 +718,27 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), p.len(), "cells are distinct");
+    }
+
+    #[test]
+    fn a_halting_guest_runs_in_every_cell_and_its_idle_host_none_cells_are_the_floor() {
+        let cfg = BenchConfig {
+            guest_busy: false,
+            ..BenchConfig::standard(2)
+        };
+        let p = cfg.plan();
+        let n = POLICIES.len();
+        assert_eq!(p.len(), 2 * 2 * 2 * n, "no separate floor cells");
+        assert!(p.iter().all(|k| !k.guest_busy));
+        let mut sorted = p.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), p.len(), "cells are distinct");
+        // An older results.json (no `guest_busy`) reads as a busy guest.
+        let mut json = serde_json::to_value(BenchConfig::standard(2)).unwrap();
+        json.as_object_mut().unwrap().remove("guest_busy");
+        let back: BenchConfig = serde_json::from_value(json).unwrap();
+        assert!(back.guest_busy);
     }
 
     #[test]

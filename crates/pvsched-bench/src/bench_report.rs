@@ -107,6 +107,8 @@ impl View<'_> {
         policy: &str,
         interval: u64,
     ) -> Option<&CellSummary> {
+        // `busy`: a cell of the matrix (its guest as configured), or the floor (idle guest).
+        let busy = busy && self.o.config.guest_busy;
         self.o
             .cells
             .iter()
@@ -174,7 +176,7 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         s,
         "{} rounds × {} cells × {:.1} s{}; {} vCPUs, each with a deadline task (periods {} ms \
          rotating over the vCPUs from round to round, work 12.5 % of the period) in the cells \
-         that say so, guest busy between timer events; busy host = {} {}; \
+         that say so, guest {} between timer events; busy host = {} {}; \
          pvsched protocol v1 offered in every cell (`daemon`: host-only, from LAPIC-timer \
          tracepoints).{} \
          Values: median over rounds [min–max]. Total {:.0} s.\n",
@@ -188,6 +190,7 @@ fn markdown(v: &View<'_>, title: &str) -> String {
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join(", "),
+        if c.guest_busy { "busy" } else { "halting" },
         c.hogs,
         match c.host_load {
             crate::bench::HostLoadKind::Builtin => "built-in CPU hogs",
@@ -479,7 +482,9 @@ fn cdf_plot(o: &BenchOutcome, interval: u64, path: &Path) -> Result<(), BenchErr
         .iter()
         .zip(&o.hists)
         .filter(|(c, _)| {
-            c.key.host == HostState::Busy && c.key.guest_busy && c.key.interval_us == interval
+            c.key.host == HostState::Busy
+                && c.key.guest_busy == o.config.guest_busy
+                && c.key.interval_us == interval
         })
         .map(|(c, h)| (c.key.policy.clone(), h.cdf()))
         .collect();
