@@ -292,6 +292,16 @@ impl Verdict {
 /// still runs ~25 % of the time; queued behind a real-time thread it runs not at all.
 const STARVED_PERMILLE: u64 = 900;
 
+/// A window in which the vCPU thread was runnable (running or waiting for a CPU) less than this
+/// share of the time (thousandths) finds it sleeping ([`VcpuSampler::sleeps`]).
+const RUNNABLE_PERMILLE: u64 = 900;
+
+/// True when a thread that ran `ran` ns and waited `waited` ns in `elapsed` ns slept for part
+/// of it: runnable less than 90 % of the time.
+pub fn sleeps_in(elapsed: Nanos, ran: u64, waited: u64) -> bool {
+    ran.saturating_add(waited).saturating_mul(1000) < elapsed.saturating_mul(RUNNABLE_PERMILLE)
+}
+
 /// Samples one vCPU thread's run delay once per window.
 #[derive(Debug)]
 pub struct VcpuSampler {
@@ -299,11 +309,12 @@ pub struct VcpuSampler {
     window: Nanos,
     tid: i32,
     file: File,
-    /// Time, run delay and boosted time at the last sample.
-    last: Option<(Nanos, u64, u64)>,
+    /// Time, run delay, boosted time and run time at the last sample.
+    last: Option<(Nanos, u64, u64, u64)>,
     /// When the next sample is due.
     pub next: Nanos,
     starved: bool,
+    sleeps: bool,
 }
 
 impl VcpuSampler {
@@ -321,6 +332,7 @@ impl VcpuSampler {
             last: None,
             next: mono_ns(),
             starved: false,
+            sleeps: false,
         })
     }
 
@@ -332,6 +344,12 @@ impl VcpuSampler {
     /// The last window found the vCPU waiting for a CPU at least 90 % of its unboosted time.
     pub fn starved(&self) -> bool {
         self.starved
+    }
+
+    /// The last window found the vCPU thread sleeping part of the time: runnable (running or
+    /// waiting) less than 90 % of it.
+    pub fn sleeps(&self) -> bool {
+        self.sleeps
     }
 
     /// The verdict in force: `true` while the vCPU does not wait for a CPU.
@@ -356,9 +374,13 @@ impl VcpuSampler {
         self.next = now.saturating_add(self.window);
         let mut buf = [0u8; 128];
         let n = self.file.read_at(&mut buf, 0).ok()?;
-        let delay = parse_run_delay(std::str::from_utf8(&buf[..n]).ok()?)?;
+        let (ran, delay) = parse_schedstat(std::str::from_utf8(&buf[..n]).ok()?)?;
         let before = self.verdict.quiet;
-        if let Some((t0, d0, b0)) = self.last {
+        if let Some((t0, d0, b0, r0)) = self.last {
+            let elapsed = now.saturating_sub(t0);
+            if elapsed >= self.window / 4 {
+                self.sleeps = sleeps_in(elapsed, ran.saturating_sub(r0), delay.saturating_sub(d0));
+            }
             let unboosted = now
                 .saturating_sub(t0)
                 .saturating_sub(boosted_ns.saturating_sub(b0));
@@ -370,7 +392,7 @@ impl VcpuSampler {
                 self.verdict.window(permille);
             }
         }
-        self.last = Some((now, delay, boosted_ns));
+        self.last = Some((now, delay, boosted_ns, ran));
         (self.verdict.quiet != before).then_some(self.verdict.quiet)
     }
 }
@@ -408,6 +430,21 @@ mod tests {
         assert_eq!(b.fold(&cpus(&stat(15, 80)), &[1].into()), 150_000_000);
         // No CPU known: all of them.
         assert_eq!(b.fold(&cpus(&stat(16, 81)), &BTreeSet::new()), 170_000_000);
+    }
+
+    #[test]
+    fn a_thread_runnable_less_than_nine_tenths_of_a_window_sleeps() {
+        let ms = 1_000_000;
+        // A busy vCPU next to a hog: half the time on a CPU, half waiting.
+        assert!(!sleeps_in(25 * ms, 12 * ms, 13 * ms));
+        // A halting one: 40 % on a CPU, 10 % waiting, the rest asleep.
+        assert!(sleeps_in(25 * ms, 10 * ms, 5 * ms / 2));
+        assert!(
+            !sleeps_in(25 * ms, 20 * ms, 5 * ms / 2),
+            "exactly 90 % runnable"
+        );
+        assert!(sleeps_in(25 * ms, 0, 0));
+        assert!(!sleeps_in(0, 0, 0), "an empty window tells nothing");
     }
 
     #[test]

@@ -1485,6 +1485,7 @@ impl Runtime {
             others_n: 0,
             cpu_busy: CpuBusy::default(),
             told: BTreeMap::new(),
+            sleeping: BTreeSet::new(),
             lazy: false,
             reconcile_seen: BTreeMap::new(),
             quiet_since: BTreeMap::new(),
@@ -1798,6 +1799,8 @@ struct Loop {
     cpu_busy: CpuBusy,
     /// The quiet verdict each vCPU was last given (its own, or the host-wide one).
     told: BTreeMap<VcpuKey, bool>,
+    /// vCPUs last told that they sleep part of the time ([`VcpuEvent::Sleeps`]).
+    sleeping: BTreeSet<VcpuKey>,
     /// The sources were told that every vCPU is quiet ([`EventSource::set_lazy`]).
     lazy: bool,
     /// `sched_setattr` calls on each vCPU thread at its last reconciliation.
@@ -2066,6 +2069,15 @@ impl Loop {
             s.poll(now, b);
             if s.starved() {
                 events.push(Event::new(key, VcpuEvent::Starved));
+            }
+            let sleeps = s.sleeps();
+            if sleeps != self.sleeping.contains(&key) {
+                if sleeps {
+                    self.sleeping.insert(key);
+                } else {
+                    self.sleeping.remove(&key);
+                }
+                events.push(Event::new(key, VcpuEvent::Sleeps(sleeps)));
             }
             let quiet = s.quiet() || host_closed;
             if self.told.get(&key).copied().unwrap_or(false) == quiet {
@@ -2419,6 +2431,7 @@ impl Loop {
         }
         self.samplers.remove(&key);
         self.told.remove(&key);
+        self.sleeping.remove(&key);
         self.reconcile_seen.remove(&key);
         self.update_lazy(now);
         if let Some(t) = self.quiet_since.remove(&key) {

@@ -142,6 +142,8 @@ pub struct VcpuState {
     pub repay_since: Option<Nanos>,
     /// The host is quiet (see [`VcpuEvent::Quiet`]).
     pub quiet: bool,
+    /// The vCPU thread sleeps part of the time (see [`VcpuEvent::Sleeps`]).
+    pub sleeps: bool,
     /// `Disabled` was published because the host is quiet (not because the slot is
     /// invalid): `Normal` is published again when it is not.
     pub muted: bool,

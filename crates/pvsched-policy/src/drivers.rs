@@ -777,8 +777,10 @@ impl DynamicDriver {
 
     fn repay_if_owed(&self, ctx: &mut VcpuCtx<'_>) {
         let Some(class) = self.p.repay else { return };
-        if ctx.state.quiet {
-            // Nobody waits for the CPU: there is nobody to give it back to.
+        if ctx.state.quiet || ctx.state.sleeps {
+            // Nobody waits for the CPU: there is nobody to give it back to. Or the vCPU
+            // sleeps part of the time: its boosts took no CPU it would not have had, and
+            // running below its weight would only make it wait when it wakes.
             return;
         }
         let owed = ctx.state.debts.generic;
@@ -993,6 +995,15 @@ impl DynamicDriver {
                 TimerKind::Cap => {}
             },
             VcpuEvent::Timer(..) => {}
+            VcpuEvent::Sleeps(true) => {
+                // It took nothing extra: a repayment in progress ends (the debt still falls
+                // with unboosted time).
+                if !ctx.state.is_boosted() {
+                    ctx.end_repay();
+                }
+            }
+            // Its next boost is paid back again, once it ends.
+            VcpuEvent::Sleeps(false) => {}
             VcpuEvent::Starved => {
                 if !ctx.state.is_boosted() {
                     ctx.end_repay();

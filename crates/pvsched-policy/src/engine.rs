@@ -515,6 +515,10 @@ impl Engine {
                 let Some(st) = e.vcpus.get_mut(&ev.key.vcpu) else {
                     return;
                 };
+                if let VcpuEvent::Sleeps(s) = what {
+                    // Kept whatever the driver, and while boosting is disabled.
+                    st.sleeps = s;
+                }
                 if enabled {
                     self.drive(ev.key, what, now, out);
                 } else if let VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) = what {

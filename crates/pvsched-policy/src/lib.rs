@@ -180,6 +180,13 @@ pub enum VcpuEvent {
     /// within its budgets and the host-wide cap): as a real-time thread it is moved off that
     /// CPU by the kernel, or at least takes turns with the boost that starves it.
     Starved,
+    /// The vCPU thread slept for part of the last quiet-gate window (`true`: it was runnable,
+    /// running or waiting for a CPU, less than 90 % of it) or did not (`false`). A vCPU that
+    /// sleeps wants less CPU than it is given, so its boosts moved its CPU time earlier and
+    /// took none it would not have had: dynamic drivers do not make it pay them back (a
+    /// repayment would only make it wait at its next wake-up). Sent by the runtime's samplers
+    /// when the answer changes.
+    Sleeps(bool),
     /// The guest's pvsched v3 page (its default guest area, decoded), read after a doorbell,
     /// a change, or the host's feedback: task intent, critical sections, ticket echo.
     Intent(pvsched_proto::v3::GuestArea),

@@ -815,6 +815,43 @@ fn a_vcpu_waiting_for_the_cap_does_not_repay_meanwhile() {
 }
 
 #[test]
+fn a_vcpu_that_sleeps_part_of_the_time_does_not_repay() {
+    // `deadline-aware` repays every boost, but not that of a vCPU that sleeps (a halting
+    // guest): its boost moved its CPU time earlier and took none it would not have had.
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::Sleeps(true));
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(3 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(!s.is_boosted(V0));
+    assert!(s.repaying.is_empty(), "nothing repaid while it sleeps");
+    // Runnable all the time again (a busy guest): its next boost is repaid.
+    s.event(V0, VcpuEvent::Sleeps(false));
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(3 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.contains_key(&V0));
+    // Found sleeping while it repays: the repayment ends at once.
+    s.event(V0, VcpuEvent::Sleeps(true));
+    assert!(s.repaying.is_empty());
+    assert_eq!(s.log.last(), Some(&Decision::Repay(V0, None)));
+    // Told while boosting was disabled, the answer still counts once it is enabled again.
+    let mut out = Vec::new();
+    s.engine
+        .set_enabled(Some(0), false, s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    s.event(V0, VcpuEvent::Sleeps(false));
+    let mut out = Vec::new();
+    s.engine
+        .set_enabled(Some(0), true, s.now, &mut out)
+        .unwrap();
+    s.apply(out);
+    assert!(!s.engine.vcpu(V0).unwrap().sleeps);
+}
+
+#[test]
 fn a_starved_vcpu_stops_repaying() {
     let mut s = Sim::new("dynamic", &["rt_budget=10ms"]);
     s.event(V0, VcpuEvent::Registered);
