@@ -779,8 +779,8 @@ impl DynamicDriver {
         let Some(class) = self.p.repay else { return };
         if ctx.state.quiet || ctx.state.sleeps {
             // Nobody waits for the CPU: there is nobody to give it back to. Or the vCPU
-            // sleeps part of the time: its boosts took no CPU it would not have had, and
-            // running below its weight would only make it wait when it wakes.
+            // sleeps part of the time: below its weight it would wait behind the host's
+            // threads each time it wakes (see `VcpuEvent::Sleeps` for the price).
             return;
         }
         let owed = ctx.state.debts.generic;
@@ -996,8 +996,7 @@ impl DynamicDriver {
             },
             VcpuEvent::Timer(..) => {}
             VcpuEvent::Sleeps(true) => {
-                // It took nothing extra: a repayment in progress ends (the debt still falls
-                // with unboosted time).
+                // A repayment in progress ends (the debt still falls with unboosted time).
                 if !ctx.state.is_boosted() {
                     ctx.end_repay();
                 }

@@ -181,11 +181,12 @@ pub enum VcpuEvent {
     /// CPU by the kernel, or at least takes turns with the boost that starves it.
     Starved,
     /// The vCPU thread slept for part of the last quiet-gate window (`true`: it was runnable,
-    /// running or waiting for a CPU, less than 90 % of it) or did not (`false`). A vCPU that
-    /// sleeps wants less CPU than it is given, so its boosts moved its CPU time earlier and
-    /// took none it would not have had: dynamic drivers do not make it pay them back (a
-    /// repayment would only make it wait at its next wake-up). Sent by the runtime's samplers
-    /// when the answer changes.
+    /// running or waiting for a CPU, less than 90 % of it) or did not (`false`). Dynamic
+    /// drivers do not make a vCPU that sleeps pay its boosts back: at nice 10 it waits behind
+    /// the host's threads at each wake-up, which is when its guest needs the CPU (a halting
+    /// guest's average went to 1.4-2.1x vanilla's). The price: what the repayment gave back
+    /// stays with the VM (README, "A guest that halts between timer events"). Sent by the
+    /// runtime's samplers when the answer changes.
     Sleeps(bool),
     /// The guest's pvsched v3 page (its default guest area, decoded), read after a doorbell,
     /// a change, or the host's feedback: task intent, critical sections, ticket echo.

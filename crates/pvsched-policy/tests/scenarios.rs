@@ -817,7 +817,7 @@ fn a_vcpu_waiting_for_the_cap_does_not_repay_meanwhile() {
 #[test]
 fn a_vcpu_that_sleeps_part_of_the_time_does_not_repay() {
     // `deadline-aware` repays every boost, but not that of a vCPU that sleeps (a halting
-    // guest): its boost moved its CPU time earlier and took none it would not have had.
+    // guest): at nice 10 it would wait behind the host's threads at each wake-up.
     let mut s = Sim::new("deadline-aware", &[]);
     s.event(V0, VcpuEvent::Registered);
     s.event(V0, VcpuEvent::Sleeps(true));
