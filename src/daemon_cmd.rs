@@ -112,6 +112,7 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
             crate::cli::BoostWhen::Always => None,
         },
         max_boosted: args.max_boosted.0,
+        base_slice: args.base_slice,
     })
 }
 

@@ -61,7 +61,8 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     let out_dir = std::env::temp_dir().join(format!("pvsched-linux-tcg-{}", std::process::id()));
     let run = Command::new(env!("CARGO_BIN_EXE_pvsched"))
         .args(["bench", "--guest", "linux-tcg", "--rounds", "1"])
-        .args(["--cell-duration", "2s", "--policies", "daemon,slice,module"])
+        .args(["--cell-duration", "2s"])
+        .args(["--policies", "daemon,slice,module,module/slice"])
         .arg("--guest-dir")
         .arg(&dir)
         .arg("--out")
@@ -83,9 +84,9 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         "the plot is written"
     );
     let cells = json["cells"].as_array().unwrap();
-    // none, daemon, slice and module, on the busy and the idle host: each ran its guest to
-    // the end.
-    assert_eq!(cells.len(), 8, "{json}");
+    // none, daemon, slice, module and module/slice, on the busy and the idle host: each ran
+    // its guest to the end.
+    assert_eq!(cells.len(), 10, "{json}");
     for c in cells {
         let threads = c["runs"][0]["threads"].as_array().unwrap();
         assert_eq!(threads.len(), 2, "both cyclictest threads reported: {c}");
@@ -115,7 +116,10 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     }
     // With the module, every doorbell the guest rang reached the daemon (the module's own
     // count, printed when /init unloads it, against the daemon's eventfd count).
-    for c in cells.iter().filter(|c| c["policy"] == "module") {
+    for c in cells
+        .iter()
+        .filter(|c| c["policy"] == "module" || c["policy"] == "module/slice")
+    {
         let run = &c["runs"][0];
         let guest = run["guest_rings"]
             .as_u64()

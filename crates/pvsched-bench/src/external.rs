@@ -34,7 +34,7 @@ impl ExternalDaemon {
         trace: pvsched_host::trace::TraceConfig,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false, "dynamic", opts)
+        Self::start_with(vec![source.into()], trace, false, "dynamic", opts, None)
     }
 
     /// Starts the daemon with driver `driver` and options `opts` on the VM `source`, with the
@@ -45,17 +45,19 @@ impl ExternalDaemon {
         driver: &str,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false, driver, opts)
+        Self::start_with(vec![source.into()], trace, false, driver, opts, None)
     }
 
     /// Starts the daemon as an ivshmem server (no VM given: each QEMU that connects to
     /// [`ExternalDaemon::ivshmem_socket`] is attached when its guest module answers), with the
-    /// host events `trace`.
+    /// host events `trace`, and the vCPU threads on a custom slice of `base_slice` ns between
+    /// boosts if given.
     pub fn start_ivshmem(
         trace: pvsched_host::trace::TraceConfig,
         opts: DriverOptions,
+        base_slice: Option<u64>,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(Vec::new(), trace, true, "dynamic", opts)
+        Self::start_with(Vec::new(), trace, true, "dynamic", opts, base_slice)
     }
 
     /// The ivshmem socket of a daemon started by [`ExternalDaemon::start_ivshmem`].
@@ -69,6 +71,7 @@ impl ExternalDaemon {
         ivshmem: bool,
         driver: &str,
         opts: DriverOptions,
+        base_slice: Option<u64>,
     ) -> Result<ExternalDaemon, DaemonError> {
         let dir = std::env::temp_dir().join(format!(
             "pvsched-external-{}-{}",
@@ -80,6 +83,7 @@ impl ExternalDaemon {
             trace,
             driver: driver.to_string(),
             opts,
+            base_slice,
             ivshmem: ivshmem.then(|| dir.join("ivshmem.sock")),
             ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))
         };

@@ -5,7 +5,8 @@
 //! daemon on the QEMU process with driver `static`, class `slice:100us`: the vCPU threads on
 //! an EEVDF custom slice for the whole run, no host events) / `module` (the
 //! daemon as the server of an `ivshmem-doorbell` device, the guest loading the pvsched guest
-//! module, no host events), interleaved round by round like the testbed bench. A guest whose
+//! module, no host events) / `module/slice` (the same, the vCPU threads on that slice between
+//! boosts: the daemon's `--base-slice 100us`), interleaved round by round like the testbed bench. A guest whose
 //! kernel hangs before it starts `/init` (seen under TCG here, before any pvsched code ran in
 //! the guest) is killed after [`BOOT_LIMIT`] and its cell run again, once; the report counts
 //! such runs. A hang after that (the module loads in `/init`) is not retried: it fails the
@@ -24,10 +25,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The policies of the Linux-guest bench.
-pub const TCG_POLICIES: &[&str] = &["none", "static", "daemon", "slice", "module"];
+pub const TCG_POLICIES: &[&str] = &[
+    "none",
+    "static",
+    "daemon",
+    "slice",
+    "module",
+    "module/slice",
+];
 
 /// The class of the `slice` column: the shortest custom slice the kernel takes.
 pub const SLICE_CLASS: &str = "class=slice:100us";
+/// The same slice, the base of the `module/slice` column's vCPU threads, ns.
+pub const SLICE_NS: u64 = 100_000;
 
 /// How long a guest's kernel may take to start `/init` (which prints [`INIT_MARK`] first).
 /// Boots take well under a minute here, also under stress-ng; a kernel still booting after
@@ -223,9 +233,10 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
     // alone: with the host-only wake-up source on as well, each module run under stress-ng
     // had a FIFO boost held 50-100 ms (docs: README, "Linux guest").
     let server = match policy {
-        "module" => Some(ExternalDaemon::start_ivshmem(
+        "module" | "module/slice" => Some(ExternalDaemon::start_ivshmem(
             pvsched_host::trace::TraceConfig::none(),
             opts.clone(),
+            (policy == "module/slice").then_some(SLICE_NS),
         )?),
         _ => None,
     };
@@ -543,7 +554,8 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
          `module`: the \
          daemon serving the VM's `ivshmem-doorbell` device, no host events, the guest running \
          the pvsched guest module (requests at hard and soft interrupts and while an RT task \
-         runs).{}\n",
+         runs); `module/slice`: the same with the vCPU threads on that slice between boosts \
+         (`--base-slice 100us`).{}\n",
         cfg.cpus,
         cfg.cpus,
         cfg.interval_us,
@@ -572,7 +584,10 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
                 }
                 _ => "–".into(),
             };
-            let daemon = if matches!(c.policy.as_str(), "daemon" | "slice" | "module") {
+            let daemon = if matches!(
+                c.policy.as_str(),
+                "daemon" | "slice" | "module" | "module/slice"
+            ) {
                 format!("{} / {}", f(s.boosts), f(s.host_events))
             } else {
                 "–".into()

@@ -13,6 +13,7 @@
 //! allow_gids = [107]                  # ... or groups, e.g. libvirt's "qemu" (getent group qemu)
 //! ctl_group = 10                      # may read `ctl status` (socket 0660); changes: root only
 //! ivshmem = "/run/pvsched-ivshmem.sock" # serve QEMU ivshmem-doorbell devices (guest module)
+//! base_slice = "100us"                # vCPU threads on an EEVDF custom slice between boosts
 //!
 //! [policy]
 //! driver = "dynamic"
@@ -99,6 +100,7 @@ struct DaemonSection {
     allow_gids: Vec<u32>,
     ctl_group: Option<u32>,
     ivshmem: Option<PathBuf>,
+    base_slice: Option<String>,
 }
 
 impl Default for DaemonSection {
@@ -116,6 +118,7 @@ impl Default for DaemonSection {
             allow_gids: Vec::new(),
             ctl_group: None,
             ivshmem: None,
+            base_slice: None,
         }
     }
 }
@@ -309,7 +312,21 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
                 )))
             }
         },
+        base_slice: match f.daemon.base_slice {
+            None => None,
+            Some(v) => Some(parse_base_slice(&v).map_err(ConfigError::Invalid)?),
+        },
     })
+}
+
+/// Parses a base slice (`base_slice`, `--base-slice`): a duration from 100 µs to 100 ms.
+pub fn parse_base_slice(s: &str) -> Result<u64, String> {
+    match pvsched_policy::options::parse_class(&format!("slice:{s}")) {
+        Some(pvsched_policy::BoostClass::Slice(ns)) => Ok(ns),
+        _ => Err(format!(
+            "base_slice: {s:?} is not a duration from 100us to 100ms (an EEVDF custom slice)"
+        )),
+    }
 }
 
 /// Reads the configuration file at `path`.
@@ -406,7 +423,13 @@ mod tests {
         let c = parse("", Path::new("empty.toml")).unwrap();
         assert_eq!(c.driver, "dynamic");
         assert!(c.trace.timer_expiry && c.metrics.is_none() && c.vms.is_empty());
+        assert_eq!(c.base_slice, None);
+        let c = parse("[daemon]\nbase_slice = \"250us\"", Path::new("b.toml")).unwrap();
+        assert_eq!(c.base_slice, Some(250_000));
         for bad in [
+            "[daemon]\nbase_slice = \"50us\"",
+            "[daemon]\nbase_slice = \"1s\"",
+            "[daemon]\nbase_slice = \"fifo:10\"",
             "[daemon]\nsocket = 3",
             "[daemon]\nunknown = 1",
             "[[vm]]\npid = 1\nqmp = \"/x\"",

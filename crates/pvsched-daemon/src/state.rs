@@ -80,6 +80,23 @@ impl StateFile {
         self.save()
     }
 
+    /// Puts `tid` back to the attributes recorded for it, if it is still the thread recorded
+    /// (same start time). Ok(false): nothing recorded, or the thread is gone (its id may have
+    /// been reused: that thread is not touched).
+    pub fn restore(&self, tid: i32) -> Result<bool, sched::Error> {
+        let Some(e) = self.entries.get(&tid) else {
+            return Ok(false);
+        };
+        if start_time(tid) != Some(e.start_time) {
+            return Ok(false);
+        }
+        match sched::set(tid, &e.original) {
+            Ok(()) => Ok(true),
+            Err(sched::Error::NoThread { .. }) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Forgets `tid`.
     pub fn detach(&mut self, tid: i32) -> io::Result<()> {
         if self.entries.remove(&tid).is_some() {

@@ -539,3 +539,119 @@ fn a_flood_of_metrics_scrapes_does_not_drive_the_engine() {
         "{SCRAPES} scrapes in {took:?} woke the engine {grew} times"
     );
 }
+
+#[test]
+fn a_base_slice_is_kept_between_boosts_and_taken_back_when_the_daemon_stops() {
+    let test = "a_base_slice_is_kept_between_boosts_and_taken_back_when_the_daemon_stops";
+    let Some(_vcpu) = rt_and_kvm_vcpu(test) else {
+        return;
+    };
+    if !sched::fair_slice().custom {
+        skip!("{test}: this kernel ignores custom EEVDF slices (Linux < 6.12)");
+        return;
+    }
+    let dir = fresh_dir("base-slice");
+    let vcpu = ParkedThread::spawn();
+    let tid = vcpu.tid();
+    // A thread at nice 2: the base slice keeps its nice.
+    let nice2 = sched::SchedAttr {
+        policy: libc::SCHED_OTHER as u32,
+        nice: 2,
+        ..Default::default()
+    };
+    sched::set(tid, &nice2).unwrap();
+    let before = sched::get(tid).unwrap();
+    let state = dir.join("state.json");
+    // `static`: boosted (FIFO) while boosting is enabled, unboosted while it is disabled.
+    let cfg = DaemonConfig {
+        base_slice: Some(100_000),
+        driver: "static".into(),
+        ..test_config(
+            &dir,
+            VmSpec {
+                source: VmSource::Tids(vec![tid]),
+                protocol: None,
+            },
+        )
+    };
+    let socket = cfg.socket.clone();
+    let (daemon, stop) = start_daemon(cfg);
+    let wait_for = |what: &str, ok: &dyn Fn(&sched::SchedAttr) -> bool| {
+        let t0 = Instant::now();
+        while !ok(&sched::get(tid).unwrap()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{what}: {:?}",
+                sched::get(tid)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for("boosted", &|a| a.policy == libc::SCHED_FIFO as u32);
+    pvsched_daemon::ctl(&socket, "disable").unwrap();
+    wait_for("between boosts: the base slice, nice kept", &|a| {
+        (a.policy, a.nice, a.runtime) == (libc::SCHED_OTHER as u32, 2, 100_000)
+    });
+    pvsched_daemon::ctl(&socket, "enable").unwrap();
+    wait_for("boosted again", &|a| a.policy == libc::SCHED_FIFO as u32);
+    // Recorded for a crash recovery with the class it had before.
+    let recorded = pvsched_daemon::state::parse_entries(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].original, before);
+    stop.store(true, Ordering::Relaxed);
+    let status = daemon.join().unwrap().unwrap();
+    assert!(status.unrestored.is_empty(), "{:?}", status.unrestored);
+    assert_eq!(sched::get(tid).unwrap(), before, "taken back at the stop");
+    assert!(!state.exists(), "nothing left to recover");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A vCPU thread the daemon lets go while it still runs (its VMM renamed it: it is no vCPU
+/// any more) is taken off the base slice at once; the other keeps it until the stop.
+#[test]
+fn a_thread_let_go_while_it_runs_is_taken_off_the_base_slice() {
+    let test = "a_thread_let_go_while_it_runs_is_taken_off_the_base_slice";
+    let Some(_vcpu) = rt_and_kvm_vcpu(test) else {
+        return;
+    };
+    if !sched::fair_slice().custom {
+        skip!("{test}: this kernel ignores custom EEVDF slices (Linux < 6.12)");
+        return;
+    }
+    let (t0, _r0) = named_thread("CPU 0/KVM");
+    let (t1, _r1) = named_thread("CPU 1/KVM");
+    let (b0, b1) = (sched::get(t0).unwrap(), sched::get(t1).unwrap());
+    let dir = fresh_dir("base-slice-let-go");
+    let cfg = DaemonConfig {
+        driver: "none".into(),
+        base_slice: Some(200_000),
+        ..test_config(
+            &dir,
+            VmSpec {
+                source: VmSource::Pid(std::process::id() as i32),
+                protocol: None,
+            },
+        )
+    };
+    let (daemon, stop) = start_daemon(cfg);
+    let slice = |t: i32| sched::get(t).unwrap().runtime;
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("both on the base slice", &|| {
+        slice(t0) == 200_000 && slice(t1) == 200_000
+    });
+    std::fs::write(format!("/proc/self/task/{t1}/comm"), "worker").unwrap();
+    wait("the renamed thread taken off it", &|| {
+        sched::get(t1).unwrap() == b1
+    });
+    assert_eq!(slice(t0), 200_000, "the other keeps it");
+    stop.store(true, Ordering::Release);
+    daemon.join().unwrap().unwrap();
+    assert_eq!(sched::get(t0).unwrap(), b0, "taken back at the stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
