@@ -51,6 +51,26 @@ fn rt_and_kvm_vcpu(test: &str) -> Option<pvsched_testutil::HeldVcpu> {
     }
 }
 
+/// [`rt_and_kvm_vcpu`] on a kernel that keeps custom EEVDF slices, or `None` after saying why
+/// `test` skips.
+fn rt_kvm_and_slices(test: &str) -> Option<pvsched_testutil::HeldVcpu> {
+    let vcpu = rt_and_kvm_vcpu(test)?;
+    if !sched::fair_slice().custom {
+        skip!("{test}: this kernel ignores custom EEVDF slices (Linux < 6.12)");
+        return None;
+    }
+    Some(vcpu)
+}
+
+/// Polls `f` until it holds; fails naming `what` after 10 s.
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// An empty directory of this test run named after `tag`.
 fn fresh_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("pvsched-{tag}-{}", std::process::id()));
@@ -67,6 +87,17 @@ fn base_config(dir: &std::path::Path, vms: Vec<VmSpec>) -> DaemonConfig {
         quiet_gate: None,
         ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))
     }
+}
+
+/// [`test_config`] for this process as a VM: its threads named like vCPUs are found by name.
+fn this_process(dir: &std::path::Path) -> DaemonConfig {
+    test_config(
+        dir,
+        VmSpec {
+            source: VmSource::Pid(std::process::id() as i32),
+            protocol: None,
+        },
+    )
 }
 
 /// [`base_config`] for one VM.
@@ -434,13 +465,7 @@ fn vcpu_threads_that_swap_names_are_attached_under_their_new_numbers() {
     let cfg = DaemonConfig {
         driver: "static".into(),
         max_boosted: None,
-        ..test_config(
-            &dir,
-            VmSpec {
-                source: VmSource::Pid(std::process::id() as i32),
-                protocol: None,
-            },
-        )
+        ..this_process(&dir)
     };
     let (daemon, stop) = start_daemon(cfg);
     let ctl = dir.join("ctl.sock");
@@ -543,13 +568,9 @@ fn a_flood_of_metrics_scrapes_does_not_drive_the_engine() {
 #[test]
 fn a_base_slice_is_kept_between_boosts_and_taken_back_when_the_daemon_stops() {
     let test = "a_base_slice_is_kept_between_boosts_and_taken_back_when_the_daemon_stops";
-    let Some(_vcpu) = rt_and_kvm_vcpu(test) else {
+    let Some(_vcpu) = rt_kvm_and_slices(test) else {
         return;
     };
-    if !sched::fair_slice().custom {
-        skip!("{test}: this kernel ignores custom EEVDF slices (Linux < 6.12)");
-        return;
-    }
     let dir = fresh_dir("base-slice");
     let vcpu = ParkedThread::spawn();
     let tid = vcpu.tid();
@@ -577,15 +598,7 @@ fn a_base_slice_is_kept_between_boosts_and_taken_back_when_the_daemon_stops() {
     let socket = cfg.socket.clone();
     let (daemon, stop) = start_daemon(cfg);
     let wait_for = |what: &str, ok: &dyn Fn(&sched::SchedAttr) -> bool| {
-        let t0 = Instant::now();
-        while !ok(&sched::get(tid).unwrap()) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "{what}: {:?}",
-                sched::get(tid)
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until(what, || ok(&sched::get(tid).unwrap()));
     };
     wait_for("boosted", &|a| a.policy == libc::SCHED_FIFO as u32);
     pvsched_daemon::ctl(&socket, "disable").unwrap();
@@ -611,13 +624,9 @@ fn a_base_slice_is_kept_between_boosts_and_taken_back_when_the_daemon_stops() {
 #[test]
 fn a_thread_let_go_while_it_runs_is_taken_off_the_base_slice() {
     let test = "a_thread_let_go_while_it_runs_is_taken_off_the_base_slice";
-    let Some(_vcpu) = rt_and_kvm_vcpu(test) else {
+    let Some(_vcpu) = rt_kvm_and_slices(test) else {
         return;
     };
-    if !sched::fair_slice().custom {
-        skip!("{test}: this kernel ignores custom EEVDF slices (Linux < 6.12)");
-        return;
-    }
     let (t0, _r0) = named_thread("CPU 0/KVM");
     let (t1, _r1) = named_thread("CPU 1/KVM");
     let (b0, b1) = (sched::get(t0).unwrap(), sched::get(t1).unwrap());
@@ -625,28 +634,15 @@ fn a_thread_let_go_while_it_runs_is_taken_off_the_base_slice() {
     let cfg = DaemonConfig {
         driver: "none".into(),
         base_slice: Some(200_000),
-        ..test_config(
-            &dir,
-            VmSpec {
-                source: VmSource::Pid(std::process::id() as i32),
-                protocol: None,
-            },
-        )
+        ..this_process(&dir)
     };
     let (daemon, stop) = start_daemon(cfg);
     let slice = |t: i32| sched::get(t).unwrap().runtime;
-    let wait = |what: &str, f: &dyn Fn() -> bool| {
-        let t0 = Instant::now();
-        while !f() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait("both on the base slice", &|| {
+    wait_until("both on the base slice", || {
         slice(t0) == 200_000 && slice(t1) == 200_000
     });
     std::fs::write(format!("/proc/self/task/{t1}/comm"), "worker").unwrap();
-    wait("the renamed thread taken off it", &|| {
+    wait_until("the renamed thread taken off it", || {
         sched::get(t1).unwrap() == b1
     });
     assert_eq!(slice(t0), 200_000, "the other keeps it");
