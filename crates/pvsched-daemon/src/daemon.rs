@@ -673,6 +673,10 @@ impl Daemon<'_> {
     /// fair policy is left as it is. The runtime, attaching it next, takes that as the class
     /// it returns the thread to.
     fn give_base(&mut self, tid: i32, ns: u64) {
+        if !self.state.same_thread(tid) {
+            // Gone since it was recorded (its id may be another thread's now).
+            return;
+        }
         let attr = match pvsched_host::sched::get(tid) {
             Ok(a)
                 if a.policy as i32 == libc::SCHED_OTHER || a.policy as i32 == libc::SCHED_BATCH =>

@@ -80,16 +80,21 @@ impl StateFile {
         self.save()
     }
 
+    /// True when `tid` is recorded and is still the thread recorded (same start time): its id
+    /// was not reused by another thread since.
+    pub fn same_thread(&self, tid: i32) -> bool {
+        self.entries
+            .get(&tid)
+            .is_some_and(|e| start_time(tid) == Some(e.start_time))
+    }
+
     /// Puts `tid` back to the attributes recorded for it, if it is still the thread recorded
     /// (same start time). Ok(false): nothing recorded, or the thread is gone (its id may have
     /// been reused: that thread is not touched).
     pub fn restore(&self, tid: i32) -> Result<bool, sched::Error> {
-        let Some(e) = self.entries.get(&tid) else {
+        let Some(e) = self.entries.get(&tid).filter(|_| self.same_thread(tid)) else {
             return Ok(false);
         };
-        if start_time(tid) != Some(e.start_time) {
-            return Ok(false);
-        }
         match sched::set(tid, &e.original) {
             Ok(()) => Ok(true),
             Err(sched::Error::NoThread { .. }) => Ok(false),
