@@ -381,9 +381,7 @@ impl VcpuSampler {
             if elapsed >= self.window / 4 {
                 self.sleeps = sleeps_in(elapsed, ran.saturating_sub(r0), delay.saturating_sub(d0));
             }
-            let unboosted = now
-                .saturating_sub(t0)
-                .saturating_sub(boosted_ns.saturating_sub(b0));
+            let unboosted = elapsed.saturating_sub(boosted_ns.saturating_sub(b0));
             self.starved = false;
             if unboosted >= self.window / 4 {
                 let waited = delay.saturating_sub(d0);

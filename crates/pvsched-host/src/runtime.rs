@@ -1000,8 +1000,9 @@ impl Core {
         }
         let mut best: Option<Nanos> = None;
         // While the host-wide cap is full, a lead timer of an unboosted vCPU could only start
-        // a wait (unless its class takes no extra share, which never waits): no wake-up for it. The thread that frees a slot fires the overdue ones
-        // (`process`), and every re-arm after that counts them again. A lead timer of a
+        // a wait (unless its class takes no extra share, which never waits): no wake-up for
+        // it. The thread that frees a slot fires the overdue ones (`process`), and every
+        // re-arm after that counts them again. A lead timer of a
         // boosted vCPU changes no class either (it only extends the boost's hold): no wake-up
         // for it; it fires with whatever next runs the engine for that vCPU (its own exit, a
         // doorbell, its budget check). If that ends the boost, the lead boosts it again in
