@@ -1132,7 +1132,7 @@ fn debts_are_paid_back_at_the_recovery_ratio() {
 
 /// Plays random events `(vCPU, kind, bits, delay)` on two registered vCPUs: guest requests
 /// and releases, interrupts, wake-ups, deadline hints, bad slots, quiet/contended host, starved
-/// windows.
+/// windows, sleeping/runnable vCPUs.
 fn play(s: &mut Sim, events: &[(u32, u8, u8, u64)]) {
     for &(v, kind, bits, delay) in events {
         let key = VcpuKey::new(0, v);
@@ -1149,13 +1149,14 @@ fn play(s: &mut Sim, events: &[(u32, u8, u8, u64)]) {
             6 => s.guest(key, Reasons::NONE),
             7 => s.event(key, VcpuEvent::DeadlineHint(None)),
             8 => s.event(key, VcpuEvent::Starved),
-            _ => s.event(key, VcpuEvent::Quiet(bits % 2 == 0)),
+            9 => s.event(key, VcpuEvent::Quiet(bits % 2 == 0)),
+            _ => s.event(key, VcpuEvent::Sleeps(bits % 2 == 0)),
         }
     }
 }
 
 fn arb_event() -> impl Strategy<Value = (u32, u8, u8, u64)> {
-    (0u32..2, 0u8..10, 0u8..32, 0u64..5_000_000)
+    (0u32..2, 0u8..11, 0u8..32, 0u64..5_000_000)
 }
 
 /// The most time `intervals` of `key` spend boosted within any window, and that window's
