@@ -142,10 +142,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         ));
     }
     if let Some(p) = args.policies {
-        if let Some(n) = p
-            .iter()
-            .find(|n| matches!(n.as_str(), "slice" | "module" | "module/slice"))
-        {
+        if let Some(n) = p.iter().find(|n| pvsched_bench::linux_tcg::tcg_only(n)) {
             return Err(CliError::UsageOwned(format!(
                 "the policy `{n}` is a column of --guest linux-tcg (a Linux guest under QEMU; \
                  on the testbed, boost to a slice with e.g. deadline-aware/slice or \

@@ -199,7 +199,7 @@ pub struct BenchArgs {
 fn parse_bench_policy(s: &str) -> Result<String, String> {
     // `slice`, `module` and `module/slice` are columns of `--guest linux-tcg` only (checked against the guest
     // there).
-    if matches!(s, "slice" | "module" | "module/slice") {
+    if pvsched_bench::linux_tcg::tcg_only(s) {
         return Ok(s.to_string());
     }
     pvsched_bench::bench::check_policy(s)

@@ -6,7 +6,8 @@
 //! an EEVDF custom slice for the whole run, no host events) / `module` (the
 //! daemon as the server of an `ivshmem-doorbell` device, the guest loading the pvsched guest
 //! module, no host events) / `module/slice` (the same, the vCPU threads on that slice between
-//! boosts: the daemon's `--base-slice 100us`), interleaved round by round like the testbed bench. A guest whose
+//! boosts: the daemon's `--base-slice 100us`), interleaved round by round like the testbed
+//! bench. A guest whose
 //! kernel hangs before it starts `/init` (seen under TCG here, before any pvsched code ran in
 //! the guest) is killed after [`BOOT_LIMIT`] and its cell run again, once; the report counts
 //! such runs. A hang after that (the module loads in `/init`) is not retried: it fails the
@@ -34,10 +35,14 @@ pub const TCG_POLICIES: &[&str] = &[
     "module/slice",
 ];
 
-/// The class of the `slice` column: the shortest custom slice the kernel takes.
-pub const SLICE_CLASS: &str = "class=slice:100us";
-/// The same slice, the base of the `module/slice` column's vCPU threads, ns.
+/// The custom slice of the `slice` column's class and of the `module/slice` column's base, ns:
+/// the shortest the kernel takes.
 pub const SLICE_NS: u64 = 100_000;
+
+/// True for the columns only this bench has (the testbed bench refuses them by name).
+pub fn tcg_only(policy: &str) -> bool {
+    matches!(policy, "slice" | "module" | "module/slice")
+}
 
 /// How long a guest's kernel may take to start `/init` (which prints [`INIT_MARK`] first).
 /// Boots take well under a minute here, also under stress-ng; a kernel still booting after
@@ -319,7 +324,7 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                     pvsched_daemon::VmSource::Pid(pid),
                     pvsched_host::trace::TraceConfig::none(),
                     "static",
-                    DriverOptions::parse([SLICE_CLASS])?,
+                    DriverOptions::parse([format!("class=slice:{}us", SLICE_NS / 1000).as_str()])?,
                 )?);
             }
             _ => {}
@@ -584,10 +589,8 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
                 }
                 _ => "–".into(),
             };
-            let daemon = if matches!(
-                c.policy.as_str(),
-                "daemon" | "slice" | "module" | "module/slice"
-            ) {
+            // Every column but `none` and `static` runs the daemon.
+            let daemon = if !matches!(c.policy.as_str(), "none" | "static") {
                 format!("{} / {}", f(s.boosts), f(s.host_events))
             } else {
                 "–".into()

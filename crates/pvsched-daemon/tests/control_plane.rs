@@ -450,6 +450,12 @@ fn named_thread(name: &str) -> (i32, mpsc::Sender<()>) {
     (tid_rx.recv().unwrap(), release)
 }
 
+/// Two threads of this process named like QEMU's first two KVM vCPU threads (each runs until
+/// its sender is dropped).
+fn two_vcpu_threads() -> [(i32, mpsc::Sender<()>); 2] {
+    [named_thread("CPU 0/KVM"), named_thread("CPU 1/KVM")]
+}
+
 /// A VMM that renames its vCPU threads (two swap names) has them attached again under their
 /// new vCPU numbers: the daemon's list and the runtime's keys agree, both stay boosted, and
 /// the daemon's stop restores them.
@@ -459,8 +465,7 @@ fn vcpu_threads_that_swap_names_are_attached_under_their_new_numbers() {
     let Some(_vcpu) = rt_and_kvm_vcpu(test) else {
         return;
     };
-    let (t0, _r0) = named_thread("CPU 0/KVM");
-    let (t1, _r1) = named_thread("CPU 1/KVM");
+    let [(t0, _r0), (t1, _r1)] = two_vcpu_threads();
     let dir = fresh_dir("rename");
     let cfg = DaemonConfig {
         driver: "static".into(),
@@ -627,8 +632,7 @@ fn a_thread_let_go_while_it_runs_is_taken_off_the_base_slice() {
     let Some(_vcpu) = rt_kvm_and_slices(test) else {
         return;
     };
-    let (t0, _r0) = named_thread("CPU 0/KVM");
-    let (t1, _r1) = named_thread("CPU 1/KVM");
+    let [(t0, _r0), (t1, _r1)] = two_vcpu_threads();
     let (b0, b1) = (sched::get(t0).unwrap(), sched::get(t1).unwrap());
     let dir = fresh_dir("base-slice-let-go");
     let cfg = DaemonConfig {
