@@ -80,6 +80,11 @@ impl Driver for StaticDriver {
     }
 }
 
+/// How long a release check waits while the vCPU is boosted (its debts are not paid back
+/// meanwhile): at most one look per millisecond, and a latch clears at most this late after the
+/// boost ends.
+const RELEASE_POLL_BOOSTED_NS: Nanos = 1_000_000;
+
 /// Parameters of the `dynamic` and `deadline-aware` drivers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DynamicParams {
@@ -632,11 +637,19 @@ impl DynamicDriver {
         if d.cs_latched {
             owed = owed.max(d.cs);
         }
+        // While boosted (an RT task may run while only the critical-section latch is set),
+        // nothing is paid back: the debt stays as it is until the boost ends, so looking again
+        // when it would be paid back at once would re-arm this check every few nanoseconds.
+        let soonest = if ctx.state.is_boosted() {
+            ctx.now.saturating_add(RELEASE_POLL_BOOSTED_NS)
+        } else {
+            ctx.now
+        };
         let at = ctx
             .now
             .saturating_add(self.repay_time(owed))
             .max(ctx.state.throttled_until.unwrap_or(0))
-            .max(ctx.now);
+            .max(soonest);
         ctx.arm(TimerKind::Cooldown, at);
     }
 

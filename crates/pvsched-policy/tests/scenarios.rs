@@ -1510,3 +1510,41 @@ proptest! {
         prop_assert_eq!(s.engine.boosted_now(), 0);
     }
 }
+
+#[test]
+fn a_latch_that_cannot_clear_while_boosted_is_not_checked_in_a_storm() {
+    // Found by `no_boost_without_a_budget`: an interrupt request runs into the
+    // critical-section limit (latched, a few ns still owed), then an RT-task request is
+    // boosted all the same. Nothing is paid back while boosted; the release check used to be
+    // re-armed at "now + what is owed" every few nanoseconds until the boost ended. Now it looks
+    // at most once a millisecond (the sim fails on a storm of 100 000 timers).
+    let mut s = Sim::new(
+        "dynamic",
+        &[
+            "cs_budget=3ms",
+            "rt_budget=20ms",
+            "cooldown=5ms",
+            "irq_hold=1ms",
+        ],
+    );
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V1, VcpuEvent::Registered);
+    play(
+        &mut s,
+        &[
+            (1, 0, 1, 0),
+            (0, 0, 0, 910_346),
+            (0, 0, 0, 3_234_029),
+            (1, 0, 8, 1_855_445),
+        ],
+    );
+    assert!(s.is_boosted(V1), "the RT task is boosted despite the latch");
+    let fired = s.fired;
+    s.advance(10 * MS);
+    assert!(s.fired - fired <= 20, "{} timers in 10 ms", s.fired - fired);
+    // The boost ends at the RT budget; once the debts are paid back the latches clear and the
+    // standing request is boosted again (the looks while boosted did not lose the release).
+    let boosts = s.engine.vcpu(V1).unwrap().counters.boosts;
+    s.advance(100 * MS);
+    assert!(s.engine.vcpu(V1).unwrap().counters.boosts > boosts);
+}
