@@ -1406,21 +1406,34 @@ impl<'a> Timed<'a> {
         self.deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer too slow"))
+            .ok_or_else(too_slow)
     }
+}
+
+fn too_slow() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "peer too slow")
+}
+
+/// A socket timeout surfaces as `WouldBlock` (EAGAIN) on Unix: for a deadline-bound stream it
+/// is the deadline passing, reported as such.
+fn at_deadline<T>(r: std::io::Result<T>) -> std::io::Result<T> {
+    r.map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => too_slow(),
+        _ => e,
+    })
 }
 
 impl Read for Timed<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.s.set_read_timeout(Some(self.left()?))?;
-        self.s.read(buf)
+        at_deadline(self.s.read(buf))
     }
 }
 
 impl Write for Timed<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.s.set_write_timeout(Some(self.left()?))?;
-        self.s.write(buf)
+        at_deadline(self.s.write(buf))
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
