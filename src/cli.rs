@@ -197,14 +197,16 @@ pub struct BenchArgs {
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {
-    // `slice`, `module` and `module/slice` are columns of `--guest linux-tcg` only (checked against the guest
+    // `slice`, `module`, `module/slice` and `module/deadline` are columns of `--guest linux-tcg` only (checked against the guest
     // there).
     if pvsched_bench::linux_tcg::tcg_only(s) {
         return Ok(s.to_string());
     }
     pvsched_bench::bench::check_policy(s)
         .map(|()| s.to_string())
-        .map_err(|e| format!("{e} (`--guest linux-tcg`: slice, module, module/slice)"))
+        .map_err(|e| {
+            format!("{e} (`--guest linux-tcg`: slice, module, module/slice, module/deadline)")
+        })
 }
 
 /// A probe interval in whole µs, 50 µs to 100 ms.

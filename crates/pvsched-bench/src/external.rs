@@ -50,14 +50,15 @@ impl ExternalDaemon {
 
     /// Starts the daemon as an ivshmem server (no VM given: each QEMU that connects to
     /// [`ExternalDaemon::ivshmem_socket`] is attached when its guest module answers), with the
-    /// host events `trace`, and the vCPU threads on a custom slice of `base_slice` ns between
-    /// boosts if given.
+    /// host events `trace`, policy driver `driver` with `opts`, and the vCPU threads on a
+    /// custom slice of `base_slice` ns between boosts if given.
     pub fn start_ivshmem(
         trace: pvsched_host::trace::TraceConfig,
+        driver: &str,
         opts: DriverOptions,
         base_slice: Option<u64>,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(Vec::new(), trace, true, "dynamic", opts, base_slice)
+        Self::start_with(Vec::new(), trace, true, driver, opts, base_slice)
     }
 
     /// The ivshmem socket of a daemon started by [`ExternalDaemon::start_ivshmem`].

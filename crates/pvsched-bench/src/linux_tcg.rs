@@ -6,8 +6,10 @@
 //! an EEVDF custom slice for the whole run, no host events) / `module` (the
 //! daemon as the server of an `ivshmem-doorbell` device, the guest loading the pvsched guest
 //! module, no host events) / `module/slice` (the same, the vCPU threads on that slice between
-//! boosts: the daemon's `--base-slice 100us`), interleaved round by round like the testbed
-//! bench. A guest whose
+//! boosts: the daemon's `--base-slice 100us`) / `module/deadline` (the daemon serving the
+//! module with driver `deadline-aware`: the module publishes its RT tasks' next timer expiry
+//! and the daemon boosts the vCPU thread just before it), interleaved round by round like the
+//! testbed bench. A guest whose
 //! kernel hangs before it starts `/init` (seen under TCG here, before any pvsched code ran in
 //! the guest) is killed after [`BOOT_LIMIT`] and its cell run again, once; the report counts
 //! such runs. A hang after that (the module loads in `/init`) is not retried: it fails the
@@ -33,6 +35,7 @@ pub const TCG_POLICIES: &[&str] = &[
     "slice",
     "module",
     "module/slice",
+    "module/deadline",
 ];
 
 /// The custom slice of the `slice` column's class and of the `module/slice` column's base, ns:
@@ -41,7 +44,10 @@ pub const SLICE_NS: u64 = 100_000;
 
 /// True for the columns only this bench has (the testbed bench refuses them by name).
 pub fn tcg_only(policy: &str) -> bool {
-    matches!(policy, "slice" | "module" | "module/slice")
+    matches!(
+        policy,
+        "slice" | "module" | "module/slice" | "module/deadline"
+    )
 }
 
 /// How long a guest's kernel may take to start `/init` (which prints [`INIT_MARK`] first).
@@ -238,8 +244,13 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
     // alone: with the host-only wake-up source on as well, each module run under stress-ng
     // had a FIFO boost held 50-100 ms (docs: README, "Linux guest").
     let server = match policy {
-        "module" | "module/slice" => Some(ExternalDaemon::start_ivshmem(
+        "module" | "module/slice" | "module/deadline" => Some(ExternalDaemon::start_ivshmem(
             pvsched_host::trace::TraceConfig::none(),
+            if policy == "module/deadline" {
+                "deadline-aware"
+            } else {
+                "dynamic"
+            },
             opts.clone(),
             (policy == "module/slice").then_some(SLICE_NS),
         )?),
@@ -560,7 +571,9 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
          daemon serving the VM's `ivshmem-doorbell` device, no host events, the guest running \
          the pvsched guest module (requests at hard and soft interrupts and while an RT task \
          runs); `module/slice`: the same with the vCPU threads on that slice between boosts \
-         (`--base-slice 100us`).{}\n",
+         (`--base-slice 100us`); `module/deadline`: the module with driver `deadline-aware` \
+         (the guest publishes its RT tasks' next timer expiry, the daemon boosts ahead of \
+         it).{}\n",
         cfg.cpus,
         cfg.cpus,
         cfg.interval_us,

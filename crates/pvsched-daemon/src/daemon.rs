@@ -853,7 +853,9 @@ impl Daemon<'_> {
                 }
                 continue;
             }
-            match Connection::setup(stream, pid) {
+            // Deadline hints (and the clock stamps that place them) only for the driver that
+            // uses them: a guest publishing them may ring once more per sleep of its RT tasks.
+            match Connection::setup(stream, pid, self.cfg.driver == "deadline-aware") {
                 Ok(c) => {
                     tracing::info!(
                         pid,

@@ -146,8 +146,9 @@ fn sealed_memfd(name: &str, len: usize) -> io::Result<File> {
 
 impl Connection {
     /// Sets up the peer `stream` of process `pid`: creates and maps the memory, writes the
-    /// offer, and sends the ivshmem set-up messages.
-    pub fn setup(stream: UnixStream, pid: i32) -> io::Result<Connection> {
+    /// offer (deadline hints with the clock stamp only with `hints`), and sends the ivshmem
+    /// set-up messages.
+    pub fn setup(stream: UnixStream, pid: i32, hints: bool) -> io::Result<Connection> {
         let shm = sealed_memfd("pvsched-ivshmem", SHM_SIZE)?;
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
@@ -155,7 +156,7 @@ impl Connection {
             Some(FileOffset::new(shm.try_clone()?, 0)),
         )])
         .map_err(io::Error::other)?;
-        let offer = Offer::daemon(DAEMON_PEER);
+        let offer = Offer::daemon(DAEMON_PEER, hints);
         let mut hdr = [0u8; 0x80];
         offer.write(&mut hdr);
         mem.write_slice(&hdr, GuestAddress(0))
@@ -321,7 +322,7 @@ mod tests {
         let client = UnixStream::connect(&path).unwrap();
         let (stream, pid) = server.accept().unwrap().expect("a peer");
         assert_eq!(pid, std::process::id() as i32);
-        let conn = Connection::setup(stream, pid).unwrap();
+        let conn = Connection::setup(stream, pid, false).unwrap();
         // QEMU's view: version 0, own id, the memory, then peer 0's eventfd.
         assert_eq!(recv(&client).0, 0);
         assert_eq!(recv(&client).0, GUEST_PEER);
@@ -378,7 +379,7 @@ mod tests {
         // A peer that talks is dropped.
         let client = UnixStream::connect(&path).unwrap();
         let (stream, pid) = server.accept().unwrap().expect("a peer");
-        let conn = Connection::setup(stream, pid).unwrap();
+        let conn = Connection::setup(stream, pid, false).unwrap();
         assert!(!conn.hung_up());
         (&client).write_all(b"x").unwrap();
         assert!(conn.hung_up());

@@ -4,13 +4,12 @@
 //! doorbell it polls the slots (every millisecond while any VM has some): [`SlotSource`] is
 //! the runtime's event source and [`SlotPublisher`] its publisher, over one mapping.
 
-use pvsched_host::clock::{mono_ns, rdtsc, TscClock};
+use pvsched_host::clock::{mono_ns, rdtsc, OffsetEstimate, TscClock};
 use pvsched_host::runtime::EventSource;
 use pvsched_host::sigbus::Guard;
 use pvsched_host::slot::{GuestPage, GuestSlot};
 use pvsched_host::Publisher;
 use pvsched_policy::{Event, Nanos, VcpuEvent, VcpuKey};
-#[cfg(test)]
 use pvsched_proto::abi::feature;
 use pvsched_proto::abi::SLOT_SIZE;
 use pvsched_proto::host::publish_state;
@@ -60,6 +59,11 @@ pub struct GuestSlots {
     /// Converts the guests' deadlines to host time, when their TSC offset is known.
     tsc: Option<TscClock>,
     deadlines: Vec<Option<u64>>,
+    /// Without a known offset, with the clock-stamp feature: the host's TSC frequency (kHz)
+    /// and the offset estimated from the guests' stamps (one TSC for the whole VM).
+    stamp_khz: Option<u64>,
+    estimate: OffsetEstimate,
+    stamps: Vec<Option<u64>>,
 }
 
 impl GuestSlots {
@@ -169,6 +173,31 @@ impl GuestSlots {
                 .tsc_offset
                 .map(|o| TscClock::measured(o, std::time::Duration::from_millis(20))),
             deadlines: vec![None; spec.slots.len()],
+            stamp_khz: (spec.tsc_offset.is_none()
+                && !spec.v3
+                && spec.features & feature::CLOCK_STAMP != 0
+                && spec.features & feature::DEADLINE_HINT != 0)
+                .then(|| TscClock::measured(0, std::time::Duration::from_millis(20)).khz),
+            estimate: OffsetEstimate::default(),
+            stamps: vec![None; spec.slots.len()],
+        })
+    }
+
+    /// The guest's TSC offset as estimated from its clock stamps so far, and how many stamps
+    /// it rests on (`None` with a configured offset or without the clock-stamp feature).
+    pub fn estimated_offset(&self) -> Option<(i64, u64)> {
+        self.stamp_khz?;
+        Some((self.estimate.offset()?, self.estimate.samples))
+    }
+
+    /// The clock that converts this VM's deadlines: the configured offset, else the one
+    /// estimated from the guests' stamps.
+    fn clock(&self) -> Option<TscClock> {
+        self.tsc.or_else(|| {
+            Some(TscClock {
+                offset: self.estimate.offset()?,
+                khz: self.stamp_khz?,
+            })
         })
     }
 
@@ -184,7 +213,8 @@ impl GuestSlots {
             self.poll_v3(vm, out);
             return;
         }
-        for (i, (&gpa, seen)) in self.slots.iter().zip(self.seen.iter_mut()).enumerate() {
+        for i in 0..self.slots.len() {
+            let (gpa, seen) = (self.slots[i], self.seen[i]);
             let mut bytes = [0u8; SLOT_SIZE];
             if self.mem.read_slice(&mut bytes, GuestAddress(gpa)).is_err() {
                 continue;
@@ -193,12 +223,19 @@ impl GuestSlots {
             if self.guard.truncated() {
                 return;
             }
+            let host_tsc = rdtsc();
             let key = VcpuKey::new(vm, i as u32);
             match decode(&bytes, vcpus, self.features) {
-                Ok(s) if *seen != Some(Some(s.seq)) => {
-                    *seen = Some(Some(s.seq));
+                Ok(s) if seen != Some(Some(s.seq)) => {
+                    self.seen[i] = Some(Some(s.seq));
                     out.push(Event::new(key, VcpuEvent::Request(s.reasons)));
-                    if let Some(tsc) = self.tsc {
+                    if self.stamp_khz.is_some() && s.stamp_tsc != self.stamps[i] {
+                        self.stamps[i] = s.stamp_tsc;
+                        if let Some(stamp) = s.stamp_tsc {
+                            self.estimate.observe(stamp, host_tsc);
+                        }
+                    }
+                    if let Some(tsc) = self.clock() {
                         if s.deadline_tsc != self.deadlines[i] {
                             self.deadlines[i] = s.deadline_tsc;
                             let at = s.deadline_tsc.map(|t| tsc.to_mono(t, rdtsc(), mono_ns()));
@@ -207,8 +244,8 @@ impl GuestSlots {
                     }
                 }
                 Ok(_) => {}
-                Err(_) if *seen != Some(None) => {
-                    *seen = Some(None);
+                Err(_) if seen != Some(None) => {
+                    self.seen[i] = Some(None);
                     out.push(Event::new(key, VcpuEvent::SlotInvalid));
                 }
                 Err(_) => {}
@@ -520,6 +557,67 @@ mod tests {
         a.clear();
         with.poll(0, 1, &mut a);
         assert_eq!(a.len(), 1, "{a:?}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn without_a_known_offset_the_guests_clock_stamps_make_deadlines_hints() {
+        let path = std::env::temp_dir().join(format!("pvsched-slots-st-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 0x2000]).unwrap();
+        let spec = |features| ProtocolSpec {
+            memory: path.clone(),
+            slots: vec![0x1000],
+            tsc_offset: None,
+            features,
+            v3: false,
+        };
+        let mut stamped = GuestSlots::open(&spec(feature::ALL_V1), None).unwrap();
+        let mut unstamped =
+            GuestSlots::open(&spec(feature::ALL_V1 & !feature::CLOCK_STAMP), None).unwrap();
+        let khz = stamped.stamp_khz.unwrap();
+        assert_eq!(unstamped.stamp_khz, None);
+        // The guest's TSC runs 1 s behind the host's.
+        let off = -(khz as i64 * 1000);
+        let guest = GuestSlots::open(&spec(0), None).unwrap();
+        let g = GuestSlot::new(&guest.mem, 0x1000);
+        use pvsched_proto::SlotMemory;
+        let gtsc = || rdtsc().wrapping_add_signed(off);
+        // A deadline without a stamp yet: no hint, the offset being unknown.
+        g.store_u64(off::DEADLINE_TSC, gtsc() + khz * 5);
+        g.store_u32(off::SEQ, 1);
+        let mut a = Vec::new();
+        stamped.poll(0, 1, &mut a);
+        assert_eq!(a.len(), 1, "a request, no hint: {a:?}");
+        assert_eq!(stamped.estimated_offset(), None);
+        // Stamped and rung: the next deadline (5 ms ahead) is a hint at the right time.
+        g.store_u64(off::STAMP_TSC, gtsc());
+        g.store_u64(off::DEADLINE_TSC, gtsc() + khz * 5);
+        g.store_u32(off::SEQ, 2);
+        a.clear();
+        let now = mono_ns();
+        stamped.poll(0, 1, &mut a);
+        let mut b = Vec::new();
+        unstamped.poll(0, 1, &mut b);
+        assert!(
+            b.iter()
+                .all(|e| !matches!(e.what, VcpuEvent::DeadlineHint(_))),
+            "{b:?}"
+        );
+        let Some(Event {
+            what: VcpuEvent::DeadlineHint(Some(at)),
+            ..
+        }) = a.get(1)
+        else {
+            panic!("no hint: {a:?}");
+        };
+        let ahead = at.saturating_sub(now);
+        assert!(
+            (4_000_000..6_000_000).contains(&ahead),
+            "hint {ahead} ns ahead"
+        );
+        let (est, n) = stamped.estimated_offset().unwrap();
+        assert_eq!(n, 1);
+        assert!(est <= off && est > off - khz as i64, "{est} vs {off}");
         let _ = std::fs::remove_file(&path);
     }
 

@@ -42,6 +42,48 @@ impl TscClock {
     }
 }
 
+/// Estimates a guest's TSC offset (guest TSC − host TSC) from stamps: guest TSC values read
+/// before a host TSC value the host reads later (protocol feature `CLOCK_STAMP`: the guest
+/// stamps, then rings; the host reads the stamp after the ring). Each stamp bounds the offset
+/// from below (`stamp − host ≤ offset`, the gap being how long the stamp took to reach the
+/// host), so the estimate is the largest bound seen, over windows that rotate so that a changed
+/// offset (a guest that wrote its TSC) is followed. It errs on the low side, by the quickest
+/// stamp's delay: a deadline converted with it looks later than it is by that much.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffsetEstimate {
+    /// The best bound of the current window and of the one before, with its start (host TSC).
+    current: Option<i64>,
+    previous: Option<i64>,
+    window_start: u64,
+    /// Stamps seen.
+    pub samples: u64,
+}
+
+impl OffsetEstimate {
+    /// How long a window lasts, in host TSC cycles (~1 s at 2.5 GHz: what a changed offset
+    /// takes at most to be followed, from two windows).
+    pub const WINDOW_CYCLES: u64 = 2_500_000_000;
+
+    /// Notes a stamp read at host TSC `host`.
+    pub fn observe(&mut self, stamp: u64, host: u64) {
+        let bound = stamp.wrapping_sub(host) as i64;
+        if host.wrapping_sub(self.window_start) > Self::WINDOW_CYCLES || self.samples == 0 {
+            self.previous = self.current.take();
+            self.window_start = host;
+        }
+        self.current = Some(self.current.map_or(bound, |b| b.max(bound)));
+        self.samples += 1;
+    }
+
+    /// The estimate: the best bound of the last two windows.
+    pub fn offset(&self) -> Option<i64> {
+        match (self.current, self.previous) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// The host's TSC.
 pub fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no memory effects and is available on every x86-64 CPU.
@@ -152,6 +194,36 @@ mod tests {
         t.set(None).unwrap();
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 20) }, 0, "disarmed");
+    }
+
+    #[test]
+    fn the_offset_estimate_is_the_tightest_stamp_and_follows_a_change() {
+        const OFF: i64 = -5_000_000;
+        let mut e = OffsetEstimate::default();
+        assert_eq!(e.offset(), None);
+        let guest = |host: u64| host.wrapping_add_signed(OFF);
+        // Stamps reaching the host 30, 7 and 400 cycles after they were taken.
+        let t0 = 10_000_000_000u64;
+        for (i, delay) in [30u64, 7, 400].into_iter().enumerate() {
+            let at = t0 + i as u64 * 1000;
+            e.observe(guest(at), at + delay);
+        }
+        assert_eq!(
+            e.offset(),
+            Some(OFF - 7),
+            "the quickest stamp, never above the truth"
+        );
+        assert_eq!(e.samples, 3);
+        // The guest's TSC moves back 1000 cycles: the old bound lasts two windows at most.
+        let w = OffsetEstimate::WINDOW_CYCLES;
+        let later = |k: u64| t0 + k * (w + 1);
+        for k in 1..=3 {
+            e.observe(guest(later(k)).wrapping_sub(1000), later(k) + 50);
+        }
+        assert_eq!(e.offset(), Some(OFF - 1000 - 50));
+        // Forward: at once.
+        e.observe(guest(later(3) + 10).wrapping_add(5000), later(3) + 12);
+        assert_eq!(e.offset(), Some(OFF + 5000 - 2));
     }
 
     #[test]

@@ -209,13 +209,15 @@ impl Engine {
     }
 
     /// True when a boost that a lead timer of `key` starts now would only wait for the cap: the
-    /// cap is full and the driver's deadline class takes extra share ([`Driver::deadline_class`]).
+    /// cap is full, the driver's deadline class takes extra share ([`Driver::deadline_class`])
+    /// and the vCPU does not sleep part of the time ([`crate::VcpuState::holds_cap_slot`]).
     pub fn lead_would_wait(&self, key: VcpuKey) -> bool {
         self.cap_full()
             && self.vms.get(&key.vm).is_none_or(|e| {
                 e.driver
                     .deadline_class()
                     .is_none_or(|c| c.takes_extra_share())
+                    && e.vcpus.get(&key.vcpu).is_none_or(|st| !st.sleeps)
             })
     }
 

@@ -25,8 +25,11 @@ struct Sim {
     guest_request: BTreeMap<VcpuKey, Reasons>,
     published: BTreeMap<VcpuKey, BoostState>,
     boosted: BTreeMap<VcpuKey, Nanos>,
-    /// Boosted vCPUs holding a slot of the cap (a class that takes extra CPU share).
+    /// Boosted vCPUs holding a slot of the cap (a class that takes extra CPU share, started
+    /// while the vCPU did not sleep part of the time).
     slots: BTreeSet<VcpuKey>,
+    /// vCPUs last said to sleep part of the time.
+    sleeping: BTreeSet<VcpuKey>,
     /// vCPUs paying back boosted time below their normal weight.
     repaying: BTreeMap<VcpuKey, Nanos>,
     intervals: Vec<(VcpuKey, Nanos, Nanos)>,
@@ -52,6 +55,7 @@ impl Sim {
             published: BTreeMap::new(),
             boosted: BTreeMap::new(),
             slots: BTreeSet::new(),
+            sleeping: BTreeSet::new(),
             repaying: BTreeMap::new(),
             intervals: Vec::new(),
             log: Vec::new(),
@@ -70,7 +74,7 @@ impl Sim {
                             self.boosted.insert(k, self.now).is_none(),
                             "double boost of {k}"
                         );
-                        if class.takes_extra_share() {
+                        if class.takes_extra_share() && !self.sleeping.contains(&k) {
                             self.slots.insert(k);
                         }
                         if let Some(m) = self.engine.max_boosted() {
@@ -122,6 +126,15 @@ impl Sim {
     }
 
     fn event(&mut self, key: VcpuKey, what: VcpuEvent) {
+        match what {
+            VcpuEvent::Sleeps(true) => {
+                self.sleeping.insert(key);
+            }
+            VcpuEvent::Sleeps(false) | VcpuEvent::Unregistered => {
+                self.sleeping.remove(&key);
+            }
+            _ => {}
+        }
         let mut out = Vec::new();
         self.engine
             .handle(Event::new(key, what), self.now, &mut out);
@@ -1431,6 +1444,48 @@ fn a_slice_boost_neither_waits_for_nor_takes_the_slot_of_a_fifo_boost() {
     s.guest(V1, rs(&[Reason::Irq]));
     assert!(s.is_boosted(V0) && !s.is_boosted(V1));
     assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 1);
+}
+
+#[test]
+fn a_vcpu_that_sleeps_part_of_the_time_neither_waits_for_nor_takes_a_slot() {
+    // One slot. V0 (busy) holds it with an interrupt boost; V1's guest wakes at the same
+    // moment: waits while V1 is busy too, not once its thread sleeps part of the time.
+    let mut s = Sim::one_slot("deadline-aware", &[]);
+    s.guest(V0, rs(&[Reason::Irq]));
+    s.guest(V1, rs(&[Reason::Irq]));
+    assert!(
+        s.is_boosted(V0) && !s.is_boosted(V1),
+        "busy: V1 waits for the slot"
+    );
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 1);
+    assert!(s.engine.lead_would_wait(V1));
+
+    let mut s = Sim::one_slot("deadline-aware", &[]);
+    s.event(V1, VcpuEvent::Sleeps(true));
+    s.guest(V0, rs(&[Reason::Irq]));
+    assert!(
+        !s.engine.lead_would_wait(V1),
+        "a lead boost of a sleeper would not wait"
+    );
+    s.guest(V1, rs(&[Reason::Irq]));
+    assert!(
+        s.is_boosted(V0) && s.is_boosted(V1),
+        "the sleeper did not wait"
+    );
+    assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 0);
+    assert_eq!(s.engine.boosted_now(), 1, "only V0 holds the slot");
+    // Its boost holds no slot to its end, even if the thread turns busy meanwhile: with V0
+    // released, V1 is boosted and the slot is free.
+    s.event(V1, VcpuEvent::Sleeps(false));
+    assert_eq!(s.engine.boosted_now(), 1);
+    s.guest(V0, rs(&[]));
+    assert!(!s.is_boosted(V0) && s.is_boosted(V1));
+    assert_eq!(s.engine.boosted_now(), 0, "{:?}", s.log);
+    // Its next boost, the thread busy, holds the slot again.
+    s.guest(V1, rs(&[]));
+    s.guest(V1, rs(&[Reason::Irq]));
+    assert!(s.is_boosted(V1));
+    assert_eq!(s.engine.boosted_now(), 1);
 }
 
 #[test]

@@ -37,13 +37,18 @@ pub mod feature {
     pub const VCPU_HINT: u32 = 1 << 1;
     /// The host honours "unboost me" doorbells (synchronous unboost, RFC v1).
     pub const UNBOOST_DOORBELL: u32 = 1 << 2;
+    /// The guest writes its TSC into `stamp_tsc` right before each doorbell it rings, so that
+    /// a host that does not know the guest's TSC offset (a transport such as ivshmem, where
+    /// the VMM is not pvsched's) can estimate it and use the deadline hints.
+    pub const CLOCK_STAMP: u32 = 1 << 3;
     /// Every feature version 1 defines.
-    pub const ALL_V1: u32 = DEADLINE_HINT | VCPU_HINT | UNBOOST_DOORBELL;
+    pub const ALL_V1: u32 = DEADLINE_HINT | VCPU_HINT | UNBOOST_DOORBELL | CLOCK_STAMP;
     /// Their names (configuration files, reports).
-    pub const NAMES: [(&str, u32); 3] = [
+    pub const NAMES: [(&str, u32); 4] = [
         ("deadline_hint", DEADLINE_HINT),
         ("vcpu_hint", VCPU_HINT),
         ("unboost_doorbell", UNBOOST_DOORBELL),
+        ("clock_stamp", CLOCK_STAMP),
     ];
 }
 
@@ -196,8 +201,11 @@ pub struct Slot {
     pub hint_vcpu: u32,
     /// What the hint means, see [`hint_kind`].
     pub hint_kind: u32,
+    /// Guest TSC read right before the guest's last doorbell ([`feature::CLOCK_STAMP`]),
+    /// 0 = none.
+    pub stamp_tsc: u64,
     /// Reserved guest bytes.
-    pub guest_reserved: [u8; 32],
+    pub guest_reserved: [u8; 24],
     /// [`BoostState`] as published by the host.
     pub state: u32,
     /// Id of the host policy driver in charge of this vCPU (informational).
@@ -229,6 +237,8 @@ pub mod off {
     pub const HINT_VCPU: usize = offset_of!(Slot, hint_vcpu);
     /// `hint_kind`.
     pub const HINT_KIND: usize = offset_of!(Slot, hint_kind);
+    /// `stamp_tsc`.
+    pub const STAMP_TSC: usize = offset_of!(Slot, stamp_tsc);
     /// `state`.
     pub const STATE: usize = offset_of!(Slot, state);
     /// `policy`.
@@ -254,6 +264,7 @@ const _: () = {
     assert!(off::DEADLINE_TSC == 0x10);
     assert!(off::HINT_VCPU == 0x18);
     assert!(off::HINT_KIND == 0x1c);
+    assert!(off::STAMP_TSC == 0x20);
     assert!(off::STATE == 0x40);
     assert!(off::POLICY == 0x44);
     assert!(off::BUDGET_NS == 0x48);

@@ -41,6 +41,8 @@ pub struct SlotSnapshot {
     pub deadline_tsc: Option<u64>,
     /// vCPU hint (only with the vCPU-hint feature).
     pub hint: Option<VcpuHint>,
+    /// Guest TSC read before its last doorbell (only with the clock-stamp feature).
+    pub stamp_tsc: Option<u64>,
 }
 
 /// Why a slot's guest half was rejected.
@@ -129,12 +131,17 @@ pub fn decode(bytes: &[u8], vcpus: u32, features: u32) -> Result<SlotSnapshot, D
     } else {
         None
     };
+    let stamp_tsc = match u64_at(bytes, off::STAMP_TSC) {
+        t if t != 0 && features & feature::CLOCK_STAMP != 0 => Some(t),
+        _ => None,
+    };
     Ok(SlotSnapshot {
         seq: u32_at(bytes, off::SEQ),
         reasons,
         depth,
         deadline_tsc,
         hint,
+        stamp_tsc,
     })
 }
 
@@ -203,7 +210,22 @@ mod tests {
         b[off::DEADLINE_TSC..off::DEADLINE_TSC + 8].copy_from_slice(&s.deadline_tsc.to_le_bytes());
         b[off::HINT_VCPU..off::HINT_VCPU + 4].copy_from_slice(&s.hint_vcpu.to_le_bytes());
         b[off::HINT_KIND..off::HINT_KIND + 4].copy_from_slice(&s.hint_kind.to_le_bytes());
+        b[off::STAMP_TSC..off::STAMP_TSC + 8].copy_from_slice(&s.stamp_tsc.to_le_bytes());
         b
+    }
+
+    #[test]
+    fn the_clock_stamp_is_read_only_when_negotiated() {
+        let s = Slot {
+            stamp_tsc: 1234,
+            ..Slot::default()
+        };
+        let all = decode(&bytes(&s), 1, feature::ALL_V1).unwrap();
+        assert_eq!(all.stamp_tsc, Some(1234));
+        let without = decode(&bytes(&s), 1, feature::ALL_V1 & !feature::CLOCK_STAMP).unwrap();
+        assert_eq!(without.stamp_tsc, None);
+        let zero = decode(&bytes(&Slot::default()), 1, feature::ALL_V1).unwrap();
+        assert_eq!(zero.stamp_tsc, None);
     }
 
     #[test]

@@ -67,13 +67,18 @@ pub struct Offer {
 }
 
 impl Offer {
-    /// What the daemon offers: version 1 with the synchronous unboost (the daemon keeps no
-    /// guest-TSC offset for a foreign VMM and reads no vCPU hints), [`SLOTS`] slots right after
-    /// the header, the doorbell on `peer`'s vector 0.
-    pub const fn daemon(peer: u16) -> Offer {
+    /// What the daemon offers: version 1 with the synchronous unboost, with `hints` deadline
+    /// hints and the clock stamp (the daemon estimates the guest's TSC offset from the stamps;
+    /// it reads no vCPU hints), [`SLOTS`] slots right after the header, the doorbell on
+    /// `peer`'s vector 0.
+    pub const fn daemon(peer: u16, hints: bool) -> Offer {
         Offer {
             versions: VERSIONS_V1 as u32,
-            features: feature::UNBOOST_DOORBELL,
+            features: if hints {
+                feature::UNBOOST_DOORBELL | feature::DEADLINE_HINT | feature::CLOCK_STAMP
+            } else {
+                feature::UNBOOST_DOORBELL
+            },
             slots: SLOTS,
             slot_offset: HEADER_SIZE as u32,
             peer,
@@ -165,7 +170,7 @@ mod tests {
     use super::*;
 
     fn header() -> ([u8; 0x80], Offer) {
-        let o = Offer::daemon(0);
+        let o = Offer::daemon(0, true);
         let mut h = [0xffu8; 0x80];
         o.write(&mut h);
         (h, o)
@@ -184,7 +189,10 @@ mod tests {
         assert_eq!(&h[..8], &0x4964_6568_6373_7670u64.to_le_bytes());
         assert_eq!(h[off::TRANSPORT], 1);
         assert_eq!(h[off::VERSIONS], 2);
-        assert_eq!(h[off::FEATURES], feature::UNBOOST_DOORBELL as u8);
+        assert_eq!(
+            h[off::FEATURES],
+            (feature::UNBOOST_DOORBELL | feature::DEADLINE_HINT | feature::CLOCK_STAMP) as u8
+        );
         assert_eq!(o.slot(2), 4096 + 256);
         assert!(o.slot(SLOTS) as usize <= SHM_SIZE);
         assert!(h[0x40..].iter().all(|&b| b == 0), "guest part zeroed");
@@ -211,11 +219,25 @@ mod tests {
         assert_eq!(answer(&h, &o), Err(AnswerError::Version(3)));
         guest(&mut h, 1 | 1 << 16, 2, 1);
         assert!(matches!(answer(&h, &o), Err(AnswerError::Version(_))));
-        let hint = u64::from(feature::DEADLINE_HINT) << 32;
+        let hint = u64::from(feature::DEADLINE_HINT | feature::CLOCK_STAMP) << 32;
         guest(&mut h, 1 | hint, 2, 1);
+        assert!(
+            answer(&h, &o).is_ok(),
+            "deadline hints with the clock stamp are offered"
+        );
+        let mut plain = [0u8; 0x80];
+        let p = Offer::daemon(0, false);
+        p.write(&mut plain);
+        guest(&mut plain, 1 | hint, 2, 1);
+        assert!(
+            answer(&plain, &p).is_err(),
+            "not offered to a driver that uses no hints"
+        );
+        let vcpu = u64::from(feature::VCPU_HINT) << 32;
+        guest(&mut h, 1 | vcpu, 2, 1);
         assert_eq!(
             answer(&h, &o),
-            Err(AnswerError::Features(feature::DEADLINE_HINT))
+            Err(AnswerError::Features(feature::VCPU_HINT))
         );
         guest(&mut h, 1, 0, 1);
         assert_eq!(answer(&h, &o), Err(AnswerError::Cpus(0)));

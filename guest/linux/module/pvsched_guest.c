@@ -12,6 +12,12 @@
  *     interrupt (local_timer_entry/exit);
  *   - SOFTIRQ: softirq processing (softirq_entry/exit);
  *   - RT_TASK: a user SCHED_FIFO/RR/DEADLINE task runs on the CPU (sched_switch).
+ * Deadline hint (when the host offers DEADLINE_HINT with CLOCK_STAMP): the expiry of the last
+ * timer a user RT task armed from task context on the CPU (hrtimer_start: e.g. cyclictest's
+ * clock_nanosleep), as guest TSC, so the host can boost the vCPU just before it is due. Each
+ * doorbell is preceded by the guest TSC in the slot's stamp, from which the host estimates the
+ * guest's TSC offset; a new hint the host has not seen rings once when the RT task leaves the
+ * CPU (if no "unboost me" rang then).
  * The guest half of a slot is written only by its own CPU, with interrupts disabled, so it has
  * a single writer. The doorbell (BAR0 register 12) rings only when the host must act at once:
  * a new request while the host publishes Normal ("boost me", for the reasons in ring_mask), or
@@ -21,8 +27,10 @@
  * kernel patch; they need a GPL-compatible module licence.
  */
 #include <linux/atomic.h>
+#include <linux/hrtimer.h>
 #include <linux/interrupt.h>
 #include <linux/io.h>
+#include <linux/math64.h>
 #include <linux/module.h>
 #include <linux/pci.h>
 #include <linux/percpu.h>
@@ -31,6 +39,7 @@
 #include <linux/sched/rt.h>
 #include <linux/string.h>
 #include <linux/tracepoint.h>
+#include <asm/tsc.h>
 
 #define IVSHMEM_VENDOR_ID 0x1af4
 #define IVSHMEM_DEVICE_ID 0x1110
@@ -56,13 +65,17 @@
 #define TRANSPORT_VERSION 1
 #define PROTOCOL_VERSION 1
 
+#define FEATURE_DEADLINE_HINT (1u << 0)
 #define FEATURE_UNBOOST_DOORBELL (1u << 2)
+#define FEATURE_CLOCK_STAMP (1u << 3)
 
 /* Slot layout (docs/protocol.md, section 6). */
 #define SLOT_SIZE 128
 #define SLOT_SEQ 0x00
 #define SLOT_REQUEST 0x04
 #define SLOT_DEPTH 0x08
+#define SLOT_DEADLINE 0x10
+#define SLOT_STAMP 0x20
 #define SLOT_STATE 0x40
 
 #define REASON_IRQ 0
@@ -81,6 +94,11 @@ static bool unboost_ring = true;
 module_param(unboost_ring, bool, 0444);
 MODULE_PARM_DESC(unboost_ring, "ring \"unboost me\" at the last release (if the host offers it)");
 
+static bool deadline_hint = true;
+module_param(deadline_hint, bool, 0444);
+MODULE_PARM_DESC(deadline_hint,
+		 "publish user RT tasks' next timer expiry (if the host offers deadline hints with the clock stamp)");
+
 static bool hook_softirq = true;
 module_param(hook_softirq, bool, 0444);
 MODULE_PARM_DESC(hook_softirq, "request a boost while softirqs run");
@@ -92,6 +110,7 @@ struct pv_dev {
 	u32 nslots;
 	u32 slot_offset;
 	bool unboost_bell;
+	bool hints;		/* deadline hints, each doorbell stamped */
 };
 
 /* Counted per CPU, printed at unload: what the host's own counts must match. */
@@ -99,12 +118,15 @@ struct pv_counts {
 	u64 rings;		/* doorbell writes */
 	u64 updates;		/* seq bumps */
 	u64 unbalanced;		/* releases without a request (a hook registered mid-section) */
+	u64 hints;		/* deadlines published */
 };
 
 static struct pv_dev *pv;
 static DEFINE_PER_CPU(struct pv_counts, pv_counts);
 /* Whether this CPU's RT_TASK request is held (sched_switch is its only writer). */
 static DEFINE_PER_CPU(bool, rt_held);
+/* A deadline published since this CPU's last doorbell. */
+static DEFINE_PER_CPU(bool, hint_unsent);
 
 static inline u8 *slot_of(unsigned int cpu)
 {
@@ -113,8 +135,14 @@ static inline u8 *slot_of(unsigned int cpu)
 	return pv->shm + pv->slot_offset + (size_t)cpu * SLOT_SIZE;
 }
 
-static inline void ring(void)
+/* Interrupts must be disabled. */
+static inline void ring(u8 *slot)
 {
+	if (pv->hints) {
+		/* The stamp is stored before the doorbell's MMIO write (x86 keeps stores in order). */
+		WRITE_ONCE(*(u64 *)(slot + SLOT_STAMP), rdtsc());
+		__this_cpu_write(hint_unsent, false);
+	}
 	writel(pv->doorbell, pv->regs + IVSHMEM_DOORBELL);
 	this_cpu_inc(pv_counts.rings);
 }
@@ -154,9 +182,13 @@ static void slot_change(unsigned int reason, bool enter)
 	state = READ_ONCE(*(u32 *)(slot + SLOT_STATE));
 	if (enter) {
 		if (d == 0 && state == STATE_NORMAL && (ring_mask & (1u << reason)))
-			ring();
+			ring(slot);
 	} else if (READ_ONCE(*request) == 0 && state == STATE_BOOSTED && pv->unboost_bell) {
-		ring();
+		ring(slot);
+	} else if (reason == REASON_RT_TASK && __this_cpu_read(hint_unsent) &&
+		   (state == STATE_NORMAL || state == STATE_BOOSTED)) {
+		/* The RT task sleeps until its new deadline: the host must learn it now. */
+		ring(slot);
 	}
 }
 
@@ -215,6 +247,34 @@ static void probe_switch(void *data, bool preempt, struct task_struct *prev,
 	slot_change(REASON_RT_TASK, rt);
 }
 
+/*
+ * A timer armed by a user RT task from task context: its expiry (the task's next wake-up, for
+ * a sleep) becomes the CPU's deadline hint. Runs with interrupts disabled (the timer base's
+ * lock is held).
+ */
+static void probe_hrtimer_start(void *data, struct hrtimer *timer, enum hrtimer_mode mode)
+{
+	u8 *slot;
+	s64 delta;
+	u64 tsc;
+
+	if (!pv || !pv->hints || !in_task() || (current->flags & PF_KTHREAD) ||
+	    !(rt_task(current) || dl_task(current)))
+		return;
+	slot = slot_of(smp_processor_id());
+	if (!slot)
+		return;
+	delta = ktime_to_ns(ktime_sub(hrtimer_get_expires(timer), timer->base->get_time()));
+	if (delta < 0)
+		delta = 0;
+	tsc = rdtsc() + mul_u64_u32_div(delta, tsc_khz, NSEC_PER_MSEC);
+	WRITE_ONCE(*(u64 *)(slot + SLOT_DEADLINE), tsc ? tsc : 1);
+	WRITE_ONCE(*(u32 *)(slot + SLOT_SEQ), READ_ONCE(*(u32 *)(slot + SLOT_SEQ)) + 1);
+	this_cpu_inc(pv_counts.updates);
+	this_cpu_inc(pv_counts.hints);
+	__this_cpu_write(hint_unsent, true);
+}
+
 struct hook {
 	const char *name;
 	void *probe;
@@ -230,6 +290,7 @@ static struct hook hooks[] = {
 	{ "softirq_entry", probe_softirq_entry },
 	{ "softirq_exit", probe_softirq_exit },
 	{ "sched_switch", probe_switch },
+	{ "hrtimer_start", probe_hrtimer_start },
 };
 
 static void find_tracepoint(struct tracepoint *tp, void *priv)
@@ -243,6 +304,8 @@ static void find_tracepoint(struct tracepoint *tp, void *priv)
 
 static bool wanted(const struct hook *h)
 {
+	if (!strcmp(h->name, "hrtimer_start"))
+		return pv && pv->hints;
 	return hook_softirq || strncmp(h->name, "softirq", 7);
 }
 
@@ -367,9 +430,17 @@ static int pv_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (d->nslots < num_possible_cpus())
 		dev_warn(&pdev->dev, "pvsched: %u slots for %u CPUs: the others run unboosted\n",
 			 d->nslots, num_possible_cpus());
-	/* Only the synchronous unboost is wanted: deadline and vCPU hints are not published. */
-	features &= FEATURE_UNBOOST_DOORBELL;
+	/*
+	 * The synchronous unboost, and deadline hints when the host can place them in its own
+	 * time (the clock stamp); vCPU hints are not published.
+	 */
+	if (!deadline_hint || !boot_cpu_has(X86_FEATURE_TSC) || !tsc_khz ||
+	    (features & (FEATURE_DEADLINE_HINT | FEATURE_CLOCK_STAMP)) !=
+		    (FEATURE_DEADLINE_HINT | FEATURE_CLOCK_STAMP))
+		features &= ~(FEATURE_DEADLINE_HINT | FEATURE_CLOCK_STAMP);
+	features &= FEATURE_UNBOOST_DOORBELL | FEATURE_DEADLINE_HINT | FEATURE_CLOCK_STAMP;
 	d->unboost_bell = unboost_ring && (features & FEATURE_UNBOOST_DOORBELL);
+	d->hints = features & FEATURE_DEADLINE_HINT;
 	for (cpu = 0; cpu < d->nslots; cpu++)
 		memset(d->shm + d->slot_offset + (size_t)cpu * SLOT_SIZE, 0, 64);
 	WRITE_ONCE(*(u64 *)(d->shm + HDR_ANSWER), PROTOCOL_VERSION | ((u64)features << 32));
@@ -394,7 +465,7 @@ static int pv_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 static void pv_remove(struct pci_dev *pdev)
 {
 	struct pv_dev *d = pci_get_drvdata(pdev);
-	u64 rings = 0, updates = 0, unbalanced = 0;
+	u64 rings = 0, updates = 0, unbalanced = 0, hints = 0;
 	int cpu;
 
 	if (!d || d != pv)
@@ -409,12 +480,13 @@ static void pv_remove(struct pci_dev *pdev)
 		rings += c->rings;
 		updates += c->updates;
 		unbalanced += c->unbalanced;
+		hints += c->hints;
 		if (slot)
 			pr_info("pvsched_guest: cpu %d seq %u rings %llu\n", cpu,
 				READ_ONCE(*(u32 *)(slot + SLOT_SEQ)), c->rings);
 	}
-	pr_info("pvsched_guest: total rings %llu updates %llu unbalanced %llu\n", rings,
-		updates, unbalanced);
+	pr_info("pvsched_guest: total rings %llu updates %llu unbalanced %llu hints %llu\n",
+		rings, updates, unbalanced, hints);
 	pv = NULL;
 }
 
