@@ -62,7 +62,10 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     let run = Command::new(env!("CARGO_BIN_EXE_pvsched"))
         .args(["bench", "--guest", "linux-tcg", "--rounds", "1"])
         .args(["--cell-duration", "2s"])
-        .args(["--policies", "daemon,slice,module,module/slice"])
+        .args([
+            "--policies",
+            "daemon,slice,module,module/slice,module/deadline",
+        ])
         .arg("--guest-dir")
         .arg(&dir)
         .arg("--out")
@@ -84,9 +87,9 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         "the plot is written"
     );
     let cells = json["cells"].as_array().unwrap();
-    // none, daemon, slice, module and module/slice, on the busy and the idle host: each ran
-    // its guest to the end.
-    assert_eq!(cells.len(), 10, "{json}");
+    // none, daemon, slice, module, module/slice and module/deadline, on the busy and the idle
+    // host: each ran its guest to the end.
+    assert_eq!(cells.len(), 12, "{json}");
     for c in cells {
         let threads = c["runs"][0]["threads"].as_array().unwrap();
         assert_eq!(threads.len(), 2, "both cyclictest threads reported: {c}");
@@ -116,10 +119,9 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     }
     // With the module, every doorbell the guest rang reached the daemon (the module's own
     // count, printed when /init unloads it, against the daemon's eventfd count).
-    for c in cells
-        .iter()
-        .filter(|c| c["policy"] == "module" || c["policy"] == "module/slice")
-    {
+    for c in cells.iter().filter(|c| {
+        c["policy"] == "module" || c["policy"] == "module/slice" || c["policy"] == "module/deadline"
+    }) {
         let run = &c["runs"][0];
         let guest = run["guest_rings"]
             .as_u64()
@@ -130,6 +132,21 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         if c["busy"] == true {
             assert!(guest > 0, "the module rang: {c}");
             assert!(run["boosts"].as_u64().unwrap() > 0, "{c}");
+        }
+        // Deadline hints are offered to the `deadline-aware` daemon only; there the module
+        // publishes them, and under stress-ng the daemon boosts ahead of them (it placed them
+        // in its own time from the guest's clock stamps).
+        let hints = run["guest_hints"]
+            .as_u64()
+            .expect("the module printed its hints");
+        if c["policy"] == "module/deadline" {
+            assert!(hints > 0, "{c}");
+            if c["busy"] == true {
+                assert!(run["deadline_boosted_ms"].as_f64().unwrap() > 0.0, "{c}");
+            }
+        } else {
+            assert_eq!(hints, 0, "not offered: {c}");
+            assert_eq!(run["deadline_boosted_ms"].as_f64().unwrap(), 0.0, "{c}");
         }
     }
     assert!(stdout.contains("## Host idle"), "{stdout}");

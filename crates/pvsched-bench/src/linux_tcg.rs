@@ -166,6 +166,14 @@ pub struct TcgRun {
     /// Doorbells the guest module says it rang (its counts on the console, `module` only).
     #[serde(default)]
     pub guest_rings: Option<u64>,
+    /// Deadline hints the guest module says it published (`module` columns; 0 unless the
+    /// daemon offered them).
+    #[serde(default)]
+    pub guest_hints: Option<u64>,
+    /// vCPU time the daemon kept boosted by boosts it started ahead of a published deadline,
+    /// ms (`module/deadline`).
+    #[serde(default)]
+    pub deadline_boosted_ms: f64,
 }
 
 /// The guest module's `pvsched_guest: total rings N ...` line on the console.
@@ -175,6 +183,17 @@ pub fn parse_guest_rings(text: &str) -> Option<u64> {
         Some(&l[at + "pvsched_guest: total rings ".len()..])
     })?;
     l.split_whitespace().next()?.parse().ok()
+}
+
+/// The `hints H` of the guest module's `pvsched_guest: total rings ...` line (a module older
+/// than deadline hints prints none).
+pub fn parse_guest_hints(text: &str) -> Option<u64> {
+    let l = text
+        .lines()
+        .find(|l| l.contains("pvsched_guest: total rings "))?;
+    let mut w = l.split_whitespace();
+    w.find(|&x| x == "hints")?;
+    w.next()?.parse().ok()
 }
 
 /// One cell over rounds.
@@ -378,16 +397,28 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
     }
     // The VM may have been detached already (QEMU gone, or the module unloaded): its last
     // figures are in `detached`.
-    let (boosts, host_events, doorbells, cpu) = status.map_or((0, 0, 0, 0.0), |s| {
-        let vms = || s.vms.iter().chain(&s.detached);
-        let boosts = vms()
-            .flat_map(|v| v.vm.vcpus.iter())
-            .map(|c| c.boosts)
-            .sum();
-        let events = vms().map(|v| v.vm.host_events).sum();
-        let rings = vms().filter_map(|v| v.doorbells).sum();
-        (boosts, events, rings, s.cost.engine_cpu_percent)
-    });
+    let deadline = pvsched_policy::Cause::Deadline.index();
+    let (boosts, host_events, doorbells, cpu, deadline_ms) =
+        status.map_or((0, 0, 0, 0.0, 0.0), |s| {
+            let vms = || s.vms.iter().chain(&s.detached);
+            let boosts = vms()
+                .flat_map(|v| v.vm.vcpus.iter())
+                .map(|c| c.boosts)
+                .sum();
+            let deadline_ms = vms()
+                .flat_map(|v| v.vm.vcpus.iter())
+                .map(|c| c.boosted_by_cause_ms[deadline])
+                .sum();
+            let events = vms().map(|v| v.vm.host_events).sum();
+            let rings = vms().filter_map(|v| v.doorbells).sum();
+            (
+                boosts,
+                events,
+                rings,
+                s.cost.engine_cpu_percent,
+                deadline_ms,
+            )
+        });
     Ok(TcgRun {
         threads,
         stress_ng_ops,
@@ -396,6 +427,8 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         engine_cpu_percent: cpu,
         doorbells,
         guest_rings: parse_guest_rings(&text),
+        guest_hints: parse_guest_hints(&text),
+        deadline_boosted_ms: deadline_ms,
     })
 }
 
@@ -840,6 +873,16 @@ mod tests {
         );
         assert_eq!(
             parse_guest_rings("pvsched_guest: cpu 0 seq 5 rings 3"),
+            None
+        );
+        assert_eq!(
+            parse_guest_hints(
+                "pvsched_guest: total rings 53697 updates 117847 unbalanced 19 hints 19481"
+            ),
+            Some(19481)
+        );
+        assert_eq!(
+            parse_guest_hints("pvsched_guest: total rings 22916 updates 51490 unbalanced 6"),
             None
         );
         let run = |avg: u64, ops: f64| TcgRun {

@@ -198,7 +198,7 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
                 .ok_or_else(|| {
                     ConfigError::Invalid(format!(
                         "[[vm]] #{}: unknown feature {name:?} (deadline_hint, vcpu_hint, \
-                         unboost_doorbell)",
+                         unboost_doorbell, clock_stamp)",
                         i + 1
                     ))
                 })?;
