@@ -540,9 +540,8 @@ impl Daemon<'_> {
             return Err(DaemonError::Refused(source, why));
         }
         // The memory file must be root's or the VM owner's.
-        let owner = process_of(threads[0].tid)
-            .and_then(owner)
-            .map(|(uid, _)| uid);
+        let process = process_of(threads[0].tid);
+        let owner = process.and_then(owner).map(|(uid, _)| uid);
         let rings = match &protocol {
             Slots::Ivshmem(_, d) => Some(d.counter()),
             _ => None,
@@ -580,6 +579,11 @@ impl Daemon<'_> {
         let protocol = parts.publisher.is_some();
         self.rt
             .add_vm(id, &self.cfg.driver, &self.cfg.opts, parts)?;
+        // The VMM's other threads (a main loop that wakes the vCPUs) are the VM's own work,
+        // not competition, for the host-wide quiet gate.
+        if let Some(pid) = process {
+            self.rt.set_vm_process(id, pid)?;
+        }
         self.vms.insert(
             id,
             VmInfo {

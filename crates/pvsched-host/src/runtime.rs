@@ -51,7 +51,7 @@
 
 use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
 use crate::mechanism::{helper_class, sched_class, Publisher};
-use crate::pressure::{cpu_busy_ns, CpuBusy, OthersVerdict, QuietGate, VcpuSampler};
+use crate::pressure::{cpu_idle_ns, CpuBusy, OthersVerdict, QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
 use priority_inheriting_lock::{PriorityInheritingLock, PriorityInheritingLockGuard};
@@ -1314,6 +1314,11 @@ enum Command {
         key: VcpuKey,
         reply: Reply<Result<(), RuntimeError>>,
     },
+    SetVmProcess {
+        vm: u32,
+        pid: i32,
+        reply: Reply<Result<(), RuntimeError>>,
+    },
     SetEnabled {
         vm: Option<u32>,
         on: bool,
@@ -1483,7 +1488,8 @@ impl Runtime {
             // from its first sample (no vCPU is attached before).
             others_since: None,
             others_ns: 0,
-            others_n: 0,
+            others_n: (0, 0),
+            processes: BTreeMap::new(),
             cpu_busy: CpuBusy::default(),
             told: BTreeMap::new(),
             sleeping: BTreeSet::new(),
@@ -1597,6 +1603,15 @@ impl RuntimeHandle {
     /// Removes vCPU `key`, restoring its thread.
     pub fn remove_vcpu(&self, key: VcpuKey) -> Result<(), RuntimeError> {
         self.call(|reply| Command::RemoveVcpu { key, reply })?
+    }
+
+    /// Says that VM `vm` runs in process `pid` (another process than this one): for the
+    /// host-wide quiet gate, the CPU its threads use (vCPUs, but also a VMM's main loop and
+    /// I/O threads) is the VM's own, not other work competing with the vCPUs. A VMM whose
+    /// main loop wakes the vCPUs (QEMU's TCG: ~0.2 CPU here for a mostly idle Linux guest)
+    /// otherwise kept the gate open on an idle host.
+    pub fn set_vm_process(&self, vm: u32, pid: i32) -> Result<(), RuntimeError> {
+        self.call(|reply| Command::SetVmProcess { vm, pid, reply })?
     }
 
     /// Enables or disables boosting globally (`None`) or for one VM.
@@ -1794,8 +1809,11 @@ struct Loop {
     /// Since when it has been closed, and its closed time over ended spells.
     others_since: Option<Nanos>,
     others_ns: u64,
-    /// vCPU samplers summed at the host-wide gate's last sample.
-    others_n: usize,
+    /// vCPU samplers and VM processes summed at the host-wide gate's last sample.
+    others_n: (usize, usize),
+    /// The process each VM runs in, when it is not this one ([`RuntimeHandle::set_vm_process`]),
+    /// with its CPU time so far.
+    processes: BTreeMap<u32, (i32, crate::pressure::ProcessCpu)>,
     /// Busy time of the CPUs the vCPU threads were on, summed sample after sample.
     cpu_busy: CpuBusy,
     /// The quiet verdict each vCPU was last given (its own, or the host-wide one).
@@ -2010,19 +2028,31 @@ impl Loop {
             if now >= *next && !self.samplers.is_empty() {
                 // The sum below counts each thread's whole run time: a vCPU attached since
                 // the last sample would count its past as this window's. Start a new window.
-                if self.samplers.len() != self.others_n {
-                    self.others_n = self.samplers.len();
+                let n = (self.samplers.len(), self.processes.len());
+                if n != self.others_n {
+                    self.others_n = n;
                     verdict.restart();
                 }
                 if verdict.closed() && self.others_since.is_none() {
                     self.others_since = Some(now);
                 }
-                let ours = self
-                    .samplers
-                    .values()
-                    .filter_map(VcpuSampler::ran_ns)
-                    .sum::<u64>()
-                    .saturating_add(thread_cpu_ns());
+                // A VM in a process of its own counts that process's CPU (its vCPUs
+                // included); the others their vCPU threads'.
+                let mut ours = thread_cpu_ns();
+                let mut whole = BTreeSet::new();
+                for (&vm, (pid, cpu)) in self.processes.iter_mut() {
+                    if let Some(threads) = crate::pressure::process_threads_ns(*pid) {
+                        ours = ours.saturating_add(cpu.fold(&threads));
+                        whole.insert(vm);
+                    }
+                }
+                ours = ours.saturating_add(
+                    self.samplers
+                        .iter()
+                        .filter(|(k, _)| !whole.contains(&k.vm))
+                        .filter_map(|(_, s)| s.ran_ns())
+                        .sum::<u64>(),
+                );
                 // Only the CPUs the vCPU threads may run on: others' work on CPUs they are
                 // not allowed on does not compete with them. (Not the CPUs they are on now:
                 // a boost is what lets the kernel move a vCPU that shares a CPU with its
@@ -2034,8 +2064,8 @@ impl Loop {
                     .flatten()
                     .collect();
                 let cpu_busy = &mut self.cpu_busy;
-                let sampled = cpu_busy_ns()
-                    .map(|cpus| verdict.sample(now, cpu_busy.fold(&cpus, &allowed), ours));
+                let sampled = cpu_idle_ns()
+                    .map(|cpus| verdict.sample(now, cpu_busy.fold(now, &cpus, &allowed), ours));
                 // After the sample: the first verdict switches to the long windows.
                 *next = now.saturating_add(verdict.window());
                 if let Some(Some(closed)) = sampled {
@@ -2258,8 +2288,28 @@ impl Loop {
                 };
                 let _ = reply.send(r);
             }
+            Command::SetVmProcess { vm, pid, reply } => {
+                let known = shared.lock().engine.driver_name(vm).is_some();
+                // SAFETY: getpid has no arguments and cannot fail.
+                let me = unsafe { libc::getpid() };
+                let _ = reply.send(if !known {
+                    Err(EngineError::UnknownVm(vm).into())
+                } else if pid == me || pid <= 0 {
+                    // This process also runs the host's other work here (the testbed's hogs):
+                    // its vCPU threads alone are the VM's.
+                    Ok(())
+                } else {
+                    self.processes.insert(vm, (pid, Default::default()));
+                    // Its past counts from the next window on.
+                    if let Some((v, _)) = self.others.as_mut() {
+                        v.restart();
+                    }
+                    Ok(())
+                });
+            }
             Command::RemoveVm { vm, reply } => {
                 let known = shared.lock().engine.driver_name(vm).is_some();
+                self.processes.remove(&vm);
                 self.drop_vm(vm, now);
                 let _ = reply.send(if known {
                     Ok(())

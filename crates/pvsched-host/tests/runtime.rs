@@ -326,6 +326,22 @@ fn static_boosts_at_once_and_stop_restores() {
 }
 
 #[test]
+fn a_vm_process_is_taken_for_a_known_vm_only() {
+    let s = setup();
+    assert!(
+        s.h.set_vm_process(0, 4242).is_err(),
+        "no VM 0 yet: an unknown VM is an error"
+    );
+    s.h.add_vm(0, "dynamic", &opts(&[]), no_parts()).unwrap();
+    s.h.set_vm_process(0, 4242).unwrap();
+    // This very process (which runs other work too): accepted, and only its vCPUs count.
+    s.h.set_vm_process(0, std::process::id() as i32).unwrap();
+    s.h.remove_vm(0).unwrap();
+    assert!(s.h.set_vm_process(0, 4242).is_err(), "gone with its VM");
+    s.rt.stop();
+}
+
+#[test]
 fn source_events_boost_and_timers_unboost() {
     let s = setup();
     // A wide critical-section budget: a late timer on a busy test machine must not turn
