@@ -2309,7 +2309,6 @@ impl Loop {
             }
             Command::RemoveVm { vm, reply } => {
                 let known = shared.lock().engine.driver_name(vm).is_some();
-                self.processes.remove(&vm);
                 self.drop_vm(vm, now);
                 let _ = reply.send(if known {
                     Ok(())
@@ -2492,6 +2491,7 @@ impl Loop {
     }
 
     fn drop_vm(&mut self, vm: u32, now: Nanos) {
+        self.processes.remove(&vm);
         let keys: Vec<VcpuKey> = self
             .shared
             .lock()

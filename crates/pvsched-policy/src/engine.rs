@@ -371,12 +371,21 @@ impl Engine {
             }
             return;
         }
+        self.yield_turn(holder, true, now, out);
+    }
+
+    /// Ends the boost of `holder` (holding a slot of the cap if `held`), which then waits for
+    /// a slot in turn: its turn is over, or it needs one it does not have.
+    fn yield_turn(&mut self, holder: VcpuKey, held: bool, now: Nanos, out: &mut Vec<Decision>) {
+        let quantum = self.cap_quantum;
         if let Some(st) = self.vcpu_mut(holder) {
             let cause = st.boost.map(|b| b.cause);
             let mut ctx = VcpuCtx::new(holder, st, now, out);
             ctx.unboost(BoostState::Normal);
             ctx.state.counters.cap_yields += 1;
-            self.boosted -= 1;
+            if held {
+                self.boosted -= 1;
+            }
             // The slot goes to a waiting boost first (never straight back to the holder, even
             // with an earlier deadline)...
             self.offer(now, out);
@@ -399,6 +408,32 @@ impl Engine {
             // A slot still free (the waiters had gone) goes to it at once.
             self.offer(now, out);
         }
+    }
+
+    /// `key`'s thread no longer sleeps part of the time: a boost it has that started while it
+    /// slept (holding no slot, [`crate::VcpuState::holds_cap_slot`]) takes a slot if one is
+    /// free, else ends and waits for one like a holder whose turn is over. Without this, two
+    /// halting vCPUs boosted by `static` that turn busy would keep both CPUs at FIFO.
+    fn sleeper_wakes(&mut self, key: VcpuKey, now: Nanos, out: &mut Vec<Decision>) {
+        let full = self.cap_full();
+        let Some(st) = self.vcpu_mut(key) else {
+            return;
+        };
+        let Some(b) = st
+            .boost
+            .filter(|b| b.sleeper && b.class.takes_extra_share())
+        else {
+            return;
+        };
+        if !full {
+            st.boost = Some(crate::driver::Boost {
+                sleeper: false,
+                ..b
+            });
+            self.boosted += 1;
+            return;
+        }
+        self.yield_turn(key, false, now, out);
     }
 
     /// The registry.
@@ -523,6 +558,9 @@ impl Engine {
                 }
                 if enabled {
                     self.drive(ev.key, what, now, out);
+                    if matches!(what, VcpuEvent::Sleeps(false)) {
+                        self.sleeper_wakes(ev.key, now, out);
+                    }
                 } else if let VcpuEvent::Request(r) | VcpuEvent::Doorbell(r) = what {
                     // Remember it for when boosting is enabled again.
                     st.request = r;

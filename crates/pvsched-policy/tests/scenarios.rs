@@ -30,6 +30,8 @@ struct Sim {
     slots: BTreeSet<VcpuKey>,
     /// vCPUs last said to sleep part of the time.
     sleeping: BTreeSet<VcpuKey>,
+    /// The class of each boost in progress.
+    classes: BTreeMap<VcpuKey, pvsched_policy::BoostClass>,
     /// vCPUs paying back boosted time below their normal weight.
     repaying: BTreeMap<VcpuKey, Nanos>,
     intervals: Vec<(VcpuKey, Nanos, Nanos)>,
@@ -56,6 +58,7 @@ impl Sim {
             boosted: BTreeMap::new(),
             slots: BTreeSet::new(),
             sleeping: BTreeSet::new(),
+            classes: BTreeMap::new(),
             repaying: BTreeMap::new(),
             intervals: Vec::new(),
             log: Vec::new(),
@@ -77,6 +80,7 @@ impl Sim {
                         if class.takes_extra_share() && !self.sleeping.contains(&k) {
                             self.slots.insert(k);
                         }
+                        self.classes.insert(k, class);
                         if let Some(m) = self.engine.max_boosted() {
                             assert!(
                                 self.slots.len() <= m,
@@ -100,6 +104,7 @@ impl Sim {
                             .remove(&k)
                             .expect("unboost of an unboosted vCPU");
                         self.slots.remove(&k);
+                        self.classes.remove(&k);
                         self.intervals.push((k, since, self.now));
                     }
                     Decision::Publish(k, s) => {
@@ -139,6 +144,23 @@ impl Sim {
         self.engine
             .handle(Event::new(key, what), self.now, &mut out);
         self.apply(out);
+        // A boost that started while its vCPU slept takes a slot once the vCPU turns busy
+        // (or ended above, waiting for one).
+        if matches!(what, VcpuEvent::Sleeps(false))
+            && self
+                .classes
+                .get(&key)
+                .is_some_and(|c| c.takes_extra_share())
+            && self.slots.insert(key)
+        {
+            if let Some(m) = self.engine.max_boosted() {
+                assert!(
+                    self.slots.len() <= m,
+                    "{} boosted at once, cap {m}",
+                    self.slots.len()
+                );
+            }
+        }
     }
 
     /// Advances time to `t`, firing the timers due on the way.
@@ -1474,18 +1496,48 @@ fn a_vcpu_that_sleeps_part_of_the_time_neither_waits_for_nor_takes_a_slot() {
     );
     assert_eq!(s.engine.vcpu(V1).unwrap().counters.capped, 0);
     assert_eq!(s.engine.boosted_now(), 1, "only V0 holds the slot");
-    // Its boost holds no slot to its end, even if the thread turns busy meanwhile: with V0
-    // released, V1 is boosted and the slot is free.
+    // The thread turns busy while boosted, the slot held by V0: its boost ends and waits for
+    // the slot, which it gets when V0 lets go.
     s.event(V1, VcpuEvent::Sleeps(false));
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1), "{:?}", s.log);
     assert_eq!(s.engine.boosted_now(), 1);
     s.guest(V0, rs(&[]));
     assert!(!s.is_boosted(V0) && s.is_boosted(V1));
-    assert_eq!(s.engine.boosted_now(), 0, "{:?}", s.log);
-    // Its next boost, the thread busy, holds the slot again.
-    s.guest(V1, rs(&[]));
+    assert_eq!(s.engine.boosted_now(), 1, "V1 now holds the slot");
+
+    // Turning busy with the slot free: it takes it, and a busy V0 then waits.
+    let mut s = Sim::one_slot("deadline-aware", &[]);
+    s.event(V1, VcpuEvent::Sleeps(true));
     s.guest(V1, rs(&[Reason::Irq]));
+    assert_eq!(s.engine.boosted_now(), 0);
+    s.event(V1, VcpuEvent::Sleeps(false));
     assert!(s.is_boosted(V1));
     assert_eq!(s.engine.boosted_now(), 1);
+    s.guest(V0, rs(&[Reason::Irq]));
+    assert!(!s.is_boosted(V0), "V0 waits for the slot V1 took");
+}
+
+#[test]
+fn boosts_of_sleeping_vcpus_that_turn_busy_keep_to_the_cap() {
+    // Two vCPUs that sleep hold RT-task requests, both boosted under one slot; once both turn
+    // busy only one stays boosted (the other waits its turn), never both for good.
+    let mut s = Sim::one_slot("dynamic", &["rt_budget=1s"]);
+    s.event(V0, VcpuEvent::Sleeps(true));
+    s.event(V1, VcpuEvent::Sleeps(true));
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.guest(V1, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0) && s.is_boosted(V1));
+    assert_eq!(s.engine.boosted_now(), 0);
+    s.event(V0, VcpuEvent::Sleeps(false));
+    s.event(V1, VcpuEvent::Sleeps(false));
+    assert_eq!(s.engine.boosted_now(), 1);
+    assert!(s.is_boosted(V0) && !s.is_boosted(V1), "{:?}", s.log);
+    // ...and they take turns, one at a time (the simulator checks the cap at every boost).
+    let boosts = s.boosts();
+    s.advance(4 * CAP_QUANTUM_NS);
+    assert!(s.boosts() >= boosts + 2, "turns taken");
+    assert_eq!(s.engine.boosted_now(), 1);
+    assert!(s.is_boosted(V0) != s.is_boosted(V1));
 }
 
 #[test]
