@@ -515,6 +515,22 @@ mod tests {
         .is_err());
     }
 
+    /// The second of `events` (after the request) is a deadline hint 4–6 ms after `now`.
+    fn assert_hint_ahead(events: &[Event], now: u64) {
+        let Some(Event {
+            what: VcpuEvent::DeadlineHint(Some(at)),
+            ..
+        }) = events.get(1)
+        else {
+            panic!("no hint: {events:?}");
+        };
+        let ahead = at.saturating_sub(now);
+        assert!(
+            (4_000_000..6_000_000).contains(&ahead),
+            "hint {ahead} ns ahead"
+        );
+    }
+
     #[test]
     fn deadlines_become_hints_when_the_tsc_offset_is_known() {
         let path = std::env::temp_dir().join(format!("pvsched-slots-dl-{}", std::process::id()));
@@ -540,18 +556,7 @@ mod tests {
         with.poll(0, 1, &mut a);
         without.poll(0, 1, &mut b);
         assert_eq!(b.len(), 1, "a request, no hint: {b:?}");
-        let Some(Event {
-            what: VcpuEvent::DeadlineHint(Some(at)),
-            ..
-        }) = a.get(1)
-        else {
-            panic!("no hint: {a:?}");
-        };
-        let ahead = at.saturating_sub(now);
-        assert!(
-            (4_000_000..6_000_000).contains(&ahead),
-            "hint {ahead} ns ahead"
-        );
+        assert_hint_ahead(&a, now);
         // The same deadline again gives no second hint.
         g.store_u32(off::SEQ, 2);
         a.clear();
@@ -603,18 +608,7 @@ mod tests {
                 .all(|e| !matches!(e.what, VcpuEvent::DeadlineHint(_))),
             "{b:?}"
         );
-        let Some(Event {
-            what: VcpuEvent::DeadlineHint(Some(at)),
-            ..
-        }) = a.get(1)
-        else {
-            panic!("no hint: {a:?}");
-        };
-        let ahead = at.saturating_sub(now);
-        assert!(
-            (4_000_000..6_000_000).contains(&ahead),
-            "hint {ahead} ns ahead"
-        );
+        assert_hint_ahead(&a, now);
         let (est, n) = stamped.estimated_offset().unwrap();
         assert_eq!(n, 1);
         assert!(est <= off && est > off - khz as i64, "{est} vs {off}");
