@@ -125,7 +125,7 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         let run = &c["runs"][0];
         let guest = run["guest_rings"]
             .as_u64()
-            .expect("the module printed its counts");
+            .unwrap_or_else(|| panic!("the module printed its counts: {c}"));
         assert_eq!(run["doorbells"].as_u64().unwrap(), guest, "{c}");
         // On the idle host the quiet gate may boost nothing (and then tells the guest not to
         // ring); under stress-ng the guest rings and the daemon boosts.
@@ -138,7 +138,7 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         // in its own time from the guest's clock stamps).
         let hints = run["guest_hints"]
             .as_u64()
-            .expect("the module printed its hints");
+            .unwrap_or_else(|| panic!("the module printed its hints: {c}"));
         if c["policy"] == "module/deadline" {
             assert!(hints > 0, "{c}");
             if c["busy"] == true {

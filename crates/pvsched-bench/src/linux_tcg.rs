@@ -174,6 +174,10 @@ pub struct TcgRun {
     /// ms (`module/deadline`).
     #[serde(default)]
     pub deadline_boosted_ms: f64,
+    /// The end of the guest's console when the module was loaded but its counts are missing
+    /// (it failed to load, or the guest did not get to unload it): the report's evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_tail: Option<String>,
 }
 
 /// The guest module's `pvsched_guest: total rings N ...` line on the console.
@@ -419,6 +423,9 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                 deadline_ms,
             )
         });
+    let guest_rings = parse_guest_rings(&text);
+    let module = policy.starts_with("module");
+    let console_tail = (module && guest_rings.is_none()).then(|| console_tail(&text, 1500));
     Ok(TcgRun {
         threads,
         stress_ng_ops,
@@ -426,9 +433,10 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         host_events,
         engine_cpu_percent: cpu,
         doorbells,
-        guest_rings: parse_guest_rings(&text),
+        guest_rings,
         guest_hints: parse_guest_hints(&text),
         deadline_boosted_ms: deadline_ms,
+        console_tail,
     })
 }
 
@@ -532,6 +540,13 @@ pub fn run(
                     )
                 },
             )?;
+            if run.console_tail.is_some() {
+                progress(
+                    done,
+                    total,
+                    &format!("{label}: the guest module printed no counts (console in the JSON)"),
+                );
+            }
             cell.runs.push(run);
             cell.boot_retries += retries;
             done += 1;
