@@ -80,6 +80,12 @@ pub struct DaemonArgs {
     /// turn, at no extra CPU share. Taken back when the daemon lets the thread go.
     #[arg(long, value_name = "DURATION", value_parser = pvsched_daemon::config::parse_base_slice)]
     pub base_slice: Option<u64>,
+    /// Keep the main thread of each attached VM's process (not a vCPU thread) on an EEVDF
+    /// custom slice of this length, e.g. 100us: under QEMU TCG that thread runs the guest's
+    /// timers and wakes the vCPUs. Not a boost: no real-time class and no extra CPU share.
+    /// Taken back when the daemon lets the VM go.
+    #[arg(long, value_name = "DURATION", value_parser = pvsched_daemon::config::parse_vmm_slice)]
+    pub vmm_slice: Option<u64>,
     /// Owner (effective uid) whose VMs may be boosted (repeatable; default: root only).
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uids: Vec<u32>,
@@ -138,7 +144,9 @@ pub enum BenchGuest {
     Testbed,
     /// A Linux guest (guest/linux/build.sh) under QEMU TCG running cyclictest: idle /
     /// stress-ng host × none / static / daemon (host-only, sched_waking) / slice (host-only, a
-    /// static EEVDF custom slice) / module (the pvsched guest module).
+    /// static EEVDF custom slice) / module (the pvsched guest module, with `dynamic`, with a
+    /// base slice, with `deadline-aware`) / slice/vmm and module/vmm (QEMU's main thread on a
+    /// custom slice too).
     LinuxTcg,
 }
 
@@ -197,15 +205,18 @@ pub struct BenchArgs {
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {
-    // `slice`, `module`, `module/slice` and `module/deadline` are columns of `--guest linux-tcg` only (checked against the guest
-    // there).
+    // `slice`, `module`, `module/slice`, `module/deadline`, `slice/vmm` and `module/vmm` are
+    // columns of `--guest linux-tcg` only (checked against the guest there).
     if pvsched_bench::linux_tcg::tcg_only(s) {
         return Ok(s.to_string());
     }
     pvsched_bench::bench::check_policy(s)
         .map(|()| s.to_string())
         .map_err(|e| {
-            format!("{e} (`--guest linux-tcg`: slice, module, module/slice, module/deadline)")
+            format!(
+                "{e} (`--guest linux-tcg`: slice, module, module/slice, module/deadline, \
+                 slice/vmm, module/vmm)"
+            )
         })
 }
 

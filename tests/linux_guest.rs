@@ -64,7 +64,7 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         .args(["--cell-duration", "2s"])
         .args([
             "--policies",
-            "daemon,slice,module,module/slice,module/deadline",
+            "daemon,slice,module,module/slice,module/deadline,module/vmm",
         ])
         .arg("--guest-dir")
         .arg(&dir)
@@ -87,9 +87,9 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         "the plot is written"
     );
     let cells = json["cells"].as_array().unwrap();
-    // none, daemon, slice, module, module/slice and module/deadline, on the busy and the idle
-    // host: each ran its guest to the end.
-    assert_eq!(cells.len(), 12, "{json}");
+    // none, daemon, slice, module, module/slice, module/deadline and module/vmm, on the busy
+    // and the idle host: each ran its guest to the end.
+    assert_eq!(cells.len(), 14, "{json}");
     for c in cells {
         let threads = c["runs"][0]["threads"].as_array().unwrap();
         assert_eq!(threads.len(), 2, "both cyclictest threads reported: {c}");
@@ -119,9 +119,10 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
     }
     // With the module, every doorbell the guest rang reached the daemon (the module's own
     // count, printed when /init unloads it, against the daemon's eventfd count).
-    for c in cells.iter().filter(|c| {
-        c["policy"] == "module" || c["policy"] == "module/slice" || c["policy"] == "module/deadline"
-    }) {
+    for c in cells
+        .iter()
+        .filter(|c| c["policy"].as_str().unwrap().starts_with("module"))
+    {
         let run = &c["runs"][0];
         let guest = run["guest_rings"]
             .as_u64()
@@ -139,7 +140,7 @@ fn the_linux_guest_builds_boots_and_runs_cyclictest_under_the_daemon() {
         let hints = run["guest_hints"]
             .as_u64()
             .unwrap_or_else(|| panic!("the module printed its hints: {c}"));
-        if c["policy"] == "module/deadline" {
+        if c["policy"] == "module/deadline" || c["policy"] == "module/vmm" {
             assert!(hints > 0, "{c}");
             if c["busy"] == true {
                 assert!(run["deadline_boosted_ms"].as_f64().unwrap() > 0.0, "{c}");
@@ -184,6 +185,8 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
         "--host-events",
         "none",
         "--watch",
+        "--vmm-slice",
+        "200us",
     ])
     .arg("--ivshmem")
     .arg(&ivshmem)
@@ -276,6 +279,11 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
         }
     };
     assert_eq!(tids.len(), 2, "both TCG vCPU threads attached");
+    // `--vmm-slice`: QEMU's main thread (its main loop) on a 200 µs custom slice, still a
+    // fair-policy thread.
+    let main = i64::from(qemu.0.id());
+    let slice = |t: i64| pvsched_host::sched::get(t as i32).ok().map(|a| a.runtime);
+    assert_eq!((policy(main), slice(main)), (Some(0), Some(200_000)));
     // Seen from outside: the guest's requests put a vCPU thread at SCHED_FIFO (1).
     let t0 = Instant::now();
     while !tids.iter().any(|&t| policy(t) == Some(1)) {
@@ -313,6 +321,11 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
             "vCPU thread {t} restored to SCHED_OTHER\n{log}"
         );
     }
+    assert_ne!(
+        slice(main),
+        Some(200_000),
+        "QEMU's main thread taken off the VMM slice"
+    );
     let mut q = qemu;
     assert!(
         q.0.try_wait().unwrap().is_none(),

@@ -10,6 +10,15 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// The daemon's custom slices (EEVDF, ns): `--base-slice` and `--vmm-slice`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Slices {
+    /// The vCPU threads' class between boosts.
+    pub base: Option<u64>,
+    /// The VMM process's main thread.
+    pub vmm: Option<u64>,
+}
+
 /// The daemon running in this process for the VM's lifetime.
 pub struct ExternalDaemon {
     worker: Worker<Result<DaemonStatus, DaemonError>>,
@@ -34,7 +43,14 @@ impl ExternalDaemon {
         trace: pvsched_host::trace::TraceConfig,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false, "dynamic", opts, None)
+        Self::start_with(
+            vec![source.into()],
+            trace,
+            false,
+            "dynamic",
+            opts,
+            Slices::default(),
+        )
     }
 
     /// Starts the daemon with driver `driver` and options `opts` on the VM `source`, with the
@@ -45,20 +61,37 @@ impl ExternalDaemon {
         driver: &str,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false, driver, opts, None)
+        Self::start_with(
+            vec![source.into()],
+            trace,
+            false,
+            driver,
+            opts,
+            Slices::default(),
+        )
+    }
+
+    /// [`ExternalDaemon::start_driver_for`] with the custom slices `slices`.
+    pub fn start_driver_with_slices(
+        source: pvsched_daemon::VmSource,
+        trace: pvsched_host::trace::TraceConfig,
+        driver: &str,
+        opts: DriverOptions,
+        slices: Slices,
+    ) -> Result<ExternalDaemon, DaemonError> {
+        Self::start_with(vec![source.into()], trace, false, driver, opts, slices)
     }
 
     /// Starts the daemon as an ivshmem server (no VM given: each QEMU that connects to
     /// [`ExternalDaemon::ivshmem_socket`] is attached when its guest module answers), with the
-    /// host events `trace`, policy driver `driver` with `opts`, and the vCPU threads on a
-    /// custom slice of `base_slice` ns between boosts if given.
+    /// host events `trace`, policy driver `driver` with `opts`, and the custom slices `slices`.
     pub fn start_ivshmem(
         trace: pvsched_host::trace::TraceConfig,
         driver: &str,
         opts: DriverOptions,
-        base_slice: Option<u64>,
+        slices: Slices,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(Vec::new(), trace, true, driver, opts, base_slice)
+        Self::start_with(Vec::new(), trace, true, driver, opts, slices)
     }
 
     /// The ivshmem socket of a daemon started by [`ExternalDaemon::start_ivshmem`].
@@ -72,7 +105,7 @@ impl ExternalDaemon {
         ivshmem: bool,
         driver: &str,
         opts: DriverOptions,
-        base_slice: Option<u64>,
+        slices: Slices,
     ) -> Result<ExternalDaemon, DaemonError> {
         let dir = std::env::temp_dir().join(format!(
             "pvsched-external-{}-{}",
@@ -84,7 +117,8 @@ impl ExternalDaemon {
             trace,
             driver: driver.to_string(),
             opts,
-            base_slice,
+            base_slice: slices.base,
+            vmm_slice: slices.vmm,
             ivshmem: ivshmem.then(|| dir.join("ivshmem.sock")),
             ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))
         };

@@ -8,15 +8,17 @@
 //! module, no host events) / `module/slice` (the same, the vCPU threads on that slice between
 //! boosts: the daemon's `--base-slice 100us`) / `module/deadline` (the daemon serving the
 //! module with driver `deadline-aware`: the module publishes its RT tasks' next timer expiry
-//! and the daemon boosts the vCPU thread just before it), interleaved round by round like the
-//! testbed bench. A guest whose
+//! and the daemon boosts the vCPU thread just before it) / `slice/vmm` (`slice`, and QEMU's main
+//! thread, which runs the guest's timers under TCG, on the same custom slice: the daemon's
+//! `--vmm-slice`) / `module/vmm` (`module/deadline` with both slices: `--base-slice` and
+//! `--vmm-slice`), interleaved round by round like the testbed bench. A guest whose
 //! kernel hangs before it starts `/init` (seen under TCG here, before any pvsched code ran in
 //! the guest) is killed after [`BOOT_LIMIT`] and its cell run again, once; the report counts
 //! such runs. A hang after that (the module loads in `/init`) is not retried: it fails the
 //! bench, showing the end of the console.
 
 use crate::bench::{BenchError, Stat, StressNg};
-use crate::external::ExternalDaemon;
+use crate::external::{ExternalDaemon, Slices};
 use pvsched_host::sched::{SchedClass, SchedGuard};
 use pvsched_policy::DriverOptions;
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,8 @@ pub const TCG_POLICIES: &[&str] = &[
     "module",
     "module/slice",
     "module/deadline",
+    "slice/vmm",
+    "module/vmm",
 ];
 
 /// The custom slice of the `slice` column's class and of the `module/slice` column's base, ns:
@@ -46,7 +50,7 @@ pub const SLICE_NS: u64 = 100_000;
 pub fn tcg_only(policy: &str) -> bool {
     matches!(
         policy,
-        "slice" | "module" | "module/slice" | "module/deadline"
+        "slice" | "module" | "module/slice" | "module/deadline" | "slice/vmm" | "module/vmm"
     )
 }
 
@@ -178,6 +182,15 @@ pub struct TcgRun {
     /// (it failed to load, or the guest did not get to unload it): the report's evidence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_tail: Option<String>,
+    /// Boosts that waited for the host-wide cap (the daemon's `capped`, summed over the vCPUs).
+    #[serde(default)]
+    pub capped: u64,
+    /// Boosts ended to hand a slot of the cap on (`cap_yields`, summed over the vCPUs).
+    #[serde(default)]
+    pub cap_yields: u64,
+    /// Boosts the daemon did not start because the vCPU did not wait for a CPU (the quiet gate).
+    #[serde(default)]
+    pub skipped_quiet: u64,
 }
 
 /// The guest module's `pvsched_guest: total rings N ...` line on the console.
@@ -267,16 +280,21 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
     // alone: with the host-only wake-up source on as well, each module run under stress-ng
     // had a FIFO boost held 50-100 ms (docs: README, "Linux guest").
     let server = match policy {
-        "module" | "module/slice" | "module/deadline" => Some(ExternalDaemon::start_ivshmem(
-            pvsched_host::trace::TraceConfig::none(),
-            if policy == "module/deadline" {
-                "deadline-aware"
-            } else {
-                "dynamic"
-            },
-            opts.clone(),
-            (policy == "module/slice").then_some(SLICE_NS),
-        )?),
+        "module" | "module/slice" | "module/deadline" | "module/vmm" => {
+            Some(ExternalDaemon::start_ivshmem(
+                pvsched_host::trace::TraceConfig::none(),
+                if matches!(policy, "module/deadline" | "module/vmm") {
+                    "deadline-aware"
+                } else {
+                    "dynamic"
+                },
+                opts.clone(),
+                Slices {
+                    base: matches!(policy, "module/slice" | "module/vmm").then_some(SLICE_NS),
+                    vmm: (policy == "module/vmm").then_some(SLICE_NS),
+                },
+            )?)
+        }
         _ => None,
     };
     let stress = if busy {
@@ -352,13 +370,17 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                     opts.clone(),
                 )?);
             }
-            "slice" => {
+            "slice" | "slice/vmm" => {
                 // The daemon's `--daemon-opt`s are for its `dynamic` driver, not this one.
-                daemon = Some(ExternalDaemon::start_driver_for(
+                daemon = Some(ExternalDaemon::start_driver_with_slices(
                     pvsched_daemon::VmSource::Pid(pid),
                     pvsched_host::trace::TraceConfig::none(),
                     "static",
                     DriverOptions::parse([format!("class=slice:{}us", SLICE_NS / 1000).as_str()])?,
+                    Slices {
+                        base: None,
+                        vmm: (policy == "slice/vmm").then_some(SLICE_NS),
+                    },
                 )?);
             }
             _ => {}
@@ -402,9 +424,15 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
     // The VM may have been detached already (QEMU gone, or the module unloaded): its last
     // figures are in `detached`.
     let deadline = pvsched_policy::Cause::Deadline.index();
+    let mut cap = [0u64; 3];
     let (boosts, host_events, doorbells, cpu, deadline_ms) =
         status.map_or((0, 0, 0, 0.0, 0.0), |s| {
             let vms = || s.vms.iter().chain(&s.detached);
+            for c in vms().flat_map(|v| v.vm.vcpus.iter()) {
+                cap[0] += c.capped;
+                cap[1] += c.cap_yields;
+                cap[2] += c.skipped_quiet;
+            }
             let boosts = vms()
                 .flat_map(|v| v.vm.vcpus.iter())
                 .map(|c| c.boosts)
@@ -437,6 +465,9 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
         guest_hints: parse_guest_hints(&text),
         deadline_boosted_ms: deadline_ms,
         console_tail,
+        capped: cap[0],
+        cap_yields: cap[1],
+        skipped_quiet: cap[2],
     })
 }
 
@@ -621,7 +652,10 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
          runs); `module/slice`: the same with the vCPU threads on that slice between boosts \
          (`--base-slice 100us`); `module/deadline`: the module with driver `deadline-aware` \
          (the guest publishes its RT tasks' next timer expiry, the daemon boosts ahead of \
-         it).{}\n",
+         it); `slice/vmm`: `slice` with QEMU's main thread (which runs the guest's timers under \
+         TCG) on a custom slice of 100 µs too (`--vmm-slice 100us`); `module/vmm`: \
+         `module/deadline` with the vCPU threads' base slice and QEMU's main thread on 100 µs \
+         slices.{}\n",
         cfg.cpus,
         cfg.cpus,
         cfg.interval_us,

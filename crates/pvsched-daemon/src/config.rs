@@ -14,6 +14,7 @@
 //! ctl_group = 10                      # may read `ctl status` (socket 0660); changes: root only
 //! ivshmem = "/run/pvsched-ivshmem.sock" # serve QEMU ivshmem-doorbell devices (guest module)
 //! base_slice = "100us"                # vCPU threads on an EEVDF custom slice between boosts
+//! vmm_slice = "100us"                 # each VM process's main thread on a custom slice
 //!
 //! [policy]
 //! driver = "dynamic"
@@ -101,6 +102,7 @@ struct DaemonSection {
     ctl_group: Option<u32>,
     ivshmem: Option<PathBuf>,
     base_slice: Option<String>,
+    vmm_slice: Option<String>,
 }
 
 impl Default for DaemonSection {
@@ -119,6 +121,7 @@ impl Default for DaemonSection {
             ctl_group: None,
             ivshmem: None,
             base_slice: None,
+            vmm_slice: None,
         }
     }
 }
@@ -316,15 +319,28 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
             None => None,
             Some(v) => Some(parse_base_slice(&v).map_err(ConfigError::Invalid)?),
         },
+        vmm_slice: match f.daemon.vmm_slice {
+            None => None,
+            Some(v) => Some(parse_slice("vmm_slice", &v).map_err(ConfigError::Invalid)?),
+        },
     })
 }
 
 /// Parses a base slice (`base_slice`, `--base-slice`): a duration from 100 µs to 100 ms.
 pub fn parse_base_slice(s: &str) -> Result<u64, String> {
+    parse_slice("base_slice", s)
+}
+
+/// Parses a VMM slice (`vmm_slice`, `--vmm-slice`): a duration from 100 µs to 100 ms.
+pub fn parse_vmm_slice(s: &str) -> Result<u64, String> {
+    parse_slice("vmm_slice", s)
+}
+
+fn parse_slice(key: &str, s: &str) -> Result<u64, String> {
     match pvsched_policy::options::parse_class(&format!("slice:{s}")) {
         Some(pvsched_policy::BoostClass::Slice(ns)) => Ok(ns),
         _ => Err(format!(
-            "base_slice: {s:?} is not a duration from 100us to 100ms (an EEVDF custom slice)"
+            "{key}: {s:?} is not a duration from 100us to 100ms (an EEVDF custom slice)"
         )),
     }
 }
@@ -426,6 +442,10 @@ mod tests {
         assert_eq!(c.base_slice, None);
         let c = parse("[daemon]\nbase_slice = \"250us\"", Path::new("b.toml")).unwrap();
         assert_eq!(c.base_slice, Some(250_000));
+        let c = parse("[daemon]\nvmm_slice = \"200us\"", Path::new("b.toml")).unwrap();
+        assert_eq!((c.base_slice, c.vmm_slice), (None, Some(200_000)));
+        let e = parse("[daemon]\nvmm_slice = \"5us\"", Path::new("b.toml")).unwrap_err();
+        assert!(e.to_string().contains("vmm_slice"), "{e}");
         for bad in [
             "[daemon]\nbase_slice = \"50us\"",
             "[daemon]\nbase_slice = \"1s\"",

@@ -113,6 +113,13 @@ pub struct DaemonConfig {
     /// thread is detached and when the daemon stops; recorded for crash recovery like a
     /// boost.
     pub base_slice: Option<u64>,
+    /// Give the main thread of each attached VM's process (the thread whose id is the process
+    /// id, when it is not a vCPU thread) an EEVDF custom slice of this many ns (100 µs–100 ms,
+    /// `None`: leave it). Under QEMU TCG that thread runs the guest's timers and wakes the
+    /// vCPUs. A custom slice is not a boost: the thread keeps its policy, nice and CPU share,
+    /// and gets an earlier turn when it wakes (no real-time class ever goes to a non-vCPU
+    /// thread). Taken back at detach and stop; recorded for crash recovery.
+    pub vmm_slice: Option<u64>,
 }
 
 impl DaemonConfig {
@@ -136,6 +143,7 @@ impl DaemonConfig {
             max_boosted: Some(pvsched_host::runtime::default_max_boosted()),
             ivshmem: None,
             base_slice: None,
+            vmm_slice: None,
         }
     }
 }
@@ -186,7 +194,7 @@ pub enum DaemonError {
     #[error("engine runtime")]
     Runtime(#[from] RuntimeError),
     /// The base slice cannot be used on this kernel.
-    #[error("--base-slice / base_slice")]
+    #[error("--base-slice / base_slice or --vmm-slice / vmm_slice")]
     BaseSlice(#[source] pvsched_host::sched::Error),
     /// Waiting for events failed.
     #[error("event loop")]
@@ -200,6 +208,8 @@ struct VmInfo {
     watch: Option<SlotWatch>,
     /// QMP queries that failed in a row (a VM is detached only after [`QMP_FAILURES`]).
     failures: u32,
+    /// Its process's main thread, when given [`DaemonConfig::vmm_slice`].
+    main: Option<i32>,
 }
 
 /// Where an attached VM's slots come from.
@@ -340,7 +350,7 @@ pub fn run(
     let recovery = recover_only(&cfg.state_file)?;
     // Check the policy before touching anything.
     Engine::default().add_vm(0, &cfg.driver, &cfg.opts)?;
-    if let Some(ns) = cfg.base_slice {
+    for ns in [cfg.base_slice, cfg.vmm_slice].into_iter().flatten() {
         pvsched_host::sched::check_supported(&pvsched_host::SchedClass::Slice(ns))
             .map_err(DaemonError::BaseSlice)?;
     }
@@ -591,6 +601,7 @@ impl Daemon<'_> {
                 source,
                 threads: Vec::new(),
                 watch,
+                main: None,
             },
         );
         self.labels
@@ -606,7 +617,41 @@ impl Daemon<'_> {
             );
         let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
         tracing::info!(vm = id, source = %self.vms[&id].source, ?tids, driver = %self.cfg.driver, "attached VM");
-        self.set_threads(id, threads).map(|()| id)
+        self.set_threads(id, threads)?;
+        if let (Some(ns), Some(pid)) = (self.cfg.vmm_slice, process) {
+            self.give_vmm_slice(id, pid, ns);
+        }
+        Ok(id)
+    }
+
+    /// Gives VM `id`'s process main thread `pid` the VMM slice, unless it is one of the VM's
+    /// vCPU threads (which are the runtime's) or another VM's already.
+    fn give_vmm_slice(&mut self, id: u32, pid: i32, ns: u64) {
+        let vcpu = self
+            .vms
+            .values()
+            .any(|v| v.threads.iter().any(|t| t.tid == pid) || v.main == Some(pid));
+        if vcpu || self.based.contains(&pid) {
+            return;
+        }
+        if let Err(e) = self.state.attach(pid) {
+            tracing::warn!(vm = id, tid = pid, error = %e, "VMM slice not given");
+            return;
+        }
+        self.give_base(pid, ns);
+        if self.based.contains(&pid) {
+            tracing::info!(
+                vm = id,
+                tid = pid,
+                slice_ns = ns,
+                "VMM main thread on a custom slice"
+            );
+            if let Some(vm) = self.vms.get_mut(&id) {
+                vm.main = Some(pid);
+            }
+        } else {
+            let _ = self.state.detach(pid);
+        }
     }
 
     /// Makes VM `id`'s thread set `threads`: vanished ones removed (restored), new ones added
@@ -995,11 +1040,13 @@ impl Daemon<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         if let Some(vm) = self.vms.remove(&id) {
-            // The runtime put them back to their base slice, if they had one: now the rest.
+            // The runtime put them back to their base slice, if they had one: now the rest,
+            // and the VMM's main thread.
             let tids: Vec<i32> = vm
                 .threads
                 .iter()
                 .map(|t| t.tid)
+                .chain(vm.main)
                 .filter(|&t| self.take_base(t))
                 .collect();
             self.forget(&tids);

@@ -624,6 +624,65 @@ fn a_base_slice_is_kept_between_boosts_and_taken_back_when_the_daemon_stops() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `vmm_slice`: the VM process's main thread (here the test binary's) gets the custom slice,
+/// its vCPU threads do not (no base slice asked for), and the stop takes it back.
+#[test]
+fn the_vmm_main_thread_gets_the_vmm_slice_and_has_it_taken_back() {
+    let test = "the_vmm_main_thread_gets_the_vmm_slice_and_has_it_taken_back";
+    let Some(_vcpu) = rt_kvm_and_slices(test) else {
+        return;
+    };
+    let main = std::process::id() as i32;
+    let [(t0, _r0), (t1, _r1)] = two_vcpu_threads();
+    let (m, b0, b1) = (
+        sched::get(main).unwrap(),
+        sched::get(t0).unwrap(),
+        sched::get(t1).unwrap(),
+    );
+    let dir = fresh_dir("vmm-slice");
+    let state = dir.join("state.json");
+    let cfg = DaemonConfig {
+        driver: "none".into(),
+        vmm_slice: Some(150_000),
+        ..this_process(&dir)
+    };
+    let (daemon, stop) = start_daemon(cfg);
+    wait_until("the main thread on the VMM slice", || {
+        sched::get(main).unwrap().runtime == 150_000
+    });
+    let now = sched::get(main).unwrap();
+    assert_eq!(
+        (now.policy, now.nice),
+        (m.policy, m.nice),
+        "policy and nice kept"
+    );
+    assert_eq!(
+        sched::get(t0).unwrap(),
+        b0,
+        "a vCPU thread gets no VMM slice"
+    );
+    assert_eq!(sched::get(t1).unwrap(), b1);
+    // Recorded for a crash recovery with the class it had before.
+    let recorded = pvsched_daemon::state::parse_entries(&std::fs::read(&state).unwrap()).unwrap();
+    assert!(
+        recorded.iter().any(|e| e.tid == main && e.original == m),
+        "{recorded:?}"
+    );
+    // Its vCPU threads renamed (no vCPU left): the VM is detached, the slice taken back.
+    for t in [t0, t1] {
+        std::fs::write(format!("/proc/self/task/{t}/comm"), "worker").unwrap();
+    }
+    wait_until("taken back at the detach", || {
+        sched::get(main).unwrap() == m
+    });
+    stop.store(true, Ordering::Release);
+    let status = daemon.join().unwrap().unwrap();
+    assert!(status.unrestored.is_empty(), "{:?}", status.unrestored);
+    assert_eq!(sched::get(main).unwrap(), m);
+    assert!(!state.exists(), "nothing left to recover");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A vCPU thread the daemon lets go while it still runs (its VMM renamed it: it is no vCPU
 /// any more) is taken off the base slice at once; the other keeps it until the stop.
 #[test]
