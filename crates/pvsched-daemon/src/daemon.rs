@@ -624,13 +624,13 @@ impl Daemon<'_> {
         Ok(id)
     }
 
-    /// Gives VM `id`'s process main thread `pid` the VMM slice, unless it is one of the VM's
-    /// vCPU threads (which are the runtime's) or another VM's already.
+    /// Gives VM `id`'s process main thread `pid` the VMM slice, unless it is a vCPU thread
+    /// (the runtime's) or has a slice of the daemon's already (another VM's main thread).
     fn give_vmm_slice(&mut self, id: u32, pid: i32, ns: u64) {
         let vcpu = self
             .vms
             .values()
-            .any(|v| v.threads.iter().any(|t| t.tid == pid) || v.main == Some(pid));
+            .any(|v| v.threads.iter().any(|t| t.tid == pid));
         if vcpu || self.based.contains(&pid) {
             return;
         }

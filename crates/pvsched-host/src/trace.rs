@@ -562,8 +562,8 @@ impl TraceSource {
         // streams cost every wake-up on the host a filtered sample (measured 2026-12-04, a
         // Linux guest under QEMU TCG on the idle host: cyclictest's average 1.15x with the
         // daemon attached host-only, which boosted nothing, in 4 of 4 rounds).
-        let (id, open, wake) = (self.ids.waking, named > 0 && !self.lazy, true);
-        self.replace_cpu_streams(Kind::Waking, open.then_some((WAKING, id, &filter, wake)))
+        let (id, open) = (self.ids.waking, named > 0 && !self.lazy);
+        self.replace_cpu_streams(Kind::Waking, open.then_some((WAKING, id, &filter, true)))
     }
 
     /// Replaces the per-CPU streams of `kind` with new ones opened on every CPU as `new` says
