@@ -86,6 +86,14 @@ pub struct DaemonArgs {
     /// Taken back when the daemon lets the VM go.
     #[arg(long, value_name = "DURATION", value_parser = pvsched_daemon::config::parse_vmm_slice)]
     pub vmm_slice: Option<u64>,
+    /// How the engine thread outranks the vCPU threads it boosts: `fifo` (one FIFO priority
+    /// above the boost class) or `deadline` (a SCHED_DEADLINE reservation of 300 µs per ms
+    /// that may reclaim unused bandwidth: above every FIFO priority and outside real-time
+    /// balancing, so its wake-ups do not get a boosted vCPU pushed onto another CPU; FIFO
+    /// where the kernel refuses it). With `deadline` the vCPUs stay apart more often: their
+    /// boosts then help more and take more from the host (README, docs/policy.md).
+    #[arg(long, value_name = "fifo|deadline", default_value = "fifo")]
+    pub engine_class: pvsched_host::mechanism::EngineClass,
     /// Owner (effective uid) whose VMs may be boosted (repeatable; default: root only).
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uids: Vec<u32>,
@@ -381,6 +389,14 @@ pub struct VmArgs {
     /// deadline first): a number, `auto` (host CPUs − 1, at least 1) or `off`.
     #[arg(long, value_name = "N|auto|off", default_value = "auto", value_parser = parse_max_boosted)]
     pub max_boosted: MaxBoosted,
+    /// How the engine thread outranks the vCPU threads it boosts: `fifo` (one FIFO priority
+    /// above the boost class) or `deadline` (a SCHED_DEADLINE reservation of 300 µs per ms
+    /// that may reclaim unused bandwidth: above every FIFO priority and outside real-time
+    /// balancing, so its wake-ups do not get a boosted vCPU pushed onto another CPU; FIFO
+    /// where the kernel refuses it). With `deadline` the vCPUs stay apart more often: their
+    /// boosts then help more and take more from the host (README, docs/policy.md).
+    #[arg(long, value_name = "fifo|deadline", default_value = "fifo")]
+    pub engine_class: pvsched_host::mechanism::EngineClass,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
     /// expiries when the guest does not speak the protocol (`--pv off`) and the policy is
     /// `dynamic`; with the protocol the vCPU threads see the guest's requests themselves,

@@ -114,6 +114,7 @@ fn from_args(args: DaemonArgs) -> Result<DaemonConfig, CliError> {
         max_boosted: args.max_boosted.0,
         base_slice: args.base_slice,
         vmm_slice: args.vmm_slice,
+        engine_class: args.engine_class,
     })
 }
 

@@ -181,6 +181,7 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
                 BoostWhen::Always => None,
             },
             max_boosted: args.max_boosted.0,
+            engine_class: args.engine_class,
         },
         host_events: match args.host_events {
             // `v3-default` deboosts a halted guest to SCHED_IDLE: only a host-side wake-up

@@ -8,6 +8,7 @@
 use crate::engine_host::PolicyConfig;
 use crate::experiment::{self, ExperimentConfig, Report};
 use crate::hist::LatencyHistogram;
+use pvsched_host::mechanism::EngineClass;
 use pvsched_host::pressure::QuietGate;
 use pvsched_policy::DriverOptions;
 use pvsched_vmm::pvdevice::PvConfig;
@@ -66,12 +67,31 @@ pub fn policy_driver(name: &str) -> (String, DriverOptions) {
     (driver, with_extra_options(name, opts))
 }
 
-/// `opts` with the options after each `+` of `name` (a later one wins).
+/// The option of a bench policy name that is not a driver's: `+engine=fifo|deadline`, how
+/// the engine thread (and the run's controller, and the `daemon` column's engine) outranks
+/// the boosted vCPUs, so that both can run side by side.
+const ENGINE_KEY: &str = "engine";
+
+/// `opts` with the driver options after each `+` of `name` (a later one wins).
 fn with_extra_options(name: &str, opts: DriverOptions) -> DriverOptions {
     name.split('+')
         .skip(1)
         .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k != ENGINE_KEY)
         .fold(opts, |o, (k, v)| o.set(k, v))
+}
+
+/// How the engine thread of bench policy `name` outranks the vCPUs it boosts: its
+/// `+engine=` option (a later one wins), else the default.
+pub fn policy_engine_class(name: &str) -> Result<EngineClass, String> {
+    name.split('+')
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == ENGINE_KEY)
+        .last()
+        .map_or(Ok(EngineClass::default()), |(_, v)| {
+            v.parse().map_err(|e| format!("bench policy `{name}`: {e}"))
+        })
 }
 
 /// The driver options of the `daemon` column's daemon (its driver is `dynamic`).
@@ -98,6 +118,7 @@ pub fn check_policy(name: &str) -> Result<(), String> {
             "bench policy `{name}`: `{bad}` is not a driver option (key=value)"
         ));
     }
+    policy_engine_class(name)?;
     let (driver, opts) = match daemon_options(name) {
         Some(opts) => ("dynamic".into(), opts),
         None => policy_driver(name),
@@ -366,6 +387,8 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
                 opts,
                 quiet_gate: Some(QuietGate::default()),
                 max_boosted: policy_cap(&key.policy),
+                // Checked with the policy names.
+                engine_class: policy_engine_class(&key.policy).unwrap_or_default(),
             }
         },
         // The guest speaks the protocol: its vCPU threads see its requests at their exits.
@@ -820,6 +843,8 @@ mod tests {
             "dynamic+repay_on=boost",
             "daemon+irq_hold=100us",
             "static+class=fifo:5",
+            "deadline-aware+engine=deadline",
+            "daemon+engine=fifo+irq_hold=100us",
         ] {
             assert_eq!(check_policy(ok), Ok(()), "{ok}");
         }
@@ -841,6 +866,23 @@ mod tests {
             "{e}"
         );
         assert!(err("none+class=fifo:5").contains("class"));
+        let e = err("deadline-aware+engine=rt");
+        assert!(e.contains("engine class `rt`"), "{e}");
+    }
+
+    #[test]
+    fn the_engine_class_is_a_bench_option_not_a_drivers() {
+        assert_eq!(policy_engine_class("deadline-aware"), Ok(EngineClass::Fifo));
+        assert_eq!(
+            policy_engine_class("deadline-aware+engine=deadline+lead=30us"),
+            Ok(EngineClass::Deadline)
+        );
+        let (_, o) = policy_driver("deadline-aware+engine=deadline+lead=30us");
+        assert_eq!((o.get("engine"), o.get("lead")), (None, Some("30us")));
+        assert_eq!(
+            daemon_options("daemon+engine=deadline"),
+            Some(DriverOptions::new())
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use pvsched_guest::mailbox::{pv_status, Mailbox};
 pub use pvsched_host::mechanism::helper_class;
+use pvsched_host::mechanism::EngineClass;
 use pvsched_host::pressure::QuietGate;
 use pvsched_host::runtime::{Cost, Status};
 use pvsched_host::stats::LatencyStats;
@@ -26,6 +27,9 @@ pub struct PolicyConfig {
     pub quiet_gate: Option<QuietGate>,
     /// At most this many vCPUs boosted at once (`None`: no cap).
     pub max_boosted: Option<usize>,
+    /// How the engine thread (and the run's controller, and an external daemon's engine)
+    /// outranks the boosted vCPUs.
+    pub engine_class: EngineClass,
 }
 
 impl Default for PolicyConfig {
@@ -35,6 +39,7 @@ impl Default for PolicyConfig {
             opts: DriverOptions::new(),
             quiet_gate: None,
             max_boosted: None,
+            engine_class: EngineClass::default(),
         }
     }
 }
@@ -184,6 +189,7 @@ impl HostLoop {
                 trace,
                 policy.quiet_gate,
                 policy.max_boosted,
+                policy.engine_class,
             )?,
             driver: policy.driver.clone(),
         })
@@ -293,6 +299,7 @@ mod tests {
             opts: DriverOptions::parse(["class=rr:20"]).unwrap(),
             quiet_gate: None,
             max_boosted: None,
+            engine_class: EngineClass::default(),
         };
         assert_eq!(p.boost_class(), Some(BoostClass::Rr(20)));
         assert_eq!(PolicyConfig::default().boost_class(), None);

@@ -453,7 +453,10 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     // drain the rings or stop the run on time. Started after the vCPU threads so they do
     // not inherit it; restored when the guard drops.
     let external = match &cfg.external_daemon {
-        Some(opts) => Some(crate::external::ExternalDaemon::start(opts.clone())?),
+        Some(opts) => Some(crate::external::ExternalDaemon::start(
+            opts.clone(),
+            cfg.policy.engine_class,
+        )?),
         None => None,
     };
     let controller_needs = cfg
@@ -461,8 +464,18 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         .and_then(controller_class)
         .or_else(|| cfg.policy.boost_class().map(helper_class))
         .or_else(|| external.as_ref().map(|_| helper_class(Default::default())));
+    // Like the engine thread (`PolicyConfig::engine_class`): with `deadline`, a reservation
+    // where the kernel admits it, so that waking every drain period on a boosted vCPU's CPU
+    // does not get that vCPU pushed away by real-time balancing.
     let controller = match controller_needs {
-        Some(class) => Some(SchedGuard::apply(pvsched_vmm::vcpu::gettid(), class)?),
+        Some(class) => Some(
+            pvsched_host::mechanism::outrank_vcpus(
+                pvsched_vmm::vcpu::gettid(),
+                cfg.policy.engine_class,
+                class,
+            )?
+            .0,
+        ),
         None => None,
     };
     let mut hists: Vec<LatencyHistogram> = (0..running.vcpus())

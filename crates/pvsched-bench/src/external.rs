@@ -5,6 +5,7 @@
 use crate::engine_host::HostLoopReport;
 use crate::worker::Worker;
 use pvsched_daemon::{DaemonConfig, DaemonError, DaemonStatus};
+use pvsched_host::mechanism::EngineClass;
 use pvsched_policy::DriverOptions;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -28,11 +29,19 @@ pub struct ExternalDaemon {
 impl ExternalDaemon {
     /// Starts the daemon (driver `dynamic` with options `opts`, LAPIC-timer tracepoints) on
     /// this process's vCPU threads and waits until it has attached them.
-    pub fn start(opts: DriverOptions) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_for(
-            pvsched_daemon::VmSource::Pid(std::process::id() as i32),
+    /// Its engine thread outranks the vCPUs it boosts as `engine_class` says.
+    pub fn start(
+        opts: DriverOptions,
+        engine_class: EngineClass,
+    ) -> Result<ExternalDaemon, DaemonError> {
+        Self::start_with(
+            vec![pvsched_daemon::VmSource::Pid(std::process::id() as i32).into()],
             pvsched_host::trace::TraceConfig::default(),
+            false,
+            "dynamic",
             opts,
+            Slices::default(),
+            engine_class,
         )
     }
 
@@ -50,6 +59,7 @@ impl ExternalDaemon {
             "dynamic",
             opts,
             Slices::default(),
+            EngineClass::default(),
         )
     }
 
@@ -68,6 +78,7 @@ impl ExternalDaemon {
             driver,
             opts,
             Slices::default(),
+            EngineClass::default(),
         )
     }
 
@@ -79,7 +90,15 @@ impl ExternalDaemon {
         opts: DriverOptions,
         slices: Slices,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(vec![source.into()], trace, false, driver, opts, slices)
+        Self::start_with(
+            vec![source.into()],
+            trace,
+            false,
+            driver,
+            opts,
+            slices,
+            EngineClass::default(),
+        )
     }
 
     /// Starts the daemon as an ivshmem server (no VM given: each QEMU that connects to
@@ -91,7 +110,15 @@ impl ExternalDaemon {
         opts: DriverOptions,
         slices: Slices,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(Vec::new(), trace, true, driver, opts, slices)
+        Self::start_with(
+            Vec::new(),
+            trace,
+            true,
+            driver,
+            opts,
+            slices,
+            EngineClass::default(),
+        )
     }
 
     /// The ivshmem socket of a daemon started by [`ExternalDaemon::start_ivshmem`].
@@ -106,6 +133,7 @@ impl ExternalDaemon {
         driver: &str,
         opts: DriverOptions,
         slices: Slices,
+        engine_class: EngineClass,
     ) -> Result<ExternalDaemon, DaemonError> {
         let dir = std::env::temp_dir().join(format!(
             "pvsched-external-{}-{}",
@@ -119,6 +147,7 @@ impl ExternalDaemon {
             opts,
             base_slice: slices.base,
             vmm_slice: slices.vmm,
+            engine_class,
             ivshmem: ivshmem.then(|| dir.join("ivshmem.sock")),
             ..DaemonConfig::new(vms, dir.join("ctl.sock"), dir.join("state.json"))
         };

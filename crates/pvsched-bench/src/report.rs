@@ -269,6 +269,15 @@ pub fn render(r: &Report) -> String {
             c.quiet_s,
             c.self_contended_s
         );
+        if c.engine_deadline {
+            let _ = writeln!(
+                s,
+                "Engine thread: SCHED_DEADLINE reservation ({} µs every {} µs, reclaiming), \
+                 above every boost",
+                pvsched_host::mechanism::HELPER_RUNTIME_NS / 1000,
+                pvsched_host::mechanism::HELPER_PERIOD_NS / 1000
+            );
+        }
         if c.source_pauses > 0 {
             let _ = writeln!(
                 s,

@@ -30,6 +30,7 @@ fn policy(driver: &str, opts: &[&str]) -> PolicyConfig {
         opts: DriverOptions::parse(opts.iter().copied()).unwrap(),
         quiet_gate: None,
         max_boosted: None,
+        engine_class: Default::default(),
     }
 }
 

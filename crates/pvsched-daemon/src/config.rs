@@ -15,6 +15,7 @@
 //! ivshmem = "/run/pvsched-ivshmem.sock" # serve QEMU ivshmem-doorbell devices (guest module)
 //! base_slice = "100us"                # vCPU threads on an EEVDF custom slice between boosts
 //! vmm_slice = "100us"                 # each VM process's main thread on a custom slice
+//! engine_class = "fifo"               # engine thread above the boosts: "fifo" or "deadline"
 //!
 //! [policy]
 //! driver = "dynamic"
@@ -103,6 +104,7 @@ struct DaemonSection {
     ivshmem: Option<PathBuf>,
     base_slice: Option<String>,
     vmm_slice: Option<String>,
+    engine_class: Option<String>,
 }
 
 impl Default for DaemonSection {
@@ -122,6 +124,7 @@ impl Default for DaemonSection {
             ivshmem: None,
             base_slice: None,
             vmm_slice: None,
+            engine_class: None,
         }
     }
 }
@@ -323,6 +326,12 @@ pub fn parse(text: &str, path: &std::path::Path) -> Result<DaemonConfig, ConfigE
             None => None,
             Some(v) => Some(parse_slice("vmm_slice", &v).map_err(ConfigError::Invalid)?),
         },
+        engine_class: match f.daemon.engine_class {
+            None => Default::default(),
+            Some(v) => v
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("engine_class: {e}")))?,
+        },
     })
 }
 
@@ -440,8 +449,16 @@ mod tests {
         assert_eq!(c.driver, "dynamic");
         assert!(c.trace.timer_expiry && c.metrics.is_none() && c.vms.is_empty());
         assert_eq!(c.base_slice, None);
+        assert_eq!(c.engine_class, pvsched_host::mechanism::EngineClass::Fifo);
         let c = parse("[daemon]\nbase_slice = \"250us\"", Path::new("b.toml")).unwrap();
         assert_eq!(c.base_slice, Some(250_000));
+        let c = parse("[daemon]\nengine_class = \"deadline\"", Path::new("e.toml")).unwrap();
+        assert_eq!(
+            c.engine_class,
+            pvsched_host::mechanism::EngineClass::Deadline
+        );
+        let e = parse("[daemon]\nengine_class = \"rt\"", Path::new("e.toml")).unwrap_err();
+        assert!(e.to_string().contains("engine_class"), "{e}");
         let c = parse("[daemon]\nvmm_slice = \"200us\"", Path::new("b.toml")).unwrap();
         assert_eq!((c.base_slice, c.vmm_slice), (None, Some(200_000)));
         let e = parse("[daemon]\nvmm_slice = \"5us\"", Path::new("b.toml")).unwrap_err();

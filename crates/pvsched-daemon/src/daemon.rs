@@ -120,6 +120,8 @@ pub struct DaemonConfig {
     /// and gets an earlier turn when it wakes (no real-time class ever goes to a non-vCPU
     /// thread). Taken back at detach and stop; recorded for crash recovery.
     pub vmm_slice: Option<u64>,
+    /// How the engine thread outranks the vCPUs it boosts (`--engine-class`).
+    pub engine_class: pvsched_host::mechanism::EngineClass,
 }
 
 impl DaemonConfig {
@@ -142,6 +144,7 @@ impl DaemonConfig {
             quiet_gate: Some(pvsched_host::pressure::QuietGate::default()),
             max_boosted: Some(pvsched_host::runtime::default_max_boosted()),
             ivshmem: None,
+            engine_class: Default::default(),
             base_slice: None,
             vmm_slice: None,
         }
@@ -390,6 +393,7 @@ pub fn run(
         sources,
         quiet_gate: cfg.quiet_gate,
         max_boosted: cfg.max_boosted,
+        engine_class: cfg.engine_class,
         // Foreign threads: a vCPU id reused after its thread exited is never touched.
         applier: std::sync::Arc::new(VerifiedApplier::default()),
         ..RuntimeConfig::default()

@@ -50,7 +50,11 @@
 //! restores while unwinding). After the runtime stopped, vCPU handles do nothing.
 
 use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
-use crate::mechanism::{helper_class, sched_class, Publisher};
+use crate::mechanism::{helper_class, helper_deadline, sched_class, EngineClass, Publisher};
+
+/// `Shared::engine_prio` of an engine thread on its deadline reservation: above every FIFO
+/// priority, so it is never raised again.
+const ENGINE_DEADLINE: u32 = 100;
 use crate::pressure::{cpu_idle_ns, CpuBusy, OthersVerdict, QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
@@ -434,8 +438,10 @@ struct Shared {
     wake: EventFd,
     stopped: AtomicBool,
     engine_tid: AtomicU32,
-    /// FIFO priority the engine thread runs at (0: normal).
+    /// The engine thread's real-time priority (0: not raised yet; [`ENGINE_DEADLINE`]: a
+    /// deadline reservation, above them all).
     engine_prio: AtomicU32,
+    engine_class: EngineClass,
     grace: Nanos,
     /// See [`RuntimeConfig::active`].
     active: Nanos,
@@ -499,7 +505,7 @@ impl Shared {
     }
 
     /// The core, waiting for it: the holder (a vCPU thread preempted inside its hook, say)
-    /// inherits the waiting thread's real-time priority until it lets go.
+    /// inherits the waiting thread's class until it lets go.
     fn lock(&self) -> CoreGuard<'_> {
         let g = self.core.lock();
         self.held(g)
@@ -818,7 +824,9 @@ impl Shared {
         fixed
     }
 
-    /// Raises the engine thread above `class` if it is not already.
+    /// Raises the engine thread above `class` if it is not already: to a deadline reservation
+    /// ([`helper_deadline`], above every real-time priority) where the kernel admits it, else
+    /// one FIFO priority above `class`.
     fn outrank(&self, class: BoostClass) {
         let SchedClass::Fifo(p) = helper_class(class) else {
             return;
@@ -827,10 +835,16 @@ impl Shared {
             return;
         }
         let tid = self.engine_tid.load(Ordering::Acquire) as i32;
-        if tid != 0 {
-            if let Err(e) = self.applier.set(tid, &SchedClass::Fifo(p).attr()) {
-                self.note_error(format!("engine thread: {e}"));
-            }
+        if tid == 0 {
+            return;
+        }
+        if self.engine_class == EngineClass::Deadline
+            && self.applier.set(tid, &helper_deadline()).is_ok()
+        {
+            self.engine_prio
+                .fetch_max(ENGINE_DEADLINE, Ordering::AcqRel);
+        } else if let Err(e) = self.applier.set(tid, &SchedClass::Fifo(p).attr()) {
+            self.note_error(format!("engine thread: {e}"));
         }
     }
 }
@@ -1364,6 +1378,8 @@ pub struct RuntimeConfig {
     /// How long a boost keeps its slot of the cap while another waits, ns (see
     /// [`pvsched_policy::engine::CAP_QUANTUM_NS`], the default).
     pub cap_quantum: Nanos,
+    /// How the engine thread outranks the vCPUs it boosts.
+    pub engine_class: EngineClass,
 }
 
 /// The cap on vCPUs boosted at once that leaves the host a CPU: host CPUs − 1, at least 1.
@@ -1387,6 +1403,7 @@ impl Default for RuntimeConfig {
             quiet_gate: None,
             max_boosted: None,
             cap_quantum: pvsched_policy::engine::CAP_QUANTUM_NS,
+            engine_class: EngineClass::default(),
         }
     }
 }
@@ -1440,6 +1457,7 @@ impl Runtime {
             stopped: AtomicBool::new(false),
             engine_tid: AtomicU32::new(0),
             engine_prio: AtomicU32::new(0),
+            engine_class: cfg.engine_class,
             grace: cfg.grace,
             active: cfg.active,
             errors: Mutex::new(VecDeque::new()),
@@ -2623,6 +2641,7 @@ impl Loop {
                 } else {
                     0.0
                 },
+                engine_deadline: self.shared.engine_prio.load(Ordering::Acquire) == ENGINE_DEADLINE,
                 wakeups: self.stats.wakeups,
                 wakeups_per_s: per_s(self.stats.wakeups),
                 idle_wakeups: self.stats.idle_wakeups,
@@ -2681,6 +2700,11 @@ pub struct Cost {
     pub engine_cpu_s: f64,
     /// The engine thread's CPU, percent of one core.
     pub engine_cpu_percent: f64,
+    /// The engine thread runs on its deadline reservation
+    /// ([`crate::mechanism::helper_deadline`]); false: at a FIFO priority above the classes
+    /// it applied, or not raised (nothing real-time applied yet).
+    #[serde(default)]
+    pub engine_deadline: bool,
     /// Wake-ups of the engine thread.
     pub wakeups: u64,
     /// Wake-ups per second.

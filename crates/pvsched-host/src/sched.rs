@@ -226,8 +226,8 @@ impl SchedAttr {
         libc::sched_attr {
             size: std::mem::size_of::<libc::sched_attr>() as u32,
             sched_policy: self.policy,
-            // Only flags that describe the class; reset-on-fork is kept.
-            sched_flags: self.flags & SCHED_FLAG_RESET_ON_FORK,
+            // Only flags that describe the class: reset-on-fork and deadline reclaiming.
+            sched_flags: self.flags & (SCHED_FLAG_RESET_ON_FORK | SCHED_FLAG_RECLAIM),
             sched_nice: self.nice,
             sched_priority: self.priority,
             sched_runtime: self.runtime,
@@ -268,6 +268,30 @@ impl fmt::Display for SchedAttr {
 }
 
 const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+/// A `SCHED_DEADLINE` thread may run on bandwidth other deadline threads leave unused (GRUB)
+/// once its own runtime is spent, instead of waiting for its next period.
+const SCHED_FLAG_RECLAIM: u64 = 0x02;
+
+impl SchedAttr {
+    /// `SCHED_DEADLINE` with `runtime_ns` every `period_ns` (deadline = period), reclaiming
+    /// unused bandwidth and reset to `SCHED_OTHER` in any thread it creates (a deadline thread
+    /// may not fork otherwise).
+    pub fn reclaiming_deadline(runtime_ns: u64, period_ns: u64) -> SchedAttr {
+        SchedAttr {
+            policy: SCHED_DEADLINE,
+            flags: SCHED_FLAG_RESET_ON_FORK | SCHED_FLAG_RECLAIM,
+            runtime: runtime_ns,
+            deadline: period_ns,
+            period: period_ns,
+            ..SchedAttr::default()
+        }
+    }
+
+    /// True for `SCHED_DEADLINE`.
+    pub fn is_deadline(&self) -> bool {
+        self.policy == SCHED_DEADLINE
+    }
+}
 
 /// Reads the scheduling attributes of thread `tid`.
 pub fn get(tid: i32) -> Result<SchedAttr, Error> {
@@ -443,6 +467,34 @@ impl SchedGuard {
     /// The thread id.
     pub fn tid(&self) -> i32 {
         self.tid
+    }
+
+    /// Records `tid`'s attributes, then sets `first`, or `fallback` when the kernel refuses
+    /// `first` (for a helper thread: a deadline reservation where admission control has room
+    /// and the thread may run on every CPU, else a real-time priority). Returns which was set.
+    pub fn apply_either(
+        tid: i32,
+        first: &SchedAttr,
+        fallback: SchedClass,
+    ) -> Result<(Self, SchedAttr), Error> {
+        let original = get(tid)?;
+        let set_attr = match set(tid, first) {
+            Ok(()) => *first,
+            Err(Error::NoThread { tid }) => return Err(Error::NoThread { tid }),
+            Err(_) => {
+                let attr = fallback.attr();
+                set(tid, &attr)?;
+                attr
+            }
+        };
+        Ok((
+            SchedGuard {
+                tid,
+                original,
+                restored: false,
+            },
+            set_attr,
+        ))
     }
 
     /// The attributes the thread had before.
@@ -691,6 +743,52 @@ mod tests {
             }
             Err(e) => panic!("{e}: {:?}", std::error::Error::source(&e)),
         }
+        drop(parked);
+    }
+
+    /// A helper's class: the reclaiming deadline reservation where admitted, else the FIFO
+    /// fallback (always for a reservation the kernel rejects outright: runtime above period),
+    /// and the original back on restore.
+    #[test]
+    fn a_helper_gets_its_deadline_reservation_or_the_fifo_fallback() {
+        let parked = pvsched_testutil::ParkedThread::spawn();
+        let tid = parked.tid();
+        let before = get(tid).unwrap();
+        let skip = |e: &Error| {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED a_helper_gets_its_deadline_reservation_or_the_fifo_fallback: {e}"
+            );
+        };
+        // Rejected outright (EINVAL): the fallback, whatever the bandwidth left.
+        let invalid = SchedAttr::reclaiming_deadline(2_000_000, 1_000_000);
+        match SchedGuard::apply_either(tid, &invalid, SchedClass::Fifo(11)) {
+            Ok((g, attr)) => {
+                assert_eq!(attr, SchedClass::Fifo(11).attr());
+                assert_eq!(get(tid).unwrap().priority, 11);
+                g.restore().unwrap();
+                assert_eq!(get(tid).unwrap(), before);
+            }
+            Err(e @ Error::Permission { .. }) => return skip(&e),
+            Err(e) => panic!("{e}"),
+        }
+        let helper = SchedAttr::reclaiming_deadline(300_000, 1_000_000);
+        let (g, attr) = SchedGuard::apply_either(tid, &helper, SchedClass::Fifo(11)).unwrap();
+        let now = get(tid).unwrap();
+        if attr.is_deadline() {
+            assert!(now.is_deadline(), "{now}");
+            assert_eq!((now.runtime, now.period), (300_000, 1_000_000));
+            assert_eq!(
+                now.flags & (SCHED_FLAG_RECLAIM | SCHED_FLAG_RESET_ON_FORK),
+                SCHED_FLAG_RECLAIM | SCHED_FLAG_RESET_ON_FORK
+            );
+        } else {
+            // No deadline bandwidth left on this host (EBUSY): the fallback took.
+            assert_eq!((now.policy, now.priority), (libc::SCHED_FIFO as u32, 11));
+        }
+        g.restore().unwrap();
+        assert_eq!(get(tid).unwrap(), before);
         drop(parked);
     }
 

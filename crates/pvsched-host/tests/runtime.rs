@@ -2,6 +2,7 @@
 //! threads and real time.
 
 use pvsched_host::clock::mono_ns;
+use pvsched_host::mechanism::EngineClass;
 use pvsched_host::pressure::QuietGate;
 use pvsched_host::runtime::{
     Applier, EventSource, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle, VmParts,
@@ -36,6 +37,8 @@ struct FakeKernel {
     own_held: AtomicBool,
     /// Changes of a thread the kernel refuses next: how many, with which errno.
     refuse: Mutex<HashMap<i32, (u32, i32)>>,
+    /// While set, every `SCHED_DEADLINE` change is refused (`EBUSY`: admission control full).
+    refuse_deadline: AtomicBool,
 }
 
 fn gettid() -> i32 {
@@ -117,6 +120,13 @@ impl Applier for FakeKernel {
         Ok(self.attr(tid))
     }
     fn set(&self, tid: i32, attr: &SchedAttr) -> Result<(), sched::Error> {
+        if attr.is_deadline() && self.refuse_deadline.load(Ordering::Acquire) {
+            return Err(sched::Error::Set {
+                tid,
+                class: attr.to_string(),
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            });
+        }
         if let Some((n, errno)) = self.refuse.lock().unwrap().get_mut(&tid) {
             if *n > 0 {
                 *n -= 1;
@@ -1109,7 +1119,13 @@ fn boosted_time_is_repaid_then_the_original_restored() {
 
 #[test]
 fn control_requests_change_the_engine_and_restore() {
-    let s = setup();
+    let s = setup_with(RuntimeConfig {
+        engine_class: EngineClass::Deadline,
+        ..RuntimeConfig::default()
+    });
+    // No room for the engine thread's deadline reservation: it falls back to FIFO priorities
+    // above each class it applies (checked at the end), as with `EngineClass::Fifo`.
+    s.kernel.refuse_deadline.store(true, Ordering::Release);
     s.h.add_vm(0, "static", &DriverOptions::new(), no_parts())
         .unwrap();
     s.h.add_vm(1, "none", &DriverOptions::new(), no_parts())
@@ -1171,6 +1187,59 @@ fn control_requests_change_the_engine_and_restore() {
         .map(|(_, a, _)| a.priority)
         .max();
     assert_eq!(engine_prio, Some(31));
+}
+
+/// With `EngineClass::Deadline`, where the kernel admits it, the engine thread takes its
+/// deadline reservation at its first real-time boost and keeps it: a higher FIFO class later
+/// needs no change of its own. By default it takes FIFO priorities (the control test above,
+/// and here as a control).
+#[test]
+fn the_engine_thread_takes_a_deadline_reservation_above_every_boost() {
+    let fifo = setup();
+    fifo.h
+        .add_vm(0, "static", &DriverOptions::new(), no_parts())
+        .unwrap();
+    let _f = fifo.h.add_vcpu(K0, 2102, false).unwrap();
+    let engine_attrs: Vec<SchedAttr> = fifo
+        .kernel
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, ..)| *t != 2102)
+        .map(|(_, a, _)| *a)
+        .collect();
+    assert_eq!(engine_attrs, vec![SchedClass::Fifo(11).attr()]);
+    assert!(!fifo.h.status().unwrap().cost.engine_deadline);
+
+    let s = setup_with(RuntimeConfig {
+        engine_class: EngineClass::Deadline,
+        ..RuntimeConfig::default()
+    });
+    s.h.add_vm(0, "static", &DriverOptions::new(), no_parts())
+        .unwrap();
+    let _a = s.h.add_vcpu(K0, 2101, false).unwrap();
+    assert!(s.kernel.is_fifo(2101));
+    let engine_sets = || -> Vec<SchedAttr> {
+        s.kernel
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, ..)| *t != 2101)
+            .map(|(_, a, _)| *a)
+            .collect()
+    };
+    assert_eq!(
+        engine_sets(),
+        vec![pvsched_host::mechanism::helper_deadline()]
+    );
+    assert!(engine_sets()[0].is_deadline() && engine_sets()[0].flags & 1 == 1);
+    assert!(s.h.status().unwrap().cost.engine_deadline);
+    s.h.set_driver(0, "static", &opts(&["class=fifo:30"]))
+        .unwrap();
+    assert_eq!(s.kernel.attr(2101).priority, 30);
+    assert_eq!(engine_sets().len(), 1, "already above every FIFO priority");
 }
 
 #[test]

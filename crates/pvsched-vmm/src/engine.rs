@@ -214,7 +214,8 @@ impl VmEngine {
     /// Starts the runtime for `vm` (before [`RunningVm::go`]) with `driver` and `opts`, fed
     /// by the vCPU threads, by the VMM's injections and, with `trace`, by tracepoints; with
     /// `quiet_gate`, boosting only while the host's CPUs are contended; with `max_boosted`, at
-    /// most that many vCPUs boosted at once.
+    /// most that many vCPUs boosted at once; the engine thread outranking the vCPUs it boosts
+    /// as `engine_class` says.
     pub fn start(
         vm: &mut RunningVm,
         driver: &str,
@@ -222,6 +223,7 @@ impl VmEngine {
         trace: Option<TraceConfig>,
         quiet_gate: Option<QuietGate>,
         max_boosted: Option<usize>,
+        engine_class: pvsched_host::mechanism::EngineClass,
     ) -> Result<VmEngine, EngineError> {
         let sources: Vec<Box<dyn EventSource>> = match trace {
             Some(cfg) => vec![Box::new(TraceSource::new(cfg)?)],
@@ -231,6 +233,7 @@ impl VmEngine {
             sources,
             quiet_gate,
             max_boosted,
+            engine_class,
             ..RuntimeConfig::default()
         })?;
         let h = runtime.handle();

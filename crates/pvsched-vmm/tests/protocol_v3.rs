@@ -215,6 +215,7 @@ fn an_idle_v3_guest_runs_at_sched_idle_and_rt_work_lifts_it() {
             None,
             None,
             None,
+            Default::default(),
         )
         .expect("engine");
         vm.go();
