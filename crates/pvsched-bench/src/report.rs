@@ -34,6 +34,9 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
+    if let Some(c) = &r.controller_class {
+        let _ = writeln!(s, "Controller thread (drains results, stops the run): {c}");
+    }
     if let Some(m) = &r.memory_file {
         let v3 = r.pv.as_ref().is_some_and(|p| p.version == 3);
         let slots: Vec<String> = (0..r.vcpus)

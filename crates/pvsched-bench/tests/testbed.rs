@@ -186,3 +186,38 @@ fn static_rt_class_is_applied_to_vcpu_threads_and_restored() {
         "both vCPU threads were seen at SCHED_FIFO 10"
     );
 }
+
+/// The run's controller outranks real-time vCPU threads on a deadline reservation (FIFO one
+/// priority above them where the kernel refuses it), so that its wake-ups do not get a
+/// boosted vCPU pushed onto another CPU; with nothing real-time it stays in its own class.
+#[test]
+fn the_controller_outranks_rt_vcpus_on_a_deadline_reservation() {
+    let _s = serial();
+    if !kvm_or_skip("the_controller_outranks_rt_vcpus_on_a_deadline_reservation") {
+        return;
+    }
+    let out = run(
+        config(1, false, Duration::from_millis(300)),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.report.controller_class, None);
+    // Can this process set real-time classes at all?
+    match sched::SchedGuard::apply(0, SchedClass::Fifo(1)) {
+        Ok(g) => g.restore().unwrap(),
+        Err(e @ sched::Error::Permission { .. }) => {
+            pvsched_testutil::skip!(
+                "the_controller_outranks_rt_vcpus_on_a_deadline_reservation: {e}"
+            );
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    }
+    let mut cfg = config(1, false, Duration::from_millis(300));
+    cfg.vcpu_sched = Some(SchedClass::Fifo(10));
+    let out = run(cfg, Duration::from_secs(30));
+    let c = out
+        .report
+        .controller_class
+        .expect("the controller had to outrank FIFO vCPU threads");
+    assert!(c.starts_with("deadline(") || c == "fifo:11", "{c}");
+}
