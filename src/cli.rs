@@ -90,8 +90,8 @@ pub struct DaemonArgs {
     /// above the boost class) or `deadline` (a SCHED_DEADLINE reservation of 300 µs per ms
     /// that may reclaim unused bandwidth: above every FIFO priority and outside real-time
     /// balancing, so its wake-ups do not get a boosted vCPU pushed onto another CPU; FIFO
-    /// where the kernel refuses it). With `deadline` the vCPUs stay apart more often: their
-    /// boosts then help more and take more from the host (README, docs/policy.md).
+    /// where the kernel refuses it). Measured: no gain over `fifo` here (README, "Where the
+    /// engine thread runs").
     #[arg(long, value_name = "fifo|deadline", default_value = "fifo")]
     pub engine_class: pvsched_host::mechanism::EngineClass,
     /// Owner (effective uid) whose VMs may be boosted (repeatable; default: root only).
@@ -393,8 +393,8 @@ pub struct VmArgs {
     /// above the boost class) or `deadline` (a SCHED_DEADLINE reservation of 300 µs per ms
     /// that may reclaim unused bandwidth: above every FIFO priority and outside real-time
     /// balancing, so its wake-ups do not get a boosted vCPU pushed onto another CPU; FIFO
-    /// where the kernel refuses it). With `deadline` the vCPUs stay apart more often: their
-    /// boosts then help more and take more from the host (README, docs/policy.md).
+    /// where the kernel refuses it). Measured: no gain over `fifo` here (README, "Where the
+    /// engine thread runs").
     #[arg(long, value_name = "fifo|deadline", default_value = "fifo")]
     pub engine_class: pvsched_host::mechanism::EngineClass,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer

@@ -54,13 +54,12 @@ pub fn sched_class(c: BoostClass) -> SchedClass {
     }
 }
 
-/// How pvsched's helper threads (the engine thread, the bench's controller) outrank the vCPU
-/// threads they boost. Neither is better on every count (docs/policy.md, "Where the vCPU
-/// threads run"): measured side by side at 500 µs on the 2-CPU machine, `deadline` kept the
-/// testbed's two vCPUs on separate CPUs far more often (sharing one in 13 % of samples
-/// against 44 %), so `deadline-aware`'s boosts took more from the host load (0.57–0.63 of
-/// vanilla's throughput against 0.69–0.78) for a guest latency about the same; the host-only
-/// daemon's vCPUs shared a CPU more often with it (78–84 % against 36–40 %).
+/// How the engine thread outranks the vCPU threads it boosts. Measured side by side at 500 µs
+/// on the 2-CPU machine with the bench's controller on its deadline reservation (README, "Where
+/// the engine thread runs", run c): no gain from `Deadline` (same placement and average
+/// latency, the host load a little lower), so `Fifo` is the default. The bench's controller
+/// always takes the reservation: as a FIFO thread it got boosted vCPUs pushed onto the
+/// sibling's CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineClass {
