@@ -86,6 +86,18 @@ fn bad_arguments_are_usage_errors() {
         "unknown layout `spread` (free, apart, together)",
     );
     usage_error(
+        &["vm", "--engine-class", "rt"],
+        "engine class `rt`: expected deadline or fifo",
+    );
+    usage_error(
+        &["daemon", "--engine-class", "rt"],
+        "engine class `rt`: expected deadline or fifo",
+    );
+    usage_error(
+        &["bench", "--policies", "deadline-aware+engine=rt"],
+        "engine class `rt`",
+    );
+    usage_error(
         &["bench", "--guest", "linux-tcg", "--layout", "apart"],
         "--layout is for the testbed",
     );

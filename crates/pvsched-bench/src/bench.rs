@@ -68,8 +68,8 @@ pub fn policy_driver(name: &str) -> (String, DriverOptions) {
 }
 
 /// The option of a bench policy name that is not a driver's: `+engine=fifo|deadline`, how
-/// the engine thread (and the run's controller, and the `daemon` column's engine) outranks
-/// the boosted vCPUs, so that both can run side by side.
+/// the engine thread (or the `daemon` column's engine) outranks the boosted vCPUs, so that
+/// both can run side by side.
 const ENGINE_KEY: &str = "engine";
 
 /// `opts` with the driver options after each `+` of `name` (a later one wins).

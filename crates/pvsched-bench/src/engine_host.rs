@@ -27,8 +27,8 @@ pub struct PolicyConfig {
     pub quiet_gate: Option<QuietGate>,
     /// At most this many vCPUs boosted at once (`None`: no cap).
     pub max_boosted: Option<usize>,
-    /// How the engine thread (and the run's controller, and an external daemon's engine)
-    /// outranks the boosted vCPUs.
+    /// How the engine thread (and an external daemon's engine) outranks the boosted vCPUs.
+    /// The run's controller always takes its deadline reservation (`experiment::run`).
     pub engine_class: EngineClass,
 }
 

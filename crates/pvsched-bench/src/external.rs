@@ -52,15 +52,7 @@ impl ExternalDaemon {
         trace: pvsched_host::trace::TraceConfig,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(
-            vec![source.into()],
-            trace,
-            false,
-            "dynamic",
-            opts,
-            Slices::default(),
-            EngineClass::default(),
-        )
+        Self::start_driver_for(source, trace, "dynamic", opts)
     }
 
     /// Starts the daemon with driver `driver` and options `opts` on the VM `source`, with the
@@ -71,15 +63,7 @@ impl ExternalDaemon {
         driver: &str,
         opts: DriverOptions,
     ) -> Result<ExternalDaemon, DaemonError> {
-        Self::start_with(
-            vec![source.into()],
-            trace,
-            false,
-            driver,
-            opts,
-            Slices::default(),
-            EngineClass::default(),
-        )
+        Self::start_driver_with_slices(source, trace, driver, opts, Slices::default())
     }
 
     /// [`ExternalDaemon::start_driver_for`] with the custom slices `slices`.

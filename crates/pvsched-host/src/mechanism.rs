@@ -113,15 +113,16 @@ pub const HELPER_RUNTIME_NS: u64 = 300_000;
 /// Period (and deadline) of that reservation, ns.
 pub const HELPER_PERIOD_NS: u64 = 1_000_000;
 
-/// What a helper thread (an engine or controller) runs at with [`EngineClass::Deadline`] when
-/// the kernel admits it: a `SCHED_DEADLINE` reservation of [`HELPER_RUNTIME_NS`] every [`HELPER_PERIOD_NS`],
-/// reclaiming unused bandwidth beyond it. A deadline thread runs before every FIFO/RR thread,
+/// What a helper thread runs at when the kernel admits it (the bench's controller always, an
+/// engine thread with [`EngineClass::Deadline`]): a `SCHED_DEADLINE` reservation of
+/// [`HELPER_RUNTIME_NS`] every [`HELPER_PERIOD_NS`], reclaiming unused bandwidth beyond it. A deadline thread runs before every FIFO/RR thread,
 /// so it outranks any boost, and it takes no part in real-time balancing: when it wakes on a
 /// CPU where a boosted vCPU runs, that vCPU waits for it there. A FIFO helper instead makes
 /// that CPU "overloaded" with two real-time threads, and the kernel pushes the vCPU to the
 /// other CPU, often onto its sibling vCPU (traced in an 8 s `deadline-aware` run: 1 130 of
 /// 1 154 vCPU migrations were real-time pushes and pulls, 609 of them started by the FIFO
-/// engine and controller threads; docs/policy.md, "Helper threads"). Where the kernel refuses
+/// engine and controller threads; docs/policy.md, "Helper threads on a deadline reservation").
+/// Where the kernel refuses
 /// it (admission control full, a thread not allowed on every CPU), [`helper_class`] is the
 /// fallback. What that changes for the guest and the host: [`EngineClass`].
 pub fn helper_deadline() -> crate::sched::SchedAttr {

@@ -51,10 +51,6 @@
 
 use crate::clock::{mono_ns, thread_cpu_ns, DeadlineTimer};
 use crate::mechanism::{helper_class, helper_deadline, sched_class, EngineClass, Publisher};
-
-/// `Shared::engine_prio` of an engine thread on its deadline reservation: above every FIFO
-/// priority, so it is never raised again.
-const ENGINE_DEADLINE: u32 = 100;
 use crate::pressure::{cpu_idle_ns, CpuBusy, OthersVerdict, QuietGate, VcpuSampler};
 use crate::sched::{self, SchedAttr, SchedClass};
 use crate::stats::{AtomicHist, LatencyStats};
@@ -106,6 +102,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+/// `Shared::engine_prio` of an engine thread on its deadline reservation: above every FIFO
+/// priority, so it is never raised again.
+const ENGINE_DEADLINE: u32 = 100;
 
 /// Rounds of handshake follow-ups per batch (a guest that flips its request as fast as it
 /// can must not keep a thread busy for ever).

@@ -1195,21 +1195,23 @@ fn control_requests_change_the_engine_and_restore() {
 /// and here as a control).
 #[test]
 fn the_engine_thread_takes_a_deadline_reservation_above_every_boost() {
+    // What the fake kernel was asked to set on threads other than the one vCPU `vcpu`.
+    let engine_sets = |kernel: &FakeKernel, vcpu: i32| -> Vec<SchedAttr> {
+        let log = kernel.log.lock().unwrap();
+        log.iter()
+            .filter(|(t, ..)| *t != vcpu)
+            .map(|(_, a, _)| *a)
+            .collect()
+    };
     let fifo = setup();
     fifo.h
         .add_vm(0, "static", &DriverOptions::new(), no_parts())
         .unwrap();
     let _f = fifo.h.add_vcpu(K0, 2102, false).unwrap();
-    let engine_attrs: Vec<SchedAttr> = fifo
-        .kernel
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(t, ..)| *t != 2102)
-        .map(|(_, a, _)| *a)
-        .collect();
-    assert_eq!(engine_attrs, vec![SchedClass::Fifo(11).attr()]);
+    assert_eq!(
+        engine_sets(&fifo.kernel, 2102),
+        vec![SchedClass::Fifo(11).attr()]
+    );
     assert!(!fifo.h.status().unwrap().cost.engine_deadline);
 
     let s = setup_with(RuntimeConfig {
@@ -1220,26 +1222,23 @@ fn the_engine_thread_takes_a_deadline_reservation_above_every_boost() {
         .unwrap();
     let _a = s.h.add_vcpu(K0, 2101, false).unwrap();
     assert!(s.kernel.is_fifo(2101));
-    let engine_sets = || -> Vec<SchedAttr> {
-        s.kernel
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, ..)| *t != 2101)
-            .map(|(_, a, _)| *a)
-            .collect()
-    };
     assert_eq!(
-        engine_sets(),
+        engine_sets(&s.kernel, 2101),
         vec![pvsched_host::mechanism::helper_deadline()]
     );
-    assert!(engine_sets()[0].is_deadline() && engine_sets()[0].flags & 1 == 1);
+    assert!(
+        engine_sets(&s.kernel, 2101)[0].is_deadline()
+            && engine_sets(&s.kernel, 2101)[0].flags & 1 == 1
+    );
     assert!(s.h.status().unwrap().cost.engine_deadline);
     s.h.set_driver(0, "static", &opts(&["class=fifo:30"]))
         .unwrap();
     assert_eq!(s.kernel.attr(2101).priority, 30);
-    assert_eq!(engine_sets().len(), 1, "already above every FIFO priority");
+    assert_eq!(
+        engine_sets(&s.kernel, 2101).len(),
+        1,
+        "already above every FIFO priority"
+    );
 }
 
 #[test]
