@@ -298,10 +298,8 @@ fn a_daemon_serving_the_guest_module_restores_the_vcpus_when_it_stops_under_a_ru
     // The daemon stops (SIGTERM) while the guest keeps requesting: every vCPU thread is back
     // to SCHED_OTHER, QEMU still running.
     // SAFETY: kill() with a child's pid and SIGTERM has no memory effects.
-    assert_eq!(
-        unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let killed = unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(killed, 0);
     let status = daemon.0.wait().unwrap();
     let mut log = String::new();
     use std::io::Read;

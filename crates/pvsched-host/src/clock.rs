@@ -182,11 +182,8 @@ mod tests {
         // this), whether it is re-armed for later...
         t.set(Some(mono_ns() + 1_000_000_000)).unwrap();
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::poll(&mut pfd, 1, 20) },
-            0,
-            "re-armed for later"
-        );
+        let n = unsafe { libc::poll(&mut pfd, 1, 20) };
+        assert_eq!(n, 0, "re-armed for later");
         t.set(Some(mono_ns())).unwrap();
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1000) }, 1, "fired again");
