@@ -153,8 +153,9 @@ pub enum BenchGuest {
     /// A Linux guest (guest/linux/build.sh) under QEMU TCG running cyclictest: idle /
     /// stress-ng host × none / static / daemon (host-only, sched_waking) / slice (host-only, a
     /// static EEVDF custom slice) / module (the pvsched guest module, with `dynamic`, with a
-    /// base slice, with `deadline-aware`) / slice/vmm and module/vmm (QEMU's main thread on a
-    /// custom slice too).
+    /// base slice, with `deadline-aware`) / slice/vmm, module/vmm and daemon/vmm (QEMU's main
+    /// thread on a custom slice too; daemon/vmm: the wake-up boosts over the vCPU threads'
+    /// custom slice).
     LinuxTcg,
 }
 
@@ -213,8 +214,8 @@ pub struct BenchArgs {
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {
-    // `slice`, `module`, `module/slice`, `module/deadline`, `slice/vmm` and `module/vmm` are
-    // columns of `--guest linux-tcg` only (checked against the guest there).
+    // `slice`, `module`, `module/slice`, `module/deadline`, `slice/vmm`, `module/vmm` and
+    // `daemon/vmm` are columns of `--guest linux-tcg` only (checked against the guest there).
     if pvsched_bench::linux_tcg::tcg_only(s) {
         return Ok(s.to_string());
     }
@@ -223,7 +224,7 @@ fn parse_bench_policy(s: &str) -> Result<String, String> {
         .map_err(|e| {
             format!(
                 "{e} (`--guest linux-tcg`: slice, module, module/slice, module/deadline, \
-                 slice/vmm, module/vmm)"
+                 slice/vmm, module/vmm, daemon/vmm)"
             )
         })
 }

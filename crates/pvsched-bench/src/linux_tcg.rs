@@ -40,6 +40,7 @@ pub const TCG_POLICIES: &[&str] = &[
     "module/deadline",
     "slice/vmm",
     "module/vmm",
+    "daemon/vmm",
 ];
 
 /// The custom slice of the `slice` column's class and of the `module/slice` column's base, ns:
@@ -50,7 +51,13 @@ pub const SLICE_NS: u64 = 100_000;
 pub fn tcg_only(policy: &str) -> bool {
     matches!(
         policy,
-        "slice" | "module" | "module/slice" | "module/deadline" | "slice/vmm" | "module/vmm"
+        "slice"
+            | "module"
+            | "module/slice"
+            | "module/deadline"
+            | "slice/vmm"
+            | "module/vmm"
+            | "daemon/vmm"
     )
 }
 
@@ -370,6 +377,21 @@ fn run_cell(cfg: &LinuxTcgConfig, busy: bool, policy: &str) -> Result<TcgRun, Tc
                     opts.clone(),
                 )?);
             }
+            // Host-only, every piece at once: the wake-up boosts of `daemon` between which
+            // the vCPU threads sit on the custom slice of `slice`, QEMU's main thread on one
+            // too (`slice/vmm`).
+            "daemon/vmm" => {
+                daemon = Some(ExternalDaemon::start_driver_with_slices(
+                    pvsched_daemon::VmSource::Pid(pid),
+                    trace,
+                    "dynamic",
+                    opts.clone(),
+                    Slices {
+                        base: Some(SLICE_NS),
+                        vmm: Some(SLICE_NS),
+                    },
+                )?);
+            }
             "slice" | "slice/vmm" => {
                 // The daemon's `--daemon-opt`s are for its `dynamic` driver, not this one.
                 daemon = Some(ExternalDaemon::start_driver_with_slices(
@@ -655,7 +677,8 @@ pub fn report(cfg: &LinuxTcgConfig, cells: &[TcgCell], title: &str) -> String {
          it); `slice/vmm`: `slice` with QEMU's main thread (which runs the guest's timers under \
          TCG) on a custom slice of 100 µs too (`--vmm-slice 100us`); `module/vmm`: \
          `module/deadline` with the vCPU threads' base slice and QEMU's main thread on 100 µs \
-         slices.{}\n",
+         slices; `daemon/vmm`: `daemon`'s wake-up boosts with the vCPU threads on that base \
+         slice between them and QEMU's main thread on one too.{}\n",
         cfg.cpus,
         cfg.cpus,
         cfg.interval_us,
