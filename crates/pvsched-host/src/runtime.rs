@@ -1660,6 +1660,18 @@ impl RuntimeHandle {
 
 /// Fails when an option names a boost class this kernel does not offer (a custom EEVDF slice
 /// before Linux 6.12): a clear error when the VM is added, not an apply error per boost.
+/// `opts` for `driver` on this kernel: `dynamic`'s default RT-task class is a custom EEVDF
+/// slice ([`pvsched_policy::drivers::DYNAMIC_TASK_SLICE_NS`]); a kernel that keeps none
+/// (before 6.12) would take it as a plain `SCHED_OTHER`, no boost at all, so there it gets the
+/// FIFO default instead, unless the options name a class.
+fn kernel_options(driver: &str, opts: DriverOptions) -> DriverOptions {
+    let chosen = opts.get("class").is_some() || opts.get("class_task").is_some();
+    if driver != "dynamic" || chosen || sched::fair_slice().custom {
+        return opts;
+    }
+    opts.set("class_task", &BoostClass::default().to_string())
+}
+
 fn check_classes(opts: &DriverOptions) -> Result<(), RuntimeError> {
     for key in ["class", "class_cs", "class_task", "class_deadline"] {
         let Some(class) = opts.get(key).and_then(pvsched_policy::options::parse_class) else {
@@ -2286,6 +2298,7 @@ impl Loop {
                 parts,
                 reply,
             } => {
+                let opts = kernel_options(&driver, opts);
                 let added = check_classes(&opts)
                     .and_then(|()| Ok(shared.lock().engine.add_vm(vm, &driver, &opts)?));
                 let r = match added {
@@ -2372,6 +2385,7 @@ impl Loop {
                 opts,
                 reply,
             } => {
+                let opts = kernel_options(&driver, opts);
                 let r = check_classes(&opts).and_then(|()| {
                     let mut core = shared.lock();
                     let mut out = Vec::new();
@@ -2867,6 +2881,25 @@ pub struct Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `dynamic`'s default task slice is kept where the kernel keeps custom slices, replaced by
+    /// the FIFO default where it does not, and a class the options name is never touched.
+    #[test]
+    fn dynamic_gets_fifo_task_boosts_on_a_kernel_without_custom_slices() {
+        let none = kernel_options("dynamic", DriverOptions::new());
+        if sched::fair_slice().custom {
+            assert_eq!(none.get("class_task"), None);
+        } else {
+            assert_eq!(none.get("class_task"), Some("fifo:10"));
+        }
+        for named in [["class", "rr:3"], ["class_task", "slice:200us"]] {
+            let o = kernel_options("dynamic", DriverOptions::new().set(named[0], named[1]));
+            assert_eq!(o.get(named[0]), Some(named[1]));
+            assert_eq!(o.get("class_task").is_some(), named[0] == "class_task");
+        }
+        let da = kernel_options("deadline-aware", DriverOptions::new());
+        assert_eq!(da.get("class_task"), None);
+    }
 
     /// A look after a race dropped while another thread holds the core ([`Shared::settled`]):
     /// the holder re-arms the engine thread's timer as it lets go, so the engine thread does

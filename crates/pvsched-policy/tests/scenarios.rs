@@ -254,6 +254,11 @@ fn rs(rs: &[Reason]) -> Reasons {
     rs.iter().fold(Reasons::NONE, |acc, r| acc.with(*r))
 }
 
+/// RT-task requests boosted to FIFO, as `dynamic` did by default until 2026-12-05 (its default
+/// is now a custom slice, which holds no slot of the cap and is not repaid): the scenarios of
+/// the cap and of repayment use it.
+const FIFO_TASK: &str = "class_task=fifo:10";
+
 #[test]
 fn none_never_boosts_and_disables_the_guest_side() {
     let mut s = Sim::new("none", &[]);
@@ -265,6 +270,42 @@ fn none_never_boosts_and_disables_the_guest_side() {
     s.advance(10 * MS);
     assert!(!s.is_boosted(V0));
     assert!(!s.log.iter().any(|d| matches!(d, Decision::Boost(..))));
+}
+
+/// `dynamic` boosts RT-task requests to a custom EEVDF slice by default (no extra CPU share),
+/// interrupts and critical sections to FIFO; `class` sets every kind, `class_task` the tasks'.
+#[test]
+fn dynamic_boosts_rt_tasks_on_a_custom_slice_unless_told_otherwise() {
+    let task_class = |opts: &[&str]| {
+        let mut s = Sim::new("dynamic", opts);
+        s.event(V0, VcpuEvent::Registered);
+        s.guest(V0, rs(&[Reason::RtTask]));
+        s.guest(V0, Reasons::NONE);
+        s.advance(10 * MS);
+        s.guest(V0, rs(&[Reason::Irq]));
+        s.log
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Boost(V0, c) => Some(*c),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let slice = BoostClass::Slice(pvsched_policy::drivers::DYNAMIC_TASK_SLICE_NS);
+    assert_eq!(task_class(&[]), vec![slice, BoostClass::default()]);
+    assert_eq!(
+        task_class(&["class=fifo:20"]),
+        vec![BoostClass::Fifo(20), BoostClass::Fifo(20)]
+    );
+    assert_eq!(
+        task_class(&["class_task=fifo:5"]),
+        vec![BoostClass::Fifo(5), BoostClass::default()]
+    );
+    // `deadline-aware` keeps FIFO for its tasks.
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.log.contains(&Decision::Boost(V0, BoostClass::default())));
 }
 
 #[test]
@@ -671,7 +712,7 @@ fn a_guest_alternating_rt_and_irq_requests_is_throttled() {
 
 #[test]
 fn boosted_time_is_repaid_below_normal_weight() {
-    let mut s = Sim::new("dynamic", &["repay=nice:19", "repay_on=boost"]);
+    let mut s = Sim::new("dynamic", &[FIFO_TASK, "repay=nice:19", "repay_on=boost"]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
     s.advance(10 * MS);
@@ -733,7 +774,7 @@ fn boosted_time_is_repaid_below_normal_weight() {
 fn a_vcpu_that_ran_out_of_budget_repays_its_boosted_time() {
     // A rogue guest: requests an RT boost and never lets go.
     let run = |opts: &[&str]| {
-        let mut s = Sim::new("dynamic", opts);
+        let mut s = Sim::new("dynamic", &[&[FIFO_TASK], opts].concat());
         s.event(V0, VcpuEvent::Registered);
         s.guest(V0, rs(&[Reason::RtTask]));
         s.advance(15 * MS);
@@ -821,7 +862,7 @@ fn only_what_the_guest_asked_for_is_repaid_after_a_throttle() {
 /// unboosted time, and the rest is repaid after its next boost.
 #[test]
 fn a_vcpu_waiting_for_the_cap_does_not_repay_meanwhile() {
-    let mut s = Sim::one_slot("dynamic", &["repay=nice:10", "repay_on=boost"]);
+    let mut s = Sim::one_slot("dynamic", &[FIFO_TASK, "repay=nice:10", "repay_on=boost"]);
     s.guest(V0, rs(&[Reason::RtTask]));
     s.advance(4 * MS);
     s.guest(V0, Reasons::NONE);
@@ -888,7 +929,7 @@ fn a_vcpu_that_sleeps_part_of_the_time_does_not_repay() {
 
 #[test]
 fn a_starved_vcpu_stops_repaying() {
-    let mut s = Sim::new("dynamic", &["rt_budget=10ms"]);
+    let mut s = Sim::new("dynamic", &[FIFO_TASK, "rt_budget=10ms"]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
     s.advance(15 * MS);
@@ -934,7 +975,7 @@ fn a_boost_held_a_quantum_yields_the_cap_to_a_waiting_sibling() {
     // its request and its boost, while V1, woken on V0's host CPU, waits for the slot. After
     // a quantum V0 yields the slot to V1, waits in turn with its request standing, and gets
     // the slot back when V1's short boost ends.
-    let mut s = Sim::one_slot("dynamic", &[]);
+    let mut s = Sim::one_slot("dynamic", &[FIFO_TASK]);
     s.guest(V0, rs(&[Reason::RtTask]));
     assert!(s.is_boosted(V0));
     s.advance(300 * US);
@@ -975,7 +1016,7 @@ fn a_boost_held_a_quantum_yields_the_cap_to_a_waiting_sibling() {
 fn a_cap_timer_is_no_longer_current_once_its_boost_stops_waiting() {
     // V1 waits for the one slot; its cap timer is current while it waits and not once it has
     // the slot (a host then skips the wake-up for it, which would find nothing to do).
-    let mut s = Sim::one_slot("dynamic", &[]);
+    let mut s = Sim::one_slot("dynamic", &[FIFO_TASK]);
     s.guest(V0, rs(&[Reason::RtTask]));
     s.advance(100 * US);
     s.guest(V1, rs(&[Reason::RtTask]));
@@ -1319,7 +1360,7 @@ const V2: VcpuKey = VcpuKey::new(0, 2);
 
 #[test]
 fn the_host_wide_cap_makes_boosts_wait_earliest_deadline_first() {
-    let mut s = Sim::new("dynamic", &[]);
+    let mut s = Sim::new("dynamic", &[FIFO_TASK]);
     s.engine.set_max_boosted(Some(1));
     for k in [V0, V1, V2] {
         s.event(k, VcpuEvent::Registered);
@@ -1422,7 +1463,7 @@ fn a_deadline_that_passed_behind_the_cap_is_boosted_when_the_cap_frees() {
 #[test]
 fn without_a_cap_every_vcpu_may_be_boosted_at_once() {
     // The cap check in the sim can fail: the same guests without a cap overlap.
-    let mut s = Sim::new("dynamic", &[]);
+    let mut s = Sim::new("dynamic", &[FIFO_TASK]);
     for k in [V0, V1, V2] {
         s.event(k, VcpuEvent::Registered);
         s.guest(k, rs(&[Reason::RtTask]));
@@ -1521,7 +1562,7 @@ fn a_vcpu_that_sleeps_part_of_the_time_neither_waits_for_nor_takes_a_slot() {
 fn boosts_of_sleeping_vcpus_that_turn_busy_keep_to_the_cap() {
     // Two vCPUs that sleep hold RT-task requests, both boosted under one slot; once both turn
     // busy only one stays boosted (the other waits its turn), never both for good.
-    let mut s = Sim::one_slot("dynamic", &["rt_budget=1s"]);
+    let mut s = Sim::one_slot("dynamic", &[FIFO_TASK, "rt_budget=1s"]);
     s.event(V0, VcpuEvent::Sleeps(true));
     s.event(V1, VcpuEvent::Sleeps(true));
     s.guest(V0, rs(&[Reason::RtTask]));
