@@ -377,7 +377,8 @@ pub struct VmArgs {
     /// Policy driver deciding boosts during the run: none, static, dynamic, deadline-aware.
     #[arg(long, default_value = "none")]
     pub policy: String,
-    /// Option of the policy driver, key=value (repeatable): class=fifo:10, cs_budget=2ms,
+    /// Option of the policy driver, key=value (repeatable): class=fifo:10 (dynamic's
+    /// class_task: slice:100us unless class is given), cs_budget=2ms,
     /// rt_budget=500ms, recovery=1, cooldown=1ms, repay=nice:5 (deadline-aware: nice:10),
     /// repay_on=throttle (deadline-aware: boost), irq_hold=200us, lead=50us (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]

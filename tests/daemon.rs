@@ -874,7 +874,7 @@ fn a_truncated_memory_file_detaches_its_vm_and_the_daemon_goes_on() {
     let vm = VmProc::start();
     let rest = format!(
         "host_events = []\nboost_when = \"always\"\n\
-         [policy]\ndriver = \"dynamic\"\noptions = {{ rt_budget = \"10s\" }}\n\
+         [policy]\ndriver = \"dynamic\"\noptions = {{ rt_budget = \"10s\", class_task = \"fifo:10\" }}\n\
          [[vm]]\npid = {}\nguest_memory = {:?}\nslots = [0x1000, 0x2000]\n",
         vm.pid(),
         memory.display().to_string()

@@ -166,7 +166,9 @@ fn stalled_control_clients_do_not_delay_a_budget_unboost() {
     let tid = vcpu.tid();
     let cfg = DaemonConfig {
         // The RT-task budget ends the boost after 50 ms.
-        opts: DriverOptions::parse(["rt_budget=50ms"]).unwrap(),
+        // RT-task requests at FIFO (`dynamic`'s default is a custom slice): a real-time boost
+        // is what the budget must end.
+        opts: DriverOptions::parse(["rt_budget=50ms", "class_task=fifo:10"]).unwrap(),
         ..test_config(
             &dir,
             VmSpec {

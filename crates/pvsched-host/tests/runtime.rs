@@ -300,6 +300,12 @@ fn opts(items: &[&str]) -> DriverOptions {
     DriverOptions::parse(items.iter().copied()).unwrap()
 }
 
+/// `dynamic`'s options `items` with its RT-task requests boosted to FIFO 10, as by default
+/// until 2026-12-05 (now a custom slice): these tests are about applying real-time boosts.
+fn fifo_tasks(items: &[&str]) -> DriverOptions {
+    opts(items).set("class_task", "fifo:10")
+}
+
 fn no_parts() -> VmParts {
     VmParts {
         publisher: None,
@@ -342,7 +348,8 @@ fn a_vm_process_is_taken_for_a_known_vm_only() {
         s.h.set_vm_process(0, 4242).is_err(),
         "no VM 0 yet: an unknown VM is an error"
     );
-    s.h.add_vm(0, "dynamic", &opts(&[]), no_parts()).unwrap();
+    s.h.add_vm(0, "dynamic", &fifo_tasks(&[]), no_parts())
+        .unwrap();
     s.h.set_vm_process(0, 4242).unwrap();
     // This very process (which runs other work too): accepted, and only its vCPUs count.
     s.h.set_vm_process(0, std::process::id() as i32).unwrap();
@@ -360,7 +367,7 @@ fn source_events_boost_and_timers_unboost() {
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&["irq_hold=2ms", "cs_budget=1s"]),
+        &fifo_tasks(&["irq_hold=2ms", "cs_budget=1s"]),
         no_parts(),
     )
     .unwrap();
@@ -441,7 +448,7 @@ fn deadline_hint_boosts_ahead_of_the_deadline() {
 fn hooked_vcpu_applies_its_own_decisions() {
     let s = setup();
     // Without repayment: its end would be a timer of the engine thread's.
-    s.h.add_vm(0, "dynamic", &opts(&["repay=off"]), no_parts())
+    s.h.add_vm(0, "dynamic", &fifo_tasks(&["repay=off"]), no_parts())
         .unwrap();
     let kernel = s.kernel.clone();
     let t = vcpu_thread(&s.h, move |mut v| {
@@ -638,7 +645,7 @@ fn wake_ups_that_decide_nothing_are_counted() {
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&["irq_hold=10s", "cs_budget=10s"]),
+        &fifo_tasks(&["irq_hold=10s", "cs_budget=10s"]),
         no_parts(),
     )
     .unwrap();
@@ -723,7 +730,7 @@ fn a_boost_is_applied_while_the_vcpu_is_stuck_lowering_itself() {
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&["irq_hold=10s", "cs_budget=10s", "rt_budget=10s"]),
+        &fifo_tasks(&["irq_hold=10s", "cs_budget=10s", "rt_budget=10s"]),
         no_parts(),
     )
     .unwrap();
@@ -834,7 +841,7 @@ fn a_boost_handed_over_is_applied_before_the_giver_lowers_itself() {
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&["cs_budget=10s", "rt_budget=10s", "repay=off"]),
+        &fifo_tasks(&["cs_budget=10s", "rt_budget=10s", "repay=off"]),
         no_parts(),
     )
     .unwrap();
@@ -901,7 +908,7 @@ fn a_lowering_overtaken_by_a_boost(s: &Setup, stall: bool) -> (std::thread::Join
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&[
+        &fifo_tasks(&[
             "irq_hold=10s",
             "cs_budget=10s",
             "rt_budget=10s",
@@ -1016,7 +1023,7 @@ fn a_late_change_does_not_outlive_a_newer_decision() {
         s.h.add_vm(
             0,
             "dynamic",
-            &opts(&[
+            &fifo_tasks(&[
                 "repay=off",
                 "class_cs=fifo:20",
                 "class_task=fifo:10",
@@ -1092,7 +1099,7 @@ fn boosted_time_is_repaid_then_the_original_restored() {
     s.h.add_vm(
         0,
         "dynamic",
-        &opts(&["cs_budget=1s", "repay=nice:19", "repay_on=boost"]),
+        &fifo_tasks(&["cs_budget=1s", "repay=nice:19", "repay_on=boost"]),
         no_parts(),
     )
     .unwrap();
@@ -1304,8 +1311,7 @@ fn publisher_gets_states_and_feeds_back_requests() {
         publisher: Some(Box::new(Slot(states.clone(), Reason::RtTask.bit()))),
         sources: Vec::new(),
     };
-    s.h.add_vm(0, "dynamic", &DriverOptions::new(), parts)
-        .unwrap();
+    s.h.add_vm(0, "dynamic", &fifo_tasks(&[]), parts).unwrap();
     let _v = s.h.add_vcpu(K0, 4001, false).unwrap();
     assert!(s.kernel.is_fifo(4001), "request seen in the handshake");
     assert_eq!(
@@ -1472,7 +1478,7 @@ fn sources_go_lazy_while_every_vcpu_is_quiet() {
         return;
     }
     let s = setup_with(gate(Some(fast)));
-    s.h.add_vm(0, "dynamic", &DriverOptions::new(), no_parts())
+    s.h.add_vm(0, "dynamic", &fifo_tasks(&[]), no_parts())
         .unwrap();
     let v = s.h.add_vcpu(K0, vcpu.tid, false).unwrap();
     wait_for("the source told that every vCPU is quiet", || {
@@ -1504,7 +1510,7 @@ fn sources_go_lazy_while_every_vcpu_is_quiet() {
 
     // Negative control: without the gate a source is never told to go lazy.
     let s = setup_with(gate(None));
-    s.h.add_vm(0, "dynamic", &DriverOptions::new(), no_parts())
+    s.h.add_vm(0, "dynamic", &fifo_tasks(&[]), no_parts())
         .unwrap();
     let _v = s.h.add_vcpu(K0, vcpu.tid, false).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -1648,8 +1654,7 @@ fn a_vm_source_always_ringing_is_read_at_a_bounded_rate() {
         })],
     };
     let t0 = Instant::now();
-    s.h.add_vm(0, "dynamic", &DriverOptions::new(), parts)
-        .unwrap();
+    s.h.add_vm(0, "dynamic", &fifo_tasks(&[]), parts).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     s.h.remove_vm(0).unwrap();
     let elapsed = t0.elapsed();
