@@ -1658,8 +1658,6 @@ impl RuntimeHandle {
     }
 }
 
-/// Fails when an option names a boost class this kernel does not offer (a custom EEVDF slice
-/// before Linux 6.12): a clear error when the VM is added, not an apply error per boost.
 /// `opts` for `driver` on this kernel: `dynamic`'s default RT-task class is a custom EEVDF
 /// slice ([`pvsched_policy::drivers::DYNAMIC_TASK_SLICE_NS`]); a kernel that keeps none
 /// (before 6.12) would take it as a plain `SCHED_OTHER`, no boost at all, so there it gets the
@@ -1672,6 +1670,8 @@ fn kernel_options(driver: &str, opts: DriverOptions) -> DriverOptions {
     opts.set("class_task", &BoostClass::default().to_string())
 }
 
+/// Fails when an option names a boost class this kernel does not offer (a custom EEVDF slice
+/// before Linux 6.12): a clear error when the VM is added, not an apply error per boost.
 fn check_classes(opts: &DriverOptions) -> Result<(), RuntimeError> {
     for key in ["class", "class_cs", "class_task", "class_deadline"] {
         let Some(class) = opts.get(key).and_then(pvsched_policy::options::parse_class) else {
