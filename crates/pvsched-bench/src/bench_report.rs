@@ -167,6 +167,26 @@ pub fn write(o: &BenchOutcome, dir: &Path, title: &str) -> Result<Vec<PathBuf>, 
     Ok(files)
 }
 
+/// Where the rounds' controller threads ran, when any of them could not have its deadline
+/// reservation: such rounds are not comparable with those of a run where it had one (a FIFO
+/// controller moves boosted vCPUs; README, "The run's controller").
+fn controller_line<'a>(classes: impl Iterator<Item = Option<&'a str>>) -> Option<String> {
+    let classes: Vec<&str> = classes.flatten().collect();
+    let fifo: Vec<&str> = classes
+        .iter()
+        .copied()
+        .filter(|c| !c.starts_with("deadline"))
+        .collect();
+    let first = fifo.first()?;
+    Some(format!(
+        "**Controller thread not on its deadline reservation in {} of {} cell runs** that \
+         needed one (first: `{first}`); those cells' vCPU placement is not comparable with \
+         the others'.",
+        fifo.len(),
+        classes.len()
+    ))
+}
+
 fn markdown(v: &View<'_>, title: &str) -> String {
     let o = v.o;
     let c = &o.config;
@@ -209,6 +229,10 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         },
         o.elapsed.as_secs_f64(),
     );
+    let classes = o.cells.iter().flat_map(|c| &c.rounds);
+    if let Some(line) = controller_line(classes.map(|r| r.controller_class.as_deref())) {
+        let _ = writeln!(s, "{line}\n");
+    }
     let policies = &c.policies;
     let header = |s: &mut String, first: &str| {
         let _ = writeln!(
@@ -595,6 +619,21 @@ fn glitch_plot(v: &View<'_>, path: &Path) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_says_when_a_controller_lacked_its_reservation() {
+        let dl = "deadline(runtime 300000 ns, deadline 1000000 ns, period 1000000 ns)";
+        assert_eq!(
+            controller_line([None, Some(dl), Some(dl)].into_iter()),
+            None
+        );
+        assert_eq!(controller_line([None, None].into_iter()), None);
+        let refused = "fifo:11 (SCHED_DEADLINE refused: sched_setattr failed: busy)";
+        let line = controller_line([Some(dl), None, Some(refused), Some("fifo:1")].into_iter())
+            .expect("a line");
+        assert!(line.contains("in 2 of 3 cell runs"), "{line}");
+        assert!(line.contains(refused), "{line}");
+    }
 
     #[test]
     fn numbers_format_for_tables() {

@@ -481,8 +481,16 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         )?),
         None => None,
     };
-    let controller_class = controller.as_ref().map(|(_, attr)| attr.to_string());
-    let controller = controller.map(|(guard, _)| guard);
+    // Which class it got, and why not the reservation when the kernel refused it (the
+    // figures of such a run are not comparable with those of a run whose controller had it).
+    let controller_class = controller.as_ref().map(|(_, attr, refused)| match refused {
+        Some(e) => format!(
+            "{attr} (SCHED_DEADLINE refused: {})",
+            pvsched_host::error_chain(e)
+        ),
+        None => attr.to_string(),
+    });
+    let controller = controller.map(|(guard, _, _)| guard);
     let mut hists: Vec<LatencyHistogram> = (0..running.vcpus())
         .map(|_| LatencyHistogram::new())
         .collect();

@@ -92,18 +92,26 @@ impl std::fmt::Display for EngineClass {
 
 /// Puts helper thread `tid` above vCPU threads boosted to `fifo_above` (a FIFO class from
 /// [`helper_class`]) the way `how` says, recording its attributes to restore; returns the
-/// guard and the attributes it got.
+/// guard, the attributes it got and, when a deadline reservation was refused for the FIFO
+/// fallback, the kernel's refusal.
 pub fn outrank_vcpus(
     tid: i32,
     how: EngineClass,
     fifo_above: SchedClass,
-) -> Result<(crate::sched::SchedGuard, crate::sched::SchedAttr), crate::sched::Error> {
+) -> Result<
+    (
+        crate::sched::SchedGuard,
+        crate::sched::SchedAttr,
+        Option<crate::sched::Error>,
+    ),
+    crate::sched::Error,
+> {
     match how {
         EngineClass::Deadline => {
             crate::sched::SchedGuard::apply_either(tid, &helper_deadline(), fifo_above)
         }
         EngineClass::Fifo => {
-            crate::sched::SchedGuard::apply(tid, fifo_above).map(|g| (g, fifo_above.attr()))
+            crate::sched::SchedGuard::apply(tid, fifo_above).map(|g| (g, fifo_above.attr(), None))
         }
     }
 }

@@ -471,20 +471,21 @@ impl SchedGuard {
 
     /// Records `tid`'s attributes, then sets `first`, or `fallback` when the kernel refuses
     /// `first` (for a helper thread: a deadline reservation where admission control has room
-    /// and the thread may run on every CPU, else a real-time priority). Returns which was set.
+    /// and the thread may run on every CPU, else a real-time priority). Returns which was set
+    /// and, when it was the fallback, why the kernel refused `first`.
     pub fn apply_either(
         tid: i32,
         first: &SchedAttr,
         fallback: SchedClass,
-    ) -> Result<(Self, SchedAttr), Error> {
+    ) -> Result<(Self, SchedAttr, Option<Error>), Error> {
         let original = get(tid)?;
-        let set_attr = match set(tid, first) {
-            Ok(()) => *first,
+        let (set_attr, refused) = match set(tid, first) {
+            Ok(()) => (*first, None),
             Err(Error::NoThread { tid }) => return Err(Error::NoThread { tid }),
-            Err(_) => {
+            Err(e) => {
                 let attr = fallback.attr();
                 set(tid, &attr)?;
-                attr
+                (attr, Some(e))
             }
         };
         Ok((
@@ -494,6 +495,7 @@ impl SchedGuard {
                 restored: false,
             },
             set_attr,
+            refused,
         ))
     }
 
@@ -764,8 +766,13 @@ mod tests {
         // Rejected outright (EINVAL): the fallback, whatever the bandwidth left.
         let invalid = SchedAttr::reclaiming_deadline(2_000_000, 1_000_000);
         match SchedGuard::apply_either(tid, &invalid, SchedClass::Fifo(11)) {
-            Ok((g, attr)) => {
+            Ok((g, attr, refused)) => {
                 assert_eq!(attr, SchedClass::Fifo(11).attr());
+                assert!(
+                    matches!(&refused, Some(Error::Set { source, .. })
+                        if source.raw_os_error() == Some(libc::EINVAL)),
+                    "{refused:?}"
+                );
                 assert_eq!(get(tid).unwrap().priority, 11);
                 g.restore().unwrap();
                 assert_eq!(get(tid).unwrap(), before);
@@ -774,8 +781,10 @@ mod tests {
             Err(e) => panic!("{e}"),
         }
         let helper = SchedAttr::reclaiming_deadline(300_000, 1_000_000);
-        let (g, attr) = SchedGuard::apply_either(tid, &helper, SchedClass::Fifo(11)).unwrap();
+        let (g, attr, refused) =
+            SchedGuard::apply_either(tid, &helper, SchedClass::Fifo(11)).unwrap();
         let now = get(tid).unwrap();
+        assert_eq!(attr.is_deadline(), refused.is_none(), "{refused:?}");
         if attr.is_deadline() {
             assert!(now.is_deadline(), "{now}");
             assert_eq!((now.runtime, now.period), (300_000, 1_000_000));
