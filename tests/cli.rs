@@ -429,6 +429,51 @@ fn static_policy_boosts_and_reports() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Boosts to a `SCHED_DEADLINE` class: the kernel throttles a vCPU thread that spends its
+/// runtime wherever it is, once inside the engine's lock, and such a run never finished
+/// (2026-12-05). It must end on time, every thread restored, and say that its vCPU threads
+/// handed their exits to the engine thread.
+#[test]
+fn a_deadline_boost_class_never_stalls_the_run() {
+    let _s = serial();
+    if !kvm_or_skip("a_deadline_boost_class_never_stalls_the_run") {
+        return;
+    }
+    let out = run_with_limit(
+        pvsched().args([
+            "vm",
+            "--vcpus",
+            "2",
+            "--guest-load",
+            "busy",
+            "--task-period",
+            "off",
+            "--host-load",
+            "2",
+            "--duration",
+            "3s",
+            "--policy",
+            "deadline-aware",
+            "--policy-opt",
+            "class_deadline=deadline:300us/1ms",
+            "--max-boosted",
+            "off",
+        ]),
+        Duration::from_secs(60),
+    );
+    let err = text(&out.stderr);
+    if out.status.code() == Some(5) {
+        pvsched_testutil::skip!("a_deadline_boost_class_never_stalls_the_run: {err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("vCPU threads in a deadline class handed"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn pv_off_runs_without_the_protocol() {
     let _s = serial();

@@ -272,6 +272,14 @@ pub fn render(r: &Report) -> String {
             c.quiet_s,
             c.self_contended_s
         );
+        if c.vcpu_handoffs > 0 {
+            let _ = writeln!(
+                s,
+                "vCPU threads in a deadline class handed {} exits to the engine thread (such a \
+                 thread never runs the engine itself: the kernel may stop it while it holds it)",
+                c.vcpu_handoffs
+            );
+        }
         if c.engine_deadline {
             let _ = writeln!(
                 s,

@@ -36,6 +36,15 @@
 //! runs at the engine thread's real-time priority until it lets go. The engine thread's timer
 //! is set under the same lock, so settings cannot overtake each other.
 //!
+//! A vCPU thread in a `SCHED_DEADLINE` class (a `deadline:` boost, or its own class) never
+//! takes the core: the kernel stops such a thread when its runtime is spent, wherever it is,
+//! and lending it a real-time priority does not make it run again. Seen with `pvsched vm
+//! --policy deadline-aware --policy-opt class_deadline=deadline:300us/1ms`: a vCPU throttled
+//! inside its hook held the core, the engine thread waited for it, nobody ended the boost,
+//! and the run never finished. Such a thread hands what it saw at its exits to the engine
+//! thread instead (a bounded queue taken only with `try_lock` on both sides, and a wake-up),
+//! which decides and applies for it as for a vCPU it cannot reach; its timers get no grace.
+//!
 //! Timers of a vCPU whose thread is running the guest and calling its handle (a "hooked",
 //! active vCPU) are given a short grace before the engine thread wakes for them: the vCPU
 //! usually handles them itself at its next exit, and the engine thread sleeps on. A lead timer
@@ -123,6 +132,19 @@ const BUDGET_SLACK_NS: Nanos = 100_000;
 const REPAY_SLACK_NS: Nanos = 1_000_000;
 /// Lead timers due this soon are fired together with an earlier wake-up of the engine thread.
 const COALESCE_NS: Nanos = 50_000;
+/// Items the hand-off queue of vCPU threads in a deadline class holds (see [`Shared`]); an
+/// exit that finds it full is handed off again at the next one.
+const HANDOFF_CAP: usize = 256;
+
+/// What a vCPU thread in a deadline class hands to the engine thread.
+#[derive(Clone, Copy, Debug)]
+enum Handoff {
+    /// An event it observed.
+    Event(Event),
+    /// Its slot was just registered: publish the engine's state for it again.
+    Republish(VcpuKey),
+}
+
 /// A hooked vCPU that called its handle within this window counts as running (the default
 /// of [`RuntimeConfig::active`]).
 const ACTIVE_NS: Nanos = 1_000_000;
@@ -391,6 +413,19 @@ impl ThreadCell {
         applied != UNKNOWN && applied != self.want.load(Ordering::Acquire)
     }
 
+    /// True when the thread is, or is about to be, in a `SCHED_DEADLINE` class (applied or
+    /// wanted; its original class when that is what it is in): the kernel may stop it
+    /// anywhere once its runtime is spent, so it must not hold the core (module doc).
+    fn may_throttle(&self, classes: &ClassTable) -> bool {
+        [&self.applied, &self.want]
+            .iter()
+            .any(|code| match code.load(Ordering::Acquire) {
+                ORIGINAL => self.original.is_deadline(),
+                UNKNOWN => false,
+                c => classes.get(c).is_some_and(|a| a.is_deadline()),
+            })
+    }
+
     /// True while the kernel has the boost class (not a repayment's) applied.
     fn is_boosted(&self) -> bool {
         let applied = self.applied.load(Ordering::Acquire);
@@ -452,6 +487,14 @@ struct Shared {
     /// Threads whose restore failed, tried again every [`RETRY_NS`].
     pending: Mutex<Vec<Arc<ThreadCell>>>,
     hook_busy: AtomicU64,
+    /// What vCPU threads in a deadline class saw at their exits, for the engine thread
+    /// ([`VcpuHandle::hand_off`]); at most [`HANDOFF_CAP`] items, preallocated. Taken only
+    /// with `try_lock`: a holder the kernel stopped delays the hand-off, never a thread.
+    handoff: Mutex<Vec<Handoff>>,
+    /// Set when `handoff` may hold items the engine thread has not taken.
+    handoff_pending: AtomicBool,
+    /// Exits handed off so.
+    handoffs: AtomicU64,
     /// Timers fired by the engine thread / by vCPU threads for themselves.
     timers_engine: AtomicU64,
     timers_vcpu: AtomicU64,
@@ -882,7 +925,7 @@ impl Core {
     fn arm(&mut self, shared: &Shared, now: Nanos) {
         let recheck = shared.recheck_at.load(Ordering::Acquire);
         let at = self
-            .next_wake(now, shared.grace, shared.active)
+            .next_wake(now, shared.grace, shared.active, &shared.classes)
             .into_iter()
             .chain((recheck != NO_TIMER).then_some(recheck))
             .min();
@@ -1001,7 +1044,13 @@ impl Core {
 
     /// When the engine thread must wake next: the earliest live timer, later by the grace for
     /// vCPUs that handle their own timers while they run.
-    fn next_wake(&mut self, now: Nanos, grace: Nanos, active: Nanos) -> Option<Nanos> {
+    fn next_wake(
+        &mut self,
+        now: Nanos,
+        grace: Nanos,
+        active: Nanos,
+        classes: &ClassTable,
+    ) -> Option<Nanos> {
         // Drop dead timers at the front so they cause no wake-up.
         while let Some(&(at, key, kind)) = self.order.first() {
             let gen = self.timers.get(&(key, kind)).map(|t| t.1);
@@ -1031,9 +1080,11 @@ impl Core {
                     continue;
                 }
             }
+            // (A vCPU in a deadline class hands its exits off: no grace.)
             let own = self.cells.get(&key).is_some_and(|c| {
                 c.hooked.load(Ordering::Relaxed)
                     && now.saturating_sub(c.last_exit.load(Ordering::Relaxed)) < active
+                    && !c.may_throttle(classes)
             });
             // A budget check may come a little late (it ends a boost at most that much
             // later): its wake-up is deferred so that checks of several vCPUs share one.
@@ -1204,6 +1255,14 @@ impl VcpuHandle {
     /// does nothing) when the engine is busy: call again at the next exit. Must be called on
     /// the vCPU's own thread.
     pub fn handle(&mut self, now: Nanos, events: &[VcpuEvent]) -> bool {
+        if self.cell.may_throttle(&self.shared.classes) {
+            let key = self.cell.key;
+            return self.hand_off(
+                events
+                    .iter()
+                    .map(|&what| Handoff::Event(Event::new(key, what))),
+            );
+        }
         let cell = self.cell.clone();
         self.with_core(now, |core, shared, touched| {
             cell.hook_calls.fetch_add(1, Ordering::Relaxed);
@@ -1222,6 +1281,9 @@ impl VcpuHandle {
     /// registered). Returns false when the engine is busy.
     pub fn republish(&mut self, now: Nanos) -> bool {
         let key = self.cell.key;
+        if self.cell.may_throttle(&self.shared.classes) {
+            return self.hand_off(std::iter::once(Handoff::Republish(key)));
+        }
         self.with_core(now, |core, shared, touched| {
             let state = core
                 .engine
@@ -1231,6 +1293,40 @@ impl VcpuHandle {
             core.apply_now(shared, &[Decision::Publish(key, state)], now, touched);
             core.process(shared, now, now, touched);
         })
+    }
+
+    /// For a thread in a deadline class (which must not hold the core, module doc): queues
+    /// `items` for the engine thread and wakes it, which decides and applies for this vCPU.
+    /// Takes no lock another thread waits for, and applies nothing here (the engine thread
+    /// applies what it decides, and looks again after a race). Returns false (nothing
+    /// queued) when the queue is busy or full: hand off again at the next exit.
+    fn hand_off(&mut self, items: impl ExactSizeIterator<Item = Handoff>) -> bool {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return true;
+        }
+        if items.len() == 0 {
+            return true;
+        }
+        {
+            let mut q = match self.shared.handoff.try_lock() {
+                Ok(q) => q,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    self.shared.hook_busy.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            };
+            if q.len() + items.len() > HANDOFF_CAP {
+                self.shared.hook_busy.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            q.extend(items);
+        }
+        self.shared.handoffs.fetch_add(1, Ordering::Relaxed);
+        if !self.shared.handoff_pending.swap(true, Ordering::AcqRel) {
+            let _ = self.shared.wake.write(1);
+        }
+        true
     }
 
     /// Runs `f` on the core unless another thread holds it (then returns false), re-arms the
@@ -1465,6 +1561,9 @@ impl Runtime {
             error_kinds: Default::default(),
             pending: Mutex::new(Vec::new()),
             hook_busy: AtomicU64::new(0),
+            handoff: Mutex::new(Vec::with_capacity(HANDOFF_CAP)),
+            handoff_pending: AtomicBool::new(false),
+            handoffs: AtomicU64::new(0),
             timers_engine: AtomicU64::new(0),
             timers_vcpu: AtomicU64::new(0),
             rechecks: AtomicU64::new(0),
@@ -1494,6 +1593,8 @@ impl Runtime {
             vm_sources: BTreeMap::new(),
             touched: Vec::with_capacity(16),
             events: Vec::with_capacity(64),
+            handoffs: Vec::with_capacity(HANDOFF_CAP),
+            handoff_retry: false,
             stats: LoopStats::default(),
             started: mono_ns(),
             quiet_gate: cfg.quiet_gate,
@@ -1828,6 +1929,11 @@ struct Loop {
     touched: Vec<Arc<ThreadCell>>,
     /// Scratch lists reused across wake-ups (no allocation per round).
     events: Vec<Event>,
+    /// What vCPU threads in a deadline class handed off, taken from [`Shared::handoff`].
+    handoffs: Vec<Handoff>,
+    /// The hand-off queue was held when last tried (its holder stopped by the kernel, say):
+    /// try again soon.
+    handoff_retry: bool,
     stats: LoopStats,
     started: Nanos,
     /// The quiet gate, if on, with a run-delay sampler per vCPU thread and since when each
@@ -2031,6 +2137,7 @@ impl Loop {
                 }
             }
             let fixed = self.shared.run_rechecks(now);
+            self.take_handoffs();
             self.sample_quiet(now, &mut events);
             if !self.process(now, trigger, &events) && fixed == 0 {
                 self.stats.idle_wakeups += 1;
@@ -2245,7 +2352,31 @@ impl Loop {
             .chain(sample)
             .min()
             .map(|t| t.saturating_sub(now).div_ceil(1_000_000).min(1000) as i32);
-        next.unwrap_or(-1)
+        match next {
+            // The hand-off queue was held: look again within a millisecond.
+            _ if self.handoff_retry => next.map_or(1, |t| t.min(1)),
+            Some(t) => t,
+            None => -1,
+        }
+    }
+
+    /// Takes what vCPU threads in a deadline class handed off ([`VcpuHandle::hand_off`]),
+    /// never waiting for the queue (its holder may be a thread the kernel stopped).
+    fn take_handoffs(&mut self) {
+        if !self.shared.handoff_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let mut q = match self.shared.handoff.try_lock() {
+            Ok(q) => q,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.handoff_retry = true;
+                return;
+            }
+        };
+        self.handoff_retry = false;
+        self.shared.handoff_pending.store(false, Ordering::Release);
+        self.handoffs.extend(q.drain(..));
     }
 
     /// Feeds `events` and the due timers to the engine, applies, re-arms the timer. Returns
@@ -2266,6 +2397,24 @@ impl Loop {
                 }
             }
             core.events.extend_from_slice(events);
+            for item in self.handoffs.drain(..) {
+                match item {
+                    Handoff::Event(e) => core.events.push(e),
+                    Handoff::Republish(key) => {
+                        let state = core
+                            .engine
+                            .vcpu(key)
+                            .and_then(|s| s.published)
+                            .unwrap_or(BoostState::Normal);
+                        core.apply_now(
+                            &shared,
+                            &[Decision::Publish(key, state)],
+                            now,
+                            &mut self.touched,
+                        );
+                    }
+                }
+            }
             let due = core.due_timers(now, None);
             let trigger = due.map_or(trigger, |t| t.min(trigger));
             core.process(&shared, now, trigger, &mut self.touched);
@@ -2665,6 +2814,7 @@ impl Loop {
                 setattr_per_s: per_s(remote_sets + self_sets),
                 vcpu_handle_calls: hook_calls,
                 vcpu_handle_busy: self.shared.hook_busy.load(Ordering::Relaxed),
+                vcpu_handoffs: self.shared.handoffs.load(Ordering::Relaxed),
                 engine_timers: self.shared.timers_engine.load(Ordering::Relaxed),
                 vcpu_timers: self.shared.timers_vcpu.load(Ordering::Relaxed),
                 rechecks: self.shared.rechecks.load(Ordering::Relaxed),
@@ -2737,6 +2887,10 @@ pub struct Cost {
     pub vcpu_handle_calls: u64,
     /// Times a vCPU thread found the engine busy and tried again later.
     pub vcpu_handle_busy: u64,
+    /// Exits a vCPU thread in a deadline class handed to the engine thread instead of running
+    /// the engine itself (it must not hold the engine's lock: the kernel may stop it there).
+    #[serde(default)]
+    pub vcpu_handoffs: u64,
     /// Engine timers (budget, cooldown, lead) fired by the engine thread.
     #[serde(default)]
     pub engine_timers: u64,

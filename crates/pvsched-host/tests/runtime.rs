@@ -467,6 +467,51 @@ fn hooked_vcpu_applies_its_own_decisions() {
     assert_eq!(st.cost.vcpu_handle_calls, 2);
 }
 
+/// A vCPU thread in a `SCHED_DEADLINE` class never runs the engine itself: the kernel may
+/// stop such a thread anywhere once its runtime is spent, and one stopped while holding the
+/// engine's lock left the engine thread waiting for good (a real `pvsched vm` run with a
+/// `deadline:` boost class never finished). It hands its exits to the engine thread, which
+/// decides and applies for it.
+#[test]
+fn a_vcpu_in_a_deadline_class_hands_its_exits_to_the_engine_thread() {
+    let s = setup();
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&["class_task=deadline:300us/1ms", "repay=off"]),
+        no_parts(),
+    )
+    .unwrap();
+    let kernel = s.kernel.clone();
+    let t = vcpu_thread(&s.h, move |mut v| {
+        let me = gettid();
+        let rt = Reasons::NONE.with(Reason::RtTask);
+        // Not in a deadline class yet: it runs the engine and boosts itself.
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
+        assert!(kernel.attr(me).is_deadline(), "{}", kernel.attr(me));
+        assert_eq!(kernel.sets_by(me, me), 1);
+        // In one now: its release goes to the engine thread, which unboosts it.
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]));
+        wait_for("the engine thread's unboost", || {
+            !kernel.attr(me).is_deadline()
+        });
+        assert_eq!(
+            kernel.sets_by(me, me),
+            1,
+            "the unboost was the engine thread's"
+        );
+        // Out of it: its own again.
+        assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
+        assert_eq!(kernel.sets_by(me, me), 2);
+    });
+    t.join().unwrap();
+    let st = s.h.status().unwrap();
+    assert_eq!(st.cost.vcpu_handoffs, 1);
+    assert_eq!(st.cost.vcpu_handle_calls, 2);
+    let v = &st.vms[0].vcpus[0];
+    assert_eq!((v.boosts, v.unboosts), (2, 1));
+}
+
 /// Runs `f` on a new thread registered as hooked vCPU `K0`, with its handle.
 fn vcpu_thread<T: Send + 'static>(
     h: &RuntimeHandle,
