@@ -943,6 +943,42 @@ impl Core {
         }
     }
 
+    /// Feeds what vCPU threads in a deadline class handed off ([`VcpuHandle::hand_off`]) to
+    /// the engine, ahead of anything newer: taken only by a holder of the core, so a vCPU
+    /// thread that runs the engine again finds its earlier exits processed or still queued,
+    /// never in flight. Never waits for the queue (its holder may be a thread the kernel
+    /// stopped): false when it was held and nothing was taken.
+    fn take_handoffs(
+        &mut self,
+        shared: &Shared,
+        now: Nanos,
+        touched: &mut Vec<Arc<ThreadCell>>,
+    ) -> bool {
+        if !shared.handoff_pending.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut q = match shared.handoff.try_lock() {
+            Ok(q) => q,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        shared.handoff_pending.store(false, Ordering::Release);
+        for item in q.drain(..) {
+            match item {
+                Handoff::Event(e) => self.events.push(e),
+                Handoff::Republish(key) => {
+                    let state = self
+                        .engine
+                        .vcpu(key)
+                        .and_then(|s| s.published)
+                        .unwrap_or(BoostState::Normal);
+                    self.apply_now(shared, &[Decision::Publish(key, state)], now, touched);
+                }
+            }
+        }
+        true
+    }
+
     /// Applies decisions made outside [`Core::process`] and queues their follow-ups.
     fn apply_now(
         &mut self,
@@ -1251,9 +1287,10 @@ impl VcpuHandle {
     }
 
     /// Feeds `events` (what this vCPU's thread observed at `now`) and this vCPU's due timers
-    /// to the engine, and applies the decisions, its own on this thread. Returns false (and
-    /// does nothing) when the engine is busy: call again at the next exit. Must be called on
-    /// the vCPU's own thread.
+    /// to the engine, and applies the decisions, its own on this thread. Returns false when
+    /// `events` were not taken (the engine busy): call again at the next exit. A thread in a
+    /// deadline class hands `events` to the engine thread instead (module doc). Must be
+    /// called on the vCPU's own thread.
     pub fn handle(&mut self, now: Nanos, events: &[VcpuEvent]) -> bool {
         if self.cell.may_throttle(&self.shared.classes) {
             let key = self.cell.key;
@@ -1264,17 +1301,24 @@ impl VcpuHandle {
             );
         }
         let cell = self.cell.clone();
-        self.with_core(now, |core, shared, touched| {
+        let mut taken = true;
+        let ran = self.with_core(now, |core, shared, touched| {
             cell.hook_calls.fetch_add(1, Ordering::Relaxed);
             cell.last_exit.store(now, Ordering::Relaxed);
-            core.events
-                .extend(events.iter().map(|&what| Event::new(cell.key, what)));
+            // Exits this vCPU handed off while in a deadline class come before this one's
+            // events; if the queue is held, this exit's events wait for the next exit.
+            taken = core.take_handoffs(shared, now, touched);
+            if taken {
+                core.events
+                    .extend(events.iter().map(|&what| Event::new(cell.key, what)));
+            }
             let due = core.due_timers(now, Some(cell.key));
             let trigger = due.map_or(now, |t| t.min(now));
             core.process(shared, now, trigger, touched);
             let fired = std::mem::take(&mut core.fired_timers);
             shared.timers_vcpu.fetch_add(fired, Ordering::Relaxed);
-        })
+        });
+        ran && taken
     }
 
     /// Publishes the engine's current state for this vCPU again (a slot was just
@@ -1593,7 +1637,6 @@ impl Runtime {
             vm_sources: BTreeMap::new(),
             touched: Vec::with_capacity(16),
             events: Vec::with_capacity(64),
-            handoffs: Vec::with_capacity(HANDOFF_CAP),
             handoff_retry: false,
             stats: LoopStats::default(),
             started: mono_ns(),
@@ -1929,8 +1972,6 @@ struct Loop {
     touched: Vec<Arc<ThreadCell>>,
     /// Scratch lists reused across wake-ups (no allocation per round).
     events: Vec<Event>,
-    /// What vCPU threads in a deadline class handed off, taken from [`Shared::handoff`].
-    handoffs: Vec<Handoff>,
     /// The hand-off queue was held when last tried (its holder stopped by the kernel, say):
     /// try again soon.
     handoff_retry: bool,
@@ -2137,7 +2178,6 @@ impl Loop {
                 }
             }
             let fixed = self.shared.run_rechecks(now);
-            self.take_handoffs();
             self.sample_quiet(now, &mut events);
             if !self.process(now, trigger, &events) && fixed == 0 {
                 self.stats.idle_wakeups += 1;
@@ -2360,25 +2400,6 @@ impl Loop {
         }
     }
 
-    /// Takes what vCPU threads in a deadline class handed off ([`VcpuHandle::hand_off`]),
-    /// never waiting for the queue (its holder may be a thread the kernel stopped).
-    fn take_handoffs(&mut self) {
-        if !self.shared.handoff_pending.load(Ordering::Acquire) {
-            return;
-        }
-        let mut q = match self.shared.handoff.try_lock() {
-            Ok(q) => q,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                self.handoff_retry = true;
-                return;
-            }
-        };
-        self.handoff_retry = false;
-        self.shared.handoff_pending.store(false, Ordering::Release);
-        self.handoffs.extend(q.drain(..));
-    }
-
     /// Feeds `events` and the due timers to the engine, applies, re-arms the timer. Returns
     /// whether a class change was decided.
     fn process(&mut self, now: Nanos, trigger: Nanos, events: &[Event]) -> bool {
@@ -2396,25 +2417,9 @@ impl Loop {
                     }
                 }
             }
+            // Handed-off exits first: they happened before anything a vCPU thread could add.
+            self.handoff_retry = !core.take_handoffs(&shared, now, &mut self.touched);
             core.events.extend_from_slice(events);
-            for item in self.handoffs.drain(..) {
-                match item {
-                    Handoff::Event(e) => core.events.push(e),
-                    Handoff::Republish(key) => {
-                        let state = core
-                            .engine
-                            .vcpu(key)
-                            .and_then(|s| s.published)
-                            .unwrap_or(BoostState::Normal);
-                        core.apply_now(
-                            &shared,
-                            &[Decision::Publish(key, state)],
-                            now,
-                            &mut self.touched,
-                        );
-                    }
-                }
-            }
             let due = core.due_timers(now, None);
             let trigger = due.map_or(trigger, |t| t.min(trigger));
             core.process(&shared, now, trigger, &mut self.touched);
