@@ -562,6 +562,16 @@ impl Shared {
         }
     }
 
+    /// The hand-off queue, unless another thread holds it (never waits: its holder may be a
+    /// thread the kernel stopped). A queue poisoned by a panic is still a plain list.
+    fn try_handoff(&self) -> Option<MutexGuard<'_, Vec<Handoff>>> {
+        match self.handoff.try_lock() {
+            Ok(q) => Some(q),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     fn note_error(&self, what: String) {
         let n = self.error_count.fetch_add(1, Ordering::Relaxed) + 1;
         // Logged: the first ten, then every power of two (a thread the kernel keeps refusing
@@ -957,10 +967,8 @@ impl Core {
         if !shared.handoff_pending.load(Ordering::Acquire) {
             return true;
         }
-        let mut q = match shared.handoff.try_lock() {
-            Ok(q) => q,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
+        let Some(mut q) = shared.try_handoff() else {
+            return false;
         };
         shared.handoff_pending.store(false, Ordering::Release);
         for item in q.drain(..) {
@@ -1352,13 +1360,9 @@ impl VcpuHandle {
             return true;
         }
         {
-            let mut q = match self.shared.handoff.try_lock() {
-                Ok(q) => q,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    self.shared.hook_busy.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
+            let Some(mut q) = self.shared.try_handoff() else {
+                self.shared.hook_busy.fetch_add(1, Ordering::Relaxed);
+                return false;
             };
             if q.len() + items.len() > HANDOFF_CAP {
                 self.shared.hook_busy.fetch_add(1, Ordering::Relaxed);
