@@ -31,6 +31,8 @@ struct FakeKernel {
     /// effect (a caller preempted on its way into the kernel): it lands late.
     stall_remote: AtomicBool,
     remote_stalled: AtomicBool,
+    /// Changes held up by `stall_remote` so far.
+    remote_stalls: AtomicU64,
     /// While set, a thread's change of its own attributes is held up *before* it takes
     /// effect (its call overtaken by another thread's).
     hold_own: AtomicBool,
@@ -149,6 +151,7 @@ impl Applier for FakeKernel {
             self.own_held.store(false, Ordering::Release);
         }
         if tid != gettid() && self.stall_remote.load(Ordering::Acquire) {
+            self.remote_stalls.fetch_add(1, Ordering::AcqRel);
             self.remote_stalled.store(true, Ordering::Release);
             held_while(&self.stall_remote);
             self.remote_stalled.store(false, Ordering::Release);
@@ -510,6 +513,57 @@ fn a_vcpu_in_a_deadline_class_hands_its_exits_to_the_engine_thread() {
     assert_eq!(st.cost.vcpu_handle_calls, 2);
     let v = &st.vms[0].vcpus[0];
     assert_eq!((v.boosts, v.unboosts), (2, 1));
+}
+
+/// What a vCPU thread in a deadline class handed off is taken by whoever runs the engine next,
+/// ahead of that thread's own events: here by vCPU A's thread while the engine thread is held
+/// up, so B's release is decided (and applied) by A's thread. Were the queue left to the
+/// engine thread, A would run the engine without it, and a handed-off request of a vCPU that
+/// has meanwhile left its deadline class could be processed after a newer one.
+#[test]
+fn a_vcpu_running_the_engine_takes_the_hand_offs_first() {
+    let s = setup();
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &opts(&[
+            "class_task=deadline:300us/1ms",
+            "irq_hold=10s",
+            "cs_budget=10s",
+            "rt_budget=10s",
+            "repay=off",
+        ]),
+        no_parts(),
+    )
+    .unwrap();
+    let a = Hooked::start(&s.h, K0);
+    let b = Hooked::start(&s.h, VcpuKey::new(0, 1));
+    let rt = Reasons::NONE.with(Reason::RtTask);
+    // B boosts itself into the deadline class.
+    b.run(move |v| assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)])));
+    assert!(s.kernel.attr(b.tid).is_deadline());
+    // The engine thread is held up boosting A (an interrupt for it): it takes nothing now.
+    s.kernel.stall_remote.store(true, Ordering::Release);
+    s.feed.send(Event::new(K0, VcpuEvent::Interrupt));
+    wait_for("the engine thread held up", || {
+        s.kernel.remote_stalls.load(Ordering::Acquire) >= 1
+    });
+    // B lets go, handed off.
+    b.run(|v| assert!(v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)])));
+    // A's next exit runs the engine: it takes B's release first and lowers B.
+    a.post(|v| handle_until_taken(v, mono_ns, &[VcpuEvent::Request(Reasons::NONE)]));
+    let taken = Instant::now();
+    while s.kernel.remote_stalls.load(Ordering::Acquire) < 2 && taken.elapsed() < STALL_LIMIT / 4 {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let lowered_by_a = s.kernel.remote_stalls.load(Ordering::Acquire) >= 2;
+    s.kernel.stall_remote.store(false, Ordering::Release);
+    a.run(|_| ());
+    wait_for("B lowered", || !s.kernel.attr(b.tid).is_deadline());
+    assert!(lowered_by_a, "A's thread did not take B's hand-off");
+    assert_eq!(s.kernel.sets_by(b.tid, a.tid), 1, "B lowered by A's thread");
+    drop((a, b));
+    s.rt.stop();
 }
 
 /// Runs `f` on a new thread registered as hooked vCPU `K0`, with its handle.
