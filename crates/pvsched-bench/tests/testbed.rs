@@ -219,5 +219,10 @@ fn the_controller_outranks_rt_vcpus_on_a_deadline_reservation() {
         .report
         .controller_class
         .expect("the controller had to outrank FIFO vCPU threads");
-    assert!(c.starts_with("deadline(") || c == "fifo:11", "{c}");
+    // The reservation, or FIFO 11 with the kernel's refusal (admission control full, say:
+    // a run with deadline boosts keeps its bandwidth booked for a while on this kernel).
+    assert!(
+        c.starts_with("deadline(") || c.starts_with("fifo:11 (SCHED_DEADLINE refused: "),
+        "{c}"
+    );
 }
