@@ -974,17 +974,26 @@ impl Core {
         for item in q.drain(..) {
             match item {
                 Handoff::Event(e) => self.events.push(e),
-                Handoff::Republish(key) => {
-                    let state = self
-                        .engine
-                        .vcpu(key)
-                        .and_then(|s| s.published)
-                        .unwrap_or(BoostState::Normal);
-                    self.apply_now(shared, &[Decision::Publish(key, state)], now, touched);
-                }
+                Handoff::Republish(key) => self.republish(shared, key, now, touched),
             }
         }
         true
+    }
+
+    /// Publishes the engine's current state for `key` again (its slot was just registered).
+    fn republish(
+        &mut self,
+        shared: &Shared,
+        key: VcpuKey,
+        now: Nanos,
+        touched: &mut Vec<Arc<ThreadCell>>,
+    ) {
+        let state = self
+            .engine
+            .vcpu(key)
+            .and_then(|s| s.published)
+            .unwrap_or(BoostState::Normal);
+        self.apply_now(shared, &[Decision::Publish(key, state)], now, touched);
     }
 
     /// Applies decisions made outside [`Core::process`] and queues their follow-ups.
@@ -1337,12 +1346,7 @@ impl VcpuHandle {
             return self.hand_off(std::iter::once(Handoff::Republish(key)));
         }
         self.with_core(now, |core, shared, touched| {
-            let state = core
-                .engine
-                .vcpu(key)
-                .and_then(|s| s.published)
-                .unwrap_or(BoostState::Normal);
-            core.apply_now(shared, &[Decision::Publish(key, state)], now, touched);
+            core.republish(shared, key, now, touched);
             core.process(shared, now, now, touched);
         })
     }
