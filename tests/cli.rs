@@ -261,6 +261,14 @@ fn layouts_pin_the_vcpu_threads_and_hogs() {
         let pct = v["vcpus_sharing_cpu_pct"]
             .as_f64()
             .expect("placement sampled");
+        // A vCPU alone on a CPU is counted only beside hogs, and `apart` puts a hog beside
+        // each vCPU.
+        let alone = v["vcpu_alone_pct"].as_f64();
+        if hogs == "0" {
+            assert_eq!(alone, None, "{layout}: no hogs, no alone count");
+        } else {
+            assert_eq!(alone, Some(0.0), "{layout}: {stdout}");
+        }
         if shared >= 0.0 {
             // Pinned before the guests start: every sample sees the layout.
             assert_eq!(pct, shared, "{layout}: {stdout}");

@@ -600,6 +600,9 @@ pub struct CellSummary {
     /// Samples in which two vCPU threads were on the same host CPU, %.
     #[serde(default)]
     pub vcpus_sharing_cpu_pct: Stat,
+    /// Samples in which a vCPU thread had a host CPU to itself beside the built-in hogs, %.
+    #[serde(default)]
+    pub vcpu_alone_pct: Stat,
     /// The fewest latency samples a vCPU took, % of the run's probe periods (a vCPU that fell
     /// behind or was starved).
     #[serde(default)]
@@ -698,6 +701,7 @@ pub fn summarize(c: &CellResult) -> CellSummary {
             })
         }),
         vcpus_sharing_cpu_pct: metric(r, |x| x.vcpus_sharing_cpu_pct.unwrap_or(f64::NAN)),
+        vcpu_alone_pct: metric(r, |x| x.vcpu_alone_pct.unwrap_or(f64::NAN)),
         overrun_pct: metric(r, |x| {
             let (n, o) = x.per_vcpu.iter().fold((0u64, 0u64), |(n, o), v| {
                 (n + v.latency.count, o + v.overruns)

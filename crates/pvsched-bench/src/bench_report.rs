@@ -322,6 +322,11 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                     &pct,
                 ),
                 (
+                    "a vCPU thread alone on a CPU (% of samples)",
+                    |x| x.vcpu_alone_pct,
+                    &pct,
+                ),
+                (
                     "host load CPU share (% of the machine)",
                     |x| x.load_cpu_pct,
                     &pct,

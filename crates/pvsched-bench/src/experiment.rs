@@ -301,6 +301,12 @@ pub struct Report {
     /// `None` with one vCPU or no sample.
     #[serde(default)]
     pub vcpus_sharing_cpu_pct: Option<f64>,
+    /// Sampled alike in a run with built-in hogs: the share of samples in which a vCPU thread
+    /// had a host CPU to itself (no other vCPU thread, no hog there), %. With as many vCPUs
+    /// and hogs as CPUs the hogs then share the other CPUs and the VM takes a whole CPU,
+    /// whatever its class. `None` without hogs or with one vCPU.
+    #[serde(default)]
+    pub vcpu_alone_pct: Option<f64>,
     /// Where the vCPU threads and the hogs were allowed to run.
     #[serde(default)]
     pub layout: Layout,
@@ -342,33 +348,51 @@ pub fn stat_processor(stat: &str) -> Option<u32> {
     pvsched_host::sched::stat_field(stat, 39)?.parse().ok()
 }
 
-/// Samples of where a VM's vCPU threads are.
+/// Samples of where a VM's vCPU threads (and the run's built-in hogs) are.
 #[derive(Default)]
 struct Placement {
     samples: u64,
     shared: u64,
+    /// Samples with hogs in which a vCPU thread had a CPU to itself (no other vCPU, no hog).
+    alone: u64,
     cpus: Vec<u32>,
+    hog_cpus: Vec<u32>,
 }
 
 impl Placement {
-    /// Reads each thread's CPU; a thread that cannot be read (gone) makes no sample.
-    fn sample(&mut self, tids: &[i32]) {
+    /// Reads the CPU of each vCPU thread `tids` and hog `hogs`; a thread that cannot be read
+    /// (gone) makes no sample.
+    fn sample(&mut self, tids: &[i32], hogs: &[i32]) {
         if tids.len() < 2 {
             return;
         }
-        self.cpus.clear();
-        for tid in tids {
-            let path = format!("/proc/self/task/{tid}/stat");
-            match std::fs::read_to_string(path)
+        let cpu_of = |tid: &i32| {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
                 .ok()
                 .as_deref()
                 .and_then(stat_processor)
-            {
+        };
+        self.cpus.clear();
+        self.hog_cpus.clear();
+        for tid in tids {
+            match cpu_of(tid) {
                 Some(cpu) => self.cpus.push(cpu),
                 None => return,
             }
         }
+        for tid in hogs {
+            match cpu_of(tid) {
+                Some(cpu) => self.hog_cpus.push(cpu),
+                None => return,
+            }
+        }
         self.samples += 1;
+        let (vcpus, hog_cpus) = (&self.cpus, &self.hog_cpus);
+        let alone =
+            |cpu: &u32| vcpus.iter().filter(|c| *c == cpu).count() == 1 && !hog_cpus.contains(cpu);
+        if !hog_cpus.is_empty() && vcpus.iter().any(alone) {
+            self.alone += 1;
+        }
         self.cpus.sort_unstable();
         if self.cpus.windows(2).any(|w| w[0] == w[1]) {
             self.shared += 1;
@@ -377,6 +401,12 @@ impl Placement {
 
     fn shared_pct(&self) -> Option<f64> {
         (self.samples > 0).then(|| self.shared as f64 / self.samples as f64 * 100.0)
+    }
+
+    /// Share of samples in which a vCPU had a CPU to itself while hogs ran; `None` without
+    /// hogs or samples.
+    fn alone_pct(&self, hogs: usize) -> Option<f64> {
+        (self.samples > 0 && hogs > 0).then(|| self.alone as f64 / self.samples as f64 * 100.0)
     }
 }
 
@@ -511,11 +541,12 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
     let started = Instant::now();
     let mut interrupted = false;
     let vcpu_tids = running.tids();
+    let hog_tids = hogs.tids();
     let mut placement = Placement::default();
     loop {
         std::thread::sleep(DRAIN_PERIOD.min(cfg.duration));
         drain(&running, &mut readers, &mut hists)?;
-        placement.sample(&vcpu_tids);
+        placement.sample(&vcpu_tids, &hog_tids);
         if interrupt.load(Ordering::Relaxed) {
             interrupted = true;
             break;
@@ -657,6 +688,7 @@ pub fn run(cfg: &ExperimentConfig, interrupt: &AtomicBool) -> Result<Outcome, Er
         per_vcpu,
         pv,
         vcpus_sharing_cpu_pct: placement.shared_pct(),
+        vcpu_alone_pct: placement.alone_pct(hog_tids.len()),
         layout: cfg.layout,
         policy: PolicyReport {
             driver,
@@ -701,15 +733,54 @@ mod tests {
         let mut p = Placement::default();
         assert_eq!(p.shared_pct(), None);
         // One thread: nothing to compare.
-        p.sample(&[pvsched_vmm::vcpu::gettid()]);
+        p.sample(&[pvsched_vmm::vcpu::gettid()], &[]);
         assert_eq!(p.shared_pct(), None);
         // The same thread twice is on one CPU.
         let me = pvsched_vmm::vcpu::gettid();
-        p.sample(&[me, me]);
+        p.sample(&[me, me], &[]);
         assert_eq!(p.shared_pct(), Some(100.0));
         // A thread that does not exist makes no sample.
-        p.sample(&[me, i32::MAX]);
+        p.sample(&[me, i32::MAX], &[]);
         assert_eq!((p.samples, p.shared), (1, 1));
+        assert_eq!(p.alone_pct(0), None);
+    }
+
+    #[test]
+    fn placement_counts_samples_with_a_vcpu_alone_beside_hogs() {
+        // Two threads pinned to different CPUs stand for vCPUs and hogs.
+        let cpus = pvsched_host::sched::affinity(0).unwrap();
+        if cpus.len() < 2 {
+            eprintln!("skipped: one CPU allowed, no two places to compare");
+            return;
+        }
+        let spawn = |cpu: usize| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+            let h = std::thread::spawn(move || {
+                let me = pvsched_vmm::vcpu::gettid();
+                pvsched_host::sched::set_affinity(me, &[cpu]).unwrap();
+                tx.send(me).unwrap();
+                let _ = stop_rx.recv();
+            });
+            (rx.recv().unwrap(), stop_tx, h)
+        };
+        let (a, stop_a, ha) = spawn(cpus[0]);
+        let (b, stop_b, hb) = spawn(cpus[1]);
+        let mut p = Placement::default();
+        // vCPUs a and b on two CPUs, a hog beside b: a is alone.
+        p.sample(&[a, b], &[b]);
+        // vCPUs a and b, a hog beside each: nobody alone.
+        p.sample(&[a, b], &[a, b]);
+        // Both vCPUs on a's CPU, the hog elsewhere: together, not alone.
+        p.sample(&[a, a], &[b]);
+        // A hog that is gone makes no sample.
+        p.sample(&[a, b], &[i32::MAX]);
+        assert_eq!((p.samples, p.alone, p.shared), (3, 1, 1));
+        assert_eq!(p.alone_pct(1).map(|x| (x * 3.0).round()), Some(100.0));
+        assert_eq!(p.alone_pct(0), None);
+        drop((stop_a, stop_b));
+        ha.join().unwrap();
+        hb.join().unwrap();
     }
 
     #[test]

@@ -336,5 +336,12 @@ pub fn render(r: &Report) -> String {
              compete with each other for it)"
         );
     }
+    if let Some(pct) = r.vcpu_alone_pct {
+        let _ = writeln!(
+            s,
+            "A vCPU thread alone on a host CPU (no other vCPU, no hog): {pct:.0}% of samples (the \
+             hogs then share the other CPUs)"
+        );
+    }
     s
 }
