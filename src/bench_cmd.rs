@@ -111,6 +111,20 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, interrupt.clone()).map_err(CliError::Signals)?;
     }
+    if let Some(dir) = &args.report_from {
+        if args.guest == BenchGuest::LinuxTcg {
+            return Err(CliError::Usage(
+                "--report-from writes a testbed run's report again (not --guest linux-tcg)",
+            ));
+        }
+        let out = args.out.clone().unwrap_or_else(|| dir.clone());
+        let files = pvsched_bench::bench_report::rewrite(dir, &out)?;
+        println!("Report written again to {}:", out.display());
+        for f in &files {
+            println!("  {}", f.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.guest == BenchGuest::LinuxTcg {
         if args.layout != Layout::Free {
             return Err(CliError::Usage(

@@ -211,6 +211,15 @@ pub struct BenchArgs {
     /// wake like those of a mostly idle guest; the idle-host `none` cells are the floor).
     #[arg(long, value_enum, default_value_t = GuestLoadArg::Busy)]
     pub guest_load: GuestLoadArg,
+    /// Run nothing: write the report of an earlier testbed run again from the `results.json`
+    /// in this directory, with this build's tables (into `--out`, default that directory; the
+    /// latency CDF plots are not redrawn).
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["quick", "rounds", "cell_duration", "policies", "intervals", "daemon_opts"]
+    )]
+    pub report_from: Option<PathBuf>,
 }
 
 fn parse_bench_policy(s: &str) -> Result<String, String> {

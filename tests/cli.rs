@@ -696,3 +696,63 @@ fn bench_quick_writes_a_complete_report() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_report_from_writes_an_earlier_runs_report_again() {
+    // A real run's results, kept in the repository: read back with this build's tables.
+    let run = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/results/bench-2026-12-05-0334-default");
+    let out = std::env::temp_dir().join(format!("pvsched-report-from-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = pvsched()
+        .args(["bench", "--report-from"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let first = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert_eq!(
+        md.lines().next(),
+        first.lines().next(),
+        "the run's own title"
+    );
+    assert!(md.contains("## At a glance: the promise, checked"), "{md}");
+    assert!(md.contains("| 500 µs | deadline-aware | "), "{md}");
+    // The tables that were there stay as they were.
+    let table = "## Busy host, deadline task on: guest timer wake-up latency (µs)";
+    let section = |t: &str| {
+        t[t.find(table).unwrap()..]
+            .split("\n\n")
+            .nth(1)
+            .map(String::from)
+    };
+    assert_eq!(section(&md), section(&first));
+    let _ = std::fs::remove_dir_all(&out);
+    // Not a bench's results: a clear error, no report.
+    let bad = std::env::temp_dir().join(format!("pvsched-report-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("results.json"), "{\"cells\": 3}").unwrap();
+    let o = pvsched()
+        .args(["bench", "--report-from"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("is not the results.json of a pvsched bench run"),
+        "{err}"
+    );
+    assert!(!bad.join("report.md").exists());
+    // A run option beside it is refused.
+    let o = pvsched()
+        .args(["bench", "--rounds", "2", "--report-from"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let _ = std::fs::remove_dir_all(&bad);
+}

@@ -310,6 +310,12 @@ pub enum BenchError {
     /// Drawing a plot failed.
     #[error("cannot draw {0}: {1}")]
     Plot(String, String),
+    /// A run's results could not be read back.
+    #[error("cannot read {0}")]
+    Read(String, #[source] std::io::Error),
+    /// A run's results are not a bench's `results.json`.
+    #[error("{0} is not the results.json of a pvsched bench run")]
+    Parse(String, #[source] serde_json::Error),
 }
 
 /// One cell's runs.

@@ -3,7 +3,7 @@
 
 use crate::bench::{summarize, BenchError, BenchOutcome, CellSummary, HostState, Stat};
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -156,7 +156,9 @@ pub fn write(o: &BenchOutcome, dir: &Path, title: &str) -> Result<Vec<PathBuf>, 
     };
     let text = serde_json::to_string_pretty(&json).expect("results serialize");
     write_file("results.json", &(text + "\n"), &mut files)?;
-    for &interval in &o.config.intervals_us {
+    // Without the histograms (a report written again from results.json) the CDF plots stay
+    // as the run drew them.
+    for &interval in o.config.intervals_us.iter().filter(|_| !o.hists.is_empty()) {
         let p = dir.join(format!("latency-cdf-busy-{interval}us.svg"));
         cdf_plot(o, interval, &p)?;
         files.push(p);
@@ -165,6 +167,44 @@ pub fn write(o: &BenchOutcome, dir: &Path, title: &str) -> Result<Vec<PathBuf>, 
     glitch_plot(&view, &p)?;
     files.push(p);
     Ok(files)
+}
+
+/// What `results.json` holds, read back.
+#[derive(Deserialize)]
+struct JsonIn {
+    config: crate::bench::BenchConfig,
+    #[serde(default)]
+    interrupted: bool,
+    #[serde(default)]
+    elapsed_s: f64,
+    cells: Vec<crate::bench::CellResult>,
+}
+
+/// Writes the report of the bench run whose `results.json` is in `dir` again, into `out`
+/// (`report.md`, `results.json`, the glitch plot), with this build's tables and the title of
+/// the run's own `report.md` when there is one. The latency CDF plots need the run's
+/// histograms, which `results.json` does not keep: they are not drawn again.
+pub fn rewrite(dir: &Path, out: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BenchError::Read(path.display().to_string(), e))?;
+    let run: JsonIn = serde_json::from_str(&text)
+        .map_err(|e| BenchError::Parse(path.display().to_string(), e))?;
+    let title = std::fs::read_to_string(dir.join("report.md"))
+        .ok()
+        .and_then(|md| {
+            let first = md.lines().next()?.strip_prefix("# ")?.trim().to_string();
+            (!first.is_empty()).then_some(first)
+        })
+        .unwrap_or_else(|| "pvsched bench".to_string());
+    let outcome = BenchOutcome {
+        config: run.config,
+        cells: run.cells,
+        hists: Vec::new(),
+        interrupted: run.interrupted,
+        elapsed: std::time::Duration::from_secs_f64(run.elapsed_s.max(0.0)),
+    };
+    write(&outcome, out, &title)
 }
 
 /// Where the rounds' controller threads ran, when any of them could not have its deadline
@@ -234,6 +274,9 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         let _ = writeln!(s, "{line}\n");
     }
     let policies = &c.policies;
+    s.push_str(&promise(&c.intervals_us, policies, |host, task, p, i| {
+        v.find_task(host, true, task, p, i)
+    }));
     let header = |s: &mut String, first: &str| {
         let _ = writeln!(
             s,
@@ -488,6 +531,120 @@ fn markdown(v: &View<'_>, title: &str) -> String {
     s
 }
 
+/// What pvsched promises, as bench targets: a guest p99 at most static RT's, the host load at
+/// least this share of its vanilla throughput, the VM's CPU share within this many points of
+/// vanilla's, the engine under this share of a core, and on an idle host a p99 at most this
+/// multiple of vanilla's.
+const HOST_LOAD_MIN: f64 = 0.8;
+const SHARE_POINTS_MAX: f64 = 5.0;
+const ENGINE_PCT_MAX: f64 = 2.0;
+const IDLE_P99_MAX: f64 = 1.2;
+
+/// The "at a glance" section: each boosting policy against the promise ("static-RT latency
+/// for what the guest needs, the host no worse off"), busy host with / without the deadline
+/// task, a `✗` beside each miss. `get` finds a busy-guest cell (host, task, policy, interval).
+fn promise<'a>(
+    intervals: &[u64],
+    policies: &[String],
+    get: impl Fn(HostState, bool, &str, u64) -> Option<&'a CellSummary>,
+) -> String {
+    let mut s = String::new();
+    let checked: Vec<&String> = policies
+        .iter()
+        .filter(|p| *p != "none" && *p != "static")
+        .collect();
+    if checked.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "## At a glance: the promise, checked\n\n\
+         Busy host, deadline task on / off (medians). Targets: guest p99 at most static RT's \
+         (the latency the guest needs) and its average no worse than vanilla's, host load at least {HOST_LOAD_MIN} of its vanilla \
+         throughput and the VM's CPU share within ±{SHARE_POINTS_MAX} points of vanilla's (the \
+         host no worse off), the engine thread at most {ENGINE_PCT_MAX} % of a core, and on the \
+         idle host a p99 at most {IDLE_P99_MAX}× vanilla's (the worse of task on / off). `✗`: \
+         missed; `–`: not measured in this run.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| interval | policy | p99 ÷ static RT's | avg ÷ vanilla's | host load ÷ vanilla's | \
+         VM CPU share change (points) | engine CPU (% of a core) | idle host p99 ÷ vanilla's |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    // One figure, marked when `ok` says it misses; `–` when not measured.
+    let mark = |x: Option<f64>, text: &dyn Fn(f64) -> String, ok: &dyn Fn(f64) -> bool| match x {
+        Some(x) if x.is_finite() => {
+            format!("{}{}", text(x), if ok(x) { "" } else { " ✗" })
+        }
+        _ => "–".to_string(),
+    };
+    let two = |x: f64| format!("{x:.2}");
+    for &i in intervals {
+        for p in &checked {
+            let pair = |f: &dyn Fn(bool) -> Option<f64>,
+                        text: &dyn Fn(f64) -> String,
+                        ok: &dyn Fn(f64) -> bool| {
+                format!("{} / {}", mark(f(true), text, ok), mark(f(false), text, ok))
+            };
+            let busy = |task: bool| get(HostState::Busy, task, p, i);
+            let base = |task: bool, policy: &str| get(HostState::Busy, task, policy, i);
+            let over = |x: f64, b: f64| (b > 0.0).then(|| x / b);
+            let p99_static = pair(
+                &|t| {
+                    over(
+                        busy(t)?.guest_p99.median,
+                        base(t, "static")?.guest_p99.median,
+                    )
+                },
+                &two,
+                &|x| x <= 1.0,
+            );
+            let avg = pair(
+                &|t| over(busy(t)?.guest_avg.median, base(t, "none")?.guest_avg.median),
+                &two,
+                &|x| x <= 1.0,
+            );
+            let host = pair(
+                &|t| {
+                    over(
+                        busy(t)?.load_throughput.median,
+                        base(t, "none")?.load_throughput.median,
+                    )
+                },
+                &two,
+                &|x| x >= HOST_LOAD_MIN,
+            );
+            let share = pair(
+                &|t| Some(busy(t)?.vm_cpu_pct.median - base(t, "none")?.vm_cpu_pct.median),
+                &|x| format!("{x:+.1}"),
+                &|x| x.abs() <= SHARE_POINTS_MAX,
+            );
+            let engine = pair(
+                &|t| Some(busy(t)?.engine_cpu_pct.median),
+                &|x| format!("{x:.1}"),
+                &|x| x <= ENGINE_PCT_MAX,
+            );
+            let idle = [true, false]
+                .into_iter()
+                .filter_map(|t| {
+                    over(
+                        get(HostState::Idle, t, p, i)?.guest_p99.median,
+                        get(HostState::Idle, t, "none", i)?.guest_p99.median,
+                    )
+                })
+                .reduce(f64::max);
+            let idle = mark(idle, &two, &|x| x <= IDLE_P99_MAX);
+            let _ = writeln!(
+                s,
+                "| {i} µs | {p} | {p99_static} | {avg} | {host} | {share} | {engine} | {idle} |"
+            );
+        }
+    }
+    let _ = writeln!(s);
+    s
+}
+
 /// The x-axis labels of a grouped bar chart with group `i` spanning `i .. i + 1`: each
 /// group's name at its middle, nothing elsewhere.
 pub(crate) fn group_labels(names: Vec<String>) -> impl Fn(&f64) -> String {
@@ -638,6 +795,72 @@ mod tests {
             .expect("a line");
         assert!(line.contains("in 2 of 3 cell runs"), "{line}");
         assert!(line.contains(refused), "{line}");
+    }
+
+    #[test]
+    fn the_promise_section_marks_each_miss() {
+        let stat = |median: f64| Stat {
+            median,
+            min: median,
+            max: median,
+            n: 1,
+        };
+        let cell = |p99: f64, avg: f64, load: f64, vm: f64, engine: f64| CellSummary {
+            guest_p99: stat(p99),
+            guest_avg: stat(avg),
+            load_throughput: stat(load),
+            vm_cpu_pct: stat(vm),
+            engine_cpu_pct: stat(engine),
+            ..CellSummary::default()
+        };
+        let mut cells = Vec::new();
+        for task in [true, false] {
+            let busy = |p: &str| (HostState::Busy, task, p.to_string());
+            cells.push((busy("none"), cell(4000.0, 250.0, 100.0, 50.0, 0.1)));
+            cells.push((busy("static"), cell(50.0, 40.0, 10.0, 95.0, 0.1)));
+            // Misses every latency and host target with the task, only the average without.
+            let da = if task {
+                cell(400.0, 100.0, 60.0, 62.0, 2.5)
+            } else {
+                cell(50.0, 300.0, 90.0, 54.0, 1.5)
+            };
+            cells.push((busy("deadline-aware"), da));
+            let idle = |p: &str| (HostState::Idle, task, p.to_string());
+            cells.push((idle("none"), cell(50.0, 25.0, 0.0, 0.0, 0.1)));
+            let idle_p99 = if task { 55.0 } else { 70.0 };
+            cells.push((idle("deadline-aware"), cell(idle_p99, 25.0, 0.0, 0.0, 0.1)));
+        }
+        let policies: Vec<String> = ["none", "static", "deadline-aware", "dynamic"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let s = promise(&[500], &policies, |h, t, p, _| {
+            cells
+                .iter()
+                .find(|(k, _)| *k == (h, t, p.to_string()))
+                .map(|(_, c)| c)
+        });
+        let row = s
+            .lines()
+            .find(|l| l.starts_with("| 500 µs | deadline-aware |"))
+            .expect("a row");
+        assert_eq!(
+            row,
+            "| 500 µs | deadline-aware | 8.00 ✗ / 1.00 | 0.40 / 1.20 ✗ | 0.60 ✗ / 0.90 | \
+             +12.0 ✗ / +4.0 | 2.5 ✗ / 1.5 | 1.40 ✗ |"
+        );
+        // A policy without cells, and no row for the baselines.
+        assert!(s.contains("| 500 µs | dynamic | – / – | – / – | – / – | – / – | – / – | – |"));
+        assert!(!s.contains("| none |") && !s.contains("| static |"), "{s}");
+        // Prose and header joined without the source's indentation.
+        assert!(!s.contains("  "), "{s}");
+        assert!(
+            s.contains("\n| interval | policy | p99 ÷ static RT's |"),
+            "{s}"
+        );
+        // Nothing to check without a boosting policy.
+        let baselines = &policies[..2];
+        assert_eq!(promise(&[500], baselines, |_, _, _, _| None), "");
     }
 
     #[test]
