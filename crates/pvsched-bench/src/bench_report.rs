@@ -473,11 +473,21 @@ fn markdown(v: &View<'_>, title: &str) -> String {
         s,
         "## Ratios (medians of guest wake-up latency, busy host)\n"
     );
+    // Every boosting policy of the run, in its order (the baselines are the divisors).
+    let ratioed: Vec<&String> = policies
+        .iter()
+        .filter(|p| *p != "none" && *p != "static")
+        .collect();
     let _ = writeln!(
         s,
-        "| interval | metric | dynamic | deadline-aware | deadline-aware/nocap | deadline-aware/unpaid | v3-default |"
+        "| interval | metric | {} |",
+        ratioed
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|{}", "---|".repeat(ratioed.len()));
     for &i in &c.intervals_us {
         let get = |p: &str| v.find(HostState::Busy, true, p, i);
         let floor = v.find(HostState::Idle, false, "none", i);
@@ -493,19 +503,14 @@ fn markdown(v: &View<'_>, title: &str) -> String {
                 ("÷ vanilla", get("none")),
                 ("÷ idle-host idle-guest floor", floor),
             ] {
-                let r = |p: &str| match (get(p), base) {
-                    (Some(a), Some(b)) => ratio(f(a), f(b)),
-                    _ => "–".into(),
-                };
-                let _ = writeln!(
-                    s,
-                    "| {i} µs | {m} {what} | {} | {} | {} | {} | {} |",
-                    r("dynamic"),
-                    r("deadline-aware"),
-                    r("deadline-aware/nocap"),
-                    r("deadline-aware/unpaid"),
-                    r("v3-default")
-                );
+                let row: Vec<String> = ratioed
+                    .iter()
+                    .map(|p| match (get(p), base) {
+                        (Some(a), Some(b)) => ratio(f(a), f(b)),
+                        _ => "–".into(),
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {i} µs | {m} {what} | {} |", row.join(" | "));
             }
         }
     }
