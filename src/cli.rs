@@ -179,11 +179,14 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
     /// Only these policies, comma-separated (default: all; `none` is always run, it is the
     /// baseline every ratio is taken against): none, dynamic, deadline-aware,
-    /// deadline-aware/slice, deadline-aware/nocap, deadline-aware/unpaid (boosts paid back only
-    /// after a throttle), v3-default (its guest speaks the v3 page),
-    /// static, daemon; any of them with driver options after `+`, to compare variants side by
-    /// side: `deadline-aware,deadline-aware+repay=nice:19+lead=50us` (the `daemon`'s go to its
-    /// driver, `dynamic`).
+    /// deadline-aware/pause (boosts paid back by pausing the vCPU threads at their exits,
+    /// `pvsched vm --repay-pause 200us --policy-opt repay=nice:0`), deadline-aware/slice,
+    /// deadline-aware/nocap, deadline-aware/unpaid (boosts paid back only after a throttle),
+    /// v3-default (its guest speaks the v3 page), static, daemon; any of them with driver
+    /// options after `+`, to compare variants side by side:
+    /// `deadline-aware,deadline-aware+repay=nice:19+lead=50us` (the `daemon`'s go to its
+    /// driver, `dynamic`); `+pause=<duration>` sets a testbed column's repayment pause and
+    /// `+engine=fifo|deadline` its engine thread's class.
     #[arg(long, value_delimiter = ',', value_parser = parse_bench_policy)]
     pub policies: Option<Vec<String>>,
     /// Only these probe intervals, comma-separated (default: 500us,1ms).
@@ -408,6 +411,13 @@ pub struct VmArgs {
     /// engine thread runs").
     #[arg(long, value_name = "fifo|deadline", default_value = "fifo")]
     pub engine_class: pvsched_host::mechanism::EngineClass,
+    /// Pay back boosts by pausing: a vCPU paying back a boost (its driver's repay class,
+    /// `--policy-opt repay=...`) leaves the CPU at each exit for up to this long instead of
+    /// running its guest, never into the 30 µs before its next timer (e.g. 200us with
+    /// `--policy-opt repay=nice:0`). The CPU goes to the host's threads; one with nothing
+    /// else to run goes idle and the kernel moves work onto it (docs/policy.md, "Repayment").
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub repay_pause: Option<Duration>,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
     /// expiries when the guest does not speak the protocol (`--pv off`) and the policy is
     /// `dynamic`; with the protocol the vCPU threads see the guest's requests themselves,

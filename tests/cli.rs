@@ -756,3 +756,54 @@ fn bench_report_from_writes_an_earlier_runs_report_again() {
     assert!(!o.status.success());
     let _ = std::fs::remove_dir_all(&bad);
 }
+
+/// Paying back by pausing, on real KVM: with `--repay-pause`, `deadline-aware`'s vCPUs beside
+/// two hogs spend part of their repayments off the CPU (reported per vCPU), and the run ends
+/// with both threads restored (the report's own check: no error line).
+#[test]
+fn deadline_aware_pays_back_by_pausing_its_vcpus() {
+    let _s = serial();
+    if !kvm_or_skip("deadline_aware_pays_back_by_pausing_its_vcpus") {
+        return;
+    }
+    let Some(stdout) = busy_vm(
+        "deadline_aware_pays_back_by_pausing_its_vcpus",
+        "2s",
+        "2",
+        "free",
+        &[
+            "--policy",
+            "deadline-aware",
+            "--policy-opt",
+            "repay=nice:0",
+            "--repay-pause",
+            "200us",
+        ],
+    ) else {
+        return;
+    };
+    let paused: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.starts_with("B: "))
+        .filter_map(|l| {
+            let ms = l.split("(paused ").nth(1)?.split(" ms)").next()?;
+            ms.parse().ok()
+        })
+        .collect();
+    assert!(
+        paused.iter().any(|&ms| ms > 0.0),
+        "no vCPU paused while paying back: {stdout}"
+    );
+    assert!(!stdout.contains("error"), "{stdout}");
+    // Without the option nothing pauses.
+    let Some(stdout) = busy_vm(
+        "deadline_aware_pays_back_by_pausing_its_vcpus",
+        "1s",
+        "2",
+        "free",
+        &["--policy", "deadline-aware"],
+    ) else {
+        return;
+    };
+    assert!(!stdout.contains("(paused "), "{stdout}");
+}

@@ -30,6 +30,9 @@ pub struct PolicyConfig {
     /// How the engine thread (and an external daemon's engine) outranks the boosted vCPUs.
     /// The run's controller always takes its deadline reservation (`experiment::run`).
     pub engine_class: EngineClass,
+    /// A vCPU paying back a boost pauses at its exits for up to this long, ns (0: never;
+    /// `pvsched_host::runtime::RuntimeConfig::repay_pause`).
+    pub repay_pause: pvsched_policy::Nanos,
 }
 
 impl Default for PolicyConfig {
@@ -40,6 +43,7 @@ impl Default for PolicyConfig {
             quiet_gate: None,
             max_boosted: None,
             engine_class: EngineClass::default(),
+            repay_pause: 0,
         }
     }
 }
@@ -83,6 +87,9 @@ pub struct VcpuPolicyReport {
     /// Time spent paying back boosted time below normal weight, ms.
     #[serde(default)]
     pub repaid_ms: f64,
+    /// Of that, time the vCPU thread paused off the CPU (a repayment pause), ms.
+    #[serde(default)]
+    pub paused_ms: f64,
     /// Boosts that waited for the host-wide cap.
     #[serde(default)]
     pub capped: u64,
@@ -146,6 +153,7 @@ impl HostLoopReport {
                             refused: c.refused,
                             boosted_ms: c.boosted_ms,
                             repaid_ms: c.repaid_ms,
+                            paused_ms: c.paused_ms,
                             capped: c.capped,
                             cap_yields: c.cap_yields,
                             by_cause_ms: c.boosted_by_cause_ms,
@@ -187,9 +195,12 @@ impl HostLoop {
                 &policy.driver,
                 &policy.opts,
                 trace,
-                policy.quiet_gate,
-                policy.max_boosted,
-                policy.engine_class,
+                pvsched_vmm::engine::VmEngineOptions {
+                    quiet_gate: policy.quiet_gate,
+                    max_boosted: policy.max_boosted,
+                    engine_class: policy.engine_class,
+                    repay_pause: policy.repay_pause,
+                },
             )?,
             driver: policy.driver.clone(),
         })
@@ -300,6 +311,7 @@ mod tests {
             quiet_gate: None,
             max_boosted: None,
             engine_class: EngineClass::default(),
+            repay_pause: 0,
         };
         assert_eq!(p.boost_class(), Some(BoostClass::Rr(20)));
         assert_eq!(PolicyConfig::default().boost_class(), None);

@@ -221,6 +221,10 @@ pub fn render(r: &Report) -> String {
             v.longest_ms,
             v.repaid_ms
         );
+        if v.paused_ms > 0.0 {
+            s.pop();
+            let _ = writeln!(s, " (paused {:.1} ms)", v.paused_ms);
+        }
         if v.deboosted_ms > 0.0 || v.tickets[0] > 0 {
             // Only v3 guests are deboosted or get tickets.
             s.pop();

@@ -403,8 +403,8 @@ pub struct VcpuSampler {
     window: Nanos,
     tid: i32,
     file: File,
-    /// Time, run delay, boosted time and run time at the last sample.
-    last: Option<(Nanos, u64, u64, u64)>,
+    /// Time, run delay, boosted time, run time and paused time at the last sample.
+    last: Option<(Nanos, u64, u64, u64, u64)>,
     /// When the next sample is due.
     pub next: Nanos,
     starved: bool,
@@ -459,9 +459,11 @@ impl VcpuSampler {
     }
 
     /// Takes a sample at `now` if one is due, given the vCPU's boosted time so far (a boosted
-    /// vCPU does not wait: only its unboosted time counts); returns the new verdict when it
+    /// vCPU does not wait: only its unboosted time counts) and the time its VMM held it off
+    /// the CPU so far (a repayment pause: left out of the window, so that neither the sleeper
+    /// verdict nor the contention verdict counts it); returns the new verdict when it
     /// changed. A window spent almost all boosted tells nothing and keeps the verdict.
-    pub fn poll(&mut self, now: Nanos, boosted_ns: u64) -> Option<bool> {
+    pub fn poll(&mut self, now: Nanos, boosted_ns: u64, paused_ns: u64) -> Option<bool> {
         if now < self.next {
             return None;
         }
@@ -470,8 +472,10 @@ impl VcpuSampler {
         let n = self.file.read_at(&mut buf, 0).ok()?;
         let (ran, delay) = parse_schedstat(std::str::from_utf8(&buf[..n]).ok()?)?;
         let before = self.verdict.quiet;
-        if let Some((t0, d0, b0, r0)) = self.last {
-            let elapsed = now.saturating_sub(t0);
+        if let Some((t0, d0, b0, r0, p0)) = self.last {
+            let elapsed = now
+                .saturating_sub(t0)
+                .saturating_sub(paused_ns.saturating_sub(p0));
             if elapsed >= self.window / 4 {
                 self.sleeps = sleeps_in(elapsed, ran.saturating_sub(r0), delay.saturating_sub(d0));
             }
@@ -494,7 +498,7 @@ impl VcpuSampler {
                 }
             }
         }
-        self.last = Some((now, delay, boosted_ns, ran));
+        self.last = Some((now, delay, boosted_ns, ran, paused_ns));
         (self.verdict.quiet != before).then_some(self.verdict.quiet)
     }
 }
@@ -502,6 +506,7 @@ impl VcpuSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn per_cpu_busy_time_is_read_and_summed_over_the_vcpus_cpus() {
@@ -693,8 +698,42 @@ mod tests {
             return;
         };
         let t0 = mono_ns();
-        assert_eq!(s.poll(t0, 0), None, "the first sample only starts a window");
-        assert!(s.poll(t0, 0).is_none(), "not due yet");
+        assert_eq!(
+            s.poll(t0, 0, 0),
+            None,
+            "the first sample only starts a window"
+        );
+        assert!(s.poll(t0, 0, 0).is_none(), "not due yet");
+    }
+
+    #[test]
+    fn a_repayment_pause_is_left_out_of_the_window() {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        let gate = QuietGate::default();
+        let (Some(mut with), Some(mut without)) =
+            (VcpuSampler::open(gate, tid), VcpuSampler::open(gate, tid))
+        else {
+            eprintln!("SKIPPED a_repayment_pause_is_left_out_of_the_window: no schedstats");
+            return;
+        };
+        let t0 = mono_ns();
+        with.poll(t0, 0, 0);
+        without.poll(t0, 0, 0);
+        // Runnable for 20 ms, then held off the CPU for 20 ms as a pause would.
+        while mono_ns() < t0 + 20_000_000 {
+            std::hint::spin_loop();
+        }
+        let p0 = mono_ns();
+        std::thread::sleep(Duration::from_millis(20));
+        let t1 = mono_ns();
+        with.poll(t1, 0, t1 - p0);
+        without.poll(t1, 0, 0);
+        assert!(
+            without.sleeps(),
+            "half the window off the CPU is a sleeper's"
+        );
+        assert!(!with.sleeps(), "unless the VMM held it off");
     }
 
     #[test]

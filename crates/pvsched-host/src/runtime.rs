@@ -373,6 +373,9 @@ pub struct ThreadCell {
     apply_errors: AtomicU64,
     hook_calls: AtomicU64,
     boost_latency: AtomicHist,
+    /// Time its own thread held it off the CPU while it was paying back a boost, ns
+    /// ([`VcpuHandle::repay_pause`]).
+    paused: AtomicU64,
     /// The last attempt to restore the original attributes failed (it is retried).
     failed: AtomicBool,
     /// No longer a vCPU of the runtime.
@@ -395,6 +398,7 @@ impl ThreadCell {
             next_timer: AtomicU64::new(u64::MAX),
             boost_trigger: AtomicU64::new(0),
             boost_code: AtomicU64::new(ORIGINAL),
+            paused: AtomicU64::new(0),
             host_events: AtomicU64::new(0),
             self_sets: AtomicU64::new(0),
             remote_sets: AtomicU64::new(0),
@@ -480,6 +484,8 @@ struct Shared {
     grace: Nanos,
     /// See [`RuntimeConfig::active`].
     active: Nanos,
+    /// See [`RuntimeConfig::repay_pause`].
+    repay_pause: Nanos,
     errors: Mutex<VecDeque<String>>,
     error_count: AtomicU64,
     /// Failed changes by kind ([`APPLY_ERROR_KINDS`]).
@@ -1289,10 +1295,58 @@ pub struct VcpuHandle {
     touched: Vec<Arc<ThreadCell>>,
 }
 
+/// A repayment pause ends at least this long before the vCPU's next timer (its lead boost,
+/// its repayment's end), so that the thread is back in its guest when the timer fires.
+pub const PAUSE_MARGIN: Nanos = 30_000;
+
+/// A pause shorter than this is not taken (a sleep costs about as much here).
+const PAUSE_MIN: Nanos = 10_000;
+
+/// How long a vCPU thread paying back a boost pauses at `now`: up to `max`, ending
+/// [`PAUSE_MARGIN`] before `next_timer`; 0 when that leaves less than [`PAUSE_MIN`].
+fn pause_len(now: Nanos, max: Nanos, next_timer: Nanos) -> Nanos {
+    let until = now
+        .saturating_add(max)
+        .min(next_timer.saturating_sub(PAUSE_MARGIN));
+    let len = until.saturating_sub(now);
+    if len < PAUSE_MIN {
+        0
+    } else {
+        len
+    }
+}
+
 impl VcpuHandle {
     /// The vCPU.
     pub fn key(&self) -> VcpuKey {
         self.cell.key
+    }
+
+    /// At an exit (on the vCPU's own thread): while the vCPU pays back a boost and
+    /// [`RuntimeConfig::repay_pause`] is set, holds its thread off the CPU (sleeps) for up to
+    /// that long, never into the last [`PAUSE_MARGIN`] before its next timer nor while a
+    /// class decided for it waits to be applied; returns how long it slept, ns. The pause
+    /// counts as runnable time for the quiet gate's samplers (it is the VMM's doing, not the
+    /// guest's). An interrupt for the guest that arrives meanwhile waits for its end.
+    pub fn repay_pause(&self, now: Nanos) -> Nanos {
+        let max = self.shared.repay_pause;
+        if max == 0 || self.shared.stopped.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let cell = &self.cell;
+        let applied = cell.applied.load(Ordering::Acquire);
+        let repaying = applied != ORIGINAL
+            && applied != UNKNOWN
+            && cell.boost_code.load(Ordering::Acquire) == ORIGINAL
+            && !cell.unapplied();
+        let len = pause_len(now, max, cell.next_timer.load(Ordering::Acquire));
+        if !repaying || len == 0 {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_nanos(len));
+        let slept = mono_ns().saturating_sub(now);
+        cell.paused.fetch_add(slept, Ordering::Relaxed);
+        slept
     }
 
     /// Cheap check for every exit: records that the vCPU runs, and says whether one of its
@@ -1516,6 +1570,14 @@ pub struct RuntimeConfig {
     /// before the lead time then saves the engine thread a wake-up and a cross-CPU
     /// `sched_setattr`, at the price of a boost that starts up to this much earlier.
     pub self_early: Nanos,
+    /// Pay back by pausing (0: off): a hooked vCPU thread that is paying back a boost (in its
+    /// driver's repay class, see docs/policy.md "Repayment") sleeps at each exit for up to
+    /// this long instead of running its guest, never into the last [`PAUSE_MARGIN`] before its
+    /// next timer ([`VcpuHandle::repay_pause`]). The CPU it leaves goes to whoever else waits
+    /// there, and one with nothing else to run goes idle, so the kernel moves work onto it:
+    /// a lower weight instead (`repay=nice:10`) invites the host's threads onto the repaying
+    /// vCPU's CPU and leaves the other vCPU alone on its own. Only for threads the VMM runs.
+    pub repay_pause: Nanos,
     /// Boost a vCPU only while it waits for a CPU when unboosted (its run delay, see
     /// [`crate::pressure`]); `None`: whenever the driver decides.
     pub quiet_gate: Option<QuietGate>,
@@ -1548,6 +1610,7 @@ impl Default for RuntimeConfig {
             grace: 25_000,
             active: ACTIVE_NS,
             self_early: 50_000,
+            repay_pause: 0,
             quiet_gate: None,
             max_boosted: None,
             cap_quantum: pvsched_policy::engine::CAP_QUANTUM_NS,
@@ -1608,6 +1671,7 @@ impl Runtime {
             engine_class: cfg.engine_class,
             grace: cfg.grace,
             active: cfg.active,
+            repay_pause: cfg.repay_pause,
             errors: Mutex::new(VecDeque::new()),
             error_count: AtomicU64::new(0),
             error_kinds: Default::default(),
@@ -2266,23 +2330,30 @@ impl Loop {
         if !host_changed && !self.samplers.values().any(|s| now >= s.next) {
             return;
         }
-        let boosted: Vec<(VcpuKey, u64)> = {
+        let boosted: Vec<(VcpuKey, u64, u64)> = {
             let core = self.shared.lock();
             self.samplers
                 .iter()
                 .filter(|(_, s)| host_changed || now >= s.next)
-                .map(|(k, _)| (*k, core.engine.vcpu(*k).map_or(0, |v| v.boosted_ns(now))))
+                .map(|(k, _)| {
+                    let paused = core
+                        .cells
+                        .get(k)
+                        .map_or(0, |c| c.paused.load(Ordering::Relaxed));
+                    let b = core.engine.vcpu(*k).map_or(0, |v| v.boosted_ns(now));
+                    (*k, b, paused)
+                })
                 .collect()
         };
         let host_closed = self.others.as_ref().is_some_and(|(v, _)| v.closed());
-        for (key, _) in &boosted {
+        for (key, _, _) in &boosted {
             self.reconcile(*key);
         }
-        for (key, b) in boosted {
+        for (key, b, paused) in boosted {
             let Some(s) = self.samplers.get_mut(&key) else {
                 continue;
             };
-            s.poll(now, b);
+            s.poll(now, b, paused);
             if s.starved() {
                 events.push(Event::new(key, VcpuEvent::Starved));
             }
@@ -2776,6 +2847,7 @@ impl Loop {
                     let open = s.repay_since.map_or(0, |t| now.saturating_sub(t));
                     (s.counters.repaid_ns + open) as f64 / 1e6
                 }),
+                paused_ms: cell.paused.load(Ordering::Relaxed) as f64 / 1e6,
                 deboosted_ms: st.map_or(0.0, |s| {
                     let open = s.deboost.map_or(0, |(t, _)| now.saturating_sub(t));
                     (s.counters.deboosted_ns + open) as f64 / 1e6
@@ -2976,6 +3048,9 @@ pub struct VcpuStatus {
     pub debt_ms: f64,
     /// Time spent paying back boosted time below normal weight, ms.
     pub repaid_ms: f64,
+    /// Of that, time its thread paused off the CPU ([`RuntimeConfig::repay_pause`]), ms.
+    #[serde(default)]
+    pub paused_ms: f64,
     /// Time spent deboosted (a v3 guest running idle or low-priority work), ms.
     #[serde(default)]
     pub deboosted_ms: f64,
@@ -3048,6 +3123,28 @@ pub struct Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pause_ends_before_the_next_timer() {
+        let ms = 1_000_000;
+        // Up to the pause asked for, with the next timer far away.
+        assert_eq!(pause_len(10 * ms, 200_000, 20 * ms), 200_000);
+        // Never into the margin before the next timer.
+        assert_eq!(
+            pause_len(10 * ms, 200_000, 10 * ms + 100_000),
+            100_000 - PAUSE_MARGIN
+        );
+        // Too short to be worth a sleep, or the timer already due or past: none.
+        assert_eq!(
+            pause_len(10 * ms, 200_000, 10 * ms + PAUSE_MARGIN + 9_000),
+            0
+        );
+        assert_eq!(pause_len(10 * ms, 200_000, 10 * ms), 0);
+        assert_eq!(pause_len(10 * ms, 200_000, 0), 0);
+        // No timer at all.
+        assert_eq!(pause_len(10 * ms, 200_000, u64::MAX), 200_000);
+        assert_eq!(pause_len(u64::MAX - 5, 200_000, u64::MAX), 0);
+    }
 
     /// `dynamic`'s default task slice is kept where the kernel keeps custom slices, replaced by
     /// the FIFO default where it does not, and a class the options name is never touched.

@@ -1190,6 +1190,55 @@ fn a_late_change_does_not_outlive_a_newer_decision() {
     }
 }
 
+/// With repayment pauses on, a hooked vCPU paying back a boost leaves the CPU at its exits
+/// for up to the pause (never into the last 30 µs before its next timer, here its
+/// repayment's end); not while it has nothing to pay back, not while boosted, and never in
+/// a runtime without pauses.
+#[test]
+fn a_repaying_vcpu_pauses_at_its_exits_and_no_other_does() {
+    for pause in [0, 2_000_000] {
+        let s = setup_with(RuntimeConfig {
+            repay_pause: pause,
+            ..RuntimeConfig::default()
+        });
+        s.h.add_vm(
+            0,
+            "dynamic",
+            &fifo_tasks(&["cs_budget=1s", "repay=nice:5", "repay_on=boost"]),
+            no_parts(),
+        )
+        .unwrap();
+        let kernel = s.kernel.clone();
+        let t = vcpu_thread(&s.h, move |mut v| {
+            let me = gettid();
+            assert_eq!(v.repay_pause(mono_ns()), 0, "nothing to pay back");
+            let rt = Reasons::NONE.with(Reason::RtTask);
+            assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
+            assert!(kernel.is_fifo(me));
+            assert_eq!(v.repay_pause(mono_ns()), 0, "boosted");
+            // Boosted for 20 ms: as much to pay back, at nice 5.
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]));
+            assert_eq!(kernel.attr(me).nice, 5, "paying back");
+            let t0 = mono_ns();
+            let paused = v.repay_pause(t0);
+            (paused, mono_ns() - t0)
+        });
+        let (paused, took) = t.join().unwrap();
+        let st = s.h.status().unwrap();
+        let v = &st.vms[0].vcpus[0];
+        if pause == 0 {
+            assert_eq!((paused, v.paused_ms), (0, 0.0), "pauses off");
+        } else {
+            // About the 2 ms asked for (a sleep may overrun on a busy machine), and what the
+            // thread was away for.
+            assert!((2_000_000..15_000_000).contains(&paused), "{paused}");
+            assert!(took >= paused, "{took} {paused}");
+            assert!((v.paused_ms - paused as f64 / 1e6).abs() < 1e-6, "{v:?}");
+        }
+    }
+}
+
 /// After a FIFO boost, the vCPU pays its boosted time back at nice 19, then returns to its
 /// original attributes; neither phase counts as a boost.
 #[test]

@@ -200,7 +200,23 @@ impl ExitHook for PvExitHook {
             self.deadline = None;
         }
         self.events.clear();
+        // Paying back a boost: leave the CPU for a while instead of running the guest.
+        self.handle.repay_pause(mono_ns());
     }
+}
+
+/// How a testbed VM's engine runs, beside its driver ([`VmEngine::start`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VmEngineOptions {
+    /// Boost only while the host's CPUs are contended (`None`: whenever the driver decides).
+    pub quiet_gate: Option<QuietGate>,
+    /// At most this many vCPUs boosted at once (`None`: no cap).
+    pub max_boosted: Option<usize>,
+    /// How the engine thread outranks the vCPUs it boosts.
+    pub engine_class: pvsched_host::mechanism::EngineClass,
+    /// A vCPU paying back a boost pauses at its exits for up to this long, ns (0: never;
+    /// [`RuntimeConfig::repay_pause`]).
+    pub repay_pause: pvsched_policy::Nanos,
 }
 
 /// The engine of a testbed VM: the runtime, with every vCPU thread hooked.
@@ -212,18 +228,14 @@ pub struct VmEngine {
 
 impl VmEngine {
     /// Starts the runtime for `vm` (before [`RunningVm::go`]) with `driver` and `opts`, fed
-    /// by the vCPU threads, by the VMM's injections and, with `trace`, by tracepoints; with
-    /// `quiet_gate`, boosting only while the host's CPUs are contended; with `max_boosted`, at
-    /// most that many vCPUs boosted at once; the engine thread outranking the vCPUs it boosts
-    /// as `engine_class` says.
+    /// by the vCPU threads, by the VMM's injections and, with `trace`, by tracepoints; the
+    /// rest as `with` says (quiet gate, host-wide cap, engine class, repayment pauses).
     pub fn start(
         vm: &mut RunningVm,
         driver: &str,
         opts: &DriverOptions,
         trace: Option<TraceConfig>,
-        quiet_gate: Option<QuietGate>,
-        max_boosted: Option<usize>,
-        engine_class: pvsched_host::mechanism::EngineClass,
+        with: VmEngineOptions,
     ) -> Result<VmEngine, EngineError> {
         let sources: Vec<Box<dyn EventSource>> = match trace {
             Some(cfg) => vec![Box::new(TraceSource::new(cfg)?)],
@@ -231,9 +243,10 @@ impl VmEngine {
         };
         let runtime = Runtime::start(RuntimeConfig {
             sources,
-            quiet_gate,
-            max_boosted,
-            engine_class,
+            quiet_gate: with.quiet_gate,
+            max_boosted: with.max_boosted,
+            engine_class: with.engine_class,
+            repay_pause: with.repay_pause,
             ..RuntimeConfig::default()
         })?;
         let h = runtime.handle();

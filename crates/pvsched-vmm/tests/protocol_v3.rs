@@ -213,8 +213,6 @@ fn an_idle_v3_guest_runs_at_sched_idle_and_rt_work_lifts_it() {
             "v3-default",
             &DriverOptions::new(),
             None,
-            None,
-            None,
             Default::default(),
         )
         .expect("engine");
