@@ -620,11 +620,11 @@ fn bench_quick_writes_a_complete_report() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
     let cells = v["cells"].as_array().unwrap();
     let n = pvsched_bench::bench::POLICIES.len();
-    assert_eq!(n, 9);
+    assert_eq!(n, 10);
     assert_eq!(
         cells.len(),
         2 * (2 * 2 * n + 1),
-        "2 intervals × (2 host states × task on/off × 9 policies + floor)"
+        "2 intervals × (2 host states × task on/off × 10 policies + floor)"
     );
     let mut keys = std::collections::BTreeSet::new();
     for c in cells {
