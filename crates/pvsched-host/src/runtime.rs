@@ -1577,6 +1577,8 @@ pub struct RuntimeConfig {
     /// there, and one with nothing else to run goes idle, so the kernel moves work onto it:
     /// a lower weight instead (`repay=nice:10`) invites the host's threads onto the repaying
     /// vCPU's CPU and leaves the other vCPU alone on its own. Only for threads the VMM runs.
+    /// A `v3-default` deboost comes as the same kind of decision (a class below the normal
+    /// weight, no boost) and pauses too.
     pub repay_pause: Nanos,
     /// Boost a vCPU only while it waits for a CPU when unboosted (its run delay, see
     /// [`crate::pressure`]); `None`: whenever the driver decides.
