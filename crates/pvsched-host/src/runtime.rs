@@ -1327,12 +1327,14 @@ impl VcpuHandle {
     /// that long, never into the last [`PAUSE_MARGIN`] before its next timer nor while a
     /// class decided for it waits to be applied; returns how long it slept, ns. The pause
     /// counts as runnable time for the quiet gate's samplers (it is the VMM's doing, not the
-    /// guest's). An interrupt for the guest that arrives meanwhile waits for its end.
-    pub fn repay_pause(&self, now: Nanos) -> Nanos {
+    /// guest's). An interrupt for the guest that arrives meanwhile waits for its end. Without
+    /// pauses configured it costs one load.
+    pub fn repay_pause(&self) -> Nanos {
         let max = self.shared.repay_pause;
         if max == 0 || self.shared.stopped.load(Ordering::Relaxed) {
             return 0;
         }
+        let now = mono_ns();
         let cell = &self.cell;
         let applied = cell.applied.load(Ordering::Acquire);
         let repaying = applied != ORIGINAL

@@ -1211,17 +1211,17 @@ fn a_repaying_vcpu_pauses_at_its_exits_and_no_other_does() {
         let kernel = s.kernel.clone();
         let t = vcpu_thread(&s.h, move |mut v| {
             let me = gettid();
-            assert_eq!(v.repay_pause(mono_ns()), 0, "nothing to pay back");
+            assert_eq!(v.repay_pause(), 0, "nothing to pay back");
             let rt = Reasons::NONE.with(Reason::RtTask);
             assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
             assert!(kernel.is_fifo(me));
-            assert_eq!(v.repay_pause(mono_ns()), 0, "boosted");
+            assert_eq!(v.repay_pause(), 0, "boosted");
             // Boosted for 20 ms: as much to pay back, at nice 5.
             std::thread::sleep(Duration::from_millis(20));
             assert!(v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]));
             assert_eq!(kernel.attr(me).nice, 5, "paying back");
             let t0 = mono_ns();
-            let paused = v.repay_pause(t0);
+            let paused = v.repay_pause();
             (paused, mono_ns() - t0)
         });
         let (paused, took) = t.join().unwrap();

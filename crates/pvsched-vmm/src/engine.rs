@@ -201,7 +201,7 @@ impl ExitHook for PvExitHook {
         }
         self.events.clear();
         // Paying back a boost: leave the CPU for a while instead of running the guest.
-        self.handle.repay_pause(mono_ns());
+        self.handle.repay_pause();
     }
 }
 
