@@ -593,35 +593,27 @@ fn promise<'a>(
                 format!("{} / {}", mark(f(true), text, ok), mark(f(false), text, ok))
             };
             let busy = |task: bool| get(HostState::Busy, task, p, i);
-            let base = |task: bool, policy: &str| get(HostState::Busy, task, policy, i);
-            let over = |x: f64, b: f64| (b > 0.0).then(|| x / b);
-            let p99_static = pair(
-                &|t| {
-                    over(
-                        busy(t)?.guest_p99.median,
-                        base(t, "static")?.guest_p99.median,
-                    )
-                },
-                &two,
-                &|x| x <= 1.0,
-            );
-            let avg = pair(
-                &|t| over(busy(t)?.guest_avg.median, base(t, "none")?.guest_avg.median),
-                &two,
-                &|x| x <= 1.0,
-            );
+            // A figure of this policy's cell over the same figure of `base`'s.
+            let vs = |task: bool, base: &str, f: fn(&CellSummary) -> f64| {
+                let (x, b) = (f(busy(task)?), f(get(HostState::Busy, task, base, i)?));
+                (b > 0.0).then_some(x / b)
+            };
+            let p99_static = pair(&|t| vs(t, "static", |x| x.guest_p99.median), &two, &|x| {
+                x <= 1.0
+            });
+            let avg = pair(&|t| vs(t, "none", |x| x.guest_avg.median), &two, &|x| {
+                x <= 1.0
+            });
             let host = pair(
-                &|t| {
-                    over(
-                        busy(t)?.load_throughput.median,
-                        base(t, "none")?.load_throughput.median,
-                    )
-                },
+                &|t| vs(t, "none", |x| x.load_throughput.median),
                 &two,
                 &|x| x >= HOST_LOAD_MIN,
             );
             let share = pair(
-                &|t| Some(busy(t)?.vm_cpu_pct.median - base(t, "none")?.vm_cpu_pct.median),
+                &|t| {
+                    let vm = |x: &CellSummary| x.vm_cpu_pct.median;
+                    Some(vm(busy(t)?) - vm(get(HostState::Busy, t, "none", i)?))
+                },
                 &|x| format!("{x:+.1}"),
                 &|x| x.abs() <= SHARE_POINTS_MAX,
             );
@@ -633,10 +625,8 @@ fn promise<'a>(
             let idle = [true, false]
                 .into_iter()
                 .filter_map(|t| {
-                    over(
-                        get(HostState::Idle, t, p, i)?.guest_p99.median,
-                        get(HostState::Idle, t, "none", i)?.guest_p99.median,
-                    )
+                    let b = get(HostState::Idle, t, "none", i)?.guest_p99.median;
+                    (b > 0.0).then_some(get(HostState::Idle, t, p, i)?.guest_p99.median / b)
                 })
                 .reduce(f64::max);
             let idle = mark(idle, &two, &|x| x <= IDLE_P99_MAX);
