@@ -416,7 +416,7 @@ pub struct VmArgs {
     /// running its guest, never into the 30 µs before its next timer (e.g. 200us with
     /// `--policy-opt repay=nice:0`). The CPU goes to the host's threads; one with nothing
     /// else to run goes idle and the kernel moves work onto it (docs/policy.md, "Repayment").
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_repay_pause)]
     pub repay_pause: Option<Duration>,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
     /// expiries when the guest does not speak the protocol (`--pv off`) and the policy is
@@ -477,6 +477,16 @@ pub enum TaskPeriod {
     Off,
     /// The task's period.
     Every(Duration),
+}
+
+/// A repayment pause: a duration up to 10 ms (a vCPU held off longer delays its guest's
+/// unforeseen interrupts by as much).
+fn parse_repay_pause(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_millis(10) {
+        return Err(format!("{s}: a repayment pause is at most 10ms"));
+    }
+    Ok(d)
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -358,6 +358,16 @@ fn bad_policies_are_usage_errors() {
         "{}",
         text(&out.stderr)
     );
+    let out = run_with_limit(
+        pvsched().args(["vm", "--duration", "1s", "--repay-pause", "1s"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("a repayment pause is at most 10ms"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
