@@ -479,11 +479,10 @@ pub enum TaskPeriod {
     Every(Duration),
 }
 
-/// A repayment pause: a duration up to 10 ms (a vCPU held off longer delays its guest's
-/// unforeseen interrupts by as much).
+/// A repayment pause: a duration up to `REPAY_PAUSE_MAX` (10 ms).
 fn parse_repay_pause(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
-    if d > Duration::from_millis(10) {
+    if d > Duration::from_nanos(pvsched_host::runtime::REPAY_PAUSE_MAX) {
         return Err(format!("{s}: a repayment pause is at most 10ms"));
     }
     Ok(d)

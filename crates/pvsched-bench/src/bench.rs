@@ -98,13 +98,7 @@ pub const PAUSE_DEFAULT_NS: pvsched_policy::Nanos = 200_000;
 /// else [`PAUSE_DEFAULT_NS`] for a `<driver>/pause` column and 0 (none) for the others. Only
 /// the VMM's own vCPU threads can pause: refused for the `daemon`.
 pub fn policy_repay_pause(name: &str) -> Result<pvsched_policy::Nanos, String> {
-    let Some((_, v)) = name
-        .split('+')
-        .skip(1)
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == PAUSE_KEY)
-        .last()
-    else {
+    let Some(v) = extra_option(name, PAUSE_KEY) else {
         return Ok(if policy_base(name).ends_with("/pause") {
             PAUSE_DEFAULT_NS
         } else {
@@ -118,21 +112,26 @@ pub fn policy_repay_pause(name: &str) -> Result<pvsched_policy::Nanos, String> {
         ));
     }
     pvsched_policy::options::parse_duration(v)
-        .filter(|&d| d <= 10_000_000)
+        .filter(|&d| d <= pvsched_host::runtime::REPAY_PAUSE_MAX)
         .ok_or_else(|| format!("bench policy `{name}`: pause `{v}` is not a duration up to 10ms"))
 }
 
 /// How the engine thread of bench policy `name` outranks the vCPUs it boosts: its
 /// `+engine=` option (a later one wins), else the default.
 pub fn policy_engine_class(name: &str) -> Result<EngineClass, String> {
+    extra_option(name, ENGINE_KEY).map_or(Ok(EngineClass::default()), |v| {
+        v.parse().map_err(|e| format!("bench policy `{name}`: {e}"))
+    })
+}
+
+/// The value of the last `+key=value` of bench policy `name` with this key.
+fn extra_option<'a>(name: &'a str, key: &str) -> Option<&'a str> {
     name.split('+')
         .skip(1)
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == ENGINE_KEY)
+        .filter(|(k, _)| *k == key)
         .last()
-        .map_or(Ok(EngineClass::default()), |(_, v)| {
-            v.parse().map_err(|e| format!("bench policy `{name}`: {e}"))
-        })
+        .map(|(_, v)| v)
 }
 
 /// The driver options of the `daemon` column's daemon (its driver is `dynamic`).

@@ -366,25 +366,20 @@ impl Placement {
         if tids.len() < 2 {
             return;
         }
-        let cpu_of = |tid: &i32| {
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
-                .ok()
-                .as_deref()
-                .and_then(stat_processor)
+        // The CPU of each of `tids` into `out`; false when one cannot be read.
+        let read = |tids: &[i32], out: &mut Vec<u32>| {
+            out.clear();
+            tids.iter().all(|tid| {
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+                    .ok()
+                    .as_deref()
+                    .and_then(stat_processor)
+                    .map(|cpu| out.push(cpu))
+                    .is_some()
+            })
         };
-        self.cpus.clear();
-        self.hog_cpus.clear();
-        for tid in tids {
-            match cpu_of(tid) {
-                Some(cpu) => self.cpus.push(cpu),
-                None => return,
-            }
-        }
-        for tid in hogs {
-            match cpu_of(tid) {
-                Some(cpu) => self.hog_cpus.push(cpu),
-                None => return,
-            }
+        if !read(tids, &mut self.cpus) || !read(hogs, &mut self.hog_cpus) {
+            return;
         }
         self.samples += 1;
         let (vcpus, hog_cpus) = (&self.cpus, &self.hog_cpus);

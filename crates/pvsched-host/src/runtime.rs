@@ -1299,6 +1299,10 @@ pub struct VcpuHandle {
 /// its repayment's end), so that the thread is back in its guest when the timer fires.
 pub const PAUSE_MARGIN: Nanos = 30_000;
 
+/// The longest repayment pause the command lines accept: a vCPU held off longer delays its
+/// guest's unforeseen interrupts by as much.
+pub const REPAY_PAUSE_MAX: Nanos = 10_000_000;
+
 /// A pause shorter than this is not taken (a sleep costs about as much here).
 const PAUSE_MIN: Nanos = 10_000;
 
