@@ -179,14 +179,13 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
     /// Only these policies, comma-separated (default: all; `none` is always run, it is the
     /// baseline every ratio is taken against): none, dynamic, deadline-aware,
-    /// deadline-aware/pause (boosts paid back by pausing the vCPU threads at their exits,
-    /// `pvsched vm --repay-pause 200us --policy-opt repay=nice:0`), deadline-aware/slice,
+    /// deadline-aware/nice (boosts paid back at nice 10, `repay=nice:10`, as the daemon does
+    /// for `deadline-aware` instead of pausing), deadline-aware/slice,
     /// deadline-aware/nocap, deadline-aware/unpaid (boosts paid back only after a throttle),
     /// v3-default (its guest speaks the v3 page), static, daemon; any of them with driver
     /// options after `+`, to compare variants side by side:
     /// `deadline-aware,deadline-aware+repay=nice:19+lead=50us` (the `daemon`'s go to its
-    /// driver, `dynamic`); `+pause=<duration>` sets a testbed column's repayment pause and
-    /// `+engine=fifo|deadline` its engine thread's class.
+    /// driver, `dynamic`); `+engine=fifo|deadline` sets a column's engine thread's class.
     #[arg(long, value_delimiter = ',', value_parser = parse_bench_policy)]
     pub policies: Option<Vec<String>>,
     /// Only these probe intervals, comma-separated (default: 500us,1ms).
@@ -391,7 +390,8 @@ pub struct VmArgs {
     pub policy: String,
     /// Option of the policy driver, key=value (repeatable): class=fifo:10 (dynamic's
     /// class_task: slice:100us unless class is given), cs_budget=2ms,
-    /// rt_budget=500ms, recovery=1, cooldown=1ms, repay=nice:5 (deadline-aware: nice:10),
+    /// rt_budget=500ms, recovery=1, cooldown=1ms, repay=nice:5 (deadline-aware: pause:200us, the vCPU
+    /// thread leaves the CPU at its exits while paying back; nice:<n>, slice:<d>, off),
     /// repay_on=throttle (deadline-aware: boost), irq_hold=200us, lead=50us (deadline-aware).
     #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
     pub policy_opts: Vec<String>,
@@ -411,13 +411,6 @@ pub struct VmArgs {
     /// engine thread runs").
     #[arg(long, value_name = "fifo|deadline", default_value = "fifo")]
     pub engine_class: pvsched_host::mechanism::EngineClass,
-    /// Pay back boosts by pausing: a vCPU paying back a boost (its driver's repay class,
-    /// `--policy-opt repay=...`) leaves the CPU at each exit for up to this long instead of
-    /// running its guest, never into the 30 µs before its next timer (e.g. 200us with
-    /// `--policy-opt repay=nice:0`). The CPU goes to the host's threads; one with nothing
-    /// else to run goes idle and the kernel moves work onto it (docs/policy.md, "Repayment").
-    #[arg(long, value_name = "DURATION", value_parser = parse_repay_pause)]
-    pub repay_pause: Option<Duration>,
     /// Host-side events feeding the policy, from kernel tracepoints: `auto` (LAPIC timer
     /// expiries when the guest does not speak the protocol (`--pv off`) and the policy is
     /// `dynamic`; with the protocol the vCPU threads see the guest's requests themselves,
@@ -477,15 +470,6 @@ pub enum TaskPeriod {
     Off,
     /// The task's period.
     Every(Duration),
-}
-
-/// A repayment pause: a duration up to `REPAY_PAUSE_MAX` (10 ms).
-fn parse_repay_pause(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d > Duration::from_nanos(pvsched_host::runtime::REPAY_PAUSE_MAX) {
-        return Err(format!("{s}: a repayment pause is at most 10ms"));
-    }
-    Ok(d)
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {

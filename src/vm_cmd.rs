@@ -182,9 +182,6 @@ fn config(args: &VmArgs) -> Result<ExperimentConfig, CliError> {
             },
             max_boosted: args.max_boosted.0,
             engine_class: args.engine_class,
-            repay_pause: args
-                .repay_pause
-                .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
         },
         host_events: match args.host_events {
             // `v3-default` deboosts a halted guest to SCHED_IDLE: only a host-side wake-up

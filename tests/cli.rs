@@ -359,12 +359,20 @@ fn bad_policies_are_usage_errors() {
         text(&out.stderr)
     );
     let out = run_with_limit(
-        pvsched().args(["vm", "--duration", "1s", "--repay-pause", "1s"]),
+        pvsched().args([
+            "vm",
+            "--duration",
+            "1s",
+            "--policy",
+            "deadline-aware",
+            "--policy-opt",
+            "repay=pause:1s",
+        ]),
         Duration::from_secs(30),
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("a repayment pause is at most 10ms"),
+        text(&out.stderr).contains("pause:<10us-10ms>"),
         "{}",
         text(&out.stderr)
     );
@@ -767,8 +775,8 @@ fn bench_report_from_writes_an_earlier_runs_report_again() {
     let _ = std::fs::remove_dir_all(&bad);
 }
 
-/// Paying back by pausing, on real KVM: with `--repay-pause`, `deadline-aware`'s vCPUs beside
-/// two hogs spend part of their repayments off the CPU (reported per vCPU), and the run ends.
+/// Paying back by pausing, on real KVM: `deadline-aware`'s vCPUs beside two hogs spend part
+/// of their repayments off the CPU (its default, reported per vCPU), and the run ends.
 #[test]
 fn deadline_aware_pays_back_by_pausing_its_vcpus() {
     let _s = serial();
@@ -780,14 +788,7 @@ fn deadline_aware_pays_back_by_pausing_its_vcpus() {
         "2s",
         "2",
         "free",
-        &[
-            "--policy",
-            "deadline-aware",
-            "--policy-opt",
-            "repay=nice:0",
-            "--repay-pause",
-            "200us",
-        ],
+        &["--policy", "deadline-aware"],
     ) else {
         return;
     };
@@ -803,13 +804,18 @@ fn deadline_aware_pays_back_by_pausing_its_vcpus() {
         paused.iter().any(|&ms| ms > 0.0),
         "no vCPU paused while paying back: {stdout}"
     );
-    // Without the option nothing pauses.
+    // Paying back at a nice level instead, nothing pauses.
     let Some(stdout) = busy_vm(
         "deadline_aware_pays_back_by_pausing_its_vcpus",
         "1s",
         "2",
         "free",
-        &["--policy", "deadline-aware"],
+        &[
+            "--policy",
+            "deadline-aware",
+            "--policy-opt",
+            "repay=nice:10",
+        ],
     ) else {
         return;
     };

@@ -25,7 +25,7 @@ pub const POLICIES: [&str; 10] = [
     "none",
     "dynamic",
     "deadline-aware",
-    "deadline-aware/pause",
+    "deadline-aware/nice",
     "deadline-aware/slice",
     "deadline-aware/nocap",
     "deadline-aware/unpaid",
@@ -42,8 +42,8 @@ pub fn policy_base(name: &str) -> &str {
 
 /// The driver and options behind a bench policy name: a driver name, `daemon`, or
 /// `<driver>/slice` (that driver boosting to an EEVDF custom slice of 100 µs instead of FIFO),
-/// or `<driver>/pause` (paying back by pausing its vCPU threads for up to [`PAUSE_DEFAULT_NS`]
-/// at their exits, at their normal weight: `repay=nice:0`, see [`policy_repay_pause`]), or
+/// or `<driver>/nice` (paying back at nice 10, `repay=nice:10`: where the daemon cannot pause
+/// a foreign VMM's vCPU threads, `deadline-aware`'s repayment by pausing comes to that), or
 /// `<driver>/nocap` (that driver without the host-wide cap, see [`policy_cap`]), or
 /// `<driver>/unpaid` (boosts paid back only after a throttle, at nice 5: `repay_on=throttle
 /// repay=nice:5`, `deadline-aware`'s default until it paid back every boost); any of them
@@ -64,7 +64,13 @@ pub fn policy_driver(name: &str) -> (String, DriverOptions) {
                 .set("repay", "nice:5"),
         ),
         Some((driver, "nocap")) => (driver.into(), DriverOptions::new()),
-        Some((driver, "pause")) => (driver.into(), DriverOptions::new().set("repay", "nice:0")),
+        Some((driver, "nice")) => (
+            driver.into(),
+            DriverOptions::new().set(
+                "repay",
+                &pvsched_policy::BoostClass::Nice(pvsched_policy::PAUSE_FALLBACK_NICE).to_string(),
+            ),
+        ),
         _ if base == "daemon" => return ("none".into(), DriverOptions::new()),
         _ => (base.into(), DriverOptions::new()),
     };
@@ -76,44 +82,13 @@ pub fn policy_driver(name: &str) -> (String, DriverOptions) {
 /// both can run side by side.
 const ENGINE_KEY: &str = "engine";
 
-/// The option of a bench policy name that is not a driver's: `+pause=<duration>`, a vCPU
-/// paying back a boost pauses at its exits for up to that long
-/// (`pvsched_host::runtime::RuntimeConfig::repay_pause`; testbed columns, not the `daemon`).
-const PAUSE_KEY: &str = "pause";
-
 /// `opts` with the driver options after each `+` of `name` (a later one wins).
 fn with_extra_options(name: &str, opts: DriverOptions) -> DriverOptions {
     name.split('+')
         .skip(1)
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k != ENGINE_KEY && *k != PAUSE_KEY)
+        .filter(|(k, _)| *k != ENGINE_KEY)
         .fold(opts, |o, (k, v)| o.set(k, v))
-}
-
-/// The longest repayment pause of a `<driver>/pause` column (measured against the 1 ms and
-/// 100 µs tried first: docs/policy.md, "Repayment").
-pub const PAUSE_DEFAULT_NS: pvsched_policy::Nanos = 200_000;
-
-/// The repayment pause of bench policy `name`, ns: its `+pause=` option (a later one wins),
-/// else [`PAUSE_DEFAULT_NS`] for a `<driver>/pause` column and 0 (none) for the others. Only
-/// the VMM's own vCPU threads can pause: refused for the `daemon`.
-pub fn policy_repay_pause(name: &str) -> Result<pvsched_policy::Nanos, String> {
-    let Some(v) = extra_option(name, PAUSE_KEY) else {
-        return Ok(if policy_base(name).ends_with("/pause") {
-            PAUSE_DEFAULT_NS
-        } else {
-            0
-        });
-    };
-    if policy_base(name) == "daemon" {
-        return Err(format!(
-            "bench policy `{name}`: `pause` needs the VMM's own vCPU threads (the daemon \
-             cannot pause a foreign VMM's)"
-        ));
-    }
-    pvsched_policy::options::parse_duration(v)
-        .filter(|&d| d <= pvsched_host::runtime::REPAY_PAUSE_MAX)
-        .ok_or_else(|| format!("bench policy `{name}`: pause `{v}` is not a duration up to 10ms"))
 }
 
 /// How the engine thread of bench policy `name` outranks the vCPUs it boosts: its
@@ -159,7 +134,6 @@ pub fn check_policy(name: &str) -> Result<(), String> {
         ));
     }
     policy_engine_class(name)?;
-    policy_repay_pause(name)?;
     let (driver, opts) = match daemon_options(name) {
         Some(opts) => ("dynamic".into(), opts),
         None => policy_driver(name),
@@ -436,7 +410,6 @@ fn experiment_config(cfg: &BenchConfig, key: &CellKey, round: usize) -> Experime
                 max_boosted: policy_cap(&key.policy),
                 // Checked with the policy names.
                 engine_class: policy_engine_class(&key.policy).unwrap_or_default(),
-                repay_pause: policy_repay_pause(&key.policy).unwrap_or_default(),
             }
         },
         // The guest speaks the protocol: its vCPU threads see its requests at their exits.
@@ -851,29 +824,10 @@ mod tests {
             policy_cap("deadline-aware/unpaid"),
             policy_cap("deadline-aware")
         );
-        let (d, o) = policy_driver("deadline-aware/pause");
+        let (d, o) = policy_driver("deadline-aware/nice");
         assert_eq!(
             (d.as_str(), o.get("repay")),
-            ("deadline-aware", Some("nice:0"))
-        );
-        assert_eq!(
-            policy_repay_pause("deadline-aware/pause"),
-            Ok(PAUSE_DEFAULT_NS)
-        );
-        assert_eq!(
-            policy_repay_pause("deadline-aware/pause+pause=100us+pause=50us"),
-            Ok(50_000),
-            "a later one wins"
-        );
-        assert_eq!(
-            policy_repay_pause("deadline-aware+pause=1ms"),
-            Ok(1_000_000)
-        );
-        assert_eq!(policy_repay_pause("deadline-aware"), Ok(0));
-        assert_eq!(
-            policy_driver("deadline-aware+pause=1ms").1,
-            DriverOptions::new(),
-            "not a driver option"
+            ("deadline-aware", Some("nice:10"))
         );
         let (d, o) = policy_driver("deadline-aware/slice");
         assert_eq!(
@@ -921,8 +875,9 @@ mod tests {
             "static+class=fifo:5",
             "deadline-aware+engine=deadline",
             "daemon+engine=fifo+irq_hold=100us",
-            "deadline-aware/pause",
-            "deadline-aware+pause=100us+repay=nice:0",
+            "deadline-aware/nice",
+            "deadline-aware+repay=pause:100us",
+            "daemon+repay=pause:100us",
         ] {
             assert_eq!(check_policy(ok), Ok(()), "{ok}");
         }
@@ -935,9 +890,8 @@ mod tests {
         assert!(err("deadline-aware/fast").contains("unknown bench policy"));
         assert!(err("deadline-aware+lead").contains("`lead` is not a driver option"));
         assert!(err("deadline-aware+=5").contains("not a driver option"));
-        assert!(err("daemon+pause=100us").contains("the VMM's own vCPU threads"));
-        assert!(err("deadline-aware+pause=11ms").contains("not a duration up to 10ms"));
-        assert!(err("deadline-aware+pause=soon").contains("not a duration"));
+        assert!(err("deadline-aware+repay=pause:11ms").contains("pause:<10us-10ms>"));
+        assert!(err("deadline-aware+repay=pause:soon").contains("pause:<10us-10ms>"));
         // The driver's own validation, with its reason.
         let e = err("deadline-aware+bogus=1");
         assert!(e.contains("bogus"), "{e}");

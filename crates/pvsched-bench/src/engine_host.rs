@@ -30,9 +30,6 @@ pub struct PolicyConfig {
     /// How the engine thread (and an external daemon's engine) outranks the boosted vCPUs.
     /// The run's controller always takes its deadline reservation (`experiment::run`).
     pub engine_class: EngineClass,
-    /// A vCPU paying back a boost pauses at its exits for up to this long, ns (0: never;
-    /// `pvsched_host::runtime::RuntimeConfig::repay_pause`).
-    pub repay_pause: pvsched_policy::Nanos,
 }
 
 impl Default for PolicyConfig {
@@ -43,7 +40,6 @@ impl Default for PolicyConfig {
             quiet_gate: None,
             max_boosted: None,
             engine_class: EngineClass::default(),
-            repay_pause: 0,
         }
     }
 }
@@ -199,7 +195,6 @@ impl HostLoop {
                     quiet_gate: policy.quiet_gate,
                     max_boosted: policy.max_boosted,
                     engine_class: policy.engine_class,
-                    repay_pause: policy.repay_pause,
                 },
             )?,
             driver: policy.driver.clone(),
@@ -311,7 +306,6 @@ mod tests {
             quiet_gate: None,
             max_boosted: None,
             engine_class: EngineClass::default(),
-            repay_pause: 0,
         };
         assert_eq!(p.boost_class(), Some(BoostClass::Rr(20)));
         assert_eq!(PolicyConfig::default().boost_class(), None);

@@ -31,7 +31,6 @@ fn policy(driver: &str, opts: &[&str]) -> PolicyConfig {
         quiet_gate: None,
         max_boosted: None,
         engine_class: Default::default(),
-        repay_pause: 0,
     }
 }
 

@@ -40,6 +40,9 @@ pub fn sched_class(c: BoostClass) -> SchedClass {
         BoostClass::Slice(ns) => SchedClass::Slice(ns),
         BoostClass::Nice(n) => SchedClass::Nice(n),
         BoostClass::Idle => SchedClass::Idle,
+        // Where the thread cannot be paused (the runtime applies its own attributes to a
+        // thread that can).
+        BoostClass::Pause(_) => SchedClass::Nice(pvsched_policy::PAUSE_FALLBACK_NICE),
         BoostClass::Fifo(p) => SchedClass::Fifo(p),
         BoostClass::Rr(p) => SchedClass::Rr(p),
         BoostClass::Deadline {
@@ -143,7 +146,9 @@ pub fn helper_deadline() -> crate::sched::SchedAttr {
 pub fn helper_class(c: BoostClass) -> SchedClass {
     match c {
         // Fair classes: the engine at FIFO 1 already runs before them.
-        BoostClass::Slice(_) | BoostClass::Nice(_) | BoostClass::Idle => SchedClass::Fifo(1),
+        BoostClass::Slice(_) | BoostClass::Nice(_) | BoostClass::Idle | BoostClass::Pause(_) => {
+            SchedClass::Fifo(1)
+        }
         BoostClass::Fifo(p) | BoostClass::Rr(p) => SchedClass::Fifo((p + 1).min(99)),
         BoostClass::Deadline { .. } => SchedClass::Fifo(99),
     }

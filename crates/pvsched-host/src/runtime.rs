@@ -421,13 +421,26 @@ impl ThreadCell {
     /// wanted; its original class when that is what it is in): the kernel may stop it
     /// anywhere once its runtime is spent, so it must not hold the core (module doc).
     fn may_throttle(&self, classes: &ClassTable) -> bool {
-        [&self.applied, &self.want]
-            .iter()
-            .any(|code| match code.load(Ordering::Acquire) {
-                ORIGINAL => self.original.is_deadline(),
-                UNKNOWN => false,
-                c => classes.get(c).is_some_and(|a| a.is_deadline()),
-            })
+        [&self.applied, &self.want].iter().any(|code| {
+            self.attr_of(classes, code.load(Ordering::Acquire))
+                .is_some_and(|a| a.is_deadline())
+        })
+    }
+
+    /// The attributes class `code` puts this thread in (`None`: unknown). A repayment by
+    /// pausing keeps a hooked thread's own attributes (it pauses at its exits instead) and
+    /// puts any other at its fallback nice.
+    fn attr_of(&self, classes: &ClassTable, code: u64) -> Option<SchedAttr> {
+        match code {
+            ORIGINAL => Some(self.original),
+            c => classes.get(c).map(|e| {
+                if e.pause > 0 && self.hooked.load(Ordering::Relaxed) {
+                    self.original
+                } else {
+                    e.attr
+                }
+            }),
+        }
     }
 
     /// True while the kernel has the boost class (not a repayment's) applied.
@@ -437,22 +450,42 @@ impl ThreadCell {
     }
 }
 
+/// One interned class: the attributes it applies and, for a repayment by pausing
+/// ([`BoostClass::Pause`]), the longest pause (0: none).
+#[derive(Clone, Copy, Debug)]
+struct ClassEntry {
+    attr: SchedAttr,
+    pause: Nanos,
+}
+
+impl ClassEntry {
+    fn new(class: BoostClass) -> Self {
+        ClassEntry {
+            attr: sched_class(class).attr(),
+            pause: match class {
+                BoostClass::Pause(ns) => ns,
+                _ => 0,
+            },
+        }
+    }
+}
+
 /// Classes interned by code (`code - 1` indexes the table); append-only, so a thread can read
 /// an entry without a lock.
 struct ClassTable {
-    attrs: Vec<OnceLock<SchedAttr>>,
+    entries: Vec<OnceLock<ClassEntry>>,
 }
 
 impl ClassTable {
     fn new() -> Self {
         ClassTable {
-            attrs: (0..MAX_CLASSES).map(|_| OnceLock::new()).collect(),
+            entries: (0..MAX_CLASSES).map(|_| OnceLock::new()).collect(),
         }
     }
 
-    fn get(&self, code: u64) -> Option<SchedAttr> {
+    fn get(&self, code: u64) -> Option<ClassEntry> {
         let i = code.checked_sub(1)? as usize;
-        self.attrs.get(i)?.get().copied()
+        self.entries.get(i)?.get().copied()
     }
 }
 
@@ -484,8 +517,6 @@ struct Shared {
     grace: Nanos,
     /// See [`RuntimeConfig::active`].
     active: Nanos,
-    /// See [`RuntimeConfig::repay_pause`].
-    repay_pause: Nanos,
     errors: Mutex<VecDeque<String>>,
     error_count: AtomicU64,
     /// Failed changes by kind ([`APPLY_ERROR_KINDS`]).
@@ -594,10 +625,7 @@ impl Shared {
     }
 
     fn attr_of(&self, cell: &ThreadCell, code: u64) -> Option<SchedAttr> {
-        match code {
-            ORIGINAL => Some(cell.original),
-            c => self.classes.get(c),
-        }
+        cell.attr_of(&self.classes, code)
     }
 
     /// Applies `cell`'s wanted class. `own` is true on the cell's own thread. Returns false
@@ -1022,8 +1050,8 @@ impl Core {
             return Some(i as u64 + 1);
         }
         let i = self.classes.len();
-        let slot = shared.classes.attrs.get(i)?;
-        let _ = slot.set(sched_class(class).attr());
+        let slot = shared.classes.entries.get(i)?;
+        let _ = slot.set(ClassEntry::new(class));
         self.classes.push(class);
         shared.outrank(class);
         Some(i as u64 + 1)
@@ -1299,12 +1327,9 @@ pub struct VcpuHandle {
 /// its repayment's end), so that the thread is back in its guest when the timer fires.
 pub const PAUSE_MARGIN: Nanos = 30_000;
 
-/// The longest repayment pause the command lines accept: a vCPU held off longer delays its
-/// guest's unforeseen interrupts by as much.
-pub const REPAY_PAUSE_MAX: Nanos = 10_000_000;
-
-/// A pause shorter than this is not taken (a sleep costs about as much here).
-const PAUSE_MIN: Nanos = 10_000;
+/// A pause shorter than this is not taken (a sleep costs about as much here): the shortest
+/// a `repay=pause:` option accepts.
+const PAUSE_MIN: Nanos = pvsched_policy::options::PAUSE_RANGE.0;
 
 /// How long a vCPU thread paying back a boost pauses at `now`: up to `max`, ending
 /// [`PAUSE_MARGIN`] before `next_timer`; 0 when that leaves less than [`PAUSE_MIN`].
@@ -1326,27 +1351,30 @@ impl VcpuHandle {
         self.cell.key
     }
 
-    /// At an exit (on the vCPU's own thread): while the vCPU pays back a boost and
-    /// [`RuntimeConfig::repay_pause`] is set, holds its thread off the CPU (sleeps) for up to
-    /// that long, never into the last [`PAUSE_MARGIN`] before its next timer nor while a
-    /// class decided for it waits to be applied; returns how long it slept, ns. The pause
-    /// counts as runnable time for the quiet gate's samplers (it is the VMM's doing, not the
-    /// guest's). An interrupt for the guest that arrives meanwhile waits for its end. Without
-    /// pauses configured it costs one load.
+    /// At an exit (on the vCPU's own thread): while the vCPU pays back a boost by pausing
+    /// (its driver's `repay=pause:<max>`, [`BoostClass::Pause`]), holds its thread off the
+    /// CPU (sleeps) for up to `max`, never into the last [`PAUSE_MARGIN`] before its next
+    /// timer nor while a class decided for it waits to be applied; returns how long it
+    /// slept, ns. The pause counts as runnable time for the quiet gate's samplers (it is the
+    /// VMM's doing, not the guest's). An interrupt for the guest that arrives meanwhile waits
+    /// for its end. Otherwise it costs two loads.
     pub fn repay_pause(&self) -> Nanos {
-        let max = self.shared.repay_pause;
-        if max == 0 || self.shared.stopped.load(Ordering::Relaxed) {
+        let cell = &self.cell;
+        let applied = cell.applied.load(Ordering::Acquire);
+        if applied == ORIGINAL || applied == UNKNOWN || !cell.hooked.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let max = self.shared.classes.get(applied).map_or(0, |e| e.pause);
+        if max == 0
+            || self.shared.stopped.load(Ordering::Relaxed)
+            || cell.boost_code.load(Ordering::Acquire) != ORIGINAL
+            || cell.unapplied()
+        {
             return 0;
         }
         let now = mono_ns();
-        let cell = &self.cell;
-        let applied = cell.applied.load(Ordering::Acquire);
-        let repaying = applied != ORIGINAL
-            && applied != UNKNOWN
-            && cell.boost_code.load(Ordering::Acquire) == ORIGINAL
-            && !cell.unapplied();
         let len = pause_len(now, max, cell.next_timer.load(Ordering::Acquire));
-        if !repaying || len == 0 {
+        if len == 0 {
             return 0;
         }
         std::thread::sleep(Duration::from_nanos(len));
@@ -1576,16 +1604,6 @@ pub struct RuntimeConfig {
     /// before the lead time then saves the engine thread a wake-up and a cross-CPU
     /// `sched_setattr`, at the price of a boost that starts up to this much earlier.
     pub self_early: Nanos,
-    /// Pay back by pausing (0: off): a hooked vCPU thread that is paying back a boost (in its
-    /// driver's repay class, see docs/policy.md "Repayment") sleeps at each exit for up to
-    /// this long instead of running its guest, never into the last [`PAUSE_MARGIN`] before its
-    /// next timer ([`VcpuHandle::repay_pause`]). The CPU it leaves goes to whoever else waits
-    /// there, and one with nothing else to run goes idle, so the kernel moves work onto it:
-    /// a lower weight instead (`repay=nice:10`) invites the host's threads onto the repaying
-    /// vCPU's CPU and leaves the other vCPU alone on its own. Only for threads the VMM runs.
-    /// A `v3-default` deboost comes as the same kind of decision (a class below the normal
-    /// weight, no boost) and pauses too.
-    pub repay_pause: Nanos,
     /// Boost a vCPU only while it waits for a CPU when unboosted (its run delay, see
     /// [`crate::pressure`]); `None`: whenever the driver decides.
     pub quiet_gate: Option<QuietGate>,
@@ -1618,7 +1636,6 @@ impl Default for RuntimeConfig {
             grace: 25_000,
             active: ACTIVE_NS,
             self_early: 50_000,
-            repay_pause: 0,
             quiet_gate: None,
             max_boosted: None,
             cap_quantum: pvsched_policy::engine::CAP_QUANTUM_NS,
@@ -1679,7 +1696,6 @@ impl Runtime {
             engine_class: cfg.engine_class,
             grace: cfg.grace,
             active: cfg.active,
-            repay_pause: cfg.repay_pause,
             errors: Mutex::new(VecDeque::new()),
             error_count: AtomicU64::new(0),
             error_kinds: Default::default(),
@@ -3056,7 +3072,8 @@ pub struct VcpuStatus {
     pub debt_ms: f64,
     /// Time spent paying back boosted time below normal weight, ms.
     pub repaid_ms: f64,
-    /// Of that, time its thread paused off the CPU ([`RuntimeConfig::repay_pause`]), ms.
+    /// Of that, time its thread paused off the CPU while paying back by pausing
+    /// ([`VcpuHandle::repay_pause`]), ms.
     #[serde(default)]
     pub paused_ms: f64,
     /// Time spent deboosted (a v3 guest running idle or low-priority work), ms.

@@ -1190,21 +1190,18 @@ fn a_late_change_does_not_outlive_a_newer_decision() {
     }
 }
 
-/// With repayment pauses on, a hooked vCPU paying back a boost leaves the CPU at its exits
-/// for up to the pause (never into the last 30 µs before its next timer, here its
-/// repayment's end); not while it has nothing to pay back, not while boosted, and never in
-/// a runtime without pauses.
+/// Paying back by pausing (`repay=pause:<d>`): a hooked vCPU paying back a boost keeps its
+/// own attributes and leaves the CPU at its exits for up to `d` (never into the last 30 µs
+/// before its next timer, here its repayment's end); not while it has nothing to pay back,
+/// not while boosted, and never when it repays at a nice level instead.
 #[test]
 fn a_repaying_vcpu_pauses_at_its_exits_and_no_other_does() {
-    for pause in [0, 2_000_000] {
-        let s = setup_with(RuntimeConfig {
-            repay_pause: pause,
-            ..RuntimeConfig::default()
-        });
+    for repay in ["repay=pause:2ms", "repay=nice:5"] {
+        let s = setup();
         s.h.add_vm(
             0,
             "dynamic",
-            &fifo_tasks(&["cs_budget=1s", "repay=nice:5", "repay_on=boost"]),
+            &fifo_tasks(&["cs_budget=1s", repay, "repay_on=boost"]),
             no_parts(),
         )
         .unwrap();
@@ -1216,20 +1213,23 @@ fn a_repaying_vcpu_pauses_at_its_exits_and_no_other_does() {
             assert!(v.handle(mono_ns(), &[VcpuEvent::Request(rt)]));
             assert!(kernel.is_fifo(me));
             assert_eq!(v.repay_pause(), 0, "boosted");
-            // Boosted for 20 ms: as much to pay back, at nice 5.
+            // Boosted for 20 ms: as much to pay back.
             std::thread::sleep(Duration::from_millis(20));
             assert!(v.handle(mono_ns(), &[VcpuEvent::Request(Reasons::NONE)]));
-            assert_eq!(kernel.attr(me).nice, 5, "paying back");
+            let attr = kernel.attr(me);
             let t0 = mono_ns();
             let paused = v.repay_pause();
-            (paused, mono_ns() - t0)
+            (attr, paused, mono_ns() - t0)
         });
-        let (paused, took) = t.join().unwrap();
+        let (attr, paused, took) = t.join().unwrap();
         let st = s.h.status().unwrap();
         let v = &st.vms[0].vcpus[0];
-        if pause == 0 {
-            assert_eq!((paused, v.paused_ms), (0, 0.0), "pauses off");
+        assert!(!attr.is_realtime(), "{attr:?}");
+        if repay == "repay=nice:5" {
+            assert_eq!(attr.nice, 5, "paying back at nice 5");
+            assert_eq!((paused, v.paused_ms), (0, 0.0), "no pauses");
         } else {
+            assert_eq!(attr.nice, 0, "paying back at its own attributes");
             // About the 2 ms asked for (a sleep may overrun on a busy machine), and what the
             // thread was away for.
             assert!((2_000_000..15_000_000).contains(&paused), "{paused}");
@@ -1237,6 +1237,33 @@ fn a_repaying_vcpu_pauses_at_its_exits_and_no_other_does() {
             assert!((v.paused_ms - paused as f64 / 1e6).abs() < 1e-6, "{v:?}");
         }
     }
+}
+
+/// A vCPU thread the runtime does not run code on (the daemon's, not hooked) cannot pause:
+/// its repayment by pausing comes to nice 10 instead, and its original attributes come back
+/// when the repayment ends.
+#[test]
+fn a_vcpu_that_cannot_pause_pays_back_at_nice_10() {
+    let s = setup();
+    s.h.add_vm(
+        0,
+        "dynamic",
+        &fifo_tasks(&["cs_budget=1s", "repay=pause:2ms", "repay_on=boost"]),
+        no_parts(),
+    )
+    .unwrap();
+    let _v = s.h.add_vcpu(K0, 1007, false).unwrap();
+    let rt = Reasons::NONE.with(Reason::RtTask);
+    s.feed.send(Event::new(K0, VcpuEvent::Request(rt)));
+    wait_for("request boost", || s.kernel.is_fifo(1007));
+    std::thread::sleep(Duration::from_millis(20));
+    s.feed
+        .send(Event::new(K0, VcpuEvent::Request(Reasons::NONE)));
+    wait_for("repaying at nice 10", || s.kernel.attr(1007).nice == 10);
+    assert!(!s.kernel.is_fifo(1007));
+    wait_for("repaid", || s.kernel.attr(1007).nice == 0);
+    let fin = s.rt.stop();
+    assert_eq!(fin.vms[0].vcpus[0].paused_ms, 0.0);
 }
 
 /// After a FIFO boost, the vCPU pays its boosted time back at nice 19, then returns to its

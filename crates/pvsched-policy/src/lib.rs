@@ -74,7 +74,17 @@ pub enum BoostClass {
     Nice(i32),
     /// `SCHED_IDLE`: below every nice level (a deboost: pvsched v3's guest IDLE task).
     Idle,
+    /// A repayment only (`repay=pause:<duration>`), never a boost: the thread keeps its own
+    /// attributes, and where the runtime owns the vCPU thread (the VMM calls its hooks) the
+    /// thread leaves the CPU at each exit for up to this many ns while it pays back; where it
+    /// cannot (a foreign VMM's threads) it runs at nice [`PAUSE_FALLBACK_NICE`] instead.
+    Pause(u64),
 }
+
+/// Nice level a [`BoostClass::Pause`] repayment falls back to where the runtime cannot pause
+/// the vCPU thread (the daemon, attached to a foreign VMM): `deadline-aware`'s repayment
+/// before pausing was measured (docs/policy.md, "Paying back by pausing").
+pub const PAUSE_FALLBACK_NICE: i32 = 10;
 
 impl BoostClass {
     /// True for the real-time classes (FIFO, RR, DEADLINE), which outrank every fair task.
@@ -91,7 +101,7 @@ impl BoostClass {
         match self {
             BoostClass::Slice(_) => false,
             BoostClass::Nice(n) => *n < 0,
-            BoostClass::Idle => false,
+            BoostClass::Idle | BoostClass::Pause(_) => false,
             _ => true,
         }
     }
@@ -116,6 +126,8 @@ impl fmt::Display for BoostClass {
             BoostClass::Slice(ns) => write!(f, "slice:{}us", ns / 1000),
             BoostClass::Nice(n) => write!(f, "nice:{n}"),
             BoostClass::Idle => write!(f, "idle"),
+            BoostClass::Pause(ns) if ns % 1000 == 0 => write!(f, "pause:{}us", ns / 1000),
+            BoostClass::Pause(ns) => write!(f, "pause:{ns}ns"),
         }
     }
 }

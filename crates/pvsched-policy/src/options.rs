@@ -130,6 +130,26 @@ pub const CLASS_FORMS: &str = "expected one of fifo:<1-99>, rr:<1-99>, \
 /// `SCHED_OTHER` task is clamped to this range).
 pub const SLICE_RANGE: (Nanos, Nanos) = (100_000, 100_000_000);
 
+/// Shortest and longest repayment pause ([`BoostClass::Pause`]): below 10 µs a sleep costs
+/// more than it gives back; above 10 ms the guest's timers would wait too long.
+pub const PAUSE_RANGE: (Nanos, Nanos) = (10_000, 10_000_000);
+
+/// The repayment classes [`parse_repay`] accepts, for error messages.
+pub const REPAY_FORMS: &str =
+    "expected off, nice:<-20..19>, slice:<100us-100ms> or pause:<10us-10ms>";
+
+/// Parses a repayment class (the `repay` option, without `off`): `nice:<-20..19>`,
+/// `slice:<duration>` (100 µs to 100 ms) or `pause:<duration>` (10 µs to 10 ms,
+/// [`PAUSE_RANGE`]).
+pub fn parse_repay(s: &str) -> Option<BoostClass> {
+    if let Some(d) = s.strip_prefix("pause:") {
+        return parse_duration(d)
+            .filter(|d| (PAUSE_RANGE.0..=PAUSE_RANGE.1).contains(d))
+            .map(BoostClass::Pause);
+    }
+    parse_class(s).filter(|c| matches!(c, BoostClass::Nice(_) | BoostClass::Slice(_)))
+}
+
 /// Parses a boost class: `fifo:<1-99>`, `rr:<1-99>`, `deadline:<runtime>/<period>`,
 /// `slice:<duration>` (100 µs to 100 ms), `nice:<-20..19>`.
 pub fn parse_class(s: &str) -> Option<BoostClass> {
@@ -194,6 +214,29 @@ mod tests {
         assert!(o.class("class", BoostClass::Fifo(1)).is_err());
         assert_eq!(parse_duration("18446744073709551615s"), None, "overflow");
         assert_eq!(parse_duration("10"), None, "unit required");
+    }
+
+    #[test]
+    fn repayments_take_a_pause_that_no_boost_class_does() {
+        assert_eq!(parse_repay("pause:200us"), Some(BoostClass::Pause(200_000)));
+        assert_eq!(parse_repay("nice:10"), Some(BoostClass::Nice(10)));
+        assert_eq!(parse_repay("slice:1ms"), Some(BoostClass::Slice(1_000_000)));
+        for bad in [
+            "pause:5us",
+            "pause:11ms",
+            "pause:",
+            "pause",
+            "fifo:10",
+            "idle",
+        ] {
+            assert_eq!(parse_repay(bad), None, "{bad}");
+        }
+        assert_eq!(parse_class("pause:200us"), None, "not a boost class");
+        for c in [BoostClass::Pause(200_000), BoostClass::Pause(10_500)] {
+            assert_eq!(parse_repay(&c.to_string()), Some(c), "{c}");
+        }
+        assert!(!BoostClass::Pause(200_000).takes_extra_share());
+        assert!(!BoostClass::Pause(200_000).is_realtime());
     }
 
     #[test]

@@ -739,8 +739,8 @@ fn boosted_time_is_repaid_below_normal_weight() {
         "paid back: original attributes"
     );
     assert_eq!(s.engine.vcpu(V0).unwrap().counters.repaid_ns, 11 * MS);
-    // `deadline-aware` repays every boost by default, at nice 10 (a request is a boost it
-    // takes like any other).
+    // `deadline-aware` repays every boost by default, by pausing its vCPU thread for up to
+    // 200 µs at each exit (a request is a boost it takes like any other).
     let mut s = Sim::new("deadline-aware", &[]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
@@ -749,7 +749,7 @@ fn boosted_time_is_repaid_below_normal_weight() {
     assert!(s.repaying.contains_key(&V0));
     assert_eq!(
         s.last_repay(),
-        Some(&Decision::Repay(V0, Some(BoostClass::Nice(10))))
+        Some(&Decision::Repay(V0, Some(BoostClass::Pause(200 * US))))
     );
     // `dynamic` does not by default; `repay=nice:19` alone repays only after a throttle: a
     // boost within budget is not repaid. Nor does `deadline-aware` with `repay_on=throttle`.

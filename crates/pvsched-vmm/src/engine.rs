@@ -200,7 +200,8 @@ impl ExitHook for PvExitHook {
             self.deadline = None;
         }
         self.events.clear();
-        // Paying back a boost: leave the CPU for a while instead of running the guest.
+        // Paying back a boost by pausing (`repay=pause:`): leave the CPU for a while instead
+        // of running the guest.
         self.handle.repay_pause();
     }
 }
@@ -214,9 +215,6 @@ pub struct VmEngineOptions {
     pub max_boosted: Option<usize>,
     /// How the engine thread outranks the vCPUs it boosts.
     pub engine_class: pvsched_host::mechanism::EngineClass,
-    /// A vCPU paying back a boost pauses at its exits for up to this long, ns (0: never;
-    /// [`RuntimeConfig::repay_pause`]).
-    pub repay_pause: pvsched_policy::Nanos,
 }
 
 /// The engine of a testbed VM: the runtime, with every vCPU thread hooked.
@@ -229,7 +227,7 @@ pub struct VmEngine {
 impl VmEngine {
     /// Starts the runtime for `vm` (before [`RunningVm::go`]) with `driver` and `opts`, fed
     /// by the vCPU threads, by the VMM's injections and, with `trace`, by tracepoints; the
-    /// rest as `with` says (quiet gate, host-wide cap, engine class, repayment pauses).
+    /// rest as `with` says (quiet gate, host-wide cap, engine class).
     pub fn start(
         vm: &mut RunningVm,
         driver: &str,
@@ -246,7 +244,6 @@ impl VmEngine {
             quiet_gate: with.quiet_gate,
             max_boosted: with.max_boosted,
             engine_class: with.engine_class,
-            repay_pause: with.repay_pause,
             ..RuntimeConfig::default()
         })?;
         let h = runtime.handle();
