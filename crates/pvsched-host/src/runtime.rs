@@ -376,6 +376,8 @@ pub struct ThreadCell {
     /// Time its own thread held it off the CPU while it was paying back a boost, ns
     /// ([`VcpuHandle::repay_pause`]).
     paused: AtomicU64,
+    /// Paused time not yet reported to the engine ([`VcpuEvent::Paused`]), ns.
+    paused_unreported: AtomicU64,
     /// The last attempt to restore the original attributes failed (it is retried).
     failed: AtomicBool,
     /// No longer a vCPU of the runtime.
@@ -399,6 +401,7 @@ impl ThreadCell {
             boost_trigger: AtomicU64::new(0),
             boost_code: AtomicU64::new(ORIGINAL),
             paused: AtomicU64::new(0),
+            paused_unreported: AtomicU64::new(0),
             host_events: AtomicU64::new(0),
             self_sets: AtomicU64::new(0),
             remote_sets: AtomicU64::new(0),
@@ -658,11 +661,21 @@ impl Shared {
             let w = cell.want.load(Ordering::SeqCst);
             let changing = !own && cell.inflight.load(Ordering::SeqCst) != 0;
             let skip = !force && !changing && w == cell.applied.load(Ordering::SeqCst);
-            if !skip {
+            let attr = self.attr_of(cell, w);
+            // A change between two classes with the same attributes (a thread that pays
+            // back by pausing keeps its own; the repayment's end puts them back) needs no
+            // system call, unless a race left the record in doubt.
+            let same = !skip && !force && !changing && attr.is_some() && {
+                let applied = cell.applied.load(Ordering::SeqCst);
+                applied != UNKNOWN && self.attr_of(cell, applied) == attr
+            };
+            if same {
+                cell.applied.store(w, Ordering::SeqCst);
+            } else if !skip {
                 // Marked for the reconciliation: a class read meanwhile may be this one,
                 // not yet recorded.
                 cell.setting.fetch_add(1, Ordering::SeqCst);
-                let result = match self.attr_of(cell, w) {
+                let result = match attr {
                     Some(attr) => self.applier.set(cell.tid, &attr),
                     None => Ok(()),
                 };
@@ -1380,6 +1393,9 @@ impl VcpuHandle {
         std::thread::sleep(Duration::from_nanos(len));
         let slept = mono_ns().saturating_sub(now);
         cell.paused.fetch_add(slept, Ordering::Relaxed);
+        // Told to the engine at the next exit (`exit` says so): the repayment ends once the
+        // pauses add up to what the vCPU owes.
+        cell.paused_unreported.fetch_add(slept, Ordering::Release);
         slept
     }
 
@@ -1388,7 +1404,9 @@ impl VcpuHandle {
     /// call [`VcpuHandle::handle`]).
     pub fn exit(&self, now: Nanos) -> bool {
         self.cell.last_exit.store(now, Ordering::Relaxed);
-        now >= self.cell.next_timer.load(Ordering::Acquire) || self.cell.unapplied()
+        now >= self.cell.next_timer.load(Ordering::Acquire)
+            || self.cell.unapplied()
+            || self.cell.paused_unreported.load(Ordering::Acquire) != 0
     }
 
     /// Feeds `events` (what this vCPU's thread observed at `now`) and this vCPU's due timers
@@ -1414,6 +1432,11 @@ impl VcpuHandle {
             // events; if the queue is held, this exit's events wait for the next exit.
             taken = core.take_handoffs(shared, now, touched);
             if taken {
+                let paused = cell.paused_unreported.swap(0, Ordering::AcqRel);
+                if paused > 0 {
+                    core.events
+                        .push(Event::new(cell.key, VcpuEvent::Paused(paused)));
+                }
                 core.events
                     .extend(events.iter().map(|&what| Event::new(cell.key, what)));
             }
@@ -1843,7 +1866,8 @@ impl RuntimeHandle {
     }
 
     /// Adds vCPU `key` running on thread `tid` (its current attributes become the ones to
-    /// restore). `hooked`: the vCPU's thread will call the returned handle at its exits.
+    /// restore). `hooked`: the vCPU's thread will call the returned handle at its exits
+    /// ([`VcpuHandle::exit`], [`VcpuHandle::handle`] and [`VcpuHandle::repay_pause`]).
     pub fn add_vcpu(
         &self,
         key: VcpuKey,
@@ -2719,6 +2743,10 @@ impl Loop {
             let mut core = shared.lock();
             core.cells.insert(key, cell.clone());
             core.events.push(Event::new(key, VcpuEvent::Registered));
+            if hooked {
+                // Its thread pauses at its exits when it pays back by pausing.
+                core.events.push(Event::new(key, VcpuEvent::Pausable));
+            }
         }
         self.process(now, now, &[]);
         if let Some(gate) = self.quiet_gate {

@@ -147,6 +147,11 @@ pub struct VcpuState {
     pub quiet: bool,
     /// The vCPU thread sleeps part of the time (see [`VcpuEvent::Sleeps`]).
     pub sleeps: bool,
+    /// The vCPU thread can pause at its exits (see [`VcpuEvent::Pausable`]).
+    pub pausable: bool,
+    /// Boosted time (in classes that take extra CPU share) not yet given back by pausing, ns
+    /// (a pausable vCPU whose driver repays by pausing; at most the generic debt's limit).
+    pub pause_owed: Nanos,
     /// `Disabled` was published because the host is quiet (not because the slot is
     /// invalid): `Normal` is published again when it is not.
     pub muted: bool,

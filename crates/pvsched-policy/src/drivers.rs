@@ -596,6 +596,7 @@ impl DynamicDriver {
     fn account(&self, ctx: &mut VcpuCtx<'_>) {
         let now = ctx.now;
         let cs = self.charges_cs(ctx);
+        let pays_by_pausing = self.pause_repay(ctx).is_some();
         let s = &mut *ctx.state;
         let from = s.debts.at;
         s.debts.at = now.max(from);
@@ -609,6 +610,9 @@ impl DynamicDriver {
                 };
                 let charged = end.saturating_sub(from);
                 s.debts.generic = s.debts.generic.saturating_add(charged);
+                if b.class.takes_extra_share() && pays_by_pausing {
+                    s.pause_owed = s.pause_owed.saturating_add(charged).min(self.p.rt_budget);
+                }
                 if cs {
                     s.debts.cs = s.debts.cs.saturating_add(charged);
                 }
@@ -812,6 +816,14 @@ impl DynamicDriver {
         }
     }
 
+    /// The repayment class when the vCPU pays back in paused time: the driver repays by
+    /// pausing ([`BoostClass::Pause`]) and the vCPU's thread can pause.
+    fn pause_repay(&self, ctx: &VcpuCtx<'_>) -> Option<BoostClass> {
+        self.p
+            .repay
+            .filter(|c| matches!(c, BoostClass::Pause(_)) && ctx.state.pausable)
+    }
+
     fn repay_if_owed(&self, ctx: &mut VcpuCtx<'_>) {
         let Some(class) = self.p.repay else { return };
         if ctx.state.quiet || ctx.state.sleeps {
@@ -820,6 +832,22 @@ impl DynamicDriver {
             // threads each time it wakes (see `VcpuEvent::Sleeps` for the price).
             return;
         }
+        if let Some(class) = self.pause_repay(ctx) {
+            // Paid back in paused time: it ends when the pauses add up to what is owed
+            // (`VcpuEvent::Paused`), however long the guest runs between them.
+            if ctx.state.pause_owed > 0
+                && !ctx.state.is_boosted()
+                && ctx.state.repay_since.is_none()
+            {
+                ctx.start_repay(class);
+            }
+            return;
+        }
+        // A vCPU that cannot pause pays back at a nice level, for as long as the debt says.
+        let class = match class {
+            BoostClass::Pause(_) => BoostClass::Nice(crate::PAUSE_FALLBACK_NICE),
+            c => c,
+        };
         let owed = ctx.state.debts.generic;
         if owed == 0 || ctx.state.is_boosted() {
             return;
@@ -833,7 +861,10 @@ impl DynamicDriver {
 
     /// The repayment's end: the debt is paid back (or more is owed: look again then).
     fn check_repay(&self, ctx: &mut VcpuCtx<'_>) {
-        if ctx.state.is_boosted() || ctx.state.repay_since.is_none() {
+        if ctx.state.is_boosted()
+            || ctx.state.repay_since.is_none()
+            || self.pause_repay(ctx).is_some()
+        {
             return;
         }
         if ctx.state.debts.generic == 0 {
@@ -1033,8 +1064,19 @@ impl DynamicDriver {
             },
             VcpuEvent::Timer(..) => {}
             VcpuEvent::Sleeps(true) => {
-                // A repayment in progress ends (the debt still falls with unboosted time).
+                // A repayment in progress ends (the debt still falls with unboosted time,
+                // and what was owed in paused time is forgiven).
+                ctx.state.pause_owed = 0;
                 if !ctx.state.is_boosted() {
+                    ctx.end_repay();
+                }
+            }
+            // Kept by the engine (`VcpuState::pausable`).
+            VcpuEvent::Pausable => {}
+            VcpuEvent::Paused(ns) => {
+                let s = &mut *ctx.state;
+                s.pause_owed = s.pause_owed.saturating_sub(ns);
+                if s.pause_owed == 0 && !s.is_boosted() && self.pause_repay(ctx).is_some() {
                     ctx.end_repay();
                 }
             }
@@ -1063,7 +1105,9 @@ impl DynamicDriver {
                 // `Normal` again when the host is contended (then its request is read again).
                 let v1 = ctx.state.v3.is_none();
                 if quiet {
-                    // Nothing to protect the vCPU from: end the boost, and any repayment.
+                    // Nothing to protect the vCPU from: end the boost, and any repayment
+                    // (nobody waits for what it would give back).
+                    ctx.state.pause_owed = 0;
                     let rest = if v1 {
                         BoostState::Disabled
                     } else {

@@ -552,9 +552,11 @@ impl Engine {
                 let Some(st) = e.vcpus.get_mut(&ev.key.vcpu) else {
                     return;
                 };
-                if let VcpuEvent::Sleeps(s) = what {
+                match what {
                     // Kept whatever the driver, and while boosting is disabled.
-                    st.sleeps = s;
+                    VcpuEvent::Sleeps(s) => st.sleeps = s,
+                    VcpuEvent::Pausable => st.pausable = true,
+                    _ => {}
                 }
                 if enabled {
                     self.drive(ev.key, what, now, out);

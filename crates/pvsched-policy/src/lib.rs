@@ -200,6 +200,15 @@ pub enum VcpuEvent {
     /// stays with the VM (README, "A guest that halts between timer events"). Sent by the
     /// runtime's samplers when the answer changes.
     Sleeps(bool),
+    /// The vCPU's thread pauses at its exits when it pays back by pausing
+    /// ([`BoostClass::Pause`]): the runtime runs code on it (the VMM calls its hooks). Sent
+    /// once, after [`VcpuEvent::Registered`]. Without it a `Pause` repayment is taken at nice
+    /// [`PAUSE_FALLBACK_NICE`] for as long as a repayment at a nice level lasts.
+    Pausable,
+    /// The vCPU's thread was off the CPU this long (ns), pausing to pay back a boost. A
+    /// pausable vCPU's repayment by pausing ends once its pauses add up to the boosted time
+    /// it owes (not after as much wall-clock time: it runs its guest between pauses).
+    Paused(Nanos),
     /// The guest's pvsched v3 page (its default guest area, decoded), read after a doorbell,
     /// a change, or the host's feedback: task intent, critical sections, ticket echo.
     Intent(pvsched_proto::v3::GuestArea),

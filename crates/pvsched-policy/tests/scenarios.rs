@@ -739,8 +739,9 @@ fn boosted_time_is_repaid_below_normal_weight() {
         "paid back: original attributes"
     );
     assert_eq!(s.engine.vcpu(V0).unwrap().counters.repaid_ns, 11 * MS);
-    // `deadline-aware` repays every boost by default, by pausing its vCPU thread for up to
-    // 200 µs at each exit (a request is a boost it takes like any other).
+    // `deadline-aware` repays every boost by default, by pausing its vCPU thread; a thread
+    // that cannot pause (no `Pausable`) repays at nice 10 (a request is a boost it takes
+    // like any other).
     let mut s = Sim::new("deadline-aware", &[]);
     s.event(V0, VcpuEvent::Registered);
     s.guest(V0, rs(&[Reason::RtTask]));
@@ -749,7 +750,7 @@ fn boosted_time_is_repaid_below_normal_weight() {
     assert!(s.repaying.contains_key(&V0));
     assert_eq!(
         s.last_repay(),
-        Some(&Decision::Repay(V0, Some(BoostClass::Pause(200 * US))))
+        Some(&Decision::Repay(V0, Some(BoostClass::Nice(10))))
     );
     // `dynamic` does not by default; `repay=nice:19` alone repays only after a throttle: a
     // boost within budget is not repaid. Nor does `deadline-aware` with `repay_on=throttle`.
@@ -768,6 +769,59 @@ fn boosted_time_is_repaid_below_normal_weight() {
         assert!(s.repaying.is_empty());
         assert!(!s.log.iter().any(|d| matches!(d, Decision::Repay(..))));
     }
+}
+
+/// A vCPU whose thread can pause pays `deadline-aware`'s boosts back in paused time: its
+/// repayment lasts until the pauses reported add up to the boosted time, however long the
+/// guest runs between them; one that cannot pause repays at nice 10 for as long as its debt.
+#[test]
+fn a_pausable_vcpu_pays_back_in_paused_time() {
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.event(V0, VcpuEvent::Pausable);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(3 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert_eq!(
+        s.last_repay(),
+        Some(&Decision::Repay(V0, Some(BoostClass::Pause(200 * US))))
+    );
+    assert_eq!(s.engine.vcpu(V0).unwrap().pause_owed, 3 * MS);
+    // Wall-clock time pays back nothing here: 20 ms later it still owes its 3 ms.
+    s.advance(20 * MS);
+    assert!(s.repaying.contains_key(&V0), "no pause yet");
+    s.event(V0, VcpuEvent::Paused(2 * MS));
+    assert!(s.repaying.contains_key(&V0), "1 ms still owed");
+    // A boost in between supersedes the repayment and adds to what is owed.
+    s.guest(V0, rs(&[Reason::RtTask]));
+    assert!(s.is_boosted(V0) && !s.repaying.contains_key(&V0));
+    s.advance(MS);
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.contains_key(&V0));
+    assert_eq!(s.engine.vcpu(V0).unwrap().pause_owed, 2 * MS);
+    s.event(V0, VcpuEvent::Paused(2 * MS));
+    assert!(!s.repaying.contains_key(&V0), "paid back");
+    assert_eq!(s.last_repay(), Some(&Decision::Repay(V0, None)));
+    // A vCPU that sleeps part of the time owes nothing in paused time.
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(MS);
+    s.event(V0, VcpuEvent::Sleeps(true));
+    s.guest(V0, Reasons::NONE);
+    assert!(s.repaying.is_empty());
+    assert_eq!(s.engine.vcpu(V0).unwrap().pause_owed, 0);
+    // Without `Pausable`: nice 10, ended by the debt's timer (3 ms at 1:1).
+    let mut s = Sim::new("deadline-aware", &[]);
+    s.event(V0, VcpuEvent::Registered);
+    s.guest(V0, rs(&[Reason::RtTask]));
+    s.advance(3 * MS);
+    s.guest(V0, Reasons::NONE);
+    assert_eq!(
+        s.last_repay(),
+        Some(&Decision::Repay(V0, Some(BoostClass::Nice(10))))
+    );
+    s.advance(3 * MS);
+    assert!(s.repaying.is_empty(), "paid back at nice 10");
+    assert_eq!(s.engine.vcpu(V0).unwrap().pause_owed, 0);
 }
 
 #[test]
