@@ -1370,7 +1370,7 @@ impl VcpuHandle {
     /// timer nor while a class decided for it waits to be applied; returns how long it
     /// slept, ns. The pause counts as runnable time for the quiet gate's samplers (it is the
     /// VMM's doing, not the guest's). An interrupt for the guest that arrives meanwhile waits
-    /// for its end. Otherwise it costs two loads.
+    /// for its end. Otherwise it costs a few loads.
     pub fn repay_pause(&self) -> Nanos {
         let cell = &self.cell;
         let applied = cell.applied.load(Ordering::Acquire);
