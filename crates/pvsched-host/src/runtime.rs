@@ -378,6 +378,9 @@ pub struct ThreadCell {
     paused: AtomicU64,
     /// Paused time not yet reported to the engine ([`VcpuEvent::Paused`]), ns.
     paused_unreported: AtomicU64,
+    /// What the vCPU still owes in paused time as of its last repayment decision, less what it
+    /// paused since ([`pvsched_policy::VcpuState::pause_owed`]), ns: a pause is no longer.
+    pause_left: AtomicU64,
     /// The last attempt to restore the original attributes failed (it is retried).
     failed: AtomicBool,
     /// No longer a vCPU of the runtime.
@@ -402,6 +405,7 @@ impl ThreadCell {
             boost_code: AtomicU64::new(ORIGINAL),
             paused: AtomicU64::new(0),
             paused_unreported: AtomicU64::new(0),
+            pause_left: AtomicU64::new(0),
             host_events: AtomicU64::new(0),
             self_sets: AtomicU64::new(0),
             remote_sets: AtomicU64::new(0),
@@ -1282,6 +1286,11 @@ impl Core {
                         continue;
                     };
                     if let Some(c) = self.cells.get(&key) {
+                        // What it owes in paused time, less pauses not told yet.
+                        let owed = self.engine.vcpu(key).map_or(0, |s| s.pause_owed);
+                        let untold = c.paused_unreported.load(Ordering::Acquire);
+                        c.pause_left
+                            .store(owed.saturating_sub(untold), Ordering::Release);
                         c.boost_code.store(ORIGINAL, Ordering::Release);
                         c.want.store(code, Ordering::SeqCst);
                         touched.push(c.clone());
@@ -1344,11 +1353,15 @@ pub const PAUSE_MARGIN: Nanos = 30_000;
 /// a `repay=pause:` option accepts.
 const PAUSE_MIN: Nanos = pvsched_policy::options::PAUSE_RANGE.0;
 
-/// How long a vCPU thread paying back a boost pauses at `now`: up to `max`, ending
-/// [`PAUSE_MARGIN`] before `next_timer`; 0 when that leaves less than [`PAUSE_MIN`].
-fn pause_len(now: Nanos, max: Nanos, next_timer: Nanos) -> Nanos {
+/// How long a vCPU thread paying back a boost pauses at `now`: what it still `owes` (at least
+/// [`PAUSE_MIN`]) up to `max`, ending [`PAUSE_MARGIN`] before `next_timer`; 0 when it owes
+/// nothing or that leaves less than [`PAUSE_MIN`].
+fn pause_len(now: Nanos, max: Nanos, next_timer: Nanos, owes: Nanos) -> Nanos {
+    if owes == 0 {
+        return 0;
+    }
     let until = now
-        .saturating_add(max)
+        .saturating_add(max.min(owes.max(PAUSE_MIN)))
         .min(next_timer.saturating_sub(PAUSE_MARGIN));
     let len = until.saturating_sub(now);
     if len < PAUSE_MIN {
@@ -1386,13 +1399,23 @@ impl VcpuHandle {
             return 0;
         }
         let now = mono_ns();
-        let len = pause_len(now, max, cell.next_timer.load(Ordering::Acquire));
+        let len = pause_len(
+            now,
+            max,
+            cell.next_timer.load(Ordering::Acquire),
+            cell.pause_left.load(Ordering::Acquire),
+        );
         if len == 0 {
             return 0;
         }
         std::thread::sleep(Duration::from_nanos(len));
         let slept = mono_ns().saturating_sub(now);
         cell.paused.fetch_add(slept, Ordering::Relaxed);
+        let _ = cell
+            .pause_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                Some(l.saturating_sub(slept))
+            });
         // Told to the engine at the next exit (`exit` says so): the repayment ends once the
         // pauses add up to what the vCPU owes.
         cell.paused_unreported.fetch_add(slept, Ordering::Release);
@@ -3180,23 +3203,34 @@ mod tests {
     #[test]
     fn a_pause_ends_before_the_next_timer() {
         let ms = 1_000_000;
+        let owes = ms;
         // Up to the pause asked for, with the next timer far away.
-        assert_eq!(pause_len(10 * ms, 200_000, 20 * ms), 200_000);
+        assert_eq!(pause_len(10 * ms, 200_000, 20 * ms, owes), 200_000);
         // Never into the margin before the next timer.
         assert_eq!(
-            pause_len(10 * ms, 200_000, 10 * ms + 100_000),
+            pause_len(10 * ms, 200_000, 10 * ms + 100_000, owes),
             100_000 - PAUSE_MARGIN
         );
         // Too short to be worth a sleep, or the timer already due or past: none.
         assert_eq!(
-            pause_len(10 * ms, 200_000, 10 * ms + PAUSE_MARGIN + 9_000),
+            pause_len(10 * ms, 200_000, 10 * ms + PAUSE_MARGIN + 9_000, owes),
             0
         );
-        assert_eq!(pause_len(10 * ms, 200_000, 10 * ms), 0);
-        assert_eq!(pause_len(10 * ms, 200_000, 0), 0);
+        assert_eq!(pause_len(10 * ms, 200_000, 10 * ms, owes), 0);
+        assert_eq!(pause_len(10 * ms, 200_000, 0, owes), 0);
         // No timer at all.
-        assert_eq!(pause_len(10 * ms, 200_000, u64::MAX), 200_000);
-        assert_eq!(pause_len(u64::MAX - 5, 200_000, u64::MAX), 0);
+        assert_eq!(pause_len(10 * ms, 200_000, u64::MAX, owes), 200_000);
+        assert_eq!(pause_len(u64::MAX - 5, 200_000, u64::MAX, owes), 0);
+    }
+
+    #[test]
+    fn a_pause_is_no_longer_than_what_is_owed() {
+        let ms = 1_000_000;
+        assert_eq!(pause_len(10 * ms, 200_000, u64::MAX, 50_000), 50_000);
+        // The last bit owed takes the shortest pause worth a sleep.
+        assert_eq!(pause_len(10 * ms, 200_000, u64::MAX, 3_000), PAUSE_MIN);
+        // Nothing owed (paid back, or a repayment without a ledger): no pause.
+        assert_eq!(pause_len(10 * ms, 200_000, u64::MAX, 0), 0);
     }
 
     /// `dynamic`'s default task slice is kept where the kernel keeps custom slices, replaced by
