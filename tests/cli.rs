@@ -330,51 +330,32 @@ fn bad_policies_are_usage_errors() {
     if !kvm_or_skip("bad_policies_are_usage_errors") {
         return;
     }
-    let out = run_with_limit(
-        pvsched().args(["vm", "--duration", "1s", "--policy", "fastest"]),
-        Duration::from_secs(30),
+    // `pvsched vm <args>` is refused as a usage error (exit 2) whose message says `why`.
+    let refused = |args: &[&str], why: &str| {
+        let out = run_with_limit(
+            pvsched().args(["vm", "--duration", "1s"]).args(args),
+            Duration::from_secs(30),
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    refused(
+        &["--policy", "fastest"],
+        "available: deadline-aware, dynamic, none, static",
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("available: deadline-aware, dynamic, none, static"),
-        "{}",
-        text(&out.stderr)
+    refused(
+        &["--policy", "dynamic", "--policy-opt", "lead=1ms"],
+        "has no option \"lead\"",
     );
-    let out = run_with_limit(
-        pvsched().args([
-            "vm",
-            "--duration",
-            "1s",
-            "--policy",
-            "dynamic",
-            "--policy-opt",
-            "lead=1ms",
-        ]),
-        Duration::from_secs(30),
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("has no option \"lead\""),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = run_with_limit(
-        pvsched().args([
-            "vm",
-            "--duration",
-            "1s",
+    refused(
+        &[
             "--policy",
             "deadline-aware",
             "--policy-opt",
             "repay=pause:1s",
-        ]),
-        Duration::from_secs(30),
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("pause:<10us-10ms>"),
-        "{}",
-        text(&out.stderr)
+        ],
+        "pause:<10us-10ms>",
     );
 }
 
